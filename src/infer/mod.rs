@@ -1,0 +1,244 @@
+//! Inference: forwards over a model with adapters, on a thread pool of its own.
+
+mod pool;
+
+use std::sync::Arc;
+
+pub use pool::MemoryPool;
+
+use crate::error::{Error, Result};
+use crate::lora::{LoraAdapter, LoraPlan, Numerics};
+use crate::model::{Batch, Config, KvCache, Model, SeqSpan, Workspace};
+
+/// Which logits a forward returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Logits {
+    /// The last position of each sequence.
+    Last,
+    /// Every position.
+    All,
+}
+
+/// Adapters applied to one sequence (empty: the base model).
+pub type Adapters<'a> = &'a [&'a LoraAdapter];
+
+/// A model ready to run: context size and threads fixed at creation.
+pub struct Inference {
+    model: Arc<Model>,
+    n_ctx: usize,
+    pool: rayon::ThreadPool,
+}
+
+impl Inference {
+    /// `n_ctx` defaults to the model's training context, `n_threads` to every core.
+    pub fn new(
+        model: Arc<Model>,
+        n_ctx: Option<usize>,
+        n_threads: Option<usize>,
+    ) -> Result<Inference> {
+        let (config, _) = model.runnable()?;
+        let n_ctx = n_ctx.unwrap_or(config.n_ctx_train);
+        if n_ctx == 0 {
+            return Err(Error::invalid("n_ctx", "must be at least 1"));
+        }
+        let n_threads = match n_threads {
+            Some(0) => return Err(Error::invalid("n_threads", "must be at least 1")),
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(n_threads)
+            .thread_name(|i| format!("lugh-{i}"))
+            .build()
+            .map_err(|e| Error::invalid("n_threads", e.to_string()))?;
+        Ok(Inference { model, n_ctx, pool })
+    }
+
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    pub fn config(&self) -> &Config {
+        self.model
+            .config()
+            .expect("Inference::new checked the weights")
+    }
+
+    pub fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+
+    pub fn n_threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    /// Runs `f` on this inference's threads.
+    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
+    }
+
+    /// A cache for `n_ctx` positions (default: this inference's context).
+    pub fn create_kv_cache(&self, n_ctx: Option<usize>) -> KvCache {
+        KvCache::new(self.config(), n_ctx.unwrap_or(self.n_ctx))
+    }
+
+    pub fn create_memory_pool(&self) -> MemoryPool {
+        MemoryPool::new(self.config(), self.n_ctx)
+    }
+
+    /// Logits `[n_vocab]` of the last position.
+    pub fn forward(&self, tokens: &[u32], lora: Adapters) -> Result<Vec<f32>> {
+        self.forward_pool(&mut self.create_memory_pool(), tokens, lora)
+    }
+
+    /// Logits `[n_tokens, n_vocab]` of every position.
+    pub fn forward_all(&self, tokens: &[u32], lora: Adapters) -> Result<Vec<f32>> {
+        let mut pool = self.create_memory_pool();
+        let (ws, cache) = pool.parts();
+        self.run(&[tokens], &mut [cache], &[lora], ws, Logits::All)
+    }
+
+    /// Continues `cache` with `tokens`: logits `[n_vocab]` of the last one.
+    pub fn forward_cache(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        lora: Adapters,
+    ) -> Result<Vec<f32>> {
+        let mut ws = Workspace::default();
+        self.run(&[tokens], &mut [cache], &[lora], &mut ws, Logits::Last)
+    }
+
+    /// `forward` with the buffers of `pool`: once warm, allocates only the returned logits.
+    pub fn forward_pool(
+        &self,
+        pool: &mut MemoryPool,
+        tokens: &[u32],
+        lora: Adapters,
+    ) -> Result<Vec<f32>> {
+        pool.check_fits(self.config())?;
+        let (ws, cache) = pool.parts();
+        cache.clear();
+        self.run(&[tokens], &mut [cache], &[lora], ws, Logits::Last)
+    }
+
+    /// Several sequences in one batched computation: every projection runs once over all
+    /// their tokens; attention runs per sequence. `lora` has one entry per sequence. With
+    /// `caches` (one per sequence) each sequence continues its cache. Returns the logits of
+    /// each sequence's last position.
+    pub fn forward_batch(
+        &self,
+        sequences: &[&[u32]],
+        lora: &[Adapters],
+        caches: Option<&mut [KvCache]>,
+    ) -> Result<Vec<Vec<f32>>> {
+        if sequences.is_empty() {
+            return Err(Error::Empty { what: "the batch" });
+        }
+        if lora.len() != sequences.len() {
+            return Err(Error::invalid(
+                "lora",
+                format!(
+                    "{} adapter entries for {} sequences",
+                    lora.len(),
+                    sequences.len()
+                ),
+            ));
+        }
+        let mut own_caches;
+        let mut caches: Vec<&mut KvCache> = match caches {
+            Some(caches) => {
+                if caches.len() != sequences.len() {
+                    return Err(Error::invalid(
+                        "caches",
+                        format!("{} caches for {} sequences", caches.len(), sequences.len()),
+                    ));
+                }
+                caches.iter_mut().collect()
+            }
+            None => {
+                own_caches = sequences
+                    .iter()
+                    .map(|s| self.create_kv_cache(Some(s.len().clamp(1, self.n_ctx))))
+                    .collect::<Vec<_>>();
+                own_caches.iter_mut().collect()
+            }
+        };
+        let logits = self.run(
+            sequences,
+            &mut caches,
+            lora,
+            &mut Workspace::default(),
+            Logits::Last,
+        )?;
+        let n_vocab = self.config().n_vocab;
+        Ok(logits.chunks(n_vocab).map(<[f32]>::to_vec).collect())
+    }
+
+    /// Checks every input, then runs the batch.
+    fn run(
+        &self,
+        sequences: &[&[u32]],
+        caches: &mut [&mut KvCache],
+        lora: &[Adapters],
+        ws: &mut Workspace,
+        logits: Logits,
+    ) -> Result<Vec<f32>> {
+        let config = self.config();
+        let mut spans = Vec::with_capacity(sequences.len());
+        let mut row = 0;
+        for (tokens, cache) in sequences.iter().zip(caches.iter()) {
+            self.check_tokens(tokens)?;
+            cache.check_fits(config)?;
+            cache.check_room(tokens.len())?;
+            spans.push(SeqSpan {
+                rows: row..row + tokens.len(),
+                pos0: cache.n_cached(),
+            });
+            row += tokens.len();
+        }
+        for adapters in lora {
+            for adapter in adapters.iter() {
+                adapter.check_fits(config)?;
+            }
+        }
+        let tokens: Vec<u32> = sequences.concat();
+        let plan = LoraPlan::new(
+            spans
+                .iter()
+                .zip(lora)
+                .filter(|(_, adapters)| !adapters.is_empty())
+                .map(|(span, adapters)| (span.rows.clone(), adapters.to_vec()))
+                .collect(),
+        );
+        let rows: Vec<usize> = match logits {
+            Logits::All => (0..tokens.len()).collect(),
+            Logits::Last => spans.iter().map(|s| s.rows.end - 1).collect(),
+        };
+        let batch = Batch {
+            tokens: &tokens,
+            seqs: &spans,
+        };
+        self.pool.install(|| {
+            self.model
+                .forward_blocks(&batch, caches, &plan, Numerics::Ggml, ws, None)?;
+            self.model.head(ws, &rows)
+        })
+    }
+
+    fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(Error::Empty {
+                what: "the token list",
+            });
+        }
+        let n_vocab = self.config().n_vocab;
+        match tokens.iter().find(|&&t| t as usize >= n_vocab) {
+            Some(&token) => Err(Error::TokenOutOfRange {
+                token: token as i64,
+                n_vocab,
+            }),
+            None => Ok(()),
+        }
+    }
+}

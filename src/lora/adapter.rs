@@ -1,0 +1,270 @@
+//! A LoRA adapter: pairs of low-rank matrices attached to projection weights, with the alpha
+//! and user scale that weigh them. Loaded adapters and trainable ones are the same type.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use crate::error::{Error, Result};
+use crate::model::{Config, Slot};
+
+/// A float that threads can read and write without tearing (a forward reads `scale` once).
+#[derive(Debug, Default)]
+pub struct AtomicF32(AtomicU32);
+
+impl AtomicF32 {
+    pub fn new(v: f32) -> AtomicF32 {
+        AtomicF32(AtomicU32::new(v.to_bits()))
+    }
+    pub fn get(&self) -> f32 {
+        f32::from_bits(self.0.load(Ordering::Acquire))
+    }
+    pub fn set(&self, v: f32) {
+        self.0.store(v.to_bits(), Ordering::Release)
+    }
+}
+
+/// One adapted weight `W [n_out, n_in]`: `ΔW = B A` with `A [rank, n_in]`, `B [n_out, rank]`.
+#[derive(Debug, Clone)]
+pub struct LoraPair {
+    pub slot: Slot,
+    pub rank: usize,
+    pub n_in: usize,
+    pub n_out: usize,
+    pub lora_a: Vec<f32>, // [rank, n_in]
+    pub lora_b: Vec<f32>, // [n_out, rank]
+    /// This pair's own alpha (PEFT `alpha_pattern`); `None` uses the adapter's.
+    pub alpha: Option<f32>,
+    /// Accumulated dL/dA and dL/dB, once a backward has run.
+    pub grad: Option<PairGrad>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PairGrad {
+    pub lora_a: Vec<f32>,
+    pub lora_b: Vec<f32>,
+}
+
+impl LoraPair {
+    pub fn name(&self) -> String {
+        self.slot.tensor_name()
+    }
+}
+
+/// Where an adapter came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdapterFormat {
+    Gguf,
+    SafeTensors,
+    Trainable,
+}
+
+impl AdapterFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            AdapterFormat::Gguf => "gguf",
+            AdapterFormat::SafeTensors => "safetensors",
+            AdapterFormat::Trainable => "trainable",
+        }
+    }
+}
+
+/// How alpha and rank turn into the factor on `B A x`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScalingRule {
+    /// `alpha / rank` (LoRA, Hu et al. 2021); an alpha of 0 means "no alpha": the factor is
+    /// the user scale alone, as llama.cpp does for adapters without `adapter.lora.alpha`.
+    AlphaOverRank,
+    /// `alpha / sqrt(rank)` (rsLoRA, Kalajdzievski 2023; PEFT `use_rslora`).
+    AlphaOverSqrtRank,
+}
+
+pub struct LoraAdapter {
+    pub architecture: String,
+    pub format: AdapterFormat,
+    pub rule: ScalingRule,
+    alpha: AtomicF32,
+    scale: AtomicF32,
+    by_slot: HashMap<Slot, usize>,
+    pairs: RwLock<Vec<LoraPair>>,
+}
+
+impl LoraAdapter {
+    /// `pairs` must have distinct slots; their order is kept (save order, parameter order).
+    pub fn new(
+        architecture: String,
+        format: AdapterFormat,
+        rule: ScalingRule,
+        alpha: f32,
+        scale: f32,
+        pairs: Vec<LoraPair>,
+    ) -> LoraAdapter {
+        let by_slot = pairs.iter().enumerate().map(|(i, p)| (p.slot, i)).collect();
+        LoraAdapter {
+            architecture,
+            format,
+            rule,
+            alpha: AtomicF32::new(alpha),
+            scale: AtomicF32::new(scale),
+            by_slot,
+            pairs: RwLock::new(pairs),
+        }
+    }
+
+    pub fn alpha(&self) -> f32 {
+        self.alpha.get()
+    }
+
+    pub fn set_alpha(&self, alpha: f32) {
+        self.alpha.set(alpha)
+    }
+
+    pub fn scale(&self) -> f32 {
+        self.scale.get()
+    }
+
+    pub fn set_scale(&self, scale: f32) {
+        self.scale.set(scale)
+    }
+
+    pub fn trainable(&self) -> bool {
+        self.format == AdapterFormat::Trainable
+    }
+
+    pub fn n_pairs(&self) -> usize {
+        self.by_slot.len()
+    }
+
+    /// Index of the pair on `slot`.
+    pub fn pair_index(&self, slot: Slot) -> Option<usize> {
+        self.by_slot.get(&slot).copied()
+    }
+
+    /// Read access for a forward; a poisoned lock (a panic elsewhere) still yields the data.
+    pub fn pairs(&self) -> RwLockReadGuard<'_, Vec<LoraPair>> {
+        self.pairs.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn pairs_mut(&self) -> RwLockWriteGuard<'_, Vec<LoraPair>> {
+        self.pairs.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The factor on `B A x` for one pair: the single place where alpha, rank and the user
+    /// scale combine. `alpha` and `scale` are passed in so that a forward uses one snapshot.
+    pub fn scaling(rule: ScalingRule, alpha: f32, scale: f32, rank: usize) -> f32 {
+        if alpha == 0.0 {
+            return scale;
+        }
+        match rule {
+            ScalingRule::AlphaOverRank => scale * alpha / rank as f32,
+            ScalingRule::AlphaOverSqrtRank => scale * alpha / (rank as f32).sqrt(),
+        }
+    }
+
+    /// The factor for `pair` with the adapter's current alpha and scale.
+    pub fn pair_scaling(&self, pair: &LoraPair) -> f32 {
+        Self::scaling(
+            self.rule,
+            pair.alpha.unwrap_or(self.alpha()),
+            self.scale(),
+            pair.rank,
+        )
+    }
+
+    /// The rank shared by every pair, or `None` when ranks differ (PEFT `rank_pattern`).
+    pub fn common_rank(&self) -> Option<usize> {
+        let pairs = self.pairs();
+        let first = pairs.first()?.rank;
+        pairs.iter().all(|p| p.rank == first).then_some(first)
+    }
+
+    pub fn weight_names(&self) -> Vec<String> {
+        self.pairs().iter().map(|p| p.name()).collect()
+    }
+
+    /// A trainable adapter with the same weights, alpha, scale and rule.
+    pub fn trainable_copy(&self) -> LoraAdapter {
+        let pairs = self
+            .pairs()
+            .iter()
+            .map(|p| LoraPair {
+                grad: None,
+                ..p.clone()
+            })
+            .collect();
+        LoraAdapter::new(
+            self.architecture.clone(),
+            AdapterFormat::Trainable,
+            self.rule,
+            self.alpha(),
+            self.scale(),
+            pairs,
+        )
+    }
+
+    /// Checks that every pair fits the model of `config`: an adapter loaded for one model
+    /// must not run on another of a different shape.
+    pub fn check_fits(&self, config: &Config) -> Result<()> {
+        for pair in self.pairs().iter() {
+            if pair.slot.layer >= config.n_layer {
+                return Err(Error::BadAdapter {
+                    what: format!(
+                        "adapter tensor '{}' is for layer {}, but the model has {} layers",
+                        pair.name(),
+                        pair.slot.layer,
+                        config.n_layer
+                    ),
+                });
+            }
+            let [n_out, n_in] = pair.slot.proj.shape(config);
+            if [pair.n_out, pair.n_in] != [n_out, n_in] {
+                return Err(Error::ShapeMismatch {
+                    name: pair.name(),
+                    expected: vec![n_out, n_in],
+                    got: vec![pair.n_out, pair.n_in],
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Clears accumulated gradients.
+    pub fn zero_grad(&self) {
+        for pair in self.pairs_mut().iter_mut() {
+            pair.grad = None;
+        }
+    }
+}
+
+impl std::fmt::Debug for LoraAdapter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoraAdapter")
+            .field("format", &self.format)
+            .field("alpha", &self.alpha())
+            .field("scale", &self.scale())
+            .field("n_pairs", &self.n_pairs())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scaling_follows_each_rule() {
+        assert_eq!(
+            LoraAdapter::scaling(ScalingRule::AlphaOverRank, 16.0, 0.5, 8),
+            1.0
+        );
+        assert_eq!(
+            LoraAdapter::scaling(ScalingRule::AlphaOverSqrtRank, 8.0, 1.0, 16),
+            2.0
+        );
+        // llama.cpp: an adapter without alpha is weighed by the user scale alone.
+        assert_eq!(
+            LoraAdapter::scaling(ScalingRule::AlphaOverRank, 0.0, 0.7, 8),
+            0.7
+        );
+    }
+}

@@ -1,0 +1,247 @@
+//! The one op that applies adapters: `y = W x + b + Σ_i s_i B_i (A_i x)`, and its backward.
+//! Every projection of every forward (single, cached, pooled, batched, training) calls
+//! `linear`; nothing else knows that LoRA exists.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::RwLockReadGuard;
+
+use super::adapter::{LoraAdapter, LoraPair};
+use crate::model::Slot;
+use crate::ops::gemm::{gemm, MatMut, MatRef};
+use crate::ops::Weight;
+
+/// How base weights multiply activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Numerics {
+    /// As ggml: activations rounded to the weight's dot type (q8 blocks, f16). Inference.
+    Ggml,
+    /// f32 on the dequantized weights: the function the training backward differentiates.
+    Exact,
+}
+
+/// An adapter as one call sees it: read-locked, with one snapshot of alpha and scale.
+struct ActiveAdapter<'a> {
+    adapter: &'a LoraAdapter,
+    pairs: RwLockReadGuard<'a, Vec<LoraPair>>,
+    alpha: f32,
+    scale: f32,
+}
+
+/// The adapters of one forward call and the rows each applies to.
+pub struct LoraPlan<'a> {
+    adapters: Vec<ActiveAdapter<'a>>,
+    /// Rows of the batch, and indices into `adapters` of those applied to them.
+    segments: Vec<(Range<usize>, Vec<usize>)>,
+}
+
+/// One adapter term on one slot: rows, pair, factor.
+pub struct Term<'p> {
+    pub rows: Range<usize>,
+    pub adapter: usize,
+    pub pair: &'p LoraPair,
+    pub pair_index: usize,
+    pub scaling: f32,
+}
+
+impl<'a> LoraPlan<'a> {
+    pub fn none() -> LoraPlan<'a> {
+        LoraPlan {
+            adapters: Vec::new(),
+            segments: Vec::new(),
+        }
+    }
+
+    /// `segments`: row ranges and the adapters applied to each. An adapter listed for several
+    /// segments is locked once.
+    pub fn new(segments: Vec<(Range<usize>, Vec<&'a LoraAdapter>)>) -> LoraPlan<'a> {
+        let mut adapters: Vec<ActiveAdapter<'a>> = Vec::new();
+        let mut index_of: HashMap<*const LoraAdapter, usize> = HashMap::new();
+        let segments = segments
+            .into_iter()
+            .map(|(rows, list)| {
+                let indices = list
+                    .into_iter()
+                    .map(|adapter| {
+                        *index_of.entry(adapter as *const _).or_insert_with(|| {
+                            adapters.push(ActiveAdapter {
+                                adapter,
+                                pairs: adapter.pairs(),
+                                alpha: adapter.alpha(),
+                                scale: adapter.scale(),
+                            });
+                            adapters.len() - 1
+                        })
+                    })
+                    .collect();
+                (rows, indices)
+            })
+            .collect();
+        LoraPlan { adapters, segments }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.adapters.is_empty()
+    }
+
+    pub fn adapter(&self, index: usize) -> &'a LoraAdapter {
+        self.adapters[index].adapter
+    }
+
+    pub fn n_adapters(&self) -> usize {
+        self.adapters.len()
+    }
+
+    /// Every adapter term on `slot`.
+    pub fn terms(&self, slot: Slot) -> impl Iterator<Item = Term<'_>> {
+        self.segments.iter().flat_map(move |(rows, indices)| {
+            indices.iter().filter_map(move |&i| {
+                let active = &self.adapters[i];
+                let pair_index = active.adapter.pair_index(slot)?;
+                let pair = &active.pairs[pair_index];
+                Some(Term {
+                    rows: rows.clone(),
+                    adapter: i,
+                    pair,
+                    pair_index,
+                    scaling: LoraAdapter::scaling(
+                        active.adapter.rule,
+                        pair.alpha.unwrap_or(active.alpha),
+                        active.scale,
+                        pair.rank,
+                    ),
+                })
+            })
+        })
+    }
+}
+
+fn rows_of<'d>(data: &'d [f32], rows: &Range<usize>, width: usize) -> MatRef<'d> {
+    MatRef::new(
+        &data[rows.start * width..rows.end * width],
+        rows.len(),
+        width,
+    )
+}
+
+/// `u = x[rows] Aᵀ · scaling` into `scratch` (`[n_rows, rank]`).
+fn lora_hidden<'s>(x: &[f32], term: &Term, scratch: &'s mut Vec<f32>) -> &'s mut [f32] {
+    let pair = term.pair;
+    scratch.resize(term.rows.len() * pair.rank, 0.0);
+    let u = &mut scratch[..];
+    gemm(
+        rows_of(x, &term.rows, pair.n_in),
+        MatRef::new(&pair.lora_a, pair.rank, pair.n_in).t(),
+        MatMut::new(u, term.rows.len(), pair.rank),
+        false,
+        false,
+    );
+    u.iter_mut().for_each(|v| *v *= term.scaling);
+    u
+}
+
+/// `y = x Wᵀ + b + Σ s B (A x)` for the rows of `x` (`[n_tokens, n_in]`), `y` `[n_tokens, n_out]`.
+#[allow(clippy::too_many_arguments)]
+pub fn linear(
+    x: &[f32],
+    weight: &Weight,
+    bias: Option<&[f32]>,
+    slot: Slot,
+    lora: &LoraPlan,
+    numerics: Numerics,
+    y: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    match numerics {
+        Numerics::Ggml => weight.matmul(x, y),
+        Numerics::Exact => weight.matmul_exact(x, y),
+    }
+    if let Some(bias) = bias {
+        for row in y.chunks_mut(weight.n_rows) {
+            row.iter_mut().zip(bias).for_each(|(y, b)| *y += b);
+        }
+    }
+    for term in lora.terms(slot) {
+        let (rows, pair) = (term.rows.clone(), term.pair);
+        let u = lora_hidden(x, &term, scratch);
+        let y_rows = &mut y[rows.start * pair.n_out..rows.end * pair.n_out];
+        gemm(
+            MatRef::new(u, rows.len(), pair.rank),
+            MatRef::new(&pair.lora_b, pair.n_out, pair.rank).t(),
+            MatMut::new(y_rows, rows.len(), pair.n_out),
+            true,
+            true,
+        );
+    }
+}
+
+/// Gradients for the pairs of trainable adapters, keyed by (adapter in plan, pair index).
+#[derive(Default)]
+pub struct LoraGrads {
+    pub grads: HashMap<(usize, usize), (Vec<f32>, Vec<f32>)>,
+}
+
+/// Backward of `linear` (frozen `W` and `b`). With `u = s · A x`, `g = dy B`:
+///   dB += dyᵀ u,   dA += s · gᵀ x,   dx += dy W + s · g A.
+/// Gradients go only to trainable adapters; `dx` accumulates.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward(
+    dy: &[f32],
+    x: &[f32],
+    weight: &Weight,
+    slot: Slot,
+    lora: &LoraPlan,
+    dx: &mut [f32],
+    grads: &mut LoraGrads,
+    scratch: &mut Vec<f32>,
+) {
+    weight.matmul_backward_input(dy, dx);
+    let mut g = Vec::new();
+    for term in lora.terms(slot) {
+        let (rows, pair) = (term.rows.clone(), term.pair);
+        let n = rows.len();
+        let dy_rows = rows_of(dy, &rows, pair.n_out);
+        // g = dy B : [n, rank]
+        g.resize(n * pair.rank, 0.0);
+        gemm(
+            dy_rows,
+            MatRef::new(&pair.lora_b, pair.n_out, pair.rank),
+            MatMut::new(&mut g, n, pair.rank),
+            false,
+            false,
+        );
+        g.iter_mut().for_each(|v| *v *= term.scaling);
+        if lora.adapter(term.adapter).trainable() {
+            let u = lora_hidden(x, &term, scratch);
+            let (d_a, d_b) = grads
+                .grads
+                .entry((term.adapter, term.pair_index))
+                .or_insert_with(|| (vec![0.0; pair.lora_a.len()], vec![0.0; pair.lora_b.len()]));
+            // dB [n_out, rank] += dyᵀ [n_out, n] · u [n, rank]
+            gemm(
+                dy_rows.t(),
+                MatRef::new(u, n, pair.rank),
+                MatMut::new(d_b, pair.n_out, pair.rank),
+                true,
+                true,
+            );
+            // dA [rank, n_in] += gᵀ [rank, n] · x [n, n_in]
+            gemm(
+                MatRef::new(&g, n, pair.rank).t(),
+                rows_of(x, &rows, pair.n_in),
+                MatMut::new(d_a, pair.rank, pair.n_in),
+                true,
+                true,
+            );
+        }
+        // dx[rows] += g A
+        let dx_rows = &mut dx[rows.start * pair.n_in..rows.end * pair.n_in];
+        gemm(
+            MatRef::new(&g, n, pair.rank),
+            MatRef::new(&pair.lora_a, pair.rank, pair.n_in),
+            MatMut::new(dx_rows, n, pair.n_in),
+            true,
+            true,
+        );
+    }
+}

@@ -1,0 +1,203 @@
+//! Hyper-parameters read from `{arch}.*` GGUF metadata, checked once.
+
+use crate::error::{Error, Result};
+use crate::gguf::GgufFile;
+use crate::ops::rope::RopeStyle;
+
+/// The architectures lugh runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    /// Llama 1–3, Mistral, TinyLlama, ... (llama.cpp `LLM_ARCH_LLAMA`).
+    Llama,
+    /// Qwen2 / Qwen2.5: q/k/v biases, NeoX RoPE.
+    Qwen2,
+}
+
+impl Architecture {
+    pub const ALL: [Architecture; 2] = [Architecture::Llama, Architecture::Qwen2];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Architecture::Llama => "llama",
+            Architecture::Qwen2 => "qwen2",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Result<Architecture> {
+        Self::ALL
+            .into_iter()
+            .find(|a| a.name() == name)
+            .ok_or_else(|| Error::UnsupportedArchitecture {
+                arch: name.to_string(),
+                supported: Self::ALL.map(|a| a.name()).join(", "),
+            })
+    }
+
+    /// llama.cpp's RoPE mode for the architecture. LLaMA's GGUF q/k rows were permuted by the
+    /// converter into the interleaved ("normal") layout; Qwen2 keeps HF's NeoX layout.
+    pub fn rope_style(self) -> RopeStyle {
+        match self {
+            Architecture::Llama => RopeStyle::Normal,
+            Architecture::Qwen2 => RopeStyle::Neox,
+        }
+    }
+
+    /// Whether HF's q/k rows are permuted in this architecture's GGUF files (and so in the
+    /// B matrices of adapters converted for them).
+    pub fn permutes_qk(self) -> bool {
+        self.rope_style() == RopeStyle::Normal
+    }
+}
+
+/// Dimension legend used across the crate:
+/// `n_vocab` tokens, `n_embd` model width, `n_layer` blocks, `n_head` query heads,
+/// `n_head_kv` key/value heads (GQA), `head_dim` per head, `n_ff` feed-forward width,
+/// `n_rot` rotated dimensions per head, `n_tokens` rows of a batch, `il` a layer index.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub arch: Architecture,
+    pub n_vocab: usize,
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub n_ff: usize,
+    pub n_ctx_train: usize,
+    pub n_rot: usize,
+    pub rope_freq_base: f32,
+    /// Linear RoPE position scaling (1 / scaling factor); 1.0 when unscaled.
+    pub rope_freq_scale: f32,
+    pub rms_eps: f32,
+}
+
+impl Config {
+    /// Reads and checks the hyper-parameters. `n_vocab` comes from the caller (the embedding
+    /// matrix is the authority on it).
+    pub fn from_gguf(file: &GgufFile, n_vocab: usize) -> Result<Config> {
+        let arch_name = file
+            .get_str("general.architecture")?
+            .ok_or_else(|| Error::MissingKey {
+                key: "general.architecture".into(),
+            })?;
+        let arch = Architecture::from_name(arch_name)?;
+        let key = |suffix: &str| format!("{arch_name}.{suffix}");
+        let required = |suffix: &str| -> Result<usize> {
+            let k = key(suffix);
+            match file.require(&k)? {
+                crate::gguf::Value::Array { .. } => Err(Error::Unsupported {
+                    what: "per-layer value of",
+                    feature: k.clone(),
+                    hint: "lugh needs one value for all layers",
+                }),
+                v => v.to_usize(&k),
+            }
+        };
+        let n_embd = required("embedding_length")?;
+        let n_layer = required("block_count")?;
+        let n_head = required("attention.head_count")?;
+        let n_ff = required("feed_forward_length")?;
+        let n_ctx_train = required("context_length")?;
+        let n_head_kv = match file.get(&key("attention.head_count_kv")) {
+            Some(_) => required("attention.head_count_kv")?,
+            None => n_head,
+        };
+        let positive = |name: &'static str, v: usize| {
+            if v == 0 {
+                Err(Error::invalid(name, format!("{arch_name}: {name} is 0")))
+            } else {
+                Ok(v)
+            }
+        };
+        positive("embedding_length", n_embd)?;
+        positive("head_count", n_head)?;
+        positive("head_count_kv", n_head_kv)?;
+        positive("feed_forward_length", n_ff)?;
+        if n_head % n_head_kv != 0 {
+            return Err(Error::invalid(
+                "head_count_kv",
+                format!("{n_head} query heads cannot be grouped over {n_head_kv} key/value heads"),
+            ));
+        }
+        let head_dim = match file.get_usize(&key("attention.key_length"))? {
+            Some(d) => d,
+            None if n_embd % n_head == 0 => n_embd / n_head,
+            None => {
+                return Err(Error::invalid(
+                    "head_count",
+                    format!("embedding length {n_embd} is not a multiple of {n_head} heads"),
+                ))
+            }
+        };
+        if let Some(value_len) = file.get_usize(&key("attention.value_length"))? {
+            if value_len != head_dim {
+                return Err(Error::Unsupported {
+                    what: "attention with value length",
+                    feature: format!("{value_len} != key length {head_dim}"),
+                    hint: "lugh needs equal key and value head sizes",
+                });
+            }
+        }
+        let n_rot = file
+            .get_usize(&key("rope.dimension_count"))?
+            .unwrap_or(head_dim);
+        if n_rot > head_dim || n_rot % 2 != 0 || head_dim % 2 != 0 {
+            return Err(Error::invalid(
+                "rope.dimension_count",
+                format!("{n_rot} rotated dimensions do not fit heads of {head_dim}"),
+            ));
+        }
+        let rms_eps = file
+            .get_f32(&key("attention.layer_norm_rms_epsilon"))?
+            .ok_or_else(|| Error::MissingKey {
+                key: key("attention.layer_norm_rms_epsilon"),
+            })?;
+        let rope_freq_base = file.get_f32(&key("rope.freq_base"))?.unwrap_or(10000.0);
+        let rope_freq_scale = rope_scale(file, arch_name)?;
+        Ok(Config {
+            arch,
+            n_vocab,
+            n_embd,
+            n_layer,
+            n_head,
+            n_head_kv,
+            head_dim,
+            n_ff,
+            n_ctx_train,
+            n_rot,
+            rope_freq_base,
+            rope_freq_scale,
+            rms_eps,
+        })
+    }
+
+    pub fn q_dim(&self) -> usize {
+        self.n_head * self.head_dim
+    }
+
+    pub fn kv_dim(&self) -> usize {
+        self.n_head_kv * self.head_dim
+    }
+}
+
+/// Linear scaling is applied; the other schemes change the math and are refused rather than
+/// silently ignored.
+fn rope_scale(file: &GgufFile, arch: &str) -> Result<f32> {
+    let kind = file
+        .get_str(&format!("{arch}.rope.scaling.type"))?
+        .unwrap_or("none");
+    let factor = match file.get_f32(&format!("{arch}.rope.scaling.factor"))? {
+        Some(f) => Some(f),
+        None => file.get_f32(&format!("{arch}.rope.scale_linear"))?,
+    };
+    match (kind, factor) {
+        ("none", None) | ("linear", None) => Ok(1.0),
+        ("none", Some(f)) | ("linear", Some(f)) if f == 0.0 || f == 1.0 => Ok(1.0),
+        ("linear", Some(f)) | ("none", Some(f)) if f > 0.0 => Ok(1.0 / f),
+        (other, _) => Err(Error::Unsupported {
+            what: "RoPE scaling",
+            feature: other.to_string(),
+            hint: "lugh implements linear RoPE scaling only",
+        }),
+    }
+}

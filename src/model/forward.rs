@@ -1,0 +1,200 @@
+//! The whole model over a batch of sequences: embedding, blocks, final norm and output head.
+//! Inference and training both run `forward`; training keeps every block's activations and
+//! walks them back in `backward`.
+
+use rayon::prelude::*;
+
+use super::block::{
+    block_backward, block_forward, sized, BlockActs, BlockCtx, BlockScratch, SeqSpan,
+};
+use super::kv_cache::KvCache;
+use super::Model;
+use crate::error::Result;
+use crate::lora::linear::{LoraGrads, LoraPlan, Numerics};
+use crate::ops::norm::{rms_norm_backward, rms_norm_forward};
+use crate::ops::rope::{Rope, RopeTable};
+
+/// Buffers for one forward. Kept warm in a `MemoryPool`, a forward allocates nothing.
+#[derive(Default)]
+pub struct Workspace {
+    pub(crate) x: Vec<f32>,
+    rope_table: RopeTable,
+    acts: BlockActs,
+    scratch: BlockScratch,
+    head_in: Vec<f32>,
+    head_inv_rms: Vec<f32>,
+    head_x: Vec<f32>,
+}
+
+/// A batch: token ids of all sequences end to end, and where each sequence lies.
+pub struct Batch<'a> {
+    pub tokens: &'a [u32],
+    pub seqs: &'a [SeqSpan],
+}
+
+/// Activations kept by a training forward: one `BlockActs` per layer plus the head's input.
+#[derive(Default)]
+pub struct Saved {
+    pub blocks: Vec<BlockActs>,
+    pub head_x: Vec<f32>,       // [n_tokens, n_embd] final residual stream
+    pub head_in: Vec<f32>,      // [n_tokens, n_embd] after the output norm
+    pub head_inv_rms: Vec<f32>, // [n_tokens]
+}
+
+impl Model {
+    /// Runs every block over `batch`, continuing each sequence in its cache, and leaves the
+    /// final residual stream in `ws.x`. With `saved`, every block's activations are kept.
+    pub fn forward_blocks(
+        &self,
+        batch: &Batch,
+        caches: &mut [&mut KvCache],
+        lora: &LoraPlan,
+        numerics: Numerics,
+        ws: &mut Workspace,
+        mut saved: Option<&mut Saved>,
+    ) -> Result<()> {
+        let (config, weights) = self.runnable()?;
+        let rope = self.rope()?;
+        let n_embd = config.n_embd;
+        let x = sized(&mut ws.x, batch.tokens.len() * n_embd);
+        x.par_chunks_mut(n_embd)
+            .zip(batch.tokens.par_iter())
+            .for_each(|(row, &token)| {
+                let t = token as usize;
+                weights.token_embd.dequantize_rows(t..t + 1, row)
+            });
+        rope_positions(&rope, batch.seqs, &mut ws.rope_table);
+        let ctx = BlockCtx {
+            config,
+            rope: &rope,
+            rope_table: &ws.rope_table,
+            seqs: batch.seqs,
+            lora,
+            numerics,
+        };
+        if let Some(saved) = saved.as_deref_mut() {
+            saved.blocks.resize_with(config.n_layer, BlockActs::default);
+        }
+        for (il, layer) in weights.layers.iter().enumerate() {
+            let acts = match saved.as_deref_mut() {
+                Some(saved) => &mut saved.blocks[il],
+                None => &mut ws.acts,
+            };
+            block_forward(&ctx, layer, il, &mut ws.x, caches, acts, &mut ws.scratch);
+        }
+        for (span, cache) in batch.seqs.iter().zip(caches.iter_mut()) {
+            cache.commit(span.pos0 + span.rows.len());
+        }
+        Ok(())
+    }
+
+    /// Logits `[rows.len(), n_vocab]` of the chosen rows of the final residual stream.
+    pub fn head(&self, ws: &mut Workspace, rows: &[usize]) -> Result<Vec<f32>> {
+        let (config, weights) = self.runnable()?;
+        let n_embd = config.n_embd;
+        let head_x = sized(&mut ws.head_x, rows.len() * n_embd);
+        for (dst, &row) in head_x.chunks_mut(n_embd).zip(rows) {
+            dst.copy_from_slice(&ws.x[row * n_embd..(row + 1) * n_embd]);
+        }
+        let head_in = sized(&mut ws.head_in, rows.len() * n_embd);
+        let inv_rms = sized(&mut ws.head_inv_rms, rows.len());
+        rms_norm_forward(
+            &ws.head_x,
+            &weights.output_norm,
+            config.rms_eps,
+            head_in,
+            inv_rms,
+        );
+        let mut logits = vec![0f32; rows.len() * config.n_vocab];
+        weights.output.matmul(head_in, &mut logits);
+        Ok(logits)
+    }
+
+    /// Training forward: all logits `[n_tokens, n_vocab]` in exact f32 math, keeping what the
+    /// backward needs in `saved` (keys and values stay in `caches`).
+    pub fn forward_train(
+        &self,
+        batch: &Batch,
+        caches: &mut [&mut KvCache],
+        lora: &LoraPlan,
+        ws: &mut Workspace,
+        saved: &mut Saved,
+    ) -> Result<Vec<f32>> {
+        let (config, weights) = self.runnable()?;
+        self.forward_blocks(batch, caches, lora, Numerics::Exact, ws, Some(saved))?;
+        saved.head_x.clone_from(&ws.x);
+        let n_tokens = batch.tokens.len();
+        sized(&mut saved.head_in, n_tokens * config.n_embd);
+        sized(&mut saved.head_inv_rms, n_tokens);
+        rms_norm_forward(
+            &saved.head_x,
+            &weights.output_norm,
+            config.rms_eps,
+            &mut saved.head_in,
+            &mut saved.head_inv_rms,
+        );
+        let mut logits = vec![0f32; n_tokens * config.n_vocab];
+        weights.output.matmul_exact(&saved.head_in, &mut logits);
+        Ok(logits)
+    }
+
+    /// Backward of `forward_train` from dL/dlogits: accumulates adapter gradients in `grads`.
+    pub fn backward(
+        &self,
+        batch: &Batch,
+        caches: &[&mut KvCache],
+        lora: &LoraPlan,
+        saved: &Saved,
+        d_logits: &[f32],
+        grads: &mut LoraGrads,
+    ) -> Result<()> {
+        let (config, weights) = self.runnable()?;
+        let rope = self.rope()?;
+        let n_tokens = batch.tokens.len();
+        let mut rope_table = RopeTable::default();
+        rope_positions(&rope, batch.seqs, &mut rope_table);
+        let ctx = BlockCtx {
+            config,
+            rope: &rope,
+            rope_table: &rope_table,
+            seqs: batch.seqs,
+            lora,
+            numerics: Numerics::Exact,
+        };
+        // logits = W_out · rms_norm(x): the head has no adapters.
+        let mut d_head_in = vec![0f32; n_tokens * config.n_embd];
+        weights
+            .output
+            .matmul_backward_input(d_logits, &mut d_head_in);
+        let mut dx = vec![0f32; n_tokens * config.n_embd];
+        rms_norm_backward(
+            &d_head_in,
+            &saved.head_x,
+            &weights.output_norm,
+            &saved.head_inv_rms,
+            &mut dx,
+        );
+        let mut scratch = BlockScratch::default();
+        for (il, layer) in weights.layers.iter().enumerate().rev() {
+            block_backward(
+                &ctx,
+                layer,
+                il,
+                &mut dx,
+                caches,
+                &saved.blocks[il],
+                grads,
+                &mut scratch,
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Each row's position: sequence `s` covers `pos0 .. pos0 + len`.
+fn rope_positions(rope: &Rope, seqs: &[SeqSpan], table: &mut RopeTable) {
+    let positions = seqs
+        .iter()
+        .flat_map(|span| span.pos0..span.pos0 + span.rows.len());
+    rope.table(positions, table);
+}

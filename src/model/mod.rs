@@ -1,0 +1,110 @@
+//! A GGUF model: its file, hyper-parameters and weights (views into the mapping).
+
+mod block;
+mod config;
+mod forward;
+mod kv_cache;
+mod weights;
+
+use std::path::Path;
+
+pub use block::{BlockActs, SeqSpan};
+pub use config::{Architecture, Config};
+pub use forward::{Batch, Saved, Workspace};
+pub use kv_cache::KvCache;
+pub use weights::{Layer, Proj, Slot, Weights};
+
+use crate::error::{Error, Result, ResultExt};
+use crate::gguf::GgufFile;
+use crate::ops::rope::Rope;
+
+/// An open model. Any GGUF opens; a file with tensors must also be a complete model of a
+/// supported architecture, checked here so that inference cannot fail on it later.
+pub struct Model {
+    file: GgufFile,
+    runnable: Option<(Config, Weights)>,
+}
+
+impl Model {
+    pub fn open(path: impl AsRef<Path>, use_mmap: bool) -> Result<Model> {
+        let path = path.as_ref();
+        let file = GgufFile::open(path, use_mmap)?;
+        let runnable = if file.tensors().is_empty() {
+            None
+        } else {
+            Some(Self::load(&file).in_file(path)?)
+        };
+        Ok(Model { file, runnable })
+    }
+
+    fn load(file: &GgufFile) -> Result<(Config, Weights)> {
+        let embd = file
+            .tensor("token_embd.weight")
+            .ok_or_else(|| Error::TensorNotFound {
+                name: "token_embd.weight".into(),
+            })?;
+        let n_vocab = embd.shape.first().copied().unwrap_or(0);
+        let config = Config::from_gguf(file, n_vocab)?;
+        let weights = Weights::load(file, &config)?;
+        Ok((config, weights))
+    }
+
+    pub fn file(&self) -> &GgufFile {
+        &self.file
+    }
+
+    pub fn path(&self) -> &Path {
+        self.file.path()
+    }
+
+    /// The architecture named in the file (`general.architecture`), supported or not.
+    pub fn architecture(&self) -> Option<&str> {
+        self.file.get_str("general.architecture").ok().flatten()
+    }
+
+    /// Hyper-parameters and weights; an error for a vocabulary-only file.
+    pub fn runnable(&self) -> Result<(&Config, &Weights)> {
+        self.runnable
+            .as_ref()
+            .map(|(c, w)| (c, w))
+            .ok_or(Error::NoWeights)
+    }
+
+    pub fn config(&self) -> Option<&Config> {
+        self.runnable.as_ref().map(|(c, _)| c)
+    }
+
+    /// The vocabulary size: the embedding's rows, or the tokenizer's size for vocab-only files.
+    pub fn n_vocab(&self) -> usize {
+        match self.config() {
+            Some(c) => c.n_vocab,
+            None => self
+                .file
+                .get("tokenizer.ggml.tokens")
+                .and_then(|v| v.as_array("tokenizer.ggml.tokens").ok())
+                .map_or(0, |tokens| tokens.len()),
+        }
+    }
+
+    /// The RoPE this model uses.
+    pub fn rope(&self) -> Result<Rope> {
+        let (config, weights) = self.runnable()?;
+        Ok(Rope {
+            style: config.arch.rope_style(),
+            head_dim: config.head_dim,
+            n_rot: config.n_rot,
+            freq_base: config.rope_freq_base,
+            freq_scale: config.rope_freq_scale,
+            freq_factors: weights.rope_freqs.clone(),
+        })
+    }
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("path", &self.path())
+            .field("config", &self.config())
+            .finish()
+    }
+}

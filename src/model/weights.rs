@@ -1,0 +1,217 @@
+//! The model's weights: views into the GGUF mapping, found by their GGUF names and checked
+//! against the hyper-parameters once, at open.
+
+use super::config::Config;
+use crate::error::{Error, Result};
+use crate::gguf::{GgufFile, TensorInfo};
+use crate::ops::Weight;
+
+/// The seven projections of a block that carry adapters, in llama.cpp's naming.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proj {
+    AttnQ,
+    AttnK,
+    AttnV,
+    AttnOutput,
+    FfnGate,
+    FfnUp,
+    FfnDown,
+}
+
+impl Proj {
+    pub const ALL: [Proj; 7] = [
+        Proj::AttnQ,
+        Proj::AttnK,
+        Proj::AttnV,
+        Proj::AttnOutput,
+        Proj::FfnGate,
+        Proj::FfnUp,
+        Proj::FfnDown,
+    ];
+
+    /// The GGUF name: `blk.{il}.{name}.weight`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Proj::AttnQ => "attn_q",
+            Proj::AttnK => "attn_k",
+            Proj::AttnV => "attn_v",
+            Proj::AttnOutput => "attn_output",
+            Proj::FfnGate => "ffn_gate",
+            Proj::FfnUp => "ffn_up",
+            Proj::FfnDown => "ffn_down",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Proj> {
+        Self::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    /// `[n_out, n_in]` of this projection.
+    pub fn shape(self, config: &Config) -> [usize; 2] {
+        match self {
+            Proj::AttnQ => [config.q_dim(), config.n_embd],
+            Proj::AttnK | Proj::AttnV => [config.kv_dim(), config.n_embd],
+            Proj::AttnOutput => [config.n_embd, config.q_dim()],
+            Proj::FfnGate | Proj::FfnUp => [config.n_ff, config.n_embd],
+            Proj::FfnDown => [config.n_embd, config.n_ff],
+        }
+    }
+}
+
+/// A projection weight of one layer: the unit adapters attach to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Slot {
+    pub layer: usize,
+    pub proj: Proj,
+}
+
+impl Slot {
+    pub fn index(self) -> usize {
+        self.layer * Proj::ALL.len() + self.proj as usize
+    }
+
+    pub fn tensor_name(self) -> String {
+        format!("blk.{}.{}.weight", self.layer, self.proj.name())
+    }
+
+    /// Parses `blk.{il}.{proj}.weight`.
+    pub fn parse(name: &str) -> Option<Slot> {
+        let rest = name.strip_prefix("blk.")?.strip_suffix(".weight")?;
+        let (layer, proj) = rest.split_once('.')?;
+        Some(Slot {
+            layer: layer.parse().ok()?,
+            proj: Proj::from_name(proj)?,
+        })
+    }
+}
+
+pub struct Layer {
+    pub attn_norm: Vec<f32>, // [n_embd]
+    pub ffn_norm: Vec<f32>,  // [n_embd]
+    /// Indexed by `Proj`: attn_q [q_dim, n_embd], attn_k/v [kv_dim, n_embd],
+    /// attn_output [n_embd, q_dim], ffn_gate/up [n_ff, n_embd], ffn_down [n_embd, n_ff].
+    projections: Vec<Weight>,
+    /// Optional biases (Qwen2 has q, k and v biases), indexed by `Proj`.
+    biases: Vec<Option<Vec<f32>>>,
+}
+
+impl Layer {
+    pub fn weight(&self, proj: Proj) -> &Weight {
+        &self.projections[proj as usize]
+    }
+
+    pub fn bias(&self, proj: Proj) -> Option<&[f32]> {
+        self.biases[proj as usize].as_deref()
+    }
+}
+
+pub struct Weights {
+    pub token_embd: Weight, // [n_vocab, n_embd]
+    pub layers: Vec<Layer>,
+    pub output_norm: Vec<f32>, // [n_embd]
+    /// [n_vocab, n_embd]: `output.weight`, or the embedding itself when tied.
+    pub output: Weight,
+    /// Llama 3.1 RoPE frequency factors, `[n_rot / 2]`.
+    pub rope_freqs: Option<Vec<f32>>,
+}
+
+impl Weights {
+    pub fn slot_weight(&self, slot: Slot) -> &Weight {
+        self.layers[slot.layer].weight(slot.proj)
+    }
+
+    pub fn load(file: &GgufFile, config: &Config) -> Result<Weights> {
+        let loader = Loader { file };
+        let n_embd = config.n_embd;
+        let mut layers = Vec::with_capacity(config.n_layer);
+        for il in 0..config.n_layer {
+            let mut projections = Vec::with_capacity(Proj::ALL.len());
+            let mut biases = Vec::with_capacity(Proj::ALL.len());
+            for proj in Proj::ALL {
+                let slot = Slot { layer: il, proj };
+                let [n_out, n_in] = proj.shape(config);
+                projections.push(loader.weight(&slot.tensor_name(), n_out, n_in)?);
+                let bias_name = format!("blk.{il}.{}.bias", proj.name());
+                biases.push(loader.optional_vector(&bias_name, n_out)?);
+            }
+            layers.push(Layer {
+                attn_norm: loader.vector(&format!("blk.{il}.attn_norm.weight"), n_embd)?,
+                ffn_norm: loader.vector(&format!("blk.{il}.ffn_norm.weight"), n_embd)?,
+                projections,
+                biases,
+            });
+        }
+        let token_embd = loader.weight("token_embd.weight", config.n_vocab, n_embd)?;
+        let output = match file.tensor("output.weight") {
+            Some(_) => loader.weight("output.weight", config.n_vocab, n_embd)?,
+            None => token_embd.clone(),
+        };
+        Ok(Weights {
+            output_norm: loader.vector("output_norm.weight", n_embd)?,
+            rope_freqs: loader.optional_vector("rope_freqs.weight", config.n_rot / 2)?,
+            token_embd,
+            layers,
+            output,
+        })
+    }
+}
+
+struct Loader<'a> {
+    file: &'a GgufFile,
+}
+
+impl Loader<'_> {
+    fn info(&self, name: &str) -> Result<&TensorInfo> {
+        self.file.tensor(name).ok_or_else(|| Error::TensorNotFound {
+            name: name.to_string(),
+        })
+    }
+
+    fn weight(&self, name: &str, n_out: usize, n_in: usize) -> Result<Weight> {
+        let info = self.info(name)?;
+        if info.shape != [n_out, n_in] {
+            return Err(Error::ShapeMismatch {
+                name: name.to_string(),
+                expected: vec![n_out, n_in],
+                got: info.shape.clone(),
+            });
+        }
+        Weight::new(name, info.dtype, n_out, n_in, self.file.tensor_data(info))
+    }
+
+    fn vector(&self, name: &str, n: usize) -> Result<Vec<f32>> {
+        let info = self.info(name)?;
+        if info.shape != [n] {
+            return Err(Error::ShapeMismatch {
+                name: name.to_string(),
+                expected: vec![n],
+                got: info.shape.clone(),
+            });
+        }
+        Ok(self.file.tensor_f32(info))
+    }
+
+    fn optional_vector(&self, name: &str, n: usize) -> Result<Option<Vec<f32>>> {
+        match self.file.tensor(name) {
+            Some(_) => self.vector(name, n).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_names_round_trip() {
+        let slot = Slot {
+            layer: 12,
+            proj: Proj::FfnDown,
+        };
+        assert_eq!(slot.tensor_name(), "blk.12.ffn_down.weight");
+        assert_eq!(Slot::parse("blk.12.ffn_down.weight"), Some(slot));
+        assert_eq!(Slot::parse("blk.1.attn_norm.weight"), None);
+        assert_eq!(Slot::parse("output.weight"), None);
+    }
+}

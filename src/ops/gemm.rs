@@ -1,0 +1,171 @@
+//! f32 matrix products through the `gemm` crate (candle's CPU GEMM), behind one safe function.
+
+use gemm::Parallelism;
+
+/// A strided f32 matrix view: element `(i, j)` is `data[i * row_stride + j * col_stride]`.
+#[derive(Clone, Copy)]
+pub struct MatRef<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// A contiguous row-major `rows × cols` matrix.
+    pub fn new(data: &'a [f32], rows: usize, cols: usize) -> MatRef<'a> {
+        MatRef::with_stride(data, rows, cols, cols)
+    }
+
+    /// Row-major rows `row_stride` apart (a column block of a wider matrix).
+    pub fn with_stride(data: &'a [f32], rows: usize, cols: usize, row_stride: usize) -> MatRef<'a> {
+        MatRef {
+            data,
+            rows,
+            cols,
+            row_stride,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose, without moving data.
+    pub fn t(self) -> MatRef<'a> {
+        MatRef {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+
+    fn in_bounds(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride
+                < self.data.len()
+    }
+}
+
+/// A mutable row-major matrix whose rows are `row_stride` apart.
+pub struct MatMut<'a> {
+    pub data: &'a mut [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub row_stride: usize,
+}
+
+impl<'a> MatMut<'a> {
+    pub fn new(data: &'a mut [f32], rows: usize, cols: usize) -> MatMut<'a> {
+        MatMut::with_stride(data, rows, cols, cols)
+    }
+
+    pub fn with_stride(
+        data: &'a mut [f32],
+        rows: usize,
+        cols: usize,
+        row_stride: usize,
+    ) -> MatMut<'a> {
+        MatMut {
+            data,
+            rows,
+            cols,
+            row_stride,
+        }
+    }
+}
+
+/// `c = a · b`, or `c += a · b` with `accumulate`; on the current rayon pool when `parallel`.
+pub fn gemm(a: MatRef, b: MatRef, c: MatMut, accumulate: bool, parallel: bool) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert!(
+        b.rows == k && c.rows == m && c.cols == n,
+        "gemm shapes: a {m}x{k}, b {}x{n}, c {}x{}",
+        b.rows,
+        c.rows,
+        c.cols
+    );
+    assert!(a.in_bounds() && b.in_bounds(), "gemm operand out of bounds");
+    assert!(m == 0 || n == 0 || (m - 1) * c.row_stride + n <= c.data.len());
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                c.data[i * c.row_stride..i * c.row_stride + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    let parallelism = if parallel {
+        Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        Parallelism::None
+    };
+    // SAFETY: every view was bounds-checked above for the strides passed here; `c` is a unique
+    // borrow, so it aliases neither `a` nor `b`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.data.as_mut_ptr(),
+            1,
+            c.row_stride as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn products_match_spelled_out_values() {
+        let a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]; // 2x3
+        let w = [1.0, 0.0, -1.0, 2.0, 1.0, 0.5]; // 2x3, used transposed
+        let mut c = [10.0f32; 4];
+        gemm(
+            MatRef::new(&a, 2, 3),
+            MatRef::new(&w, 2, 3).t(),
+            MatMut::new(&mut c, 2, 2),
+            false,
+            false,
+        );
+        assert_eq!(c, [-2.0, 5.5, -2.0, 16.0]);
+        let b = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]; // 3x2
+        gemm(
+            MatRef::new(&a, 2, 3),
+            MatRef::new(&b, 3, 2),
+            MatMut::new(&mut c, 2, 2),
+            true,
+            false,
+        );
+        assert_eq!(c, [-2.0 + 22.0, 5.5 + 28.0, -2.0 + 49.0, 16.0 + 64.0]);
+        // aᵀ a: [3x2]·[2x3]
+        let mut g = [0f32; 9];
+        gemm(
+            MatRef::new(&a, 2, 3).t(),
+            MatRef::new(&a, 2, 3),
+            MatMut::new(&mut g, 3, 3),
+            false,
+            false,
+        );
+        assert_eq!(g, [17.0, 22.0, 27.0, 22.0, 29.0, 36.0, 27.0, 36.0, 45.0]);
+    }
+}

@@ -1,0 +1,276 @@
+//! Frozen weights read in place, and the three products a linear layer needs:
+//! `y = x Wᵀ` with ggml's numerics (inference), `y = x Wᵀ` exactly in f32 (training forward),
+//! and `dx += dy W` (training backward). Rows of `x`, `y`, `dx`, `dy` are tokens.
+
+use std::ops::Range;
+
+use candle_core::quantized::k_quants::GgmlType;
+use rayon::prelude::*;
+
+use super::gemm::{gemm, MatMut, MatRef};
+use super::quant::{as_blocks, dequantize_into, with_block_type};
+use crate::error::{Error, Result};
+use crate::gguf::{ByteView, TensorType};
+
+/// Weight rows dequantized at a time by the exact products: 64 rows of a 2048-wide matrix are
+/// 512 KiB of f32, enough for an efficient GEMM and small enough to stay in L2.
+const DEQUANT_ROWS: usize = 64;
+
+/// A frozen matrix `[n_rows, n_cols]` (a weight `[n_out, n_in]`) of any tensor type.
+#[derive(Clone, Debug)]
+pub struct Weight {
+    pub name: String,
+    pub dtype: TensorType,
+    pub n_rows: usize,
+    pub n_cols: usize,
+    data: ByteView,
+}
+
+impl Weight {
+    /// Checks that `data` holds exactly `n_rows` rows of `n_cols` elements of `dtype`.
+    pub fn new(
+        name: &str,
+        dtype: TensorType,
+        n_rows: usize,
+        n_cols: usize,
+        data: ByteView,
+    ) -> Result<Weight> {
+        let expected = dtype
+            .row_bytes(n_cols)
+            .and_then(|row| row.checked_mul(n_rows));
+        if expected != Some(data.len()) || (data.as_ptr() as usize) % dtype.alignment() != 0 {
+            return Err(Error::ShapeMismatch {
+                name: name.to_string(),
+                expected: vec![n_rows, n_cols],
+                got: vec![data.len()],
+            });
+        }
+        Ok(Weight {
+            name: name.to_string(),
+            dtype,
+            n_rows,
+            n_cols,
+            data,
+        })
+    }
+
+    pub fn data(&self) -> &ByteView {
+        &self.data
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.data.len() / self.n_rows.max(1)
+    }
+
+    /// Rows `rows` as f32 into `out` (`rows.len() * n_cols` values): embedding lookups and
+    /// the exact products.
+    pub fn dequantize_rows(&self, rows: Range<usize>, out: &mut [f32]) {
+        let bytes = &self.data[rows.start * self.row_bytes()..rows.end * self.row_bytes()];
+        dequantize_into(self.dtype, bytes, out);
+    }
+
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.n_rows * self.n_cols];
+        self.dequantize_rows(0..self.n_rows, &mut out);
+        out
+    }
+
+    /// `y[m, n_rows] = x[m, n_cols] · Wᵀ` as ggml computes it: each row of `x` is first
+    /// rounded to the weight's dot-product type (q8_0 / q8_1 / q8_K blocks for quantized
+    /// weights, f16 / bf16 for half weights), then multiplied with integer or half dot kernels.
+    pub fn matmul(&self, x: &[f32], y: &mut [f32]) {
+        let m = x.len() / self.n_cols;
+        assert!(x.len() == m * self.n_cols && y.len() == m * self.n_rows);
+        with_block_type!(self.dtype, T => matmul_ggml::<T>(self, x, m, y))
+    }
+
+    /// `y[m, n_rows] = x[m, n_cols] · Wᵀ` in f32 on the dequantized weight: the exact math
+    /// that the training forward differentiates.
+    pub fn matmul_exact(&self, x: &[f32], y: &mut [f32]) {
+        let m = x.len() / self.n_cols;
+        assert!(x.len() == m * self.n_cols && y.len() == m * self.n_rows);
+        let x = MatRef::new(x, m, self.n_cols);
+        if self.dtype == TensorType::F32 {
+            let w = MatRef::new(as_blocks::<f32>(&self.data), self.n_rows, self.n_cols);
+            return gemm(x, w.t(), MatMut::new(y, m, self.n_rows), false, true);
+        }
+        let y_ptr = SyncPtr(y.as_mut_ptr());
+        let n_blocks = self.n_rows.div_ceil(DEQUANT_ROWS);
+        (0..n_blocks).into_par_iter().for_each(|block| {
+            let rows = block * DEQUANT_ROWS..((block + 1) * DEQUANT_ROWS).min(self.n_rows);
+            let mut w = vec![0f32; rows.len() * self.n_cols];
+            self.dequantize_rows(rows.clone(), &mut w);
+            // SAFETY: each task writes only columns `rows` of y, disjoint across tasks.
+            let y = unsafe { y_ptr.slice(rows.start, (m - 1) * self.n_rows + rows.len()) };
+            let y = MatMut::with_stride(y, m, rows.len(), self.n_rows);
+            gemm(
+                x,
+                MatRef::new(&w, rows.len(), self.n_cols).t(),
+                y,
+                false,
+                false,
+            );
+        });
+    }
+
+    /// `dx[m, n_cols] += dy[m, n_rows] · W` in f32, dequantizing a block of rows at a time so
+    /// that a quantized model is never held in f32 whole.
+    pub fn matmul_backward_input(&self, dy: &[f32], dx: &mut [f32]) {
+        let m = dy.len() / self.n_rows;
+        assert!(dy.len() == m * self.n_rows && dx.len() == m * self.n_cols);
+        if self.dtype == TensorType::F32 {
+            let w = MatRef::new(as_blocks::<f32>(&self.data), self.n_rows, self.n_cols);
+            let dy = MatRef::new(dy, m, self.n_rows);
+            return gemm(dy, w, MatMut::new(dx, m, self.n_cols), true, true);
+        }
+        let block_rows = (4 * DEQUANT_ROWS).min(self.n_rows);
+        let mut w = vec![0f32; block_rows * self.n_cols];
+        for start in (0..self.n_rows).step_by(block_rows) {
+            let rows = start..(start + block_rows).min(self.n_rows);
+            let w = &mut w[..rows.len() * self.n_cols];
+            w.par_chunks_mut(self.n_cols)
+                .enumerate()
+                .for_each(|(i, row)| self.dequantize_rows(start + i..start + i + 1, row));
+            let dy = MatRef::with_stride(&dy[rows.start..], m, rows.len(), self.n_rows);
+            let w = MatRef::new(w, rows.len(), self.n_cols);
+            gemm(dy, w, MatMut::new(dx, m, self.n_cols), true, true);
+        }
+    }
+}
+
+/// A raw pointer that tasks writing disjoint parts of one buffer can share.
+#[derive(Clone, Copy)]
+pub(crate) struct SyncPtr(pub *mut f32);
+// SAFETY: users only write disjoint elements from different threads (stated at each use).
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+
+impl SyncPtr {
+    /// # Safety
+    /// `offset + len` must lie inside the buffer, and no other thread may write the elements
+    /// this task writes.
+    pub(crate) unsafe fn slice<'a>(self, offset: usize, len: usize) -> &'a mut [f32] {
+        std::slice::from_raw_parts_mut(self.0.add(offset), len)
+    }
+}
+
+/// Weight rows each task takes in a ggml-style product: enough to amortise scheduling,
+/// few enough that two cores share the work evenly.
+const ROWS_PER_TASK: usize = 16;
+
+fn matmul_ggml<T: GgmlType>(w: &Weight, x: &[f32], m: usize, y: &mut [f32]) {
+    let blocks_per_row = w.n_cols / T::BLCK_SIZE;
+    let w_blocks = as_blocks::<T>(&w.data);
+    let mut xq = vec![T::VecDotType::zeros(); m * blocks_per_row];
+    if T::DIRECT_COPY {
+        T::VecDotType::direct_copy(x, &mut xq);
+    } else {
+        xq.par_chunks_mut(blocks_per_row)
+            .zip(x.par_chunks(w.n_cols))
+            .for_each(|(xq_row, x_row)| T::VecDotType::from_float(x_row, xq_row));
+    }
+    let n_rows = w.n_rows;
+    let y_ptr = SyncPtr(y.as_mut_ptr());
+    (0..n_rows.div_ceil(ROWS_PER_TASK))
+        .into_par_iter()
+        .for_each(|task| {
+            let rows = task * ROWS_PER_TASK..((task + 1) * ROWS_PER_TASK).min(n_rows);
+            let row_blocks = |j: usize| &w_blocks[j * blocks_per_row..(j + 1) * blocks_per_row];
+            for t in 0..m {
+                let x_row = &xq[t * blocks_per_row..(t + 1) * blocks_per_row];
+                // SAFETY: this task alone writes y[t, rows].
+                let y_row = unsafe { y_ptr.slice(t * n_rows + rows.start, rows.len()) };
+                let mut j = rows.start;
+                while j + 4 <= rows.end {
+                    let (a, b, c, d) = T::vec_dot_4(
+                        w.n_cols,
+                        row_blocks(j),
+                        row_blocks(j + 1),
+                        row_blocks(j + 2),
+                        row_blocks(j + 3),
+                        x_row,
+                    );
+                    y_row[j - rows.start..j - rows.start + 4].copy_from_slice(&[a, b, c, d]);
+                    j += 4;
+                }
+                for j in j..rows.end {
+                    y_row[j - rows.start] = T::vec_dot(w.n_cols, row_blocks(j), x_row);
+                }
+            }
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::quant::quantize;
+
+    fn weight(dtype: TensorType, values: &[f32], n_rows: usize, n_cols: usize) -> Weight {
+        let bytes = quantize(dtype, values);
+        Weight::new("w", dtype, n_rows, n_cols, ByteView::from_vec(bytes)).unwrap()
+    }
+
+    fn naive(w: &[f32], x: &[f32], n_rows: usize, n_cols: usize) -> Vec<f32> {
+        let m = x.len() / n_cols;
+        let mut y = vec![0f32; m * n_rows];
+        for t in 0..m {
+            for j in 0..n_rows {
+                y[t * n_rows + j] = (0..n_cols)
+                    .map(|i| x[t * n_cols + i] * w[j * n_cols + i])
+                    .sum();
+            }
+        }
+        y
+    }
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 16) % 200) as f32
+                    / 100.0
+                    - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn products_agree_with_a_naive_loop_on_every_type() {
+        let (n_rows, n_cols, m) = (37, 512, 5);
+        let x = values(m * n_cols, 1);
+        for dtype in [
+            TensorType::F32,
+            TensorType::F16,
+            TensorType::Q8_0,
+            TensorType::Q4K,
+            TensorType::Q6K,
+        ] {
+            let w = weight(dtype, &values(n_rows * n_cols, 2), n_rows, n_cols);
+            let dense = w.to_f32();
+            let expected = naive(&dense, &x, n_rows, n_cols);
+            let mut exact = vec![0f32; m * n_rows];
+            w.matmul_exact(&x, &mut exact);
+            let mut ggml = vec![0f32; m * n_rows];
+            w.matmul(&x, &mut ggml);
+            for ((e, a), g) in expected.iter().zip(&exact).zip(&ggml) {
+                assert!((e - a).abs() < 1e-3, "{dtype}: exact {a} vs {e}");
+                // ggml rounds activations to 8 bits: about 1% of the row's scale.
+                assert!(
+                    (e - g).abs() < 0.02 * n_cols as f32 / 16.0,
+                    "{dtype}: ggml {g} vs {e}"
+                );
+            }
+            let dy = values(m * n_rows, 3);
+            let mut dx = vec![1f32; m * n_cols];
+            w.matmul_backward_input(&dy, &mut dx);
+            for t in 0..m {
+                for i in 0..n_cols {
+                    let want: f32 = 1.0
+                        + (0..n_rows)
+                            .map(|j| dy[t * n_rows + j] * dense[j * n_cols + i])
+                            .sum::<f32>();
+                    assert!((dx[t * n_cols + i] - want).abs() < 1e-3, "{dtype}: dx");
+                }
+            }
+        }
+    }
+}

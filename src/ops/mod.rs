@@ -1,0 +1,12 @@
+//! The kernels the model needs, each forward with its backward beside it. Rows are tokens;
+//! every function works on the current rayon pool.
+
+pub mod activation;
+pub mod attention;
+pub mod gemm;
+pub mod matmul;
+pub mod norm;
+pub mod quant;
+pub mod rope;
+
+pub use matmul::Weight;
