@@ -130,7 +130,7 @@ impl Inference {
         &self,
         sequences: &[&[u32]],
         lora: &[Adapters],
-        caches: Option<&mut [KvCache]>,
+        caches: Option<Vec<&mut KvCache>>,
     ) -> Result<Vec<Vec<f32>>> {
         if sequences.is_empty() {
             return Err(Error::Empty { what: "the batch" });
@@ -154,7 +154,7 @@ impl Inference {
                         format!("{} caches for {} sequences", caches.len(), sequences.len()),
                     ));
                 }
-                caches.iter_mut().collect()
+                caches
             }
             None => {
                 own_caches = sequences

@@ -1,0 +1,280 @@
+//! `lugh.Inference`, `lugh.KVCache`, `lugh.MemoryPool`.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+
+use super::convert::{array1, array2, tokens, type_name};
+use super::errors::IntoPyResult;
+use super::lora::{adapters, batch_adapters};
+use super::model::PyModel;
+use crate::infer::{Inference, MemoryPool};
+use crate::lora::LoraAdapter;
+use crate::model::KvCache;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn refs(adapters: &[Arc<LoraAdapter>]) -> Vec<&LoraAdapter> {
+    adapters.iter().map(|a| a.as_ref()).collect()
+}
+
+/// Keys and values of past positions for one sequence; `forward_cache` continues it.
+#[pyclass(name = "KVCache", module = "lugh", frozen)]
+pub struct PyKVCache {
+    inner: Mutex<KvCache>,
+}
+
+#[pymethods]
+impl PyKVCache {
+    /// Positions stored so far.
+    #[getter]
+    fn n_cached(&self) -> usize {
+        lock(&self.inner).n_cached()
+    }
+
+    /// Positions the cache can hold.
+    #[getter]
+    fn n_ctx(&self) -> usize {
+        lock(&self.inner).n_ctx()
+    }
+
+    #[getter]
+    fn n_layer(&self) -> usize {
+        lock(&self.inner).n_layer()
+    }
+
+    /// Forgets every position.
+    fn clear(&self) {
+        lock(&self.inner).clear()
+    }
+
+    /// Changes the capacity to `n_ctx` positions (dropping positions beyond it).
+    fn resize(&self, n_ctx: usize) -> PyResult<()> {
+        if n_ctx == 0 {
+            return Err(PyValueError::new_err("n_ctx must be at least 1"));
+        }
+        lock(&self.inner).resize(n_ctx);
+        Ok(())
+    }
+
+    fn __repr__(&self) -> String {
+        format!("KVCache(n_cached={}, n_ctx={})", self.n_cached(), self.n_ctx())
+    }
+}
+
+/// Buffers reused across `forward_pool` calls: once warm, a forward allocates nothing but
+/// its logits.
+#[pyclass(name = "MemoryPool", module = "lugh", frozen)]
+pub struct PyMemoryPool {
+    inner: Mutex<MemoryPool>,
+}
+
+#[pymethods]
+impl PyMemoryPool {
+    /// Frees the buffers.
+    fn reset(&self) {
+        lock(&self.inner).reset()
+    }
+
+    /// Where the buffers live ("cpu").
+    #[getter]
+    fn backend(&self) -> &'static str {
+        lock(&self.inner).backend()
+    }
+}
+
+/// Runs a model: forward passes (single, all positions, cached, pooled, batched), with
+/// optional LoRA adapters. Every call releases the GIL.
+#[pyclass(name = "Inference", module = "lugh", frozen)]
+pub struct PyInference {
+    pub(crate) inner: Arc<Inference>,
+    model: Py<PyModel>,
+}
+
+#[pymethods]
+impl PyInference {
+    /// `n_ctx`: context positions (default: the model's training context); `n_threads`:
+    /// compute threads (default: every core).
+    #[new]
+    #[pyo3(signature = (model, n_ctx=None, n_threads=None))]
+    fn new(model: Bound<'_, PyModel>, n_ctx: Option<usize>, n_threads: Option<usize>) -> PyResult<Self> {
+        let inner = Inference::new(Arc::clone(&model.get().inner), n_ctx, n_threads).py()?;
+        Ok(PyInference {
+            inner: Arc::new(inner),
+            model: model.unbind(),
+        })
+    }
+
+    #[getter]
+    fn model(&self, py: Python<'_>) -> Py<PyModel> {
+        self.model.clone_ref(py)
+    }
+
+    #[getter]
+    fn n_ctx(&self) -> usize {
+        self.inner.n_ctx()
+    }
+
+    #[getter]
+    fn n_threads(&self) -> usize {
+        self.inner.n_threads()
+    }
+
+    #[getter]
+    fn n_vocab(&self) -> usize {
+        self.inner.config().n_vocab
+    }
+
+    #[getter]
+    fn n_embd(&self) -> usize {
+        self.inner.config().n_embd
+    }
+
+    #[getter]
+    fn n_layer(&self) -> usize {
+        self.inner.config().n_layer
+    }
+
+    #[getter]
+    fn n_head(&self) -> usize {
+        self.inner.config().n_head
+    }
+
+    /// Logits `[n_vocab]` of the last position of `tokens`.
+    #[pyo3(signature = (tokens, lora=None))]
+    fn forward<'py>(
+        &self,
+        py: Python<'py>,
+        tokens: &Bound<'py, PyAny>,
+        lora: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let (ids, lora) = (super::convert::tokens(tokens)?, adapters(lora)?);
+        let logits = py.detach(|| self.inner.forward(&ids, &refs(&lora))).py()?;
+        Ok(array1(py, logits).into_any())
+    }
+
+    /// Logits `[n_tokens, n_vocab]` of every position.
+    #[pyo3(signature = (tokens, lora=None))]
+    fn forward_all<'py>(
+        &self,
+        py: Python<'py>,
+        tokens: &Bound<'py, PyAny>,
+        lora: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let (ids, lora) = (super::convert::tokens(tokens)?, adapters(lora)?);
+        let logits = py.detach(|| self.inner.forward_all(&ids, &refs(&lora))).py()?;
+        array2(py, logits, self.inner.config().n_vocab)
+    }
+
+    /// A KV cache for `n_ctx` positions (default: this inference's `n_ctx`).
+    #[pyo3(signature = (n_ctx=None))]
+    fn create_kv_cache(&self, n_ctx: Option<usize>) -> PyResult<PyKVCache> {
+        if n_ctx == Some(0) {
+            return Err(PyValueError::new_err("n_ctx must be at least 1"));
+        }
+        Ok(PyKVCache {
+            inner: Mutex::new(self.inner.create_kv_cache(n_ctx)),
+        })
+    }
+
+    /// Continues `cache` with `tokens` (from position `cache.n_cached`): logits `[n_vocab]`
+    /// of the last token. ValueError if the cache would overflow.
+    #[pyo3(signature = (cache, tokens, lora=None))]
+    fn forward_cache<'py>(
+        &self,
+        py: Python<'py>,
+        cache: &Bound<'py, PyKVCache>,
+        tokens: &Bound<'py, PyAny>,
+        lora: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let (ids, lora) = (super::convert::tokens(tokens)?, adapters(lora)?);
+        let cache = cache.get();
+        let logits = py
+            .detach(|| self.inner.forward_cache(&mut lock(&cache.inner), &ids, &refs(&lora)))
+            .py()?;
+        Ok(array1(py, logits).into_any())
+    }
+
+    /// A memory pool for `forward_pool`.
+    fn create_memory_pool(&self) -> PyMemoryPool {
+        PyMemoryPool {
+            inner: Mutex::new(self.inner.create_memory_pool()),
+        }
+    }
+
+    /// `forward` with the buffers of `pool`.
+    #[pyo3(signature = (pool, tokens, lora=None))]
+    fn forward_pool<'py>(
+        &self,
+        py: Python<'py>,
+        pool: &Bound<'py, PyMemoryPool>,
+        tokens: &Bound<'py, PyAny>,
+        lora: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let (ids, lora) = (super::convert::tokens(tokens)?, adapters(lora)?);
+        let pool = pool.get();
+        let logits = py
+            .detach(|| self.inner.forward_pool(&mut lock(&pool.inner), &ids, &refs(&lora)))
+            .py()?;
+        Ok(array1(py, logits).into_any())
+    }
+
+    /// Several sequences (of any lengths) in one batched computation; returns the last
+    /// position's logits of each. `lora`: None, a LoRA or a list applied to all — or a list
+    /// with exactly one entry per sequence (None, a LoRA or a list each). `caches`: one
+    /// KVCache per sequence to continue.
+    #[pyo3(signature = (sequences, lora=None, caches=None))]
+    fn forward_batch<'py>(
+        &self,
+        py: Python<'py>,
+        sequences: &Bound<'py, PyAny>,
+        lora: Option<&Bound<'py, PyAny>>,
+        caches: Option<Vec<Bound<'py, PyKVCache>>>,
+    ) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let sequences: Vec<Vec<u32>> = sequences
+            .try_iter()
+            .map_err(|_| {
+                PyTypeError::new_err(format!(
+                    "sequences must be a list of token lists, got {}",
+                    type_name(sequences)
+                ))
+            })?
+            .map(|s| tokens(&s?))
+            .collect::<PyResult<_>>()?;
+        let lora = batch_adapters(lora, sequences.len())?;
+        let caches: Option<Vec<&PyKVCache>> = caches.as_ref().map(|c| c.iter().map(|b| b.get()).collect());
+        if let Some(caches) = &caches {
+            for (i, a) in caches.iter().enumerate() {
+                if caches[..i].iter().any(|b| std::ptr::eq(*a, *b)) {
+                    return Err(PyValueError::new_err("the same KVCache is given for two sequences"));
+                }
+            }
+        }
+        let logits = py
+            .detach(|| {
+                let seq_refs: Vec<&[u32]> = sequences.iter().map(Vec::as_slice).collect();
+                let lora_refs: Vec<Vec<&LoraAdapter>> = lora.iter().map(|l| refs(l)).collect();
+                let lora_slices: Vec<&[&LoraAdapter]> = lora_refs.iter().map(Vec::as_slice).collect();
+                let mut guards: Option<Vec<MutexGuard<'_, KvCache>>> =
+                    caches.as_ref().map(|c| c.iter().map(|c| lock(&c.inner)).collect());
+                let cache_refs = guards
+                    .as_mut()
+                    .map(|g| g.iter_mut().map(|g| &mut **g).collect());
+                self.inner.forward_batch(&seq_refs, &lora_slices, cache_refs)
+            })
+            .py()?;
+        Ok(logits.into_iter().map(|l| array1(py, l).into_any()).collect())
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Inference(n_ctx={}, n_threads={}, n_vocab={})",
+            self.n_ctx(),
+            self.n_threads(),
+            self.n_vocab()
+        )
+    }
+}
