@@ -172,16 +172,14 @@ impl GgufFile {
         for _ in 0..n_tensors {
             raw_infos.push(cursor.tensor_info()?);
         }
+        // Tensor data starts at the next multiple of the alignment (a file without tensors
+        // may end before it).
         let data_start = align_up(cursor.pos, alignment)
-            .filter(|&start| start <= bytes.len())
+            .filter(|&start| start <= bytes.len() || n_tensors == 0)
             .ok_or_else(|| {
                 Error::malformed(
                     "GGUF",
-                    if n_tensors == 0 {
-                        "file ends inside the header padding".to_string()
-                    } else {
-                        format!("file is truncated: it ends before the tensor data of {n_tensors} tensors")
-                    },
+                    format!("file is truncated: it ends before the data of its {n_tensors} tensors"),
                 )
             })?;
 

@@ -1,0 +1,65 @@
+"""Shared helpers: fixture paths, reference data and the error measure used by every test."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import lugh
+
+FIXTURES = Path(__file__).parent / "fixtures"
+ARCHS = ["tiny-llama", "tiny-qwen2"]
+DEMO_F16 = Path(lugh.__file__).parent / "data" / "lugh-demo-4m-f16.gguf"
+DEMO_Q8 = FIXTURES / "models" / "lugh-demo-4m-q8_0.gguf"
+
+
+def rel_err(actual: np.ndarray, reference: np.ndarray) -> float:
+    """Largest absolute difference, relative to the largest reference magnitude."""
+    actual = np.asarray(actual, dtype=np.float64)
+    reference = np.asarray(reference, dtype=np.float64)
+    assert actual.shape == reference.shape, f"shape {actual.shape} != {reference.shape}"
+    return float(np.abs(actual - reference).max() / np.abs(reference).max())
+
+
+def assert_close(actual, reference, tol: float, what: str) -> None:
+    err = rel_err(actual, reference)
+    assert err <= tol, f"{what}: max error {err:.3e} x max|ref| exceeds tolerance {tol:.0e}"
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def fixture_dir(arch) -> Path:
+    return FIXTURES / arch
+
+
+@pytest.fixture
+def ref(fixture_dir):
+    return np.load(fixture_dir / "reference_logits.npz")
+
+
+@pytest.fixture
+def meta(fixture_dir) -> dict:
+    return json.loads((fixture_dir / "meta.json").read_text())
+
+
+_models: dict = {}
+
+
+def model(path: Path) -> lugh.Model:
+    """Models are opened once per session (opening is cheap, but tests are many)."""
+    key = str(path)
+    if key not in _models:
+        _models[key] = lugh.Model(key)
+    return _models[key]
+
+
+@pytest.fixture
+def f32_inference(fixture_dir) -> lugh.Inference:
+    return lugh.Inference(model(fixture_dir / "base-f32.gguf"))

@@ -1,0 +1,165 @@
+"""lugh.Inference against transformers (float64) and llama.cpp references, and its paths
+(cache, pool, batch) against each other."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import lugh
+from conftest import assert_close, model, rel_err
+
+QUANTS = ["q8_0", "q4_0", "q4_k_m", "q6_k"]
+
+
+def test_f32_base_matches_transformers(f32_inference, ref):
+    logits = f32_inference.forward_all(ref["tokens"])
+    assert logits.dtype == np.float32
+    assert_close(logits, ref["base"], 1e-4, "f32 base vs transformers float64")
+
+
+def test_f16_base_matches_transformers(fixture_dir, ref):
+    inf = lugh.Inference(model(fixture_dir / "base-f16.gguf"))
+    assert_close(inf.forward_all(ref["tokens"]), ref["base"], 5e-3, "f16 base vs transformers")
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+def test_quantized_bases_match_llama_cpp(fixture_dir, ref, quant):
+    """Path checked: ggml numerics (activations quantized to 8 bits inside the matmuls, as
+    llama.cpp does), so the reference is llama.cpp's own logits, tolerance 2e-2."""
+    path = fixture_dir / f"base-{quant}.gguf"
+    if not path.exists():
+        pytest.skip(f"no {quant} base in this fixture")
+    logits = lugh.Inference(model(path)).forward_all(ref["tokens"])
+    assert_close(logits, ref[f"llamacpp_{quant}_base"], 2e-2, f"{quant} vs llama.cpp")
+    # ... and it stays as far from exact math as llama.cpp itself does (3-5 %).
+    assert rel_err(logits, ref[f"dequant_{quant}_base"]) < 0.08
+
+
+def test_forward_is_the_last_row_of_forward_all(f32_inference, ref):
+    tokens = ref["tokens"]
+    all_rows = f32_inference.forward_all(tokens)
+    assert_close(f32_inference.forward(tokens), all_rows[-1], 1e-6, "forward vs forward_all")
+    assert f32_inference.forward(tokens).shape == (f32_inference.n_vocab,)
+
+
+def test_cache_token_by_token_and_in_chunks_equals_forward_all(f32_inference, ref):
+    tokens = ref["tokens"].tolist()
+    full = f32_inference.forward_all(tokens)
+    cache = f32_inference.create_kv_cache()
+    steps = np.stack([f32_inference.forward_cache(cache, [t]) for t in tokens])
+    assert cache.n_cached == len(tokens)
+    assert_close(steps, full, 1e-5, "token-by-token cache vs forward_all")
+    cache.clear()
+    assert cache.n_cached == 0
+    cuts = [0, 5, 6, 13, len(tokens)]
+    for a, b in zip(cuts, cuts[1:]):
+        last = f32_inference.forward_cache(cache=cache, tokens=tokens[a:b])
+        assert_close(last, full[b - 1], 1e-5, f"cache chunk {a}:{b}")
+
+
+def test_batch_of_different_lengths_matches_references(f32_inference, ref):
+    sequences = [ref[f"batch_tokens_{i}"] for i in range(4)]
+    assert sorted(len(s) for s in sequences)[0] == 2
+    outs = f32_inference.forward_batch(sequences)
+    assert len(outs) == 4
+    for i, out in enumerate(outs):
+        assert_close(out, ref[f"batch_base_{i}"][-1], 1e-4, f"batch sequence {i}")
+
+
+def test_batch_continues_caches(f32_inference, ref):
+    seqs = [ref[f"batch_tokens_{i}"].tolist() for i in range(3)]
+    caches = [f32_inference.create_kv_cache() for _ in seqs]
+    f32_inference.forward_batch([s[:1] for s in seqs], caches=caches)
+    outs = f32_inference.forward_batch([s[1:] for s in seqs], caches=caches)
+    for i, out in enumerate(outs):
+        assert caches[i].n_cached == len(seqs[i])
+        assert_close(out, ref[f"batch_base_{i}"][-1], 1e-4, f"cached batch sequence {i}")
+
+
+def test_pool_equals_forward(f32_inference, ref):
+    tokens = ref["tokens"]
+    pool = f32_inference.create_memory_pool()
+    assert pool.backend == "cpu"
+    for n in (len(tokens), 3, len(tokens)):
+        expected = f32_inference.forward(tokens[:n])
+        assert_close(f32_inference.forward_pool(pool, tokens[:n]), expected, 1e-6, "pool")
+    pool.reset()
+    assert_close(f32_inference.forward_pool(pool, tokens), f32_inference.forward(tokens), 1e-6, "pool")
+
+
+def test_tokens_accept_lists_and_numpy_arrays(f32_inference, ref):
+    tokens = ref["tokens"]
+    expected = f32_inference.forward(tokens.tolist())
+    for form in (tokens.astype(np.int64), tokens.astype(np.int32), tuple(tokens.tolist())):
+        assert (f32_inference.forward(form) == expected).all()
+
+
+def test_bad_tokens_and_arguments_raise(f32_inference):
+    n_vocab = f32_inference.n_vocab
+    with pytest.raises(IndexError, match=f"token id {n_vocab} is out of range"):
+        f32_inference.forward([1, n_vocab])
+    with pytest.raises(IndexError, match="-1"):
+        f32_inference.forward([1, -1])
+    with pytest.raises(ValueError, match="empty"):
+        f32_inference.forward([])
+    with pytest.raises(TypeError, match="not a string"):
+        f32_inference.forward("hello")
+    with pytest.raises(TypeError, match="sequence of ints"):
+        f32_inference.forward([1.5, 2.0])
+    with pytest.raises(TypeError, match="lora must be"):
+        f32_inference.forward([1], lora="adapter.gguf")
+    with pytest.raises(ValueError, match="empty"):
+        f32_inference.forward_batch([])
+
+
+def test_cache_overflow_raises_and_keeps_the_cache(f32_inference):
+    cache = f32_inference.create_kv_cache(n_ctx=4)
+    f32_inference.forward_cache(cache, [1, 2, 3])
+    with pytest.raises(ValueError, match="context overflow: 5 positions needed, the context holds 4"):
+        f32_inference.forward_cache(cache, [4, 5])
+    assert cache.n_cached == 3
+    cache.resize(8)
+    f32_inference.forward_cache(cache, [4, 5])
+    assert cache.n_cached == 5
+    small = lugh.Inference(f32_inference.model, n_ctx=4)
+    with pytest.raises(ValueError, match="context overflow"):
+        small.forward(list(range(1, 6)))
+
+
+def test_cache_from_another_model_is_refused(f32_inference):
+    other = lugh.Inference(model(__import__("conftest").DEMO_Q8))
+    with pytest.raises(ValueError, match="another model"):
+        f32_inference.forward_cache(other.create_kv_cache(), [1])
+
+
+def test_inference_properties(f32_inference):
+    m = f32_inference.model
+    assert f32_inference.n_ctx == m.n_ctx_train
+    assert (f32_inference.n_layer, f32_inference.n_head, f32_inference.n_embd) == (m.n_layer, m.n_head, m.n_embd)
+    assert lugh.Inference(m, n_ctx=64, n_threads=1).n_ctx == 64
+    with pytest.raises(ValueError, match="n_threads"):
+        lugh.Inference(m, n_threads=0)
+
+
+def test_forward_releases_the_gil(f32_inference):
+    """While a forward runs in one thread, this thread keeps running Python."""
+    tokens = list(range(1, 480))
+    window = {}
+
+    def work():
+        window["start"] = time.perf_counter()
+        f32_inference.forward_all(tokens)
+        window["end"] = time.perf_counter()
+
+    worker = threading.Thread(target=work)
+    ticks = []
+    worker.start()
+    while worker.is_alive():
+        ticks.append(time.perf_counter())
+    worker.join()
+    during = [t for t in ticks if window["start"] < t < window["end"]]
+    assert len(during) > 10, f"only {len(during)} ticks while the forward ran: GIL held?"
