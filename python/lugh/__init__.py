@@ -12,6 +12,7 @@ from lugh._lugh import (
     MemoryPool,
     Model,
     __version__,
+    merge,
 )
 
 __all__ = [
@@ -21,4 +22,5 @@ __all__ = [
     "MemoryPool",
     "Model",
     "__version__",
+    "merge",
 ]

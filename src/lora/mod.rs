@@ -1,8 +1,35 @@
-//! LoRA adapters (Hu et al., 2021): loading (GGUF, PEFT), validation against a model, the op
-//! that applies them, and saving.
+//! LoRA adapters (Hu et al., 2021): loading (llama.cpp GGUF, PEFT), validation against a
+//! model, creation for training, the op that applies them, saving and merging.
 
 mod adapter;
+mod create;
+mod gguf_adapter;
 pub mod linear;
+mod load;
+mod merge;
+mod peft;
 
 pub use adapter::{AdapterFormat, AtomicF32, LoraAdapter, LoraPair, PairGrad, ScalingRule};
+pub use create::{create, target_names, MAX_RANK};
 pub use linear::{LoraGrads, LoraPlan, Numerics};
+pub use load::{load, Loaded};
+pub use merge::merge;
+
+use std::path::Path;
+
+use crate::error::Result;
+use crate::model::Model;
+
+impl LoraAdapter {
+    /// Saves in llama.cpp's GGUF layout (the path must end with `.gguf`).
+    pub fn save_gguf(&self, path: &Path) -> Result<()> {
+        gguf_adapter::save(self, path)
+    }
+
+    /// Saves a PEFT directory for `model` (q/k rows of B back in HF order for llama).
+    pub fn save_peft(&self, model: &Model, dir: &Path) -> Result<()> {
+        let (config, _) = model.runnable()?;
+        self.check_fits(config)?;
+        peft::save(self, config.arch.permutes_qk(), (config.n_head, config.n_head_kv), dir)
+    }
+}

@@ -1,19 +1,240 @@
-//! `lugh.LoRA`.
+//! `lugh.LoRA` and `lugh.merge`.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use pyo3::exceptions::PyTypeError;
+use pyo3::exceptions::{PyKeyError, PyTypeError, PyUserWarning, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyList, PyTuple};
+use pyo3::types::{PyList, PyString, PyTuple};
 
 use super::convert::type_name;
-use crate::lora::LoraAdapter;
+use super::errors::IntoPyResult;
+use super::model::{one_of, PyModel};
+use crate::gguf::TensorType;
+use crate::lora::{self, LoraAdapter};
+use crate::model::{Model, Proj, Slot};
 
-/// A LoRA adapter: loaded from a llama.cpp GGUF file or a PEFT directory, or created for
-/// training. Applied as `y = W x + (alpha / rank) * scale * B (A x)`.
+/// A LoRA adapter: loaded from a llama.cpp GGUF file, a PEFT `adapter_model.safetensors` or
+/// PEFT directory, or created for training. Applied as
+/// `y = W x + (alpha / rank) * scale * B (A x)` (`alpha / sqrt(rank)` for rsLoRA).
 #[pyclass(name = "LoRA", module = "lugh", frozen)]
 pub struct PyLoRA {
     pub(crate) inner: Arc<LoraAdapter>,
+    pub(crate) model: Arc<Model>,
+}
+
+fn finite(name: &str, v: f32) -> PyResult<f32> {
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(PyValueError::new_err(format!("{name} must be a finite number, got {v}")))
+    }
+}
+
+#[pymethods]
+impl PyLoRA {
+    /// Loads `adapter` (aliases `file=`, `path=`) for `model`. The format comes from the path:
+    /// `.gguf`, `.safetensors` (with `adapter_config.json` beside it) or a PEFT directory.
+    #[new]
+    #[pyo3(signature = (adapter=None, model=None, scale=1.0, *, file=None, path=None))]
+    fn new(
+        py: Python<'_>,
+        adapter: Option<PathBuf>,
+        model: Option<Bound<'_, PyModel>>,
+        scale: f32,
+        file: Option<PathBuf>,
+        path: Option<PathBuf>,
+    ) -> PyResult<PyLoRA> {
+        let path = one_of(&["adapter", "file", "path"], vec![adapter, file, path])?;
+        let model = model.ok_or_else(|| PyTypeError::new_err("missing argument: model (the base lugh.Model)"))?;
+        let model = Arc::clone(&model.get().inner);
+        let scale = finite("scale", scale)?;
+        let loaded = py.detach(|| lora::load(&path, &model, scale)).py()?;
+        for warning in &loaded.warnings {
+            PyErr::warn(py, &py.get_type::<PyUserWarning>(), &std::ffi::CString::new(warning.as_str())?, 1)?;
+        }
+        Ok(PyLoRA {
+            inner: Arc::new(loaded.adapter),
+            model,
+        })
+    }
+
+    /// A new trainable adapter on `targets` of every layer: A Kaiming-uniform (as PEFT), B
+    /// zero. `rank` 1..256; targets among attn_q attn_k attn_v attn_output ffn_gate ffn_up
+    /// ffn_down; `seed` makes the initialisation repeatable.
+    #[staticmethod]
+    #[pyo3(signature = (model, rank=16, alpha=32.0, scale=1.0, targets=None, seed=None))]
+    fn create(
+        py: Python<'_>,
+        model: Bound<'_, PyModel>,
+        rank: i64,
+        alpha: f32,
+        scale: f32,
+        targets: Option<Bound<'_, PyAny>>,
+        seed: Option<u64>,
+    ) -> PyResult<PyLoRA> {
+        let targets = match targets {
+            None => vec![Proj::AttnQ, Proj::AttnV],
+            Some(t) => parse_targets(&t)?,
+        };
+        let rank = usize::try_from(rank)
+            .map_err(|_| PyValueError::new_err(format!("invalid rank: {rank} is outside 1..={}", lora::MAX_RANK)))?;
+        let model = Arc::clone(&model.get().inner);
+        let (alpha, scale) = (finite("alpha", alpha)?, finite("scale", scale)?);
+        let adapter = py.detach(|| lora::create(&model, rank, alpha, scale, &targets, seed)).py()?;
+        Ok(PyLoRA {
+            inner: Arc::new(adapter),
+            model,
+        })
+    }
+
+    /// alpha: the numerator of the scaling (0 for llama.cpp adapters saved without one).
+    #[getter]
+    fn get_alpha(&self) -> f32 {
+        self.inner.alpha()
+    }
+
+    #[setter]
+    fn set_alpha(&self, alpha: f32) -> PyResult<()> {
+        self.inner.set_alpha(finite("alpha", alpha)?);
+        Ok(())
+    }
+
+    /// The user scale: 0.0 gives the base model exactly, 1.0 the adapter as trained.
+    #[getter]
+    fn get_scale(&self) -> f32 {
+        self.inner.scale()
+    }
+
+    #[setter]
+    fn set_scale(&self, scale: f32) -> PyResult<()> {
+        self.inner.set_scale(finite("scale", scale)?);
+        Ok(())
+    }
+
+    /// Number of A/B pairs.
+    #[getter]
+    fn n_weights(&self) -> usize {
+        self.inner.n_pairs()
+    }
+
+    /// "gguf", "safetensors" or "trainable".
+    #[getter]
+    fn format(&self) -> &'static str {
+        self.inner.format.name()
+    }
+
+    #[getter]
+    fn trainable(&self) -> bool {
+        self.inner.trainable()
+    }
+
+    #[getter]
+    fn architecture(&self) -> String {
+        self.inner.architecture.clone()
+    }
+
+    /// Whether the scaling is alpha / sqrt(rank) (rsLoRA).
+    #[getter]
+    fn use_rslora(&self) -> bool {
+        self.inner.rule == lora::ScalingRule::AlphaOverSqrtRank
+    }
+
+    /// Adapted weights by their GGUF names ("blk.0.attn_q.weight", ...).
+    fn weight_names(&self) -> Vec<String> {
+        self.inner.weight_names()
+    }
+
+    /// The rank of the pair on weight `name`, or the rank all pairs share.
+    #[pyo3(signature = (name=None))]
+    fn rank(&self, name: Option<&str>) -> PyResult<usize> {
+        match name {
+            Some(name) => {
+                let index = Slot::parse(name)
+                    .and_then(|s| self.inner.pair_index(s))
+                    .ok_or_else(|| PyKeyError::new_err(format!("the adapter has no pair on '{name}'")))?;
+                Ok(self.inner.pairs()[index].rank)
+            }
+            None => self.inner.common_rank().ok_or_else(|| {
+                PyValueError::new_err("the pairs have different ranks: ask for one with rank(name)")
+            }),
+        }
+    }
+
+    /// Saves in llama.cpp's GGUF layout (the path must end with .gguf), atomically.
+    fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        py.detach(|| self.inner.save_gguf(&path)).py()
+    }
+
+    /// Saves `adapter_model.safetensors` + `adapter_config.json` into `directory`.
+    fn save_peft(&self, py: Python<'_>, directory: PathBuf) -> PyResult<()> {
+        py.detach(|| self.inner.save_peft(&self.model, &directory)).py()
+    }
+
+    /// A trainable adapter with the same weights, alpha and scale.
+    fn trainable_copy(&self, py: Python<'_>) -> PyLoRA {
+        PyLoRA {
+            inner: Arc::new(py.detach(|| self.inner.trainable_copy())),
+            model: Arc::clone(&self.model),
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "LoRA(format={:?}, n_weights={}, alpha={}, scale={})",
+            self.format(),
+            self.n_weights(),
+            self.get_alpha(),
+            self.get_scale()
+        )
+    }
+}
+
+fn parse_targets(obj: &Bound<'_, PyAny>) -> PyResult<Vec<Proj>> {
+    let names: Vec<String> = if obj.is_instance_of::<PyString>() {
+        vec![obj.extract()?]
+    } else {
+        obj.extract().map_err(|_| {
+            PyTypeError::new_err(format!("targets must be a sequence of names, got {}", type_name(obj)))
+        })?
+    };
+    names
+        .iter()
+        .map(|n| {
+            Proj::from_name(n).ok_or_else(|| {
+                PyValueError::new_err(format!(
+                    "invalid target '{n}': choose among {}",
+                    lora::target_names()
+                ))
+            })
+        })
+        .collect()
+}
+
+/// Writes a GGUF whose weights include the adapters: `W + Σ scale·alpha/rank · B A`.
+/// Weights keep their type (adapted ones requantized to it) unless `out_type` ("f32",
+/// "f16", ...) is given. Written atomically.
+#[pyfunction]
+#[pyo3(signature = (model, loras, path, out_type=None))]
+pub fn merge(
+    py: Python<'_>,
+    model: Bound<'_, PyModel>,
+    loras: Bound<'_, PyAny>,
+    path: PathBuf,
+    out_type: Option<&str>,
+) -> PyResult<()> {
+    let adapters = adapters(Some(&loras))?;
+    let out_type = out_type
+        .map(|t| {
+            TensorType::from_name(t).ok_or_else(|| PyValueError::new_err(format!("invalid out_type '{t}' (e.g. \"f32\", \"f16\", \"q8_0\")")))
+        })
+        .transpose()?;
+    let model = Arc::clone(&model.get().inner);
+    py.detach(|| {
+        let refs: Vec<&LoraAdapter> = adapters.iter().map(|a| a.as_ref()).collect();
+        lora::merge(&model, &refs, &path, out_type)
+    })
+    .py()
 }
 
 /// `None`, a `LoRA`, or a list/tuple of them.
@@ -53,10 +274,7 @@ pub fn batch_adapters(
 ) -> PyResult<Vec<Vec<Arc<LoraAdapter>>>> {
     if let Some(list) = obj.filter(|o| o.is_instance_of::<PyList>() || o.is_instance_of::<PyTuple>()) {
         if list.len()? == n_sequences {
-            return list
-                .try_iter()?
-                .map(|entry| adapters(Some(&entry?)))
-                .collect();
+            return list.try_iter()?.map(|entry| adapters(Some(&entry?))).collect();
         }
     }
     let shared = adapters(obj)?;

@@ -17,5 +17,6 @@ fn _lugh(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<inference::PyKVCache>()?;
     m.add_class::<inference::PyMemoryPool>()?;
     m.add_class::<lora::PyLoRA>()?;
+    m.add_function(wrap_pyfunction!(lora::merge, m)?)?;
     Ok(())
 }

@@ -1,0 +1,135 @@
+//! Adapters in llama.cpp's GGUF layout (`convert_lora_to_gguf.py`, `llama-adapter.cpp`):
+//! `general.type = "adapter"`, `adapter.type = "lora"`, `adapter.lora.alpha`, and per adapted
+//! weight `<name>.lora_a` (numpy `[rank, n_in]`) and `<name>.lora_b` (numpy `[n_out, rank]`).
+
+use std::path::Path;
+
+use super::adapter::{AdapterFormat, LoraAdapter, ScalingRule};
+use super::load::{assemble, Half, Loaded, PairCollector};
+use crate::error::{Error, Result};
+use crate::gguf::{GgufFile, GgufWriter, TensorType};
+use crate::model::Model;
+
+const ALORA_KEY: &str = "adapter.alora.invocation_tokens";
+
+pub fn load(path: &Path, model: &Model, scale: f32) -> Result<Loaded> {
+    let file = GgufFile::open(path, true)?;
+    match file.get_str("general.type")? {
+        Some("adapter") => {}
+        other => {
+            return Err(Error::BadAdapter {
+                what: format!(
+                    "not an adapter: general.type is {} (expected 'adapter')",
+                    other.map_or("missing".to_string(), |t| format!("'{t}'"))
+                ),
+            })
+        }
+    }
+    match file.get_str("adapter.type")? {
+        Some("lora") => {}
+        other => {
+            return Err(Error::BadAdapter {
+                what: format!(
+                    "not a LoRA adapter: adapter.type is {} (expected 'lora')",
+                    other.map_or("missing".to_string(), |t| format!("'{t}'"))
+                ),
+            })
+        }
+    }
+    if file.get(ALORA_KEY).is_some() {
+        return Err(Error::Unsupported {
+            what: "adapter option",
+            feature: ALORA_KEY.to_string(),
+            hint: "activated LoRA (aLoRA) changes which positions the adapter applies to",
+        });
+    }
+    let architecture = file
+        .get_str("general.architecture")?
+        .ok_or_else(|| Error::MissingKey {
+            key: "general.architecture".into(),
+        })?
+        .to_string();
+    // llama.cpp: without alpha the adapter is weighed by the user scale alone (alpha = 0).
+    let alpha = file.get_f32("adapter.lora.alpha")?.unwrap_or(0.0);
+
+    let mut collector = PairCollector::default();
+    for info in file.tensors() {
+        let (base, half) = if let Some(base) = info.name.strip_suffix(".lora_a") {
+            (base, Half::A)
+        } else if let Some(base) = info.name.strip_suffix(".lora_b") {
+            (base, Half::B)
+        } else if info.name.ends_with("_norm.weight") {
+            continue; // llama.cpp ignores norm vectors in adapters too
+        } else {
+            return Err(Error::BadAdapter {
+                what: format!("adapter tensor '{}' is neither a lora_a nor a lora_b", info.name),
+            });
+        };
+        if !matches!(
+            info.dtype,
+            TensorType::F32 | TensorType::F16 | TensorType::BF16 | TensorType::Q8_0
+        ) {
+            return Err(Error::UnsupportedTensorType {
+                name: info.name.clone(),
+                type_name: format!("{} (adapter tensors may be f32, f16, bf16 or q8_0)", info.dtype),
+            });
+        }
+        let shape: [usize; 2] = info.shape.as_slice().try_into().map_err(|_| Error::BadAdapter {
+            what: format!("adapter tensor '{}' has shape {:?}, expected 2 dimensions", info.name, info.shape),
+        })?;
+        collector.add(base, half, file.tensor_f32(info), shape)?;
+    }
+    let raw = collector.finish(|_| None)?;
+    let adapter = assemble(
+        model,
+        &architecture,
+        AdapterFormat::Gguf,
+        ScalingRule::AlphaOverRank,
+        alpha,
+        scale,
+        raw,
+    )?;
+    Ok(Loaded {
+        adapter,
+        warnings: Vec::new(),
+    })
+}
+
+/// Writes `adapter` as llama.cpp reads it. llama.cpp weighs every pair by `alpha / rank`;
+/// where this adapter's factor differs (rsLoRA, per-module alpha), the difference is folded
+/// into B so that llama.cpp computes the same update.
+pub fn save(adapter: &LoraAdapter, path: &Path) -> Result<()> {
+    if path.extension().and_then(|e| e.to_str()) != Some("gguf") {
+        return Err(Error::invalid(
+            "path",
+            format!("'{}' must end with .gguf (use save_peft for PEFT directories)", path.display()),
+        ));
+    }
+    let pairs = adapter.pairs();
+    let mut writer = GgufWriter::new();
+    writer.set("general.architecture", adapter.architecture.as_str());
+    writer.set("general.type", "adapter");
+    writer.set("adapter.type", "lora");
+    let uses_alpha = adapter.alpha() != 0.0 || pairs.iter().any(|p| p.alpha.is_some());
+    // The factor of pair p without the user scale, and the one llama.cpp will apply.
+    let factor = |p: &super::LoraPair| {
+        LoraAdapter::scaling(adapter.rule, p.alpha.unwrap_or(adapter.alpha()), 1.0, p.rank)
+    };
+    let gguf_alpha = pairs.first().map_or(0.0, |p| factor(p) * p.rank as f32);
+    if uses_alpha {
+        writer.set("adapter.lora.alpha", gguf_alpha);
+    }
+    for pair in pairs.iter() {
+        let name = pair.name();
+        writer.add_f32(&format!("{name}.lora_a"), &[pair.rank, pair.n_in], &pair.lora_a)?;
+        let llama_factor = gguf_alpha / pair.rank as f32;
+        if uses_alpha && factor(pair) != llama_factor {
+            let fold = factor(pair) / llama_factor;
+            let b: Vec<f32> = pair.lora_b.iter().map(|v| v * fold).collect();
+            writer.add_f32(&format!("{name}.lora_b"), &[pair.n_out, pair.rank], &b)?;
+        } else {
+            writer.add_f32(&format!("{name}.lora_b"), &[pair.n_out, pair.rank], &pair.lora_b)?;
+        }
+    }
+    writer.write(path)
+}
