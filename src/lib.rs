@@ -11,6 +11,7 @@ pub mod infer;
 pub mod lora;
 pub mod model;
 pub mod ops;
+pub mod train;
 
 #[cfg(feature = "python")]
 mod python;

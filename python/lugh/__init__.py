@@ -14,6 +14,7 @@ from lugh._lugh import (
     __version__,
     merge,
 )
+from lugh import autograd, optim, train
 
 __all__ = [
     "Inference",
@@ -22,5 +23,8 @@ __all__ = [
     "MemoryPool",
     "Model",
     "__version__",
+    "autograd",
     "merge",
+    "optim",
+    "train",
 ]

@@ -226,7 +226,8 @@ impl Inference {
         })
     }
 
-    fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+    /// Refuses an empty token list or ids outside the vocabulary.
+    pub fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
         if tokens.is_empty() {
             return Err(Error::Empty {
                 what: "the token list",

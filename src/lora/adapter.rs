@@ -39,6 +39,13 @@ pub struct LoraPair {
     pub grad: Option<PairGrad>,
 }
 
+/// Which matrix of a pair: `A [rank, n_in]` or `B [n_out, rank]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Half {
+    A,
+    B,
+}
+
 #[derive(Debug, Clone)]
 pub struct PairGrad {
     pub lora_a: Vec<f32>,
@@ -48,6 +55,55 @@ pub struct PairGrad {
 impl LoraPair {
     pub fn name(&self) -> String {
         self.slot.tensor_name()
+    }
+
+    /// `[rank, n_in]` for A, `[n_out, rank]` for B.
+    pub fn shape(&self, half: Half) -> [usize; 2] {
+        match half {
+            Half::A => [self.rank, self.n_in],
+            Half::B => [self.n_out, self.rank],
+        }
+    }
+
+    pub fn values(&self, half: Half) -> &[f32] {
+        match half {
+            Half::A => &self.lora_a,
+            Half::B => &self.lora_b,
+        }
+    }
+
+    pub fn values_mut(&mut self, half: Half) -> &mut Vec<f32> {
+        match half {
+            Half::A => &mut self.lora_a,
+            Half::B => &mut self.lora_b,
+        }
+    }
+
+    pub fn grad(&self, half: Half) -> Option<&[f32]> {
+        self.grad.as_ref().map(|g| match half {
+            Half::A => g.lora_a.as_slice(),
+            Half::B => g.lora_b.as_slice(),
+        })
+    }
+
+    /// The values to update and their gradient, borrowed together.
+    pub fn values_and_grad(&mut self, half: Half) -> (&mut [f32], Option<&[f32]>) {
+        let grad = self.grad.as_ref().map(|g| match half {
+            Half::A => g.lora_a.as_slice(),
+            Half::B => g.lora_b.as_slice(),
+        });
+        let values = match half {
+            Half::A => &mut self.lora_a,
+            Half::B => &mut self.lora_b,
+        };
+        (values, grad)
+    }
+
+    pub fn grad_mut(&mut self, half: Half) -> Option<&mut Vec<f32>> {
+        self.grad.as_mut().map(|g| match half {
+            Half::A => &mut g.lora_a,
+            Half::B => &mut g.lora_b,
+        })
     }
 }
 

@@ -4,8 +4,8 @@
 
 use std::path::Path;
 
-use super::adapter::{AdapterFormat, LoraAdapter, ScalingRule};
-use super::load::{assemble, Half, Loaded, PairCollector};
+use super::adapter::{AdapterFormat, Half, LoraAdapter, ScalingRule};
+use super::load::{assemble, Loaded, PairCollector};
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, GgufWriter, TensorType};
 use crate::model::Model;

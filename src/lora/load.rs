@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::adapter::{AdapterFormat, LoraAdapter, LoraPair, ScalingRule};
+use super::adapter::{AdapterFormat, Half, LoraAdapter, LoraPair, ScalingRule};
 use super::{gguf_adapter, peft};
 use crate::error::{Error, Result, ResultExt};
 use crate::model::{Model, Slot};
@@ -47,13 +47,6 @@ pub struct RawPair {
 #[derive(Default)]
 pub struct PairCollector {
     halves: BTreeMap<String, (Option<(Vec<f32>, [usize; 2])>, Option<(Vec<f32>, [usize; 2])>)>,
-}
-
-/// Which half of a pair.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Half {
-    A,
-    B,
 }
 
 impl PairCollector {

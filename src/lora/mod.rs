@@ -9,7 +9,7 @@ mod load;
 mod merge;
 mod peft;
 
-pub use adapter::{AdapterFormat, AtomicF32, LoraAdapter, LoraPair, PairGrad, ScalingRule};
+pub use adapter::{AdapterFormat, AtomicF32, Half, LoraAdapter, LoraPair, PairGrad, ScalingRule};
 pub use create::{create, target_names, MAX_RANK};
 pub use linear::{LoraGrads, LoraPlan, Numerics};
 pub use load::{load, Loaded};

@@ -13,8 +13,8 @@ use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use serde_json::{json, Value as Json};
 
-use super::adapter::{AdapterFormat, LoraAdapter, LoraPair, ScalingRule};
-use super::load::{assemble, Half, Loaded, PairCollector};
+use super::adapter::{AdapterFormat, Half, LoraAdapter, LoraPair, ScalingRule};
+use super::load::{assemble, Loaded, PairCollector};
 use crate::atomic_write::write_atomically;
 use crate::error::{Error, Result, ResultExt};
 use crate::model::{Model, Proj, Slot};

@@ -142,7 +142,7 @@ impl Model {
     pub fn backward(
         &self,
         batch: &Batch,
-        caches: &[&mut KvCache],
+        caches: &[&KvCache],
         lora: &LoraPlan,
         saved: &Saved,
         d_logits: &[f32],

@@ -179,6 +179,37 @@ impl PyLoRA {
         }
     }
 
+    /// A view of one adapter matrix (`which` "a"/"A" or "b"/"B") as a
+    /// `lugh.autograd.Tensor`: `set_data` changes the adapter; optimizers update it in place.
+    #[pyo3(signature = (name, which="a"))]
+    fn get_weight_tensor(&self, name: &str, which: &str) -> PyResult<super::train::PyTensor> {
+        let half = match which {
+            "a" | "A" => lora::Half::A,
+            "b" | "B" => lora::Half::B,
+            other => return Err(PyValueError::new_err(format!("which must be \"a\" or \"b\", got {other:?}"))),
+        };
+        crate::train::optim::require_trainable(&self.inner).py()?;
+        let pair = Slot::parse(name)
+            .and_then(|s| self.inner.pair_index(s))
+            .ok_or_else(|| PyValueError::new_err(format!("the adapter has no pair on '{name}' (see weight_names())")))?;
+        Ok(super::train::PyTensor::param(crate::train::Param {
+            adapter: Arc::clone(&self.inner),
+            pair,
+            half,
+        }))
+    }
+
+    /// Every adapter matrix: A0, B0, A1, B1, ... (trainable adapters only).
+    fn trainable_parameters(&self) -> PyResult<Vec<super::train::PyTensor>> {
+        let params = crate::train::Param::all_of(&self.inner).py()?;
+        Ok(params.into_iter().map(super::train::PyTensor::param).collect())
+    }
+
+    /// Clears the accumulated gradients of every pair.
+    fn zero_grad(&self) {
+        self.inner.zero_grad()
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "LoRA(format={:?}, n_weights={}, alpha={}, scale={})",

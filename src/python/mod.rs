@@ -6,6 +6,7 @@ mod errors;
 mod inference;
 mod lora;
 mod model;
+mod train;
 
 use pyo3::prelude::*;
 
@@ -18,5 +19,12 @@ fn _lugh(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<inference::PyMemoryPool>()?;
     m.add_class::<lora::PyLoRA>()?;
     m.add_function(wrap_pyfunction!(lora::merge, m)?)?;
+    m.add_class::<train::PyTensor>()?;
+    m.add_class::<train::PyAdamW>()?;
+    m.add_class::<train::PySgd>()?;
+    m.add_function(wrap_pyfunction!(train::forward, m)?)?;
+    m.add_function(wrap_pyfunction!(train::cross_entropy_loss, m)?)?;
+    m.add_function(wrap_pyfunction!(train::clip_grad_norm, m)?)?;
+    m.add_function(wrap_pyfunction!(train::clip_grad_value, m)?)?;
     Ok(())
 }

@@ -1,0 +1,8 @@
+//! Training: a forward that keeps activations, the exact backward, loss and optimizers.
+
+mod graph;
+pub mod loss;
+pub mod optim;
+
+pub use graph::TrainGraph;
+pub use optim::{AdamW, Param, Sgd};
