@@ -3,10 +3,195 @@
     logits = lugh.train.forward(inf, tokens, lora)       # Tensor [n_tokens, n_vocab]
     loss = lugh.train.cross_entropy_loss(logits, targets)
     loss.backward()                                      # exact dL/dA, dL/dB into the adapter
+
+`Trainer` runs whole steps in Rust (forward, loss a block of rows at a time, backward) with
+the GIL released, and reports loss, tokens/s and eval loss through a callback.
 """
 
 from __future__ import annotations
 
-from lugh._lugh import cross_entropy_loss, forward
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Sequence, Union
 
-__all__ = ["forward", "cross_entropy_loss"]
+from lugh._lugh import cross_entropy_loss, eval_loss, forward, train_step
+from lugh.optim import AdamW, LRScheduler, clip_grad_norm
+
+__all__ = ["StepReport", "Trainer", "cross_entropy_loss", "eval_loss", "forward", "train_step"]
+
+Data = Union[str, Sequence[str], Sequence[Sequence[int]]]
+
+
+@dataclass
+class StepReport:
+    """What one optimizer step did."""
+
+    step: int
+    total_steps: int
+    loss: float
+    lr: float
+    tokens: int
+    tokens_per_s: float
+    elapsed_s: float
+    grad_norm: Optional[float] = None
+    eval_loss: Optional[float] = None
+
+
+class Trainer:
+    """Fine-tunes a trainable `lugh.LoRA` on text or token sequences.
+
+    Texts are tokenized (BOS first), joined and cut into windows of `seq_len` tokens; token
+    sequences longer than `seq_len` are cut the same way. Each step averages the next-token
+    loss over `batch_size × grad_accum` windows, clips the gradient norm to `max_grad_norm`
+    (None: no clipping) and updates with AdamW under the chosen learning-rate schedule.
+    """
+
+    def __init__(
+        self,
+        inference,
+        lora,
+        *,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        batch_size: int = 4,
+        seq_len: int = 256,
+        grad_accum: int = 1,
+        max_grad_norm: Optional[float] = 1.0,
+        schedule: str = "constant",
+        warmup_steps: int = 0,
+        checkpoint: bool = False,
+        tokenizer=None,
+        optimizer=None,
+        seed: int = 0,
+    ) -> None:
+        if not lora.trainable:
+            raise ValueError("the adapter is not trainable: use lora.trainable_copy()")
+        if batch_size < 1 or grad_accum < 1 or seq_len < 2:
+            raise ValueError("batch_size and grad_accum must be >= 1, seq_len >= 2")
+        self.inference = inference
+        self.lora = lora
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        self.grad_accum = grad_accum
+        self.max_grad_norm = max_grad_norm
+        self.schedule = schedule
+        self.warmup_steps = warmup_steps
+        self.checkpoint = checkpoint
+        self.tokenizer = tokenizer
+        self.params = lora.trainable_parameters()
+        self.optimizer = optimizer or AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self.rng = random.Random(seed)
+        self.step = 0
+
+    def windows(self, data: Data) -> list:
+        """Token windows of at most `seq_len` from texts or token sequences."""
+        if isinstance(data, str):
+            data = [data]
+        items = list(data)
+        if items and isinstance(items[0], str):
+            tokenizer = self.tokenizer
+            if tokenizer is None:
+                from lugh import Tokenizer
+
+                tokenizer = self.tokenizer = Tokenizer(self.inference.model)
+            stream = [t for text in items for t in tokenizer.encode(text, add_bos=True)]
+            items = [stream]
+        windows = []
+        for seq in items:
+            seq = [int(t) for t in seq]
+            for start in range(0, len(seq), self.seq_len):
+                window = seq[start : start + self.seq_len]
+                if len(window) >= 2:
+                    windows.append(window)
+        if not windows:
+            raise ValueError("no training window of at least 2 tokens in the data")
+        return windows
+
+    def evaluate(self, data: Data) -> float:
+        """Mean next-token loss over `data` with the adapter as it is (no gradient)."""
+        windows = self.windows(data)
+        total, count = 0.0, 0
+        for i in range(0, len(windows), self.batch_size):
+            loss_sum, n = eval_loss(self.inference, windows[i : i + self.batch_size], self.lora)
+            total, count = total + loss_sum, count + n
+        return total / count
+
+    def fit(
+        self,
+        data: Data,
+        *,
+        steps: Optional[int] = None,
+        epochs: Optional[int] = None,
+        eval_data: Optional[Data] = None,
+        eval_every: int = 0,
+        callback: Optional[Callable[[StepReport], Optional[bool]]] = None,
+    ) -> list:
+        """Trains for `steps` optimizer steps or `epochs` passes (one of them; default one
+        epoch). `callback(report)` runs after each step; a true return stops training.
+        Returns the reports."""
+        windows = self.windows(data)
+        per_step = self.batch_size * self.grad_accum
+        steps_per_epoch = max(1, len(windows) // per_step)
+        if steps is not None and epochs is not None:
+            raise ValueError("give steps or epochs, not both")
+        total_steps = steps if steps is not None else steps_per_epoch * (epochs or 1)
+        if total_steps < 1:
+            raise ValueError("steps must be >= 1")
+        scheduler = LRScheduler(
+            self.optimizer,
+            schedule=self.schedule,
+            warmup_steps=self.warmup_steps,
+            total_steps=total_steps,
+        )
+        reports = []
+        started = time.perf_counter()
+        tokens_seen = 0
+        for step, batches in zip(range(total_steps), self._step_batches(windows)):
+            step_started = time.perf_counter()
+            normalizer = sum(len(w) - 1 for batch in batches for w in batch)
+            self.optimizer.zero_grad()
+            loss_sum = 0.0
+            for batch in batches:
+                loss, _ = train_step(
+                    self.inference, batch, self.lora, normalizer=normalizer, checkpoint=self.checkpoint
+                )
+                loss_sum += loss
+            grad_norm = None
+            if self.max_grad_norm is not None:
+                grad_norm = clip_grad_norm(self.params, self.max_grad_norm)
+            lr = self.optimizer.lr
+            self.optimizer.step()
+            scheduler.step()
+            self.step += 1
+            n_tokens = sum(len(w) for batch in batches for w in batch)
+            tokens_seen += n_tokens
+            now = time.perf_counter()
+            report = StepReport(
+                step=step + 1,
+                total_steps=total_steps,
+                loss=loss_sum / normalizer,
+                lr=lr,
+                tokens=tokens_seen,
+                tokens_per_s=n_tokens / max(now - step_started, 1e-9),
+                elapsed_s=now - started,
+                grad_norm=grad_norm,
+            )
+            if eval_data is not None and eval_every and (step + 1) % eval_every == 0:
+                report.eval_loss = self.evaluate(eval_data)
+            reports.append(report)
+            if callback is not None and callback(report):
+                break
+        return reports
+
+    def _step_batches(self, windows: list) -> Iterable[list]:
+        """Endless shuffled epochs, `grad_accum` micro-batches of `batch_size` per step."""
+        per_step = self.batch_size * self.grad_accum
+        while True:
+            order = windows[:]
+            self.rng.shuffle(order)
+            if len(order) < per_step:
+                order = (order * (per_step // len(order) + 1))[:per_step]
+            for i in range(0, len(order) - per_step + 1, per_step):
+                chunk = order[i : i + per_step]
+                yield [chunk[j : j + self.batch_size] for j in range(0, per_step, self.batch_size)]

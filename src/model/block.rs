@@ -214,7 +214,7 @@ pub fn block_backward(
     layer: &Layer,
     il: usize,
     dx: &mut [f32],
-    caches: &[&KvCache],
+    caches: &[&mut KvCache],
     acts: &BlockActs,
     grads: &mut LoraGrads,
     scratch: &mut BlockScratch,

@@ -2,6 +2,8 @@
 //! Inference and training both run `forward`; training keeps every block's activations and
 //! walks them back in `backward`.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use super::block::{
@@ -35,6 +37,9 @@ pub struct Batch<'a> {
 /// Activations kept by a training forward: one `BlockActs` per layer plus the head's input.
 #[derive(Default)]
 pub struct Saved {
+    /// Keep only each block's input (`BlockActs::x_in`) and recompute the rest in the
+    /// backward: activation memory of one block instead of all.
+    pub checkpoint: bool,
     pub blocks: Vec<BlockActs>,
     pub head_x: Vec<f32>,       // [n_tokens, n_embd] final residual stream
     pub head_in: Vec<f32>,      // [n_tokens, n_embd] after the output norm
@@ -76,11 +81,17 @@ impl Model {
             saved.blocks.resize_with(config.n_layer, BlockActs::default);
         }
         for (il, layer) in weights.layers.iter().enumerate() {
-            let acts = match saved.as_deref_mut() {
-                Some(saved) => &mut saved.blocks[il],
-                None => &mut ws.acts,
-            };
-            block_forward(&ctx, layer, il, &mut ws.x, caches, acts, &mut ws.scratch);
+            match saved.as_deref_mut() {
+                Some(saved) if !saved.checkpoint => {
+                    let acts = &mut saved.blocks[il];
+                    block_forward(&ctx, layer, il, &mut ws.x, caches, acts, &mut ws.scratch);
+                }
+                Some(saved) => {
+                    block_forward(&ctx, layer, il, &mut ws.x, caches, &mut ws.acts, &mut ws.scratch);
+                    std::mem::swap(&mut saved.blocks[il].x_in, &mut ws.acts.x_in);
+                }
+                None => block_forward(&ctx, layer, il, &mut ws.x, caches, &mut ws.acts, &mut ws.scratch),
+            }
         }
         for (span, cache) in batch.seqs.iter().zip(caches.iter_mut()) {
             cache.commit(span.pos0 + span.rows.len());
@@ -110,8 +121,9 @@ impl Model {
         Ok(logits)
     }
 
-    /// Training forward: all logits `[n_tokens, n_vocab]` in exact f32 math, keeping what the
-    /// backward needs in `saved` (keys and values stay in `caches`).
+    /// Training forward in exact f32 math: runs every block and the output norm, keeping in
+    /// `saved` what the backward needs (with `saved.checkpoint`, only each block's input; the
+    /// rest is recomputed during the backward). Keys and values stay in `caches`.
     pub fn forward_train(
         &self,
         batch: &Batch,
@@ -119,7 +131,7 @@ impl Model {
         lora: &LoraPlan,
         ws: &mut Workspace,
         saved: &mut Saved,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<()> {
         let (config, weights) = self.runnable()?;
         self.forward_blocks(batch, caches, lora, Numerics::Exact, ws, Some(saved))?;
         saved.head_x.clone_from(&ws.x);
@@ -133,24 +145,39 @@ impl Model {
             &mut saved.head_in,
             &mut saved.head_inv_rms,
         );
-        let mut logits = vec![0f32; n_tokens * config.n_vocab];
-        weights.output.matmul_exact(&saved.head_in, &mut logits);
-        Ok(logits)
+        Ok(())
     }
 
-    /// Backward of `forward_train` from dL/dlogits: accumulates adapter gradients in `grads`.
+    /// Exact logits `[rows.len(), n_vocab]` of rows of a training forward.
+    pub fn logits_exact(&self, saved: &Saved, rows: Range<usize>, logits: &mut [f32]) -> Result<()> {
+        let (config, weights) = self.runnable()?;
+        let head_in = &saved.head_in[rows.start * config.n_embd..rows.end * config.n_embd];
+        weights.output.matmul_exact(head_in, logits);
+        Ok(())
+    }
+
+    /// `d_head_in[rows] += d_logits · W_out`: the head's backward (it has no adapters).
+    pub fn head_backward(&self, d_logits: &[f32], rows: Range<usize>, d_head_in: &mut [f32]) -> Result<()> {
+        let (config, weights) = self.runnable()?;
+        let d_rows = &mut d_head_in[rows.start * config.n_embd..rows.end * config.n_embd];
+        weights.output.matmul_backward_input(d_logits, d_rows);
+        Ok(())
+    }
+
+    /// Backward of `forward_train` from dL/d(normed final hidden state): walks the blocks in
+    /// reverse, accumulating adapter gradients in `grads`. Checkpointed blocks are run again
+    /// first (they store the same keys and values again).
     pub fn backward(
         &self,
         batch: &Batch,
-        caches: &[&KvCache],
+        caches: &mut [&mut KvCache],
         lora: &LoraPlan,
         saved: &Saved,
-        d_logits: &[f32],
+        d_head_in: &[f32],
         grads: &mut LoraGrads,
     ) -> Result<()> {
         let (config, weights) = self.runnable()?;
         let rope = self.rope()?;
-        let n_tokens = batch.tokens.len();
         let mut rope_table = RopeTable::default();
         rope_positions(&rope, batch.seqs, &mut rope_table);
         let ctx = BlockCtx {
@@ -161,31 +188,25 @@ impl Model {
             lora,
             numerics: Numerics::Exact,
         };
-        // logits = W_out · rms_norm(x): the head has no adapters.
-        let mut d_head_in = vec![0f32; n_tokens * config.n_embd];
-        weights
-            .output
-            .matmul_backward_input(d_logits, &mut d_head_in);
-        let mut dx = vec![0f32; n_tokens * config.n_embd];
+        let mut dx = vec![0f32; batch.tokens.len() * config.n_embd];
         rms_norm_backward(
-            &d_head_in,
+            d_head_in,
             &saved.head_x,
             &weights.output_norm,
             &saved.head_inv_rms,
             &mut dx,
         );
         let mut scratch = BlockScratch::default();
+        let mut recomputed = BlockActs::default();
         for (il, layer) in weights.layers.iter().enumerate().rev() {
-            block_backward(
-                &ctx,
-                layer,
-                il,
-                &mut dx,
-                caches,
-                &saved.blocks[il],
-                grads,
-                &mut scratch,
-            );
+            let acts = if saved.checkpoint {
+                let mut x = saved.blocks[il].x_in.clone();
+                block_forward(&ctx, layer, il, &mut x, caches, &mut recomputed, &mut scratch);
+                &recomputed
+            } else {
+                &saved.blocks[il]
+            };
+            block_backward(&ctx, layer, il, &mut dx, caches, acts, grads, &mut scratch);
         }
         Ok(())
     }

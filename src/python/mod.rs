@@ -24,6 +24,8 @@ fn _lugh(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<train::PySgd>()?;
     m.add_function(wrap_pyfunction!(train::forward, m)?)?;
     m.add_function(wrap_pyfunction!(train::cross_entropy_loss, m)?)?;
+    m.add_function(wrap_pyfunction!(train::train_step, m)?)?;
+    m.add_function(wrap_pyfunction!(train::eval_loss, m)?)?;
     m.add_function(wrap_pyfunction!(train::clip_grad_norm, m)?)?;
     m.add_function(wrap_pyfunction!(train::clip_grad_value, m)?)?;
     Ok(())

@@ -175,14 +175,17 @@ fn sequences(obj: &Bound<'_, PyAny>) -> PyResult<Vec<Vec<u32>>> {
 }
 
 /// Training forward: logits `[n_tokens, n_vocab]` in exact f32 math, keeping what the
-/// backward needs. `tokens` is one sequence, or a list of sequences whose rows are stacked.
+/// backward needs. `tokens` is one sequence, or a list of sequences whose rows are stacked
+/// (no padding). With `checkpoint`, only each block's input is kept and the rest recomputed
+/// in the backward.
 #[pyfunction]
-#[pyo3(signature = (inference, tokens, lora=None))]
+#[pyo3(signature = (inference, tokens, lora=None, checkpoint=false))]
 pub fn forward(
     py: Python<'_>,
     inference: &Bound<'_, PyInference>,
     tokens: &Bound<'_, PyAny>,
     lora: Option<&Bound<'_, PyAny>>,
+    checkpoint: bool,
 ) -> PyResult<PyTensor> {
     let seqs = sequences(tokens)?;
     let adapters: Vec<Arc<LoraAdapter>> = adapters(lora)?;
@@ -190,7 +193,9 @@ pub fn forward(
     let (graph, logits) = py
         .detach(|| {
             let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-            TrainGraph::forward(&inf, &refs, &adapters)
+            let graph = TrainGraph::forward(&inf, &refs, &adapters, checkpoint)?;
+            let logits = graph.logits(&inf)?;
+            Ok((graph, logits))
         })
         .py()?;
     let n_vocab = inf.config().n_vocab;
@@ -202,6 +207,71 @@ pub fn forward(
             n_vocab,
         })),
     })
+}
+
+/// One fused training step over a batch of sequences: forward, mean cross-entropy (logits
+/// one block of rows at a time), backward; gradients accumulate in the adapters. `targets`
+/// defaults to next-token prediction within each sequence (last position masked). Gradients
+/// are of the summed loss divided by `normalizer` (default: the batch's scored positions).
+/// Returns (summed loss, scored positions).
+#[pyfunction]
+#[pyo3(signature = (inference, sequences, lora, targets=None, normalizer=None, checkpoint=false))]
+pub fn train_step(
+    py: Python<'_>,
+    inference: &Bound<'_, PyInference>,
+    sequences: &Bound<'_, PyAny>,
+    lora: &Bound<'_, PyAny>,
+    targets: Option<Vec<Vec<i64>>>,
+    normalizer: Option<usize>,
+    checkpoint: bool,
+) -> PyResult<(f64, usize)> {
+    let seqs = self::sequences(sequences)?;
+    let targets = step_targets(&seqs, targets)?;
+    let adapters = adapters(Some(lora))?;
+    let inf = &inference.get().inner;
+    py.detach(|| {
+        let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        TrainGraph::forward(inf, &refs, &adapters, checkpoint)?.loss_backward(inf, &targets, normalizer)
+    })
+    .py()
+}
+
+/// Targets given per sequence, or next-token targets (the last position masked).
+fn step_targets(seqs: &[Vec<u32>], targets: Option<Vec<Vec<i64>>>) -> PyResult<Vec<i64>> {
+    match targets {
+        Some(t) if t.len() != seqs.len() => Err(PyValueError::new_err(format!(
+            "{} target lists for {} sequences",
+            t.len(),
+            seqs.len()
+        ))),
+        Some(t) => Ok(t.concat()),
+        None => Ok(seqs
+            .iter()
+            .flat_map(|s| s.iter().skip(1).map(|&t| t as i64).chain([crate::train::loss::IGNORE_INDEX]))
+            .collect()),
+    }
+}
+
+/// (summed next-token loss, scored positions) of sequences with `lora`, without gradients
+/// (exact f32 math, activations of one block at a time).
+#[pyfunction]
+#[pyo3(signature = (inference, sequences, lora=None, targets=None))]
+pub fn eval_loss(
+    py: Python<'_>,
+    inference: &Bound<'_, PyInference>,
+    sequences: &Bound<'_, PyAny>,
+    lora: Option<&Bound<'_, PyAny>>,
+    targets: Option<Vec<Vec<i64>>>,
+) -> PyResult<(f64, usize)> {
+    let seqs = self::sequences(sequences)?;
+    let targets = step_targets(&seqs, targets)?;
+    let adapters = adapters(lora)?;
+    let inf = &inference.get().inner;
+    py.detach(|| {
+        let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        TrainGraph::forward(inf, &refs, &adapters, true)?.loss(inf, &targets)
+    })
+    .py()
 }
 
 /// Mean cross-entropy of `logits` (from `lugh.train.forward`) against `targets`, one per

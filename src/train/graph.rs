@@ -2,13 +2,18 @@
 
 use std::sync::Arc;
 
-use crate::error::Result;
+use super::loss::{count_scored, cross_entropy_in_place};
+use crate::error::{Error, Result};
 use crate::infer::Inference;
 use crate::lora::{LoraAdapter, LoraGrads, LoraPlan, PairGrad};
 use crate::model::{Batch, KvCache, Saved, SeqSpan, Workspace};
 
-/// What a training forward kept: the batch, every block's activations, each sequence's keys
-/// and values, and the adapters it ran with.
+/// Rows of logits materialised at a time by the fused loss: 64 rows of a 32k vocabulary are
+/// 8 MiB, whatever the batch.
+const LOSS_ROWS: usize = 64;
+
+/// What a training forward kept: the batch, the activations, each sequence's keys and values,
+/// and the adapters it ran with.
 pub struct TrainGraph {
     tokens: Vec<u32>,
     spans: Vec<SeqSpan>,
@@ -19,28 +24,29 @@ pub struct TrainGraph {
 
 impl TrainGraph {
     /// Runs `sequences` (each from position 0, rows end to end) in exact f32 math with
-    /// `adapters`, returning the graph and logits `[n_tokens, n_vocab]`.
+    /// `adapters`. With `checkpoint`, keeps only each block's input and recomputes the rest
+    /// during the backward.
     pub fn forward(
         inf: &Inference,
         sequences: &[&[u32]],
         adapters: &[Arc<LoraAdapter>],
-    ) -> Result<(TrainGraph, Vec<f32>)> {
+        checkpoint: bool,
+    ) -> Result<TrainGraph> {
         let config = inf.config();
+        if sequences.is_empty() {
+            return Err(Error::Empty { what: "the batch" });
+        }
         let mut spans = Vec::with_capacity(sequences.len());
         let mut caches = Vec::with_capacity(sequences.len());
         let mut row = 0;
         for tokens in sequences {
             inf.check_tokens(tokens)?;
-            let cache = inf.create_kv_cache(Some(tokens.len()));
-            cache.check_room(tokens.len())?;
-            if tokens.len() > inf.n_ctx() {
-                inf.create_kv_cache(None).check_room(tokens.len())?;
-            }
+            inf.create_kv_cache(None).check_room(tokens.len())?;
             spans.push(SeqSpan {
                 rows: row..row + tokens.len(),
                 pos0: 0,
             });
-            caches.push(cache);
+            caches.push(inf.create_kv_cache(Some(tokens.len())));
             row += tokens.len();
         }
         let mut unique: Vec<Arc<LoraAdapter>> = Vec::new();
@@ -54,28 +60,95 @@ impl TrainGraph {
             tokens: sequences.concat(),
             spans,
             caches,
-            saved: Saved::default(),
+            saved: Saved {
+                checkpoint,
+                ..Saved::default()
+            },
             adapters: unique,
         };
-        let logits = inf.install(|| {
+        inf.install(|| {
             let plan = plan(&graph.adapters, graph.tokens.len());
             let batch = Batch {
                 tokens: &graph.tokens,
                 seqs: &graph.spans,
             };
             let mut caches: Vec<&mut KvCache> = graph.caches.iter_mut().collect();
-            inf.model().forward_train(&batch, &mut caches, &plan, &mut Workspace::default(), &mut graph.saved)
+            inf.model()
+                .forward_train(&batch, &mut caches, &plan, &mut Workspace::default(), &mut graph.saved)
         })?;
-        Ok((graph, logits))
+        Ok(graph)
     }
 
     pub fn n_tokens(&self) -> usize {
         self.tokens.len()
     }
 
-    /// Back-propagates dL/dlogits and adds dL/dA, dL/dB to each trainable adapter's
-    /// gradients (they accumulate until `zero_grad`).
-    pub fn backward(&self, inf: &Inference, d_logits: &[f32]) -> Result<()> {
+    /// Every row's exact logits, `[n_tokens, n_vocab]`.
+    pub fn logits(&self, inf: &Inference) -> Result<Vec<f32>> {
+        let mut logits = vec![0f32; self.n_tokens() * inf.config().n_vocab];
+        inf.install(|| inf.model().logits_exact(&self.saved, 0..self.n_tokens(), &mut logits))?;
+        Ok(logits)
+    }
+
+    /// Back-propagates dL/dlogits (`[n_tokens, n_vocab]`) and adds dL/dA, dL/dB to each
+    /// trainable adapter's gradients (they accumulate until `zero_grad`).
+    pub fn backward(mut self, inf: &Inference, d_logits: &[f32]) -> Result<()> {
+        let mut d_head_in = vec![0f32; self.n_tokens() * inf.config().n_embd];
+        inf.install(|| inf.model().head_backward(d_logits, 0..self.n_tokens(), &mut d_head_in))?;
+        self.backward_from_head(inf, &d_head_in)
+    }
+
+    /// The cross-entropy against `targets` (one per row, -100 masked) and its backward,
+    /// fused: logits exist one block of rows at a time. Gradients are of the loss summed over
+    /// scored rows divided by `normalizer` (default: this batch's scored rows), so that
+    /// micro-batches of one step can share one mean. Returns (summed loss, scored rows).
+    pub fn loss_backward(mut self, inf: &Inference, targets: &[i64], normalizer: Option<usize>) -> Result<(f64, usize)> {
+        let mut d_head_in = vec![0f32; self.n_tokens() * inf.config().n_embd];
+        let (sum, n_scored) = self.head_loss(inf, targets, normalizer, Some(&mut d_head_in))?;
+        self.backward_from_head(inf, &d_head_in)?;
+        Ok((sum, n_scored))
+    }
+
+    /// (summed cross-entropy, scored rows) without a backward.
+    pub fn loss(&self, inf: &Inference, targets: &[i64]) -> Result<(f64, usize)> {
+        self.head_loss(inf, targets, None, None)
+    }
+
+    fn head_loss(
+        &self,
+        inf: &Inference,
+        targets: &[i64],
+        normalizer: Option<usize>,
+        mut d_head_in: Option<&mut [f32]>,
+    ) -> Result<(f64, usize)> {
+        let config = inf.config();
+        if targets.len() != self.n_tokens() {
+            return Err(Error::invalid(
+                "targets",
+                format!("{} targets for {} rows: give one target (or -100) per row", targets.len(), self.n_tokens()),
+            ));
+        }
+        let n_scored = count_scored(targets, config.n_vocab)?;
+        let normalizer = normalizer.unwrap_or(n_scored);
+        let model = inf.model();
+        let mut block = Vec::new();
+        let sum = inf.install(|| -> Result<f64> {
+            let mut sum = 0.0;
+            for start in (0..self.n_tokens()).step_by(LOSS_ROWS) {
+                let rows = start..(start + LOSS_ROWS).min(self.n_tokens());
+                block.resize(rows.len() * config.n_vocab, 0.0);
+                model.logits_exact(&self.saved, rows.clone(), &mut block)?;
+                sum += cross_entropy_in_place(&mut block, config.n_vocab, &targets[rows.clone()], normalizer);
+                if let Some(d_head_in) = d_head_in.as_deref_mut() {
+                    model.head_backward(&block, rows, d_head_in)?;
+                }
+            }
+            Ok(sum)
+        })?;
+        Ok((sum, n_scored))
+    }
+
+    fn backward_from_head(&mut self, inf: &Inference, d_head_in: &[f32]) -> Result<()> {
         let mut grads = LoraGrads::default();
         inf.install(|| {
             let plan = plan(&self.adapters, self.tokens.len());
@@ -83,8 +156,9 @@ impl TrainGraph {
                 tokens: &self.tokens,
                 seqs: &self.spans,
             };
-            let caches: Vec<&KvCache> = self.caches.iter().collect();
-            inf.model().backward(&batch, &caches, &plan, &self.saved, d_logits, &mut grads)
+            let mut caches: Vec<&mut KvCache> = self.caches.iter_mut().collect();
+            inf.model()
+                .backward(&batch, &mut caches, &plan, &self.saved, d_head_in, &mut grads)
         })?;
         for ((adapter_index, pair_index), (d_a, d_b)) in grads.grads {
             let mut pairs = self.adapters[adapter_index].pairs_mut();
