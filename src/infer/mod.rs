@@ -1,10 +1,14 @@
 //! Inference: forwards over a model with adapters, on a thread pool of its own.
 
+mod generate;
 mod pool;
+pub mod sample;
 
 use std::sync::Arc;
 
+pub use generate::Generator;
 pub use pool::MemoryPool;
+pub use sample::Sampler;
 
 use crate::error::{Error, Result};
 use crate::lora::{LoraAdapter, LoraPlan, Numerics};

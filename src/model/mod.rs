@@ -86,6 +86,15 @@ impl Model {
         }
     }
 
+    /// The end-of-sequence token named in the file, if any.
+    pub fn eos_token(&self) -> Option<u32> {
+        self.file
+            .get_usize("tokenizer.ggml.eos_token_id")
+            .ok()
+            .flatten()
+            .and_then(|id| u32::try_from(id).ok())
+    }
+
     /// The RoPE this model uses.
     pub fn rope(&self) -> Result<Rope> {
         let (config, weights) = self.runnable()?;

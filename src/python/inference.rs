@@ -9,7 +9,7 @@ use super::convert::{array1, array2, tokens, type_name};
 use super::errors::IntoPyResult;
 use super::lora::{adapters, batch_adapters};
 use super::model::PyModel;
-use crate::infer::{Inference, MemoryPool};
+use crate::infer::{Generator, Inference, MemoryPool, Sampler};
 use crate::lora::LoraAdapter;
 use crate::model::KvCache;
 
@@ -86,12 +86,67 @@ impl PyMemoryPool {
     }
 }
 
+fn sample(py: Python<'_>, logits: &[f32], sampler: crate::Result<Sampler>) -> PyResult<u32> {
+    if logits.is_empty() {
+        return Err(PyValueError::new_err("logits are empty"));
+    }
+    let mut sampler = sampler.py()?;
+    Ok(py.detach(|| sampler.sample(logits)))
+}
+
+/// Tokens of `Inference.generate_iter`, decoded one per `next()` with the GIL released.
+#[pyclass(name = "TokenStream", module = "lugh")]
+pub struct PyTokenStream {
+    inner: Mutex<Generator>,
+}
+
+#[pymethods]
+impl PyTokenStream {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<Option<u32>> {
+        py.detach(|| lock(&self.inner).next_token()).py()
+    }
+
+    /// Ends the generation early.
+    fn close(&self) {
+        lock(&self.inner).stop()
+    }
+}
+
 /// Runs a model: forward passes (single, all positions, cached, pooled, batched), with
 /// optional LoRA adapters. Every call releases the GIL.
 #[pyclass(name = "Inference", module = "lugh", frozen)]
 pub struct PyInference {
     pub(crate) inner: Arc<Inference>,
     model: Py<PyModel>,
+}
+
+impl PyInference {
+    #[allow(clippy::too_many_arguments)]
+    fn generator(
+        &self,
+        tokens: &Bound<'_, PyAny>,
+        max_tokens: usize,
+        temperature: f32,
+        top_p: f32,
+        top_k: usize,
+        greedy: bool,
+        eos_token: Option<i64>,
+        lora: Option<&Bound<'_, PyAny>>,
+        seed: Option<u64>,
+    ) -> PyResult<Generator> {
+        let prompt = super::convert::tokens(tokens)?;
+        let temperature = if greedy { 0.0 } else { temperature };
+        let sampler = Sampler::new(temperature, top_k, top_p, seed).py()?;
+        let eos = match eos_token {
+            Some(id) => u32::try_from(id).ok(),
+            None => self.inner.model().eos_token(),
+        };
+        Generator::new(Arc::clone(&self.inner), prompt, adapters(lora)?, sampler, max_tokens, eos).py()
+    }
 }
 
 #[pymethods]
@@ -267,6 +322,75 @@ impl PyInference {
             })
             .py()?;
         Ok(logits.into_iter().map(|l| array1(py, l).into_any()).collect())
+    }
+
+    /// Samples a token id: temperature, then the smallest set of tokens whose probability
+    /// reaches `top_p`. Temperature 0 is greedy.
+    #[pyo3(signature = (logits, temperature=0.8, top_p=0.95, seed=None))]
+    fn sample_top_p(&self, py: Python<'_>, logits: Vec<f32>, temperature: f32, top_p: f32, seed: Option<u64>) -> PyResult<u32> {
+        sample(py, &logits, Sampler::new(temperature, 0, top_p, seed))
+    }
+
+    /// Samples a token id among the `top_k` largest logits, after temperature. Temperature 0
+    /// is greedy.
+    #[pyo3(signature = (logits, temperature=0.8, top_k=40, seed=None))]
+    fn sample_top_k(&self, py: Python<'_>, logits: Vec<f32>, temperature: f32, top_k: usize, seed: Option<u64>) -> PyResult<u32> {
+        sample(py, &logits, Sampler::new(temperature, top_k, 1.0, seed))
+    }
+
+    /// Generates up to `max_tokens` after `tokens` (returned without the prompt): the prompt
+    /// is run once into a KV cache, then each token is decoded from it. Sampling applies
+    /// temperature, top-k, then top-p; `greedy` (or temperature 0) takes the argmax. Stops at
+    /// `eos_token` (default: the model's EOS; not returned). `callback(token, n)` runs after
+    /// each token; a true return stops.
+    #[pyo3(signature = (tokens, max_tokens=128, temperature=0.8, top_p=0.95, top_k=40, greedy=false, eos_token=None, callback=None, lora=None, seed=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn generate(
+        &self,
+        py: Python<'_>,
+        tokens: &Bound<'_, PyAny>,
+        max_tokens: usize,
+        temperature: f32,
+        top_p: f32,
+        top_k: usize,
+        greedy: bool,
+        eos_token: Option<i64>,
+        callback: Option<Bound<'_, PyAny>>,
+        lora: Option<&Bound<'_, PyAny>>,
+        seed: Option<u64>,
+    ) -> PyResult<Vec<u32>> {
+        let mut generator = self.generator(tokens, max_tokens, temperature, top_p, top_k, greedy, eos_token, lora, seed)?;
+        let mut out = Vec::new();
+        while let Some(token) = py.detach(|| generator.next_token()).py()? {
+            out.push(token);
+            if let Some(callback) = &callback {
+                if callback.call1((token, out.len()))?.is_truthy()? {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// `generate` as an iterator that yields each token as it is decoded.
+    #[pyo3(signature = (tokens, max_tokens=128, temperature=0.8, top_p=0.95, top_k=40, greedy=false, eos_token=None, lora=None, seed=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn generate_iter(
+        &self,
+        tokens: &Bound<'_, PyAny>,
+        max_tokens: usize,
+        temperature: f32,
+        top_p: f32,
+        top_k: usize,
+        greedy: bool,
+        eos_token: Option<i64>,
+        lora: Option<&Bound<'_, PyAny>>,
+        seed: Option<u64>,
+    ) -> PyResult<PyTokenStream> {
+        let generator = self.generator(tokens, max_tokens, temperature, top_p, top_k, greedy, eos_token, lora, seed)?;
+        Ok(PyTokenStream {
+            inner: Mutex::new(generator),
+        })
     }
 
     fn __repr__(&self) -> String {

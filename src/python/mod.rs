@@ -17,6 +17,7 @@ fn _lugh(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<inference::PyInference>()?;
     m.add_class::<inference::PyKVCache>()?;
     m.add_class::<inference::PyMemoryPool>()?;
+    m.add_class::<inference::PyTokenStream>()?;
     m.add_class::<lora::PyLoRA>()?;
     m.add_function(wrap_pyfunction!(lora::merge, m)?)?;
     m.add_class::<train::PyTensor>()?;
