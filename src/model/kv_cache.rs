@@ -42,6 +42,11 @@ impl KvCache {
         self.n_cached = 0;
     }
 
+    /// Keeps only the first `n` positions (rewinding a sequence).
+    pub fn truncate(&mut self, n: usize) {
+        self.n_cached = self.n_cached.min(n);
+    }
+
     /// Changes the capacity; positions beyond a smaller capacity are dropped.
     pub fn resize(&mut self, n_ctx: usize) {
         self.n_ctx = n_ctx;
