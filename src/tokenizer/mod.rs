@@ -93,8 +93,7 @@ impl Tokenizer {
                 let config = pretokenize::config_for(pre).ok_or_else(|| Error::Unsupported {
                     what: "pre-tokenizer",
                     feature: pre.unwrap_or_default().to_string(),
-                    hint: "lugh knows llama.cpp's common pre-tokenizers (src/tokenizer/pretokenize.rs); \
-                           llama.cpp refuses unknown ones too",
+                    hint: "lugh knows llama.cpp's common pre-tokenizers (src/tokenizer/pretokenize.rs)",
                 })?;
                 let bos = Some(11).filter(|_| config.has_default_bos);
                 let defaults = SpecialTokens::defaults(bos, Some(11), None);
@@ -130,13 +129,7 @@ impl Tokenizer {
             Some(config) => Model::Bpe(Bpe::new(file, &config)?),
         };
 
-        let mut special_search_order: Vec<u32> = (0u32..)
-            .zip(&vocab.attrs)
-            .filter(|(_, attr)| attr.intersects(Attr::CONTROL | Attr::USER_DEFINED | Attr::UNKNOWN))
-            .map(|(id, _)| id)
-            .collect();
-        // Longest first; llama.cpp's unstable sort leaves ties in no set order, ids break them here.
-        special_search_order.sort_by_key(|&id| std::cmp::Reverse(vocab.texts[id as usize].len()));
+        let special_search_order = vocab.special_search_order();
         let pieces = (0u32..)
             .zip(vocab.texts.iter().zip(&vocab.attrs))
             .map(|(id, (text, &attr))| decode::piece(id, text, attr, spelling))

@@ -293,3 +293,9 @@ fn broken_token_lists_are_refused() {
         "{wrong}"
     );
 }
+
+#[test]
+fn tokenizers_can_be_shared_between_threads() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<Tokenizer>();
+}

@@ -121,6 +121,19 @@ impl Vocab {
         self.ids.get(text).copied()
     }
 
+    /// Control, user-defined and unknown tokens, longest text first: the order in which
+    /// llama.cpp searches input text for them. (Its unstable sort leaves ties in no set order;
+    /// ids break them here.)
+    pub fn special_search_order(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = (0u32..)
+            .zip(&self.attrs)
+            .filter(|(_, attr)| attr.intersects(Attr::CONTROL | Attr::USER_DEFINED | Attr::UNKNOWN))
+            .map(|(id, _)| id)
+            .collect();
+        ids.sort_by_key(|&id| std::cmp::Reverse(self.texts[id as usize].len()));
+        ids
+    }
+
     /// The token whose text is `byte` alone (llama.cpp's last resort for a byte no token
     /// covers): only an ASCII byte is a text by itself.
     pub fn single_byte_id(&self, byte: u8) -> Option<u32> {

@@ -10,12 +10,15 @@ fn split(regexes: &[&str], text: &str) -> Vec<String> {
         .collect()
 }
 
-/// The same pattern run by the regex engine rather than a hand-written splitter.
-fn split_by_regex(pattern: &str, text: &str) -> Vec<String> {
-    let pre = PreTokenizer {
+/// The hand-written splitters, and the same patterns run by the regex engine.
+fn splitter_pairs() -> [(&'static str, PreTokenizer, PreTokenizer); 2] {
+    let by_regex = |pattern| PreTokenizer {
         splitters: vec![Splitter::regex(pattern)],
     };
-    pre.split(text).into_iter().map(str::to_string).collect()
+    [
+        ("GPT-2", PreTokenizer::new(&[GPT2]), by_regex(GPT2)),
+        ("LLaMA 3", PreTokenizer::new(&[LLAMA3]), by_regex(LLAMA3)),
+    ]
 }
 
 const SAMPLES: &[&str] = &[
@@ -36,17 +39,14 @@ const SAMPLES: &[&str] = &[
 
 #[test]
 fn hand_written_splitters_agree_with_their_regexes() {
-    for text in SAMPLES {
-        assert_eq!(
-            split(&[GPT2], text),
-            split_by_regex(GPT2, text),
-            "GPT-2 on {text:?}"
-        );
-        assert_eq!(
-            split(&[LLAMA3], text),
-            split_by_regex(LLAMA3, text),
-            "LLaMA 3 on {text:?}"
-        );
+    for (name, hand_written, regex) in splitter_pairs() {
+        for text in SAMPLES {
+            assert_eq!(
+                hand_written.split(text),
+                regex.split(text),
+                "{name} on {text:?}"
+            );
+        }
     }
 }
 
@@ -118,4 +118,29 @@ fn config_names() {
     assert!(config_for(Some("qwen2")).is_some_and(|c| !c.clean_spaces));
     assert!(config_for(Some("chatglm-bpe")).is_some_and(|c| !c.has_default_bos));
     assert!(config_for(Some("no-such-pre")).is_none());
+}
+
+#[test]
+fn hand_written_splitters_agree_with_their_regexes_on_random_text() {
+    use rand::{Rng, SeedableRng};
+    // Characters of every class the splitters distinguish, ASCII and not.
+    let alphabet: Vec<char> =
+        "aZ09 \t\n\r'sStTrReEvVlLmMdD.,!?-_~$+<=>|`/(\u{a0}\u{3000}\u{85}é語½\u{301}\u{200d}🙂€٣"
+            .chars()
+            .collect();
+    let pairs = splitter_pairs();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for _ in 0..20_000 {
+        let len = rng.random_range(0..24);
+        let text: String = (0..len)
+            .map(|_| alphabet[rng.random_range(0..alphabet.len())])
+            .collect();
+        for (name, hand_written, regex) in &pairs {
+            assert_eq!(
+                hand_written.split(&text),
+                regex.split(&text),
+                "{name} on {text:?}"
+            );
+        }
+    }
 }
