@@ -11,6 +11,7 @@ pub mod infer;
 pub mod lora;
 pub mod model;
 pub mod ops;
+pub mod tokenizer;
 pub mod train;
 
 #[cfg(feature = "python")]
@@ -21,3 +22,4 @@ pub use gguf::GgufFile;
 pub use infer::Inference;
 pub use lora::LoraAdapter;
 pub use model::{KvCache, Model};
+pub use tokenizer::Tokenizer;
