@@ -179,7 +179,9 @@ impl GgufFile {
             .ok_or_else(|| {
                 Error::malformed(
                     "GGUF",
-                    format!("file is truncated: it ends before the data of its {n_tensors} tensors"),
+                    format!(
+                        "file is truncated: it ends before the data of its {n_tensors} tensors"
+                    ),
                 )
             })?;
 

@@ -51,12 +51,17 @@ impl Generator {
     /// The next token, or None once `max_tokens` are out, EOS was drawn (not returned) or
     /// the context is full.
     pub fn next_token(&mut self) -> Result<Option<u32>> {
-        if self.done || self.produced >= self.max_tokens || self.cache.check_room(self.pending.len()).is_err() {
+        if self.done
+            || self.produced >= self.max_tokens
+            || self.cache.check_room(self.pending.len()).is_err()
+        {
             self.done = true;
             return Ok(None);
         }
         let adapters: Vec<&LoraAdapter> = self.adapters.iter().map(|a| a.as_ref()).collect();
-        let logits = self.inf.forward_cache(&mut self.cache, &self.pending, &adapters)?;
+        let logits = self
+            .inf
+            .forward_cache(&mut self.cache, &self.pending, &adapters)?;
         let token = self.sampler.sample(&logits);
         if Some(token) == self.eos {
             self.done = true;

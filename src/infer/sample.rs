@@ -31,10 +31,16 @@ impl Sampler {
     /// makes draws repeatable (None: from the OS).
     pub fn new(temperature: f32, top_k: usize, top_p: f32, seed: Option<u64>) -> Result<Sampler> {
         if !(temperature.is_finite() && temperature >= 0.0) {
-            return Err(Error::invalid("temperature", format!("{temperature} must be >= 0")));
+            return Err(Error::invalid(
+                "temperature",
+                format!("{temperature} must be >= 0"),
+            ));
         }
         if !(top_p > 0.0 && top_p <= 1.0) {
-            return Err(Error::invalid("top_p", format!("{top_p} must be in (0, 1]")));
+            return Err(Error::invalid(
+                "top_p",
+                format!("{top_p} must be in (0, 1]"),
+            ));
         }
         Ok(Sampler {
             temperature,
@@ -55,7 +61,11 @@ impl Sampler {
         let mut order: Vec<u32> = (0..logits.len() as u32)
             .filter(|&i| !logits[i as usize].is_nan())
             .collect();
-        let k = if self.top_k == 0 { order.len() } else { self.top_k.min(order.len()) };
+        let k = if self.top_k == 0 {
+            order.len()
+        } else {
+            self.top_k.min(order.len())
+        };
         let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
         if k < order.len() {
             order.select_nth_unstable_by(k - 1, by_logit);
@@ -113,7 +123,9 @@ mod tests {
         assert!((0..50).all(|_| nucleus.sample(&logits) == 1));
         let mut two = Sampler::new(1.0, 2, 1.0, Some(3)).unwrap();
         let draws: Vec<u32> = (0..200).map(|_| two.sample(&logits)).collect();
-        assert!(draws.contains(&1) && draws.contains(&3) && draws.iter().all(|&d| d == 1 || d == 3));
+        assert!(
+            draws.contains(&1) && draws.contains(&3) && draws.iter().all(|&d| d == 1 || d == 3)
+        );
     }
 
     #[test]

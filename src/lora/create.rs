@@ -28,18 +28,30 @@ pub fn create(
 ) -> Result<LoraAdapter> {
     let (config, _) = model.runnable()?;
     if !(1..=MAX_RANK).contains(&rank) {
-        return Err(Error::invalid("rank", format!("{rank} is outside 1..={MAX_RANK}")));
+        return Err(Error::invalid(
+            "rank",
+            format!("{rank} is outside 1..={MAX_RANK}"),
+        ));
     }
     if targets.is_empty() {
-        return Err(Error::invalid("targets", format!("none given; choose among {}", target_names())));
+        return Err(Error::invalid(
+            "targets",
+            format!("none given; choose among {}", target_names()),
+        ));
     }
     for (i, t) in targets.iter().enumerate() {
         if targets[..i].contains(t) {
-            return Err(Error::invalid("targets", format!("'{}' is listed twice", t.name())));
+            return Err(Error::invalid(
+                "targets",
+                format!("'{}' is listed twice", t.name()),
+            ));
         }
     }
     if !alpha.is_finite() {
-        return Err(Error::invalid("alpha", format!("{alpha} is not a finite number")));
+        return Err(Error::invalid(
+            "alpha",
+            format!("{alpha} is not a finite number"),
+        ));
     }
     let mut rng = match seed {
         Some(seed) => StdRng::seed_from_u64(seed),

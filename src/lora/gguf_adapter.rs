@@ -62,7 +62,10 @@ pub fn load(path: &Path, model: &Model, scale: f32) -> Result<Loaded> {
             continue; // llama.cpp ignores norm vectors in adapters too
         } else {
             return Err(Error::BadAdapter {
-                what: format!("adapter tensor '{}' is neither a lora_a nor a lora_b", info.name),
+                what: format!(
+                    "adapter tensor '{}' is neither a lora_a nor a lora_b",
+                    info.name
+                ),
             });
         };
         if !matches!(
@@ -71,12 +74,22 @@ pub fn load(path: &Path, model: &Model, scale: f32) -> Result<Loaded> {
         ) {
             return Err(Error::UnsupportedTensorType {
                 name: info.name.clone(),
-                type_name: format!("{} (adapter tensors may be f32, f16, bf16 or q8_0)", info.dtype),
+                type_name: format!(
+                    "{} (adapter tensors may be f32, f16, bf16 or q8_0)",
+                    info.dtype
+                ),
             });
         }
-        let shape: [usize; 2] = info.shape.as_slice().try_into().map_err(|_| Error::BadAdapter {
-            what: format!("adapter tensor '{}' has shape {:?}, expected 2 dimensions", info.name, info.shape),
-        })?;
+        let shape: [usize; 2] =
+            info.shape
+                .as_slice()
+                .try_into()
+                .map_err(|_| Error::BadAdapter {
+                    what: format!(
+                        "adapter tensor '{}' has shape {:?}, expected 2 dimensions",
+                        info.name, info.shape
+                    ),
+                })?;
         collector.add(base, half, file.tensor_f32(info), shape)?;
     }
     let raw = collector.finish(|_| None)?;
@@ -102,7 +115,10 @@ pub fn save(adapter: &LoraAdapter, path: &Path) -> Result<()> {
     if path.extension().and_then(|e| e.to_str()) != Some("gguf") {
         return Err(Error::invalid(
             "path",
-            format!("'{}' must end with .gguf (use save_peft for PEFT directories)", path.display()),
+            format!(
+                "'{}' must end with .gguf (use save_peft for PEFT directories)",
+                path.display()
+            ),
         ));
     }
     let pairs = adapter.pairs();
@@ -113,7 +129,12 @@ pub fn save(adapter: &LoraAdapter, path: &Path) -> Result<()> {
     let uses_alpha = adapter.alpha() != 0.0 || pairs.iter().any(|p| p.alpha.is_some());
     // The factor of pair p without the user scale, and the one llama.cpp will apply.
     let factor = |p: &super::LoraPair| {
-        LoraAdapter::scaling(adapter.rule, p.alpha.unwrap_or(adapter.alpha()), 1.0, p.rank)
+        LoraAdapter::scaling(
+            adapter.rule,
+            p.alpha.unwrap_or(adapter.alpha()),
+            1.0,
+            p.rank,
+        )
     };
     let gguf_alpha = pairs.first().map_or(0.0, |p| factor(p) * p.rank as f32);
     if uses_alpha {
@@ -121,14 +142,22 @@ pub fn save(adapter: &LoraAdapter, path: &Path) -> Result<()> {
     }
     for pair in pairs.iter() {
         let name = pair.name();
-        writer.add_f32(&format!("{name}.lora_a"), &[pair.rank, pair.n_in], &pair.lora_a)?;
+        writer.add_f32(
+            &format!("{name}.lora_a"),
+            &[pair.rank, pair.n_in],
+            &pair.lora_a,
+        )?;
         let llama_factor = gguf_alpha / pair.rank as f32;
         if uses_alpha && factor(pair) != llama_factor {
             let fold = factor(pair) / llama_factor;
             let b: Vec<f32> = pair.lora_b.iter().map(|v| v * fold).collect();
             writer.add_f32(&format!("{name}.lora_b"), &[pair.n_out, pair.rank], &b)?;
         } else {
-            writer.add_f32(&format!("{name}.lora_b"), &[pair.n_out, pair.rank], &pair.lora_b)?;
+            writer.add_f32(
+                &format!("{name}.lora_b"),
+                &[pair.n_out, pair.rank],
+                &pair.lora_b,
+            )?;
         }
     }
     writer.write(path)

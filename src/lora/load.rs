@@ -36,21 +36,30 @@ pub fn load(path: &Path, model: &Model, scale: f32) -> Result<Loaded> {
 
 /// One A/B pair as read from a file, before it is checked against the model.
 pub struct RawPair {
-    pub lora_a: Vec<f32>,     // [rank, n_in]
-    pub a_shape: [usize; 2],  // as stored
-    pub lora_b: Vec<f32>,     // [n_out, rank]
-    pub b_shape: [usize; 2],  // as stored
+    pub lora_a: Vec<f32>,    // [rank, n_in]
+    pub a_shape: [usize; 2], // as stored
+    pub lora_b: Vec<f32>,    // [n_out, rank]
+    pub b_shape: [usize; 2], // as stored
     pub alpha: Option<f32>,
 }
+
+/// Values and stored shape of one matrix.
+type Matrix = (Vec<f32>, [usize; 2]);
 
 /// A/B halves collected by base tensor name, so that a missing half can be named.
 #[derive(Default)]
 pub struct PairCollector {
-    halves: BTreeMap<String, (Option<(Vec<f32>, [usize; 2])>, Option<(Vec<f32>, [usize; 2])>)>,
+    halves: BTreeMap<String, (Option<Matrix>, Option<Matrix>)>,
 }
 
 impl PairCollector {
-    pub fn add(&mut self, base_name: &str, half: Half, values: Vec<f32>, shape: [usize; 2]) -> Result<()> {
+    pub fn add(
+        &mut self,
+        base_name: &str,
+        half: Half,
+        values: Vec<f32>,
+        shape: [usize; 2],
+    ) -> Result<()> {
         let entry = self.halves.entry(base_name.to_string()).or_default();
         let slot = match half {
             Half::A => &mut entry.0,
@@ -58,7 +67,8 @@ impl PairCollector {
         };
         if slot.replace((values, shape)).is_some() {
             return Err(Error::BadAdapter {
-                what: format!("adapter has two lora_{half:?} tensors for '{base_name}'").to_lowercase(),
+                what: format!("adapter has two lora_{half:?} tensors for '{base_name}'")
+                    .to_lowercase(),
             });
         }
         Ok(())
@@ -120,7 +130,8 @@ pub fn assemble(
             .ok_or_else(|| unknown_target(model, &name))?;
         let [n_out, n_in] = slot.proj.shape(config);
         let rank = raw.a_shape[0];
-        if raw.a_shape[1] != n_in || raw.b_shape[0] != n_out || raw.b_shape[1] != rank || rank == 0 {
+        if raw.a_shape[1] != n_in || raw.b_shape[0] != n_out || raw.b_shape[1] != rank || rank == 0
+        {
             return Err(Error::BadAdapter {
                 what: format!(
                     "adapter pair for '{name}' does not fit: lora_a {:?} and lora_b {:?}, expected [rank, {n_in}] and [{n_out}, rank] with rank >= 1 (is this adapter for another base model?)",

@@ -28,7 +28,12 @@ fn file_type(dtype: TensorType) -> Option<u32> {
 /// Writes `path` (atomically): the model's metadata and tensors, with every adapted weight
 /// replaced by its merged value. Weights keep their type (adapted ones are re-encoded in it)
 /// unless `out_type` is given, which then applies to every weight matrix.
-pub fn merge(model: &Model, adapters: &[&LoraAdapter], path: &Path, out_type: Option<TensorType>) -> Result<()> {
+pub fn merge(
+    model: &Model,
+    adapters: &[&LoraAdapter],
+    path: &Path,
+    out_type: Option<TensorType>,
+) -> Result<()> {
     let (config, _) = model.runnable()?;
     for adapter in adapters {
         adapter.check_fits(config)?;
@@ -45,15 +50,25 @@ pub fn merge(model: &Model, adapters: &[&LoraAdapter], path: &Path, out_type: Op
     for info in file.tensors() {
         let is_matrix = info.shape.len() == 2;
         let target = out_type.filter(|_| is_matrix).unwrap_or(info.dtype);
-        let terms: Vec<_> = Slot::parse(&info.name).map(|s| plan.terms(s).collect()).unwrap_or_default();
+        let terms: Vec<_> = Slot::parse(&info.name)
+            .map(|s| plan.terms(s).collect())
+            .unwrap_or_default();
         if terms.is_empty() && target == info.dtype {
-            writer.add_tensor(&info.name, info.dtype, &info.shape, TensorBytes::View(file.tensor_data(info)))?;
+            writer.add_tensor(
+                &info.name,
+                info.dtype,
+                &info.shape,
+                TensorBytes::View(file.tensor_data(info)),
+            )?;
             continue;
         }
         if target.row_bytes(*info.shape.last().unwrap_or(&1)).is_none() {
             return Err(Error::invalid(
                 "out_type",
-                format!("{target} blocks do not divide the rows of '{}' ({:?})", info.name, info.shape),
+                format!(
+                    "{target} blocks do not divide the rows of '{}' ({:?})",
+                    info.name, info.shape
+                ),
             ));
         }
         let mut weight = dequantize(info.dtype, &file.tensor_data(info), info.n_elements());
@@ -68,7 +83,12 @@ pub fn merge(model: &Model, adapters: &[&LoraAdapter], path: &Path, out_type: Op
                 true,
             );
         }
-        writer.add_tensor(&info.name, target, &info.shape, TensorBytes::Owned(quantize(target, &weight)))?;
+        writer.add_tensor(
+            &info.name,
+            target,
+            &info.shape,
+            TensorBytes::Owned(quantize(target, &weight)),
+        )?;
     }
     drop(plan);
     writer.write(path)

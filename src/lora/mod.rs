@@ -30,6 +30,11 @@ impl LoraAdapter {
     pub fn save_peft(&self, model: &Model, dir: &Path) -> Result<()> {
         let (config, _) = model.runnable()?;
         self.check_fits(config)?;
-        peft::save(self, config.arch.permutes_qk(), (config.n_head, config.n_head_kv), dir)
+        peft::save(
+            self,
+            config.arch.permutes_qk(),
+            (config.n_head, config.n_head_kv),
+            dir,
+        )
     }
 }

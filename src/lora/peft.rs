@@ -89,7 +89,10 @@ pub fn load_file(path: &Path, model: &Model, scale: f32) -> Result<Loaded> {
     for (name, view) in tensors.iter() {
         let (slot, half) = parse_tensor_name(name)?;
         let shape: [usize; 2] = view.shape().try_into().map_err(|_| Error::BadAdapter {
-            what: format!("PEFT tensor '{name}' has shape {:?}, expected 2 dimensions", view.shape()),
+            what: format!(
+                "PEFT tensor '{name}' has shape {:?}, expected 2 dimensions",
+                view.shape()
+            ),
         })?;
         let mut values = to_f32(name, &view)?;
         if half == Half::B && model_config.arch.permutes_qk() {
@@ -107,24 +110,22 @@ pub fn load_file(path: &Path, model: &Model, scale: f32) -> Result<Loaded> {
     }
 
     let mut warnings = Vec::new();
-    let (rule, alpha, alpha_of): (ScalingRule, f32, Box<dyn Fn(&str) -> Option<f32>>) = match &config {
-        Some(config) => {
-            let patterns = config.alpha_patterns()?;
-            (
-                config.rule(),
-                config.lora_alpha,
-                Box::new(move |gguf_name: &str| {
-                    let module = Slot::parse(gguf_name).map(module_name)?;
-                    match_pattern(&patterns, &module)
-                }),
-            )
-        }
+    let patterns = match &config {
+        Some(config) => config.alpha_patterns()?,
+        None => Vec::new(),
+    };
+    let alpha_of = |gguf_name: &str| {
+        let module = Slot::parse(gguf_name).map(module_name)?;
+        match_pattern(&patterns, &module)
+    };
+    let (rule, alpha) = match &config {
+        Some(config) => (config.rule(), config.lora_alpha),
         None => {
             warnings.push(format!(
                 "{}: no {CONFIG_FILE} beside the weights: using alpha = rank (scaling 1.0); set lora.alpha to change it",
                 path.display()
             ));
-            (ScalingRule::AlphaOverRank, 0.0, Box::new(|_: &str| None))
+            (ScalingRule::AlphaOverRank, 0.0)
         }
     };
     let raw = collector.finish(alpha_of)?;
@@ -168,13 +169,22 @@ fn parse_tensor_name(name: &str) -> Result<(Slot, Half)> {
         hint,
     };
     if name.contains("lora_embedding_") || name.contains("embed_tokens") {
-        return Err(unsupported("embedding target", "adapters on embed_tokens change the embedding lookup, which lugh does not adapt"));
+        return Err(unsupported(
+            "embedding target",
+            "adapters on embed_tokens change the embedding lookup, which lugh does not adapt",
+        ));
     }
     if name.contains("lm_head") {
-        return Err(unsupported("lm_head target", "lugh does not adapt the output head"));
+        return Err(unsupported(
+            "lm_head target",
+            "lugh does not adapt the output head",
+        ));
     }
     if name.contains("lora_magnitude_vector") {
-        return Err(unsupported("use_dora", "DoRA rescales each column by a learned magnitude"));
+        return Err(unsupported(
+            "use_dora",
+            "DoRA rescales each column by a learned magnitude",
+        ));
     }
     let rest = name.strip_prefix("base_model.model.").unwrap_or(name);
     let (module, half, tail) = match (rest.split_once(".lora_A."), rest.split_once(".lora_B.")) {
@@ -187,7 +197,10 @@ fn parse_tensor_name(name: &str) -> Result<(Slot, Half)> {
         }
     };
     if tail.ends_with("bias") {
-        return Err(unsupported("lora_bias", "a bias on lora_B adds a term lugh does not compute"));
+        return Err(unsupported(
+            "lora_bias",
+            "a bias on lora_B adds a term lugh does not compute",
+        ));
     }
     if !(tail == "weight" || tail.ends_with(".weight")) {
         return Err(Error::BadAdapter {
@@ -248,7 +261,12 @@ enum PermuteDirection {
 
 /// Reorders the rows of `[rows, cols]` as `convert_hf_to_gguf.py` permutes q/k: within each
 /// head of `d` rows, GGUF row `2j + s` is HF row `s·d/2 + j`.
-fn permute_rows(values: &[f32], [rows, cols]: [usize; 2], n_heads: usize, dir: PermuteDirection) -> Option<Vec<f32>> {
+fn permute_rows(
+    values: &[f32],
+    [rows, cols]: [usize; 2],
+    n_heads: usize,
+    dir: PermuteDirection,
+) -> Option<Vec<f32>> {
     if n_heads == 0 || rows % n_heads != 0 || (rows / n_heads) % 2 != 0 {
         return None;
     }
@@ -263,7 +281,8 @@ fn permute_rows(values: &[f32], [rows, cols]: [usize; 2], n_heads: usize, dir: P
                     PermuteDirection::HfToGguf => (gguf, hf),
                     PermuteDirection::GgufToHf => (hf, gguf),
                 };
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&values[src * cols..(src + 1) * cols]);
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&values[src * cols..(src + 1) * cols]);
             }
         }
     }
@@ -281,7 +300,9 @@ struct PeftConfig {
 impl PeftConfig {
     fn parse(bytes: &[u8]) -> Result<PeftConfig> {
         let json: Json = serde_json::from_slice(bytes)?;
-        let obj = json.as_object().ok_or_else(|| Error::malformed("adapter_config.json", "not a JSON object"))?;
+        let obj = json
+            .as_object()
+            .ok_or_else(|| Error::malformed("adapter_config.json", "not a JSON object"))?;
         let field = |k: &str| obj.get(k).filter(|v| !v.is_null());
         if let Some(kind) = field("peft_type").and_then(Json::as_str) {
             if kind != "LORA" {
@@ -294,15 +315,39 @@ impl PeftConfig {
         }
         // Options that change the forward pass.
         const CHANGES_MATH: [(&str, &str); 10] = [
-            ("use_dora", "DoRA rescales each column by a learned magnitude"),
-            ("lora_bias", "a bias on lora_B adds a term lugh does not compute"),
-            ("fan_in_fan_out", "transposed (Conv1D) base weights are not LLaMA weights"),
-            ("modules_to_save", "fully trained extra modules are not LoRA pairs"),
-            ("layer_replication", "replicated layers change the model's depth"),
-            ("alora_invocation_tokens", "activated LoRA applies only after invocation tokens"),
+            (
+                "use_dora",
+                "DoRA rescales each column by a learned magnitude",
+            ),
+            (
+                "lora_bias",
+                "a bias on lora_B adds a term lugh does not compute",
+            ),
+            (
+                "fan_in_fan_out",
+                "transposed (Conv1D) base weights are not LLaMA weights",
+            ),
+            (
+                "modules_to_save",
+                "fully trained extra modules are not LoRA pairs",
+            ),
+            (
+                "layer_replication",
+                "replicated layers change the model's depth",
+            ),
+            (
+                "alora_invocation_tokens",
+                "activated LoRA applies only after invocation tokens",
+            ),
             ("use_qalora", "QA-LoRA pools the input before A"),
-            ("trainable_token_indices", "trained token embeddings are not LoRA pairs"),
-            ("target_parameters", "LoRA on raw parameters (MoE experts) is not supported"),
+            (
+                "trainable_token_indices",
+                "trained token embeddings are not LoRA pairs",
+            ),
+            (
+                "target_parameters",
+                "LoRA on raw parameters (MoE experts) is not supported",
+            ),
             ("arrow_config", "Arrow routing mixes adapters per token"),
         ];
         for (option, hint) in CHANGES_MATH {
@@ -332,7 +377,9 @@ impl PeftConfig {
         let number = |k: &str, default: f64| -> Result<f64> {
             match field(k) {
                 None => Ok(default),
-                Some(v) => v.as_f64().ok_or_else(|| Error::malformed("adapter_config.json", format!("'{k}' is not a number"))),
+                Some(v) => v.as_f64().ok_or_else(|| {
+                    Error::malformed("adapter_config.json", format!("'{k}' is not a number"))
+                }),
             }
         };
         let alpha_pattern = match field("alpha_pattern") {
@@ -340,12 +387,20 @@ impl PeftConfig {
             Some(Json::Object(map)) => map
                 .iter()
                 .map(|(k, v)| {
-                    v.as_f64()
-                        .map(|a| (k.clone(), a as f32))
-                        .ok_or_else(|| Error::malformed("adapter_config.json", format!("alpha_pattern['{k}'] is not a number")))
+                    v.as_f64().map(|a| (k.clone(), a as f32)).ok_or_else(|| {
+                        Error::malformed(
+                            "adapter_config.json",
+                            format!("alpha_pattern['{k}'] is not a number"),
+                        )
+                    })
                 })
                 .collect::<Result<_>>()?,
-            Some(_) => return Err(Error::malformed("adapter_config.json", "alpha_pattern is not an object")),
+            Some(_) => {
+                return Err(Error::malformed(
+                    "adapter_config.json",
+                    "alpha_pattern is not an object",
+                ))
+            }
         };
         Ok(PeftConfig {
             // PEFT's LoraConfig default.
@@ -369,7 +424,12 @@ impl PeftConfig {
             .map(|(key, alpha)| {
                 regex::Regex::new(&format!(r"^(?:.*\.)?(?:{key})$"))
                     .map(|re| (re, key.len(), *alpha))
-                    .map_err(|e| Error::malformed("adapter_config.json", format!("alpha_pattern key '{key}': {e}")))
+                    .map_err(|e| {
+                        Error::malformed(
+                            "adapter_config.json",
+                            format!("alpha_pattern key '{key}': {e}"),
+                        )
+                    })
             })
             .collect()
     }
@@ -388,9 +448,20 @@ fn match_pattern(patterns: &[(regex::Regex, usize, f32)], module: &str) -> Optio
 /// Writes `adapter_model.safetensors` and `adapter_config.json` into `dir` (created if
 /// needed), each atomically. The factor of every pair is kept exactly: `lora_alpha` is the
 /// adapter's, `alpha_pattern` covers pairs that differ.
-pub fn save(adapter: &LoraAdapter, model_arch_permutes_qk: bool, heads: (usize, usize), dir: &Path) -> Result<()> {
+pub fn save(
+    adapter: &LoraAdapter,
+    model_arch_permutes_qk: bool,
+    heads: (usize, usize),
+    dir: &Path,
+) -> Result<()> {
     if dir.is_file() {
-        return Err(Error::invalid("directory", format!("'{}' is a file; save_peft writes a directory", dir.display())));
+        return Err(Error::invalid(
+            "directory",
+            format!(
+                "'{}' is a file; save_peft writes a directory",
+                dir.display()
+            ),
+        ));
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let pairs = adapter.pairs();
@@ -400,8 +471,19 @@ pub fn save(adapter: &LoraAdapter, model_arch_permutes_qk: bool, heads: (usize, 
         ScalingRule::AlphaOverSqrtRank => (r as f32).sqrt(),
     };
     // An alpha of 0 (llama.cpp: no alpha) means a factor of 1.
-    let factor = |p: &LoraPair| LoraAdapter::scaling(adapter.rule, p.alpha.unwrap_or(adapter.alpha()), 1.0, p.rank);
-    let lora_alpha = if adapter.alpha() != 0.0 { adapter.alpha() } else { denominator(rank) };
+    let factor = |p: &LoraPair| {
+        LoraAdapter::scaling(
+            adapter.rule,
+            p.alpha.unwrap_or(adapter.alpha()),
+            1.0,
+            p.rank,
+        )
+    };
+    let lora_alpha = if adapter.alpha() != 0.0 {
+        adapter.alpha()
+    } else {
+        denominator(rank)
+    };
 
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     let mut rank_pattern = BTreeMap::new();
@@ -409,7 +491,13 @@ pub fn save(adapter: &LoraAdapter, model_arch_permutes_qk: bool, heads: (usize, 
     let mut targets = std::collections::BTreeSet::new();
     for pair in pairs.iter() {
         let module = module_name(pair.slot);
-        targets.insert(hf_module(pair.slot.proj).rsplit('.').next().unwrap_or_default().to_string());
+        targets.insert(
+            hf_module(pair.slot.proj)
+                .rsplit('.')
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+        );
         if pair.rank != rank {
             rank_pattern.insert(module.clone(), pair.rank);
         }
@@ -430,8 +518,16 @@ pub fn save(adapter: &LoraAdapter, model_arch_permutes_qk: bool, heads: (usize, 
             }
         }
         let prefix = format!("base_model.model.{module}");
-        tensors.push((format!("{prefix}.lora_A.weight"), vec![pair.rank, pair.n_in], f32_bytes(&pair.lora_a)));
-        tensors.push((format!("{prefix}.lora_B.weight"), vec![pair.n_out, pair.rank], f32_bytes(&b)));
+        tensors.push((
+            format!("{prefix}.lora_A.weight"),
+            vec![pair.rank, pair.n_in],
+            f32_bytes(&pair.lora_a),
+        ));
+        tensors.push((
+            format!("{prefix}.lora_B.weight"),
+            vec![pair.n_out, pair.rank],
+            f32_bytes(&b),
+        ));
     }
     let views = tensors
         .iter()
@@ -440,8 +536,13 @@ pub fn save(adapter: &LoraAdapter, model_arch_permutes_qk: bool, heads: (usize, 
         })
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| Error::malformed("SafeTensors", e.to_string()))?;
-    let metadata = Some([("format".to_string(), "pt".to_string())].into_iter().collect());
-    let bytes = safetensors::serialize(views, metadata).map_err(|e| Error::malformed("SafeTensors", e.to_string()))?;
+    let metadata = Some(
+        [("format".to_string(), "pt".to_string())]
+            .into_iter()
+            .collect(),
+    );
+    let bytes = safetensors::serialize(views, metadata)
+        .map_err(|e| Error::malformed("SafeTensors", e.to_string()))?;
 
     let config = json!({
         "peft_type": "LORA",
@@ -478,7 +579,10 @@ fn most_common_rank(pairs: &[LoraPair]) -> usize {
     for p in pairs {
         *counts.entry(p.rank).or_default() += 1;
     }
-    counts.into_iter().max_by_key(|&(rank, n)| (n, std::cmp::Reverse(rank))).map_or(0, |(r, _)| r)
+    counts
+        .into_iter()
+        .max_by_key(|&(rank, n)| (n, std::cmp::Reverse(rank)))
+        .map_or(0, |(r, _)| r)
 }
 
 fn f32_bytes(values: &[f32]) -> Vec<u8> {
@@ -502,15 +606,29 @@ mod tests {
 
     #[test]
     fn tensor_names_map_to_slots() {
-        let (slot, half) = parse_tensor_name("base_model.model.model.layers.7.mlp.down_proj.lora_B.weight").unwrap();
+        let (slot, half) =
+            parse_tensor_name("base_model.model.model.layers.7.mlp.down_proj.lora_B.weight")
+                .unwrap();
         assert_eq!((slot.layer, slot.proj, half), (7, Proj::FfnDown, Half::B));
-        let (slot, half) = parse_tensor_name("base_model.model.model.layers.0.self_attn.o_proj.lora_A.default.weight").unwrap();
+        let (slot, half) = parse_tensor_name(
+            "base_model.model.model.layers.0.self_attn.o_proj.lora_A.default.weight",
+        )
+        .unwrap();
         assert_eq!((slot.proj, half), (Proj::AttnOutput, Half::A));
         for (name, what) in [
             ("base_model.model.lm_head.lora_A.weight", "lm_head"),
-            ("base_model.model.model.embed_tokens.lora_embedding_A", "embedding"),
-            ("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector", "use_dora"),
-            ("base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias", "lora_bias"),
+            (
+                "base_model.model.model.embed_tokens.lora_embedding_A",
+                "embedding",
+            ),
+            (
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector",
+                "use_dora",
+            ),
+            (
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias",
+                "lora_bias",
+            ),
         ] {
             let err = parse_tensor_name(name).unwrap_err().to_string();
             assert!(err.contains(what), "{name}: {err}");
@@ -526,19 +644,37 @@ mod tests {
             (r#"{"modules_to_save": ["lm_head"]}"#, "modules_to_save"),
             (r#"{"peft_type": "LOHA"}"#, "LOHA"),
         ] {
-            let err = PeftConfig::parse(json.as_bytes()).err().expect(json).to_string();
+            let err = PeftConfig::parse(json.as_bytes())
+                .err()
+                .expect(json)
+                .to_string();
             assert!(err.contains(option), "{json}: {err}");
         }
         let ok = PeftConfig::parse(br#"{"lora_alpha": 16, "use_rslora": true, "use_dora": false, "modules_to_save": null}"#).unwrap();
-        assert_eq!((ok.lora_alpha, ok.rule()), (16.0, ScalingRule::AlphaOverSqrtRank));
+        assert_eq!(
+            (ok.lora_alpha, ok.rule()),
+            (16.0, ScalingRule::AlphaOverSqrtRank)
+        );
     }
 
     #[test]
     fn the_most_specific_pattern_wins() {
-        let config = PeftConfig::parse(br#"{"alpha_pattern": {"q_proj": 4, "model.layers.1.self_attn.q_proj": 9}}"#).unwrap();
+        let config = PeftConfig::parse(
+            br#"{"alpha_pattern": {"q_proj": 4, "model.layers.1.self_attn.q_proj": 9}}"#,
+        )
+        .unwrap();
         let patterns = config.alpha_patterns().unwrap();
-        assert_eq!(match_pattern(&patterns, "model.layers.0.self_attn.q_proj"), Some(4.0));
-        assert_eq!(match_pattern(&patterns, "model.layers.1.self_attn.q_proj"), Some(9.0));
-        assert_eq!(match_pattern(&patterns, "model.layers.1.self_attn.k_proj"), None);
+        assert_eq!(
+            match_pattern(&patterns, "model.layers.0.self_attn.q_proj"),
+            Some(4.0)
+        );
+        assert_eq!(
+            match_pattern(&patterns, "model.layers.1.self_attn.q_proj"),
+            Some(9.0)
+        );
+        assert_eq!(
+            match_pattern(&patterns, "model.layers.1.self_attn.k_proj"),
+            None
+        );
     }
 }

@@ -87,10 +87,26 @@ impl Model {
                     block_forward(&ctx, layer, il, &mut ws.x, caches, acts, &mut ws.scratch);
                 }
                 Some(saved) => {
-                    block_forward(&ctx, layer, il, &mut ws.x, caches, &mut ws.acts, &mut ws.scratch);
+                    block_forward(
+                        &ctx,
+                        layer,
+                        il,
+                        &mut ws.x,
+                        caches,
+                        &mut ws.acts,
+                        &mut ws.scratch,
+                    );
                     std::mem::swap(&mut saved.blocks[il].x_in, &mut ws.acts.x_in);
                 }
-                None => block_forward(&ctx, layer, il, &mut ws.x, caches, &mut ws.acts, &mut ws.scratch),
+                None => block_forward(
+                    &ctx,
+                    layer,
+                    il,
+                    &mut ws.x,
+                    caches,
+                    &mut ws.acts,
+                    &mut ws.scratch,
+                ),
             }
         }
         for (span, cache) in batch.seqs.iter().zip(caches.iter_mut()) {
@@ -149,7 +165,12 @@ impl Model {
     }
 
     /// Exact logits `[rows.len(), n_vocab]` of rows of a training forward.
-    pub fn logits_exact(&self, saved: &Saved, rows: Range<usize>, logits: &mut [f32]) -> Result<()> {
+    pub fn logits_exact(
+        &self,
+        saved: &Saved,
+        rows: Range<usize>,
+        logits: &mut [f32],
+    ) -> Result<()> {
         let (config, weights) = self.runnable()?;
         let head_in = &saved.head_in[rows.start * config.n_embd..rows.end * config.n_embd];
         weights.output.matmul_exact(head_in, logits);
@@ -157,7 +178,12 @@ impl Model {
     }
 
     /// `d_head_in[rows] += d_logits · W_out`: the head's backward (it has no adapters).
-    pub fn head_backward(&self, d_logits: &[f32], rows: Range<usize>, d_head_in: &mut [f32]) -> Result<()> {
+    pub fn head_backward(
+        &self,
+        d_logits: &[f32],
+        rows: Range<usize>,
+        d_head_in: &mut [f32],
+    ) -> Result<()> {
         let (config, weights) = self.runnable()?;
         let d_rows = &mut d_head_in[rows.start * config.n_embd..rows.end * config.n_embd];
         weights.output.matmul_backward_input(d_logits, d_rows);
@@ -201,7 +227,15 @@ impl Model {
         for (il, layer) in weights.layers.iter().enumerate().rev() {
             let acts = if saved.checkpoint {
                 let mut x = saved.blocks[il].x_in.clone();
-                block_forward(&ctx, layer, il, &mut x, caches, &mut recomputed, &mut scratch);
+                block_forward(
+                    &ctx,
+                    layer,
+                    il,
+                    &mut x,
+                    caches,
+                    &mut recomputed,
+                    &mut scratch,
+                );
                 &recomputed
             } else {
                 &saved.blocks[il]

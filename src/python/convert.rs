@@ -49,7 +49,9 @@ pub fn array1<'py>(py: Python<'py>, values: Vec<f32>) -> Bound<'py, PyArray1<f32
 /// A `[rows, cols]` float32 array owning `values`.
 pub fn array2<'py>(py: Python<'py>, values: Vec<f32>, cols: usize) -> PyResult<Bound<'py, PyAny>> {
     let rows = values.len() / cols.max(1);
-    Ok(PyArray1::from_vec(py, values).reshape([rows, cols])?.into_any())
+    Ok(PyArray1::from_vec(py, values)
+        .reshape([rows, cols])?
+        .into_any())
 }
 
 /// A GGUF metadata value as a Python object (arrays as lists).
@@ -78,7 +80,10 @@ pub fn value_to_py<'py>(py: Python<'py>, value: &Value) -> PyResult<Bound<'py, P
 }
 
 /// A dict from string keys.
-pub fn dict<'py>(py: Python<'py>, entries: &[(&str, Bound<'py, PyAny>)]) -> PyResult<Bound<'py, PyDict>> {
+pub fn dict<'py>(
+    py: Python<'py>,
+    entries: &[(&str, Bound<'py, PyAny>)],
+) -> PyResult<Bound<'py, PyDict>> {
     let dict = PyDict::new(py);
     for (k, v) in entries {
         dict.set_item(k, v)?;

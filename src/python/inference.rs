@@ -61,7 +61,11 @@ impl PyKVCache {
     }
 
     fn __repr__(&self) -> String {
-        format!("KVCache(n_cached={}, n_ctx={})", self.n_cached(), self.n_ctx())
+        format!(
+            "KVCache(n_cached={}, n_ctx={})",
+            self.n_cached(),
+            self.n_ctx()
+        )
     }
 }
 
@@ -145,7 +149,15 @@ impl PyInference {
             Some(id) => u32::try_from(id).ok(),
             None => self.inner.model().eos_token(),
         };
-        Generator::new(Arc::clone(&self.inner), prompt, adapters(lora)?, sampler, max_tokens, eos).py()
+        Generator::new(
+            Arc::clone(&self.inner),
+            prompt,
+            adapters(lora)?,
+            sampler,
+            max_tokens,
+            eos,
+        )
+        .py()
     }
 }
 
@@ -155,7 +167,11 @@ impl PyInference {
     /// compute threads (default: every core).
     #[new]
     #[pyo3(signature = (model, n_ctx=None, n_threads=None))]
-    fn new(model: Bound<'_, PyModel>, n_ctx: Option<usize>, n_threads: Option<usize>) -> PyResult<Self> {
+    fn new(
+        model: Bound<'_, PyModel>,
+        n_ctx: Option<usize>,
+        n_threads: Option<usize>,
+    ) -> PyResult<Self> {
         let inner = Inference::new(Arc::clone(&model.get().inner), n_ctx, n_threads).py()?;
         Ok(PyInference {
             inner: Arc::new(inner),
@@ -220,7 +236,9 @@ impl PyInference {
         lora: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let (ids, lora) = (super::convert::tokens(tokens)?, adapters(lora)?);
-        let logits = py.detach(|| self.inner.forward_all(&ids, &refs(&lora))).py()?;
+        let logits = py
+            .detach(|| self.inner.forward_all(&ids, &refs(&lora)))
+            .py()?;
         array2(py, logits, self.inner.config().n_vocab)
     }
 
@@ -248,7 +266,10 @@ impl PyInference {
         let (ids, lora) = (super::convert::tokens(tokens)?, adapters(lora)?);
         let cache = cache.get();
         let logits = py
-            .detach(|| self.inner.forward_cache(&mut lock(&cache.inner), &ids, &refs(&lora)))
+            .detach(|| {
+                self.inner
+                    .forward_cache(&mut lock(&cache.inner), &ids, &refs(&lora))
+            })
             .py()?;
         Ok(array1(py, logits).into_any())
     }
@@ -272,7 +293,10 @@ impl PyInference {
         let (ids, lora) = (super::convert::tokens(tokens)?, adapters(lora)?);
         let pool = pool.get();
         let logits = py
-            .detach(|| self.inner.forward_pool(&mut lock(&pool.inner), &ids, &refs(&lora)))
+            .detach(|| {
+                self.inner
+                    .forward_pool(&mut lock(&pool.inner), &ids, &refs(&lora))
+            })
             .py()?;
         Ok(array1(py, logits).into_any())
     }
@@ -300,11 +324,14 @@ impl PyInference {
             .map(|s| tokens(&s?))
             .collect::<PyResult<_>>()?;
         let lora = batch_adapters(lora, sequences.len())?;
-        let caches: Option<Vec<&PyKVCache>> = caches.as_ref().map(|c| c.iter().map(|b| b.get()).collect());
+        let caches: Option<Vec<&PyKVCache>> =
+            caches.as_ref().map(|c| c.iter().map(|b| b.get()).collect());
         if let Some(caches) = &caches {
             for (i, a) in caches.iter().enumerate() {
                 if caches[..i].iter().any(|b| std::ptr::eq(*a, *b)) {
-                    return Err(PyValueError::new_err("the same KVCache is given for two sequences"));
+                    return Err(PyValueError::new_err(
+                        "the same KVCache is given for two sequences",
+                    ));
                 }
             }
         }
@@ -312,29 +339,49 @@ impl PyInference {
             .detach(|| {
                 let seq_refs: Vec<&[u32]> = sequences.iter().map(Vec::as_slice).collect();
                 let lora_refs: Vec<Vec<&LoraAdapter>> = lora.iter().map(|l| refs(l)).collect();
-                let lora_slices: Vec<&[&LoraAdapter]> = lora_refs.iter().map(Vec::as_slice).collect();
-                let mut guards: Option<Vec<MutexGuard<'_, KvCache>>> =
-                    caches.as_ref().map(|c| c.iter().map(|c| lock(&c.inner)).collect());
+                let lora_slices: Vec<&[&LoraAdapter]> =
+                    lora_refs.iter().map(Vec::as_slice).collect();
+                let mut guards: Option<Vec<MutexGuard<'_, KvCache>>> = caches
+                    .as_ref()
+                    .map(|c| c.iter().map(|c| lock(&c.inner)).collect());
                 let cache_refs = guards
                     .as_mut()
                     .map(|g| g.iter_mut().map(|g| &mut **g).collect());
-                self.inner.forward_batch(&seq_refs, &lora_slices, cache_refs)
+                self.inner
+                    .forward_batch(&seq_refs, &lora_slices, cache_refs)
             })
             .py()?;
-        Ok(logits.into_iter().map(|l| array1(py, l).into_any()).collect())
+        Ok(logits
+            .into_iter()
+            .map(|l| array1(py, l).into_any())
+            .collect())
     }
 
     /// Samples a token id: temperature, then the smallest set of tokens whose probability
     /// reaches `top_p`. Temperature 0 is greedy.
     #[pyo3(signature = (logits, temperature=0.8, top_p=0.95, seed=None))]
-    fn sample_top_p(&self, py: Python<'_>, logits: Vec<f32>, temperature: f32, top_p: f32, seed: Option<u64>) -> PyResult<u32> {
+    fn sample_top_p(
+        &self,
+        py: Python<'_>,
+        logits: Vec<f32>,
+        temperature: f32,
+        top_p: f32,
+        seed: Option<u64>,
+    ) -> PyResult<u32> {
         sample(py, &logits, Sampler::new(temperature, 0, top_p, seed))
     }
 
     /// Samples a token id among the `top_k` largest logits, after temperature. Temperature 0
     /// is greedy.
     #[pyo3(signature = (logits, temperature=0.8, top_k=40, seed=None))]
-    fn sample_top_k(&self, py: Python<'_>, logits: Vec<f32>, temperature: f32, top_k: usize, seed: Option<u64>) -> PyResult<u32> {
+    fn sample_top_k(
+        &self,
+        py: Python<'_>,
+        logits: Vec<f32>,
+        temperature: f32,
+        top_k: usize,
+        seed: Option<u64>,
+    ) -> PyResult<u32> {
         sample(py, &logits, Sampler::new(temperature, top_k, 1.0, seed))
     }
 
@@ -359,7 +406,17 @@ impl PyInference {
         lora: Option<&Bound<'_, PyAny>>,
         seed: Option<u64>,
     ) -> PyResult<Vec<u32>> {
-        let mut generator = self.generator(tokens, max_tokens, temperature, top_p, top_k, greedy, eos_token, lora, seed)?;
+        let mut generator = self.generator(
+            tokens,
+            max_tokens,
+            temperature,
+            top_p,
+            top_k,
+            greedy,
+            eos_token,
+            lora,
+            seed,
+        )?;
         let mut out = Vec::new();
         while let Some(token) = py.detach(|| generator.next_token()).py()? {
             out.push(token);
@@ -387,7 +444,17 @@ impl PyInference {
         lora: Option<&Bound<'_, PyAny>>,
         seed: Option<u64>,
     ) -> PyResult<PyTokenStream> {
-        let generator = self.generator(tokens, max_tokens, temperature, top_p, top_k, greedy, eos_token, lora, seed)?;
+        let generator = self.generator(
+            tokens,
+            max_tokens,
+            temperature,
+            top_p,
+            top_k,
+            greedy,
+            eos_token,
+            lora,
+            seed,
+        )?;
         Ok(PyTokenStream {
             inner: Mutex::new(generator),
         })

@@ -27,7 +27,9 @@ fn finite(name: &str, v: f32) -> PyResult<f32> {
     if v.is_finite() {
         Ok(v)
     } else {
-        Err(PyValueError::new_err(format!("{name} must be a finite number, got {v}")))
+        Err(PyValueError::new_err(format!(
+            "{name} must be a finite number, got {v}"
+        )))
     }
 }
 
@@ -46,12 +48,18 @@ impl PyLoRA {
         path: Option<PathBuf>,
     ) -> PyResult<PyLoRA> {
         let path = one_of(&["adapter", "file", "path"], vec![adapter, file, path])?;
-        let model = model.ok_or_else(|| PyTypeError::new_err("missing argument: model (the base lugh.Model)"))?;
+        let model = model
+            .ok_or_else(|| PyTypeError::new_err("missing argument: model (the base lugh.Model)"))?;
         let model = Arc::clone(&model.get().inner);
         let scale = finite("scale", scale)?;
         let loaded = py.detach(|| lora::load(&path, &model, scale)).py()?;
         for warning in &loaded.warnings {
-            PyErr::warn(py, &py.get_type::<PyUserWarning>(), &std::ffi::CString::new(warning.as_str())?, 1)?;
+            PyErr::warn(
+                py,
+                &py.get_type::<PyUserWarning>(),
+                &std::ffi::CString::new(warning.as_str())?,
+                1,
+            )?;
         }
         Ok(PyLoRA {
             inner: Arc::new(loaded.adapter),
@@ -77,11 +85,17 @@ impl PyLoRA {
             None => vec![Proj::AttnQ, Proj::AttnV],
             Some(t) => parse_targets(&t)?,
         };
-        let rank = usize::try_from(rank)
-            .map_err(|_| PyValueError::new_err(format!("invalid rank: {rank} is outside 1..={}", lora::MAX_RANK)))?;
+        let rank = usize::try_from(rank).map_err(|_| {
+            PyValueError::new_err(format!(
+                "invalid rank: {rank} is outside 1..={}",
+                lora::MAX_RANK
+            ))
+        })?;
         let model = Arc::clone(&model.get().inner);
         let (alpha, scale) = (finite("alpha", alpha)?, finite("scale", scale)?);
-        let adapter = py.detach(|| lora::create(&model, rank, alpha, scale, &targets, seed)).py()?;
+        let adapter = py
+            .detach(|| lora::create(&model, rank, alpha, scale, &targets, seed))
+            .py()?;
         Ok(PyLoRA {
             inner: Arc::new(adapter),
             model,
@@ -152,7 +166,9 @@ impl PyLoRA {
             Some(name) => {
                 let index = Slot::parse(name)
                     .and_then(|s| self.inner.pair_index(s))
-                    .ok_or_else(|| PyKeyError::new_err(format!("the adapter has no pair on '{name}'")))?;
+                    .ok_or_else(|| {
+                        PyKeyError::new_err(format!("the adapter has no pair on '{name}'"))
+                    })?;
                 Ok(self.inner.pairs()[index].rank)
             }
             None => self.inner.common_rank().ok_or_else(|| {
@@ -168,7 +184,8 @@ impl PyLoRA {
 
     /// Saves `adapter_model.safetensors` + `adapter_config.json` into `directory`.
     fn save_peft(&self, py: Python<'_>, directory: PathBuf) -> PyResult<()> {
-        py.detach(|| self.inner.save_peft(&self.model, &directory)).py()
+        py.detach(|| self.inner.save_peft(&self.model, &directory))
+            .py()
     }
 
     /// A trainable adapter with the same weights, alpha and scale.
@@ -186,12 +203,20 @@ impl PyLoRA {
         let half = match which {
             "a" | "A" => lora::Half::A,
             "b" | "B" => lora::Half::B,
-            other => return Err(PyValueError::new_err(format!("which must be \"a\" or \"b\", got {other:?}"))),
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "which must be \"a\" or \"b\", got {other:?}"
+                )))
+            }
         };
         crate::train::optim::require_trainable(&self.inner).py()?;
         let pair = Slot::parse(name)
             .and_then(|s| self.inner.pair_index(s))
-            .ok_or_else(|| PyValueError::new_err(format!("the adapter has no pair on '{name}' (see weight_names())")))?;
+            .ok_or_else(|| {
+                PyValueError::new_err(format!(
+                    "the adapter has no pair on '{name}' (see weight_names())"
+                ))
+            })?;
         Ok(super::train::PyTensor::param(crate::train::Param {
             adapter: Arc::clone(&self.inner),
             pair,
@@ -202,7 +227,10 @@ impl PyLoRA {
     /// Every adapter matrix: A0, B0, A1, B1, ... (trainable adapters only).
     fn trainable_parameters(&self) -> PyResult<Vec<super::train::PyTensor>> {
         let params = crate::train::Param::all_of(&self.inner).py()?;
-        Ok(params.into_iter().map(super::train::PyTensor::param).collect())
+        Ok(params
+            .into_iter()
+            .map(super::train::PyTensor::param)
+            .collect())
     }
 
     /// Clears the accumulated gradients of every pair.
@@ -226,7 +254,10 @@ fn parse_targets(obj: &Bound<'_, PyAny>) -> PyResult<Vec<Proj>> {
         vec![obj.extract()?]
     } else {
         obj.extract().map_err(|_| {
-            PyTypeError::new_err(format!("targets must be a sequence of names, got {}", type_name(obj)))
+            PyTypeError::new_err(format!(
+                "targets must be a sequence of names, got {}",
+                type_name(obj)
+            ))
         })?
     };
     names
@@ -257,7 +288,11 @@ pub fn merge(
     let adapters = adapters(Some(&loras))?;
     let out_type = out_type
         .map(|t| {
-            TensorType::from_name(t).ok_or_else(|| PyValueError::new_err(format!("invalid out_type '{t}' (e.g. \"f32\", \"f16\", \"q8_0\")")))
+            TensorType::from_name(t).ok_or_else(|| {
+                PyValueError::new_err(format!(
+                    "invalid out_type '{t}' (e.g. \"f32\", \"f16\", \"q8_0\")"
+                ))
+            })
         })
         .transpose()?;
     let model = Arc::clone(&model.get().inner);
@@ -303,9 +338,14 @@ pub fn batch_adapters(
     obj: Option<&Bound<'_, PyAny>>,
     n_sequences: usize,
 ) -> PyResult<Vec<Vec<Arc<LoraAdapter>>>> {
-    if let Some(list) = obj.filter(|o| o.is_instance_of::<PyList>() || o.is_instance_of::<PyTuple>()) {
+    if let Some(list) =
+        obj.filter(|o| o.is_instance_of::<PyList>() || o.is_instance_of::<PyTuple>())
+    {
         if list.len()? == n_sequences {
-            return list.try_iter()?.map(|entry| adapters(Some(&entry?))).collect();
+            return list
+                .try_iter()?
+                .map(|entry| adapters(Some(&entry?)))
+                .collect();
         }
     }
     let shared = adapters(obj)?;

@@ -33,7 +33,11 @@ pub fn one_of<T>(names: &[&str], values: Vec<Option<T>>) -> PyResult<T> {
         ))),
         _ => Err(PyTypeError::new_err(format!(
             "give only one of {}",
-            given.iter().map(|(i, _)| names[*i]).collect::<Vec<_>>().join(", ")
+            given
+                .iter()
+                .map(|(i, _)| names[*i])
+                .collect::<Vec<_>>()
+                .join(", ")
         ))),
     }
 }
@@ -131,7 +135,12 @@ impl PyModel {
 
     /// Tensor names in file order.
     fn tensor_names(&self) -> Vec<String> {
-        self.inner.file().tensors().iter().map(|t| t.name.clone()).collect()
+        self.inner
+            .file()
+            .tensors()
+            .iter()
+            .map(|t| t.name.clone())
+            .collect()
     }
 
     /// `{"type": "q4_k", "shape": [n_out, n_in], "n_bytes": int}`; KeyError if absent.
@@ -154,7 +163,12 @@ impl PyModel {
 
     /// Metadata keys in file order.
     fn kv_keys(&self) -> Vec<String> {
-        self.inner.file().metadata().iter().map(|(k, _)| k.clone()).collect()
+        self.inner
+            .file()
+            .metadata()
+            .iter()
+            .map(|(k, _)| k.clone())
+            .collect()
     }
 
     /// A metadata value (arrays as lists); KeyError if absent.

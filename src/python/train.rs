@@ -85,10 +85,7 @@ impl PyTensor {
     #[getter]
     fn grad<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
         match &self.kind {
-            TensorKind::Param(p) => p
-                .grad()
-                .map(|g| array2(py, g, p.shape()[1]))
-                .transpose(),
+            TensorKind::Param(p) => p.grad().map(|g| array2(py, g, p.shape()[1])).transpose(),
             _ => Ok(None),
         }
     }
@@ -98,7 +95,9 @@ impl PyTensor {
         match &self.kind {
             TensorKind::Param(p) => array2(py, p.data(), p.shape()[1]),
             TensorKind::Logits(l) => array2(py, l.logits.clone(), l.n_vocab),
-            TensorKind::Loss(l) => Ok(array1(py, vec![l.value as f32]).reshape(Vec::<usize>::new())?.into_any()),
+            TensorKind::Loss(l) => Ok(array1(py, vec![l.value as f32])
+                .reshape(Vec::<usize>::new())?
+                .into_any()),
         }
     }
 
@@ -130,7 +129,9 @@ impl PyTensor {
     fn item(&self) -> PyResult<f64> {
         match &self.kind {
             TensorKind::Loss(l) => Ok(l.value),
-            _ => Err(PyValueError::new_err("item() needs a one-element tensor (a loss)")),
+            _ => Err(PyValueError::new_err(
+                "item() needs a one-element tensor (a loss)",
+            )),
         }
     }
 
@@ -138,14 +139,16 @@ impl PyTensor {
     /// gradients. Runs once per loss; frees the forward's activations.
     fn backward(&self, py: Python<'_>) -> PyResult<()> {
         let TensorKind::Loss(loss) = &self.kind else {
-            return Err(PyRuntimeError::new_err("backward() starts from a loss (lugh.train.cross_entropy_loss)"));
+            return Err(PyRuntimeError::new_err(
+                "backward() starts from a loss (lugh.train.cross_entropy_loss)",
+            ));
         };
         let d_logits = lock(&loss.d_logits)
             .take()
             .ok_or_else(|| PyRuntimeError::new_err("backward() already ran for this loss"))?;
-        let graph = lock(&loss.logits.graph)
-            .take()
-            .ok_or_else(|| PyRuntimeError::new_err("the forward's activations were freed by an earlier backward"))?;
+        let graph = lock(&loss.logits.graph).take().ok_or_else(|| {
+            PyRuntimeError::new_err("the forward's activations were freed by an earlier backward")
+        })?;
         let inf = &loss.logits.inf;
         py.detach(|| graph.backward(inf, &d_logits)).py()
     }
@@ -162,11 +165,10 @@ impl PyTensor {
 /// Sequences from one token list or a list of token lists.
 fn sequences(obj: &Bound<'_, PyAny>) -> PyResult<Vec<Vec<u32>>> {
     let is_batch = (obj.is_instance_of::<PyList>() || obj.is_instance_of::<PyTuple>())
-        && obj
-            .try_iter()?
-            .next()
-            .transpose()?
-            .is_some_and(|first| !first.is_instance_of::<pyo3::types::PyInt>() && first.hasattr("__len__").unwrap_or(false));
+        && obj.try_iter()?.next().transpose()?.is_some_and(|first| {
+            !first.is_instance_of::<pyo3::types::PyInt>()
+                && first.hasattr("__len__").unwrap_or(false)
+        });
     if is_batch {
         obj.try_iter()?.map(|s| tokens(&s?)).collect()
     } else {
@@ -231,7 +233,8 @@ pub fn train_step(
     let inf = &inference.get().inner;
     py.detach(|| {
         let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-        TrainGraph::forward(inf, &refs, &adapters, checkpoint)?.loss_backward(inf, &targets, normalizer)
+        TrainGraph::forward(inf, &refs, &adapters, checkpoint)?
+            .loss_backward(inf, &targets, normalizer)
     })
     .py()
 }
@@ -247,7 +250,12 @@ fn step_targets(seqs: &[Vec<u32>], targets: Option<Vec<Vec<i64>>>) -> PyResult<V
         Some(t) => Ok(t.concat()),
         None => Ok(seqs
             .iter()
-            .flat_map(|s| s.iter().skip(1).map(|&t| t as i64).chain([crate::train::loss::IGNORE_INDEX]))
+            .flat_map(|s| {
+                s.iter()
+                    .skip(1)
+                    .map(|&t| t as i64)
+                    .chain([crate::train::loss::IGNORE_INDEX])
+            })
             .collect()),
     }
 }
@@ -277,14 +285,23 @@ pub fn eval_loss(
 /// Mean cross-entropy of `logits` (from `lugh.train.forward`) against `targets`, one per
 /// row; `-100` masks a row.
 #[pyfunction]
-pub fn cross_entropy_loss(py: Python<'_>, logits: &Bound<'_, PyTensor>, targets: &Bound<'_, PyAny>) -> PyResult<PyTensor> {
+pub fn cross_entropy_loss(
+    py: Python<'_>,
+    logits: &Bound<'_, PyTensor>,
+    targets: &Bound<'_, PyAny>,
+) -> PyResult<PyTensor> {
     let TensorKind::Logits(node) = &logits.get().kind else {
-        return Err(PyTypeError::new_err("logits must come from lugh.train.forward"));
+        return Err(PyTypeError::new_err(
+            "logits must come from lugh.train.forward",
+        ));
     };
     let targets: Vec<i64> = match targets.extract::<PyReadonlyArrayDyn<'_, i64>>() {
         Ok(a) => a.as_array().iter().copied().collect(),
         Err(_) => targets.extract().map_err(|_| {
-            PyTypeError::new_err(format!("targets must be a sequence of ints, got {}", type_name(targets)))
+            PyTypeError::new_err(format!(
+                "targets must be a sequence of ints, got {}",
+                type_name(targets)
+            ))
         })?,
     };
     let n_rows = node.logits.len() / node.n_vocab;
@@ -297,7 +314,9 @@ pub fn cross_entropy_loss(py: Python<'_>, logits: &Bound<'_, PyTensor>, targets:
     let n_scored = count_scored(&targets, node.n_vocab).py()?;
     let (value, d_logits) = py.detach(|| {
         let mut d = node.logits.clone();
-        let sum = node.inf.install(|| cross_entropy_in_place(&mut d, node.n_vocab, &targets, n_scored));
+        let sum = node
+            .inf
+            .install(|| cross_entropy_in_place(&mut d, node.n_vocab, &targets, n_scored));
         (sum / n_scored as f64, d)
     });
     Ok(PyTensor {
@@ -341,7 +360,13 @@ pub struct PyAdamW {
 impl PyAdamW {
     #[new]
     #[pyo3(signature = (params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01))]
-    fn new(params: &Bound<'_, PyAny>, lr: f32, betas: (f32, f32), eps: f32, weight_decay: f32) -> PyResult<Self> {
+    fn new(
+        params: &Bound<'_, PyAny>,
+        lr: f32,
+        betas: (f32, f32),
+        eps: f32,
+        weight_decay: f32,
+    ) -> PyResult<Self> {
         Ok(PyAdamW {
             inner: AdamW::new(self::params(params)?, lr, betas, eps, weight_decay).py()?,
         })
@@ -371,7 +396,12 @@ impl PyAdamW {
 
     #[getter]
     fn params(&self) -> Vec<PyTensor> {
-        self.inner.params.iter().cloned().map(PyTensor::param).collect()
+        self.inner
+            .params
+            .iter()
+            .cloned()
+            .map(PyTensor::param)
+            .collect()
     }
 
     /// Hyper-parameters and per-parameter moments, to resume training.
@@ -416,12 +446,20 @@ impl PyAdamW {
                     .ok_or_else(|| PyValueError::new_err(format!("state entry has no '{k}'")))?
                     .extract()?;
                 if !v.is_empty() && v.len() != n {
-                    return Err(PyValueError::new_err(format!("{}: '{k}' has {} values, expected {n}", param.name(), v.len())));
+                    return Err(PyValueError::new_err(format!(
+                        "{}: '{k}' has {} values, expected {n}",
+                        param.name(),
+                        v.len()
+                    )));
                 }
                 Ok(v)
             };
             states.push(AdamState {
-                step: entry.get_item("step")?.map(|s| s.extract()).transpose()?.unwrap_or(0),
+                step: entry
+                    .get_item("step")?
+                    .map(|s| s.extract())
+                    .transpose()?
+                    .unwrap_or(0),
                 exp_avg: moment("exp_avg")?,
                 exp_avg_sq: moment("exp_avg_sq")?,
             });
@@ -445,7 +483,13 @@ pub struct PySgd {
 impl PySgd {
     #[new]
     #[pyo3(signature = (params, lr=1e-3, momentum=0.0, nesterov=false, weight_decay=0.0))]
-    fn new(params: &Bound<'_, PyAny>, lr: f32, momentum: f32, nesterov: bool, weight_decay: f32) -> PyResult<Self> {
+    fn new(
+        params: &Bound<'_, PyAny>,
+        lr: f32,
+        momentum: f32,
+        nesterov: bool,
+        weight_decay: f32,
+    ) -> PyResult<Self> {
         Ok(PySgd {
             inner: Sgd::new(self::params(params)?, lr, momentum, nesterov, weight_decay).py()?,
         })
@@ -474,7 +518,12 @@ impl PySgd {
 
     #[getter]
     fn params(&self) -> Vec<PyTensor> {
-        self.inner.params.iter().cloned().map(PyTensor::param).collect()
+        self.inner
+            .params
+            .iter()
+            .cloned()
+            .map(PyTensor::param)
+            .collect()
     }
 
     fn state_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
@@ -502,7 +551,9 @@ impl PySgd {
         };
         let buffers: Vec<Option<Vec<f32>>> = get("momentum_buffer")?.extract()?;
         if buffers.len() != self.inner.params.len() {
-            return Err(PyValueError::new_err("state_dict is for another parameter list"));
+            return Err(PyValueError::new_err(
+                "state_dict is for another parameter list",
+            ));
         }
         self.inner.buffers = buffers;
         self.set_lr(get("lr")?.extract()?)?;
@@ -517,7 +568,9 @@ fn check_lr(lr: f32) -> PyResult<()> {
     if lr.is_finite() && lr >= 0.0 {
         Ok(())
     } else {
-        Err(PyValueError::new_err(format!("lr must be a finite number >= 0, got {lr}")))
+        Err(PyValueError::new_err(format!(
+            "lr must be a finite number >= 0, got {lr}"
+        )))
     }
 }
 

@@ -73,8 +73,13 @@ impl TrainGraph {
                 seqs: &graph.spans,
             };
             let mut caches: Vec<&mut KvCache> = graph.caches.iter_mut().collect();
-            inf.model()
-                .forward_train(&batch, &mut caches, &plan, &mut Workspace::default(), &mut graph.saved)
+            inf.model().forward_train(
+                &batch,
+                &mut caches,
+                &plan,
+                &mut Workspace::default(),
+                &mut graph.saved,
+            )
         })?;
         Ok(graph)
     }
@@ -86,7 +91,10 @@ impl TrainGraph {
     /// Every row's exact logits, `[n_tokens, n_vocab]`.
     pub fn logits(&self, inf: &Inference) -> Result<Vec<f32>> {
         let mut logits = vec![0f32; self.n_tokens() * inf.config().n_vocab];
-        inf.install(|| inf.model().logits_exact(&self.saved, 0..self.n_tokens(), &mut logits))?;
+        inf.install(|| {
+            inf.model()
+                .logits_exact(&self.saved, 0..self.n_tokens(), &mut logits)
+        })?;
         Ok(logits)
     }
 
@@ -94,7 +102,10 @@ impl TrainGraph {
     /// trainable adapter's gradients (they accumulate until `zero_grad`).
     pub fn backward(mut self, inf: &Inference, d_logits: &[f32]) -> Result<()> {
         let mut d_head_in = vec![0f32; self.n_tokens() * inf.config().n_embd];
-        inf.install(|| inf.model().head_backward(d_logits, 0..self.n_tokens(), &mut d_head_in))?;
+        inf.install(|| {
+            inf.model()
+                .head_backward(d_logits, 0..self.n_tokens(), &mut d_head_in)
+        })?;
         self.backward_from_head(inf, &d_head_in)
     }
 
@@ -102,7 +113,12 @@ impl TrainGraph {
     /// fused: logits exist one block of rows at a time. Gradients are of the loss summed over
     /// scored rows divided by `normalizer` (default: this batch's scored rows), so that
     /// micro-batches of one step can share one mean. Returns (summed loss, scored rows).
-    pub fn loss_backward(mut self, inf: &Inference, targets: &[i64], normalizer: Option<usize>) -> Result<(f64, usize)> {
+    pub fn loss_backward(
+        mut self,
+        inf: &Inference,
+        targets: &[i64],
+        normalizer: Option<usize>,
+    ) -> Result<(f64, usize)> {
         let mut d_head_in = vec![0f32; self.n_tokens() * inf.config().n_embd];
         let (sum, n_scored) = self.head_loss(inf, targets, normalizer, Some(&mut d_head_in))?;
         self.backward_from_head(inf, &d_head_in)?;
@@ -125,7 +141,11 @@ impl TrainGraph {
         if targets.len() != self.n_tokens() {
             return Err(Error::invalid(
                 "targets",
-                format!("{} targets for {} rows: give one target (or -100) per row", targets.len(), self.n_tokens()),
+                format!(
+                    "{} targets for {} rows: give one target (or -100) per row",
+                    targets.len(),
+                    self.n_tokens()
+                ),
             ));
         }
         let n_scored = count_scored(targets, config.n_vocab)?;
@@ -138,7 +158,12 @@ impl TrainGraph {
                 let rows = start..(start + LOSS_ROWS).min(self.n_tokens());
                 block.resize(rows.len() * config.n_vocab, 0.0);
                 model.logits_exact(&self.saved, rows.clone(), &mut block)?;
-                sum += cross_entropy_in_place(&mut block, config.n_vocab, &targets[rows.clone()], normalizer);
+                sum += cross_entropy_in_place(
+                    &mut block,
+                    config.n_vocab,
+                    &targets[rows.clone()],
+                    normalizer,
+                );
                 if let Some(d_head_in) = d_head_in.as_deref_mut() {
                     model.head_backward(&block, rows, d_head_in)?;
                 }
@@ -157,8 +182,14 @@ impl TrainGraph {
                 seqs: &self.spans,
             };
             let mut caches: Vec<&mut KvCache> = self.caches.iter_mut().collect();
-            inf.model()
-                .backward(&batch, &mut caches, &plan, &self.saved, d_head_in, &mut grads)
+            inf.model().backward(
+                &batch,
+                &mut caches,
+                &plan,
+                &self.saved,
+                d_head_in,
+                &mut grads,
+            )
         })?;
         for ((adapter_index, pair_index), (d_a, d_b)) in grads.grads {
             let mut pairs = self.adapters[adapter_index].pairs_mut();
@@ -185,7 +216,10 @@ fn plan(adapters: &[Arc<LoraAdapter>], n_rows: usize) -> LoraPlan<'_> {
     if adapters.is_empty() {
         return LoraPlan::none();
     }
-    LoraPlan::new(vec![(0..n_rows, adapters.iter().map(|a| a.as_ref()).collect())])
+    LoraPlan::new(vec![(
+        0..n_rows,
+        adapters.iter().map(|a| a.as_ref()).collect(),
+    )])
 }
 
 fn add(into: &mut [f32], values: &[f32]) {

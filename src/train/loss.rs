@@ -20,7 +20,10 @@ pub fn count_scored(targets: &[i64], n_vocab: usize) -> Result<usize> {
         n += 1;
     }
     if n == 0 {
-        return Err(Error::invalid("targets", "every position is masked (-100): nothing to score"));
+        return Err(Error::invalid(
+            "targets",
+            "every position is masked (-100): nothing to score",
+        ));
     }
     Ok(n)
 }
@@ -29,7 +32,12 @@ pub fn count_scored(targets: &[i64], n_vocab: usize) -> Result<usize> {
 /// `-log softmax(row)[target]` over scored rows and overwrites `logits` with
 /// dL/dlogits of the mean loss over `n_scored` positions: `(softmax − onehot) / n_scored`
 /// (zero for masked rows). Working in place keeps one block of rows in memory at a time.
-pub fn cross_entropy_in_place(logits: &mut [f32], n_vocab: usize, targets: &[i64], n_scored: usize) -> f64 {
+pub fn cross_entropy_in_place(
+    logits: &mut [f32],
+    n_vocab: usize,
+    targets: &[i64],
+    n_scored: usize,
+) -> f64 {
     let inv_n = 1.0 / n_scored as f64;
     logits
         .par_chunks_mut(n_vocab)
@@ -71,7 +79,10 @@ mod tests {
 
     #[test]
     fn bad_targets_are_refused() {
-        assert!(matches!(count_scored(&[3], 3), Err(Error::TokenOutOfRange { token: 3, .. })));
+        assert!(matches!(
+            count_scored(&[3], 3),
+            Err(Error::TokenOutOfRange { token: 3, .. })
+        ));
         assert!(count_scored(&[-5], 3).is_err());
         assert!(count_scored(&[IGNORE_INDEX], 3).is_err());
     }

@@ -71,7 +71,9 @@ impl Param {
     }
 
     pub fn grad(&self) -> Option<Vec<f32>> {
-        self.adapter.pairs()[self.pair].grad(self.half).map(<[f32]>::to_vec)
+        self.adapter.pairs()[self.pair]
+            .grad(self.half)
+            .map(<[f32]>::to_vec)
     }
 
     /// Zeroes this matrix's gradient (the pair's other half keeps its own).
@@ -135,13 +137,22 @@ pub struct AdamW {
 }
 
 impl AdamW {
-    pub fn new(params: Vec<Param>, lr: f32, betas: (f32, f32), eps: f32, weight_decay: f32) -> Result<AdamW> {
+    pub fn new(
+        params: Vec<Param>,
+        lr: f32,
+        betas: (f32, f32),
+        eps: f32,
+        weight_decay: f32,
+    ) -> Result<AdamW> {
         check_hyper("lr", lr)?;
         check_hyper("eps", eps)?;
         check_hyper("weight_decay", weight_decay)?;
         for (name, beta) in [("betas[0]", betas.0), ("betas[1]", betas.1)] {
             if !(0.0..1.0).contains(&beta) {
-                return Err(Error::invalid("betas", format!("{name} = {beta} is outside [0, 1)")));
+                return Err(Error::invalid(
+                    "betas",
+                    format!("{name} = {beta} is outside [0, 1)"),
+                ));
             }
         }
         let state = vec![AdamState::default(); params.len()];
@@ -198,12 +209,21 @@ pub struct Sgd {
 }
 
 impl Sgd {
-    pub fn new(params: Vec<Param>, lr: f32, momentum: f32, nesterov: bool, weight_decay: f32) -> Result<Sgd> {
+    pub fn new(
+        params: Vec<Param>,
+        lr: f32,
+        momentum: f32,
+        nesterov: bool,
+        weight_decay: f32,
+    ) -> Result<Sgd> {
         check_hyper("lr", lr)?;
         check_hyper("momentum", momentum)?;
         check_hyper("weight_decay", weight_decay)?;
         if nesterov && momentum == 0.0 {
-            return Err(Error::invalid("nesterov", "Nesterov momentum needs momentum > 0"));
+            return Err(Error::invalid(
+                "nesterov",
+                "Nesterov momentum needs momentum > 0",
+            ));
         }
         let buffers = vec![None; params.len()];
         Ok(Sgd {
@@ -245,7 +265,10 @@ fn check_hyper(name: &'static str, value: f32) -> Result<()> {
     if value.is_finite() && value >= 0.0 {
         Ok(())
     } else {
-        Err(Error::invalid(name, format!("{value} must be a finite number >= 0")))
+        Err(Error::invalid(
+            name,
+            format!("{value} must be a finite number >= 0"),
+        ))
     }
 }
 
@@ -270,6 +293,9 @@ pub fn clip_grad_norm(params: &[Param], max_norm: f32) -> f32 {
 /// Clamps every gradient element to `[-max_value, max_value]`.
 pub fn clip_grad_value(params: &[Param], max_value: f32) {
     for p in params {
-        p.with_grad_mut(|g| g.iter_mut().for_each(|v| *v = v.clamp(-max_value, max_value)));
+        p.with_grad_mut(|g| {
+            g.iter_mut()
+                .for_each(|v| *v = v.clamp(-max_value, max_value))
+        });
     }
 }
