@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional
 
-import gguf
 import numpy as np
+
+import gguf
 
 # (name, array) -> None to drop the tensor, or a (name, array) to write instead.
 TensorEdit = Callable[[str, np.ndarray], Optional[tuple]]
@@ -49,6 +50,21 @@ def rewrite(
     writer.write_tensors_to_file()
     writer.close()
     return dst
+
+
+def only(name: str, change: Callable[[np.ndarray], np.ndarray]) -> TensorEdit:
+    """Changes tensor `name`, keeps the others."""
+    return lambda n, a: (n, change(a) if n == name else a)
+
+
+def dropped(name: str) -> TensorEdit:
+    """Drops tensor `name`."""
+    return lambda n, a: None if n == name else (n, a)
+
+
+def renamed(old: str, new: str) -> TensorEdit:
+    """Replaces `old` by `new` in every tensor name."""
+    return lambda n, a: (n.replace(old, new), a)
 
 
 STRING = gguf.GGUFValueType.STRING

@@ -36,18 +36,24 @@ def test_greedy_generate_equals_an_argmax_loop_over_forward(demo):
     tokens = list(prompt)
     for _ in range(8):
         tokens.append(int(np.argmax(inf.forward(tokens))))
-    assert inf.generate(prompt, max_tokens=8, greedy=True, eos_token=-1) == tokens[len(prompt):]
-    assert inf.generate(prompt, max_tokens=8, temperature=0.0, eos_token=-1) == tokens[len(prompt):]
+    assert inf.generate(prompt, max_tokens=8, greedy=True, eos_token=-1) == tokens[len(prompt) :]
+    assert (
+        inf.generate(prompt, max_tokens=8, temperature=0.0, eos_token=-1) == tokens[len(prompt) :]
+    )
 
 
 def test_callback_streaming_and_eos():
     inf = lugh.Inference(model(DEMO_F16))
     case = GREEDY[DEMO_F16.name][1]
     seen = []
-    out = inf.generate(case["prompt_ids"], max_tokens=32, greedy=True, callback=lambda t, n: seen.append((t, n)))
+    out = inf.generate(
+        case["prompt_ids"], max_tokens=32, greedy=True, callback=lambda t, n: seen.append((t, n))
+    )
     assert out == case["greedy_ids"], "stops at EOS, which is not returned"
     assert seen == [(t, i + 1) for i, t in enumerate(out)]
-    stopped = inf.generate(case["prompt_ids"], max_tokens=32, greedy=True, callback=lambda t, n: n == 3)
+    stopped = inf.generate(
+        case["prompt_ids"], max_tokens=32, greedy=True, callback=lambda t, n: n == 3
+    )
     assert stopped == out[:3]
     assert list(inf.generate_iter(case["prompt_ids"], max_tokens=32, greedy=True)) == out
     stream = inf.generate_iter(case["prompt_ids"], max_tokens=32, greedy=True)
@@ -62,7 +68,10 @@ def test_sampling_is_seeded_and_filtered():
     a = inf.generate(prompt, max_tokens=12, temperature=1.0, seed=11, eos_token=-1)
     b = inf.generate(prompt, max_tokens=12, temperature=1.0, seed=11, eos_token=-1)
     assert a == b and len(a) == 12
-    assert any(inf.generate(prompt, max_tokens=12, temperature=1.0, seed=s, eos_token=-1) != a for s in range(12, 16))
+    assert any(
+        inf.generate(prompt, max_tokens=12, temperature=1.0, seed=s, eos_token=-1) != a
+        for s in range(12, 16)
+    )
     logits = inf.forward(prompt)
     top = np.argsort(-logits)
     assert inf.sample_top_k(logits, top_k=1, seed=1) == top[0]

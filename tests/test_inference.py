@@ -88,7 +88,9 @@ def test_pool_equals_forward(f32_inference, ref):
         expected = f32_inference.forward(tokens[:n])
         assert_close(f32_inference.forward_pool(pool, tokens[:n]), expected, 1e-6, "pool")
     pool.reset()
-    assert_close(f32_inference.forward_pool(pool, tokens), f32_inference.forward(tokens), 1e-6, "pool")
+    assert_close(
+        f32_inference.forward_pool(pool, tokens), f32_inference.forward(tokens), 1e-6, "pool"
+    )
 
 
 def test_tokens_accept_lists_and_numpy_arrays(f32_inference, ref):
@@ -119,7 +121,9 @@ def test_bad_tokens_and_arguments_raise(f32_inference):
 def test_cache_overflow_raises_and_keeps_the_cache(f32_inference):
     cache = f32_inference.create_kv_cache(n_ctx=4)
     f32_inference.forward_cache(cache, [1, 2, 3])
-    with pytest.raises(ValueError, match="context overflow: 5 positions needed, the context holds 4"):
+    with pytest.raises(
+        ValueError, match="context overflow: 5 positions needed, the context holds 4"
+    ):
         f32_inference.forward_cache(cache, [4, 5])
     assert cache.n_cached == 3
     cache.resize(8)
@@ -139,7 +143,11 @@ def test_cache_from_another_model_is_refused(f32_inference):
 def test_inference_properties(f32_inference):
     m = f32_inference.model
     assert f32_inference.n_ctx == m.n_ctx_train
-    assert (f32_inference.n_layer, f32_inference.n_head, f32_inference.n_embd) == (m.n_layer, m.n_head, m.n_embd)
+    assert (f32_inference.n_layer, f32_inference.n_head, f32_inference.n_embd) == (
+        m.n_layer,
+        m.n_head,
+        m.n_embd,
+    )
     assert lugh.Inference(m, n_ctx=64, n_threads=1).n_ctx == 64
     with pytest.raises(ValueError, match="n_threads"):
         lugh.Inference(m, n_threads=0)

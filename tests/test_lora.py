@@ -7,11 +7,11 @@ import json
 import shutil
 import warnings
 
-import gguf
 import numpy as np
 import pytest
 
 import craft
+import gguf
 import lugh
 from conftest import FIXTURES, assert_close, model, rel_err
 
@@ -50,11 +50,16 @@ def test_scale_zero_gives_the_base_exactly(f32_inference, ref, fixture_dir):
 
 
 def test_accessors(f32_inference, fixture_dir):
-    lora = lugh.LoRA(adapter=str(fixture_dir / "lora-qv.gguf"), model=f32_inference.model, scale=0.5)
+    lora = lugh.LoRA(
+        adapter=str(fixture_dir / "lora-qv.gguf"), model=f32_inference.model, scale=0.5
+    )
     assert lora.scale == 0.5
     assert lora.architecture == f32_inference.model.architecture
     assert lora.weight_names() == [
-        "blk.0.attn_q.weight", "blk.0.attn_v.weight", "blk.1.attn_q.weight", "blk.1.attn_v.weight"
+        "blk.0.attn_q.weight",
+        "blk.0.attn_v.weight",
+        "blk.1.attn_q.weight",
+        "blk.1.attn_v.weight",
     ]
     assert lora.rank("blk.1.attn_v.weight") == 8
     with pytest.raises(KeyError):
@@ -101,7 +106,9 @@ def test_cache_and_pool_paths_with_an_adapter_equal_forward_all(f32_inference, r
     steps = np.stack([f32_inference.forward_cache(cache, [t], lora=lora) for t in tokens])
     assert_close(steps, full, 1e-5, "cache with adapter")
     pool = f32_inference.create_memory_pool()
-    assert_close(f32_inference.forward_pool(pool, tokens, lora=lora), full[-1], 1e-5, "pool with adapter")
+    assert_close(
+        f32_inference.forward_pool(pool, tokens, lora=lora), full[-1], 1e-5, "pool with adapter"
+    )
 
 
 def test_several_adapters_add_up(f32_inference, ref, fixture_dir):
@@ -114,7 +121,10 @@ def test_several_adapters_add_up(f32_inference, ref, fixture_dir):
 
 def test_merge_equals_the_unmerged_forward(tmp_path, f32_inference, ref, fixture_dir):
     m = f32_inference.model
-    loras = [lugh.LoRA(fixture_dir / "lora-qv.gguf", m), lugh.LoRA(fixture_dir / "lora-all-peft", m, scale=0.5)]
+    loras = [
+        lugh.LoRA(fixture_dir / "lora-qv.gguf", m),
+        lugh.LoRA(fixture_dir / "lora-all-peft", m, scale=0.5),
+    ]
     unmerged = f32_inference.forward_all(ref["tokens"], lora=loras)
     for out_type, tol in ((None, 1e-5), ("f32", 1e-5), ("f16", 5e-3)):
         path = tmp_path / f"merged-{out_type}.gguf"
@@ -140,7 +150,9 @@ def test_merge_requantizes_to_the_base_type(tmp_path, fixture_dir):
         t = next(t for t in gguf.GGUFReader(file).tensors if t.name == name)
         return gguf.quants.dequantize(t.data, t.tensor_type).reshape(t.data.shape[0], -1)
 
-    adapter = {t.name: np.array(t.data) for t in gguf.GGUFReader(fixture_dir / "lora-qv.gguf").tensors}
+    adapter = {
+        t.name: np.array(t.data) for t in gguf.GGUFReader(fixture_dir / "lora-qv.gguf").tensors
+    }
     for name in ("blk.0.attn_q.weight", "blk.1.attn_v.weight"):
         a, b = adapter[f"{name}.lora_a"], adapter[f"{name}.lora_b"]
         expected = weights(fixture_dir / "base-q8_0.gguf", name) + (16.0 / 8) * b @ a
@@ -148,9 +160,13 @@ def test_merge_requantizes_to_the_base_type(tmp_path, fixture_dir):
         step = np.abs(expected).reshape(-1, 32).max(axis=1) / 127  # one q8_0 step per block
         err = np.abs(merged - expected).reshape(-1, 32).max(axis=1)
         # Half a step, plus the f16 rounding of the block scale (127 × 2^-11 of a step).
-        assert (err <= step * (0.5 + 127 / 2048)).all(), f"{name}: rounding beyond one q8_0 rounding"
+        assert (err <= step * (0.5 + 127 / 2048)).all(), (
+            f"{name}: rounding beyond one q8_0 rounding"
+        )
     untouched = "blk.0.ffn_up.weight"
-    assert np.array_equal(weights(path, untouched), weights(fixture_dir / "base-q8_0.gguf", untouched))
+    assert np.array_equal(
+        weights(path, untouched), weights(fixture_dir / "base-q8_0.gguf", untouched)
+    )
     with pytest.raises(ValueError, match="out_type"):
         lugh.merge(m, lora, tmp_path / "x.gguf", out_type="q9_9")
 
@@ -163,7 +179,12 @@ def test_save_round_trips(tmp_path, f32_inference, ref, fixture_dir):
     lora.save_peft(tmp_path / "peft")
     for path in (tmp_path / "a.gguf", tmp_path / "peft"):
         again = lugh.LoRA(path, m)
-        assert_close(f32_inference.forward_all(ref["tokens"], lora=again), expected, 1e-6, f"reloaded {path.name}")
+        assert_close(
+            f32_inference.forward_all(ref["tokens"], lora=again),
+            expected,
+            1e-6,
+            f"reloaded {path.name}",
+        )
     fields = gguf.GGUFReader(tmp_path / "a.gguf").fields
     assert fields["general.type"].contents() == "adapter"
     assert fields["adapter.type"].contents() == "lora"
@@ -172,11 +193,15 @@ def test_save_round_trips(tmp_path, f32_inference, ref, fixture_dir):
         lora.save(tmp_path / "a.bin")
 
 
-def test_save_peft_of_the_gguf_adapter_equals_the_original_peft_tensors(tmp_path, f32_inference, fixture_dir):
+def test_save_peft_of_the_gguf_adapter_equals_the_original_peft_tensors(
+    tmp_path, f32_inference, fixture_dir
+):
     safetensors_numpy = pytest.importorskip("safetensors.numpy")
     lora = lugh.LoRA(fixture_dir / "lora-all.gguf", f32_inference.model)
     lora.save_peft(tmp_path / "out")
-    original = safetensors_numpy.load_file(fixture_dir / "lora-all-peft" / "adapter_model.safetensors")
+    original = safetensors_numpy.load_file(
+        fixture_dir / "lora-all-peft" / "adapter_model.safetensors"
+    )
     saved = safetensors_numpy.load_file(tmp_path / "out" / "adapter_model.safetensors")
     assert sorted(saved) == sorted(original)
     for name, tensor in original.items():
@@ -186,6 +211,7 @@ def test_save_peft_of_the_gguf_adapter_equals_the_original_peft_tensors(tmp_path
 
 
 # --- PEFT options -------------------------------------------------------------------------
+
 
 def peft_copy(tmp_path, fixture_dir, name="all", **config_changes):
     dst = tmp_path / f"peft-{name}"
@@ -201,41 +227,68 @@ def test_rslora_scales_by_alpha_over_sqrt_rank(tmp_path, f32_inference, ref, fix
     # lora-all: r = 4, alpha = 8. rsLoRA: 8 / sqrt(4) = 4 = twice the 8 / 4 of plain LoRA.
     lora = lugh.LoRA(peft_copy(tmp_path, fixture_dir, use_rslora=True), f32_inference.model)
     assert lora.use_rslora
-    assert_close(f32_inference.forward_all(ref["tokens"], lora=lora), ref["all_scale2.0"], 1e-4, "rslora")
+    assert_close(
+        f32_inference.forward_all(ref["tokens"], lora=lora), ref["all_scale2.0"], 1e-4, "rslora"
+    )
     # Saved for llama.cpp as alpha * sqrt(r), so alpha / r gives the same factor.
     lora.save(tmp_path / "rs.gguf")
     assert gguf.GGUFReader(tmp_path / "rs.gguf").fields["adapter.lora.alpha"].contents() == 16.0
     again = lugh.LoRA(tmp_path / "rs.gguf", f32_inference.model)
-    assert_close(f32_inference.forward_all(ref["tokens"], lora=again), ref["all_scale2.0"], 1e-4, "rslora saved")
+    assert_close(
+        f32_inference.forward_all(ref["tokens"], lora=again),
+        ref["all_scale2.0"],
+        1e-4,
+        "rslora saved",
+    )
 
 
 def test_alpha_pattern_sets_alpha_per_module(tmp_path, f32_inference, ref, fixture_dir):
     modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     lora = lugh.LoRA(
-        peft_copy(tmp_path, fixture_dir, alpha_pattern={m: 16.0 for m in modules}), f32_inference.model
+        peft_copy(tmp_path, fixture_dir, alpha_pattern={m: 16.0 for m in modules}),
+        f32_inference.model,
     )
-    assert_close(f32_inference.forward_all(ref["tokens"], lora=lora), ref["all_scale2.0"], 1e-4, "alpha_pattern")
+    assert_close(
+        f32_inference.forward_all(ref["tokens"], lora=lora),
+        ref["all_scale2.0"],
+        1e-4,
+        "alpha_pattern",
+    )
     # Per-module alphas survive a GGUF save (folded into B) and a PEFT save.
-    half = lugh.LoRA(peft_copy(tmp_path, fixture_dir, name="qv", alpha_pattern={"v_proj": 32.0}), f32_inference.model)
+    half = lugh.LoRA(
+        peft_copy(tmp_path, fixture_dir, name="qv", alpha_pattern={"v_proj": 32.0}),
+        f32_inference.model,
+    )
     expected = f32_inference.forward_all(ref["tokens"], lora=half)
     assert rel_err(expected, ref["qv_scale1.0"]) > 1e-3
     half.save(tmp_path / "half.gguf")
     half.save_peft(tmp_path / "half-peft")
     for path in (tmp_path / "half.gguf", tmp_path / "half-peft"):
         again = lugh.LoRA(path, f32_inference.model)
-        assert_close(f32_inference.forward_all(ref["tokens"], lora=again), expected, 1e-5, f"alpha_pattern via {path.name}")
+        assert_close(
+            f32_inference.forward_all(ref["tokens"], lora=again),
+            expected,
+            1e-5,
+            f"alpha_pattern via {path.name}",
+        )
 
 
-def test_missing_config_warns_and_uses_alpha_equal_to_rank(tmp_path, f32_inference, ref, fixture_dir):
+def test_missing_config_warns_and_uses_alpha_equal_to_rank(
+    tmp_path, f32_inference, ref, fixture_dir
+):
     dst = peft_copy(tmp_path, fixture_dir)
     (dst / "adapter_config.json").unlink()
     with pytest.warns(UserWarning, match="alpha = rank"):
         lora = lugh.LoRA(dst, f32_inference.model)
     assert lora.alpha == 4.0
     # factor alpha / r = 1 = half the fixture's 8 / 4
-    assert_close(f32_inference.forward_all(ref["tokens"], lora=lora), ref["all_scale0.5"], 1e-4, "no config")
+    assert_close(
+        f32_inference.forward_all(ref["tokens"], lora=lora), ref["all_scale0.5"], 1e-4, "no config"
+    )
     lora.alpha = 8.0
-    assert_close(f32_inference.forward_all(ref["tokens"], lora=lora), ref["all_scale1.0"], 1e-4, "alpha set")
+    assert_close(
+        f32_inference.forward_all(ref["tokens"], lora=lora), ref["all_scale1.0"], 1e-4, "alpha set"
+    )
 
 
 @pytest.mark.parametrize(
@@ -249,7 +302,9 @@ def test_missing_config_warns_and_uses_alpha_equal_to_rank(tmp_path, f32_inferen
         ({"peft_type": "IA3"}, "IA3"),
     ],
 )
-def test_peft_options_that_change_the_math_are_refused(tmp_path, f32_inference, fixture_dir, change, option):
+def test_peft_options_that_change_the_math_are_refused(
+    tmp_path, f32_inference, fixture_dir, change, option
+):
     with pytest.raises(ValueError, match=option):
         lugh.LoRA(peft_copy(tmp_path, fixture_dir, **change), f32_inference.model)
 
@@ -266,6 +321,7 @@ def test_peft_lm_head_target_is_refused(tmp_path, f32_inference, fixture_dir):
 
 
 # --- validation errors, one hand-made file each ------------------------------------------------
+
 
 def test_format_comes_from_the_path(tmp_path, f32_inference, fixture_dir):
     other = tmp_path / "adapter.bin"
@@ -286,62 +342,95 @@ def test_a_model_file_is_not_an_adapter(f32_inference, fixture_dir):
 
 
 def test_adapter_type_must_be_lora(tmp_path, f32_inference, fixture_dir):
-    bad = craft.rewrite(fixture_dir / "lora-qv.gguf", tmp_path / "cv.gguf",
-                        set_kv={"adapter.type": ("control_vector", craft.STRING)})
+    bad = craft.rewrite(
+        fixture_dir / "lora-qv.gguf",
+        tmp_path / "cv.gguf",
+        set_kv={"adapter.type": ("control_vector", craft.STRING)},
+    )
     with pytest.raises(ValueError, match="not a LoRA adapter: adapter.type is 'control_vector'"):
         lugh.LoRA(bad, f32_inference.model)
 
 
 def test_architecture_mismatch():
     llama, qwen = FIXTURES / "tiny-llama", FIXTURES / "tiny-qwen2"
-    with pytest.raises(ValueError, match="adapter architecture 'llama' does not match the model's 'qwen2'"):
+    with pytest.raises(
+        ValueError, match="adapter architecture 'llama' does not match the model's 'qwen2'"
+    ):
         lugh.LoRA(llama / "lora-qv.gguf", model(qwen / "base-f32.gguf"))
 
 
 def test_a_without_b(tmp_path, f32_inference, fixture_dir):
-    bad = craft.rewrite(fixture_dir / "lora-qv.gguf", tmp_path / "half.gguf",
-                        edit=lambda n, a: None if n == "blk.1.attn_v.weight.lora_b" else (n, a))
+    bad = craft.rewrite(
+        fixture_dir / "lora-qv.gguf",
+        tmp_path / "half.gguf",
+        edit=craft.dropped("blk.1.attn_v.weight.lora_b"),
+    )
     with pytest.raises(ValueError, match="'blk.1.attn_v.weight' has lora_a but no lora_b"):
         lugh.LoRA(bad, f32_inference.model)
 
 
 def test_base_tensor_that_does_not_exist(tmp_path, f32_inference, fixture_dir):
-    rename = lambda n, a: (n.replace("blk.1.", "blk.7."), a)  # noqa: E731
-    bad = craft.rewrite(fixture_dir / "lora-qv.gguf", tmp_path / "deep.gguf", edit=rename)
+    deeper = craft.renamed("blk.1.", "blk.7.")
+    bad = craft.rewrite(fixture_dir / "lora-qv.gguf", tmp_path / "deep.gguf", edit=deeper)
     with pytest.raises(ValueError, match="'blk.7.attn_q.weight' has no base tensor"):
         lugh.LoRA(bad, f32_inference.model)
 
 
 def test_shapes_that_do_not_fit(tmp_path, f32_inference, fixture_dir):
-    cut_in = lambda n, a: (n, a[:, :128]) if n == "blk.0.attn_q.weight.lora_a" else (n, a)  # noqa: E731
+    cut_in = craft.only("blk.0.attn_q.weight.lora_a", lambda a: a[:, :128])
     bad = craft.rewrite(fixture_dir / "lora-qv.gguf", tmp_path / "in.gguf", edit=cut_in)
-    with pytest.raises(ValueError, match=r"'blk.0.attn_q.weight' does not fit: lora_a \[8, 128\] and lora_b \[256, 8\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"'blk.0.attn_q.weight' does not fit: lora_a \[8, 128\] and lora_b \[256, 8\]",
+    ):
         lugh.LoRA(bad, f32_inference.model)
-    cut_rank = lambda n, a: (n, a[:, :4]) if n == "blk.0.attn_v.weight.lora_b" else (n, a)  # noqa: E731
+    cut_rank = craft.only("blk.0.attn_v.weight.lora_b", lambda a: a[:, :4])
     bad = craft.rewrite(fixture_dir / "lora-qv.gguf", tmp_path / "rank.gguf", edit=cut_rank)
     with pytest.raises(ValueError, match=r"lora_a \[8, 256\] and lora_b \[128, 4\]"):
         lugh.LoRA(bad, f32_inference.model)
     # ffn pairs of tiny-llama (n_ff 512) do not fit the demo model (n_ff 768)
     with pytest.raises(ValueError, match="another base model"):
-        lugh.LoRA(fixture_dir.parent / "tiny-llama" / "lora-all.gguf", model(FIXTURES / "models" / "lugh-demo-4m-q8_0.gguf"))
+        lugh.LoRA(
+            fixture_dir.parent / "tiny-llama" / "lora-all.gguf",
+            model(FIXTURES / "models" / "lugh-demo-4m-q8_0.gguf"),
+        )
 
 
-def test_norm_tensors_are_ignored_and_unknown_tensors_refused(tmp_path, f32_inference, ref, fixture_dir):
+def test_norm_tensors_are_ignored_and_unknown_tensors_refused(
+    tmp_path, f32_inference, ref, fixture_dir
+):
     norm = np.ones(256, np.float32)
-    ok = craft.rewrite(fixture_dir / "lora-qv.gguf", tmp_path / "norm.gguf", extra=(("blk.0.attn_norm.weight", norm),))
+    ok = craft.rewrite(
+        fixture_dir / "lora-qv.gguf",
+        tmp_path / "norm.gguf",
+        extra=(("blk.0.attn_norm.weight", norm),),
+    )
     lora = lugh.LoRA(ok, f32_inference.model)
-    assert_close(f32_inference.forward_all(ref["tokens"], lora=lora), ref["qv_scale1.0"], 1e-4, "norm ignored")
-    bad = craft.rewrite(fixture_dir / "lora-qv.gguf", tmp_path / "odd.gguf", extra=(("blk.0.attn_q.weight.lora_c", norm),))
+    assert_close(
+        f32_inference.forward_all(ref["tokens"], lora=lora),
+        ref["qv_scale1.0"],
+        1e-4,
+        "norm ignored",
+    )
+    bad = craft.rewrite(
+        fixture_dir / "lora-qv.gguf",
+        tmp_path / "odd.gguf",
+        extra=(("blk.0.attn_q.weight.lora_c", norm),),
+    )
     with pytest.raises(ValueError, match="neither a lora_a nor a lora_b"):
         lugh.LoRA(bad, f32_inference.model)
 
 
 def test_adapter_without_alpha_behaves_like_llama_cpp(tmp_path, f32_inference, ref, fixture_dir):
     """llama.cpp: no adapter.lora.alpha -> the factor is the user scale alone."""
-    bare = craft.rewrite(fixture_dir / "lora-qv.gguf", tmp_path / "bare.gguf", drop_kv=("adapter.lora.alpha",))
+    bare = craft.rewrite(
+        fixture_dir / "lora-qv.gguf", tmp_path / "bare.gguf", drop_kv=("adapter.lora.alpha",)
+    )
     lora = lugh.LoRA(bare, f32_inference.model, scale=2.0)  # 2.0 == alpha / rank = 16 / 8
     assert lora.alpha == 0.0
-    assert_close(f32_inference.forward_all(ref["tokens"], lora=lora), ref["qv_scale1.0"], 1e-4, "no alpha")
+    assert_close(
+        f32_inference.forward_all(ref["tokens"], lora=lora), ref["qv_scale1.0"], 1e-4, "no alpha"
+    )
 
 
 def test_an_adapter_cannot_run_on_a_model_of_another_shape(fixture_dir):

@@ -49,7 +49,11 @@ def test_tensor_table_and_metadata(fixture_dir, meta):
 
 def test_aliases_and_without_mmap_give_the_same_model():
     path = FIXTURES / "tiny-llama" / "base-q4_0.gguf"
-    for m in (lugh.Model(model=str(path)), lugh.Model(file=path), lugh.Model(path=path, use_mmap=False)):
+    for m in (
+        lugh.Model(model=str(path)),
+        lugh.Model(file=path),
+        lugh.Model(path=path, use_mmap=False),
+    ):
         assert m.n_layer == 2
     a = lugh.Inference(lugh.Model(path)).forward([1, 2, 3])
     b = lugh.Inference(lugh.Model(path, use_mmap=False)).forward([1, 2, 3])

@@ -3,10 +3,10 @@ PyTorch's update rules and loss curve, finite differences on a quantized base, s
 
 from __future__ import annotations
 
-import gguf
 import numpy as np
 import pytest
 
+import gguf
 import lugh
 from conftest import assert_close, model
 
@@ -36,16 +36,28 @@ def test_create_shapes_order_and_a_new_adapter_changes_nothing(f32_inference, re
     t = lugh.LoRA.create(m, rank=8, alpha=16.0, targets=("attn_v", "ffn_down"), seed=3)
     assert (t.format, t.trainable, t.rank(), t.alpha, t.scale) == ("trainable", True, 8, 16.0, 1.0)
     assert t.weight_names() == [
-        "blk.0.attn_v.weight", "blk.0.ffn_down.weight", "blk.1.attn_v.weight", "blk.1.ffn_down.weight"
+        "blk.0.attn_v.weight",
+        "blk.0.ffn_down.weight",
+        "blk.1.attn_v.weight",
+        "blk.1.ffn_down.weight",
     ]
     params = t.trainable_parameters()
-    assert [p.shape for p in params[:4]] == [[8, m.n_embd], [m.n_head_kv * m.head_dim, 8], [8, m.n_ff], [m.n_embd, 8]]
+    assert [p.shape for p in params[:4]] == [
+        [8, m.n_embd],
+        [m.n_head_kv * m.head_dim, 8],
+        [8, m.n_ff],
+        [m.n_embd, 8],
+    ]
     a = params[0].numpy()
     bound = 1 / np.sqrt(m.n_embd)
-    assert np.abs(a).max() <= bound and np.abs(a).max() > 0.9 * bound, "Kaiming-uniform bound 1/sqrt(in)"
+    assert np.abs(a).max() <= bound and np.abs(a).max() > 0.9 * bound, (
+        "Kaiming-uniform bound 1/sqrt(in)"
+    )
     assert not params[1].numpy().any(), "B starts at zero"
     assert params[0].grad is None and params[0].requires_grad
-    assert np.array_equal(f32_inference.forward_all(ref["tokens"], lora=t), f32_inference.forward_all(ref["tokens"]))
+    assert np.array_equal(
+        f32_inference.forward_all(ref["tokens"], lora=t), f32_inference.forward_all(ref["tokens"])
+    )
     same = lugh.LoRA.create(m, rank=8, alpha=16.0, targets=("attn_v", "ffn_down"), seed=3)
     assert np.array_equal(same.trainable_parameters()[0].numpy(), a)
     other = lugh.LoRA.create(m, rank=8, targets=("attn_v", "ffn_down"), seed=4)
@@ -60,7 +72,10 @@ def test_create_shapes_order_and_a_new_adapter_changes_nothing(f32_inference, re
     [
         ({"rank": 0}, "rank"),
         ({"rank": 257}, "rank"),
-        ({"targets": ("attn_q", "lm_head")}, "attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down"),
+        (
+            {"targets": ("attn_q", "lm_head")},
+            "attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down",
+        ),
         ({"targets": ()}, "targets"),
         ({"targets": ("attn_q", "attn_q")}, "twice"),
     ],
@@ -72,7 +87,12 @@ def test_create_refuses_bad_arguments(f32_inference, kwargs, message):
 
 def test_tensors_are_views_of_the_adapter(f32_inference, ref, fixture_dir):
     t = copy_of_lora_all(f32_inference, fixture_dir)
-    assert_close(f32_inference.forward_all(ref["tokens"], lora=t), ref["all_scale1.0"], 1e-4, "copied weights")
+    assert_close(
+        f32_inference.forward_all(ref["tokens"], lora=t),
+        ref["all_scale1.0"],
+        1e-4,
+        "copied weights",
+    )
     b = t.get_weight_tensor("blk.0.attn_q.weight", "B")
     values = b.numpy()
     values[:] = 0  # a copy: the adapter does not change
@@ -95,7 +115,12 @@ def test_loaded_adapters_are_not_trainable_but_copies_are(f32_inference, ref, fi
         loaded.trainable_parameters()
     copy = loaded.trainable_copy()
     assert (copy.trainable, copy.format, copy.alpha, copy.scale) == (True, "trainable", 8.0, 0.5)
-    assert_close(f32_inference.forward_all(ref["tokens"], lora=copy), ref["all_scale0.5"], 1e-4, "trainable copy")
+    assert_close(
+        f32_inference.forward_all(ref["tokens"], lora=copy),
+        ref["all_scale0.5"],
+        1e-4,
+        "trainable copy",
+    )
 
 
 def test_gradients_equal_pytorch(f32_inference, ref, grads_ref, fixture_dir):
@@ -116,10 +141,14 @@ def test_gradients_equal_pytorch(f32_inference, ref, grads_ref, fixture_dir):
         loss.backward()
 
 
-def test_fused_step_checkpointing_and_accumulation_give_the_same_gradients(f32_inference, ref, grads_ref, fixture_dir):
+def test_fused_step_checkpointing_and_accumulation_give_the_same_gradients(
+    f32_inference, ref, grads_ref, fixture_dir
+):
     tokens = ref["tokens"].tolist()
     reference = copy_of_lora_all(f32_inference, fixture_dir)
-    lugh.train.cross_entropy_loss(lugh.train.forward(f32_inference, tokens, reference), next_token_targets(tokens)).backward()
+    lugh.train.cross_entropy_loss(
+        lugh.train.forward(f32_inference, tokens, reference), next_token_targets(tokens)
+    ).backward()
     expected = [p.grad for p in reference.trainable_parameters()]
     for checkpoint in (False, True):
         t = copy_of_lora_all(f32_inference, fixture_dir)
@@ -156,12 +185,16 @@ def test_a_batch_of_different_lengths_averages_over_its_tokens(f32_inference, re
 
 def test_adamw_reproduces_the_pytorch_loss_curve(f32_inference, grads_ref, fixture_dir):
     t = lugh.LoRA(fixture_dir / "lora-all.gguf", f32_inference.model).trainable_copy()
-    opt = lugh.optim.AdamW(t.trainable_parameters(), lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    opt = lugh.optim.AdamW(
+        t.trainable_parameters(), lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0
+    )
     tokens = grads_ref["train_tokens"]
     curve = []
     for _ in range(20):
         opt.zero_grad()
-        loss = lugh.train.cross_entropy_loss(lugh.train.forward(f32_inference, tokens, t), next_token_targets(tokens))
+        loss = lugh.train.cross_entropy_loss(
+            lugh.train.forward(f32_inference, tokens, t), next_token_targets(tokens)
+        )
         curve.append(loss.item())
         loss.backward()
         opt.step()
@@ -294,7 +327,9 @@ def test_save_and_load_give_identical_logits(tmp_path, f32_inference, ref):
     t.save_peft(tmp_path / "peft")
     for path in (tmp_path / "t.gguf", tmp_path / "peft"):
         again = lugh.LoRA(path, f32_inference.model)
-        assert np.array_equal(f32_inference.forward_all(ref["tokens"], lora=again), expected), path.name
+        assert np.array_equal(f32_inference.forward_all(ref["tokens"], lora=again), expected), (
+            path.name
+        )
 
 
 def test_trainer_lowers_the_loss(f32_inference, ref):

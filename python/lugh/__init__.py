@@ -5,16 +5,18 @@ llama.cpp GGUF files or PEFT directories, inference with the GIL released, and t
 hand-written backward pass whose gradients match PyTorch's.
 """
 
+from lugh import autograd, optim, train
 from lugh._lugh import (
     Inference,
     KVCache,
     LoRA,
     MemoryPool,
     Model,
+    Tokenizer,
+    TokenStream,
     __version__,
     merge,
 )
-from lugh import autograd, optim, train
 
 __all__ = [
     "Inference",
@@ -22,6 +24,8 @@ __all__ = [
     "LoRA",
     "MemoryPool",
     "Model",
+    "TokenStream",
+    "Tokenizer",
     "__version__",
     "autograd",
     "merge",

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Callable, Union
 
 from lugh._lugh import cross_entropy_loss, eval_loss, forward, train_step
 from lugh.optim import AdamW, LRScheduler, clip_grad_norm
@@ -34,8 +35,8 @@ class StepReport:
     tokens: int
     tokens_per_s: float
     elapsed_s: float
-    grad_norm: Optional[float] = None
-    eval_loss: Optional[float] = None
+    grad_norm: float | None = None
+    eval_loss: float | None = None
 
 
 class Trainer:
@@ -57,7 +58,7 @@ class Trainer:
         batch_size: int = 4,
         seq_len: int = 256,
         grad_accum: int = 1,
-        max_grad_norm: Optional[float] = 1.0,
+        max_grad_norm: float | None = 1.0,
         schedule: str = "constant",
         warmup_steps: int = 0,
         checkpoint: bool = False,
@@ -121,11 +122,11 @@ class Trainer:
         self,
         data: Data,
         *,
-        steps: Optional[int] = None,
-        epochs: Optional[int] = None,
-        eval_data: Optional[Data] = None,
+        steps: int | None = None,
+        epochs: int | None = None,
+        eval_data: Data | None = None,
         eval_every: int = 0,
-        callback: Optional[Callable[[StepReport], Optional[bool]]] = None,
+        callback: Callable[[StepReport], bool | None] | None = None,
     ) -> list:
         """Trains for `steps` optimizer steps or `epochs` passes (one of them; default one
         epoch). `callback(report)` runs after each step; a true return stops training.
@@ -154,7 +155,11 @@ class Trainer:
             loss_sum = 0.0
             for batch in batches:
                 loss, _ = train_step(
-                    self.inference, batch, self.lora, normalizer=normalizer, checkpoint=self.checkpoint
+                    self.inference,
+                    batch,
+                    self.lora,
+                    normalizer=normalizer,
+                    checkpoint=self.checkpoint,
                 )
                 loss_sum += loss
             grad_norm = None

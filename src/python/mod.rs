@@ -6,6 +6,7 @@ mod errors;
 mod inference;
 mod lora;
 mod model;
+mod tokenizer;
 mod train;
 
 use pyo3::prelude::*;
@@ -19,6 +20,7 @@ fn _lugh(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<inference::PyMemoryPool>()?;
     m.add_class::<inference::PyTokenStream>()?;
     m.add_class::<lora::PyLoRA>()?;
+    m.add_class::<tokenizer::PyTokenizer>()?;
     m.add_function(wrap_pyfunction!(lora::merge, m)?)?;
     m.add_class::<train::PyTensor>()?;
     m.add_class::<train::PyAdamW>()?;

@@ -1,0 +1,62 @@
+//! `lugh.Tokenizer`.
+
+use pyo3::prelude::*;
+
+use super::errors::IntoPyResult;
+use super::model::PyModel;
+use crate::tokenizer::Tokenizer;
+
+/// The model's tokenizer, read from its GGUF metadata (SentencePiece or byte-level BPE),
+/// giving the same ids as llama.cpp.
+#[pyclass(name = "Tokenizer", module = "lugh", frozen)]
+pub struct PyTokenizer {
+    inner: Tokenizer,
+}
+
+#[pymethods]
+impl PyTokenizer {
+    #[new]
+    fn new(py: Python<'_>, model: Bound<'_, PyModel>) -> PyResult<Self> {
+        let model = &model.get().inner;
+        let inner = py.detach(|| Tokenizer::from_gguf(model.file())).py()?;
+        Ok(PyTokenizer { inner })
+    }
+
+    /// Token ids of `text`. `add_bos` adds the special tokens the vocabulary asks for (BOS
+    /// for LLaMA); `parse_special` turns special-token texts such as "<s>" into their ids.
+    #[pyo3(signature = (text, add_bos=true, parse_special=false))]
+    fn encode(&self, py: Python<'_>, text: &str, add_bos: bool, parse_special: bool) -> Vec<u32> {
+        py.detach(|| self.inner.encode(text, add_bos, parse_special))
+    }
+
+    /// The text of `ids` (special tokens dropped; invalid UTF-8 becomes U+FFFD).
+    fn decode(&self, py: Python<'_>, ids: Vec<u32>) -> PyResult<String> {
+        py.detach(|| self.inner.decode(&ids)).py()
+    }
+
+    /// The text of one token (a byte token may be part of a character).
+    fn token_to_piece(&self, id: u32) -> PyResult<String> {
+        let bytes = self.inner.token_to_piece(id, true).py()?;
+        Ok(String::from_utf8_lossy(bytes).into_owned())
+    }
+
+    /// Whether `id` ends generation (EOS, EOT, ...).
+    fn is_eog(&self, id: u32) -> bool {
+        self.inner.is_eog(id)
+    }
+
+    #[getter]
+    fn n_vocab(&self) -> usize {
+        self.inner.n_vocab()
+    }
+
+    #[getter]
+    fn bos_id(&self) -> Option<u32> {
+        self.inner.bos_id()
+    }
+
+    #[getter]
+    fn eos_id(&self) -> Option<u32> {
+        self.inner.eos_id()
+    }
+}

@@ -1,0 +1,260 @@
+"""The `lugh` command line on the tiny fixtures: every command, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import lugh
+from conftest import DEMO_F16, FIXTURES, assert_close
+from lugh.cli import main
+
+LLAMA = FIXTURES / "tiny-llama"
+
+
+def run(capsys, *argv) -> tuple:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_info(capsys):
+    code, out, _ = run(capsys, "info", LLAMA / "base-q4_k_m.gguf")
+    assert code == 0
+    assert "architecture  llama" in out
+    assert "heads         4 query, 2 key/value, 64 per head" in out
+    assert "blk.1.ffn_down.weight" in out and "q4_k" in out
+
+
+def test_generate_streams_the_greedy_continuation(capsys):
+    code, out, _ = run(
+        capsys,
+        "generate",
+        "--model",
+        DEMO_F16,
+        "--prompt",
+        "Return the",
+        "-n",
+        "11",
+        "--temperature",
+        "0",
+    )
+    assert code == 0
+    assert out.strip() == "Return the current size of the currently selected data."
+
+
+def test_generate_with_adapters(capsys):
+    args = ["generate", "-m", LLAMA / "base-f32.gguf", "-p", "x", "-n", "4", "--temperature", "0"]
+    code, with_lora, _ = run(
+        capsys,
+        *args,
+        "--lora",
+        LLAMA / "lora-qv.gguf",
+        "--lora-scale",
+        "1.0",
+        "--lora",
+        LLAMA / "lora-all-peft",
+        "--lora-scale",
+        "0.0",
+    )
+    assert code == 0
+    code, silent, _ = run(capsys, *args, "--lora", LLAMA / "lora-qv.gguf", "--lora-scale", "0")
+    code, base, _ = run(capsys, *args)
+    assert silent == base
+
+
+def test_finetune_convert_and_merge(tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text(
+        "\n".join(
+            json.dumps({"text": f"Return the value number {i} of the list."}) for i in range(12)
+        )
+    )
+    out = tmp_path / "a.gguf"
+    code, _, err = run(
+        capsys,
+        "finetune",
+        "-m",
+        DEMO_F16,
+        "--data",
+        data,
+        "--rank",
+        "4",
+        "--alpha",
+        "8",
+        "--targets",
+        "attn_q,attn_v",
+        "--steps",
+        "3",
+        "--lr",
+        "1e-3",
+        "--batch",
+        "2",
+        "--seq-len",
+        "16",
+        "--eval-every",
+        "2",
+        "--out",
+        out,
+        "--peft-out",
+        tmp_path / "peft",
+    )
+    assert code == 0, err
+    assert "eval loss" in err and "final loss" in err
+    m = lugh.Model(DEMO_F16)
+    trained = lugh.LoRA(out, m)
+    assert (trained.rank(), trained.n_weights) == (4, 8)
+
+    # convert round trips PEFT -> GGUF -> PEFT with equal tensors
+    st = pytest.importorskip("safetensors.numpy")
+    peft = LLAMA / "lora-all-peft"
+    code, _, err = run(
+        capsys, "convert", peft, "-m", LLAMA / "base-f32.gguf", "--out", tmp_path / "c.gguf"
+    )
+    assert code == 0, err
+    code, _, err = run(
+        capsys,
+        "convert",
+        tmp_path / "c.gguf",
+        "-m",
+        LLAMA / "base-f32.gguf",
+        "--peft-out",
+        tmp_path / "back",
+    )
+    assert code == 0, err
+    original = st.load_file(peft / "adapter_model.safetensors")
+    back = st.load_file(tmp_path / "back" / "adapter_model.safetensors")
+    assert sorted(back) == sorted(original)
+    for name, tensor in original.items():
+        assert np.array_equal(back[name], tensor), name
+
+    merged = tmp_path / "merged.gguf"
+    code, _, err = run(
+        capsys,
+        "merge",
+        "-m",
+        LLAMA / "base-f32.gguf",
+        "--lora",
+        LLAMA / "lora-qv.gguf",
+        "--out",
+        merged,
+    )
+    assert code == 0, err
+    ref = np.load(LLAMA / "reference_logits.npz")
+    assert_close(
+        lugh.Inference(lugh.Model(merged)).forward_all(ref["tokens"]),
+        ref["qv_scale1.0"],
+        1e-4,
+        "merged by the CLI",
+    )
+
+
+def test_plain_text_data_and_continued_training(tmp_path, capsys):
+    data = tmp_path / "data.txt"
+    data.write_text("Open the file.\n\nRead the first line.\n\nClose the file again.\n")
+    code, _, err = run(
+        capsys,
+        "finetune",
+        "-m",
+        DEMO_F16,
+        "--data",
+        data,
+        "--steps",
+        "2",
+        "--seq-len",
+        "8",
+        "--lora",
+        LLAMA.parent / "models" / "missing.gguf",
+        "--out",
+        tmp_path / "x.gguf",
+    )
+    assert code == 1 and "missing.gguf" in err
+    code, _, err = run(
+        capsys,
+        "finetune",
+        "-m",
+        DEMO_F16,
+        "--data",
+        data,
+        "--steps",
+        "2",
+        "--seq-len",
+        "8",
+        "--out",
+        tmp_path / "x.gguf",
+    )
+    assert code == 0, err
+    code, _, err = run(
+        capsys,
+        "finetune",
+        "-m",
+        DEMO_F16,
+        "--data",
+        data,
+        "--steps",
+        "2",
+        "--seq-len",
+        "8",
+        "--lora",
+        tmp_path / "x.gguf",
+        "--out",
+        tmp_path / "y.gguf",
+    )
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["info", "/no/such/model.gguf"], "No such file"),
+        (
+            ["generate", "-m", str(LLAMA / "lora-qv.gguf"), "-p", "x"],
+            "no tensor weights|not a|token_embd",
+        ),
+        (
+            ["convert", str(LLAMA / "lora-qv.gguf"), "-m", str(LLAMA / "base-f32.gguf")],
+            "give one of",
+        ),
+        (
+            [
+                "merge",
+                "-m",
+                str(LLAMA / "base-f32.gguf"),
+                "--lora",
+                str(LLAMA / "lora-qv.gguf"),
+                "--lora-scale",
+                "1",
+                "--lora-scale",
+                "2",
+                "--out",
+                "/tmp/never.gguf",
+            ],
+            "2 --lora-scale values for 1",
+        ),
+    ],
+)
+def test_errors_are_one_line_without_traceback(capsys, argv, message):
+    import re
+
+    code, _, err = run(capsys, *argv)
+    assert code == 1
+    assert err.startswith("lugh: error: ") and err.count("\n") == 1, err
+    assert re.search(message, err), err
+    assert "Traceback" not in err
+
+
+def test_demo_in_a_shortened_mode(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "lugh", "demo", "--steps", "3", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Base model (greedy):" in result.stdout and "With the adapter (greedy):" in result.stdout
+    assert "OK: demo finished" in result.stdout
+    assert (tmp_path / "demo-adapter.gguf").exists()
