@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterator, Sequence, Union
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import numpy.typing as npt
 
 __version__: str
 
-PathLike = Union[str, os.PathLike[str]]
-Tokens = Union[Sequence[int], npt.NDArray[np.integer]]
-Adapters = Union[None, "LoRA", Sequence["LoRA"]]
+PathLike = str | os.PathLike[str]
+Tokens = Sequence[int] | npt.NDArray[np.integer]
 
 class Model:
     def __init__(
@@ -249,6 +248,8 @@ class SGD:
     def zero_grad(self) -> None: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
+
+Adapters = LoRA | Sequence[LoRA] | None
 
 def merge(model: Model, loras: Adapters, path: PathLike, out_type: str | None = None) -> None: ...
 def forward(
