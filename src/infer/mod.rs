@@ -7,12 +7,12 @@ pub mod sample;
 use std::sync::Arc;
 
 pub use generate::Generator;
-pub use pool::MemoryPool;
+pub use pool::{MemoryPool, Workspace};
 pub use sample::Sampler;
 
 use crate::error::{Error, Result};
 use crate::lora::{LoraAdapter, LoraPlan, Numerics};
-use crate::model::{Batch, Config, KvCache, Model, SeqSpan, Workspace};
+use crate::model::{Config, KvCache, Model};
 
 /// Which logits a forward returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,44 +189,28 @@ impl Inference {
         logits: Logits,
     ) -> Result<Vec<f32>> {
         let config = self.config();
-        let mut spans = Vec::with_capacity(sequences.len());
-        let mut row = 0;
         for (tokens, cache) in sequences.iter().zip(caches.iter()) {
             self.check_tokens(tokens)?;
             cache.check_fits(config)?;
             cache.check_room(tokens.len())?;
-            spans.push(SeqSpan {
-                rows: row..row + tokens.len(),
-                pos0: cache.n_cached(),
-            });
-            row += tokens.len();
         }
-        for adapters in lora {
-            for adapter in adapters.iter() {
-                adapter.check_fits(config)?;
-            }
+        for adapter in lora.iter().flat_map(|a| a.iter()) {
+            adapter.check_fits(config)?;
         }
-        let tokens: Vec<u32> = sequences.concat();
+        ws.lay_out(sequences, caches, logits == Logits::All);
         let plan = LoraPlan::new(
-            spans
+            ws.spans()
                 .iter()
                 .zip(lora)
                 .filter(|(_, adapters)| !adapters.is_empty())
                 .map(|(span, adapters)| (span.rows.clone(), adapters.to_vec()))
                 .collect(),
         );
-        let rows: Vec<usize> = match logits {
-            Logits::All => (0..tokens.len()).collect(),
-            Logits::Last => spans.iter().map(|s| s.rows.end - 1).collect(),
-        };
-        let batch = Batch {
-            tokens: &tokens,
-            seqs: &spans,
-        };
+        let (batch, rows, buffers) = ws.parts();
         self.pool.install(|| {
             self.model
-                .forward_blocks(&batch, caches, &plan, Numerics::Ggml, ws, None)?;
-            self.model.head(ws, &rows)
+                .forward_blocks(&batch, caches, &plan, Numerics::Ggml, buffers, None)?;
+            self.model.head(buffers, rows)
         })
     }
 

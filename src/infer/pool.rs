@@ -1,7 +1,57 @@
 //! A memory pool: the buffers of `Inference::forward_pool`, kept warm between calls.
 
 use crate::error::Result;
-use crate::model::{Config, KvCache, Workspace};
+use crate::model::{Batch, Buffers, Config, KvCache, SeqSpan};
+
+/// Everything a forward needs besides the model and caches: the batch laid out end to end,
+/// the rows whose logits are wanted, and the activation buffers.
+#[derive(Default)]
+pub struct Workspace {
+    tokens: Vec<u32>,
+    spans: Vec<SeqSpan>,
+    logit_rows: Vec<usize>,
+    buffers: Buffers,
+}
+
+impl Workspace {
+    /// Lays out `sequences` end to end, each continuing from its cache's position, and
+    /// chooses the rows whose logits are wanted: every row, or each sequence's last.
+    pub(crate) fn lay_out(
+        &mut self,
+        sequences: &[&[u32]],
+        caches: &[&mut KvCache],
+        every_row: bool,
+    ) {
+        self.tokens.clear();
+        self.spans.clear();
+        self.logit_rows.clear();
+        for (tokens, cache) in sequences.iter().zip(caches) {
+            let start = self.tokens.len();
+            self.tokens.extend_from_slice(tokens);
+            self.spans.push(SeqSpan {
+                rows: start..self.tokens.len(),
+                pos0: cache.n_cached(),
+            });
+            match every_row {
+                true => self.logit_rows.extend(start..self.tokens.len()),
+                false => self.logit_rows.push(self.tokens.len() - 1),
+            }
+        }
+    }
+
+    pub(crate) fn spans(&self) -> &[SeqSpan] {
+        &self.spans
+    }
+
+    /// The laid-out batch and the buffers, borrowed together.
+    pub(crate) fn parts(&mut self) -> (Batch<'_>, &[usize], &mut Buffers) {
+        let batch = Batch {
+            tokens: &self.tokens,
+            seqs: &self.spans,
+        };
+        (batch, &self.logit_rows, &mut self.buffers)
+    }
+}
 
 /// Activation buffers and a scratch KV cache. After the first call of a given length, a
 /// forward through the pool allocates nothing but the logits it returns.

@@ -16,9 +16,9 @@ use crate::lora::linear::{LoraGrads, LoraPlan, Numerics};
 use crate::ops::norm::{rms_norm_backward, rms_norm_forward};
 use crate::ops::rope::{Rope, RopeTable};
 
-/// Buffers for one forward. Kept warm in a `MemoryPool`, a forward allocates nothing.
+/// Activation buffers of a forward, reused across calls (kept warm in a `MemoryPool`).
 #[derive(Default)]
-pub struct Workspace {
+pub struct Buffers {
     pub(crate) x: Vec<f32>,
     rope_table: RopeTable,
     acts: BlockActs,
@@ -55,7 +55,7 @@ impl Model {
         caches: &mut [&mut KvCache],
         lora: &LoraPlan,
         numerics: Numerics,
-        ws: &mut Workspace,
+        ws: &mut Buffers,
         mut saved: Option<&mut Saved>,
     ) -> Result<()> {
         let (config, weights) = self.runnable()?;
@@ -68,10 +68,10 @@ impl Model {
                 let t = token as usize;
                 weights.token_embd.dequantize_rows(t..t + 1, row)
             });
-        rope_positions(&rope, batch.seqs, &mut ws.rope_table);
+        rope_positions(rope, batch.seqs, &mut ws.rope_table);
         let ctx = BlockCtx {
             config,
-            rope: &rope,
+            rope,
             rope_table: &ws.rope_table,
             seqs: batch.seqs,
             lora,
@@ -116,7 +116,7 @@ impl Model {
     }
 
     /// Logits `[rows.len(), n_vocab]` of the chosen rows of the final residual stream.
-    pub fn head(&self, ws: &mut Workspace, rows: &[usize]) -> Result<Vec<f32>> {
+    pub fn head(&self, ws: &mut Buffers, rows: &[usize]) -> Result<Vec<f32>> {
         let (config, weights) = self.runnable()?;
         let n_embd = config.n_embd;
         let head_x = sized(&mut ws.head_x, rows.len() * n_embd);
@@ -145,7 +145,7 @@ impl Model {
         batch: &Batch,
         caches: &mut [&mut KvCache],
         lora: &LoraPlan,
-        ws: &mut Workspace,
+        ws: &mut Buffers,
         saved: &mut Saved,
     ) -> Result<()> {
         let (config, weights) = self.runnable()?;
@@ -205,10 +205,10 @@ impl Model {
         let (config, weights) = self.runnable()?;
         let rope = self.rope()?;
         let mut rope_table = RopeTable::default();
-        rope_positions(&rope, batch.seqs, &mut rope_table);
+        rope_positions(rope, batch.seqs, &mut rope_table);
         let ctx = BlockCtx {
             config,
-            rope: &rope,
+            rope,
             rope_table: &rope_table,
             seqs: batch.seqs,
             lora,

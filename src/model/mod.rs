@@ -10,7 +10,7 @@ use std::path::Path;
 
 pub use block::{BlockActs, SeqSpan};
 pub use config::{Architecture, Config};
-pub use forward::{Batch, Saved, Workspace};
+pub use forward::{Batch, Buffers, Saved};
 pub use kv_cache::KvCache;
 pub use weights::{Layer, Proj, Slot, Weights};
 
@@ -22,7 +22,14 @@ use crate::ops::rope::Rope;
 /// supported architecture, checked here so that inference cannot fail on it later.
 pub struct Model {
     file: GgufFile,
-    runnable: Option<(Config, Weights)>,
+    runnable: Option<Runnable>,
+}
+
+/// What a file with weights adds: hyper-parameters, weights and the RoPE they imply.
+struct Runnable {
+    config: Config,
+    weights: Weights,
+    rope: Rope,
 }
 
 impl Model {
@@ -37,7 +44,7 @@ impl Model {
         Ok(Model { file, runnable })
     }
 
-    fn load(file: &GgufFile) -> Result<(Config, Weights)> {
+    fn load(file: &GgufFile) -> Result<Runnable> {
         let embd = file
             .tensor("token_embd.weight")
             .ok_or_else(|| Error::TensorNotFound {
@@ -46,7 +53,19 @@ impl Model {
         let n_vocab = embd.shape.first().copied().unwrap_or(0);
         let config = Config::from_gguf(file, n_vocab)?;
         let weights = Weights::load(file, &config)?;
-        Ok((config, weights))
+        let rope = Rope {
+            style: config.arch.rope_style(),
+            head_dim: config.head_dim,
+            n_rot: config.n_rot,
+            freq_base: config.rope_freq_base,
+            freq_scale: config.rope_freq_scale,
+            freq_factors: weights.rope_freqs.clone(),
+        };
+        Ok(Runnable {
+            config,
+            weights,
+            rope,
+        })
     }
 
     pub fn file(&self) -> &GgufFile {
@@ -66,12 +85,12 @@ impl Model {
     pub fn runnable(&self) -> Result<(&Config, &Weights)> {
         self.runnable
             .as_ref()
-            .map(|(c, w)| (c, w))
+            .map(|r| (&r.config, &r.weights))
             .ok_or(Error::NoWeights)
     }
 
     pub fn config(&self) -> Option<&Config> {
-        self.runnable.as_ref().map(|(c, _)| c)
+        self.runnable.as_ref().map(|r| &r.config)
     }
 
     /// The vocabulary size: the embedding's rows, or the tokenizer's size for vocab-only files.
@@ -96,16 +115,11 @@ impl Model {
     }
 
     /// The RoPE this model uses.
-    pub fn rope(&self) -> Result<Rope> {
-        let (config, weights) = self.runnable()?;
-        Ok(Rope {
-            style: config.arch.rope_style(),
-            head_dim: config.head_dim,
-            n_rot: config.n_rot,
-            freq_base: config.rope_freq_base,
-            freq_scale: config.rope_freq_scale,
-            freq_factors: weights.rope_freqs.clone(),
-        })
+    pub fn rope(&self) -> Result<&Rope> {
+        self.runnable
+            .as_ref()
+            .map(|r| &r.rope)
+            .ok_or(Error::NoWeights)
     }
 }
 

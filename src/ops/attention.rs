@@ -1,5 +1,4 @@
-//! Causal softmax attention with grouped-query heads, forward and backward, as matrix
-//! products per head (`S = Q Kᵀ`, `O = P V`) over blocks of queries.
+//! Causal softmax attention with grouped-query heads, forward and backward.
 //!
 //! Shapes (one sequence): queries `[n_tokens, n_head * head_dim]` at positions
 //! `pos0 .. pos0 + n_tokens`; keys and values `[n_keys, n_head_kv * head_dim]` for positions
@@ -7,11 +6,8 @@
 
 use rayon::prelude::*;
 
-use super::gemm::{gemm, MatMut, MatRef};
 use super::matmul::SyncPtr;
-
-/// Queries handled together: bounds the score block to `QUERY_BLOCK × n_keys` floats.
-const QUERY_BLOCK: usize = 128;
+use super::scratch;
 
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionShape {
@@ -38,48 +34,36 @@ impl AttentionShape {
     }
 }
 
-/// Head `head` of rows `rows` of a `[n, n_heads * head_dim]` matrix.
-fn head_view(
-    data: &[f32],
-    rows: std::ops::Range<usize>,
-    head: usize,
-    shape_dim: usize,
-    head_dim: usize,
-) -> MatRef<'_> {
-    MatRef::with_stride(
-        &data[rows.start * shape_dim + head * head_dim..],
-        rows.len(),
-        head_dim,
-        shape_dim,
-    )
+/// `a · b` with eight independent sums, which the compiler turns into SIMD lanes (a single
+/// running f32 sum cannot be reordered, so it would stay scalar).
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a8.zip(b8) {
+        for i in 0..8 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }
 
-/// `s[i, j] = scale · q_i · k_j` for the queries `rows` (at positions `pos0 + row`) against
-/// the keys they may see; returns the number of keys of the block (`pos0 + rows.end`).
-fn scores(
-    shape: AttentionShape,
-    pos0: usize,
-    rows: std::ops::Range<usize>,
-    head: usize,
-    q: &[f32],
-    k: &[f32],
-    s: &mut Vec<f32>,
-) -> usize {
-    let hd = shape.head_dim;
-    let n_keys = pos0 + rows.end;
-    s.resize(rows.len() * n_keys, 0.0);
-    let q_h = head_view(q, rows.clone(), head, shape.q_dim(), hd);
-    let k_g = head_view(k, 0..n_keys, shape.kv_head(head), shape.kv_dim(), hd);
-    gemm(
-        q_h,
-        k_g.t(),
-        MatMut::new(s, rows.len(), n_keys),
-        false,
-        false,
-    );
-    let scale = shape.scale();
-    s.iter_mut().for_each(|v| *v *= scale);
-    n_keys
+/// `y += alpha · x`.
+#[inline]
+fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
+    y.iter_mut().zip(x).for_each(|(y, x)| *y += alpha * x);
+}
+
+/// Row `row`, head `head` of a `[n, width]` matrix of heads of `head_dim`.
+#[inline]
+fn head_row(data: &[f32], row: usize, head: usize, width: usize, head_dim: usize) -> &[f32] {
+    &data[row * width + head * head_dim..][..head_dim]
 }
 
 /// `out = softmax(q kᵀ / sqrt(head_dim) + causal mask) v` for each head; `lse[t, h]` receives
@@ -94,50 +78,43 @@ pub fn attention_forward(
     out: &mut [f32],
     lse: &mut [f32],
 ) {
-    let hd = shape.head_dim;
-    let n_tokens = q.len() / shape.q_dim();
-    let n_blocks = n_tokens.div_ceil(QUERY_BLOCK);
-    let (out_ptr, lse_ptr) = (SyncPtr(out.as_mut_ptr()), SyncPtr(lse.as_mut_ptr()));
-    (0..shape.n_head * n_blocks)
-        .into_par_iter()
-        .for_each_init(Vec::new, |s, task| {
-            let (head, block) = (task / n_blocks, task % n_blocks);
-            let rows = block * QUERY_BLOCK..((block + 1) * QUERY_BLOCK).min(n_tokens);
-            let n_keys = scores(shape, pos0, rows.clone(), head, q, k, s);
-            for (i, row) in s.chunks_mut(n_keys).enumerate() {
-                let visible = pos0 + rows.start + i + 1;
-                let max = row[..visible]
-                    .iter()
-                    .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                let mut sum = 0f32;
-                for x in &mut row[..visible] {
-                    *x = (*x - max).exp();
-                    sum += *x;
+    let (hd, scale) = (shape.head_dim, shape.scale());
+    let (q_dim, kv_dim) = (shape.q_dim(), shape.kv_dim());
+    out.par_chunks_mut(q_dim)
+        .zip(lse.par_chunks_mut(shape.n_head))
+        .enumerate()
+        .for_each(|(t, (out, lse))| {
+            let n_keys = pos0 + t + 1;
+            scratch::with_f32(|scores| {
+                for head in 0..shape.n_head {
+                    let g = shape.kv_head(head);
+                    let q_t = head_row(q, t, head, q_dim, hd);
+                    scores.clear();
+                    scores.extend(
+                        (0..n_keys).map(|j| scale * dot(q_t, head_row(k, j, g, kv_dim, hd))),
+                    );
+                    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+                    let mut sum = 0f32;
+                    for s in scores.iter_mut() {
+                        *s = (*s - max).exp();
+                        sum += *s;
+                    }
+                    lse[head] = max + sum.ln();
+                    let out_h = &mut out[head * hd..(head + 1) * hd];
+                    out_h.fill(0.0);
+                    let inv = 1.0 / sum;
+                    for (j, &p) in scores.iter().enumerate() {
+                        axpy(out_h, p * inv, head_row(v, j, g, kv_dim, hd));
+                    }
                 }
-                let inv = 1.0 / sum;
-                row[..visible].iter_mut().for_each(|x| *x *= inv);
-                row[visible..].fill(0.0);
-                // SAFETY: (row, head) of lse belongs to this task alone.
-                unsafe {
-                    lse_ptr.slice((rows.start + i) * shape.n_head + head, 1)[0] = max + sum.ln()
-                };
-            }
-            let v_g = head_view(v, 0..n_keys, shape.kv_head(head), shape.kv_dim(), hd);
-            // SAFETY: rows `rows` of head `head` of out belong to this task alone.
-            let out_rows = unsafe {
-                out_ptr.slice(
-                    rows.start * shape.q_dim() + head * hd,
-                    (rows.len() - 1) * shape.q_dim() + hd,
-                )
-            };
-            let out_h = MatMut::with_stride(out_rows, rows.len(), hd, shape.q_dim());
-            gemm(MatRef::new(s, rows.len(), n_keys), v_g, out_h, false, false);
+            })
         });
 }
 
 /// Gradients of `attention_forward` (with `pos0 = 0`: training runs whole sequences).
-/// With P = softmax(S), S = scale·Q Kᵀ, D_t = dO_t · O_t:
-///   dV = Pᵀ dO,   dS = P ∘ (dO Vᵀ − D),   dQ = scale · dS K,   dK = scale · dSᵀ Q.
+/// With P = softmax(S), S = scale·q·k, D_t = dO_t · O_t:
+///   dV_j += P_tj dO_t,   dS_tj = P_tj (dO_t · V_j − D_t),
+///   dQ_t = scale Σ_j dS_tj K_j,   dK_j += scale Σ_t dS_tj Q_t.
 /// `dq`, `dk`, `dv` are overwritten.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
@@ -163,80 +140,36 @@ pub fn attention_backward(
         SyncPtr(dv.as_mut_ptr()),
     );
     let group = shape.n_head / shape.n_head_kv;
-    // With fewer key/value heads than threads, the products themselves go parallel.
-    let parallel = shape.n_head_kv < rayon::current_num_threads();
     // One task per key/value head: it alone writes that head's columns of dk and dv, and the
     // columns of dq of its query heads.
-    (0..shape.n_head_kv).into_par_iter().for_each(|kv_head| {
-        let (mut s, mut dp) = (Vec::new(), Vec::new());
-        // SAFETY: the columns of head `kv_head` of dk/dv, and of this group's query heads in
-        // dq, belong to this task alone; the views below cover exactly those columns.
-        let dk_g = |n| unsafe { dk_ptr.slice(kv_head * hd, (n - 1) * kv_dim + hd) };
-        let dv_g = |n| unsafe { dv_ptr.slice(kv_head * hd, (n - 1) * kv_dim + hd) };
-        for head in kv_head * group..(kv_head + 1) * group {
-            for start in (0..n_tokens).step_by(QUERY_BLOCK) {
-                let rows = start..(start + QUERY_BLOCK).min(n_tokens);
-                let n = rows.len();
-                let n_keys = scores(shape, 0, rows.clone(), head, q, k, &mut s);
-                // P from the saved log-sum-exp; masked entries are 0.
-                for (i, row) in s.chunks_mut(n_keys).enumerate() {
-                    let t = rows.start + i;
+    (0..shape.n_head_kv).into_par_iter().for_each(|g| {
+        scratch::with_f32(|d_scores| {
+            for head in g * group..(g + 1) * group {
+                for t in 0..n_tokens {
+                    let q_t = head_row(q, t, head, q_dim, hd);
+                    let d_o = head_row(d_out, t, head, q_dim, hd);
+                    let big_d = dot(d_o, head_row(out, t, head, q_dim, hd));
                     let row_lse = lse[t * shape.n_head + head];
-                    row[..=t].iter_mut().for_each(|x| *x = (*x - row_lse).exp());
-                    row[t + 1..].fill(0.0);
-                }
-                let p = MatRef::new(&s, n, n_keys);
-                let d_o = head_view(d_out, rows.clone(), head, q_dim, hd);
-                let v_g = head_view(v, 0..n_keys, kv_head, kv_dim, hd);
-                let k_g = head_view(k, 0..n_keys, kv_head, kv_dim, hd);
-                let q_h = head_view(q, rows.clone(), head, q_dim, hd);
-                // dV += Pᵀ dO
-                gemm(
-                    p.t(),
-                    d_o,
-                    MatMut::with_stride(dv_g(n_keys), n_keys, hd, kv_dim),
-                    true,
-                    parallel,
-                );
-                // dS = P ∘ (dO Vᵀ − D) · scale
-                dp.resize(n * n_keys, 0.0);
-                gemm(
-                    d_o,
-                    v_g.t(),
-                    MatMut::new(&mut dp, n, n_keys),
-                    false,
-                    parallel,
-                );
-                for (i, (ds, p_row)) in dp.chunks_mut(n_keys).zip(s.chunks(n_keys)).enumerate() {
-                    let t = rows.start + i;
-                    let o = &out[t * q_dim + head * hd..][..hd];
-                    let g = &d_out[t * q_dim + head * hd..][..hd];
-                    let big_d: f32 = o.iter().zip(g).map(|(a, b)| a * b).sum();
-                    for (d, &p) in ds.iter_mut().zip(p_row) {
-                        *d = p * (*d - big_d) * scale;
+                    d_scores.clear();
+                    for j in 0..=t {
+                        let p = (scale * dot(q_t, head_row(k, j, g, kv_dim, hd)) - row_lse).exp();
+                        // SAFETY: columns of kv head `g` of dv belong to this task.
+                        axpy(unsafe { dv_ptr.slice(j * kv_dim + g * hd, hd) }, p, d_o);
+                        let dp = dot(d_o, head_row(v, j, g, kv_dim, hd));
+                        d_scores.push(p * (dp - big_d) * scale);
+                    }
+                    // SAFETY: columns of query head `head` (of this group) of dq belong to
+                    // this task.
+                    let dq_t = unsafe { dq_ptr.slice(t * q_dim + head * hd, hd) };
+                    dq_t.fill(0.0);
+                    for (j, &ds) in d_scores.iter().enumerate() {
+                        axpy(dq_t, ds, head_row(k, j, g, kv_dim, hd));
+                        // SAFETY: as for dv.
+                        axpy(unsafe { dk_ptr.slice(j * kv_dim + g * hd, hd) }, ds, q_t);
                     }
                 }
-                let ds = MatRef::new(&dp, n, n_keys);
-                // dQ = dS K (rows `rows`, head `head`: this task's columns)
-                let dq_rows =
-                    unsafe { dq_ptr.slice(rows.start * q_dim + head * hd, (n - 1) * q_dim + hd) };
-                gemm(
-                    ds,
-                    k_g,
-                    MatMut::with_stride(dq_rows, n, hd, q_dim),
-                    false,
-                    parallel,
-                );
-                // dK += dSᵀ Q
-                gemm(
-                    ds.t(),
-                    q_h,
-                    MatMut::with_stride(dk_g(n_keys), n_keys, hd, kv_dim),
-                    true,
-                    parallel,
-                );
             }
-        }
+        })
     });
 }
 

@@ -9,6 +9,7 @@ use rayon::prelude::*;
 
 use super::gemm::{gemm, MatMut, MatRef};
 use super::quant::{as_blocks, dequantize_into, with_block_type};
+use super::scratch::{self, Pod};
 use crate::error::{Error, Result};
 use crate::gguf::{ByteView, TensorType};
 
@@ -158,17 +159,27 @@ impl SyncPtr {
 /// few enough that two cores share the work evenly.
 const ROWS_PER_TASK: usize = 16;
 
-fn matmul_ggml<T: GgmlType>(w: &Weight, x: &[f32], m: usize, y: &mut [f32]) {
+fn matmul_ggml<T: GgmlType>(w: &Weight, x: &[f32], m: usize, y: &mut [f32])
+where
+    T::VecDotType: Pod,
+{
+    let blocks_per_row = w.n_cols / T::BLCK_SIZE;
+    scratch::with_zeroed::<T::VecDotType, _>(m * blocks_per_row, |xq| {
+        if T::DIRECT_COPY {
+            T::VecDotType::direct_copy(x, xq);
+        } else {
+            xq.par_chunks_mut(blocks_per_row)
+                .zip(x.par_chunks(w.n_cols))
+                .for_each(|(xq_row, x_row)| T::VecDotType::from_float(x_row, xq_row));
+        }
+        dot_rows::<T>(w, xq, m, y)
+    })
+}
+
+/// `y[t, j] = w_j · xq_t` for every token `t` and weight row `j`, split by weight rows.
+fn dot_rows<T: GgmlType>(w: &Weight, xq: &[T::VecDotType], m: usize, y: &mut [f32]) {
     let blocks_per_row = w.n_cols / T::BLCK_SIZE;
     let w_blocks = as_blocks::<T>(&w.data);
-    let mut xq = vec![T::VecDotType::zeros(); m * blocks_per_row];
-    if T::DIRECT_COPY {
-        T::VecDotType::direct_copy(x, &mut xq);
-    } else {
-        xq.par_chunks_mut(blocks_per_row)
-            .zip(x.par_chunks(w.n_cols))
-            .for_each(|(xq_row, x_row)| T::VecDotType::from_float(x_row, xq_row));
-    }
     let n_rows = w.n_rows;
     let y_ptr = SyncPtr(y.as_mut_ptr());
     (0..n_rows.div_ceil(ROWS_PER_TASK))

@@ -8,5 +8,6 @@ pub mod matmul;
 pub mod norm;
 pub mod quant;
 pub mod rope;
+pub mod scratch;
 
 pub use matmul::Weight;

@@ -6,7 +6,7 @@ use super::loss::{count_scored, cross_entropy_in_place};
 use crate::error::{Error, Result};
 use crate::infer::Inference;
 use crate::lora::{LoraAdapter, LoraGrads, LoraPlan, PairGrad};
-use crate::model::{Batch, KvCache, Saved, SeqSpan, Workspace};
+use crate::model::{Batch, Buffers, KvCache, Saved, SeqSpan};
 
 /// Rows of logits materialised at a time by the fused loss: 64 rows of a 32k vocabulary are
 /// 8 MiB, whatever the batch.
@@ -77,7 +77,7 @@ impl TrainGraph {
                 &batch,
                 &mut caches,
                 &plan,
-                &mut Workspace::default(),
+                &mut Buffers::default(),
                 &mut graph.saved,
             )
         })?;

@@ -1,0 +1,55 @@
+//! Per-thread scratch buffers, so that a warm forward allocates nothing.
+//!
+//! A buffer is taken out of its thread-local slot for the duration of a use and put back
+//! after. A rayon worker waiting inside a parallel region may start another forward's job;
+//! that job then finds the slot empty and allocates, instead of aliasing the buffer in use.
+
+use std::cell::RefCell;
+
+thread_local! {
+    static F32: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static WORDS: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's f32 scratch (any length; contents unspecified).
+pub fn with_f32<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
+    let mut buf = F32.with(|slot| std::mem::take(&mut *slot.borrow_mut()));
+    let result = f(&mut buf);
+    F32.with(|slot| *slot.borrow_mut() = buf);
+    result
+}
+
+/// Runs `f` with `len` values of `T` in this thread's scratch, zeroed first.
+///
+/// `T` must be plain data valid for any bit pattern, of alignment at most 8 (ggml blocks,
+/// floats): that is what the `Pod` bound promises.
+pub fn with_zeroed<T: Pod, R>(len: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
+    let mut words = WORDS.with(|slot| std::mem::take(&mut *slot.borrow_mut()));
+    let n_words = (len * std::mem::size_of::<T>()).div_ceil(8);
+    words.clear();
+    words.resize(n_words, 0);
+    // SAFETY: the buffer holds at least `len` T-sized, 8-aligned, zeroed slots; `Pod` types
+    // are valid for the all-zero pattern and need alignment <= 8.
+    let typed = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<T>(), len) };
+    let result = f(typed);
+    WORDS.with(|slot| *slot.borrow_mut() = words);
+    result
+}
+
+/// Plain data valid for any bit pattern (including all zeros), alignment at most 8.
+///
+/// # Safety
+/// Implementors must be `#[repr(C)]` (or primitive) types of integers and floats only.
+pub unsafe trait Pod {}
+
+macro_rules! pod {
+    ($($t:ty),*) => { $(
+        // SAFETY: candle's blocks are `#[repr(C)]` structs of integers, f16/f32 and byte
+        // arrays; the floats are plain.
+        unsafe impl Pod for $t {}
+        const _: () = assert!(std::mem::align_of::<$t>() <= 8);
+    )* };
+}
+
+use candle_core::quantized::k_quants::{BlockQ8K, BlockQ8_0, BlockQ8_1};
+pod!(f32, half::f16, half::bf16, BlockQ8_0, BlockQ8_1, BlockQ8K);
