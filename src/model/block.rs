@@ -14,7 +14,7 @@ use super::weights::{Layer, Proj, Slot};
 use crate::lora::linear::{linear, linear_backward, LoraGrads, LoraPlan, Numerics};
 use crate::ops::activation::{swiglu_backward, swiglu_forward};
 use crate::ops::attention::{attention_backward, attention_forward, AttentionShape};
-use crate::ops::norm::{rms_norm_backward, rms_norm_forward};
+use crate::ops::norm::{rms_norm_apply, rms_norm_backward, rms_norm_forward};
 use crate::ops::rope::{Rope, RopeTable};
 
 /// One sequence of a batch: its rows in the batch and the position of its first row.
@@ -25,7 +25,8 @@ pub struct SeqSpan {
 }
 
 /// What a block computes that its backward needs. Inference reuses one set for every layer;
-/// training keeps one per layer (keys and values stay in each sequence's `KvCache`).
+/// training keeps one per layer (keys and values stay in each sequence's `KvCache`), without
+/// the three that are cheap to recompute (`attn_in`, `ffn_in`, `act`: see `lend_recomputable`).
 #[derive(Default)]
 pub struct BlockActs {
     pub x_in: Vec<f32>,         // [n_tokens, n_embd] residual entering the block
@@ -42,6 +43,31 @@ pub struct BlockActs {
     pub act: Vec<f32>,          // [n_tokens, n_ff] silu(gate) ⊙ up
 }
 
+impl BlockActs {
+    /// Swaps the elementwise-recomputable buffers with `spare`'s. Called before and after a
+    /// block's forward, it lends `spare`'s memory for the block and hands the results back to
+    /// `spare`, leaving these fields empty: the backward then recomputes them.
+    pub fn lend_recomputable(&mut self, spare: &mut BlockActs) {
+        std::mem::swap(&mut self.attn_in, &mut spare.attn_in);
+        std::mem::swap(&mut self.ffn_in, &mut spare.ffn_in);
+        std::mem::swap(&mut self.act, &mut spare.act);
+    }
+}
+
+/// `saved` if the forward kept it, else its recomputation into `buf`.
+fn saved_or<'a>(
+    saved: &'a [f32],
+    buf: &'a mut Vec<f32>,
+    n: usize,
+    recompute: impl FnOnce(&mut [f32]),
+) -> &'a [f32] {
+    if !saved.is_empty() {
+        return saved;
+    }
+    recompute(sized(buf, n));
+    buf
+}
+
 /// Scratch a block needs but does not keep. Reused across layers and calls.
 #[derive(Default)]
 pub struct BlockScratch {
@@ -53,6 +79,8 @@ pub struct BlockScratch {
     d_b: Vec<f32>,
     d_c: Vec<f32>,
     d_in: Vec<f32>,
+    norm_in: Vec<f32>,
+    act: Vec<f32>,
 }
 
 /// Sizes `buf` to `n` elements, reusing its memory.
@@ -240,16 +268,16 @@ pub fn block_backward(
         );
     };
 
+    let act = saved_or(&acts.act, &mut scratch.act, n_tokens * c.n_ff, |out| {
+        swiglu_forward(&acts.gate, &acts.up, out)
+    });
+    let ffn_in = saved_or(&acts.ffn_in, &mut scratch.norm_in, dx.len(), |out| {
+        rms_norm_apply(&acts.x_mid, &layer.ffn_norm, &acts.ffn_inv_rms, out)
+    });
+
     // x_out = x_mid + W_down · act
     let d_act = zeroed(&mut scratch.d_a, n_tokens * c.n_ff);
-    back(
-        Proj::FfnDown,
-        dx,
-        &acts.act,
-        d_act,
-        grads,
-        &mut scratch.lora,
-    );
+    back(Proj::FfnDown, dx, act, d_act, grads, &mut scratch.lora);
     let d_gate = sized(&mut scratch.d_b, n_tokens * c.n_ff);
     let d_up = sized(&mut scratch.d_c, n_tokens * c.n_ff);
     swiglu_backward(d_act, &acts.gate, &acts.up, d_gate, d_up);
@@ -257,7 +285,7 @@ pub fn block_backward(
     back(
         Proj::FfnGate,
         d_gate,
-        &acts.ffn_in,
+        ffn_in,
         d_ffn_in,
         grads,
         &mut scratch.lora,
@@ -265,7 +293,7 @@ pub fn block_backward(
     back(
         Proj::FfnUp,
         d_up,
-        &acts.ffn_in,
+        ffn_in,
         d_ffn_in,
         grads,
         &mut scratch.lora,
@@ -311,11 +339,14 @@ pub fn block_backward(
     ctx.rope.apply(dq, c.n_head, ctx.rope_table, true);
     ctx.rope
         .apply(&mut scratch.k, c.n_head_kv, ctx.rope_table, true);
+    let attn_in = saved_or(&acts.attn_in, &mut scratch.norm_in, dx.len(), |out| {
+        rms_norm_apply(&acts.x_in, &layer.attn_norm, &acts.attn_inv_rms, out)
+    });
     let d_attn_in = zeroed(&mut scratch.d_in, n_tokens * c.n_embd);
     back(
         Proj::AttnQ,
         dq,
-        &acts.attn_in,
+        attn_in,
         d_attn_in,
         grads,
         &mut scratch.lora,
@@ -323,7 +354,7 @@ pub fn block_backward(
     back(
         Proj::AttnK,
         &scratch.k,
-        &acts.attn_in,
+        attn_in,
         d_attn_in,
         grads,
         &mut scratch.lora,
@@ -331,7 +362,7 @@ pub fn block_backward(
     back(
         Proj::AttnV,
         &scratch.v,
-        &acts.attn_in,
+        attn_in,
         d_attn_in,
         grads,
         &mut scratch.lora,

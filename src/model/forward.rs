@@ -84,7 +84,9 @@ impl Model {
             match saved.as_deref_mut() {
                 Some(saved) if !saved.checkpoint => {
                     let acts = &mut saved.blocks[il];
+                    acts.lend_recomputable(&mut ws.acts);
                     block_forward(&ctx, layer, il, &mut ws.x, caches, acts, &mut ws.scratch);
+                    acts.lend_recomputable(&mut ws.acts);
                 }
                 Some(saved) => {
                     block_forward(

@@ -6,15 +6,25 @@ use rayon::prelude::*;
 /// each row's `1 / rms` into `inv_rms`.
 pub fn rms_norm_forward(x: &[f32], weight: &[f32], eps: f32, y: &mut [f32], inv_rms: &mut [f32]) {
     let n = weight.len();
-    y.par_chunks_mut(n)
-        .zip(x.par_chunks(n))
+    x.par_chunks(n)
         .zip(inv_rms.par_iter_mut())
-        .for_each(|((y, x), inv)| {
+        .for_each(|(x, inv)| {
             // Sum in f64 as ggml does: rows of thousands of squares lose bits in f32.
             let mean_sq = x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / n as f64;
             *inv = (1.0 / (mean_sq + eps as f64).sqrt()) as f32;
+        });
+    rms_norm_apply(x, weight, inv_rms, y);
+}
+
+/// `y = x · inv_rms[row] ⊙ w`: the normalisation with known scales (recomputing a forward).
+pub fn rms_norm_apply(x: &[f32], weight: &[f32], inv_rms: &[f32], y: &mut [f32]) {
+    let n = weight.len();
+    y.par_chunks_mut(n)
+        .zip(x.par_chunks(n))
+        .zip(inv_rms.par_iter())
+        .for_each(|((y, x), &inv)| {
             for ((y, &x), &w) in y.iter_mut().zip(x).zip(weight) {
-                *y = x * *inv * w;
+                *y = x * inv * w;
             }
         });
 }
