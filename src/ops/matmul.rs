@@ -99,18 +99,20 @@ impl Weight {
         let n_blocks = self.n_rows.div_ceil(DEQUANT_ROWS);
         (0..n_blocks).into_par_iter().for_each(|block| {
             let rows = block * DEQUANT_ROWS..((block + 1) * DEQUANT_ROWS).min(self.n_rows);
-            let mut w = vec![0f32; rows.len() * self.n_cols];
-            self.dequantize_rows(rows.clone(), &mut w);
-            // SAFETY: each task writes only columns `rows` of y, disjoint across tasks.
-            let y = unsafe { y_ptr.slice(rows.start, (m - 1) * self.n_rows + rows.len()) };
-            let y = MatMut::with_stride(y, m, rows.len(), self.n_rows);
-            gemm(
-                x,
-                MatRef::new(&w, rows.len(), self.n_cols).t(),
-                y,
-                false,
-                false,
-            );
+            scratch::with_f32(|w| {
+                w.resize(rows.len() * self.n_cols, 0.0);
+                self.dequantize_rows(rows.clone(), w);
+                // SAFETY: each task writes only columns `rows` of y, disjoint across tasks.
+                let y = unsafe { y_ptr.slice(rows.start, (m - 1) * self.n_rows + rows.len()) };
+                let y = MatMut::with_stride(y, m, rows.len(), self.n_rows);
+                gemm(
+                    x,
+                    MatRef::new(w, rows.len(), self.n_cols).t(),
+                    y,
+                    false,
+                    false,
+                );
+            })
         });
     }
 
