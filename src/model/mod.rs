@@ -27,12 +27,15 @@ pub struct Model {
 
 impl Model {
     pub fn open(path: impl AsRef<Path>, use_mmap: bool) -> Result<Model> {
-        let path = path.as_ref();
-        let file = GgufFile::open(path, use_mmap)?;
+        Self::from_gguf(GgufFile::open(path, use_mmap)?)
+    }
+
+    /// A model from an open GGUF (`GgufFile::open` or `GgufFile::from_bytes`).
+    pub fn from_gguf(file: GgufFile) -> Result<Model> {
         let runnable = if file.tensors().is_empty() {
             None
         } else {
-            Some(Self::load(&file).in_file(path)?)
+            Some(Self::load(&file).in_file(file.path())?)
         };
         Ok(Model { file, runnable })
     }
