@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use half::{bf16, f16};
 use safetensors::tensor::{Dtype, TensorView};
@@ -16,7 +16,7 @@ use serde_json::{json, Value as Json};
 
 use super::adapter::{AdapterFormat, Half, LoraAdapter, LoraPair, ScalingRule};
 use super::load::{assemble, Loaded, PairCollector};
-use crate::atomic_write::write_atomically;
+use crate::atomic_write::stage;
 use crate::error::{Error, Result, ResultExt};
 use crate::gguf::open_regular_file;
 use crate::model::{Model, Proj, Slot};
@@ -481,7 +481,22 @@ pub fn save(
             ),
         ));
     }
+    let created = !dir.exists();
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let saved = write_dir(adapter, model_arch_permutes_qk, heads, dir);
+    if saved.is_err() && created {
+        // Only if still empty: a folder this call made and could not fill.
+        let _ = std::fs::remove_dir(dir);
+    }
+    saved
+}
+
+fn write_dir(
+    adapter: &LoraAdapter,
+    model_arch_permutes_qk: bool,
+    heads: (usize, usize),
+    dir: &Path,
+) -> Result<()> {
     let pairs = adapter.pairs();
     let rank = most_common_rank(&pairs);
     let denominator = |r: usize| match adapter.rule {
@@ -584,12 +599,15 @@ pub fn save(
         "layers_pattern": null,
         "revision": null,
     });
-    let weights_path: PathBuf = dir.join(WEIGHTS_FILE);
-    write_atomically(&weights_path, |w| w.write_all(&bytes))?;
-    write_atomically(&dir.join(CONFIG_FILE), |w| {
+    // Both files are written before either replaces an older one: a failure leaves the
+    // directory as it was (short of a rename failing between the two).
+    let weights = stage(&dir.join(WEIGHTS_FILE), |w| w.write_all(&bytes))?;
+    let config = stage(&dir.join(CONFIG_FILE), |w| {
         serde_json::to_writer_pretty(&mut *w, &config)?;
         w.write_all(b"\n")
-    })
+    })?;
+    weights.commit()?;
+    config.commit()
 }
 
 fn most_common_rank(pairs: &[LoraPair]) -> usize {
