@@ -56,8 +56,8 @@ fn forward(model: Arc<Model>, adapter: Option<&LoraAdapter>) -> Result<Vec<f32>>
 }
 
 /// A one-layer LLaMA small enough to flip every byte of its header (n_vocab 4, n_embd 8,
-/// 2 heads of 4, 1 key/value head, n_ff 16), and a rank-1 PEFT adapter on its attn_q: the
-/// seeds of the fuzz targets and of the tests below.
+/// 2 heads of 4, 1 key/value head, n_ff 16): with the adapters below, the seeds of the fuzz
+/// targets and of the tests at the end.
 pub fn tiny_model() -> Vec<u8> {
     tiny_model_with(&[])
 }
@@ -111,6 +111,25 @@ pub fn tiny_model_with(metadata: &[(&str, crate::gguf::Value)]) -> Vec<u8> {
     out
 }
 
+/// A llama.cpp GGUF adapter for `tiny_model`: a rank-1 pair on layer 0's attn_v.
+pub fn tiny_adapter() -> Vec<u8> {
+    use crate::gguf::GgufWriter;
+    let mut w = GgufWriter::new();
+    w.set("general.architecture", "llama");
+    w.set("general.type", "adapter");
+    w.set("adapter.type", "lora");
+    w.set("adapter.lora.alpha", 2.0f32);
+    let a: Vec<f32> = (0..8).map(|i| i as f32 * 0.1).collect();
+    let b: Vec<f32> = (0..4).map(|i| 0.3 - i as f32 * 0.1).collect();
+    w.add_f32("blk.0.attn_v.weight.lora_a", &[1, 8], &a)
+        .expect("shape matches");
+    w.add_f32("blk.0.attn_v.weight.lora_b", &[4, 1], &b)
+        .expect("shape matches");
+    let mut out = Vec::new();
+    w.write_to(&mut out).expect("writing to memory");
+    out
+}
+
 /// `adapter_model.safetensors` for `tiny_model`: a rank-1 pair on layer 0's q_proj.
 pub fn tiny_peft() -> Vec<u8> {
     use safetensors::tensor::{Dtype, TensorView};
@@ -150,7 +169,12 @@ mod tests {
         let adapter =
             lora::peft_from_safetensors(&tiny_peft(), Some(&config), &model, 1.0).unwrap();
         assert_eq!(adapter.weight_names(), ["blk.0.attn_q.weight"]);
-        let adapted = forward(model, Some(&adapter)).unwrap();
+        let adapted = forward(Arc::clone(&model), Some(&adapter)).unwrap();
+        assert_ne!(adapted, logits, "the adapter changes the logits");
+        let file = GgufFile::from_bytes(&tiny_adapter()).unwrap();
+        let adapter = lora::gguf_adapter_from_gguf(&file, &model, 1.0).unwrap();
+        assert_eq!(adapter.adapter.weight_names(), ["blk.0.attn_v.weight"]);
+        let adapted = forward(model, Some(&adapter.adapter)).unwrap();
         assert_ne!(adapted, logits, "the adapter changes the logits");
     }
 
@@ -166,6 +190,23 @@ mod tests {
         }
         for at in 0..header_len {
             for value in [0x00, 0x01, 0x7f, 0x80, 0xff, bytes[at] ^ 0x10] {
+                let mut changed = bytes.clone();
+                changed[at] = value;
+                gguf(&changed, Some(&model));
+            }
+        }
+    }
+
+    #[test]
+    fn every_truncation_and_header_byte_of_an_adapter_is_survived() {
+        let bytes = tiny_adapter();
+        let header_len = GgufFile::from_bytes(&bytes).unwrap().tensors()[0].offset;
+        let model = tiny();
+        for len in 0..bytes.len() {
+            gguf(&bytes[..len], Some(&model));
+        }
+        for at in 0..header_len {
+            for value in [0x00, 0x01, 0x7f, 0xff, bytes[at] ^ 0x10] {
                 let mut changed = bytes.clone();
                 changed[at] = value;
                 gguf(&changed, Some(&model));
