@@ -41,7 +41,7 @@ SCALAR_FORMATS = {
     F64: "<d",
 }
 # ggml tensor type ids used below.
-GGML_F32, GGML_F16, GGML_Q4_0, GGML_Q8_0, GGML_IQ4_XS = 0, 1, 2, 8, 23
+GGML_Q4_0, GGML_IQ4_XS = 2, 23
 
 
 # --- GGUF, byte by byte ---------------------------------------------------------------------
