@@ -6,6 +6,8 @@
 
 pub mod atomic_write;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gguf;
 pub mod infer;
 pub mod lora;

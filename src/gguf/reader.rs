@@ -115,6 +115,22 @@ impl GgufFile {
         Self::parse(path.to_path_buf(), Arc::new(storage)).in_file(path)
     }
 
+    /// Parses a GGUF held in memory (a download, a fuzzer's input). The bytes are copied once
+    /// into page-aligned memory, as a mapping would hold them; `path()` is `<memory>`.
+    pub fn from_bytes(bytes: &[u8]) -> Result<GgufFile> {
+        let path = PathBuf::from("<memory>");
+        if bytes.len() < 4 {
+            return Err(Error::NotGguf {
+                magic: bytes.to_vec(),
+            });
+        }
+        let io_err = |e| Error::io(&path, e);
+        let mut owned = MmapMut::map_anon(bytes.len()).map_err(io_err)?;
+        owned.copy_from_slice(bytes);
+        let storage = owned.make_read_only().map_err(io_err)?;
+        Self::parse(path, Arc::new(storage))
+    }
+
     fn parse(path: PathBuf, storage: Arc<Mmap>) -> Result<GgufFile> {
         let bytes: &[u8] = &storage;
         let mut cursor = Cursor { bytes, pos: 0 };
@@ -280,26 +296,18 @@ impl GgufFile {
 
 fn map_file(path: &Path, use_mmap: bool) -> Result<Mmap> {
     let io_err = |e| Error::io(path, e);
-    let file = File::open(path).map_err(io_err)?;
-    let meta = file.metadata().map_err(io_err)?;
-    if meta.is_dir() {
-        return Err(io_err(std::io::Error::new(
-            std::io::ErrorKind::IsADirectory,
-            "is a directory, not a GGUF file",
-        )));
-    }
-    if meta.len() < 4 {
-        return Err(Error::NotGguf {
-            magic: std::fs::read(path).map_err(io_err)?,
-        }
-        .in_file(path));
+    let (file, len) = open_regular_file(path, "GGUF file")?;
+    if len < 4 {
+        let mut magic = Vec::with_capacity(4);
+        file.take(4).read_to_end(&mut magic).map_err(io_err)?;
+        return Err(Error::NotGguf { magic }.in_file(path));
     }
     if use_mmap {
         // SAFETY: the mapping is read-only; like every mmap-based reader (llama.cpp, candle,
         // safetensors) we rely on the file not being truncated while it is open.
         unsafe { Mmap::map(&file) }.map_err(io_err)
     } else {
-        let len = usize::try_from(meta.len()).map_err(|_| {
+        let len = usize::try_from(len).map_err(|_| {
             io_err(std::io::Error::new(
                 std::io::ErrorKind::OutOfMemory,
                 "file too large for this platform",
@@ -309,6 +317,42 @@ fn map_file(path: &Path, use_mmap: bool) -> Result<Mmap> {
         (&file).read_exact(&mut owned).map_err(io_err)?;
         owned.make_read_only().map_err(io_err)
     }
+}
+
+/// Opens `path` for reading and returns it with its length. Anything but a regular file is
+/// refused before it is opened: opening a FIFO blocks until a writer comes, and a device such
+/// as `/dev/zero` reports a length of 0 but never ends.
+pub(crate) fn open_regular_file(path: &Path, what: &str) -> Result<(File, u64)> {
+    let io_err = |e| Error::io(path, e);
+    let meta = std::fs::metadata(path).map_err(io_err)?;
+    if meta.is_dir() {
+        return Err(io_err(std::io::Error::new(
+            std::io::ErrorKind::IsADirectory,
+            format!("is a directory, not a {what}"),
+        )));
+    }
+    if !meta.is_file() {
+        return Err(not_a_regular_file(path, what));
+    }
+    let file = File::open(path).map_err(io_err)?;
+    // What was opened, not what was looked at: the path may have changed in between.
+    let meta = file.metadata().map_err(io_err)?;
+    if !meta.is_file() {
+        return Err(not_a_regular_file(path, what));
+    }
+    Ok((file, meta.len()))
+}
+
+pub(crate) fn not_a_regular_file(path: &Path, what: &str) -> Error {
+    Error::io(
+        path,
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "not a regular file (a device, FIFO or socket?): {what}s are read from regular files only"
+            ),
+        ),
+    )
 }
 
 fn align_up(pos: usize, alignment: usize) -> Option<usize> {

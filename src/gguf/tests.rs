@@ -255,3 +255,40 @@ fn a_directory_is_an_io_error() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn from_bytes_reads_what_open_reads() {
+    let bytes = write_to_vec(&sample());
+    let (opened, parsed) = (
+        open_bytes(&bytes).unwrap(),
+        GgufFile::from_bytes(&bytes).unwrap(),
+    );
+    assert_eq!(parsed.metadata(), opened.metadata());
+    let t = parsed.tensor("t.f32").unwrap();
+    assert_eq!(parsed.tensor_f32(t), vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    assert!(matches!(
+        GgufFile::from_bytes(b"GG").unwrap_err(),
+        Error::NotGguf { magic } if magic == b"GG"
+    ));
+}
+
+/// A device or FIFO is refused before it is read: `/dev/zero` has a length of 0 and no end,
+/// opening a FIFO blocks until a writer comes.
+#[cfg(unix)]
+#[test]
+fn anything_but_a_regular_file_is_refused_before_reading() {
+    for path in ["/dev/zero", "/dev/null"] {
+        for use_mmap in [true, false] {
+            match GgufFile::open(path, use_mmap) {
+                Err(Error::Io { source, .. }) => {
+                    assert_eq!(source.kind(), std::io::ErrorKind::InvalidInput);
+                    assert!(
+                        source.to_string().contains("not a regular file"),
+                        "{source}"
+                    );
+                }
+                other => panic!("{path}: {other:?}"),
+            }
+        }
+    }
+}

@@ -13,7 +13,11 @@ use crate::model::Model;
 const ALORA_KEY: &str = "adapter.alora.invocation_tokens";
 
 pub fn load(path: &Path, model: &Model, scale: f32) -> Result<Loaded> {
-    let file = GgufFile::open(path, true)?;
+    from_gguf(&GgufFile::open(path, true)?, model, scale)
+}
+
+/// An adapter from an open GGUF, checked against `model`.
+pub fn from_gguf(file: &GgufFile, model: &Model, scale: f32) -> Result<Loaded> {
     match file.get_str("general.type")? {
         Some("adapter") => {}
         other => {

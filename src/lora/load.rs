@@ -6,6 +6,7 @@ use std::path::Path;
 use super::adapter::{AdapterFormat, Half, LoraAdapter, LoraPair, ScalingRule};
 use super::{gguf_adapter, peft};
 use crate::error::{Error, Result, ResultExt};
+use crate::gguf::not_a_regular_file;
 use crate::model::{Model, Slot};
 
 /// An adapter and the warnings its loading produced (e.g. a PEFT file without config).
@@ -21,6 +22,8 @@ pub fn load(path: &Path, model: &Model, scale: f32) -> Result<Loaded> {
     let meta = std::fs::metadata(path).map_err(io)?;
     let loaded = if meta.is_dir() {
         peft::load_dir(path, model, scale)
+    } else if !meta.is_file() {
+        return Err(not_a_regular_file(path, "adapter"));
     } else {
         match path.extension().and_then(|e| e.to_str()) {
             Some("gguf") => gguf_adapter::load(path, model, scale),

@@ -15,6 +15,9 @@ pub use linear::{LoraGrads, LoraPlan, Numerics};
 pub use load::{load, Loaded};
 pub use merge::merge;
 
+pub(crate) use gguf_adapter::from_gguf as gguf_adapter_from_gguf;
+pub(crate) use peft::{from_safetensors as peft_from_safetensors, PeftConfig};
+
 use std::path::Path;
 
 use crate::error::Result;

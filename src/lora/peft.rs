@@ -6,7 +6,8 @@
 //! permuted on load and permuted back on save; A (indexed by input features) is untouched.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::io::Read;
+use std::path::Path;
 
 use half::{bf16, f16};
 use safetensors::tensor::{Dtype, TensorView};
@@ -15,8 +16,9 @@ use serde_json::{json, Value as Json};
 
 use super::adapter::{AdapterFormat, Half, LoraAdapter, LoraPair, ScalingRule};
 use super::load::{assemble, Loaded, PairCollector};
-use crate::atomic_write::write_atomically;
+use crate::atomic_write::stage;
 use crate::error::{Error, Result, ResultExt};
+use crate::gguf::open_regular_file;
 use crate::model::{Model, Proj, Slot};
 
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -73,15 +75,39 @@ pub fn load_dir(dir: &Path, model: &Model, scale: f32) -> Result<Loaded> {
 /// Loads a PEFT weights file; `adapter_config.json` beside it supplies alpha and options.
 pub fn load_file(path: &Path, model: &Model, scale: f32) -> Result<Loaded> {
     let config_path = path.with_file_name(CONFIG_FILE);
-    let config = match std::fs::read(&config_path) {
-        Ok(bytes) => Some(PeftConfig::parse(&bytes).in_file(&config_path)?),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(Error::io(config_path, e)),
+    let config = match open_regular_file(&config_path, "PEFT config") {
+        Ok((mut file, _)) => {
+            let mut bytes = Vec::new();
+            file.read_to_end(&mut bytes)
+                .map_err(|e| Error::io(&config_path, e))?;
+            Some(PeftConfig::parse(&bytes).in_file(&config_path)?)
+        }
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e),
     };
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let (file, _) = open_regular_file(path, "SafeTensors file")?;
     // SAFETY: read-only mapping, as for GGUF files.
     let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    let tensors = SafeTensors::deserialize(&mmap)
+    let adapter = from_safetensors(&mmap, config.as_ref(), model, scale)?;
+    let warnings = match config {
+        Some(_) => Vec::new(),
+        None => vec![format!(
+            "{}: no {CONFIG_FILE} beside the weights: using alpha = rank (scaling 1.0); set lora.alpha to change it",
+            path.display()
+        )],
+    };
+    Ok(Loaded { adapter, warnings })
+}
+
+/// An adapter from the bytes of `adapter_model.safetensors` and its parsed config (`None`:
+/// alpha = rank), checked against `model`.
+pub(crate) fn from_safetensors(
+    bytes: &[u8],
+    config: Option<&PeftConfig>,
+    model: &Model,
+    scale: f32,
+) -> Result<LoraAdapter> {
+    let tensors = SafeTensors::deserialize(bytes)
         .map_err(|e| Error::malformed("SafeTensors", e.to_string()))?;
 
     let (model_config, _) = model.runnable()?;
@@ -109,27 +135,18 @@ pub fn load_file(path: &Path, model: &Model, scale: f32) -> Result<Loaded> {
         collector.add(&slot.tensor_name(), half, values, shape)?;
     }
 
-    let mut warnings = Vec::new();
-    let patterns = match &config {
-        Some(config) => config.alpha_patterns()?,
-        None => Vec::new(),
-    };
+    let no_patterns = Vec::new();
+    let patterns = config.map_or(&no_patterns, |c| &c.alpha_patterns);
     let alpha_of = |gguf_name: &str| {
         let module = Slot::parse(gguf_name).map(module_name)?;
-        match_pattern(&patterns, &module)
+        match_pattern(patterns, &module)
     };
-    let (rule, alpha) = match &config {
+    let (rule, alpha) = match config {
         Some(config) => (config.rule(), config.lora_alpha),
-        None => {
-            warnings.push(format!(
-                "{}: no {CONFIG_FILE} beside the weights: using alpha = rank (scaling 1.0); set lora.alpha to change it",
-                path.display()
-            ));
-            (ScalingRule::AlphaOverRank, 0.0)
-        }
+        None => (ScalingRule::AlphaOverRank, 0.0),
     };
     let raw = collector.finish(alpha_of)?;
-    let mut adapter = assemble(
+    let adapter = assemble(
         model,
         model_config.arch.name(),
         AdapterFormat::SafeTensors,
@@ -138,10 +155,10 @@ pub fn load_file(path: &Path, model: &Model, scale: f32) -> Result<Loaded> {
         scale,
         raw,
     )?;
-    if config.is_none() {
-        adapter = alpha_equals_rank(adapter);
-    }
-    Ok(Loaded { adapter, warnings })
+    Ok(match config {
+        Some(_) => adapter,
+        None => alpha_equals_rank(adapter),
+    })
 }
 
 /// Without a config PEFT's factor is unknown; alpha = rank makes it 1 (per pair when ranks
@@ -291,14 +308,15 @@ fn permute_rows(
 
 /// The parts of `adapter_config.json` that change the math, checked like PEFT's
 /// `LoraConfig.__post_init__`: options lugh does not compute are refused by name.
-struct PeftConfig {
+pub(crate) struct PeftConfig {
     lora_alpha: f32,
     use_rslora: bool,
-    alpha_pattern: Vec<(String, f32)>,
+    /// `alpha_pattern`, compiled: (regex, key length, alpha).
+    alpha_patterns: Vec<(regex::Regex, usize, f32)>,
 }
 
 impl PeftConfig {
-    fn parse(bytes: &[u8]) -> Result<PeftConfig> {
+    pub(crate) fn parse(bytes: &[u8]) -> Result<PeftConfig> {
         let json: Json = serde_json::from_slice(bytes)?;
         let obj = json
             .as_object()
@@ -406,7 +424,7 @@ impl PeftConfig {
             // PEFT's LoraConfig default.
             lora_alpha: number("lora_alpha", 8.0)? as f32,
             use_rslora: field("use_rslora").and_then(Json::as_bool).unwrap_or(false),
-            alpha_pattern,
+            alpha_patterns: compile_patterns(&alpha_pattern)?,
         })
     }
 
@@ -417,22 +435,22 @@ impl PeftConfig {
             ScalingRule::AlphaOverRank
         }
     }
+}
 
-    fn alpha_patterns(&self) -> Result<Vec<(regex::Regex, usize, f32)>> {
-        self.alpha_pattern
-            .iter()
-            .map(|(key, alpha)| {
-                regex::Regex::new(&format!(r"^(?:.*\.)?(?:{key})$"))
-                    .map(|re| (re, key.len(), *alpha))
-                    .map_err(|e| {
-                        Error::malformed(
-                            "adapter_config.json",
-                            format!("alpha_pattern key '{key}': {e}"),
-                        )
-                    })
-            })
-            .collect()
-    }
+fn compile_patterns(alpha_pattern: &[(String, f32)]) -> Result<Vec<(regex::Regex, usize, f32)>> {
+    alpha_pattern
+        .iter()
+        .map(|(key, alpha)| {
+            regex::Regex::new(&format!(r"^(?:.*\.)?(?:{key})$"))
+                .map(|re| (re, key.len(), *alpha))
+                .map_err(|e| {
+                    Error::malformed(
+                        "adapter_config.json",
+                        format!("alpha_pattern key '{key}': {e}"),
+                    )
+                })
+        })
+        .collect()
 }
 
 /// PEFT matches a pattern key against the end of a module name; the most specific (longest)
@@ -463,7 +481,22 @@ pub fn save(
             ),
         ));
     }
+    let created = !dir.exists();
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let saved = write_dir(adapter, model_arch_permutes_qk, heads, dir);
+    if saved.is_err() && created {
+        // Only if still empty: a folder this call made and could not fill.
+        let _ = std::fs::remove_dir(dir);
+    }
+    saved
+}
+
+fn write_dir(
+    adapter: &LoraAdapter,
+    model_arch_permutes_qk: bool,
+    heads: (usize, usize),
+    dir: &Path,
+) -> Result<()> {
     let pairs = adapter.pairs();
     let rank = most_common_rank(&pairs);
     let denominator = |r: usize| match adapter.rule {
@@ -566,12 +599,15 @@ pub fn save(
         "layers_pattern": null,
         "revision": null,
     });
-    let weights_path: PathBuf = dir.join(WEIGHTS_FILE);
-    write_atomically(&weights_path, |w| w.write_all(&bytes))?;
-    write_atomically(&dir.join(CONFIG_FILE), |w| {
+    // Both files are written before either replaces an older one: a failure leaves the
+    // directory as it was (short of a rename failing between the two).
+    let weights = stage(&dir.join(WEIGHTS_FILE), |w| w.write_all(&bytes))?;
+    let config = stage(&dir.join(CONFIG_FILE), |w| {
         serde_json::to_writer_pretty(&mut *w, &config)?;
         w.write_all(b"\n")
-    })
+    })?;
+    weights.commit()?;
+    config.commit()
 }
 
 fn most_common_rank(pairs: &[LoraPair]) -> usize {
@@ -663,17 +699,17 @@ mod tests {
             br#"{"alpha_pattern": {"q_proj": 4, "model.layers.1.self_attn.q_proj": 9}}"#,
         )
         .unwrap();
-        let patterns = config.alpha_patterns().unwrap();
+        let patterns = &config.alpha_patterns;
         assert_eq!(
-            match_pattern(&patterns, "model.layers.0.self_attn.q_proj"),
+            match_pattern(patterns, "model.layers.0.self_attn.q_proj"),
             Some(4.0)
         );
         assert_eq!(
-            match_pattern(&patterns, "model.layers.1.self_attn.q_proj"),
+            match_pattern(patterns, "model.layers.1.self_attn.q_proj"),
             Some(9.0)
         );
         assert_eq!(
-            match_pattern(&patterns, "model.layers.1.self_attn.k_proj"),
+            match_pattern(patterns, "model.layers.1.self_attn.k_proj"),
             None
         );
     }

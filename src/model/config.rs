@@ -129,6 +129,15 @@ impl Config {
                 ))
             }
         };
+        positive("key_length", head_dim)?;
+        // key_length is read as given: q_dim = n_head * head_dim must not wrap around to a
+        // width the weights happen to have (attention would then read past every head).
+        if n_head.checked_mul(head_dim).is_none() {
+            return Err(Error::invalid(
+                "key_length",
+                format!("{arch_name}: {n_head} heads of {head_dim} dimensions overflow"),
+            ));
+        }
         if let Some(value_len) = file.get_usize(&key("attention.value_length"))? {
             if value_len != head_dim {
                 return Err(Error::Unsupported {

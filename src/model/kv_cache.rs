@@ -51,10 +51,17 @@ impl KvCache {
     pub fn resize(&mut self, n_ctx: usize) {
         self.n_ctx = n_ctx;
         self.n_cached = self.n_cached.min(n_ctx);
+        let max_len = self.max_len();
         for buf in self.keys.iter_mut().chain(self.values.iter_mut()) {
-            buf.truncate(n_ctx * self.kv_dim);
-            buf.shrink_to(n_ctx * self.kv_dim);
+            buf.truncate(max_len);
+            buf.shrink_to(max_len);
         }
+    }
+
+    /// Values per layer at full context. `n_ctx` may be any size the caller or the file
+    /// asked for (the memory is only taken as positions are stored): saturate, never wrap.
+    fn max_len(&self) -> usize {
+        self.n_ctx.saturating_mul(self.kv_dim)
     }
 
     /// Checks that this cache was made for a model of `config`'s shape.
@@ -89,12 +96,13 @@ impl KvCache {
     /// Writes keys and values for positions `pos0 ..` of layer `il`.
     pub(crate) fn store(&mut self, il: usize, pos0: usize, keys: &[f32], values: &[f32]) {
         let end = pos0 * self.kv_dim + keys.len();
-        debug_assert!(end <= self.n_ctx * self.kv_dim);
+        let max_len = self.max_len();
+        debug_assert!(end <= max_len);
         for (buf, rows) in [(&mut self.keys[il], keys), (&mut self.values[il], values)] {
             buf.truncate(pos0 * self.kv_dim);
             if buf.capacity() < end {
                 // Grow geometrically, never past the context.
-                let target = (2 * buf.capacity()).clamp(end, self.n_ctx * self.kv_dim);
+                let target = (2 * buf.capacity()).clamp(end, max_len);
                 buf.reserve_exact(target - buf.len());
             }
             buf.extend_from_slice(rows);

@@ -7,6 +7,8 @@ mod kv_cache;
 mod weights;
 
 use std::path::Path;
+#[cfg(test)]
+use std::sync::Arc;
 
 pub use block::{BlockActs, SeqSpan};
 pub use config::{Architecture, Config};
@@ -34,12 +36,15 @@ struct Runnable {
 
 impl Model {
     pub fn open(path: impl AsRef<Path>, use_mmap: bool) -> Result<Model> {
-        let path = path.as_ref();
-        let file = GgufFile::open(path, use_mmap)?;
+        Self::from_gguf(GgufFile::open(path, use_mmap)?)
+    }
+
+    /// A model from an open GGUF (`GgufFile::open` or `GgufFile::from_bytes`).
+    pub fn from_gguf(file: GgufFile) -> Result<Model> {
         let runnable = if file.tensors().is_empty() {
             None
         } else {
-            Some(Self::load(&file).in_file(path)?)
+            Some(Self::load(&file).in_file(file.path())?)
         };
         Ok(Model { file, runnable })
     }
@@ -129,5 +134,55 @@ impl std::fmt::Debug for Model {
             .field("path", &self.path())
             .field("config", &self.config())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fuzzing::tiny_model_with;
+    use crate::gguf::Value;
+
+    fn open(metadata: &[(&str, Value)]) -> Result<Model> {
+        Model::from_gguf(GgufFile::from_bytes(&tiny_model_with(metadata))?)
+    }
+
+    #[test]
+    fn counts_from_the_metadata_do_not_size_allocations() {
+        // A reservation of 2^40 layers would abort the process; the missing layer is named.
+        let err = open(&[("llama.block_count", Value::U64(1 << 40))]).unwrap_err();
+        assert!(
+            matches!(err.root(), Error::TensorNotFound { name } if name == "blk.1.attn_q.weight"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn heads_that_overflow_are_refused() {
+        // 4 heads of 2^62 + 2 wrap around to the real width 8 of attn_q.
+        let err = open(&[
+            ("llama.attention.head_count", Value::U32(4)),
+            ("llama.attention.key_length", Value::U64((1 << 62) + 2)),
+        ])
+        .unwrap_err();
+        assert!(
+            matches!(err.root(), Error::InvalidArgument { name: "key_length", reason } if reason.contains("overflow")),
+            "{err}"
+        );
+        let err = open(&[("llama.attention.key_length", Value::U32(0))]).unwrap_err();
+        assert!(err.to_string().contains("key_length is 0"), "{err}");
+    }
+
+    #[test]
+    fn a_huge_context_is_only_an_upper_bound() {
+        let model = Arc::new(open(&[("llama.context_length", Value::U64(1 << 60))]).unwrap());
+        let reference = Arc::new(open(&[]).unwrap());
+        let run = |model: &Arc<Model>| {
+            crate::Inference::new(Arc::clone(model), None, Some(1))
+                .unwrap()
+                .forward(&[1, 2, 3], &[])
+                .unwrap()
+        };
+        assert_eq!(run(&model), run(&reference));
     }
 }

@@ -123,7 +123,9 @@ impl Weights {
     pub fn load(file: &GgufFile, config: &Config) -> Result<Weights> {
         let loader = Loader { file };
         let n_embd = config.n_embd;
-        let mut layers = Vec::with_capacity(config.n_layer);
+        // n_layer comes from the metadata: reserve no more layers than the tensors can fill
+        // (a missing layer is an error below, a huge reservation would abort).
+        let mut layers = Vec::with_capacity(config.n_layer.min(file.tensors().len()));
         for il in 0..config.n_layer {
             let mut projections = Vec::with_capacity(Proj::ALL.len());
             let mut biases = Vec::with_capacity(Proj::ALL.len());
