@@ -43,7 +43,9 @@ def test_stub_matches_the_native_module():
     for name, members in stubbed.items():
         if members is None:
             continue
-        actual = {m for m in dir(getattr(native, name)) if not m.startswith("_")}
+        cls = getattr(native, name)
+        inherited = {m for base in cls.__mro__[1:] for m in vars(base)}
+        actual = {m for m in vars(cls) if not m.startswith("_") and m not in inherited}
         assert actual == members, (
             f"{name}: only in module {actual - members}, only in stub {members - actual}"
         )

@@ -258,7 +258,15 @@ def test_sgd_follows_pytorch_rules(f32_inference, ref, fixture_dir):
         lugh.optim.SGD(params, nesterov=True)
 
 
-def test_optimizer_state_resumes_training(f32_inference, ref, fixture_dir):
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda params, lr: lugh.optim.AdamW(params, lr=lr),
+        lambda params, lr: lugh.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True),
+    ],
+    ids=["adamw", "sgd"],
+)
+def test_optimizer_state_resumes_training(f32_inference, ref, fixture_dir, make):
     tokens = ref["tokens"].tolist()
 
     def run(t, opt, steps):
@@ -268,20 +276,22 @@ def test_optimizer_state_resumes_training(f32_inference, ref, fixture_dir):
             opt.step()
 
     straight = copy_of_lora_all(f32_inference, fixture_dir)
-    opt = lugh.optim.AdamW(straight.trainable_parameters(), lr=1e-2)
-    run(straight, opt, 4)
+    run(straight, make(straight.trainable_parameters(), 1e-2), 4)
 
     first = copy_of_lora_all(f32_inference, fixture_dir)
-    opt1 = lugh.optim.AdamW(first.trainable_parameters(), lr=1e-2)
+    opt1 = make(first.trainable_parameters(), 1e-2)
+    assert isinstance(opt1, lugh.optim.Optimizer)
     run(first, opt1, 2)
     state = opt1.state_dict()
     resumed = first.trainable_copy()
-    opt2 = lugh.optim.AdamW(resumed.trainable_parameters(), lr=5.0)
+    opt2 = make(resumed.trainable_parameters(), 5.0)
     opt2.load_state_dict(state)
     assert opt2.lr == pytest.approx(1e-2)
     run(resumed, opt2, 2)
     for a, b in zip(resumed.trainable_parameters(), straight.trainable_parameters()):
-        assert_close(a.numpy(), b.numpy(), 1e-6, "resumed AdamW")
+        assert_close(a.numpy(), b.numpy(), 1e-6, "resumed optimizer")
+    with pytest.raises(ValueError, match="parameters"):
+        make(resumed.trainable_parameters()[:2], 1e-2).load_state_dict(state)
 
 
 def test_clipping(f32_inference, ref, fixture_dir):

@@ -215,15 +215,7 @@ class Tokenizer:
     @property
     def eos_id(self) -> int | None: ...
 
-class AdamW:
-    def __init__(
-        self,
-        params: Sequence[Tensor] | LoRA,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.01,
-    ) -> None: ...
+class Optimizer:
     lr: float
     @property
     def params(self) -> list[Tensor]: ...
@@ -232,7 +224,17 @@ class AdamW:
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
 
-class SGD:
+class AdamW(Optimizer):
+    def __init__(
+        self,
+        params: Sequence[Tensor] | LoRA,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+    ) -> None: ...
+
+class SGD(Optimizer):
     def __init__(
         self,
         params: Sequence[Tensor] | LoRA,
@@ -241,13 +243,6 @@ class SGD:
         nesterov: bool = False,
         weight_decay: float = 0.0,
     ) -> None: ...
-    lr: float
-    @property
-    def params(self) -> list[Tensor]: ...
-    def step(self) -> None: ...
-    def zero_grad(self) -> None: ...
-    def state_dict(self) -> dict: ...
-    def load_state_dict(self, state: dict) -> None: ...
 
 Adapters = LoRA | Sequence[LoRA] | None
 

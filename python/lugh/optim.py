@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import math
 
-from lugh._lugh import SGD, AdamW, clip_grad_norm, clip_grad_value
+from lugh._lugh import SGD, AdamW, Optimizer, clip_grad_norm, clip_grad_value
 
-__all__ = ["SGD", "AdamW", "LRScheduler", "clip_grad_norm", "clip_grad_value"]
+__all__ = ["SGD", "AdamW", "LRScheduler", "Optimizer", "clip_grad_norm", "clip_grad_value"]
 
 SCHEDULES = ("constant", "linear", "cosine", "warmup", "step", "exponential")
 

@@ -6,6 +6,7 @@ mod errors;
 mod inference;
 mod lora;
 mod model;
+mod optim;
 mod tokenizer;
 mod train;
 
@@ -23,8 +24,9 @@ fn _lugh(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<tokenizer::PyTokenizer>()?;
     m.add_function(wrap_pyfunction!(lora::merge, m)?)?;
     m.add_class::<train::PyTensor>()?;
-    m.add_class::<train::PyAdamW>()?;
-    m.add_class::<train::PySgd>()?;
+    m.add_class::<optim::PyOptimizer>()?;
+    m.add_class::<optim::PyAdamW>()?;
+    m.add_class::<optim::PySgd>()?;
     m.add_function(wrap_pyfunction!(train::forward, m)?)?;
     m.add_function(wrap_pyfunction!(train::cross_entropy_loss, m)?)?;
     m.add_function(wrap_pyfunction!(train::train_step, m)?)?;

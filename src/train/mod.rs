@@ -5,4 +5,4 @@ pub mod loss;
 pub mod optim;
 
 pub use graph::TrainGraph;
-pub use optim::{AdamW, Param, Sgd};
+pub use optim::{AdamW, Optimizer, Param, Sgd};

@@ -116,6 +116,33 @@ pub fn require_trainable(adapter: &LoraAdapter) -> Result<()> {
     }
 }
 
+/// What every optimizer shares: parameters, a learning rate, a step.
+pub trait Optimizer: Send + Sync {
+    fn params(&self) -> &[Param];
+    fn lr(&self) -> f32;
+    fn set_lr_unchecked(&mut self, lr: f32);
+    /// One update of every parameter that has a gradient.
+    fn step(&mut self);
+
+    fn set_lr(&mut self, lr: f32) -> Result<()> {
+        check_hyper("lr", lr)?;
+        self.set_lr_unchecked(lr);
+        Ok(())
+    }
+
+    /// Clears the gradients of every adapter the parameters belong to.
+    fn zero_grad(&self) {
+        let mut seen: Vec<*const LoraAdapter> = Vec::new();
+        for p in self.params() {
+            let adapter = Arc::as_ptr(&p.adapter);
+            if !seen.contains(&adapter) {
+                seen.push(adapter);
+                p.adapter.zero_grad();
+            }
+        }
+    }
+}
+
 /// AdamW's per-parameter state.
 #[derive(Debug, Clone, Default)]
 pub struct AdamState {
@@ -165,8 +192,22 @@ impl AdamW {
             state,
         })
     }
+}
 
-    pub fn step(&mut self) {
+impl Optimizer for AdamW {
+    fn params(&self) -> &[Param] {
+        &self.params
+    }
+
+    fn lr(&self) -> f32 {
+        self.lr
+    }
+
+    fn set_lr_unchecked(&mut self, lr: f32) {
+        self.lr = lr;
+    }
+
+    fn step(&mut self) {
         let (lr, (b1, b2), eps, wd) = (self.lr, self.betas, self.eps, self.weight_decay);
         for (param, state) in self.params.iter().zip(self.state.iter_mut()) {
             param.update(|p, g| {
@@ -235,8 +276,22 @@ impl Sgd {
             buffers,
         })
     }
+}
 
-    pub fn step(&mut self) {
+impl Optimizer for Sgd {
+    fn params(&self) -> &[Param] {
+        &self.params
+    }
+
+    fn lr(&self) -> f32 {
+        self.lr
+    }
+
+    fn set_lr_unchecked(&mut self, lr: f32) {
+        self.lr = lr;
+    }
+
+    fn step(&mut self) {
         let (lr, mu, wd, nesterov) = (self.lr, self.momentum, self.weight_decay, self.nesterov);
         for (param, buffer) in self.params.iter().zip(self.buffers.iter_mut()) {
             param.update(|p, g| {
