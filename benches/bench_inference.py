@@ -1,0 +1,465 @@
+"""Inference speed, lugh beside llama.cpp, on the same GGUF files with the same thread count.
+
+    python benches/bench_inference.py                         # 22 layers, F16 + Q8_0 + Q4_K_M
+    python benches/bench_inference.py --layers 4 --quants q8_0 --lora on --reps 2
+
+For each weight type and each engine: prefill of `--prefill` tokens into an empty KV cache and
+decode of `--decode` tokens one at a time after it, without and with a rank-16 LoRA on attn_q
+and attn_v (made by lugh, saved as GGUF, loaded by both engines from that file). Every
+(engine, file, adapter) case runs in its own child process, so each engine has the cores to
+itself and the two thread pools never spin against each other.
+
+Both engines' last-position logits after the prefill are compared: the base logits must
+agree, and so must the change the adapter makes (which proves llama.cpp applied it).
+Memory bandwidth is measured once (threads summing disjoint slices of a 1 GiB buffer), and
+decode speed is shown as a fraction of the bound it sets: weight bytes read per token
+(every tensor but the embedding table, of which one row is read) / bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import benchlib as bl
+
+ENGINES = ("lugh", "llama.cpp")
+N_BATCH = 512  # llama.cpp's n_batch and n_ubatch: the whole prompt in one micro-batch.
+LORA_RANK = 16
+LORA_ALPHA = 32.0
+LORA_TARGETS = ("attn_q", "attn_v")
+# llama.cpp's ggml_type ids for the KV cache.
+KV_TYPES = {"f32": 0, "f16": 1}
+
+
+# ---------------------------------------------------------------- measurements in the parent
+
+
+def memory_bandwidth(n_threads: int, gib: float = 1.0, reps: int = 5) -> dict:
+    """Read bandwidth in GB/s: `t` threads (numpy releases the GIL) each sum a disjoint slice
+    of one `gib` GiB int64 buffer (integer adds: the sum is never the bottleneck); best of
+    `reps`, for t = 1 and t = n_threads. The bound uses the larger (on small VMs one thread
+    can already take all the bandwidth a guest gets)."""
+    buf = np.ones(int(gib * 2**30) // 8, dtype=np.int64)
+    by_threads = {}
+    for t in sorted({1, n_threads}):
+        chunks = np.array_split(buf, t)
+        with ThreadPoolExecutor(t) as pool:
+            list(pool.map(np.add.reduce, chunks))
+            best = float("inf")
+            for _ in range(reps):
+                start = time.perf_counter()
+                list(pool.map(np.add.reduce, chunks))
+                best = min(best, time.perf_counter() - start)
+        by_threads[t] = buf.nbytes / best / 1e9
+    return {
+        "method": f"numpy int64 add.reduce over {gib:g} GiB, disjoint slices per thread, "
+        f"best of {reps}",
+        "gb_s_by_threads": by_threads,
+        "gb_s": max(by_threads.values()),
+    }
+
+
+def weight_bytes_per_token(path: Path) -> int:
+    """Bytes of weights one decoded token reads: every tensor, but one row of token_embd."""
+    import gguf
+
+    total = 0
+    for tensor in gguf.GGUFReader(path).tensors:
+        n_bytes = int(tensor.n_bytes)
+        if tensor.name == "token_embd.weight":
+            n_bytes //= int(tensor.shape[-1])  # gguf lists [n_embd, n_vocab]: one row
+        total += n_bytes
+    return total
+
+
+# ------------------------------------------------------------------------- the engine children
+
+
+class LughRunner:
+    """lugh: `Inference.forward_cache` on one KV cache, cleared between repetitions."""
+
+    def __init__(self, model: Path, lora: Path | None, n_ctx: int, n_threads: int) -> None:
+        import lugh
+
+        self.model = lugh.Model(str(model))
+        self.inf = lugh.Inference(self.model, n_ctx=n_ctx, n_threads=n_threads)
+        self.lora = lugh.LoRA(str(lora), self.model) if lora else None
+        self.cache = self.inf.create_kv_cache()
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        self.cache.clear()
+        return self.inf.forward_cache(self.cache, ids, lora=self.lora)
+
+    def decode(self, ids: list[int]) -> None:
+        for t in ids:
+            self.inf.forward_cache(self.cache, [t], lora=self.lora)
+
+
+class LlamaCppRunner:
+    """llama.cpp through llama-cpp-python: `Llama.eval`, the adapter from `lora_path`."""
+
+    def __init__(
+        self, model: Path, lora: Path | None, n_ctx: int, n_threads: int, kv_type: str
+    ) -> None:
+        from llama_cpp import Llama
+
+        self.llm = Llama(
+            str(model),
+            n_ctx=n_ctx,
+            n_batch=N_BATCH,
+            n_ubatch=N_BATCH,
+            n_threads=n_threads,
+            n_threads_batch=n_threads,
+            logits_all=False,
+            type_k=KV_TYPES[kv_type],
+            type_v=KV_TYPES[kv_type],
+            lora_path=str(lora) if lora else None,
+            verbose=False,
+        )
+        if lora and self.llm._lora_adapter is None:
+            raise RuntimeError(f"llama.cpp did not load the adapter {lora}")
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        self.llm.reset()  # the next eval drops the cached positions
+        self.llm.eval(ids)
+        n_vocab = self.llm.n_vocab()
+        return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(n_vocab,)).copy()
+
+    def decode(self, ids: list[int]) -> None:
+        for t in ids:
+            self.llm.eval([t])
+
+
+def run_engine(args: argparse.Namespace) -> dict:
+    """One (engine, file, adapter) case: load, warm up, time prefill and decode."""
+    bl.pin_threads(args.threads)
+    n_ctx = -(-(args.prefill + args.decode) // 256) * 256
+    started = time.perf_counter()
+    if args.child == "lugh":
+        runner: Any = LughRunner(args.model, args.lora_path, n_ctx, args.threads)
+    else:
+        runner = LlamaCppRunner(args.model, args.lora_path, n_ctx, args.threads, args.kv_type)
+    load_s = time.perf_counter() - started
+    prompt = bl.random_tokens(args.prefill, seed=1)
+    follow = bl.random_tokens(args.decode, seed=2, bos=False)
+    logits = runner.prefill(prompt)  # warm-up: page in the weights
+    runner.decode(follow[:4])
+    prefill_s, prefill_all = bl.median_time(lambda: runner.prefill(prompt), args.reps, warmup=0)
+    decode_all = []
+    for _ in range(args.reps):
+        runner.prefill(prompt)
+        start = time.perf_counter()
+        runner.decode(follow)
+        decode_all.append(time.perf_counter() - start)
+    decode_s = float(np.median(decode_all))
+    np.save(args.logits_out, np.asarray(logits, dtype=np.float32))
+    return {
+        "load_s": load_s,
+        "prefill_s": prefill_s,
+        "prefill_all_s": prefill_all,
+        "prefill_tok_s": args.prefill / prefill_s,
+        "decode_s": decode_s,
+        "decode_all_s": decode_all,
+        "decode_tok_s": args.decode / decode_s,
+        "prefill_best_tok_s": args.prefill / min(prefill_all),
+        "decode_best_tok_s": args.decode / min(decode_all),
+        "peak_rss_mib": bl.peak_rss_mib(),
+    }
+
+
+def make_adapter(args: argparse.Namespace) -> dict:
+    """The rank-16 attn_q/attn_v adapter both engines load, B non-zero, saved as GGUF."""
+    import lugh
+
+    model = lugh.Model(str(args.model))
+    lora = lugh.LoRA.create(
+        model, rank=LORA_RANK, alpha=LORA_ALPHA, targets=LORA_TARGETS, seed=args.seed
+    )
+    bl.fill_lora_b(lora, seed=args.seed)
+    lora.save(str(args.lora_path))
+    return {"path": str(args.lora_path), "n_weights": lora.n_weights}
+
+
+# ------------------------------------------------------------------------------ the parent
+
+
+def compare_logits(base: dict[str, np.ndarray], lora: dict[str, np.ndarray]) -> dict:
+    """lugh vs llama.cpp: max |diff| / max |logit| of the base logits and of the adapted
+    ones, and the correlation of the change the adapter makes (near 0 if one engine
+    ignored it)."""
+
+    def rel(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.abs(a - b).max() / np.abs(b).max())
+
+    out: dict[str, Any] = {}
+    if len(base) == 2:
+        out["base_rel_err"] = rel(base["lugh"], base["llama.cpp"])
+        out["base_corr"] = float(np.corrcoef(base["lugh"], base["llama.cpp"])[0, 1])
+    if len(lora) == 2:
+        out["lora_rel_err"] = rel(lora["lugh"], lora["llama.cpp"])
+    if len(base) == 2 and len(lora) == 2:
+        d_lugh = lora["lugh"] - base["lugh"]
+        d_llama = lora["llama.cpp"] - base["llama.cpp"]
+        out["lora_delta_corr"] = float(np.corrcoef(d_lugh, d_llama)[0, 1])
+        out["lora_delta_norm_ratio"] = float(np.linalg.norm(d_lugh) / np.linalg.norm(d_llama))
+    checks = [out.get("base_corr", 1.0) > 0.99]
+    if "lora_delta_corr" in out:
+        checks += [
+            out["lora_delta_corr"] > 0.9,
+            0.8 < out["lora_delta_norm_ratio"] < 1.25,
+        ]
+    out["pass"] = all(checks)
+    return out
+
+
+def child_args(args: argparse.Namespace, engine: str, model: Path) -> list[str]:
+    return bl.flags(
+        child=engine,
+        model=model,
+        threads=args.threads,
+        prefill=args.prefill,
+        decode=args.decode,
+        reps=args.reps,
+        kv_type=args.kv_type,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child == "make-lora":
+        bl.emit(make_adapter(args))
+        return 0
+    if args.child:
+        bl.emit(run_engine(args))
+        return 0
+
+    script = Path(__file__)
+    engines = [e for e in ENGINES if e in args.engines.split(",")]
+    quants = [q for q in args.quants.split(",") if bl.gguf_path(args.layers, q).exists()]
+    missing = set(args.quants.split(",")) - set(quants)
+    if missing:
+        print(f"skipping {sorted(missing)}: run benches/make_model.py --layers {args.layers}")
+    if not quants:
+        return 1
+    variants = {"off": [False], "on": [True], "both": [False, True]}[args.lora]
+    result: dict[str, Any] = {
+        "versions": bl.versions(),
+        "settings": {
+            k: getattr(args, k)
+            for k in ("layers", "threads", "prefill", "decode", "reps", "kv_type", "lora")
+        }
+        | {
+            "llama_cpp": f"n_batch=n_ubatch={N_BATCH}, logits_all=False, flash_attn=False, "
+            f"KV {args.kv_type}",
+            "lora": f"rank {LORA_RANK}, alpha {LORA_ALPHA:g}, {'+'.join(LORA_TARGETS)}, "
+            "B ~ N(0, 0.05)",
+        },
+        "cases": [],
+        "checks": {},
+    }
+    print(f"versions: {result['versions']}")
+    if not args.no_bandwidth:
+        result["bandwidth"] = memory_bandwidth(args.threads)
+        bw = result["bandwidth"]
+        per_thread = ", ".join(f"{t}: {v:.1f}" for t, v in bw["gb_s_by_threads"].items())
+        print(f"memory bandwidth: {bw['gb_s']:.1f} GB/s ({bw['method']}; by threads {per_thread})")
+
+    lora_path = bl.model_dir(args.layers) / f"lora-r{LORA_RANK}-qv.gguf"
+    if True in variants and (args.remake_lora or not lora_path.exists()):
+        model = bl.gguf_path(args.layers, quants[0])
+        make = bl.flags(child="make-lora", model=model, lora_file=lora_path, seed=args.seed)
+        bl.run_child(script, make)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for quant in quants:
+            model = bl.gguf_path(args.layers, quant)
+            weight_bytes = weight_bytes_per_token(model)
+            logits: dict[bool, dict[str, np.ndarray]] = {False: {}, True: {}}
+            for with_lora in variants:
+                for engine in engines:
+                    out = Path(tmp) / f"{quant}-{engine}-{with_lora}.npy"
+                    extra = bl.flags(logits_out=out, lora_file=with_lora and lora_path)
+                    label = f"{quant} {'lora' if with_lora else 'base'} {engine}"
+                    print(f"running {label} ...", flush=True)
+                    case = bl.run_child(
+                        script, child_args(args, engine, model) + extra, args.wait_idle
+                    )
+                    case |= {
+                        "quant": quant,
+                        "engine": engine,
+                        "lora": with_lora,
+                        "weight_bytes_per_token": weight_bytes,
+                    }
+                    if "bandwidth" in result:
+                        bound = result["bandwidth"]["gb_s"] * 1e9 / weight_bytes
+                        case["decode_bound_tok_s"] = bound
+                        case["decode_frac_of_bound"] = case["decode_tok_s"] / bound
+                    print(
+                        f"  prefill {case['prefill_tok_s']:.1f} tok/s, "
+                        f"decode {case['decode_tok_s']:.2f} tok/s",
+                        flush=True,
+                    )
+                    result["cases"].append(case)
+                    logits[with_lora][engine] = np.load(out).astype(np.float64)
+            result["checks"][quant] = compare_logits(logits[False], logits[True])
+
+    print_report(result)
+    bl.write_json(args.json, result)
+    failed = [q for q, c in result["checks"].items() if not c["pass"]]
+    if failed:
+        print(
+            f"\nLOGITS CHECK FAILED for {failed}: the engines do not run the same model",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def print_report(result: dict) -> None:
+    cases = {(c["quant"], c["lora"], c["engine"]): c for c in result["cases"]}
+    order = list(bl.QUANTS)
+    keys = sorted({(q, lo) for q, lo, _ in cases}, key=lambda k: (order.index(k[0]), k[1]))
+
+    def get(quant: str, lora: bool, engine: str, field: str) -> float | None:
+        case = cases.get((quant, lora, engine))
+        return case.get(field) if case else None
+
+    rows = []
+    for quant, lora in keys:
+        row: list[object] = [quant, "r16 q,v" if lora else "-"]
+        for field in ("prefill_tok_s", "decode_tok_s"):
+            lugh, llama = get(quant, lora, "lugh", field), get(quant, lora, "llama.cpp", field)
+            row += [lugh, llama, bl.ratio(lugh, llama)]
+        row += [get(quant, lora, e, "decode_frac_of_bound") for e in ENGINES]
+        rows.append(row)
+    s = result["settings"]
+    print(
+        f"\n## Inference: {s['layers']} layers, {s['threads']} threads, prefill {s['prefill']} "
+        f"tokens, decode {s['decode']} tokens, median of {s['reps']}\n"
+    )
+    print(
+        bl.table(
+            [
+                "weights",
+                "LoRA",
+                "lugh prefill t/s",
+                "llama.cpp prefill t/s",
+                "lugh/llama.cpp",
+                "lugh decode t/s",
+                "llama.cpp decode t/s",
+                "lugh/llama.cpp",
+                "lugh decode/BW bound",
+                "llama.cpp decode/BW bound",
+            ],
+            rows,
+        )
+    )
+
+    overhead = []
+    for quant in dict.fromkeys(q for q, _ in keys):
+        row = [quant]
+        for engine in ENGINES:
+            for field in ("prefill_tok_s", "decode_tok_s"):
+                row.append(
+                    bl.ratio(get(quant, True, engine, field), get(quant, False, engine, field))
+                )
+        overhead.append(row)
+    if any(v is not None for row in overhead for v in row[1:]):
+        print("\nLoRA cost (speed with LoRA / without; 1.0 = free):\n")
+        print(
+            bl.table(
+                ["weights", "lugh prefill", "lugh decode", "llama.cpp prefill", "llama.cpp decode"],
+                overhead,
+            )
+        )
+
+    if "bandwidth" in result:
+        print(f"\nBW bound = {result['bandwidth']['gb_s']:.1f} GB/s / weight bytes per token:")
+        for quant in dict.fromkeys(q for q, _ in keys):
+            wb = get(quant, False, ENGINES[0], "weight_bytes_per_token") or get(
+                quant, True, ENGINES[0], "weight_bytes_per_token"
+            )
+            if wb:
+                print(
+                    f"  {quant}: {wb / 1e6:.0f} MB/token -> "
+                    f"{result['bandwidth']['gb_s'] * 1e9 / wb:.1f} tok/s"
+                )
+
+    checks = [
+        [
+            q,
+            c.get("base_rel_err"),
+            c.get("base_corr"),
+            c.get("lora_rel_err"),
+            c.get("lora_delta_corr"),
+            c.get("lora_delta_norm_ratio"),
+            "PASS" if c["pass"] else "FAIL",
+        ]
+        for q, c in result["checks"].items()
+    ]
+    print(
+        "\nSame model, same adapter? (last-position logits after the prefill, lugh vs llama.cpp):\n"
+    )
+    print(
+        bl.table(
+            [
+                "weights",
+                "base max|d|/max",
+                "base corr",
+                "lora max|d|/max",
+                "LoRA-delta corr",
+                "LoRA-delta norm ratio",
+                "check",
+            ],
+            checks,
+        )
+    )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=22, help="which make_model.py output")
+    p.add_argument("--quants", default="f16,q8_0,q4_k_m", help="comma list of weight types")
+    p.add_argument("--engines", default="lugh,llama.cpp", help="comma list among lugh,llama.cpp")
+    p.add_argument("--lora", choices=("off", "on", "both"), default="both")
+    p.add_argument("--threads", type=int, default=bl.default_threads())
+    p.add_argument("--prefill", type=int, default=128, help="prompt tokens")
+    p.add_argument("--decode", type=int, default=64, help="tokens decoded one at a time")
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions (median)")
+    p.add_argument(
+        "--kv-type",
+        choices=tuple(KV_TYPES),
+        default="f32",
+        help="llama.cpp's KV cache type (lugh keeps f32)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="the adapter's seed")
+    p.add_argument("--remake-lora", action="store_true", help="rewrite the adapter file")
+    p.add_argument("--no-bandwidth", action="store_true", help="skip the bandwidth measurement")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="before each case, wait up to S seconds for other processes to leave "
+        "the cores idle (0: don't)",
+    )
+    # Internal: one engine case in a child process.
+    p.add_argument("--child", choices=(*ENGINES, "make-lora"), help=argparse.SUPPRESS)
+    p.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--lora-file", dest="lora_path", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--logits-out", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    return args
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""LoRA training speed, lugh beside PyTorch + PEFT, on the same weights and the same adapter.
+
+    python benches/bench_train.py                       # 22 layers, seq 256, batch 4, rank 16
+    python benches/bench_train.py --layers 4 --steps 2  # a quick run
+
+One step = forward, mean next-token cross-entropy over the batch, backward into the adapter,
+AdamW update (weight decay 0). lugh: `lugh.train.train_step` on the F16 GGUF + `lugh.optim.AdamW`.
+PyTorch: transformers `LlamaForCausalLM` in float32 from the HF copy of the same F16 values,
+PEFT with dropout 0, `model.train()`, `torch.optim.AdamW`. Both load one adapter (rank 16,
+alpha 32, targets q, k, v, o; B non-zero, made by lugh and saved as a PEFT directory) and train
+on the same token batch. Each engine runs in its own child process, so its peak RSS (mapped
+weights included) is its own.
+
+The losses of the first step must agree (same base model and adapter); the second step's
+must too (same gradients and update). Tokens/s = batch × seq / median step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import benchlib as bl
+
+ENGINES = ("lugh", "torch")
+TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output")
+LORA_ALPHA = 32.0
+
+
+def batch(args: argparse.Namespace) -> list[list[int]]:
+    """`--batch` sequences of `--seq` tokens, BOS first, the same in every child."""
+    return [bl.random_tokens(args.seq, seed=100 + i) for i in range(args.batch)]
+
+
+def train_lugh(args: argparse.Namespace) -> tuple[list[float], list[float]]:
+    """(loss before each step, seconds per step) with lugh."""
+    import lugh
+
+    model = lugh.Model(str(bl.gguf_path(args.layers, "f16")))
+    inf = lugh.Inference(model, n_ctx=args.seq, n_threads=args.threads)
+    lora = lugh.LoRA(str(args.adapter), model).trainable_copy()
+    opt = lugh.optim.AdamW(lora.trainable_parameters(), lr=args.lr, weight_decay=0.0)
+    seqs = batch(args)
+    losses, times = [], []
+    for _ in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        opt.zero_grad()
+        loss_sum, n_scored = lugh.train.train_step(inf, seqs, lora, checkpoint=args.checkpoint)
+        opt.step()
+        times.append(time.perf_counter() - start)
+        losses.append(loss_sum / n_scored)
+    return losses, times
+
+
+def train_torch(args: argparse.Namespace) -> tuple[list[float], list[float]]:
+    """(loss before each step, seconds per step) with transformers + PEFT in float32."""
+    import torch
+    from peft import LoraConfig, PeftModel
+    from transformers import LlamaForCausalLM
+
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
+    model = LlamaForCausalLM.from_pretrained(bl.hf_dir(args.layers), dtype=torch.float32)
+    config = LoraConfig.from_pretrained(str(args.adapter))
+    config.lora_dropout = 0.0
+    config.inference_mode = False
+    model = PeftModel.from_pretrained(model, str(args.adapter), config=config, is_trainable=True)
+    if args.checkpoint:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    ids = torch.tensor(batch(args))
+    losses, times = [], []
+    for _ in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss  # mean over batch × (seq - 1) positions
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - start)
+        losses.append(float(loss.detach()))
+    return losses, times
+
+
+def make_adapter(args: argparse.Namespace) -> dict:
+    """The adapter both engines train, as a PEFT directory (lugh reads it too)."""
+    import lugh
+
+    model = lugh.Model(str(bl.gguf_path(args.layers, "f16")))
+    lora = lugh.LoRA.create(model, rank=args.rank, alpha=LORA_ALPHA, targets=TARGETS, seed=0)
+    bl.fill_lora_b(lora, seed=0)
+    lora.save_peft(str(args.adapter))
+    return {"path": str(args.adapter)}
+
+
+def run_engine(args: argparse.Namespace) -> dict:
+    bl.pin_threads(args.threads)
+    started = time.perf_counter()
+    train = train_lugh if args.child == "lugh" else train_torch
+    losses, times = train(args)
+    step_s = statistics.median(times[args.warmup :])
+    return {
+        "losses": losses,
+        "step_all_s": times,
+        "step_s": step_s,
+        "tok_s": args.batch * args.seq / step_s,
+        "total_s": time.perf_counter() - started,
+        "peak_rss_mib": bl.peak_rss_mib(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child == "make-lora":
+        bl.emit(make_adapter(args))
+        return 0
+    if args.child:
+        bl.emit(run_engine(args))
+        return 0
+    if args.steps < 1:
+        raise SystemExit("--steps must be at least 1")
+
+    script = Path(__file__)
+    needed = [bl.gguf_path(args.layers, "f16"), bl.hf_dir(args.layers) / "model.safetensors"]
+    if any(not p.exists() for p in needed):
+        print(f"missing model files: run benches/make_model.py --layers {args.layers}")
+        return 1
+    adapter = bl.model_dir(args.layers) / f"lora-r{args.rank}-qkvo-peft"
+    common = bl.flags(layers=args.layers, rank=args.rank, adapter=adapter)
+    if args.remake_lora or not (adapter / "adapter_config.json").exists():
+        bl.run_child(script, ["--child", "make-lora", *common])
+    engines = [e for e in ENGINES if e in args.engines.split(",")]
+    result: dict[str, Any] = {
+        "versions": bl.versions(),
+        "settings": {
+            k: getattr(args, k)
+            for k in (
+                "layers",
+                "threads",
+                "seq",
+                "batch",
+                "rank",
+                "steps",
+                "warmup",
+                "lr",
+                "checkpoint",
+            )
+        }
+        | {"targets": list(TARGETS), "alpha": LORA_ALPHA},
+        "engines": {},
+    }
+    print(f"versions: {result['versions']}")
+    forwarded = common + bl.flags(
+        threads=args.threads,
+        seq=args.seq,
+        batch=args.batch,
+        steps=args.steps,
+        warmup=args.warmup,
+        lr=args.lr,
+        checkpoint=args.checkpoint,
+    )
+    for engine in engines:
+        print(f"running {engine} ...", flush=True)
+        out = bl.run_child(script, ["--child", engine, *forwarded], args.wait_idle)
+        print(
+            f"  {out['tok_s']:.1f} tok/s, step {out['step_s']:.2f} s, losses "
+            f"{[round(v, 4) for v in out['losses']]}",
+            flush=True,
+        )
+        result["engines"][engine] = out
+
+    ok = report(result)
+    bl.write_json(args.json, result)
+    return 0 if ok else 1
+
+
+def report(result: dict) -> bool:
+    """Prints the side-by-side table and the loss check; True if the losses agree."""
+    s, engines = result["settings"], result["engines"]
+    print(
+        f"\n## LoRA training: {s['layers']} layers, {s['threads']} threads, batch {s['batch']} "
+        f"x seq {s['seq']}, rank {s['rank']} on q,k,v,o, AdamW lr {s['lr']:g}, "
+        f"checkpointing {'on' if s['checkpoint'] else 'off'}, median of {s['steps']} steps "
+        f"after {s['warmup']} warm-up\n"
+    )
+    rows = [
+        [
+            e,
+            r["tok_s"],
+            r["step_s"],
+            r["peak_rss_mib"] / 1024,
+            *(f"{v:.6f}" for v in r["losses"][:2]),
+            r.get("foreign_load_cores"),
+        ]
+        for e, r in engines.items()
+    ]
+    print(
+        bl.table(
+            [
+                "engine",
+                "tokens/s",
+                "s/step",
+                "peak RSS GiB",
+                "loss step 1",
+                "loss step 2",
+                "other load (cores)",
+            ],
+            rows,
+        )
+    )
+    if set(engines) != set(ENGINES):
+        return True
+    lugh, torch = engines["lugh"], engines["torch"]
+    print(
+        f"\nlugh / PyTorch: tokens/s {lugh['tok_s'] / torch['tok_s']:.3f}, "
+        f"peak RSS {lugh['peak_rss_mib'] / torch['peak_rss_mib']:.3f}"
+    )
+    n = min(len(lugh["losses"]), len(torch["losses"]), 2)
+    diffs = [abs(lugh["losses"][i] - torch["losses"][i]) for i in range(n)]
+    ok = all(d <= 1e-3 * abs(torch["losses"][i]) for i, d in enumerate(diffs))
+    print(
+        f"loss check (|lugh - torch| <= 1e-3 relative) on the first {n} steps: "
+        f"{[f'{d:.1e}' for d in diffs]} {'PASS' if ok else 'FAIL'}"
+    )
+    result["loss_check"] = {"abs_diffs": diffs, "pass": ok}
+    return ok
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=22, help="which make_model.py output")
+    p.add_argument("--engines", default="lugh,torch", help="comma list among lugh,torch")
+    p.add_argument("--threads", type=int, default=bl.default_threads())
+    p.add_argument("--seq", type=int, default=256, help="tokens per sequence")
+    p.add_argument("--batch", type=int, default=4, help="sequences per step")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--steps", type=int, default=3, help="timed steps (median)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument(
+        "--checkpoint", action="store_true", help="activation checkpointing in both engines"
+    )
+    p.add_argument("--remake-lora", action="store_true", help="rewrite the adapter")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="before each case, wait up to S seconds for other processes to leave "
+        "the cores idle (0: don't)",
+    )
+    # Internal: one engine in a child process.
+    p.add_argument("--child", choices=(*ENGINES, "make-lora"), help=argparse.SUPPRESS)
+    p.add_argument("--adapter", type=Path, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""What the side-by-side benchmark scripts share: the 1B-class shape, file names, timing,
+per-engine child processes, peak memory, versions and table printing.
+
+The scripts run one engine per child process (`run_child`): each engine gets the machine's
+cores to itself, its thread pool cannot spin against the other's, and its peak RSS is its own.
+A child prints one JSON object on its last stdout line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "bench-models"
+VOCAB = ROOT / "tests" / "fixtures" / "vocab" / "ggml-vocab-llama-spm.gguf"
+
+# GGUF file stem per weight type; llama.cpp's ftype ids for the quantized ones.
+QUANTS = {"f16": None, "q8_0": 7, "q4_k_m": 15}
+
+PEERS = (
+    "lugh",
+    "llama_cpp_python",
+    "torch",
+    "transformers",
+    "peft",
+    "safetensors",
+    "gguf",
+    "numpy",
+)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """LLaMA hyper-parameters, in GGUF's names (`n_embd`, `n_head`, ...)."""
+
+    n_layer: int = 22
+    n_embd: int = 2048
+    n_head: int = 32
+    n_head_kv: int = 4
+    n_ff: int = 5632
+    n_vocab: int = 32000
+    n_ctx_train: int = 2048
+    rms_eps: float = 1e-5
+    rope_freq_base: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def model_dir(n_layer: int) -> Path:
+    """Where `make_model.py --layers n_layer` writes its files."""
+    return MODELS / f"llama-1b-class-{n_layer}L"
+
+
+def gguf_path(n_layer: int, quant: str) -> Path:
+    return model_dir(n_layer) / f"model-{quant}.gguf"
+
+
+def hf_dir(n_layer: int) -> Path:
+    """The transformers copy (`config.json` + `model.safetensors`)."""
+    return model_dir(n_layer) / "hf"
+
+
+def default_threads() -> int:
+    """Every core this process may run on."""
+    return len(os.sched_getaffinity(0))
+
+
+def pin_threads(n_threads: int) -> None:
+    """Sets the thread-count variables that OpenMP, BLAS and rayon read at start-up.
+
+    Call before importing torch or llama_cpp: their pools are sized when they load.
+    """
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "RAYON_NUM_THREADS"):
+        os.environ[var] = str(n_threads)
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set of this process so far, file-backed pages of memory-mapped weights
+    included.
+
+    `VmHWM` of /proc/self/status, which starts afresh at exec; `ru_maxrss` would not do in a
+    child: Linux carries the parent's peak across fork + exec, so every child would report at
+    least the parent's. `ru_maxrss` only where /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def versions() -> dict:
+    """Installed versions of lugh and the peers (None where absent), and the machine."""
+    found: dict[str, Any] = {}
+    for name in PEERS:
+        dist = name.replace("_", "-")
+        try:
+            found[name] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    found["python"] = platform.python_version()
+    found["cpu"] = cpu_name()
+    found["cores"] = os.cpu_count()
+    return found
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def median_time(fn: Callable[[], object], reps: int, warmup: int = 1) -> tuple[float, list]:
+    """Median wall time of `fn()` over `reps` runs after `warmup` unmeasured ones; also
+    every measured time."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def cpu_busy_s() -> float | None:
+    """CPU seconds the whole machine has spent busy since boot (every core, /proc/stat)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(v) for v in fields]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for_idle(max_wait_s: float, threshold: float = 0.1, window_s: float = 2.0) -> float:
+    """Waits (at most `max_wait_s`) until other processes keep fewer than `threshold` cores
+    busy over a `window_s` window; returns the last load seen. On a shared machine this keeps
+    another job's build from landing in the middle of a measurement."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        before = cpu_busy_s()
+        time.sleep(window_s)
+        after = cpu_busy_s()
+        load = 0.0 if before is None or after is None else (after - before) / window_s
+        if load < threshold or time.monotonic() >= deadline:
+            return load
+
+
+def run_child(
+    script: Path, args: Sequence[str], wait_idle_s: float = 0.0, timeout_s: float | None = None
+) -> dict:
+    """Runs `python script args...` and returns the JSON object on its last stdout line,
+    with `foreign_load_cores` added: the cores that other processes kept busy meanwhile, on
+    average (machine busy time less the child's own CPU time, over the wall time). Above
+    ~0.1 the timings are disturbed: another job shared the cores.
+
+    With `wait_idle_s` > 0 it first waits up to that long for the machine to be idle.
+    The child's stderr passes through; a failing child raises with its exit code."""
+    if wait_idle_s > 0:
+        load = wait_for_idle(wait_idle_s)
+        if load >= 0.1:
+            print(
+                f"  (machine still busy after {wait_idle_s:.0f} s: {load:.2f} cores)",
+                file=sys.stderr,
+                flush=True,
+            )
+    cmd = [sys.executable, str(script), *args]
+    busy0, own0 = cpu_busy_s(), _children_cpu_s()
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=timeout_s)
+    wall = time.perf_counter() - start
+    busy1, own1 = cpu_busy_s(), _children_cpu_s()
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stdout.splitlines()[-20:])
+        raise RuntimeError(f"child failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    if not lines:
+        raise RuntimeError(f"child printed no result: {' '.join(cmd)}")
+    result = json.loads(lines[-1])
+    if busy0 is not None and busy1 is not None:
+        foreign = max(0.0, (busy1 - busy0) - (own1 - own0)) / wall
+        result["foreign_load_cores"] = foreign
+        if foreign > 0.1:
+            print(
+                f"  WARNING: other processes kept {foreign:.2f} cores busy during this run; "
+                "its timings are unreliable",
+                file=sys.stderr,
+                flush=True,
+            )
+    return result
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def emit(result: dict) -> None:
+    """A child's answer to `run_child`: one JSON line, last on stdout."""
+    sys.stdout.flush()
+    print(json.dumps(result), flush=True)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A Markdown table, columns padded; floats with 2 decimals (3 below 10), None as '-'."""
+
+    def cell(v: object) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3f}" if abs(v) < 10 else f"{v:.2f}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+
+    cells = [[cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    lines = [
+        "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
+    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
+    return "\n".join(lines)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def write_json(path: Path | None, result: dict) -> None:
+    if path is not None:
+        path.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"\nwrote {path}")
+
+
+def random_tokens(n: int, seed: int, bos: bool = True, n_vocab: int = 32000) -> list[int]:
+    """`n` repeatable ids from the ordinary tokens of the llama SPM vocabulary (3.. : no
+    control token), BOS (1) first when `bos`."""
+    import numpy as np
+
+    ids = np.random.default_rng(seed).integers(3, n_vocab, n).tolist()
+    return [1, *ids[1:]] if bos else ids
+
+
+def fill_lora_b(lora: Any, std: float = 0.05, seed: int = 0) -> None:
+    """Gives every B of a new (trainable) lugh adapter N(0, std) values, repeatable from
+    `seed`: a new adapter has B = 0 and would change nothing, so an engine could skip it.
+    With rank 16, alpha 32 and std 0.05 the adapter moves q and v by ~25 %."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    for name in lora.weight_names():
+        b = lora.get_weight_tensor(name, "b")
+        b.set_data((rng.standard_normal(b.shape) * std).astype(np.float32))
+
+
+def flags(**options: object) -> list[str]:
+    """Command-line arguments from keywords: `kv_type="f32"` -> `--kv-type f32`; True -> the
+    bare flag; False and None -> nothing."""
+    out: list[str] = []
+    for key, value in options.items():
+        if value is None or value is False:
+            continue
+        out.append("--" + key.replace("_", "-"))
+        if value is not True:
+            out.append(str(value))
+    return out
