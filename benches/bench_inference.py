@@ -89,6 +89,7 @@ class LughRunner:
     def __init__(self, model: Path, lora: Path | None, n_ctx: int, n_threads: int) -> None:
         import lugh
 
+        self.info: dict = {}
         self.model = lugh.Model(str(model))
         self.inf = lugh.Inference(self.model, n_ctx=n_ctx, n_threads=n_threads)
         self.lora = lugh.LoRA(str(lora), self.model) if lora else None
@@ -109,9 +110,9 @@ class LlamaCppRunner:
     def __init__(
         self, model: Path, lora: Path | None, n_ctx: int, n_threads: int, kv_type: str
     ) -> None:
-        from llama_cpp import Llama
+        import llama_cpp
 
-        self.llm = Llama(
+        self.llm = llama_cpp.Llama(
             str(model),
             n_ctx=n_ctx,
             n_batch=N_BATCH,
@@ -126,6 +127,7 @@ class LlamaCppRunner:
         )
         if lora and self.llm._lora_adapter is None:
             raise RuntimeError(f"llama.cpp did not load the adapter {lora}")
+        self.info = {"system_info": llama_cpp.llama_print_system_info().decode().strip()}
 
     def prefill(self, ids: list[int]) -> np.ndarray:
         self.llm.reset()  # the next eval drops the cached positions
@@ -172,7 +174,7 @@ def run_engine(args: argparse.Namespace) -> dict:
         "prefill_best_tok_s": args.prefill / min(prefill_all),
         "decode_best_tok_s": args.decode / min(decode_all),
         "peak_rss_mib": bl.peak_rss_mib(),
-    }
+    } | runner.info
 
 
 def make_adapter(args: argparse.Namespace) -> dict:
@@ -267,10 +269,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"versions: {result['versions']}")
     if not args.no_bandwidth:
-        result["bandwidth"] = memory_bandwidth(args.threads)
+        load = bl.wait_for_idle(args.wait_idle)
+        result["bandwidth"] = memory_bandwidth(args.threads) | {"foreign_load_cores": load}
         bw = result["bandwidth"]
         per_thread = ", ".join(f"{t}: {v:.1f}" for t, v in bw["gb_s_by_threads"].items())
-        print(f"memory bandwidth: {bw['gb_s']:.1f} GB/s ({bw['method']}; by threads {per_thread})")
+        print(
+            f"memory bandwidth: {bw['gb_s']:.1f} GB/s ({bw['method']}; by threads {per_thread}; "
+            f"other load before it {load:.2f} cores)"
+        )
 
     lora_path = bl.model_dir(args.layers) / f"lora-r{LORA_RANK}-qv.gguf"
     if True in variants and (args.remake_lora or not lora_path.exists()):
@@ -339,6 +345,8 @@ def print_report(result: dict) -> None:
             lugh, llama = get(quant, lora, "lugh", field), get(quant, lora, "llama.cpp", field)
             row += [lugh, llama, bl.ratio(lugh, llama)]
         row += [get(quant, lora, e, "decode_frac_of_bound") for e in ENGINES]
+        loads = [get(quant, lora, e, "foreign_load_cores") for e in ENGINES]
+        row.append(max((v for v in loads if v is not None), default=None))
         rows.append(row)
     s = result["settings"]
     print(
@@ -358,6 +366,7 @@ def print_report(result: dict) -> None:
                 "lugh/llama.cpp",
                 "lugh decode/BW bound",
                 "llama.cpp decode/BW bound",
+                "other load (cores)",
             ],
             rows,
         )
