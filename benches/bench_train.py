@@ -18,7 +18,6 @@ must too (same gradients and update). Tokens/s = batch × seq / median step time
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,8 +35,8 @@ def batch(args: argparse.Namespace) -> list[list[int]]:
     return [bl.random_tokens(args.seq, seed=100 + i) for i in range(args.batch)]
 
 
-def train_lugh(args: argparse.Namespace) -> tuple[list[float], list[float]]:
-    """(loss before each step, seconds per step) with lugh."""
+def train_lugh(args: argparse.Namespace) -> tuple[list[float], list[bl.Sample]]:
+    """(loss before each step, `timed` samples of each step) with lugh."""
     import lugh
 
     model = lugh.Model(str(bl.gguf_path(args.layers, "f16")))
@@ -45,19 +44,20 @@ def train_lugh(args: argparse.Namespace) -> tuple[list[float], list[float]]:
     lora = lugh.LoRA(str(args.adapter), model).trainable_copy()
     opt = lugh.optim.AdamW(lora.trainable_parameters(), lr=args.lr, weight_decay=0.0)
     seqs = batch(args)
-    losses, times = [], []
-    for _ in range(args.warmup + args.steps):
-        start = time.perf_counter()
+    losses = []
+
+    def step() -> None:
         opt.zero_grad()
         loss_sum, n_scored = lugh.train.train_step(inf, seqs, lora, checkpoint=args.checkpoint)
         opt.step()
-        times.append(time.perf_counter() - start)
         losses.append(loss_sum / n_scored)
-    return losses, times
+
+    return losses, [bl.timed(step) for _ in range(args.warmup + args.steps)]
 
 
-def train_torch(args: argparse.Namespace) -> tuple[list[float], list[float]]:
-    """(loss before each step, seconds per step) with transformers + PEFT in float32."""
+def train_torch(args: argparse.Namespace) -> tuple[list[float], list[bl.Sample]]:
+    """(loss before each step, `timed` samples of each step) with transformers + PEFT in
+    float32."""
     import torch
     from peft import LoraConfig, PeftModel
     from transformers import LlamaForCausalLM
@@ -76,16 +76,16 @@ def train_torch(args: argparse.Namespace) -> tuple[list[float], list[float]]:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     ids = torch.tensor(batch(args))
-    losses, times = [], []
-    for _ in range(args.warmup + args.steps):
-        start = time.perf_counter()
+    losses = []
+
+    def step() -> None:
         opt.zero_grad(set_to_none=True)
         loss = model(input_ids=ids, labels=ids).loss  # mean over batch × (seq - 1) positions
         loss.backward()
         opt.step()
-        times.append(time.perf_counter() - start)
         losses.append(float(loss.detach()))
-    return losses, times
+
+    return losses, [bl.timed(step) for _ in range(args.warmup + args.steps)]
 
 
 def make_adapter(args: argparse.Namespace) -> dict:
@@ -103,13 +103,15 @@ def run_engine(args: argparse.Namespace) -> dict:
     bl.pin_threads(args.threads)
     started = time.perf_counter()
     train = train_lugh if args.child == "lugh" else train_torch
-    losses, times = train(args)
-    step_s = statistics.median(times[args.warmup :])
+    losses, samples = train(args)
+    steps = bl.summarize(samples[args.warmup :])
     return {
         "losses": losses,
-        "step_all_s": times,
-        "step_s": step_s,
-        "tok_s": args.batch * args.seq / step_s,
+        "warmup_s": [t for t, _ in samples[: args.warmup]],
+        "steps": steps,
+        "step_s": steps["median_s"],
+        "tok_s": args.batch * args.seq / steps["median_s"],
+        "best_tok_s": args.batch * args.seq / steps["best_s"],
         "total_s": time.perf_counter() - started,
         "peak_rss_mib": bl.peak_rss_mib(),
     }
@@ -167,7 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     for engine in engines:
         print(f"running {engine} ...", flush=True)
-        out = bl.run_child(script, ["--child", engine, *forwarded], args.wait_idle)
+        out = bl.run_case(
+            script,
+            ["--child", engine, *forwarded],
+            args.wait_idle,
+            args.retries,
+            lambda r: r["steps"]["clean_reps"] * 2 < args.steps,
+        )
         print(
             f"  {out['tok_s']:.1f} tok/s, step {out['step_s']:.2f} s, losses "
             f"{[round(v, 4) for v in out['losses']]}",
@@ -248,6 +256,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--remake-lora", action="store_true", help="rewrite the adapter")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=1,
+        help="rerun an engine this many times while other processes disturb it",
+    )
     p.add_argument(
         "--wait-idle",
         type=float,

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "bench-models"
@@ -132,17 +132,41 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def median_time(fn: Callable[[], object], reps: int, warmup: int = 1) -> tuple[float, list]:
-    """Median wall time of `fn()` over `reps` runs after `warmup` unmeasured ones; also
-    every measured time."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times
+# Other processes keeping more than this many cores busy during a timed run disturb it.
+DISTURBED_CORES = 0.1
+
+# A timed run: (wall seconds, cores other processes kept busy meanwhile or None).
+Sample = tuple[float, Optional[float]]
+
+
+def timed(fn: Callable[[], object]) -> Sample:
+    """(wall seconds of `fn()`, cores that other processes kept busy meanwhile).
+
+    The second is the machine's busy time (/proc/stat) less this process's own CPU time, over
+    the wall time; None where /proc is missing. /proc/stat counts in 10 ms ticks, so runs
+    shorter than ~0.5 s read a few hundredths of a core of noise."""
+    busy0, own0 = cpu_busy_s(), _own_cpu_s(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    fn()
+    wall = time.perf_counter() - start
+    busy1, own1 = cpu_busy_s(), _own_cpu_s(resource.RUSAGE_SELF)
+    if busy0 is None or busy1 is None:
+        return wall, None
+    return wall, max(0.0, (busy1 - busy0) - (own1 - own0)) / wall
+
+
+def summarize(samples: Sequence[Sample]) -> dict:
+    """Statistics of timed runs: the median over the undisturbed ones (all if none is), the
+    best, every time and every disturbance."""
+    clean = [t for t, load in samples if load is None or load < DISTURBED_CORES]
+    times = [t for t, _ in samples]
+    return {
+        "median_s": statistics.median(clean or times),
+        "best_s": min(times),
+        "all_s": times,
+        "foreign_cores": [load for _, load in samples],
+        "clean_reps": len(clean),
+    }
 
 
 def cpu_busy_s() -> float | None:
@@ -175,25 +199,24 @@ def run_child(
 ) -> dict:
     """Runs `python script args...` and returns the JSON object on its last stdout line,
     with `foreign_load_cores` added: the cores that other processes kept busy meanwhile, on
-    average (machine busy time less the child's own CPU time, over the wall time). Above
-    ~0.1 the timings are disturbed: another job shared the cores.
+    average (machine busy time less the child's own CPU time, over the wall time).
 
     With `wait_idle_s` > 0 it first waits up to that long for the machine to be idle.
     The child's stderr passes through; a failing child raises with its exit code."""
     if wait_idle_s > 0:
         load = wait_for_idle(wait_idle_s)
-        if load >= 0.1:
+        if load >= DISTURBED_CORES:
             print(
                 f"  (machine still busy after {wait_idle_s:.0f} s: {load:.2f} cores)",
                 file=sys.stderr,
                 flush=True,
             )
     cmd = [sys.executable, str(script), *args]
-    busy0, own0 = cpu_busy_s(), _children_cpu_s()
+    busy0, own0 = cpu_busy_s(), _own_cpu_s(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=timeout_s)
     wall = time.perf_counter() - start
-    busy1, own1 = cpu_busy_s(), _children_cpu_s()
+    busy1, own1 = cpu_busy_s(), _own_cpu_s(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         tail = "\n".join(proc.stdout.splitlines()[-20:])
         raise RuntimeError(f"child failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
@@ -202,20 +225,40 @@ def run_child(
         raise RuntimeError(f"child printed no result: {' '.join(cmd)}")
     result = json.loads(lines[-1])
     if busy0 is not None and busy1 is not None:
-        foreign = max(0.0, (busy1 - busy0) - (own1 - own0)) / wall
-        result["foreign_load_cores"] = foreign
-        if foreign > 0.1:
-            print(
-                f"  WARNING: other processes kept {foreign:.2f} cores busy during this run; "
-                "its timings are unreliable",
-                file=sys.stderr,
-                flush=True,
-            )
+        result["foreign_load_cores"] = max(0.0, (busy1 - busy0) - (own1 - own0)) / wall
     return result
 
 
-def _children_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+def run_case(
+    script: Path,
+    args: Sequence[str],
+    wait_idle_s: float,
+    retries: int,
+    disturbed: Callable[[dict], bool],
+) -> dict:
+    """`run_child` again (after waiting for idle cores) while `disturbed(result)` and retries
+    are left; returns the least disturbed result, with `attempts`."""
+    best: dict | None = None
+    for attempt in range(1, retries + 2):
+        result = run_child(script, args, wait_idle_s)
+        result["attempts"] = attempt
+        if best is None or result.get("foreign_load_cores", 0) < best.get("foreign_load_cores", 0):
+            best = result
+        if not disturbed(result):
+            break
+        load = result.get("foreign_load_cores") or 0.0
+        more = "retrying" if attempt <= retries else "keeping the least disturbed run"
+        print(
+            f"  WARNING: other processes kept {load:.2f} cores busy during this run; {more}",
+            file=sys.stderr,
+            flush=True,
+        )
+    assert best is not None
+    return best
+
+
+def _own_cpu_s(who: int) -> float:
+    usage = resource.getrusage(who)
     return usage.ru_utime + usage.ru_stime
 
 
