@@ -201,6 +201,7 @@ def report(result: dict) -> bool:
         [
             e,
             r["tok_s"],
+            r["best_tok_s"],
             r["step_s"],
             r["peak_rss_mib"] / 1024,
             *(f"{v:.6f}" for v in r["losses"][:2]),
@@ -213,6 +214,7 @@ def report(result: dict) -> bool:
             [
                 "engine",
                 "tokens/s",
+                "best tokens/s",
                 "s/step",
                 "peak RSS GiB",
                 "loss step 1",
