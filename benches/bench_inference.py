@@ -11,10 +11,13 @@ itself and the two thread pools never spin against each other.
 
 Both engines' last-position logits after the prefill are compared: the base logits must
 agree, and so must the change the adapter makes (which proves llama.cpp applied it).
-Memory bandwidth is measured before and after (threads summing disjoint slices of a 1 GiB
-buffer; the larger result counts), and
-decode speed is shown as a fraction of the bound it sets: weight bytes read per token
-(every tensor but the embedding table, of which one row is read) / bandwidth.
+Memory bandwidth is measured before and after the cases (threads summing disjoint slices of
+a 1 GiB buffer; the larger result counts), and decode speed is shown as a fraction of the
+bound it sets: bandwidth / weight bytes read per token (every tensor but the embedding table,
+of which one row is read).
+
+Timed repetitions disturbed by other processes are left out of the median, and a case with
+too few undisturbed ones is run again (see `benchlib.timed` and `benchlib.run_case`).
 """
 
 from __future__ import annotations

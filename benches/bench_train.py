@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ import benchlib as bl
 ENGINES = ("lugh", "torch")
 TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output")
 LORA_ALPHA = 32.0
+# Both run f32 math on the same F16 values: their losses agree to ~1e-6 relative.
+LOSS_RTOL = 1e-4
 
 
 def batch(args: argparse.Namespace) -> list[list[int]]:
@@ -61,7 +64,10 @@ def train_torch(args: argparse.Namespace) -> tuple[list[float], list[bl.Sample]]
     import torch
     from peft import LoraConfig, PeftModel
     from transformers import LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # PEFT calls deprecated names
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
     model = LlamaForCausalLM.from_pretrained(bl.hf_dir(args.layers), dtype=torch.float32)
@@ -233,9 +239,9 @@ def report(result: dict) -> bool:
     )
     n = min(len(lugh["losses"]), len(torch["losses"]), 2)
     diffs = [abs(lugh["losses"][i] - torch["losses"][i]) for i in range(n)]
-    ok = all(d <= 1e-3 * abs(torch["losses"][i]) for i, d in enumerate(diffs))
+    ok = all(d <= LOSS_RTOL * abs(torch["losses"][i]) for i, d in enumerate(diffs))
     print(
-        f"loss check (|lugh - torch| <= 1e-3 relative) on the first {n} steps: "
+        f"loss check (|lugh - torch| <= {LOSS_RTOL:g} relative) on the first {n} steps: "
         f"{[f'{d:.1e}' for d in diffs]} {'PASS' if ok else 'FAIL'}"
     )
     result["loss_check"] = {"abs_diffs": diffs, "pass": ok}

@@ -116,10 +116,31 @@ def versions() -> dict:
             found[name] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             found[name] = None
+    found["lugh_commit"] = git_commit()
     found["python"] = platform.python_version()
     found["cpu"] = cpu_name()
     found["cores"] = os.cpu_count()
     return found
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (`+dirty` when files differ from it), or None outside git."""
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return rev + ("+dirty" if dirty else "")
 
 
 def cpu_name() -> str:
