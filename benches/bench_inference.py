@@ -23,6 +23,7 @@ too few undisturbed ones is run again (see `benchlib.timed` and `benchlib.run_ca
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import tempfile
 import time
@@ -182,17 +183,27 @@ def run_engine(args: argparse.Namespace) -> dict:
         runner.prefill(prompt)
         decode.append(bl.timed(lambda: runner.decode(follow)))
     np.save(args.logits_out, np.asarray(logits, dtype=np.float32))
-    prefill_stats, decode_stats = bl.summarize(prefill), bl.summarize(decode)
     return {
         "load_s": load_s,
-        "prefill": prefill_stats,
-        "decode": decode_stats,
-        "prefill_tok_s": args.prefill / prefill_stats["median_s"],
-        "decode_tok_s": args.decode / decode_stats["median_s"],
-        "prefill_best_tok_s": args.prefill / prefill_stats["best_s"],
-        "decode_best_tok_s": args.decode / decode_stats["best_s"],
+        "prefill": bl.summarize(prefill),
+        "decode": bl.summarize(decode),
         "peak_rss_mib": bl.peak_rss_mib(),
     } | runner.info
+
+
+def merge_rounds(done: dict | None, new: dict) -> dict:
+    """One case's results over rounds: the repetitions of every round pooled, the peak RSS and
+    other load the largest seen, each round's result kept under `rounds`."""
+    if done is None:
+        return new | {"rounds": [new]}
+    rounds = [*done["rounds"], new]
+    merged = new | {"rounds": rounds}
+    for phase in ("prefill", "decode"):
+        samples = [s for r in rounds for s in zip(r[phase]["all_s"], r[phase]["foreign_cores"])]
+        merged[phase] = bl.summarize(samples)
+    for field in ("peak_rss_mib", "foreign_load_cores"):
+        merged[field] = max(r.get(field) or 0.0 for r in rounds)
+    return merged
 
 
 def make_adapter(args: argparse.Namespace) -> dict:
@@ -279,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": bl.versions(),
         "settings": {
             k: getattr(args, k)
-            for k in ("layers", "threads", "prefill", "decode", "reps", "kv_type", "lora")
+            for k in ("layers", "threads", "prefill", "decode", "reps", "rounds", "kv_type", "lora")
         }
         | {
             "llama_cpp": f"n_batch=n_ubatch={N_BATCH}, logits_all=False, flash_attn=False, "
@@ -299,38 +310,49 @@ def main(argv: list[str] | None = None) -> int:
         make = bl.flags(child="make-lora", model=model, lora_file=lora_path, seed=args.seed)
         bl.run_child(script, make)
 
+    cases: dict[tuple, dict] = {}
+    logits: dict[tuple, np.ndarray] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for quant in quants:
-            model = bl.gguf_path(args.layers, quant)
-            weight_bytes = weight_bytes_per_token(model)
-            logits: dict[bool, dict[str, np.ndarray]] = {False: {}, True: {}}
-            for with_lora in variants:
-                for engine in engines:
-                    out = Path(tmp) / f"{quant}-{engine}-{with_lora}.npy"
-                    extra = bl.flags(logits_out=out, lora_file=with_lora and lora_path)
-                    label = f"{quant} {'lora' if with_lora else 'base'} {engine}"
-                    print(f"running {label} ...", flush=True)
-                    case = bl.run_case(
-                        script,
-                        child_args(args, engine, model) + extra,
-                        args.wait_idle,
-                        args.retries,
-                        disturbed,
-                    )
-                    case |= {
-                        "quant": quant,
-                        "engine": engine,
-                        "lora": with_lora,
-                        "weight_bytes_per_token": weight_bytes,
-                    }
-                    print(
-                        f"  prefill {case['prefill_tok_s']:.1f} tok/s, "
-                        f"decode {case['decode_tok_s']:.2f} tok/s",
-                        flush=True,
-                    )
-                    result["cases"].append(case)
-                    logits[with_lora][engine] = np.load(out).astype(np.float64)
-            result["checks"][quant] = compare_logits(logits[False], logits[True])
+        for round_ in range(1, args.rounds + 1):
+            for quant, with_lora, engine in itertools.product(quants, variants, engines):
+                key = (quant, with_lora, engine)
+                out = Path(tmp) / f"{quant}-{engine}-{with_lora}.npy"
+                extra = bl.flags(logits_out=out, lora_file=with_lora and lora_path)
+                label = f"{quant} {'lora' if with_lora else 'base'} {engine}"
+                if args.rounds > 1:
+                    label += f" (round {round_}/{args.rounds})"
+                print(f"running {label} ...", flush=True)
+                model = bl.gguf_path(args.layers, quant)
+                case = bl.run_case(
+                    script,
+                    child_args(args, engine, model) + extra,
+                    args.wait_idle,
+                    args.retries,
+                    disturbed,
+                )
+                print(
+                    f"  prefill {args.prefill / case['prefill']['median_s']:.1f} tok/s, "
+                    f"decode {args.decode / case['decode']['median_s']:.2f} tok/s",
+                    flush=True,
+                )
+                cases[key] = merge_rounds(cases.get(key), case)
+                logits[key] = np.load(out).astype(np.float64)
+    for (quant, with_lora, engine), case in cases.items():
+        case |= {
+            "quant": quant,
+            "engine": engine,
+            "lora": with_lora,
+            "weight_bytes_per_token": weight_bytes_per_token(bl.gguf_path(args.layers, quant)),
+            "prefill_tok_s": args.prefill / case["prefill"]["median_s"],
+            "decode_tok_s": args.decode / case["decode"]["median_s"],
+            "prefill_best_tok_s": args.prefill / case["prefill"]["best_s"],
+            "decode_best_tok_s": args.decode / case["decode"]["best_s"],
+        }
+        result["cases"].append(case)
+    for quant in quants:
+        base = {e: logits[quant, False, e] for e in engines if (quant, False, e) in logits}
+        lora = {e: logits[quant, True, e] for e in engines if (quant, True, e) in logits}
+        result["checks"][quant] = compare_logits(base, lora)
 
     if bandwidths:
         # The larger of two measurements, before and after: load from other processes only
@@ -375,7 +397,8 @@ def print_report(result: dict) -> None:
     s = result["settings"]
     print(
         f"\n## Inference: {s['layers']} layers, {s['threads']} threads, prefill {s['prefill']} "
-        f"tokens, decode {s['decode']} tokens, median of {s['reps']}\n"
+        f"tokens, decode {s['decode']} tokens, median of {s['reps']} reps x {s['rounds']} rounds "
+        "(undisturbed ones)\n"
     )
     print(
         bl.table(
@@ -477,6 +500,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--remake-lora", action="store_true", help="rewrite the adapter file")
     p.add_argument("--no-bandwidth", action="store_true", help="skip the bandwidth measurement")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every case this many times, in turn, pooling the repetitions: slow drifts "
+        "of the machine then weigh on both engines alike",
+    )
     p.add_argument(
         "--retries",
         type=int,

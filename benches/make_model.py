@@ -238,8 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     f16 = gguf_path(s.n_layer, "f16")
     hf = hf_dir(s.n_layer)
-    need_f16 = args.force or not f16.exists()
-    need_hf = not args.no_hf and (args.force or not (hf / "model.safetensors").exists())
+    info = {"shape": s.as_dict(), "seed": args.seed, "weight_std": WEIGHT_STD}
+    record = out / "make_model.json"
+    old = json.loads(record.read_text()) if record.exists() else {}
+    # Files made from other weights are made again.
+    force = args.force or any(old.get(k, v) != v for k, v in info.items())
+    need_f16 = force or not f16.exists()
+    need_hf = not args.no_hf and (force or not (hf / "model.safetensors").exists())
     if need_f16 or need_hf:
         started = time.perf_counter()
         tensors = {name: weight(name, shape, args.seed) for name, shape in shapes(s).items()}
@@ -255,12 +260,11 @@ def main(argv: list[str] | None = None) -> int:
         if QUANTS.get(quant) is None:
             raise SystemExit(f"unknown quantization {quant!r}: choose among q8_0, q4_k_m")
         dst = gguf_path(s.n_layer, quant)
-        if args.force or not dst.exists():
+        if need_f16 or not dst.exists():
             started = time.perf_counter()
             quantize(f16, dst, QUANTS[quant], args.threads)
             took = time.perf_counter() - started
             print(f"wrote {dst} ({dst.stat().st_size / 2**30:.2f} GiB, {took:.0f} s)")
-    info = {"shape": s.as_dict(), "seed": args.seed, "weight_std": WEIGHT_STD}
     if not args.no_hf and not args.no_verify:
         err = verify(s.n_layer, args.threads)
         info["verify_rel_err_lugh_f16_vs_transformers_f32"] = err
@@ -268,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         if err > 1e-4:
             print("MISMATCH: the HF copy does not compute what the GGUF does", file=sys.stderr)
             return 1
-    (out / "make_model.json").write_text(json.dumps(info, indent=1) + "\n")
+    record.write_text(json.dumps(info, indent=1) + "\n")
     return 0
 
 
