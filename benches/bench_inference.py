@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
 import tempfile
 import time
@@ -265,6 +266,9 @@ def child_args(args: argparse.Namespace, engine: str, model: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report:
+        print_report(json.loads(args.report.read_text()))
+        return 0
     if args.child == "make-lora":
         bl.emit(make_adapter(args))
         return 0
@@ -375,6 +379,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def clean_reps(*cases: dict | None) -> str:
+    """'clean/total' repetitions behind the medians of these cases (the fewest of any phase)."""
+    counts = [
+        (c[phase]["clean_reps"], len(c[phase]["all_s"]))
+        for c in cases
+        if c is not None
+        for phase in ("prefill", "decode")
+    ]
+    clean, total = min(counts)
+    return f"{clean}/{total}"
+
+
 def print_report(result: dict) -> None:
     cases = {(c["quant"], c["lora"], c["engine"]): c for c in result["cases"]}
     order = list(bl.QUANTS)
@@ -391,13 +407,13 @@ def print_report(result: dict) -> None:
             lugh, llama = get(quant, lora, "lugh", field), get(quant, lora, "llama.cpp", field)
             row += [lugh, llama, bl.ratio(lugh, llama)]
         row += [get(quant, lora, e, "decode_frac_of_bound") for e in ENGINES]
-        loads = [get(quant, lora, e, "foreign_load_cores") for e in ENGINES]
-        row.append(max((v for v in loads if v is not None), default=None))
+        row.append(clean_reps(*(cases.get((quant, lora, e)) for e in ENGINES)))
         rows.append(row)
     s = result["settings"]
+    rounds = s.get("rounds", 1)
     print(
         f"\n## Inference: {s['layers']} layers, {s['threads']} threads, prefill {s['prefill']} "
-        f"tokens, decode {s['decode']} tokens, median of {s['reps']} reps x {s['rounds']} rounds "
+        f"tokens, decode {s['decode']} tokens, median of {s['reps']} reps x {rounds} rounds "
         "(undisturbed ones)\n"
     )
     print(
@@ -413,7 +429,7 @@ def print_report(result: dict) -> None:
                 "lugh/llama.cpp",
                 "lugh decode/BW bound",
                 "llama.cpp decode/BW bound",
-                "other load (cores)",
+                "undisturbed reps",
             ],
             rows,
         )
@@ -500,6 +516,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--remake-lora", action="store_true", help="rewrite the adapter file")
     p.add_argument("--no-bandwidth", action="store_true", help="skip the bandwidth measurement")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument(
+        "--report",
+        type=Path,
+        metavar="JSON",
+        help="only print the tables of an earlier run's --json file",
+    )
     p.add_argument(
         "--rounds",
         type=int,

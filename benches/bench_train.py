@@ -18,6 +18,7 @@ must too (same gradients and update). Tokens/s = batch × seq / median step time
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import warnings
@@ -125,6 +126,9 @@ def run_engine(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report:
+        report(json.loads(args.report.read_text()))
+        return 0
     if args.child == "make-lora":
         bl.emit(make_adapter(args))
         return 0
@@ -264,6 +268,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--remake-lora", action="store_true", help="rewrite the adapter")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument(
+        "--report",
+        type=Path,
+        metavar="JSON",
+        help="only print the tables of an earlier run's --json file",
+    )
     p.add_argument(
         "--retries",
         type=int,
