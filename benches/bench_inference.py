@@ -435,6 +435,17 @@ def print_report(result: dict) -> None:
         )
     )
 
+    best = []
+    for quant, lora in keys:
+        lugh = get(quant, lora, "lugh", "decode_best_tok_s")
+        llama = get(quant, lora, "llama.cpp", "decode_best_tok_s")
+        best.append([quant, "r16 q,v" if lora else "-", lugh, llama, bl.ratio(lugh, llama)])
+    print(
+        "\nDecode, best repetition (on a VM, memory-bound decode can be bimodal, moved by up "
+        "to 30 % by something /proc does not show; the best is the steadier figure):\n"
+    )
+    print(bl.table(["weights", "LoRA", "lugh t/s", "llama.cpp t/s", "lugh/llama.cpp"], best))
+
     overhead = []
     for quant in dict.fromkeys(q for q, _ in keys):
         row = [quant]
