@@ -78,17 +78,26 @@ def _read_all(pool: ThreadPoolExecutor, chunks: list) -> None:
     list(pool.map(np.add.reduce, chunks))
 
 
-def measure_bandwidth(args: argparse.Namespace, when: str) -> dict:
-    """`memory_bandwidth` after waiting for idle cores, printed."""
-    bl.wait_for_idle(args.wait_idle)
-    bw = memory_bandwidth(args.threads)
-    per_thread = ", ".join(f"{t}: {v:.1f}" for t, v in bw["gb_s_by_threads"].items())
-    worst = max(v or 0.0 for loads in bw["foreign_cores_by_threads"].values() for v in loads)
+def measure_bandwidth(args: argparse.Namespace, when: str, attempts: int = 3) -> dict:
+    """`memory_bandwidth` after waiting for idle cores, again (up to `attempts` times) while
+    every repetition with all threads was disturbed; the best measurement, printed."""
+    best: dict | None = None
+    for _ in range(attempts):
+        bl.wait_for_idle(args.wait_idle)
+        bw = memory_bandwidth(args.threads)
+        if best is None or bw["gb_s"] > best["gb_s"]:
+            best = bw
+        loads = bw["foreign_cores_by_threads"][args.threads]
+        if any(v is None or v < bl.DISTURBED_CORES for v in loads):
+            break
+    assert best is not None
+    per_thread = ", ".join(f"{t}: {v:.1f}" for t, v in best["gb_s_by_threads"].items())
+    worst = max(v or 0.0 for loads in best["foreign_cores_by_threads"].values() for v in loads)
     print(
-        f"memory bandwidth ({when}): {bw['gb_s']:.1f} GB/s ({bw['method']}; by threads "
+        f"memory bandwidth ({when}): {best['gb_s']:.1f} GB/s ({best['method']}; by threads "
         f"{per_thread}; other load up to {worst:.2f} cores)"
     )
-    return bw
+    return best
 
 
 def weight_bytes_per_token(path: Path) -> int:
@@ -466,6 +475,12 @@ def print_report(result: dict) -> None:
 
     if "bandwidth" in result:
         print(f"\nBW bound = {result['bandwidth']['gb_s']:.1f} GB/s / weight bytes per token:")
+        fractions = [c.get("decode_frac_of_bound") or 0.0 for c in result["cases"]]
+        if max(fractions, default=0.0) > 1.0:
+            print(
+                "  (a decode above the bound: the bandwidth measurement was disturbed and "
+                "reads low; rerun)"
+            )
         for quant in dict.fromkeys(q for q, _ in keys):
             wb = get(quant, False, ENGINES[0], "weight_bytes_per_token") or get(
                 quant, True, ENGINES[0], "weight_bytes_per_token"
