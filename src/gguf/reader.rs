@@ -414,7 +414,7 @@ impl RawTensorInfo {
         let n_bytes = row_bytes
             .checked_mul(n_elements / row)
             .ok_or_else(|| bad(format!("dimensions {:?} overflow", self.dims)))?;
-        if self.offset % alignment as u64 != 0 {
+        if !self.offset.is_multiple_of(alignment as u64) {
             return Err(bad(format!(
                 "offset {} is not a multiple of the alignment {alignment}",
                 self.offset

@@ -284,7 +284,7 @@ fn permute_rows(
     n_heads: usize,
     dir: PermuteDirection,
 ) -> Option<Vec<f32>> {
-    if n_heads == 0 || rows % n_heads != 0 || (rows / n_heads) % 2 != 0 {
+    if n_heads == 0 || rows % n_heads != 0 || !(rows / n_heads).is_multiple_of(2) {
         return None;
     }
     let d = rows / n_heads;

@@ -8,6 +8,7 @@ use candle_core::quantized::k_quants::GgmlType;
 use rayon::prelude::*;
 
 use super::gemm::{gemm, MatMut, MatRef};
+use super::qmatmul;
 use super::quant::{as_blocks, dequantize_into, with_block_type};
 use super::scratch::{self, Pod};
 use crate::error::{Error, Result};
@@ -39,7 +40,9 @@ impl Weight {
         let expected = dtype
             .row_bytes(n_cols)
             .and_then(|row| row.checked_mul(n_rows));
-        if expected != Some(data.len()) || (data.as_ptr() as usize) % dtype.alignment() != 0 {
+        if expected != Some(data.len())
+            || !(data.as_ptr() as usize).is_multiple_of(dtype.alignment())
+        {
             return Err(Error::ShapeMismatch {
                 name: name.to_string(),
                 expected: vec![n_rows, n_cols],
@@ -82,6 +85,9 @@ impl Weight {
     pub fn matmul(&self, x: &[f32], y: &mut [f32]) {
         let m = x.len() / self.n_cols;
         assert!(x.len() == m * self.n_cols && y.len() == m * self.n_rows);
+        if qmatmul::matmul(self.dtype, &self.data, self.n_rows, self.n_cols, x, y) {
+            return;
+        }
         with_block_type!(self.dtype, T => matmul_ggml::<T>(self, x, m, y))
     }
 

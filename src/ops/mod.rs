@@ -6,6 +6,7 @@ pub mod attention;
 pub mod gemm;
 pub mod matmul;
 pub mod norm;
+mod qmatmul;
 pub mod quant;
 pub mod rope;
 pub mod scratch;

@@ -76,7 +76,8 @@ pub(crate) use with_block_type;
 pub fn as_blocks<T: GgmlType>(bytes: &[u8]) -> &[T] {
     let size = std::mem::size_of::<T>();
     assert!(
-        bytes.len() % size == 0 && (bytes.as_ptr() as usize) % std::mem::align_of::<T>() == 0,
+        bytes.len().is_multiple_of(size)
+            && (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()),
         "tensor bytes are not whole, aligned blocks"
     );
     // SAFETY: the blocks are `#[repr(C)]` structs of integers, f16 and byte arrays (or plain
@@ -87,7 +88,8 @@ pub fn as_blocks<T: GgmlType>(bytes: &[u8]) -> &[T] {
 pub fn as_blocks_mut<T: GgmlType>(bytes: &mut [u8]) -> &mut [T] {
     let size = std::mem::size_of::<T>();
     assert!(
-        bytes.len() % size == 0 && (bytes.as_ptr() as usize) % std::mem::align_of::<T>() == 0,
+        bytes.len().is_multiple_of(size)
+            && (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()),
         "tensor bytes are not whole, aligned blocks"
     );
     // SAFETY: as in `as_blocks`; the borrow is unique.

@@ -36,6 +36,26 @@ pub fn with_zeroed<T: Pod, R>(len: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
     result
 }
 
+/// Runs `f` with `len` bytes of this thread's word scratch (the slot `with_zeroed` uses),
+/// 64-byte aligned, contents unspecified.
+pub fn with_aligned_bytes<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    let mut words = WORDS.with(|slot| std::mem::take(&mut *slot.borrow_mut()));
+    let n_words = (len + 64).div_ceil(8);
+    if words.len() < n_words {
+        words.resize(n_words, 0);
+    }
+    // SAFETY: `words` holds at least `len + 64` initialised bytes, so `len` of them start at
+    // a 64-byte aligned address within the first 64; u8 has no alignment or validity
+    // requirements, and `words` outlives the slice.
+    let bytes = unsafe {
+        let ptr = words.as_mut_ptr().cast::<u8>();
+        std::slice::from_raw_parts_mut(ptr.add(ptr.align_offset(64)), len)
+    };
+    let result = f(bytes);
+    WORDS.with(|slot| *slot.borrow_mut() = words);
+    result
+}
+
 /// Plain data valid for any bit pattern (including all zeros), alignment at most 8.
 ///
 /// # Safety

@@ -1,0 +1,99 @@
+//! `y = x Wᵀ` for quantized weights read in place (ggml's block layouts), with AVX-512 VNNI
+//! integer kernels chosen at run time; `Weight::matmul` falls back to candle's `vec_dot`
+//! where this module declines (another CPU, another type).
+//!
+//! **Numerics.** Each token is quantized as ggml does for the weight's dot type (Q8_K for the
+//! K-quants, Q8_0 for the 32-value blocks), bit for bit as candle's `from_float`. For each
+//! weight block `b` and token, a kernel computes exact integer sums — `S_b`, the block's
+//! scaled dot product, and for Q4_K `M_b = Σ_s min_s · Σ_{i∈s} x_i` — and accumulates in f32,
+//! blocks in order:
+//!
+//! ```text
+//!     y = 0;  y = fma(S_b, d_w·d_x, y);  y = fma(M_b, -(dmin_w·d_x), y)   for b = 0, 1, ...
+//! ```
+//!
+//! The kernels differ from ggml's and candle's `vec_dot` only in the order of these float
+//! operations. Every kernel performs exactly this sequence, so a token's output is the same to
+//! the bit whether it is computed alone (decode) or with others (prefill).
+//!
+//! **Kernels.** Two per format:
+//! - `rows4`: 4 weight rows × 1 token, straight from the blocks; for decode and small batches.
+//!   Memory bound: its job is to stream the weights at full bandwidth.
+//! - `tile`: 4 weight rows × 16 or 32 tokens. Each task first unpacks its next 4 rows into
+//!   scratch (values as bytes, scales as i32: a few KiB that stay in L1, never the whole
+//!   matrix), the tokens are laid out 16 to a vector (`act::Groups`), and one `vpdpbusd`
+//!   multiplies 4 weights (broadcast) with 4 values of 16 tokens: 64 multiply-adds per
+//!   instruction, on 8 accumulators at a time.
+//!
+//! Files: `act` quantizes the activations, `driver` splits a product into tasks and runs the
+//! kernels of one format (`q4k`, `q6k`, `q8_0` for Q8_0 and Q4_0), `simd` holds what they share.
+
+#[cfg(target_arch = "x86_64")]
+mod act;
+#[cfg(target_arch = "x86_64")]
+mod driver;
+#[cfg(target_arch = "x86_64")]
+mod q4k;
+#[cfg(target_arch = "x86_64")]
+mod q6k;
+#[cfg(target_arch = "x86_64")]
+mod q8_0;
+#[cfg(target_arch = "x86_64")]
+mod simd;
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests;
+
+use std::sync::OnceLock;
+
+use crate::gguf::TensorType;
+
+/// Whether this CPU runs the AVX-512 kernels (F, BW, VL and VNNI), checked once.
+pub(crate) fn has_avx512() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512vnni")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
+/// Whether `matmul` has kernels for `dtype` on this CPU.
+pub(crate) fn supports(dtype: TensorType) -> bool {
+    has_avx512()
+        && matches!(
+            dtype,
+            TensorType::Q4K | TensorType::Q6K | TensorType::Q8_0 | TensorType::Q4_0
+        )
+}
+
+/// `y[m, n_rows] = x[m, k] · Wᵀ` for `W` stored as `dtype` in `data` (`n_rows` rows of `k`
+/// values). Returns false, touching nothing, when `supports(dtype)` is false.
+pub(crate) fn matmul(
+    dtype: TensorType,
+    data: &[u8],
+    n_rows: usize,
+    k: usize,
+    x: &[f32],
+    y: &mut [f32],
+) -> bool {
+    if !supports(dtype) {
+        return false;
+    }
+    assert!(x.len().is_multiple_of(k) && y.len() == x.len() / k * n_rows);
+    assert!(dtype.row_bytes(k).map(|r| r * n_rows) == Some(data.len()));
+    #[cfg(target_arch = "x86_64")]
+    match dtype {
+        TensorType::Q4K => driver::run::<q4k::Q4K>(data, n_rows, k, x, y),
+        TensorType::Q6K => driver::run::<q6k::Q6K>(data, n_rows, k, x, y),
+        TensorType::Q8_0 => driver::run::<q8_0::Q8_0>(data, n_rows, k, x, y),
+        TensorType::Q4_0 => driver::run::<q8_0::Q4_0>(data, n_rows, k, x, y),
+        _ => unreachable!("supports() lists the types above"),
+    }
+    true
+}

@@ -1,0 +1,223 @@
+//! Q4_K × Q8_K. ggml's `block_q4_K` (144 bytes, 256 values): `d`, `dmin` (f16), 12 bytes of
+//! 6-bit scales and mins for 8 sub-blocks of 32, then 128 bytes of nibbles: byte `j` of chunk
+//! `c` (32 bytes) holds value `64c + j` in its low nibble and `64c + 32 + j` in its high one.
+//! Value `i` of sub-block `s` is `d·sc_s·q_i − dmin·m_s`, so against Q8_K activations `x`:
+//!
+//! ```text
+//!     S_b = Σ_s sc_s Σ_{i∈s} q_i x_i,    M_b = Σ_s m_s Σ_{i∈s} x_i
+//! ```
+
+use core::arch::x86_64::*;
+
+use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
+use super::driver::Format;
+use super::simd::{ahead, bcast4, f16_at, hsum4, prefetch};
+
+pub(crate) struct Q4K;
+
+const BLOCK_BYTES: usize = 144;
+
+/// One unpacked block: values as bytes in natural order, scales as i32, mins as i16 pairs.
+const U_Q: usize = 0; // [u8; 256]
+const U_SC: usize = 256; // [i32; 8]
+const U_MP: usize = 288; // [(i16, i16); 4]: (m_2p, m_2p+1)
+const U_D: usize = 304; // f32 d, then f32 dmin
+const U_BYTES: usize = 320;
+
+/// The 8 scales and 8 mins of a block's 12 packed bytes at `p` (ggml's `get_scale_min_k4`,
+/// four at a time as candle's `utmp`): (scales, mins), one byte each.
+///
+/// # Safety
+/// `p` is readable for 12 bytes.
+#[inline(always)]
+unsafe fn scales_mins(p: *const u8) -> (u64, u64) {
+    let u = |i: usize| p.add(4 * i).cast::<u32>().read_unaligned();
+    let (u0, u1, u2) = (u(0), u(1), u(2));
+    let sc_lo = u0 & 0x3f3f_3f3f;
+    let sc_hi = (u2 & 0x0f0f_0f0f) | (((u0 >> 6) & 0x0303_0303) << 4);
+    let mn_lo = u1 & 0x3f3f_3f3f;
+    let mn_hi = ((u2 >> 4) & 0x0f0f_0f0f) | (((u1 >> 6) & 0x0303_0303) << 4);
+    (
+        sc_lo as u64 | (sc_hi as u64) << 32,
+        mn_lo as u64 | (mn_hi as u64) << 32,
+    )
+}
+
+/// Nibble chunk `c` of the block at `p` as 64 bytes in natural order (values 64c..64c+64):
+/// the 32 bytes broadcast to both halves, the upper half shifted right by 4.
+///
+/// # Safety
+/// `p` points to a whole block; AVX-512 F/BW.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn chunk(p: *const u8, c: usize) -> __m512i {
+    let shift = _mm512_inserti64x4::<1>(_mm512_setzero_si512(), _mm256_set1_epi16(4));
+    let q = _mm512_broadcast_i64x4(_mm256_loadu_si256(p.add(16 + 32 * c).cast()));
+    _mm512_and_si512(_mm512_srlv_epi16(q, shift), _mm512_set1_epi8(0x0f))
+}
+
+/// `vpshufb` patterns giving, for chunk `c`, the i16 pair `(sc, sc)` of sub-block `2c` in
+/// dwords 0..8 and of `2c + 1` in dwords 8..16, from the scales in bytes 0..8 of each lane.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+fn scale_pattern(c: usize) -> __m512i {
+    let lane = |s: usize| {
+        let s = s as i8;
+        _mm_set_epi8(
+            -128, s, -128, s, -128, s, -128, s, -128, s, -128, s, -128, s, -128, s,
+        )
+    };
+    let (a, b) = (lane(2 * c), lane(2 * c + 1));
+    _mm512_inserti64x4::<1>(
+        _mm512_castsi256_si512(_mm256_set_m128i(a, a)),
+        _mm256_set_m128i(b, b),
+    )
+}
+
+impl Format for Q4K {
+    const BLOCK: usize = QK_K;
+    const BLOCK_BYTES: usize = BLOCK_BYTES;
+    const Q8K: bool = true;
+    /// The sums of 32 as i16 pairs `(X_2p, X_2p+1)`, for `M_b`.
+    const N_EXTRA: usize = 4;
+
+    fn extra(sums: &[i16], p: usize) -> i32 {
+        (sums[2 * p] as u16 as i32) | ((sums[2 * p + 1] as i32) << 16)
+    }
+
+    fn unpacked_bytes(nb: usize) -> usize {
+        nb * U_BYTES
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn rows4(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
+        let pattern: [__m512i; 4] = std::array::from_fn(|c| scale_pattern(c));
+        let xq = act.qs[t * act.k..].as_ptr();
+        let mut acc = _mm_setzero_ps();
+        for b in 0..nb {
+            let x: [__m512i; 4] =
+                std::array::from_fn(|c| _mm512_loadu_si512(xq.add(QK_K * b + 64 * c).cast()));
+            let sums = act.sums[(t * nb + b) * Q8K_SUMS..].as_ptr();
+            let x32 = _mm_loadu_si128(sums.cast());
+            let mut s = [_mm512_setzero_si512(); 4];
+            let mut mins = [_mm_setzero_si128(); 4];
+            for r in 0..4 {
+                let p = w[r].add(b * BLOCK_BYTES);
+                prefetch(ahead(w[r], b, nb, BLOCK_BYTES), BLOCK_BYTES);
+                let (sc, mn) = scales_mins(p.add(4));
+                let scmn = _mm_set_epi64x(mn as i64, sc as i64);
+                let scb = _mm512_broadcast_i32x4(scmn);
+                for c in 0..4 {
+                    let prod = _mm512_maddubs_epi16(chunk(p, c), x[c]);
+                    let scale = _mm512_shuffle_epi8(scb, pattern[c]);
+                    s[r] = _mm512_dpwssd_epi32(s[r], prod, scale);
+                }
+                mins[r] = _mm_madd_epi16(_mm_cvtepu8_epi16(_mm_srli_si128::<8>(scmn)), x32);
+            }
+            let s4 = hsum4(s);
+            let m4 = _mm_hadd_epi32(
+                _mm_hadd_epi32(mins[0], mins[1]),
+                _mm_hadd_epi32(mins[2], mins[3]),
+            );
+            // (d, dmin) of the 4 rows, as 8 halves [d0 dmin0 d1 dmin1 ...], then split.
+            let h = |r: usize| w[r].add(b * BLOCK_BYTES).cast::<i32>().read_unaligned();
+            let halves = _mm_shuffle_epi8(
+                _mm_set_epi32(h(3), h(2), h(1), h(0)),
+                _mm_set_epi8(15, 14, 11, 10, 7, 6, 3, 2, 13, 12, 9, 8, 5, 4, 1, 0),
+            );
+            let dd = _mm256_cvtph_ps(halves);
+            let dx = _mm_set1_ps(act.d[t * nb + b]);
+            let d = _mm_mul_ps(_mm256_castps256_ps128(dd), dx);
+            let dmin = _mm_mul_ps(_mm256_extractf128_ps::<1>(dd), dx);
+            acc = _mm_fmadd_ps(_mm_cvtepi32_ps(s4), d, acc);
+            acc = _mm_fnmadd_ps(_mm_cvtepi32_ps(m4), dmin, acc);
+        }
+        let mut out = [0f32; 4];
+        _mm_storeu_ps(out.as_mut_ptr(), acc);
+        out
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn unpack(w: *const u8, nb: usize, out: *mut u8) {
+        for b in 0..nb {
+            let (p, o) = (w.add(b * BLOCK_BYTES), out.add(b * U_BYTES));
+            for c in 0..4 {
+                _mm512_storeu_si512(o.add(U_Q + 64 * c).cast(), chunk(p, c));
+            }
+            let (sc, mn) = scales_mins(p.add(4));
+            _mm256_storeu_si256(
+                o.add(U_SC).cast(),
+                _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(sc as i64)),
+            );
+            _mm_storeu_si128(
+                o.add(U_MP).cast(),
+                _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn as i64)),
+            );
+            let d = o.add(U_D).cast::<f32>();
+            d.write(f16_at(p));
+            d.add(1).write(f16_at(p.add(2)));
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn tile<const T: usize>(
+        w: [*const u8; 4],
+        nb: usize,
+        act: &Groups,
+        g: [usize; T],
+    ) -> [[[f32; 16]; T]; 4] {
+        let k = nb * QK_K;
+        let xq: [*const i8; T] = std::array::from_fn(|i| act.qs[g[i] * 16 * k..].as_ptr());
+        let mut f = [[_mm512_setzero_ps(); T]; 4];
+        for b in 0..nb {
+            let u: [*const u8; 4] = std::array::from_fn(|r| w[r].add(b * U_BYTES));
+            let mut s = [[_mm512_setzero_si512(); T]; 4];
+            for sb in 0..8 {
+                let mut is = [[_mm512_setzero_si512(); T]; 4];
+                for j in 0..8 {
+                    let k4 = 8 * sb + j;
+                    let x: [__m512i; T] = std::array::from_fn(|i| {
+                        _mm512_loadu_si512(xq[i].add((64 * b + k4) * 64).cast())
+                    });
+                    for r in 0..4 {
+                        let q = bcast4(u[r].add(U_Q + 4 * k4));
+                        for i in 0..T {
+                            is[r][i] = _mm512_dpbusd_epi32(is[r][i], q, x[i]);
+                        }
+                    }
+                }
+                for r in 0..4 {
+                    let sc = bcast4(u[r].add(U_SC + 4 * sb));
+                    for i in 0..T {
+                        s[r][i] = _mm512_add_epi32(s[r][i], _mm512_mullo_epi32(is[r][i], sc));
+                    }
+                }
+            }
+            for i in 0..T {
+                let blk = g[i] * nb + b;
+                let dx = _mm512_loadu_ps(act.d[blk * 16..].as_ptr());
+                let xp: [__m512i; 4] = std::array::from_fn(|p| {
+                    _mm512_loadu_si512(act.extra[(blk * 4 + p) * 16..].as_ptr().cast())
+                });
+                for r in 0..4 {
+                    let mut m = _mm512_setzero_si512();
+                    for (p, &xp) in xp.iter().enumerate() {
+                        m = _mm512_dpwssd_epi32(m, bcast4(u[r].add(U_MP + 4 * p)), xp);
+                    }
+                    let dw = u[r].add(U_D).cast::<f32>();
+                    let d = _mm512_mul_ps(_mm512_set1_ps(dw.read()), dx);
+                    let dmin = _mm512_mul_ps(_mm512_set1_ps(dw.add(1).read()), dx);
+                    f[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r][i]), d, f[r][i]);
+                    f[r][i] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(m), dmin, f[r][i]);
+                }
+            }
+        }
+        let mut out = [[[0f32; 16]; T]; 4];
+        for r in 0..4 {
+            for i in 0..T {
+                _mm512_storeu_ps(out[r][i].as_mut_ptr(), f[r][i]);
+            }
+        }
+        out
+    }
+}

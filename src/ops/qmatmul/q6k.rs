@@ -1,0 +1,177 @@
+//! Q6_K × Q8_K. ggml's `block_q6_K` (210 bytes, 256 values): 128 bytes `ql` of low nibbles,
+//! 64 bytes `qh` of 2-bit high parts, 16 signed 8-bit scales (one per sub-block of 16), `d`
+//! (f16). In each half `h` (128 values), value `l` (0..32) and `l + 32` take the low nibbles
+//! of `ql[64h + l]` and `ql[64h + l + 32]`, values `l + 64` and `l + 96` their high nibbles;
+//! bits `2j..2j+2` of `qh[32h + l]` go above the nibble of value `l + 32j`. Value `i` of
+//! sub-block `s` is `d·sc_s·(q_i − 32)`, so against Q8_K activations `x`:
+//!
+//! ```text
+//!     S_b = Σ_s sc_s (Σ_{i∈s} q_i x_i − 32 Σ_{i∈s} x_i)
+//! ```
+
+use core::arch::x86_64::*;
+
+use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
+use super::driver::Format;
+use super::simd::{ahead, bcast4, f16_at, hsum4, prefetch};
+
+pub(crate) struct Q6K;
+
+const BLOCK_BYTES: usize = 210;
+const QH: usize = 128;
+const SCALES: usize = 192;
+const D: usize = 208;
+
+/// One unpacked block: values (0..64) as bytes in natural order, scales as i32, d.
+const U_Q: usize = 0; // [u8; 256]
+const U_SC: usize = 256; // [i32; 16]
+const U_D: usize = 320; // f32
+const U_BYTES: usize = 384;
+
+/// Values `64c..64c+64` of the block at `p` as bytes (0..64) in natural order.
+///
+/// # Safety
+/// `p` points to a whole block; AVX-512 F/BW.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn chunk(p: *const u8, c: usize) -> __m512i {
+    let (h, high) = (c / 2, c % 2 == 1);
+    let ql = _mm512_loadu_si512(p.add(64 * h).cast());
+    let nibbles = match high {
+        false => ql,
+        true => _mm512_srli_epi16::<4>(ql),
+    };
+    let nibbles = _mm512_and_si512(nibbles, _mm512_set1_epi8(0x0f));
+    let qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(p.add(QH + 32 * h).cast()));
+    let (lo, hi) = if high { (4, 6) } else { (0, 2) };
+    let shift = _mm512_inserti64x4::<1>(
+        _mm512_castsi256_si512(_mm256_set1_epi16(lo)),
+        _mm256_set1_epi16(hi),
+    );
+    let top = _mm512_and_si512(_mm512_srlv_epi16(qh, shift), _mm512_set1_epi8(3));
+    _mm512_or_si512(nibbles, _mm512_slli_epi16::<4>(top))
+}
+
+impl Format for Q6K {
+    const BLOCK: usize = QK_K;
+    const BLOCK_BYTES: usize = BLOCK_BYTES;
+    const Q8K: bool = true;
+    /// `−32 × (sum of 16)` per sub-block: the accumulators' starting values.
+    const N_EXTRA: usize = 16;
+
+    fn extra(sums: &[i16], j: usize) -> i32 {
+        -32 * sums[8 + j] as i32
+    }
+
+    fn unpacked_bytes(nb: usize) -> usize {
+        nb * U_BYTES
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn rows4(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
+        // For chunk c, i16 lane i takes scale 4c + i / 8: one sub-block per 128-bit lane.
+        let index: [__m512i; 4] = std::array::from_fn(|c| {
+            let c = c as i16 * 4;
+            _mm512_inserti64x4::<1>(
+                _mm512_castsi256_si512(_mm256_set_m128i(_mm_set1_epi16(c + 1), _mm_set1_epi16(c))),
+                _mm256_set_m128i(_mm_set1_epi16(c + 3), _mm_set1_epi16(c + 2)),
+            )
+        });
+        let xq = act.qs[t * act.k..].as_ptr();
+        let mut acc = _mm_setzero_ps();
+        for b in 0..nb {
+            let x: [__m512i; 4] =
+                std::array::from_fn(|c| _mm512_loadu_si512(xq.add(QK_K * b + 64 * c).cast()));
+            let sums = act.sums[(t * nb + b) * Q8K_SUMS + 8..].as_ptr();
+            let x16 = _mm256_loadu_si256(sums.cast());
+            let mut s = [_mm512_setzero_si512(); 4];
+            for r in 0..4 {
+                let p = w[r].add(b * BLOCK_BYTES);
+                prefetch(ahead(w[r], b, nb, BLOCK_BYTES), BLOCK_BYTES);
+                let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(SCALES).cast()));
+                let sc = _mm512_castsi256_si512(sc16);
+                for c in 0..4 {
+                    let prod = _mm512_maddubs_epi16(chunk(p, c), x[c]);
+                    s[r] = _mm512_dpwssd_epi32(s[r], prod, _mm512_permutexvar_epi16(index[c], sc));
+                }
+                let offset = _mm256_slli_epi32::<5>(_mm256_madd_epi16(sc16, x16));
+                s[r] = _mm512_sub_epi32(s[r], _mm512_zextsi256_si512(offset));
+            }
+            let h = |r: usize| w[r].add(b * BLOCK_BYTES + D).cast::<i16>().read_unaligned();
+            let d4 = _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, h(3), h(2), h(1), h(0)));
+            let d = _mm_mul_ps(d4, _mm_set1_ps(act.d[t * nb + b]));
+            acc = _mm_fmadd_ps(_mm_cvtepi32_ps(hsum4(s)), d, acc);
+        }
+        let mut out = [0f32; 4];
+        _mm_storeu_ps(out.as_mut_ptr(), acc);
+        out
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn unpack(w: *const u8, nb: usize, out: *mut u8) {
+        for b in 0..nb {
+            let (p, o) = (w.add(b * BLOCK_BYTES), out.add(b * U_BYTES));
+            for c in 0..4 {
+                _mm512_storeu_si512(o.add(U_Q + 64 * c).cast(), chunk(p, c));
+            }
+            let sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(SCALES).cast()));
+            _mm512_storeu_si512(o.add(U_SC).cast(), sc);
+            o.add(U_D).cast::<f32>().write(f16_at(p.add(D)));
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn tile<const T: usize>(
+        w: [*const u8; 4],
+        nb: usize,
+        act: &Groups,
+        g: [usize; T],
+    ) -> [[[f32; 16]; T]; 4] {
+        let k = nb * QK_K;
+        let xq: [*const i8; T] = std::array::from_fn(|i| act.qs[g[i] * 16 * k..].as_ptr());
+        let mut f = [[_mm512_setzero_ps(); T]; 4];
+        for b in 0..nb {
+            let u: [*const u8; 4] = std::array::from_fn(|r| w[r].add(b * U_BYTES));
+            let mut s = [[_mm512_setzero_si512(); T]; 4];
+            for sb in 0..16 {
+                let start: [__m512i; T] = std::array::from_fn(|i| {
+                    let blk = g[i] * nb + b;
+                    _mm512_loadu_si512(act.extra[(blk * 16 + sb) * 16..].as_ptr().cast())
+                });
+                let mut is = [start; 4];
+                for j in 0..4 {
+                    let k4 = 4 * sb + j;
+                    let x: [__m512i; T] = std::array::from_fn(|i| {
+                        _mm512_loadu_si512(xq[i].add((64 * b + k4) * 64).cast())
+                    });
+                    for r in 0..4 {
+                        let q = bcast4(u[r].add(U_Q + 4 * k4));
+                        for i in 0..T {
+                            is[r][i] = _mm512_dpbusd_epi32(is[r][i], q, x[i]);
+                        }
+                    }
+                }
+                for r in 0..4 {
+                    let sc = bcast4(u[r].add(U_SC + 4 * sb));
+                    for i in 0..T {
+                        s[r][i] = _mm512_add_epi32(s[r][i], _mm512_mullo_epi32(is[r][i], sc));
+                    }
+                }
+            }
+            for i in 0..T {
+                let dx = _mm512_loadu_ps(act.d[(g[i] * nb + b) * 16..].as_ptr());
+                for r in 0..4 {
+                    let d = _mm512_mul_ps(_mm512_set1_ps(u[r].add(U_D).cast::<f32>().read()), dx);
+                    f[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r][i]), d, f[r][i]);
+                }
+            }
+        }
+        let mut out = [[[0f32; 16]; T]; 4];
+        for r in 0..4 {
+            for i in 0..T {
+                _mm512_storeu_ps(out[r][i].as_mut_ptr(), f[r][i]);
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,236 @@
+//! The 32-value formats × Q8_0: ggml's `block_q8_0` (34 bytes: `d` f16, 32 × i8) and
+//! `block_q4_0` (18 bytes: `d` f16, 16 bytes whose low nibbles are values 0..16 and high
+//! nibbles values 16..32, each `q − 8`). `vpdpbusd` wants one unsigned operand, so both are
+//! read as unsigned bytes `u = q + OFF` (Q8_0: `q ^ 0x80`, OFF = 128; Q4_0: the nibble,
+//! OFF = 8), and against Q8_0 activations `x`:
+//!
+//! ```text
+//!     S_b = Σ_i u_i x_i − OFF Σ_i x_i
+//! ```
+
+use core::arch::x86_64::*;
+
+use super::act::{Groups, Rows, QK8_0};
+use super::driver::Format;
+use super::simd::{ahead, bcast4, f16_at, prefetch};
+
+pub(crate) struct Q8_0;
+pub(crate) struct Q4_0;
+
+/// What distinguishes the 32-value formats.
+trait Block32 {
+    const BYTES: usize;
+    const OFF: i32;
+    /// The block's 32 values as unsigned bytes `q + OFF`, in order.
+    ///
+    /// # Safety
+    /// `p` points to a whole block; AVX-512 F/BW/VL.
+    unsafe fn values(p: *const u8) -> __m256i;
+}
+
+impl Block32 for Q8_0 {
+    const BYTES: usize = 34;
+    const OFF: i32 = 128;
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn values(p: *const u8) -> __m256i {
+        _mm256_xor_si256(_mm256_loadu_si256(p.add(2).cast()), _mm256_set1_epi8(-128))
+    }
+}
+
+impl Block32 for Q4_0 {
+    const BYTES: usize = 18;
+    const OFF: i32 = 8;
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn values(p: *const u8) -> __m256i {
+        let shift = _mm256_inserti128_si256::<1>(_mm256_setzero_si256(), _mm_set1_epi16(4));
+        let q = _mm256_broadcastsi128_si256(_mm_loadu_si128(p.add(2).cast()));
+        _mm256_and_si256(_mm256_srlv_epi16(q, shift), _mm256_set1_epi8(0x0f))
+    }
+}
+
+/// Sums of dwords 0..8 and 8..16 of each vector: `([Σ lo(z[r])], [Σ hi(z[r])])`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+fn hsum4x2(z: [__m512i; 4]) -> (__m128i, __m128i) {
+    let pair = |a, b| {
+        _mm512_add_epi32(
+            _mm512_shuffle_i64x2::<0b10_00_10_00>(a, b),
+            _mm512_shuffle_i64x2::<0b11_01_11_01>(a, b),
+        )
+    };
+    let lanes = |u| {
+        let v = _mm512_add_epi32(u, _mm512_shuffle_epi32::<0b01_00_11_10>(u));
+        _mm512_add_epi32(v, _mm512_shuffle_epi32::<0b10_11_00_01>(v))
+    };
+    // [lo z0, hi z0, lo z1, hi z1] and the same for z2, z3, one sum per 128-bit lane.
+    let (p, q) = (lanes(pair(z[0], z[1])), lanes(pair(z[2], z[3])));
+    let idx = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 28, 20, 12, 4, 24, 16, 8, 0);
+    let both = _mm512_permutex2var_epi32(p, idx, q);
+    (
+        _mm512_castsi512_si128(both),
+        _mm512_extracti32x4_epi32::<1>(both),
+    )
+}
+
+/// `rows4` of a 32-value format: two blocks per 512-bit product, one at the end if odd.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn rows4<B: Block32>(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
+    let xq = act.qs[t * act.k..].as_ptr();
+    let (dx, xs) = (&act.d[t * nb..], &act.sums[t * nb..]);
+    let d4 = |b: usize| {
+        let h = |r: usize| w[r].add(b * B::BYTES).cast::<i16>().read_unaligned();
+        _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, h(3), h(2), h(1), h(0)))
+    };
+    let exact = |d: __m128i, b: usize| _mm_sub_epi32(d, _mm_set1_epi32(B::OFF * xs[b] as i32));
+    let mut acc = _mm_setzero_ps();
+    let mut b = 0;
+    while b + 2 <= nb {
+        let x = _mm512_loadu_si512(xq.add(QK8_0 * b).cast());
+        let z: [__m512i; 4] = std::array::from_fn(|r| {
+            let p = w[r].add(b * B::BYTES);
+            prefetch(ahead(w[r], b, nb, B::BYTES), 2 * B::BYTES);
+            let u = _mm512_inserti64x4::<1>(
+                _mm512_castsi256_si512(B::values(p)),
+                B::values(p.add(B::BYTES)),
+            );
+            _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, x)
+        });
+        let (s0, s1) = hsum4x2(z);
+        acc = _mm_fmadd_ps(
+            _mm_cvtepi32_ps(exact(s0, b)),
+            _mm_mul_ps(d4(b), _mm_set1_ps(dx[b])),
+            acc,
+        );
+        let b1 = b + 1;
+        acc = _mm_fmadd_ps(
+            _mm_cvtepi32_ps(exact(s1, b1)),
+            _mm_mul_ps(d4(b1), _mm_set1_ps(dx[b1])),
+            acc,
+        );
+        b += 2;
+    }
+    if b < nb {
+        let x = _mm256_loadu_si256(xq.add(QK8_0 * b).cast());
+        let z: [__m512i; 4] = std::array::from_fn(|r| {
+            let u = B::values(w[r].add(b * B::BYTES));
+            _mm512_zextsi256_si512(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, x))
+        });
+        let s = super::simd::hsum4(z);
+        acc = _mm_fmadd_ps(
+            _mm_cvtepi32_ps(exact(s, b)),
+            _mm_mul_ps(d4(b), _mm_set1_ps(dx[b])),
+            acc,
+        );
+    }
+    let mut out = [0f32; 4];
+    _mm_storeu_ps(out.as_mut_ptr(), acc);
+    out
+}
+
+/// Where the scales start in an unpacked row of `nb` blocks (values first, 32 bytes each).
+fn scales_at(nb: usize) -> usize {
+    (nb * QK8_0).next_multiple_of(64)
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn unpack<B: Block32>(w: *const u8, nb: usize, out: *mut u8) {
+    let d = out.add(scales_at(nb)).cast::<f32>();
+    for b in 0..nb {
+        let p = w.add(b * B::BYTES);
+        _mm256_storeu_si256(out.add(QK8_0 * b).cast(), B::values(p));
+        d.add(b).write(f16_at(p));
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn tile<const T: usize>(
+    w: [*const u8; 4],
+    nb: usize,
+    act: &Groups,
+    g: [usize; T],
+) -> [[[f32; 16]; T]; 4] {
+    let k = nb * QK8_0;
+    let xq: [*const i8; T] = std::array::from_fn(|i| act.qs[g[i] * 16 * k..].as_ptr());
+    let dw: [*const f32; 4] = std::array::from_fn(|r| w[r].add(scales_at(nb)).cast());
+    let mut f = [[_mm512_setzero_ps(); T]; 4];
+    for b in 0..nb {
+        let start: [__m512i; T] = std::array::from_fn(|i| {
+            _mm512_loadu_si512(act.extra[(g[i] * nb + b) * 16..].as_ptr().cast())
+        });
+        let mut s = [start; 4];
+        for j in 0..8 {
+            let k4 = 8 * b + j;
+            let x: [__m512i; T] =
+                std::array::from_fn(|i| _mm512_loadu_si512(xq[i].add(k4 * 64).cast()));
+            for r in 0..4 {
+                let q = bcast4(w[r].add(4 * k4));
+                for i in 0..T {
+                    s[r][i] = _mm512_dpbusd_epi32(s[r][i], q, x[i]);
+                }
+            }
+        }
+        for i in 0..T {
+            let dx = _mm512_loadu_ps(act.d[(g[i] * nb + b) * 16..].as_ptr());
+            for r in 0..4 {
+                let d = _mm512_mul_ps(_mm512_set1_ps(dw[r].add(b).read()), dx);
+                f[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r][i]), d, f[r][i]);
+            }
+        }
+    }
+    let mut out = [[[0f32; 16]; T]; 4];
+    for r in 0..4 {
+        for i in 0..T {
+            _mm512_storeu_ps(out[r][i].as_mut_ptr(), f[r][i]);
+        }
+    }
+    out
+}
+
+macro_rules! format_32 {
+    ($t:ty) => {
+        impl Format for $t {
+            const BLOCK: usize = QK8_0;
+            const BLOCK_BYTES: usize = <$t as Block32>::BYTES;
+            const Q8K: bool = false;
+            /// `−OFF × (sum of the block)`: the accumulators' starting values.
+            const N_EXTRA: usize = 1;
+
+            fn extra(sums: &[i16], _: usize) -> i32 {
+                -<$t as Block32>::OFF * sums[0] as i32
+            }
+
+            fn unpacked_bytes(nb: usize) -> usize {
+                scales_at(nb) + (4 * nb).next_multiple_of(64)
+            }
+
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+            unsafe fn rows4(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
+                rows4::<$t>(w, nb, act, t)
+            }
+
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+            unsafe fn unpack(w: *const u8, nb: usize, out: *mut u8) {
+                unpack::<$t>(w, nb, out)
+            }
+
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+            unsafe fn tile<const T: usize>(
+                w: [*const u8; 4],
+                nb: usize,
+                act: &Groups,
+                g: [usize; T],
+            ) -> [[[f32; 16]; T]; 4] {
+                tile::<T>(w, nb, act, g)
+            }
+        }
+    };
+}
+format_32!(Q8_0);
+format_32!(Q4_0);

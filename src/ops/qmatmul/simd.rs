@@ -1,0 +1,108 @@
+//! What the formats' kernels share.
+
+use core::arch::x86_64::*;
+
+/// Horizontal sums of 4 vectors of 16 i32: `[Σ s[0], Σ s[1], Σ s[2], Σ s[3]]`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) fn hsum4(s: [__m512i; 4]) -> __m128i {
+    let half = |a, b| {
+        _mm512_add_epi32(
+            _mm512_shuffle_i64x2::<0b01_00_01_00>(a, b),
+            _mm512_shuffle_i64x2::<0b11_10_11_10>(a, b),
+        )
+    };
+    let (t01, t23) = (half(s[0], s[1]), half(s[2], s[3]));
+    // One 128-bit lane per input vector, then within each lane.
+    let u = _mm512_add_epi32(
+        _mm512_shuffle_i64x2::<0b10_00_10_00>(t01, t23),
+        _mm512_shuffle_i64x2::<0b11_01_11_01>(t01, t23),
+    );
+    let v = _mm512_add_epi32(u, _mm512_shuffle_epi32::<0b01_00_11_10>(u));
+    let w = _mm512_add_epi32(v, _mm512_shuffle_epi32::<0b10_11_00_01>(v));
+    let idx = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0);
+    _mm512_castsi512_si128(_mm512_permutexvar_epi32(idx, w))
+}
+
+/// 4 consecutive bytes at `p` as one i32, broadcast to 16 lanes.
+///
+/// # Safety
+/// `p` is readable for 4 bytes.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn bcast4(p: *const u8) -> __m512i {
+    _mm512_set1_epi32(p.cast::<i32>().read_unaligned())
+}
+
+/// Bytes ahead of the current block that the row kernels prefetch in each of their 4 row
+/// streams (past a row's end, in the same row of the next 4): enough bytes in flight to
+/// cover DRAM latency at full bandwidth, which the hardware prefetchers alone do not keep.
+pub(crate) const PREFETCH_BYTES: usize = 1536;
+
+/// Where the row kernels prefetch for block `b` of row `w` (of `nb` blocks of `bytes`),
+/// the rows being consecutive 4 at a time.
+#[inline(always)]
+pub(crate) fn ahead(w: *const u8, b: usize, nb: usize, bytes: usize) -> *const u8 {
+    let b = b + PREFETCH_BYTES / bytes;
+    match b < nb {
+        true => w.wrapping_add(b * bytes),
+        false => w.wrapping_add((3 * nb + b) * bytes),
+    }
+}
+
+/// Prefetches `len` bytes from `p` into the L1 cache.
+#[inline(always)]
+pub(crate) fn prefetch(p: *const u8, len: usize) {
+    for off in (0..len).step_by(64) {
+        // SAFETY: prefetching never faults, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off).cast()) };
+    }
+}
+
+/// Prefetches `len` bytes from `p` into the L2 cache.
+#[inline(always)]
+pub(crate) fn prefetch_l2(p: *const u8, len: usize) {
+    for off in (0..len).step_by(64) {
+        // SAFETY: prefetching never faults, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(off).cast()) };
+    }
+}
+
+/// Stores `tile[r][t]` at `y[t · stride + r]`: 4 rows of 16 tokens, transposed.
+///
+/// # Safety
+/// `y[t · stride .. t · stride + 4]` is writable for every t < 16.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn store_4x16(y: *mut f32, stride: usize, tile: &[[f32; 16]; 4]) {
+    let r: [__m512; 4] = std::array::from_fn(|i| _mm512_loadu_ps(tile[i].as_ptr()));
+    let (t0, t1) = (
+        _mm512_unpacklo_ps(r[0], r[1]),
+        _mm512_unpackhi_ps(r[0], r[1]),
+    );
+    let (t2, t3) = (
+        _mm512_unpacklo_ps(r[2], r[3]),
+        _mm512_unpackhi_ps(r[2], r[3]),
+    );
+    // u[j], 128-bit lane l: the 4 rows of token 4 l + j.
+    let u = [
+        _mm512_shuffle_ps::<0x44>(t0, t2),
+        _mm512_shuffle_ps::<0xee>(t0, t2),
+        _mm512_shuffle_ps::<0x44>(t1, t3),
+        _mm512_shuffle_ps::<0xee>(t1, t3),
+    ];
+    for (j, &u) in u.iter().enumerate() {
+        _mm_storeu_ps(y.add(j * stride), _mm512_castps512_ps128(u));
+        _mm_storeu_ps(y.add((4 + j) * stride), _mm512_extractf32x4_ps::<1>(u));
+        _mm_storeu_ps(y.add((8 + j) * stride), _mm512_extractf32x4_ps::<2>(u));
+        _mm_storeu_ps(y.add((12 + j) * stride), _mm512_extractf32x4_ps::<3>(u));
+    }
+}
+
+/// f16 widened to f32 (exactly).
+///
+/// # Safety
+/// `p` is readable for 2 bytes.
+#[inline(always)]
+pub(crate) unsafe fn f16_at(p: *const u8) -> f32 {
+    half::f16::from_bits(p.cast::<u16>().read_unaligned()).to_f32()
+}

@@ -1,0 +1,165 @@
+//! Every kernel against candle's `vec_dot` and against the dequantized product, on quantized
+//! random values and on random block bytes; one token alone against the same token in a batch.
+
+use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ6K, BlockQ8_0, GgmlType};
+
+use super::*;
+use crate::ops::quant::{as_blocks, quantize};
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+
+    /// Uniform in [-1, 1).
+    fn float(&mut self) -> f32 {
+        self.next() as f32 / (1u64 << 30) as f32 - 1.0
+    }
+}
+
+/// `[n_rows, k]` weights of `dtype`: rows of quantized random values, and every third row
+/// random bytes but for its f16 scales (any other bit pattern is a valid block).
+fn weights(dtype: TensorType, n_rows: usize, k: usize, seed: u64) -> Vec<u8> {
+    let mut rng = Rng(seed);
+    let values: Vec<f32> = (0..n_rows * k).map(|_| rng.float()).collect();
+    let mut bytes = quantize(dtype, &values);
+    let halves: &[usize] = match dtype {
+        TensorType::Q4K => &[0, 2],
+        TensorType::Q6K => &[208],
+        _ => &[0],
+    };
+    let (block_bytes, row_bytes) = (dtype.type_size(), dtype.row_bytes(k).unwrap());
+    for row in bytes.chunks_mut(row_bytes).step_by(3) {
+        for block in row.chunks_mut(block_bytes) {
+            block.iter_mut().for_each(|b| *b = rng.next() as u8);
+            for &h in halves {
+                let d = half::f16::from_f32(0.001 + 0.05 * rng.float().abs());
+                block[h..h + 2].copy_from_slice(&d.to_le_bytes());
+            }
+        }
+    }
+    bytes
+}
+
+/// candle's products, `[m, n_rows]`, and the dequantized ones in f64 with the sums of
+/// magnitudes they are compared to.
+fn references<T: GgmlType>(
+    data: &[u8],
+    n_rows: usize,
+    k: usize,
+    x: &[f32],
+) -> (Vec<f32>, Vec<f64>, Vec<f64>) {
+    let m = x.len() / k;
+    let nb = k / T::BLCK_SIZE;
+    let w = as_blocks::<T>(data);
+    let mut dense = vec![0f32; n_rows * k];
+    T::to_float(w, &mut dense);
+    let (mut theirs, mut naive, mut scale) = (vec![], vec![], vec![]);
+    for t in 0..m {
+        let mut xq = vec![T::VecDotType::zeros(); nb];
+        T::VecDotType::from_float(&x[t * k..(t + 1) * k], &mut xq);
+        let mut xd = vec![0f32; k];
+        T::VecDotType::to_float(&xq, &mut xd);
+        for r in 0..n_rows {
+            theirs.push(T::vec_dot(k, &w[r * nb..(r + 1) * nb], &xq));
+            let row = &dense[r * k..(r + 1) * k];
+            naive.push(
+                row.iter()
+                    .zip(&xd)
+                    .map(|(&a, &b)| a as f64 * b as f64)
+                    .sum(),
+            );
+            scale.push(
+                row.iter()
+                    .zip(&xd)
+                    .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                    .sum(),
+            );
+        }
+    }
+    (theirs, naive, scale)
+}
+
+fn check<T: GgmlType>(dtype: TensorType, k: usize) {
+    if !has_avx512() {
+        eprintln!("no AVX-512 VNNI: the kernels are not tested on this CPU");
+        return;
+    }
+    let n_rows = 13;
+    let data = weights(dtype, n_rows, k, k as u64);
+    let mut rng = Rng(7);
+    let x: Vec<f32> = (0..33 * k).map(|_| 3.0 * rng.float()).collect();
+    let all = {
+        let mut y = vec![0f32; 33 * n_rows];
+        assert!(matmul(dtype, &data, n_rows, k, &x, &mut y));
+        y
+    };
+    let (theirs, naive, scale) = references::<T>(&data, n_rows, k, &x);
+    for (i, &v) in all.iter().enumerate() {
+        let tol = 2e-6 * scale[i] + 1e-6;
+        assert!(
+            (v as f64 - theirs[i] as f64).abs() <= tol,
+            "{dtype} k={k} [{i}]: {v} vs candle {}",
+            theirs[i]
+        );
+        assert!(
+            (v as f64 - naive[i]).abs() <= tol,
+            "{dtype} k={k} [{i}]: {v} vs dequantized {}",
+            naive[i]
+        );
+    }
+    // Any batch size, either kernel: each token's outputs are the same bits.
+    for m in [1, 2, 3, 4, 5, 6, 16, 17, 31] {
+        let mut y = vec![0f32; m * n_rows];
+        assert!(matmul(dtype, &data, n_rows, k, &x[..m * k], &mut y));
+        for (i, (a, b)) in y.iter().zip(&all).enumerate() {
+            assert_eq!(
+                a.to_bits(),
+                b.to_bits(),
+                "{dtype} k={k} m={m} [{i}]: {a} vs {b}"
+            );
+        }
+    }
+}
+
+#[test]
+fn q4_k_matches_candle() {
+    for k in [256, 768, 2048] {
+        check::<BlockQ4K>(TensorType::Q4K, k);
+    }
+}
+
+#[test]
+fn q6_k_matches_candle() {
+    for k in [256, 768, 2048] {
+        check::<BlockQ6K>(TensorType::Q6K, k);
+    }
+}
+
+#[test]
+fn q8_0_matches_candle() {
+    for k in [32, 96, 160, 2048] {
+        check::<BlockQ8_0>(TensorType::Q8_0, k);
+    }
+}
+
+#[test]
+fn q4_0_matches_candle() {
+    for k in [32, 96, 160, 2048] {
+        check::<BlockQ4_0>(TensorType::Q4_0, k);
+    }
+}
+
+#[test]
+fn other_types_are_declined() {
+    let mut y = vec![0f32; 2];
+    let data = quantize(TensorType::Q5K, &[0.5; 512]);
+    assert!(!matmul(TensorType::Q5K, &data, 2, 256, &[1.0; 256], &mut y));
+    assert_eq!(y, [0.0, 0.0]);
+}
