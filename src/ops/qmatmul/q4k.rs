@@ -11,7 +11,7 @@ use core::arch::x86_64::*;
 
 use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
 use super::driver::Format;
-use super::simd::{ahead, bcast4, f16_at, hsum4, prefetch};
+use super::simd::{ahead, bcast4, f16_at, hsum4, lane_sums, prefetch};
 
 pub(crate) struct Q4K;
 
@@ -56,18 +56,63 @@ unsafe fn chunk(p: *const u8, c: usize) -> __m512i {
     _mm512_and_si512(_mm512_srlv_epi16(q, shift), _mm512_set1_epi8(0x0f))
 }
 
-/// `vpshufb` patterns giving, for chunk `c`, the i16 pair `(sc, sc)` of sub-block `2c` in
-/// dwords 0..8 and of `2c + 1` in dwords 8..16, from the scales in bytes 0..8 of each lane.
+/// The block headers (d, dmin, 12 bytes of scales and mins) of 4 rows, one per 128-bit lane.
+///
+/// # Safety
+/// Each `p[r]` points to a whole block.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-fn scale_pattern(c: usize) -> __m512i {
+unsafe fn headers(p: [*const u8; 4]) -> __m512i {
+    let h = |r: usize| _mm_loadu_si128(p[r].cast());
+    let h01 = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(h(0)), h(1));
+    let h23 = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(h(2)), h(3));
+    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(h01), h23)
+}
+
+/// `scales_mins` on 4 headers at once: in each 128-bit lane, bytes 0..8 the scales and bytes
+/// 8..16 the mins of that lane's block.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+fn unpack_scales(h: __m512i) -> __m512i {
+    // The packed byte j of the 12 is header byte 4 + j. Low parts: scales 0..4 and mins 0..4
+    // are bytes 0..4 and 4..8 (6 bits), scales 4..8 the low and mins 4..8 the high nibbles of
+    // bytes 8..12.
+    let low = _mm512_shuffle_epi8(
+        h,
+        _mm512_broadcast_i32x4(_mm_setr_epi8(
+            4, 5, 6, 7, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15,
+        )),
+    );
+    let low = _mm512_mask_blend_epi8(0xf000_f000_f000_f000, low, _mm512_srli_epi16::<4>(low));
+    let low = _mm512_and_si512(
+        low,
+        _mm512_broadcast_i32x4(_mm_setr_epi8(
+            63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 15, 15, 15, 15,
+        )),
+    );
+    // High parts of scales and mins 4..8: the top 2 bits of bytes 0..4 and 4..8, as bits 4..6.
+    let high = _mm512_shuffle_epi8(
+        h,
+        _mm512_broadcast_i32x4(_mm_setr_epi8(
+            -1, -1, -1, -1, 4, 5, 6, 7, -1, -1, -1, -1, 8, 9, 10, 11,
+        )),
+    );
+    let high = _mm512_and_si512(_mm512_srli_epi16::<2>(high), _mm512_set1_epi8(0x30));
+    _mm512_or_si512(low, high)
+}
+
+/// `vpshufb` patterns giving the i16 pair `(sc, sc)` of sub-block `a` in dwords 0..8 and of
+/// `b` in dwords 8..16, from the scales in bytes 0..8 of each lane.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+fn scale_pattern(a: usize, b: usize) -> __m512i {
     let lane = |s: usize| {
         let s = s as i8;
         _mm_set_epi8(
             -128, s, -128, s, -128, s, -128, s, -128, s, -128, s, -128, s, -128, s,
         )
     };
-    let (a, b) = (lane(2 * c), lane(2 * c + 1));
+    let (a, b) = (lane(a), lane(b));
     _mm512_inserti64x4::<1>(
         _mm512_castsi256_si512(_mm256_set_m128i(a, a)),
         _mm256_set_m128i(b, b),
@@ -91,41 +136,64 @@ impl Format for Q4K {
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn rows4(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
-        let pattern: [__m512i; 4] = std::array::from_fn(|c| scale_pattern(c));
+        // 64 bytes of nibbles hold values [0, 32) and [64, 96) in their low nibbles, [32, 64)
+        // and [96, 128) in their high ones (then the same from 128): sub-blocks (0, 2), (1, 3),
+        // (4, 6), (5, 7).
+        let pattern = [
+            scale_pattern(0, 2),
+            scale_pattern(1, 3),
+            scale_pattern(4, 6),
+            scale_pattern(5, 7),
+        ];
+        let m4 = _mm512_set1_epi8(0x0f);
+        let mins_i16 = _mm512_broadcast_i32x4(_mm_setr_epi8(
+            8, -1, 9, -1, 10, -1, 11, -1, 12, -1, 13, -1, 14, -1, 15, -1,
+        ));
+        let d_dmin = _mm512_castsi128_si512(_mm_setr_epi16(0, 8, 16, 24, 1, 9, 17, 25));
         let xq = act.qs[t * act.k..].as_ptr();
         let mut acc = _mm_setzero_ps();
         for b in 0..nb {
+            // The activations regrouped as the nibbles give the values.
             let x: [__m512i; 4] =
                 std::array::from_fn(|c| _mm512_loadu_si512(xq.add(QK_K * b + 64 * c).cast()));
-            let sums = act.sums[(t * nb + b) * Q8K_SUMS..].as_ptr();
-            let x32 = _mm_loadu_si128(sums.cast());
+            let x = [
+                _mm512_shuffle_i64x2::<0x44>(x[0], x[1]),
+                _mm512_shuffle_i64x2::<0xee>(x[0], x[1]),
+                _mm512_shuffle_i64x2::<0x44>(x[2], x[3]),
+                _mm512_shuffle_i64x2::<0xee>(x[2], x[3]),
+            ];
+            let p: [*const u8; 4] = std::array::from_fn(|r| w[r].add(b * BLOCK_BYTES));
+            let hdr = headers(p);
+            let scmn = unpack_scales(hdr);
             let mut s = [_mm512_setzero_si512(); 4];
-            let mut mins = [_mm_setzero_si128(); 4];
             for r in 0..4 {
-                let p = w[r].add(b * BLOCK_BYTES);
                 prefetch(ahead(w[r], b, nb, BLOCK_BYTES), BLOCK_BYTES);
-                let (sc, mn) = scales_mins(p.add(4));
-                let scmn = _mm_set_epi64x(mn as i64, sc as i64);
-                let scb = _mm512_broadcast_i32x4(scmn);
-                for c in 0..4 {
-                    let prod = _mm512_maddubs_epi16(chunk(p, c), x[c]);
-                    let scale = _mm512_shuffle_epi8(scb, pattern[c]);
-                    s[r] = _mm512_dpwssd_epi32(s[r], prod, scale);
+                // Lane r (this row's scales) in every lane.
+                let r4 = 4 * r as i32;
+                let lane = _mm512_broadcast_i32x4(_mm_setr_epi32(r4, r4 + 1, r4 + 2, r4 + 3));
+                let sc = _mm512_permutexvar_epi32(lane, scmn);
+                // Two chains of two: LLVM splits longer vpdpwssd chains into vpmaddwd + vpaddd.
+                let mut half_sums = [_mm512_setzero_si512(); 2];
+                for (half, sum) in half_sums.iter_mut().enumerate() {
+                    let q = _mm512_loadu_si512(p[r].add(16 + 64 * half).cast());
+                    let lo = _mm512_and_si512(q, m4);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(q), m4);
+                    for (j, v) in [lo, hi].into_iter().enumerate() {
+                        let c = 2 * half + j;
+                        let prod = _mm512_maddubs_epi16(v, x[c]);
+                        *sum = _mm512_dpwssd_epi32(*sum, prod, _mm512_shuffle_epi8(sc, pattern[c]));
+                    }
                 }
-                mins[r] = _mm_madd_epi16(_mm_cvtepu8_epi16(_mm_srli_si128::<8>(scmn)), x32);
+                s[r] = _mm512_add_epi32(half_sums[0], half_sums[1]);
             }
             let s4 = hsum4(s);
-            let m4 = _mm_hadd_epi32(
-                _mm_hadd_epi32(mins[0], mins[1]),
-                _mm_hadd_epi32(mins[2], mins[3]),
-            );
-            // (d, dmin) of the 4 rows, as 8 halves [d0 dmin0 d1 dmin1 ...], then split.
-            let h = |r: usize| w[r].add(b * BLOCK_BYTES).cast::<i32>().read_unaligned();
-            let halves = _mm_shuffle_epi8(
-                _mm_set_epi32(h(3), h(2), h(1), h(0)),
-                _mm_set_epi8(15, 14, 11, 10, 7, 6, 3, 2, 13, 12, 9, 8, 5, 4, 1, 0),
-            );
-            let dd = _mm256_cvtph_ps(halves);
+            let x32 = _mm512_broadcast_i32x4(_mm_loadu_si128(
+                act.sums[(t * nb + b) * Q8K_SUMS..].as_ptr().cast(),
+            ));
+            let m4 = lane_sums(_mm512_madd_epi16(_mm512_shuffle_epi8(scmn, mins_i16), x32));
+            let dd = _mm256_cvtph_ps(_mm512_castsi512_si128(_mm512_permutexvar_epi16(
+                d_dmin, hdr,
+            )));
             let dx = _mm_set1_ps(act.d[t * nb + b]);
             let d = _mm_mul_ps(_mm256_castps256_ps128(dd), dx);
             let dmin = _mm_mul_ps(_mm256_extractf128_ps::<1>(dd), dx);

@@ -69,30 +69,63 @@ impl Format for Q6K {
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn rows4(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
-        // For chunk c, i16 lane i takes scale 4c + i / 8: one sub-block per 128-bit lane.
-        let index: [__m512i; 4] = std::array::from_fn(|c| {
-            let c = c as i16 * 4;
+        // Low nibbles of ql[0..32] and ql[64..96] beside each other are values [0, 32) and
+        // [128, 160), whose top bits are qh bits 0..2: vector j = 0..4 holds values
+        // [32 j, 32 j + 32) and [128 + 32 j, ...) — sub-blocks (2j, 2j+1, 8+2j, 9+2j), one
+        // per 128-bit lane — with their top bits at qh bits 2j..2j+2.
+        let index: [__m512i; 4] = std::array::from_fn(|j| {
+            let lane = |s: usize| _mm_set1_epi16(s as i16);
+            let (a, b) = (2 * j, 2 * j + 1);
             _mm512_inserti64x4::<1>(
-                _mm512_castsi256_si512(_mm256_set_m128i(_mm_set1_epi16(c + 1), _mm_set1_epi16(c))),
-                _mm256_set_m128i(_mm_set1_epi16(c + 3), _mm_set1_epi16(c + 2)),
+                _mm512_castsi256_si512(_mm256_set_m128i(lane(b), lane(a))),
+                _mm256_set_m128i(lane(b + 8), lane(a + 8)),
             )
         });
+        let (m4, top) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(0x30));
         let xq = act.qs[t * act.k..].as_ptr();
         let mut acc = _mm_setzero_ps();
         for b in 0..nb {
             let x: [__m512i; 4] =
                 std::array::from_fn(|c| _mm512_loadu_si512(xq.add(QK_K * b + 64 * c).cast()));
+            let x = [
+                _mm512_shuffle_i64x2::<0x44>(x[0], x[2]),
+                _mm512_shuffle_i64x2::<0xee>(x[0], x[2]),
+                _mm512_shuffle_i64x2::<0x44>(x[1], x[3]),
+                _mm512_shuffle_i64x2::<0xee>(x[1], x[3]),
+            ];
             let sums = act.sums[(t * nb + b) * Q8K_SUMS + 8..].as_ptr();
             let x16 = _mm256_loadu_si256(sums.cast());
             let mut s = [_mm512_setzero_si512(); 4];
             for r in 0..4 {
                 let p = w[r].add(b * BLOCK_BYTES);
                 prefetch(ahead(w[r], b, nb, BLOCK_BYTES), BLOCK_BYTES);
+                let (l0, l1) = (
+                    _mm512_loadu_si512(p.cast()),
+                    _mm512_loadu_si512(p.add(64).cast()),
+                );
+                let ql = [
+                    _mm512_shuffle_i64x2::<0x44>(l0, l1),
+                    _mm512_shuffle_i64x2::<0xee>(l0, l1),
+                ];
+                let qh = _mm512_loadu_si512(p.add(QH).cast());
+                let high = [
+                    _mm512_slli_epi16::<4>(qh),
+                    _mm512_slli_epi16::<2>(qh),
+                    qh,
+                    _mm512_srli_epi16::<2>(qh),
+                ];
                 let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(SCALES).cast()));
                 let sc = _mm512_castsi256_si512(sc16);
-                for c in 0..4 {
-                    let prod = _mm512_maddubs_epi16(chunk(p, c), x[c]);
-                    s[r] = _mm512_dpwssd_epi32(s[r], prod, _mm512_permutexvar_epi16(index[c], sc));
+                for j in 0..4 {
+                    let low = match j {
+                        0 | 1 => ql[j],
+                        _ => _mm512_srli_epi16::<4>(ql[j - 2]),
+                    };
+                    // (low & 0x0f) | (high & 0x30)
+                    let q =
+                        _mm512_ternarylogic_epi32::<0xf8>(_mm512_and_si512(low, m4), high[j], top);
+                    let prod = _mm512_maddubs_epi16(q, x[j]);
+                    s[r] = _mm512_dpwssd_epi32(s[r], prod, _mm512_permutexvar_epi16(index[j], sc));
                 }
                 let offset = _mm256_slli_epi32::<5>(_mm256_madd_epi16(sc16, x16));
                 s[r] = _mm512_sub_epi32(s[r], _mm512_zextsi256_si512(offset));
