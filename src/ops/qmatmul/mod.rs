@@ -26,7 +26,7 @@
 //!   instruction, on 8 accumulators at a time.
 //!
 //! Files: `act` quantizes the activations, `driver` splits a product into tasks and runs the
-//! kernels of one format (`q4k`, `q6k`, `q8_0` for Q8_0 and Q4_0), `simd` holds what they share.
+//! kernels of one format (`q4k`, `q5k`, `q6k`, `q8_0` for Q8_0 and Q4_0), `simd` holds what they share.
 
 #[cfg(target_arch = "x86_64")]
 mod act;
@@ -34,6 +34,8 @@ mod act;
 mod driver;
 #[cfg(target_arch = "x86_64")]
 mod q4k;
+#[cfg(target_arch = "x86_64")]
+mod q5k;
 #[cfg(target_arch = "x86_64")]
 mod q6k;
 #[cfg(target_arch = "x86_64")]
@@ -68,7 +70,11 @@ pub(crate) fn supports(dtype: TensorType) -> bool {
     has_avx512()
         && matches!(
             dtype,
-            TensorType::Q4K | TensorType::Q6K | TensorType::Q8_0 | TensorType::Q4_0
+            TensorType::Q4K
+                | TensorType::Q5K
+                | TensorType::Q6K
+                | TensorType::Q8_0
+                | TensorType::Q4_0
         )
 }
 
@@ -90,6 +96,7 @@ pub(crate) fn matmul(
     #[cfg(target_arch = "x86_64")]
     match dtype {
         TensorType::Q4K => driver::run::<q4k::Q4K>(data, n_rows, k, x, y),
+        TensorType::Q5K => driver::run::<q5k::Q5K>(data, n_rows, k, x, y),
         TensorType::Q6K => driver::run::<q6k::Q6K>(data, n_rows, k, x, y),
         TensorType::Q8_0 => driver::run::<q8_0::Q8_0>(data, n_rows, k, x, y),
         TensorType::Q4_0 => driver::run::<q8_0::Q4_0>(data, n_rows, k, x, y),

@@ -1,7 +1,10 @@
-//! Q4_K × Q8_K. ggml's `block_q4_K` (144 bytes, 256 values): `d`, `dmin` (f16), 12 bytes of
-//! 6-bit scales and mins for 8 sub-blocks of 32, then 128 bytes of nibbles: byte `j` of chunk
-//! `c` (32 bytes) holds value `64c + j` in its low nibble and `64c + 32 + j` in its high one.
-//! Value `i` of sub-block `s` is `d·sc_s·q_i − dmin·m_s`, so against Q8_K activations `x`:
+//! Q4_K × Q8_K, and what Q5_K shares with it. ggml's `block_q4_K` (144 bytes, 256 values):
+//! `d`, `dmin` (f16), 12 bytes of 6-bit scales and mins for 8 sub-blocks of 32, then 128 bytes
+//! of nibbles: byte `j` of chunk `c` (32 bytes) holds value `64c + j` in its low nibble and
+//! `64c + 32 + j` in its high one. `block_q5_K` (176 bytes) has 32 bytes `qh` between the
+//! scales and the nibbles: bit `2c` of `qh[j]` is the fifth bit of value `64c + j`, bit
+//! `2c + 1` that of `64c + 32 + j`. Value `i` of sub-block `s` is `d·sc_s·q_i − dmin·m_s`, so
+//! against Q8_K activations `x`:
 //!
 //! ```text
 //!     S_b = Σ_s sc_s Σ_{i∈s} q_i x_i,    M_b = Σ_s m_s Σ_{i∈s} x_i
@@ -15,7 +18,23 @@ use super::simd::{ahead, bcast4, f16_at, hsum4, lane_sums, prefetch};
 
 pub(crate) struct Q4K;
 
-const BLOCK_BYTES: usize = 144;
+/// Block bytes and where the nibbles start, without and with the fifth bits (Q4_K, Q5_K).
+const fn block_bytes(high: bool) -> usize {
+    if high {
+        176
+    } else {
+        144
+    }
+}
+const fn nibbles_at(high: bool) -> usize {
+    if high {
+        48
+    } else {
+        16
+    }
+}
+/// Where Q5_K's fifth bits start.
+const QH: usize = 16;
 
 /// One unpacked block: values as bytes in natural order, scales as i32, mins as i16 pairs.
 const U_Q: usize = 0; // [u8; 256]
@@ -43,17 +62,35 @@ unsafe fn scales_mins(p: *const u8) -> (u64, u64) {
     )
 }
 
-/// Nibble chunk `c` of the block at `p` as 64 bytes in natural order (values 64c..64c+64):
-/// the 32 bytes broadcast to both halves, the upper half shifted right by 4.
+/// Values `64c..64c+64` of the block at `p` as bytes in natural order: nibble chunk `c`
+/// broadcast to both halves, the upper half shifted right by 4; with `HIGH`, the fifth bits
+/// `2c` (lower half) and `2c + 1` (upper half) of `qh` put above them.
 ///
 /// # Safety
 /// `p` points to a whole block; AVX-512 F/BW.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn chunk(p: *const u8, c: usize) -> __m512i {
-    let shift = _mm512_inserti64x4::<1>(_mm512_setzero_si512(), _mm256_set1_epi16(4));
-    let q = _mm512_broadcast_i64x4(_mm256_loadu_si256(p.add(16 + 32 * c).cast()));
-    _mm512_and_si512(_mm512_srlv_epi16(q, shift), _mm512_set1_epi8(0x0f))
+unsafe fn chunk<const HIGH: bool>(p: *const u8, c: usize) -> __m512i {
+    let halves = |a: i16, b: i16| {
+        _mm512_inserti64x4::<1>(
+            _mm512_castsi256_si512(_mm256_set1_epi16(a)),
+            _mm256_set1_epi16(b),
+        )
+    };
+    let q = _mm512_broadcast_i64x4(_mm256_loadu_si256(p.add(nibbles_at(HIGH) + 32 * c).cast()));
+    let q = _mm512_and_si512(_mm512_srlv_epi16(q, halves(0, 4)), _mm512_set1_epi8(0x0f));
+    if !HIGH {
+        return q;
+    }
+    // Bits 2c and 2c + 1 moved to bit 4.
+    let qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(p.add(QH).cast()));
+    let (b0, b1) = (2 * c as i16, 2 * c as i16 + 1);
+    let top = match c < 2 {
+        true => _mm512_sllv_epi16(qh, halves(4 - b0, 4 - b1)),
+        false => _mm512_srlv_epi16(qh, halves(b0 - 4, b1 - 4)),
+    };
+    // q | (top & 0x10)
+    _mm512_ternarylogic_epi32::<0xf8>(q, top, _mm512_set1_epi8(0x10))
 }
 
 /// The block headers (d, dmin, 12 bytes of scales and mins) of 4 rows, one per 128-bit lane.
@@ -119,15 +156,208 @@ fn scale_pattern(a: usize, b: usize) -> __m512i {
     )
 }
 
+/// `Format::rows4` of Q4_K (`HIGH` false) and Q5_K.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(crate) unsafe fn rows4<const HIGH: bool>(
+    w: [*const u8; 4],
+    nb: usize,
+    act: &Rows,
+    t: usize,
+) -> [f32; 4] {
+    let block_bytes = block_bytes(HIGH);
+    // 64 bytes of nibbles hold values [0, 32) and [64, 96) in their low nibbles, [32, 64)
+    // and [96, 128) in their high ones (then the same from 128): sub-blocks (0, 2), (1, 3),
+    // (4, 6), (5, 7).
+    let pattern = [
+        scale_pattern(0, 2),
+        scale_pattern(1, 3),
+        scale_pattern(4, 6),
+        scale_pattern(5, 7),
+    ];
+    let m4 = _mm512_set1_epi8(0x0f);
+    let (bit4, halves) = (_mm512_set1_epi8(0x10), |a: i16, b: i16| {
+        _mm512_inserti64x4::<1>(
+            _mm512_castsi256_si512(_mm256_set1_epi16(a)),
+            _mm256_set1_epi16(b),
+        )
+    });
+    let shifts = [halves(4, 2), halves(3, 1), halves(0, 2), halves(1, 3)];
+    let mins_i16 = _mm512_broadcast_i32x4(_mm_setr_epi8(
+        8, -1, 9, -1, 10, -1, 11, -1, 12, -1, 13, -1, 14, -1, 15, -1,
+    ));
+    let d_dmin = _mm512_castsi128_si512(_mm_setr_epi16(0, 8, 16, 24, 1, 9, 17, 25));
+    let xq = act.qs[t * act.k..].as_ptr();
+    let mut acc = _mm_setzero_ps();
+    for b in 0..nb {
+        // The activations regrouped as the nibbles give the values.
+        let x: [__m512i; 4] =
+            std::array::from_fn(|c| _mm512_loadu_si512(xq.add(QK_K * b + 64 * c).cast()));
+        let x = [
+            _mm512_shuffle_i64x2::<0x44>(x[0], x[1]),
+            _mm512_shuffle_i64x2::<0xee>(x[0], x[1]),
+            _mm512_shuffle_i64x2::<0x44>(x[2], x[3]),
+            _mm512_shuffle_i64x2::<0xee>(x[2], x[3]),
+        ];
+        let p: [*const u8; 4] = std::array::from_fn(|r| w[r].add(b * block_bytes));
+        let hdr = headers(p);
+        let scmn = unpack_scales(hdr);
+        let mut s = [_mm512_setzero_si512(); 4];
+        for r in 0..4 {
+            prefetch(ahead(w[r], b, nb, block_bytes), block_bytes);
+            // Lane r (this row's scales) in every lane.
+            let r4 = 4 * r as i32;
+            let lane = _mm512_broadcast_i32x4(_mm_setr_epi32(r4, r4 + 1, r4 + 2, r4 + 3));
+            let sc = _mm512_permutexvar_epi32(lane, scmn);
+            // Two chains of two: LLVM splits longer vpdpwssd chains into vpmaddwd + vpaddd.
+            let mut half_sums = [_mm512_setzero_si512(); 2];
+            // Q5_K: qh in both halves; bits (0, 2), (1, 3), (4, 6), (5, 7) go to bit 4.
+            let qh = match HIGH {
+                true => _mm512_broadcast_i64x4(_mm256_loadu_si256(p[r].add(QH).cast())),
+                false => _mm512_setzero_si512(),
+            };
+            for (half, sum) in half_sums.iter_mut().enumerate() {
+                let q = _mm512_loadu_si512(p[r].add(nibbles_at(HIGH) + 64 * half).cast());
+                let mut lo = _mm512_and_si512(q, m4);
+                let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(q), m4);
+                if HIGH {
+                    let (top_lo, top_hi) = match half {
+                        0 => (
+                            _mm512_sllv_epi16(qh, shifts[0]),
+                            _mm512_sllv_epi16(qh, shifts[1]),
+                        ),
+                        _ => (
+                            _mm512_srlv_epi16(qh, shifts[2]),
+                            _mm512_srlv_epi16(qh, shifts[3]),
+                        ),
+                    };
+                    lo = _mm512_ternarylogic_epi32::<0xf8>(lo, top_lo, bit4);
+                    hi = _mm512_ternarylogic_epi32::<0xf8>(hi, top_hi, bit4);
+                }
+                for (j, v) in [lo, hi].into_iter().enumerate() {
+                    let c = 2 * half + j;
+                    let prod = _mm512_maddubs_epi16(v, x[c]);
+                    *sum = _mm512_dpwssd_epi32(*sum, prod, _mm512_shuffle_epi8(sc, pattern[c]));
+                }
+            }
+            s[r] = _mm512_add_epi32(half_sums[0], half_sums[1]);
+        }
+        let s4 = hsum4(s);
+        let x32 = _mm512_broadcast_i32x4(_mm_loadu_si128(
+            act.sums[(t * nb + b) * Q8K_SUMS..].as_ptr().cast(),
+        ));
+        let m4 = lane_sums(_mm512_madd_epi16(_mm512_shuffle_epi8(scmn, mins_i16), x32));
+        let dd = _mm256_cvtph_ps(_mm512_castsi512_si128(_mm512_permutexvar_epi16(
+            d_dmin, hdr,
+        )));
+        let dx = _mm_set1_ps(act.d[t * nb + b]);
+        let d = _mm_mul_ps(_mm256_castps256_ps128(dd), dx);
+        let dmin = _mm_mul_ps(_mm256_extractf128_ps::<1>(dd), dx);
+        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(s4), d, acc);
+        acc = _mm_fnmadd_ps(_mm_cvtepi32_ps(m4), dmin, acc);
+    }
+    let mut out = [0f32; 4];
+    _mm_storeu_ps(out.as_mut_ptr(), acc);
+    out
+}
+
+/// `Format::unpack` of Q4_K (`HIGH` false) and Q5_K.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(crate) unsafe fn unpack<const HIGH: bool>(w: *const u8, nb: usize, out: *mut u8) {
+    for b in 0..nb {
+        let (p, o) = (w.add(b * block_bytes(HIGH)), out.add(b * U_BYTES));
+        for c in 0..4 {
+            _mm512_storeu_si512(o.add(U_Q + 64 * c).cast(), chunk::<HIGH>(p, c));
+        }
+        let (sc, mn) = scales_mins(p.add(4));
+        _mm256_storeu_si256(
+            o.add(U_SC).cast(),
+            _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(sc as i64)),
+        );
+        _mm_storeu_si128(
+            o.add(U_MP).cast(),
+            _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn as i64)),
+        );
+        let d = o.add(U_D).cast::<f32>();
+        d.write(f16_at(p));
+        d.add(1).write(f16_at(p.add(2)));
+    }
+}
+
+/// `Format::tile` of Q4_K and Q5_K (unpacked alike).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(crate) unsafe fn tile<const T: usize>(
+    w: [*const u8; 4],
+    nb: usize,
+    act: &Groups,
+    g: [usize; T],
+) -> [[[f32; 16]; T]; 4] {
+    let k = nb * QK_K;
+    let xq: [*const i8; T] = std::array::from_fn(|i| act.qs[g[i] * 16 * k..].as_ptr());
+    let mut f = [[_mm512_setzero_ps(); T]; 4];
+    for b in 0..nb {
+        let u: [*const u8; 4] = std::array::from_fn(|r| w[r].add(b * U_BYTES));
+        let mut s = [[_mm512_setzero_si512(); T]; 4];
+        for sb in 0..8 {
+            let mut is = [[_mm512_setzero_si512(); T]; 4];
+            for j in 0..8 {
+                let k4 = 8 * sb + j;
+                let x: [__m512i; T] = std::array::from_fn(|i| {
+                    _mm512_loadu_si512(xq[i].add((64 * b + k4) * 64).cast())
+                });
+                for r in 0..4 {
+                    let q = bcast4(u[r].add(U_Q + 4 * k4));
+                    for i in 0..T {
+                        is[r][i] = _mm512_dpbusd_epi32(is[r][i], q, x[i]);
+                    }
+                }
+            }
+            for r in 0..4 {
+                let sc = bcast4(u[r].add(U_SC + 4 * sb));
+                for i in 0..T {
+                    s[r][i] = _mm512_add_epi32(s[r][i], _mm512_mullo_epi32(is[r][i], sc));
+                }
+            }
+        }
+        for i in 0..T {
+            let blk = g[i] * nb + b;
+            let dx = _mm512_loadu_ps(act.d[blk * 16..].as_ptr());
+            let xp: [__m512i; 4] = std::array::from_fn(|p| {
+                _mm512_loadu_si512(act.extra[(blk * 4 + p) * 16..].as_ptr().cast())
+            });
+            for r in 0..4 {
+                let mut m = _mm512_setzero_si512();
+                for (p, &xp) in xp.iter().enumerate() {
+                    m = _mm512_dpwssd_epi32(m, bcast4(u[r].add(U_MP + 4 * p)), xp);
+                }
+                let dw = u[r].add(U_D).cast::<f32>();
+                let d = _mm512_mul_ps(_mm512_set1_ps(dw.read()), dx);
+                let dmin = _mm512_mul_ps(_mm512_set1_ps(dw.add(1).read()), dx);
+                f[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r][i]), d, f[r][i]);
+                f[r][i] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(m), dmin, f[r][i]);
+            }
+        }
+    }
+    let mut out = [[[0f32; 16]; T]; 4];
+    for r in 0..4 {
+        for i in 0..T {
+            _mm512_storeu_ps(out[r][i].as_mut_ptr(), f[r][i]);
+        }
+    }
+    out
+}
+
 impl Format for Q4K {
     const BLOCK: usize = QK_K;
-    const BLOCK_BYTES: usize = BLOCK_BYTES;
+    const BLOCK_BYTES: usize = block_bytes(false);
     const Q8K: bool = true;
     /// The sums of 32 as i16 pairs `(X_2p, X_2p+1)`, for `M_b`.
     const N_EXTRA: usize = 4;
 
     fn extra(sums: &[i16], p: usize) -> i32 {
-        (sums[2 * p] as u16 as i32) | ((sums[2 * p + 1] as i32) << 16)
+        extra(sums, p)
     }
 
     fn unpacked_bytes(nb: usize) -> usize {
@@ -136,95 +366,12 @@ impl Format for Q4K {
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn rows4(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
-        // 64 bytes of nibbles hold values [0, 32) and [64, 96) in their low nibbles, [32, 64)
-        // and [96, 128) in their high ones (then the same from 128): sub-blocks (0, 2), (1, 3),
-        // (4, 6), (5, 7).
-        let pattern = [
-            scale_pattern(0, 2),
-            scale_pattern(1, 3),
-            scale_pattern(4, 6),
-            scale_pattern(5, 7),
-        ];
-        let m4 = _mm512_set1_epi8(0x0f);
-        let mins_i16 = _mm512_broadcast_i32x4(_mm_setr_epi8(
-            8, -1, 9, -1, 10, -1, 11, -1, 12, -1, 13, -1, 14, -1, 15, -1,
-        ));
-        let d_dmin = _mm512_castsi128_si512(_mm_setr_epi16(0, 8, 16, 24, 1, 9, 17, 25));
-        let xq = act.qs[t * act.k..].as_ptr();
-        let mut acc = _mm_setzero_ps();
-        for b in 0..nb {
-            // The activations regrouped as the nibbles give the values.
-            let x: [__m512i; 4] =
-                std::array::from_fn(|c| _mm512_loadu_si512(xq.add(QK_K * b + 64 * c).cast()));
-            let x = [
-                _mm512_shuffle_i64x2::<0x44>(x[0], x[1]),
-                _mm512_shuffle_i64x2::<0xee>(x[0], x[1]),
-                _mm512_shuffle_i64x2::<0x44>(x[2], x[3]),
-                _mm512_shuffle_i64x2::<0xee>(x[2], x[3]),
-            ];
-            let p: [*const u8; 4] = std::array::from_fn(|r| w[r].add(b * BLOCK_BYTES));
-            let hdr = headers(p);
-            let scmn = unpack_scales(hdr);
-            let mut s = [_mm512_setzero_si512(); 4];
-            for r in 0..4 {
-                prefetch(ahead(w[r], b, nb, BLOCK_BYTES), BLOCK_BYTES);
-                // Lane r (this row's scales) in every lane.
-                let r4 = 4 * r as i32;
-                let lane = _mm512_broadcast_i32x4(_mm_setr_epi32(r4, r4 + 1, r4 + 2, r4 + 3));
-                let sc = _mm512_permutexvar_epi32(lane, scmn);
-                // Two chains of two: LLVM splits longer vpdpwssd chains into vpmaddwd + vpaddd.
-                let mut half_sums = [_mm512_setzero_si512(); 2];
-                for (half, sum) in half_sums.iter_mut().enumerate() {
-                    let q = _mm512_loadu_si512(p[r].add(16 + 64 * half).cast());
-                    let lo = _mm512_and_si512(q, m4);
-                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(q), m4);
-                    for (j, v) in [lo, hi].into_iter().enumerate() {
-                        let c = 2 * half + j;
-                        let prod = _mm512_maddubs_epi16(v, x[c]);
-                        *sum = _mm512_dpwssd_epi32(*sum, prod, _mm512_shuffle_epi8(sc, pattern[c]));
-                    }
-                }
-                s[r] = _mm512_add_epi32(half_sums[0], half_sums[1]);
-            }
-            let s4 = hsum4(s);
-            let x32 = _mm512_broadcast_i32x4(_mm_loadu_si128(
-                act.sums[(t * nb + b) * Q8K_SUMS..].as_ptr().cast(),
-            ));
-            let m4 = lane_sums(_mm512_madd_epi16(_mm512_shuffle_epi8(scmn, mins_i16), x32));
-            let dd = _mm256_cvtph_ps(_mm512_castsi512_si128(_mm512_permutexvar_epi16(
-                d_dmin, hdr,
-            )));
-            let dx = _mm_set1_ps(act.d[t * nb + b]);
-            let d = _mm_mul_ps(_mm256_castps256_ps128(dd), dx);
-            let dmin = _mm_mul_ps(_mm256_extractf128_ps::<1>(dd), dx);
-            acc = _mm_fmadd_ps(_mm_cvtepi32_ps(s4), d, acc);
-            acc = _mm_fnmadd_ps(_mm_cvtepi32_ps(m4), dmin, acc);
-        }
-        let mut out = [0f32; 4];
-        _mm_storeu_ps(out.as_mut_ptr(), acc);
-        out
+        rows4::<false>(w, nb, act, t)
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn unpack(w: *const u8, nb: usize, out: *mut u8) {
-        for b in 0..nb {
-            let (p, o) = (w.add(b * BLOCK_BYTES), out.add(b * U_BYTES));
-            for c in 0..4 {
-                _mm512_storeu_si512(o.add(U_Q + 64 * c).cast(), chunk(p, c));
-            }
-            let (sc, mn) = scales_mins(p.add(4));
-            _mm256_storeu_si256(
-                o.add(U_SC).cast(),
-                _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(sc as i64)),
-            );
-            _mm_storeu_si128(
-                o.add(U_MP).cast(),
-                _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn as i64)),
-            );
-            let d = o.add(U_D).cast::<f32>();
-            d.write(f16_at(p));
-            d.add(1).write(f16_at(p.add(2)));
-        }
+        unpack::<false>(w, nb, out)
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -234,58 +381,14 @@ impl Format for Q4K {
         act: &Groups,
         g: [usize; T],
     ) -> [[[f32; 16]; T]; 4] {
-        let k = nb * QK_K;
-        let xq: [*const i8; T] = std::array::from_fn(|i| act.qs[g[i] * 16 * k..].as_ptr());
-        let mut f = [[_mm512_setzero_ps(); T]; 4];
-        for b in 0..nb {
-            let u: [*const u8; 4] = std::array::from_fn(|r| w[r].add(b * U_BYTES));
-            let mut s = [[_mm512_setzero_si512(); T]; 4];
-            for sb in 0..8 {
-                let mut is = [[_mm512_setzero_si512(); T]; 4];
-                for j in 0..8 {
-                    let k4 = 8 * sb + j;
-                    let x: [__m512i; T] = std::array::from_fn(|i| {
-                        _mm512_loadu_si512(xq[i].add((64 * b + k4) * 64).cast())
-                    });
-                    for r in 0..4 {
-                        let q = bcast4(u[r].add(U_Q + 4 * k4));
-                        for i in 0..T {
-                            is[r][i] = _mm512_dpbusd_epi32(is[r][i], q, x[i]);
-                        }
-                    }
-                }
-                for r in 0..4 {
-                    let sc = bcast4(u[r].add(U_SC + 4 * sb));
-                    for i in 0..T {
-                        s[r][i] = _mm512_add_epi32(s[r][i], _mm512_mullo_epi32(is[r][i], sc));
-                    }
-                }
-            }
-            for i in 0..T {
-                let blk = g[i] * nb + b;
-                let dx = _mm512_loadu_ps(act.d[blk * 16..].as_ptr());
-                let xp: [__m512i; 4] = std::array::from_fn(|p| {
-                    _mm512_loadu_si512(act.extra[(blk * 4 + p) * 16..].as_ptr().cast())
-                });
-                for r in 0..4 {
-                    let mut m = _mm512_setzero_si512();
-                    for (p, &xp) in xp.iter().enumerate() {
-                        m = _mm512_dpwssd_epi32(m, bcast4(u[r].add(U_MP + 4 * p)), xp);
-                    }
-                    let dw = u[r].add(U_D).cast::<f32>();
-                    let d = _mm512_mul_ps(_mm512_set1_ps(dw.read()), dx);
-                    let dmin = _mm512_mul_ps(_mm512_set1_ps(dw.add(1).read()), dx);
-                    f[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r][i]), d, f[r][i]);
-                    f[r][i] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(m), dmin, f[r][i]);
-                }
-            }
-        }
-        let mut out = [[[0f32; 16]; T]; 4];
-        for r in 0..4 {
-            for i in 0..T {
-                _mm512_storeu_ps(out[r][i].as_mut_ptr(), f[r][i]);
-            }
-        }
-        out
+        tile::<T>(w, nb, act, g)
     }
 }
+
+/// `Format::extra` of Q4_K and Q5_K.
+pub(crate) fn extra(sums: &[i16], p: usize) -> i32 {
+    (sums[2 * p] as u16 as i32) | ((sums[2 * p + 1] as i32) << 16)
+}
+
+/// `Format::unpacked_bytes` of Q4_K and Q5_K.
+pub(crate) const U_BYTES_PER_BLOCK: usize = U_BYTES;

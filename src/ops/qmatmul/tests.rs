@@ -1,7 +1,9 @@
 //! Every kernel against candle's `vec_dot` and against the dequantized product, on quantized
 //! random values and on random block bytes; one token alone against the same token in a batch.
 
-use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ6K, BlockQ8_0, GgmlType};
+use candle_core::quantized::k_quants::{
+    BlockQ4K, BlockQ4_0, BlockQ5K, BlockQ6K, BlockQ8_0, GgmlType,
+};
 
 use super::*;
 use crate::ops::quant::{as_blocks, quantize};
@@ -30,7 +32,7 @@ fn weights(dtype: TensorType, n_rows: usize, k: usize, seed: u64) -> Vec<u8> {
     let values: Vec<f32> = (0..n_rows * k).map(|_| rng.float()).collect();
     let mut bytes = quantize(dtype, &values);
     let halves: &[usize] = match dtype {
-        TensorType::Q4K => &[0, 2],
+        TensorType::Q4K | TensorType::Q5K => &[0, 2],
         TensorType::Q6K => &[208],
         _ => &[0],
     };
@@ -136,6 +138,13 @@ fn q4_k_matches_candle() {
 }
 
 #[test]
+fn q5_k_matches_candle() {
+    for k in [256, 768, 2048] {
+        check::<BlockQ5K>(TensorType::Q5K, k);
+    }
+}
+
+#[test]
 fn q6_k_matches_candle() {
     for k in [256, 768, 2048] {
         check::<BlockQ6K>(TensorType::Q6K, k);
@@ -159,7 +168,7 @@ fn q4_0_matches_candle() {
 #[test]
 fn other_types_are_declined() {
     let mut y = vec![0f32; 2];
-    let data = quantize(TensorType::Q5K, &[0.5; 512]);
-    assert!(!matmul(TensorType::Q5K, &data, 2, 256, &[1.0; 256], &mut y));
+    let data = quantize(TensorType::Q3K, &[0.5; 512]);
+    assert!(!matmul(TensorType::Q3K, &data, 2, 256, &[1.0; 256], &mut y));
     assert_eq!(y, [0.0, 0.0]);
 }
