@@ -10,7 +10,7 @@ use crate::ops::scratch;
 
 /// Batches from this many tokens up run the 16-token tiles; smaller ones the row kernel
 /// once per token.
-const MIN_TILED: usize = 6;
+pub(super) const MIN_TILED: usize = 6;
 
 /// The kernels of one weight format.
 pub(crate) trait Format: Sync {
@@ -83,21 +83,21 @@ pub(super) fn run<F: Format>(data: &[u8], n_rows: usize, k: usize, x: &[f32], y:
     })
 }
 
-struct Weights<'a> {
-    data: &'a [u8],
-    n_rows: usize,
-    nb: usize,
+pub(super) struct Weights<'a> {
+    pub data: &'a [u8],
+    pub n_rows: usize,
+    pub nb: usize,
 }
 
 impl Weights<'_> {
     /// The 4 rows from `r0`, the last repeated past the end (its results are not stored).
-    fn four(&self, r0: usize, row_bytes: usize) -> [*const u8; 4] {
+    pub fn four(&self, r0: usize, row_bytes: usize) -> [*const u8; 4] {
         std::array::from_fn(|i| self.data[(r0 + i).min(self.n_rows - 1) * row_bytes..].as_ptr())
     }
 }
 
 /// Tasks of one product: a few per thread, so that work stealing evens out the cores.
-fn n_tasks(n_rows: usize) -> usize {
+pub(super) fn n_tasks(n_rows: usize) -> usize {
     n_rows
         .div_ceil(4)
         .min(4 * rayon::current_num_threads())
@@ -105,7 +105,9 @@ fn n_tasks(n_rows: usize) -> usize {
 }
 
 /// Row ranges, multiples of 4 rows, for the `n_tasks` tasks of one product.
-fn row_tasks(n_rows: usize) -> impl IndexedParallelIterator<Item = std::ops::Range<usize>> {
+pub(super) fn row_tasks(
+    n_rows: usize,
+) -> impl IndexedParallelIterator<Item = std::ops::Range<usize>> {
     let quads = n_rows.div_ceil(4);
     let n_tasks = n_tasks(n_rows);
     (0..n_tasks).into_par_iter().map(move |i| {

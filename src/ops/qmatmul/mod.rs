@@ -26,12 +26,15 @@
 //!   instruction, on 8 accumulators at a time.
 //!
 //! Files: `act` quantizes the activations, `driver` splits a product into tasks and runs the
-//! kernels of one format (`q4k`, `q5k`, `q6k`, `q8_0` for Q8_0 and Q4_0), `simd` holds what they share.
+//! kernels of one format (`q4k`, `q5k`, `q6k`, `q8_0` for Q8_0 and Q4_0; `f16` has its
+//! own, simpler driver), `simd` holds what they share.
 
 #[cfg(target_arch = "x86_64")]
 mod act;
 #[cfg(target_arch = "x86_64")]
 mod driver;
+#[cfg(target_arch = "x86_64")]
+mod f16;
 #[cfg(target_arch = "x86_64")]
 mod q4k;
 #[cfg(target_arch = "x86_64")]
@@ -70,7 +73,8 @@ pub(crate) fn supports(dtype: TensorType) -> bool {
     has_avx512()
         && matches!(
             dtype,
-            TensorType::Q4K
+            TensorType::F16
+                | TensorType::Q4K
                 | TensorType::Q5K
                 | TensorType::Q6K
                 | TensorType::Q8_0
@@ -95,6 +99,7 @@ pub(crate) fn matmul(
     assert!(dtype.row_bytes(k).map(|r| r * n_rows) == Some(data.len()));
     #[cfg(target_arch = "x86_64")]
     match dtype {
+        TensorType::F16 => f16::run(data, n_rows, k, x, y),
         TensorType::Q4K => driver::run::<q4k::Q4K>(data, n_rows, k, x, y),
         TensorType::Q5K => driver::run::<q5k::Q5K>(data, n_rows, k, x, y),
         TensorType::Q6K => driver::run::<q6k::Q6K>(data, n_rows, k, x, y),

@@ -14,7 +14,7 @@ use core::arch::x86_64::*;
 
 use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
 use super::driver::Format;
-use super::simd::{ahead, bcast4, f16_at, hsum4, lane_sums, prefetch};
+use super::simd::{bcast4, f16_at, hsum4, lane_sums, prefetch, Ahead};
 
 pub(crate) struct Q4K;
 
@@ -188,6 +188,7 @@ pub(crate) unsafe fn rows4<const HIGH: bool>(
     ));
     let d_dmin = _mm512_castsi128_si512(_mm_setr_epi16(0, 8, 16, 24, 1, 9, 17, 25));
     let xq = act.qs[t * act.k..].as_ptr();
+    let ahead = Ahead::new(nb, block_bytes);
     let mut acc = _mm_setzero_ps();
     for b in 0..nb {
         // The activations regrouped as the nibbles give the values.
@@ -204,7 +205,7 @@ pub(crate) unsafe fn rows4<const HIGH: bool>(
         let scmn = unpack_scales(hdr);
         let mut s = [_mm512_setzero_si512(); 4];
         for r in 0..4 {
-            prefetch(ahead(w[r], b, nb, block_bytes), block_bytes);
+            prefetch(ahead.of(w[r], b), block_bytes);
             // Lane r (this row's scales) in every lane.
             let r4 = 4 * r as i32;
             let lane = _mm512_broadcast_i32x4(_mm_setr_epi32(r4, r4 + 1, r4 + 2, r4 + 3));

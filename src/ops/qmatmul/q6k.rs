@@ -13,7 +13,7 @@ use core::arch::x86_64::*;
 
 use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
 use super::driver::Format;
-use super::simd::{ahead, bcast4, f16_at, hsum4, prefetch};
+use super::simd::{bcast4, f16_at, hsum4, prefetch, Ahead};
 
 pub(crate) struct Q6K;
 
@@ -83,6 +83,7 @@ impl Format for Q6K {
         });
         let (m4, top) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(0x30));
         let xq = act.qs[t * act.k..].as_ptr();
+        let ahead = Ahead::new(nb, BLOCK_BYTES);
         let mut acc = _mm_setzero_ps();
         for b in 0..nb {
             let x: [__m512i; 4] =
@@ -98,7 +99,7 @@ impl Format for Q6K {
             let mut s = [_mm512_setzero_si512(); 4];
             for r in 0..4 {
                 let p = w[r].add(b * BLOCK_BYTES);
-                prefetch(ahead(w[r], b, nb, BLOCK_BYTES), BLOCK_BYTES);
+                prefetch(ahead.of(w[r], b), BLOCK_BYTES);
                 let (l0, l1) = (
                     _mm512_loadu_si512(p.cast()),
                     _mm512_loadu_si512(p.add(64).cast()),

@@ -12,7 +12,7 @@ use core::arch::x86_64::*;
 
 use super::act::{Groups, Rows, QK8_0};
 use super::driver::Format;
-use super::simd::{ahead, bcast4, f16_at, prefetch};
+use super::simd::{bcast4, f16_at, prefetch, Ahead};
 
 pub(crate) struct Q8_0;
 pub(crate) struct Q4_0;
@@ -87,13 +87,14 @@ unsafe fn rows4<B: Block32>(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) 
         _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, h(3), h(2), h(1), h(0)))
     };
     let exact = |d: __m128i, b: usize| _mm_sub_epi32(d, _mm_set1_epi32(B::OFF * xs[b] as i32));
+    let ahead = Ahead::new(nb, B::BYTES);
     let mut acc = _mm_setzero_ps();
     let mut b = 0;
     while b + 2 <= nb {
         let x = _mm512_loadu_si512(xq.add(QK8_0 * b).cast());
         let z: [__m512i; 4] = std::array::from_fn(|r| {
             let p = w[r].add(b * B::BYTES);
-            prefetch(ahead(w[r], b, nb, B::BYTES), 2 * B::BYTES);
+            prefetch(ahead.of(w[r], b), 2 * B::BYTES);
             let u = _mm512_inserti64x4::<1>(
                 _mm512_castsi256_si512(B::values(p)),
                 B::values(p.add(B::BYTES)),

@@ -48,14 +48,37 @@ pub(crate) unsafe fn bcast4(p: *const u8) -> __m512i {
 /// 50 GB/s, 3 KiB at 58, 6 KiB at 62 (numpy's read bandwidth there: 66-69 GB/s).
 pub(crate) const PREFETCH_BYTES: usize = 6144;
 
-/// Where the row kernels prefetch for block `b` of row `w` (of `nb` blocks of `bytes`),
-/// the rows being consecutive 4 at a time.
-#[inline(always)]
-pub(crate) fn ahead(w: *const u8, b: usize, nb: usize, bytes: usize) -> *const u8 {
-    let b = b + PREFETCH_BYTES / bytes;
-    match b < nb {
-        true => w.wrapping_add(b * bytes),
-        false => w.wrapping_add((3 * nb + b) * bytes),
+/// Where the row kernels prefetch: `PREFETCH_BYTES` ahead in a row stream of `nb` blocks of
+/// `bytes` that continues, past the row's end, into the same row of the next 4 (rows are
+/// consecutive 4 at a time).
+#[derive(Clone, Copy)]
+pub(crate) struct Ahead {
+    /// The distance in whole rows and remaining blocks.
+    rows: usize,
+    blocks: usize,
+    nb: usize,
+    bytes: usize,
+}
+
+impl Ahead {
+    pub(crate) fn new(nb: usize, bytes: usize) -> Ahead {
+        let d = PREFETCH_BYTES.div_ceil(bytes);
+        Ahead {
+            rows: d / nb.max(1),
+            blocks: d % nb.max(1),
+            nb,
+            bytes,
+        }
+    }
+
+    /// The address to prefetch while block `b` of row `w` is read.
+    #[inline(always)]
+    pub(crate) fn of(self, w: *const u8, b: usize) -> *const u8 {
+        let (mut rows, mut b) = (self.rows, b + self.blocks);
+        if b >= self.nb {
+            (rows, b) = (rows + 1, b - self.nb);
+        }
+        w.wrapping_add((4 * rows * self.nb + b) * self.bytes)
     }
 }
 

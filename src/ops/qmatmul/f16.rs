@@ -1,0 +1,186 @@
+//! F16 weights × activations rounded to f16 (ggml's `vec_dot_f16` numerics: the products of
+//! two f16 are exact in f32, only the order of the sums is free). For each output, lane `l`
+//! of a 16-lane accumulator sums `w_k x_k` for `k ≡ l (mod 16)`, `k` ascending, by fused
+//! multiply-adds; then `reduce` adds the lanes in a fixed tree. The row kernel (decode) and
+//! the tile kernel (4 rows × 4 tokens, over rows first widened to f32) perform that same
+//! sequence, so a token's outputs have the same bits alone or in a batch.
+
+use core::arch::x86_64::*;
+
+use half::f16;
+use rayon::prelude::*;
+
+use super::driver::{row_tasks, Weights, MIN_TILED};
+use super::simd::{prefetch, Ahead};
+use crate::ops::matmul::SyncPtr;
+use crate::ops::scratch;
+
+/// `y[m, n_rows] = x[m, k] · Wᵀ` for F16 `W` in `data` (checked by the caller).
+pub(super) fn run(data: &[u8], n_rows: usize, k: usize, x: &[f32], y: &mut [f32]) {
+    let m = x.len() / k;
+    let k16 = k.next_multiple_of(16);
+    let tiled = m >= MIN_TILED;
+    let n_tasks = super::driver::n_tasks(n_rows);
+    let unpacked = 4 * k16 * 4;
+    let bytes = 4 * m * k16 + if tiled { n_tasks * unpacked } else { 0 };
+    scratch::with_aligned_bytes(bytes, |buf| {
+        let (xs, rest) = buf.split_at_mut(4 * m * k16);
+        // SAFETY: the scratch is 64-byte aligned and f32 is valid for any bits.
+        let xs = unsafe { std::slice::from_raw_parts_mut(xs.as_mut_ptr().cast::<f32>(), m * k16) };
+        xs.par_chunks_mut(k16)
+            .zip(x.par_chunks(k))
+            .for_each(|(out, x)| {
+                // As candle's f16 `from_float`: round to nearest even.
+                out[..k]
+                    .iter_mut()
+                    .zip(x)
+                    .for_each(|(o, &v)| *o = f16::from_f32(v).to_f32());
+                out[k..].fill(0.0);
+            });
+        let w = Weights {
+            data,
+            n_rows,
+            nb: k,
+        };
+        match tiled {
+            true => tiles(&w, xs, k16, rest, m, y),
+            false => row_products(&w, xs, k16, y),
+        }
+    })
+}
+
+fn row_products(w: &Weights, xs: &[f32], k16: usize, y: &mut [f32]) {
+    let (row_bytes, n_rows, m) = (2 * w.nb, w.n_rows, xs.len() / k16);
+    let y_ptr = SyncPtr(y.as_mut_ptr());
+    row_tasks(n_rows).for_each(|rows| {
+        for r0 in rows.step_by(4) {
+            let quad = w.four(r0, row_bytes);
+            let n = (n_rows - r0).min(4);
+            for t in 0..m {
+                // SAFETY: `supports` checked the CPU; `quad` points to whole rows of k
+                // halves and `xs` holds m rows of k16 floats.
+                let out = unsafe { rows4(quad, w.nb, &xs[t * k16..(t + 1) * k16]) };
+                // SAFETY: this task alone writes columns `rows` of y, and t < m.
+                let y = unsafe { y_ptr.slice(t * n_rows + r0, n) };
+                y.copy_from_slice(&out[..n]);
+            }
+        }
+    });
+}
+
+fn tiles(w: &Weights, xs: &[f32], k16: usize, scratch: &mut [u8], m: usize, y: &mut [f32]) {
+    let (row_bytes, n_rows) = (2 * w.nb, w.n_rows);
+    let y_ptr = SyncPtr(y.as_mut_ptr());
+    let scratch = scratch.par_chunks_mut(4 * k16 * 4);
+    row_tasks(n_rows).zip(scratch).for_each(|(rows, scratch)| {
+        // SAFETY: 64-byte aligned scratch of 4 k16 floats; f32 is valid for any bits.
+        let wide =
+            unsafe { std::slice::from_raw_parts_mut(scratch.as_mut_ptr().cast::<f32>(), 4 * k16) };
+        for r0 in rows.step_by(4) {
+            let quad = w.four(r0, row_bytes);
+            for (i, &row) in quad.iter().enumerate() {
+                // SAFETY: `supports` checked the CPU; `row` holds k halves.
+                unsafe { widen(row, w.nb, &mut wide[i * k16..(i + 1) * k16]) };
+            }
+            let n = (n_rows - r0).min(4);
+            for t0 in (0..m).step_by(TOKENS) {
+                let t: [usize; TOKENS] = std::array::from_fn(|i| (t0 + i).min(m - 1));
+                // SAFETY: as for `widen`; every t[i] < m.
+                let out = unsafe { tile(wide, xs, k16, t) };
+                for (i, out) in out.iter().enumerate().take(m - t0) {
+                    // SAFETY: this task alone writes columns `rows` of y; t0 + i < m.
+                    let y = unsafe { y_ptr.slice((t0 + i) * n_rows + r0, n) };
+                    y.copy_from_slice(&out[..n]);
+                }
+            }
+        }
+    });
+}
+
+/// The 16 lanes of `acc` summed in a fixed order: halves, then quarters, pairs, neighbours.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+fn reduce(acc: __m512) -> f32 {
+    let v = _mm256_add_ps(
+        _mm512_castps512_ps256(acc),
+        _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc))),
+    );
+    let v = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)))
+}
+
+/// Mask of the first `n` (≤ 16) lanes.
+fn lanes(n: usize) -> u16 {
+    ((1u32 << n) - 1) as u16
+}
+
+/// Rows `w` (4 pointers to `k` halves) times one token `x` (`k` rounded values, zeros to a
+/// multiple of 16).
+///
+/// # Safety
+/// AVX-512 F/BW/VL; each `w[r]` points to `k` halves.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn rows4(w: [*const u8; 4], k: usize, x: &[f32]) -> [f32; 4] {
+    let ahead = Ahead::new(k.div_ceil(16), 32);
+    let mut acc = [_mm512_setzero_ps(); 4];
+    for j in 0..k.div_ceil(16) {
+        let x = _mm512_loadu_ps(x[16 * j..].as_ptr());
+        let n = (k - 16 * j).min(16);
+        for r in 0..4 {
+            let p = w[r].add(32 * j);
+            let h = match n {
+                16 => {
+                    // One prefetch per 64 bytes of the row: every other chunk.
+                    if j % 2 == 0 {
+                        prefetch(ahead.of(w[r], j), 64);
+                    }
+                    _mm256_loadu_si256(p.cast())
+                }
+                _ => _mm256_maskz_loadu_epi16(lanes(n) as __mmask16, p.cast()),
+            };
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtph_ps(h), x, acc[r]);
+        }
+    }
+    acc.map(|a| reduce(a))
+}
+
+/// One row of `k` halves widened to f32 in `out` (`k` rounded up to 16, zeros after `k`).
+///
+/// # Safety
+/// AVX-512 F/BW/VL; `w` points to `k` halves.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn widen(w: *const u8, k: usize, out: &mut [f32]) {
+    for j in 0..k.div_ceil(16) {
+        let n = (k - 16 * j).min(16);
+        let h = _mm256_maskz_loadu_epi16(lanes(n) as __mmask16, w.add(32 * j).cast());
+        _mm512_storeu_ps(out[16 * j..].as_mut_ptr(), _mm512_cvtph_ps(h));
+    }
+}
+
+/// Tokens per tile: 4 × 4 accumulators of 16 lanes. Wider tiles measured slower: they spill,
+/// and with many tokens the activations stream from L2 (or L3) for every 4 rows anyway.
+const TOKENS: usize = 4;
+
+/// 4 widened rows (`wide`, `[4, k16]`) times tokens `t` of `xs` (`[_, k16]`): `out[i][r]`.
+///
+/// # Safety
+/// AVX-512 F/BW/VL; `wide` holds 4 rows and `xs` the tokens `t`, of `k16` floats each.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn tile(wide: &[f32], xs: &[f32], k16: usize, t: [usize; TOKENS]) -> [[f32; 4]; TOKENS] {
+    assert!(wide.len() >= 4 * k16 && t.iter().all(|&t| xs.len() >= (t + 1) * k16));
+    let mut acc = [[_mm512_setzero_ps(); 4]; TOKENS];
+    for j in (0..k16).step_by(16) {
+        let w: [__m512; 4] =
+            std::array::from_fn(|r| _mm512_loadu_ps(wide.as_ptr().add(r * k16 + j)));
+        let x: [__m512; TOKENS] =
+            std::array::from_fn(|i| _mm512_loadu_ps(xs.as_ptr().add(t[i] * k16 + j)));
+        for r in 0..4 {
+            for i in 0..TOKENS {
+                acc[i][r] = _mm512_fmadd_ps(w[r], x[i], acc[i][r]);
+            }
+        }
+    }
+    acc.map(|a| a.map(|a| reduce(a)))
+}
