@@ -51,10 +51,12 @@ fn a_warm_pool_allocates_only_the_logits() {
         let inf = Inference::new(model, Some(64), Some(2)).unwrap();
         let mut pool = inf.create_memory_pool();
         let tokens: Vec<u32> = (1..20).collect();
-        for _ in 0..3 {
+        for _ in 0..5 {
             inf.forward_pool(&mut pool, &tokens, &[]).unwrap();
         }
-        // Rayon's job queues grow a block now and then, shared by all calls: count many.
+        // Now and then rayon grows a job queue, or a worker waiting in one product steals a
+        // job that needs scratch it is still holding: count many calls, so that those rare
+        // allocations stay apart from one made on every call (which doubles the count).
         const CALLS: usize = 50;
         let before = ALLOCATIONS.load(Ordering::SeqCst);
         for _ in 0..CALLS {
@@ -64,7 +66,7 @@ fn a_warm_pool_allocates_only_the_logits() {
         let allocated = ALLOCATIONS.load(Ordering::SeqCst) - before;
         eprintln!("{file}: {allocated} allocations in {CALLS} warm forwards");
         assert!(
-            allocated <= CALLS + 5,
+            allocated <= CALLS + CALLS / 2,
             "{file}: {allocated} allocations in {CALLS} warm forwards (one each, the logits, expected)"
         );
     }

@@ -3,20 +3,37 @@
 //! A buffer is taken out of its thread-local slot for the duration of a use and put back
 //! after. A rayon worker waiting inside a parallel region may start another forward's job;
 //! that job then finds the slot empty and allocates, instead of aliasing the buffer in use.
+//! Of the two buffers that then come back, the slot keeps the larger, so that such
+//! allocations die out instead of recurring.
 
 use std::cell::RefCell;
+use std::thread::LocalKey;
 
 thread_local! {
     static F32: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     static WORDS: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Takes the buffer out of `slot` for the duration of `f`, then puts back the larger of it
+/// and whatever a nested use put there meanwhile.
+fn lend<T: 'static, R>(
+    slot: &'static LocalKey<RefCell<Vec<T>>>,
+    f: impl FnOnce(&mut Vec<T>) -> R,
+) -> R {
+    let mut buf = slot.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    let result = f(&mut buf);
+    slot.with(|s| {
+        let mut kept = s.borrow_mut();
+        if buf.capacity() >= kept.capacity() {
+            *kept = buf;
+        }
+    });
+    result
+}
+
 /// Runs `f` with this thread's f32 scratch (any length; contents unspecified).
 pub fn with_f32<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
-    let mut buf = F32.with(|slot| std::mem::take(&mut *slot.borrow_mut()));
-    let result = f(&mut buf);
-    F32.with(|slot| *slot.borrow_mut() = buf);
-    result
+    lend(&F32, f)
 }
 
 /// Runs `f` with `len` values of `T` in this thread's scratch, zeroed first.
@@ -24,36 +41,34 @@ pub fn with_f32<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
 /// `T` must be plain data valid for any bit pattern, of alignment at most 8 (ggml blocks,
 /// floats): that is what the `Pod` bound promises.
 pub fn with_zeroed<T: Pod, R>(len: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
-    let mut words = WORDS.with(|slot| std::mem::take(&mut *slot.borrow_mut()));
-    let n_words = (len * std::mem::size_of::<T>()).div_ceil(8);
-    words.clear();
-    words.resize(n_words, 0);
-    // SAFETY: the buffer holds at least `len` T-sized, 8-aligned, zeroed slots; `Pod` types
-    // are valid for the all-zero pattern and need alignment <= 8.
-    let typed = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<T>(), len) };
-    let result = f(typed);
-    WORDS.with(|slot| *slot.borrow_mut() = words);
-    result
+    lend(&WORDS, |words| {
+        let n_words = (len * std::mem::size_of::<T>()).div_ceil(8);
+        words.clear();
+        words.resize(n_words, 0);
+        // SAFETY: the buffer holds at least `len` T-sized, 8-aligned, zeroed slots; `Pod` types
+        // are valid for the all-zero pattern and need alignment <= 8.
+        let typed = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<T>(), len) };
+        f(typed)
+    })
 }
 
 /// Runs `f` with `len` bytes of this thread's word scratch (the slot `with_zeroed` uses),
 /// 64-byte aligned, contents unspecified.
 pub fn with_aligned_bytes<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
-    let mut words = WORDS.with(|slot| std::mem::take(&mut *slot.borrow_mut()));
-    let n_words = (len + 64).div_ceil(8);
-    if words.len() < n_words {
-        words.resize(n_words, 0);
-    }
-    // SAFETY: `words` holds at least `len + 64` initialised bytes, so `len` of them start at
-    // a 64-byte aligned address within the first 64; u8 has no alignment or validity
-    // requirements, and `words` outlives the slice.
-    let bytes = unsafe {
-        let ptr = words.as_mut_ptr().cast::<u8>();
-        std::slice::from_raw_parts_mut(ptr.add(ptr.align_offset(64)), len)
-    };
-    let result = f(bytes);
-    WORDS.with(|slot| *slot.borrow_mut() = words);
-    result
+    lend(&WORDS, |words| {
+        let n_words = (len + 64).div_ceil(8);
+        if words.len() < n_words {
+            words.resize(n_words, 0);
+        }
+        // SAFETY: `words` holds at least `len + 64` initialised bytes, so `len` of them start at
+        // a 64-byte aligned address within the first 64; u8 has no alignment or validity
+        // requirements, and `words` outlives the slice.
+        let bytes = unsafe {
+            let ptr = words.as_mut_ptr().cast::<u8>();
+            std::slice::from_raw_parts_mut(ptr.add(ptr.align_offset(64)), len)
+        };
+        f(bytes)
+    })
 }
 
 /// Plain data valid for any bit pattern (including all zeros), alignment at most 8.
