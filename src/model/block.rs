@@ -74,7 +74,8 @@ pub struct BlockScratch {
     k: Vec<f32>,
     v: Vec<f32>,
     proj_out: Vec<f32>,
-    lora: Vec<f32>,
+    /// One per projection run at the same time.
+    lora: [Vec<f32>; 3],
     d_a: Vec<f32>,
     d_b: Vec<f32>,
     d_c: Vec<f32>,
@@ -155,18 +156,17 @@ pub fn block_forward(
         &mut acts.attn_inv_rms,
     );
 
-    proj(Proj::AttnQ, &acts.attn_in, &mut acts.q, &mut scratch.lora);
-    proj(
-        Proj::AttnK,
-        &acts.attn_in,
-        &mut scratch.k,
-        &mut scratch.lora,
-    );
-    proj(
-        Proj::AttnV,
-        &acts.attn_in,
-        &mut scratch.v,
-        &mut scratch.lora,
+    // Projections of one input run joined: the cores go from one to the next without the
+    // wake-up that a parallel region each would cost (a large share of a decode step).
+    let [lora_q, lora_k, lora_v] = &mut scratch.lora;
+    rayon::join(
+        || proj(Proj::AttnQ, &acts.attn_in, &mut acts.q, lora_q),
+        || {
+            rayon::join(
+                || proj(Proj::AttnK, &acts.attn_in, &mut scratch.k, lora_k),
+                || proj(Proj::AttnV, &acts.attn_in, &mut scratch.v, lora_v),
+            )
+        },
     );
     ctx.rope.apply(&mut acts.q, c.n_head, ctx.rope_table, false);
     ctx.rope
@@ -198,7 +198,7 @@ pub fn block_forward(
         Proj::AttnOutput,
         &acts.attn_out,
         &mut scratch.proj_out,
-        &mut scratch.lora,
+        &mut scratch.lora[0],
     );
     add_into(x, &scratch.proj_out);
     acts.x_mid.clear();
@@ -213,13 +213,11 @@ pub fn block_forward(
         &mut acts.ffn_in,
         &mut acts.ffn_inv_rms,
     );
-    proj(
-        Proj::FfnGate,
-        &acts.ffn_in,
-        &mut acts.gate,
-        &mut scratch.lora,
+    let [lora_gate, lora_up, _] = &mut scratch.lora;
+    rayon::join(
+        || proj(Proj::FfnGate, &acts.ffn_in, &mut acts.gate, lora_gate),
+        || proj(Proj::FfnUp, &acts.ffn_in, &mut acts.up, lora_up),
     );
-    proj(Proj::FfnUp, &acts.ffn_in, &mut acts.up, &mut scratch.lora);
     swiglu_forward(
         &acts.gate,
         &acts.up,
@@ -229,7 +227,7 @@ pub fn block_forward(
         Proj::FfnDown,
         &acts.act,
         &mut scratch.proj_out,
-        &mut scratch.lora,
+        &mut scratch.lora[0],
     );
     add_into(x, &scratch.proj_out);
 }
@@ -277,7 +275,7 @@ pub fn block_backward(
 
     // x_out = x_mid + W_down · act
     let d_act = zeroed(&mut scratch.d_a, n_tokens * c.n_ff);
-    back(Proj::FfnDown, dx, act, d_act, grads, &mut scratch.lora);
+    back(Proj::FfnDown, dx, act, d_act, grads, &mut scratch.lora[0]);
     let d_gate = sized(&mut scratch.d_b, n_tokens * c.n_ff);
     let d_up = sized(&mut scratch.d_c, n_tokens * c.n_ff);
     swiglu_backward(d_act, &acts.gate, &acts.up, d_gate, d_up);
@@ -288,7 +286,7 @@ pub fn block_backward(
         ffn_in,
         d_ffn_in,
         grads,
-        &mut scratch.lora,
+        &mut scratch.lora[0],
     );
     back(
         Proj::FfnUp,
@@ -296,7 +294,7 @@ pub fn block_backward(
         ffn_in,
         d_ffn_in,
         grads,
-        &mut scratch.lora,
+        &mut scratch.lora[0],
     );
     rms_norm_backward(
         d_ffn_in,
@@ -314,7 +312,7 @@ pub fn block_backward(
         &acts.attn_out,
         d_attn_out,
         grads,
-        &mut scratch.lora,
+        &mut scratch.lora[0],
     );
     let dq = sized(&mut scratch.d_b, n_tokens * c.q_dim());
     sized(&mut scratch.k, n_tokens * c.kv_dim());
@@ -349,7 +347,7 @@ pub fn block_backward(
         attn_in,
         d_attn_in,
         grads,
-        &mut scratch.lora,
+        &mut scratch.lora[0],
     );
     back(
         Proj::AttnK,
@@ -357,7 +355,7 @@ pub fn block_backward(
         attn_in,
         d_attn_in,
         grads,
-        &mut scratch.lora,
+        &mut scratch.lora[0],
     );
     back(
         Proj::AttnV,
@@ -365,7 +363,7 @@ pub fn block_backward(
         attn_in,
         d_attn_in,
         grads,
-        &mut scratch.lora,
+        &mut scratch.lora[0],
     );
     rms_norm_backward(
         d_attn_in,

@@ -1,33 +1,27 @@
 //! Per-thread scratch buffers, so that a warm forward allocates nothing.
 //!
-//! A buffer is taken out of its thread-local slot for the duration of a use and put back
-//! after. A rayon worker waiting inside a parallel region may start another forward's job;
-//! that job then finds the slot empty and allocates, instead of aliasing the buffer in use.
-//! Of the two buffers that then come back, the slot keeps the larger, so that such
-//! allocations die out instead of recurring.
+//! A buffer is taken from its thread's free list for the duration of a use and put back
+//! after. A rayon worker waiting inside a parallel region may start another job that needs
+//! scratch too (a projection joined beside this one, another forward's work); that job takes
+//! the next buffer of the list, allocating it the first time only, instead of aliasing the
+//! buffer in use.
 
 use std::cell::RefCell;
 use std::thread::LocalKey;
 
 thread_local! {
-    static F32: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    static WORDS: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
+    static F32: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
+    static WORDS: RefCell<Vec<Vec<u64>>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Takes the buffer out of `slot` for the duration of `f`, then puts back the larger of it
-/// and whatever a nested use put there meanwhile.
+/// Takes a buffer from this thread's `free` list for the duration of `f`, then returns it.
 fn lend<T: 'static, R>(
-    slot: &'static LocalKey<RefCell<Vec<T>>>,
+    free: &'static LocalKey<RefCell<Vec<Vec<T>>>>,
     f: impl FnOnce(&mut Vec<T>) -> R,
 ) -> R {
-    let mut buf = slot.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    let mut buf = free.with(|list| list.borrow_mut().pop().unwrap_or_default());
     let result = f(&mut buf);
-    slot.with(|s| {
-        let mut kept = s.borrow_mut();
-        if buf.capacity() >= kept.capacity() {
-            *kept = buf;
-        }
-    });
+    free.with(|list| list.borrow_mut().push(buf));
     result
 }
 
