@@ -26,8 +26,8 @@
 //!   instruction, on 8 accumulators at a time.
 //!
 //! Files: `act` quantizes the activations, `driver` splits a product into tasks and runs the
-//! kernels of one format (`q4k`, `q5k`, `q6k`, `q8_0` for Q8_0 and Q4_0; `f16` has its
-//! own, simpler driver), `simd` holds what they share.
+//! kernels of one format (`q4k` for Q4_K and Q5_K, `q6k`, `q8_0` for Q8_0 and Q4_0; `f16`
+//! has its own, simpler driver), `simd` holds what they share.
 
 #[cfg(target_arch = "x86_64")]
 mod act;
@@ -37,8 +37,6 @@ mod driver;
 mod f16;
 #[cfg(target_arch = "x86_64")]
 mod q4k;
-#[cfg(target_arch = "x86_64")]
-mod q5k;
 #[cfg(target_arch = "x86_64")]
 mod q6k;
 #[cfg(target_arch = "x86_64")]
@@ -101,7 +99,7 @@ pub(crate) fn matmul(
     match dtype {
         TensorType::F16 => f16::run(data, n_rows, k, x, y),
         TensorType::Q4K => driver::run::<q4k::Q4K>(data, n_rows, k, x, y),
-        TensorType::Q5K => driver::run::<q5k::Q5K>(data, n_rows, k, x, y),
+        TensorType::Q5K => driver::run::<q4k::Q5K>(data, n_rows, k, x, y),
         TensorType::Q6K => driver::run::<q6k::Q6K>(data, n_rows, k, x, y),
         TensorType::Q8_0 => driver::run::<q8_0::Q8_0>(data, n_rows, k, x, y),
         TensorType::Q4_0 => driver::run::<q8_0::Q4_0>(data, n_rows, k, x, y),

@@ -16,7 +16,10 @@ use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
 use super::driver::Format;
 use super::simd::{bcast4, f16_at, hsum4, lane_sums, prefetch, Ahead};
 
-pub(crate) struct Q4K;
+/// Q4_K (`HIGH = false`) or Q5_K (`HIGH = true`, the fifth bits merged in).
+pub(crate) struct KQuant<const HIGH: bool>;
+pub(crate) type Q4K = KQuant<false>;
+pub(crate) type Q5K = KQuant<true>;
 
 /// Block bytes and where the nibbles start, without and with the fifth bits (Q4_K, Q5_K).
 const fn block_bytes(high: bool) -> usize {
@@ -159,12 +162,7 @@ fn scale_pattern(a: usize, b: usize) -> __m512i {
 /// `Format::rows4` of Q4_K (`HIGH` false) and Q5_K.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-pub(crate) unsafe fn rows4<const HIGH: bool>(
-    w: [*const u8; 4],
-    nb: usize,
-    act: &Rows,
-    t: usize,
-) -> [f32; 4] {
+unsafe fn rows4<const HIGH: bool>(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
     let block_bytes = block_bytes(HIGH);
     // 64 bytes of nibbles hold values [0, 32) and [64, 96) in their low nibbles, [32, 64)
     // and [96, 128) in their high ones (then the same from 128): sub-blocks (0, 2), (1, 3),
@@ -265,7 +263,7 @@ pub(crate) unsafe fn rows4<const HIGH: bool>(
 /// `Format::unpack` of Q4_K (`HIGH` false) and Q5_K.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-pub(crate) unsafe fn unpack<const HIGH: bool>(w: *const u8, nb: usize, out: *mut u8) {
+unsafe fn unpack<const HIGH: bool>(w: *const u8, nb: usize, out: *mut u8) {
     for b in 0..nb {
         let (p, o) = (w.add(b * block_bytes(HIGH)), out.add(b * U_BYTES));
         for c in 0..4 {
@@ -289,7 +287,7 @@ pub(crate) unsafe fn unpack<const HIGH: bool>(w: *const u8, nb: usize, out: *mut
 /// `Format::tile` of Q4_K and Q5_K (unpacked alike).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-pub(crate) unsafe fn tile<const T: usize>(
+unsafe fn tile<const T: usize>(
     w: [*const u8; 4],
     nb: usize,
     act: &Groups,
@@ -350,15 +348,15 @@ pub(crate) unsafe fn tile<const T: usize>(
     out
 }
 
-impl Format for Q4K {
+impl<const HIGH: bool> Format for KQuant<HIGH> {
     const BLOCK: usize = QK_K;
-    const BLOCK_BYTES: usize = block_bytes(false);
+    const BLOCK_BYTES: usize = block_bytes(HIGH);
     const Q8K: bool = true;
     /// The sums of 32 as i16 pairs `(X_2p, X_2p+1)`, for `M_b`.
     const N_EXTRA: usize = 4;
 
     fn extra(sums: &[i16], p: usize) -> i32 {
-        extra(sums, p)
+        (sums[2 * p] as u16 as i32) | ((sums[2 * p + 1] as i32) << 16)
     }
 
     fn unpacked_bytes(nb: usize) -> usize {
@@ -367,12 +365,12 @@ impl Format for Q4K {
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn rows4(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
-        rows4::<false>(w, nb, act, t)
+        rows4::<HIGH>(w, nb, act, t)
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn unpack(w: *const u8, nb: usize, out: *mut u8) {
-        unpack::<false>(w, nb, out)
+        unpack::<HIGH>(w, nb, out)
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -385,11 +383,3 @@ impl Format for Q4K {
         tile::<T>(w, nb, act, g)
     }
 }
-
-/// `Format::extra` of Q4_K and Q5_K.
-pub(crate) fn extra(sums: &[i16], p: usize) -> i32 {
-    (sums[2 * p] as u16 as i32) | ((sums[2 * p + 1] as i32) << 16)
-}
-
-/// `Format::unpacked_bytes` of Q4_K and Q5_K.
-pub(crate) const U_BYTES_PER_BLOCK: usize = U_BYTES;
