@@ -167,6 +167,25 @@ def test_fused_step_checkpointing_and_accumulation_give_the_same_gradients(
     assert all(p.grad is None for p in t.trainable_parameters())
 
 
+def test_memory_kept_from_an_earlier_step_changes_no_gradient(f32_inference, ref, fixture_dir):
+    """An inference keeps the last step's activation memory for the next one: a step after a
+    larger batch, or after a checkpointed one, must still give a fresh inference's result."""
+    tokens = ref["tokens"].tolist()
+
+    def grads(inf, **kwargs):
+        t = copy_of_lora_all(inf, fixture_dir)
+        lugh.train.train_step(inf, [tokens], t, **kwargs)
+        return [p.grad for p in t.trainable_parameters()]
+
+    fresh = grads(lugh.Inference(f32_inference.model, n_threads=2))
+    inf = lugh.Inference(f32_inference.model, n_threads=2)
+    t = copy_of_lora_all(inf, fixture_dir)
+    lugh.train.train_step(inf, [ref[f"batch_tokens_{i}"].tolist() for i in range(3)], t)
+    for kwargs in ({}, {"checkpoint": True}, {}):
+        for g, e in zip(grads(inf, **kwargs), fresh):
+            assert_close(g, e, 1e-6, f"step after an earlier one ({kwargs})")
+
+
 def test_a_batch_of_different_lengths_averages_over_its_tokens(f32_inference, ref, fixture_dir):
     seqs = [ref[f"batch_tokens_{i}"].tolist() for i in range(3)]
     single = []

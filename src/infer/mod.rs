@@ -4,7 +4,7 @@ mod generate;
 mod pool;
 pub mod sample;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 pub use generate::Generator;
 pub use pool::{MemoryPool, Workspace};
@@ -12,7 +12,7 @@ pub use sample::Sampler;
 
 use crate::error::{Error, Result};
 use crate::lora::{LoraAdapter, LoraPlan, Numerics};
-use crate::model::{Config, KvCache, Model};
+use crate::model::{Config, KvCache, Model, Saved};
 
 /// Which logits a forward returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,7 +31,14 @@ pub struct Inference {
     model: Arc<Model>,
     n_ctx: usize,
     pool: rayon::ThreadPool,
+    /// The activations of the last training forward, kept for the next one: a step then
+    /// reuses its memory instead of faulting in (and zeroing) fresh pages, about a tenth of
+    /// a step's time.
+    spare_activations: SpareActivations,
 }
+
+/// A slot the activations of a finished training graph go back to.
+pub type SpareActivations = Arc<Mutex<Option<Saved>>>;
 
 impl Inference {
     /// `n_ctx` defaults to the model's training context, `n_threads` to every core.
@@ -55,7 +62,12 @@ impl Inference {
             .thread_name(|i| format!("lugh-{i}"))
             .build()
             .map_err(|e| Error::invalid("n_threads", e.to_string()))?;
-        Ok(Inference { model, n_ctx, pool })
+        Ok(Inference {
+            model,
+            n_ctx,
+            pool,
+            spare_activations: SpareActivations::default(),
+        })
     }
 
     pub fn model(&self) -> &Arc<Model> {
@@ -74,6 +86,12 @@ impl Inference {
 
     pub fn n_threads(&self) -> usize {
         self.pool.current_num_threads()
+    }
+
+    /// Where training graphs of this inference take their activation memory from and
+    /// return it to.
+    pub fn spare_activations(&self) -> &SpareActivations {
+        &self.spare_activations
     }
 
     /// Runs `f` on this inference's threads.

@@ -6,6 +6,7 @@
 
 use rayon::prelude::*;
 
+use super::gemm::{gemm, MatMut, MatRef};
 use super::matmul::SyncPtr;
 use super::scratch;
 
@@ -112,9 +113,9 @@ pub fn attention_forward(
 }
 
 /// Gradients of `attention_forward` (with `pos0 = 0`: training runs whole sequences).
-/// With P = softmax(S), S = scale·q·k, D_t = dO_t · O_t:
-///   dV_j += P_tj dO_t,   dS_tj = P_tj (dO_t · V_j − D_t),
-///   dQ_t = scale Σ_j dS_tj K_j,   dK_j += scale Σ_t dS_tj Q_t.
+/// With P = softmax(S), S = scale·Q Kᵀ (causal), D_t = dO_t · O_t, per query head:
+///   dV += Pᵀ dO,   dS = P ⊙ (dO Vᵀ − D) · scale,   dQ = dS K,   dK += dSᵀ Q,
+/// each product one GEMM over the head's `[n_tokens, n_tokens]` scores.
 /// `dq`, `dk`, `dv` are overwritten.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
@@ -131,43 +132,60 @@ pub fn attention_backward(
 ) {
     let (hd, scale) = (shape.head_dim, shape.scale());
     let (q_dim, kv_dim) = (shape.q_dim(), shape.kv_dim());
-    let n_tokens = q.len() / q_dim;
-    dk.fill(0.0);
-    dv.fill(0.0);
+    let n = q.len() / q_dim;
     let (dq_ptr, dk_ptr, dv_ptr) = (
         SyncPtr(dq.as_mut_ptr()),
         SyncPtr(dk.as_mut_ptr()),
         SyncPtr(dv.as_mut_ptr()),
     );
+    // A head's columns of an `[n, width]` matrix.
+    fn cols(data: &[f32], head: usize, width: usize, n: usize, hd: usize) -> MatRef<'_> {
+        MatRef::with_stride(&data[head * hd..], n, hd, width)
+    }
     let group = shape.n_head / shape.n_head_kv;
     // One task per key/value head: it alone writes that head's columns of dk and dv, and the
     // columns of dq of its query heads.
     (0..shape.n_head_kv).into_par_iter().for_each(|g| {
-        scratch::with_f32(|d_scores| {
+        scratch::with_f32(|buf| {
+            buf.resize(2 * n * n + 3 * n * hd, 0.0);
+            let (p, rest) = buf.split_at_mut(n * n);
+            let (ds, rest) = rest.split_at_mut(n * n);
+            let (dq_h, rest) = rest.split_at_mut(n * hd);
+            let (dk_g, dv_g) = rest.split_at_mut(n * hd);
+            let (k_g, v_g) = (cols(k, g, kv_dim, n, hd), cols(v, g, kv_dim, n, hd));
             for head in g * group..(g + 1) * group {
-                for t in 0..n_tokens {
-                    let q_t = head_row(q, t, head, q_dim, hd);
-                    let d_o = head_row(d_out, t, head, q_dim, hd);
-                    let big_d = dot(d_o, head_row(out, t, head, q_dim, hd));
+                let (q_h, d_o) = (cols(q, head, q_dim, n, hd), cols(d_out, head, q_dim, n, hd));
+                gemm(q_h, k_g.t(), MatMut::new(p, n, n), false, false);
+                gemm(d_o, v_g.t(), MatMut::new(ds, n, n), false, false);
+                for t in 0..n {
+                    let big_d = dot(
+                        head_row(d_out, t, head, q_dim, hd),
+                        head_row(out, t, head, q_dim, hd),
+                    );
                     let row_lse = lse[t * shape.n_head + head];
-                    d_scores.clear();
-                    for j in 0..=t {
-                        let p = (scale * dot(q_t, head_row(k, j, g, kv_dim, hd)) - row_lse).exp();
-                        // SAFETY: columns of kv head `g` of dv belong to this task.
-                        axpy(unsafe { dv_ptr.slice(j * kv_dim + g * hd, hd) }, p, d_o);
-                        let dp = dot(d_o, head_row(v, j, g, kv_dim, hd));
-                        d_scores.push(p * (dp - big_d) * scale);
+                    let (p_t, ds_t) = (&mut p[t * n..(t + 1) * n], &mut ds[t * n..(t + 1) * n]);
+                    for (p, ds) in p_t[..=t].iter_mut().zip(&mut ds_t[..=t]) {
+                        *p = (scale * *p - row_lse).exp();
+                        *ds = *p * (*ds - big_d) * scale;
                     }
+                    p_t[t + 1..].fill(0.0);
+                    ds_t[t + 1..].fill(0.0);
+                }
+                let first = head == g * group;
+                let (p, ds) = (MatRef::new(p, n, n), MatRef::new(ds, n, n));
+                gemm(p.t(), d_o, MatMut::new(dv_g, n, hd), !first, false);
+                gemm(ds.t(), q_h, MatMut::new(dk_g, n, hd), !first, false);
+                gemm(ds, k_g, MatMut::new(dq_h, n, hd), false, false);
+                for (t, row) in dq_h.chunks_exact(hd).enumerate() {
                     // SAFETY: columns of query head `head` (of this group) of dq belong to
                     // this task.
-                    let dq_t = unsafe { dq_ptr.slice(t * q_dim + head * hd, hd) };
-                    dq_t.fill(0.0);
-                    for (j, &ds) in d_scores.iter().enumerate() {
-                        axpy(dq_t, ds, head_row(k, j, g, kv_dim, hd));
-                        // SAFETY: as for dv.
-                        axpy(unsafe { dk_ptr.slice(j * kv_dim + g * hd, hd) }, ds, q_t);
-                    }
+                    unsafe { dq_ptr.slice(t * q_dim + head * hd, hd) }.copy_from_slice(row);
                 }
+            }
+            for (j, (dk_j, dv_j)) in dk_g.chunks_exact(hd).zip(dv_g.chunks_exact(hd)).enumerate() {
+                // SAFETY: columns of kv head `g` of dk and dv belong to this task.
+                unsafe { dk_ptr.slice(j * kv_dim + g * hd, hd) }.copy_from_slice(dk_j);
+                unsafe { dv_ptr.slice(j * kv_dim + g * hd, hd) }.copy_from_slice(dv_j);
             }
         })
     });

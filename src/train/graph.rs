@@ -1,10 +1,10 @@
 //! A training forward that keeps its activations, and the backward that walks them back.
 
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 
 use super::loss::{count_scored, cross_entropy_in_place};
 use crate::error::{Error, Result};
-use crate::infer::Inference;
+use crate::infer::{Inference, SpareActivations};
 use crate::lora::{LoraAdapter, LoraGrads, LoraPlan, PairGrad};
 use crate::model::{Batch, Buffers, KvCache, Saved, SeqSpan};
 
@@ -20,6 +20,15 @@ pub struct TrainGraph {
     caches: Vec<KvCache>,
     saved: Saved,
     adapters: Vec<Arc<LoraAdapter>>,
+    /// Where `saved` goes when this graph is dropped.
+    spare: SpareActivations,
+}
+
+impl Drop for TrainGraph {
+    fn drop(&mut self) {
+        let mut slot = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
+        *slot = Some(std::mem::take(&mut self.saved));
+    }
 }
 
 impl TrainGraph {
@@ -56,15 +65,22 @@ impl TrainGraph {
                 unique.push(Arc::clone(adapter));
             }
         }
+        let spare = Arc::clone(inf.spare_activations());
+        // A checkpointed graph keeps only block inputs: reusing a full one would keep the rest.
+        let saved = match spare.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            Some(saved) if saved.checkpoint == checkpoint => saved,
+            _ => Saved {
+                checkpoint,
+                ..Saved::default()
+            },
+        };
         let mut graph = TrainGraph {
             tokens: sequences.concat(),
             spans,
             caches,
-            saved: Saved {
-                checkpoint,
-                ..Saved::default()
-            },
+            saved,
             adapters: unique,
+            spare,
         };
         inf.install(|| {
             let plan = plan(&graph.adapters, graph.tokens.len());
