@@ -38,7 +38,7 @@ pub struct Inference {
 }
 
 /// A slot the activations of a finished training graph go back to.
-pub type SpareActivations = Arc<Mutex<Option<Saved>>>;
+pub(crate) type SpareActivations = Arc<Mutex<Option<Saved>>>;
 
 impl Inference {
     /// `n_ctx` defaults to the model's training context, `n_threads` to every core.
@@ -90,7 +90,7 @@ impl Inference {
 
     /// Where training graphs of this inference take their activation memory from and
     /// return it to.
-    pub fn spare_activations(&self) -> &SpareActivations {
+    pub(crate) fn spare_activations(&self) -> &SpareActivations {
         &self.spare_activations
     }
 
