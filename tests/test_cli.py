@@ -156,54 +156,18 @@ def test_finetune_convert_and_merge(tmp_path, capsys):
 def test_plain_text_data_and_continued_training(tmp_path, capsys):
     data = tmp_path / "data.txt"
     data.write_text("Open the file.\n\nRead the first line.\n\nClose the file again.\n")
-    code, _, err = run(
-        capsys,
-        "finetune",
-        "-m",
-        DEMO_F16,
-        "--data",
-        data,
-        "--steps",
-        "2",
-        "--seq-len",
-        "8",
-        "--lora",
-        LLAMA.parent / "models" / "missing.gguf",
-        "--out",
-        tmp_path / "x.gguf",
+
+    def finetune(*args):
+        common = ("finetune", "-m", DEMO_F16, "--data", data, "--steps", "2", "--seq-len", "8")
+        return run(capsys, *common, *args)
+
+    code, _, err = finetune(
+        "--lora", LLAMA.parent / "models" / "missing.gguf", "--out", tmp_path / "x.gguf"
     )
     assert code == 1 and "missing.gguf" in err
-    code, _, err = run(
-        capsys,
-        "finetune",
-        "-m",
-        DEMO_F16,
-        "--data",
-        data,
-        "--steps",
-        "2",
-        "--seq-len",
-        "8",
-        "--out",
-        tmp_path / "x.gguf",
-    )
+    code, _, err = finetune("--out", tmp_path / "x.gguf")
     assert code == 0, err
-    code, _, err = run(
-        capsys,
-        "finetune",
-        "-m",
-        DEMO_F16,
-        "--data",
-        data,
-        "--steps",
-        "2",
-        "--seq-len",
-        "8",
-        "--lora",
-        tmp_path / "x.gguf",
-        "--out",
-        tmp_path / "y.gguf",
-    )
+    code, _, err = finetune("--lora", tmp_path / "x.gguf", "--out", tmp_path / "y.gguf")
     assert code == 0, err
 
 
