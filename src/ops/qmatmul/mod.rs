@@ -50,10 +50,14 @@ use std::sync::OnceLock;
 
 use crate::gguf::TensorType;
 
-/// Whether this CPU runs the AVX-512 kernels (F, BW, VL and VNNI), checked once.
+/// Whether this CPU runs the AVX-512 kernels (F, BW, VL and VNNI), checked once. Setting
+/// `LUGH_NO_AVX512` turns them off: the portable paths can then be tested on any machine.
 pub(crate) fn has_avx512() -> bool {
     static HAS: OnceLock<bool> = OnceLock::new();
     *HAS.get_or_init(|| {
+        if std::env::var_os("LUGH_NO_AVX512").is_some() {
+            return false;
+        }
         #[cfg(target_arch = "x86_64")]
         {
             is_x86_feature_detected!("avx512f")
