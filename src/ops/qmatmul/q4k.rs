@@ -14,7 +14,7 @@ use core::arch::x86_64::*;
 
 use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
 use super::driver::Format;
-use super::simd::{bcast4, f16_at, hsum4, lane_sums, prefetch, Ahead};
+use super::simd::{add_block, bcast4, f16_at, hsum4, lane_sums, prefetch, tile_values, Ahead};
 
 /// Q4_K (`HIGH = false`) or Q5_K (`HIGH = true`, the fifth bits merged in).
 pub(crate) struct KQuant<const HIGH: bool>;
@@ -320,6 +320,9 @@ unsafe fn tile<const T: usize>(
                 }
             }
         }
+        let dw: [*const f32; 4] = std::array::from_fn(|r| u[r].add(U_D).cast());
+        add_block(&mut f, &s, dw.map(|d| d.read()), act, g, nb, b);
+        // Then each accumulator's second step: `fma(M, -(dmin_w · d_x), f)`.
         for i in 0..T {
             let blk = g[i] * nb + b;
             let dx = _mm512_loadu_ps(act.d[blk * 16..].as_ptr());
@@ -331,21 +334,12 @@ unsafe fn tile<const T: usize>(
                 for (p, &xp) in xp.iter().enumerate() {
                     m = _mm512_dpwssd_epi32(m, bcast4(u[r].add(U_MP + 4 * p)), xp);
                 }
-                let dw = u[r].add(U_D).cast::<f32>();
-                let d = _mm512_mul_ps(_mm512_set1_ps(dw.read()), dx);
-                let dmin = _mm512_mul_ps(_mm512_set1_ps(dw.add(1).read()), dx);
-                f[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r][i]), d, f[r][i]);
+                let dmin = _mm512_mul_ps(_mm512_set1_ps(dw[r].add(1).read()), dx);
                 f[r][i] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(m), dmin, f[r][i]);
             }
         }
     }
-    let mut out = [[[0f32; 16]; T]; 4];
-    for r in 0..4 {
-        for i in 0..T {
-            _mm512_storeu_ps(out[r][i].as_mut_ptr(), f[r][i]);
-        }
-    }
-    out
+    tile_values(f)
 }
 
 impl<const HIGH: bool> Format for KQuant<HIGH> {

@@ -13,7 +13,7 @@ use core::arch::x86_64::*;
 
 use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
 use super::driver::Format;
-use super::simd::{bcast4, f16_at, hsum4, prefetch, Ahead};
+use super::simd::{add_block, bcast4, f16_at, hsum4, prefetch, tile_values, Ahead};
 
 pub(crate) struct Q6K;
 
@@ -192,20 +192,9 @@ impl Format for Q6K {
                     }
                 }
             }
-            for i in 0..T {
-                let dx = _mm512_loadu_ps(act.d[(g[i] * nb + b) * 16..].as_ptr());
-                for r in 0..4 {
-                    let d = _mm512_mul_ps(_mm512_set1_ps(u[r].add(U_D).cast::<f32>().read()), dx);
-                    f[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r][i]), d, f[r][i]);
-                }
-            }
+            let d_w = std::array::from_fn(|r| u[r].add(U_D).cast::<f32>().read());
+            add_block(&mut f, &s, d_w, act, g, nb, b);
         }
-        let mut out = [[[0f32; 16]; T]; 4];
-        for r in 0..4 {
-            for i in 0..T {
-                _mm512_storeu_ps(out[r][i].as_mut_ptr(), f[r][i]);
-            }
-        }
-        out
+        tile_values(f)
     }
 }

@@ -12,7 +12,7 @@ use core::arch::x86_64::*;
 
 use super::act::{Groups, Rows, QK8_0};
 use super::driver::Format;
-use super::simd::{bcast4, f16_at, prefetch, Ahead};
+use super::simd::{add_block, bcast4, f16_at, prefetch, tile_values, Ahead};
 
 pub(crate) struct Q8_0;
 pub(crate) struct Q4_0;
@@ -177,21 +177,10 @@ unsafe fn tile<const T: usize>(
                 }
             }
         }
-        for i in 0..T {
-            let dx = _mm512_loadu_ps(act.d[(g[i] * nb + b) * 16..].as_ptr());
-            for r in 0..4 {
-                let d = _mm512_mul_ps(_mm512_set1_ps(dw[r].add(b).read()), dx);
-                f[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r][i]), d, f[r][i]);
-            }
-        }
+        let d_w = std::array::from_fn(|r| dw[r].add(b).read());
+        add_block(&mut f, &s, d_w, act, g, nb, b);
     }
-    let mut out = [[[0f32; 16]; T]; 4];
-    for r in 0..4 {
-        for i in 0..T {
-            _mm512_storeu_ps(out[r][i].as_mut_ptr(), f[r][i]);
-        }
-    }
-    out
+    tile_values(f)
 }
 
 macro_rules! format_32 {

@@ -2,6 +2,8 @@
 
 use core::arch::x86_64::*;
 
+use super::act::Groups;
+
 /// Horizontal sums of 4 vectors of 16 i32: `[Σ s[0], Σ s[1], Σ s[2], Σ s[3]]`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
@@ -128,6 +130,42 @@ pub(crate) unsafe fn store_4x16(y: *mut f32, stride: usize, tile: &[[f32; 16]; 4
         _mm_storeu_ps(y.add((8 + j) * stride), _mm512_extractf32x4_ps::<2>(u));
         _mm_storeu_ps(y.add((12 + j) * stride), _mm512_extractf32x4_ps::<3>(u));
     }
+}
+
+/// The float step of every tile kernel, for weight block `b` (of `nb`) of 4 rows with scales
+/// `d_w[r]`, and the 16-token groups `g[i]`: `f[r][i] = fma(S[r][i], d_w[r] · d_x, f[r][i])`
+/// (see the module's numerics).
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn add_block<const T: usize>(
+    f: &mut [[__m512; T]; 4],
+    s: &[[__m512i; T]; 4],
+    d_w: [f32; 4],
+    act: &Groups,
+    g: [usize; T],
+    nb: usize,
+    b: usize,
+) {
+    for i in 0..T {
+        let d_x = _mm512_loadu_ps(act.d[(g[i] * nb + b) * 16..].as_ptr());
+        for r in 0..4 {
+            let d = _mm512_mul_ps(_mm512_set1_ps(d_w[r]), d_x);
+            f[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r][i]), d, f[r][i]);
+        }
+    }
+}
+
+/// A tile kernel's accumulators as the `[row][group][token]` floats it returns.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn tile_values<const T: usize>(f: [[__m512; T]; 4]) -> [[[f32; 16]; T]; 4] {
+    let mut out = [[[0f32; 16]; T]; 4];
+    for r in 0..4 {
+        for i in 0..T {
+            _mm512_storeu_ps(out[r][i].as_mut_ptr(), f[r][i]);
+        }
+    }
+    out
 }
 
 /// f16 widened to f32 (exactly).
