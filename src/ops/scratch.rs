@@ -46,7 +46,7 @@ pub fn with_zeroed<T: Pod, R>(len: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
     })
 }
 
-/// Runs `f` with `len` bytes of this thread's word scratch (the slot `with_zeroed` uses),
+/// Runs `f` with `len` bytes of this thread's word scratch (the list `with_zeroed` uses),
 /// 64-byte aligned, contents unspecified.
 pub fn with_aligned_bytes<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
     lend(&WORDS, |words| {

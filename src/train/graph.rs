@@ -137,25 +137,29 @@ impl TrainGraph {
         normalizer: Option<usize>,
     ) -> Result<(f64, usize)> {
         let mut d_head_in = vec![0f32; self.n_tokens() * inf.config().n_embd];
-        let block_rows = loss_block_rows(inf.config().n_vocab);
-        let (sum, n_scored) =
-            self.head_loss(inf, targets, normalizer, Some(&mut d_head_in), block_rows)?;
+        let (sum, n_scored) = self.head_loss(inf, targets, normalizer, Some(&mut d_head_in))?;
         self.backward_from_head(inf, &d_head_in)?;
         Ok((sum, n_scored))
     }
 
     /// (summed cross-entropy, scored rows) without a backward.
     pub fn loss(&self, inf: &Inference, targets: &[i64]) -> Result<(f64, usize)> {
-        self.head_loss(
-            inf,
-            targets,
-            None,
-            None,
-            loss_block_rows(inf.config().n_vocab),
-        )
+        self.head_loss(inf, targets, None, None)
     }
 
     fn head_loss(
+        &self,
+        inf: &Inference,
+        targets: &[i64],
+        normalizer: Option<usize>,
+        d_head_in: Option<&mut [f32]>,
+    ) -> Result<(f64, usize)> {
+        let block_rows = (LOSS_BLOCK_VALUES / inf.config().n_vocab).max(1);
+        self.head_loss_in_blocks(inf, targets, normalizer, d_head_in, block_rows)
+    }
+
+    /// `head_loss` with logits materialised `block_rows` rows at a time.
+    fn head_loss_in_blocks(
         &self,
         inf: &Inference,
         targets: &[i64],
@@ -237,11 +241,6 @@ impl TrainGraph {
     }
 }
 
-/// Rows of logits the fused loss materialises at a time.
-fn loss_block_rows(n_vocab: usize) -> usize {
-    (LOSS_BLOCK_VALUES / n_vocab).max(1)
-}
-
 /// Every adapter on every row; adapter `i` of the plan is `adapters[i]`.
 fn plan(adapters: &[Arc<LoraAdapter>], n_rows: usize) -> LoraPlan<'_> {
     if adapters.is_empty() {
@@ -277,7 +276,7 @@ mod tests {
         let run = |block_rows| {
             let mut d = vec![0f32; graph.n_tokens() * inf.config().n_embd];
             let (sum, n) = graph
-                .head_loss(&inf, &targets, None, Some(&mut d), block_rows)
+                .head_loss_in_blocks(&inf, &targets, None, Some(&mut d), block_rows)
                 .unwrap();
             (sum, n, d)
         };
