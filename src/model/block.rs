@@ -13,7 +13,9 @@ use super::kv_cache::KvCache;
 use super::weights::{Layer, Proj, Slot};
 use crate::lora::linear::{linear, linear_backward, LoraGrads, LoraPlan, Numerics};
 use crate::ops::activation::{swiglu_backward, swiglu_forward};
-use crate::ops::attention::{attention_backward, attention_forward, AttentionShape};
+use crate::ops::attention::{
+    attention_backward, attention_forward, attention_forward_batched, AttentionShape,
+};
 use crate::ops::norm::{rms_norm_apply, rms_norm_backward, rms_norm_forward};
 use crate::ops::rope::{Rope, RopeTable};
 
@@ -183,7 +185,12 @@ pub fn block_forward(
             &scratch.v[kv_rows],
         );
         let n_keys = span.pos0 + span.rows.len();
-        attention_forward(
+        // Training needs neither inference's bit-identical rows nor its allocation-free calls.
+        let attention = match ctx.numerics {
+            Numerics::Exact => attention_forward_batched,
+            Numerics::Ggml => attention_forward,
+        };
+        attention(
             ctx.shape(),
             span.pos0,
             &acts.q[ctx.rows(span, c.q_dim())],

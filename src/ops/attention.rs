@@ -112,6 +112,83 @@ pub fn attention_forward(
         });
 }
 
+/// `attention_forward` for a whole batch, with GEMMs: per query head, the `[n_tokens, n_keys]`
+/// scores in one product, causal softmax by rows, then one product with the values. About
+/// twice as fast as the rows one by one for training's sequences, but its bits depend on the
+/// batch and it allocates (inside the GEMM), so inference keeps `attention_forward`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward_batched(
+    shape: AttentionShape,
+    pos0: usize,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    lse: &mut [f32],
+) {
+    let (hd, scale) = (shape.head_dim, shape.scale());
+    let (q_dim, kv_dim) = (shape.q_dim(), shape.kv_dim());
+    let (n, n_head) = (q.len() / q_dim, shape.n_head);
+    let n_keys = pos0 + n;
+    assert!(k.len() == n_keys * kv_dim && v.len() == k.len() && lse.len() == n * n_head);
+    let (out_ptr, lse_ptr) = (SyncPtr(out.as_mut_ptr()), SyncPtr(lse.as_mut_ptr()));
+    (0..n_head).into_par_iter().for_each(|head| {
+        let g = shape.kv_head(head);
+        scratch::with_f32(|buf| {
+            buf.resize(n * n_keys + n * hd, 0.0);
+            let (s, o) = buf.split_at_mut(n * n_keys);
+            let (k_g, v_g) = (
+                cols(k, g, kv_dim, n_keys, hd),
+                cols(v, g, kv_dim, n_keys, hd),
+            );
+            gemm(
+                cols(q, head, q_dim, n, hd),
+                k_g.t(),
+                MatMut::new(s, n, n_keys),
+                false,
+                false,
+            );
+            for (t, row) in s.chunks_exact_mut(n_keys).enumerate() {
+                let visible = pos0 + t + 1;
+                let row_lse = softmax(&mut row[..visible], scale);
+                // SAFETY: column `head` of lse belongs to this task; t < n.
+                let lse_t = unsafe { lse_ptr.slice(t * n_head + head, 1) };
+                lse_t[0] = row_lse;
+                row[visible..].fill(0.0);
+            }
+            gemm(
+                MatRef::new(s, n, n_keys),
+                v_g,
+                MatMut::new(o, n, hd),
+                false,
+                false,
+            );
+            for (t, row) in o.chunks_exact(hd).enumerate() {
+                // SAFETY: columns of query head `head` of out belong to this task.
+                unsafe { out_ptr.slice(t * q_dim + head * hd, hd) }.copy_from_slice(row);
+            }
+        })
+    });
+}
+
+/// `s ← softmax(scale · s)` in place; returns the log-sum-exp of `scale · s`.
+fn softmax(s: &mut [f32], scale: f32) -> f32 {
+    let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(scale * x));
+    let mut sum = 0f32;
+    for x in s.iter_mut() {
+        *x = (scale * *x - max).exp();
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    s.iter_mut().for_each(|x| *x *= inv);
+    max + sum.ln()
+}
+
+/// A head's columns of an `[n, width]` matrix.
+fn cols(data: &[f32], head: usize, width: usize, n: usize, hd: usize) -> MatRef<'_> {
+    MatRef::with_stride(&data[head * hd..], n, hd, width)
+}
+
 /// Gradients of `attention_forward` (with `pos0 = 0`: training runs whole sequences).
 /// With P = softmax(S), S = scale·Q Kᵀ (causal), D_t = dO_t · O_t, per query head:
 ///   dV += Pᵀ dO,   dS = P ⊙ (dO Vᵀ − D) · scale,   dQ = dS K,   dK += dSᵀ Q,
@@ -138,10 +215,6 @@ pub fn attention_backward(
         SyncPtr(dk.as_mut_ptr()),
         SyncPtr(dv.as_mut_ptr()),
     );
-    // A head's columns of an `[n, width]` matrix.
-    fn cols(data: &[f32], head: usize, width: usize, n: usize, hd: usize) -> MatRef<'_> {
-        MatRef::with_stride(&data[head * hd..], n, hd, width)
-    }
     let group = shape.n_head / shape.n_head_kv;
     // One task per key/value head: it alone writes that head's columns of dk and dv, and the
     // columns of dq of its query heads.
@@ -253,16 +326,45 @@ mod tests {
     }
 
     #[test]
-    fn forward_matches_the_definition_with_a_cache_offset() {
+    fn both_forwards_match_the_definition_with_a_cache_offset() {
         let (pos0, n) = (3, 4);
         let q = values(n * 12, 8);
         let k = values((pos0 + n) * 6, 9);
         let v = values((pos0 + n) * 6, 10);
+        let expected = naive(pos0, &q, &k, &v);
+        let mut lse_rows = vec![0f32; n * 4];
+        for forward in [attention_forward, attention_forward_batched] {
+            let mut out = vec![0f32; n * 12];
+            let mut lse = vec![0f32; n * 4];
+            forward(SHAPE, pos0, &q, &k, &v, &mut out, &mut lse);
+            for (a, b) in out.iter().zip(&expected) {
+                assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+            }
+            if lse_rows.iter().all(|&l| l == 0.0) {
+                lse_rows = lse;
+            } else {
+                for (a, b) in lse.iter().zip(&lse_rows) {
+                    assert!((a - b).abs() < 1e-5, "lse {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_token_alone_has_the_same_bits_as_in_a_batch() {
+        let n = 70;
+        let q = values(n * 12, 11);
+        let k = values(n * 6, 12);
+        let v = values(n * 6, 13);
         let mut out = vec![0f32; n * 12];
         let mut lse = vec![0f32; n * 4];
-        attention_forward(SHAPE, pos0, &q, &k, &v, &mut out, &mut lse);
-        for (a, b) in out.iter().zip(naive(pos0, &q, &k, &v)) {
-            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        attention_forward(SHAPE, 0, &q, &k, &v, &mut out, &mut lse);
+        for t in 0..n {
+            let (mut out_t, mut lse_t) = (vec![0f32; 12], vec![0f32; 4]);
+            let (k, v) = (&k[..(t + 1) * 6], &v[..(t + 1) * 6]);
+            attention_forward(SHAPE, t, &q[t * 12..][..12], k, v, &mut out_t, &mut lse_t);
+            assert_eq!(out_t, out[t * 12..][..12], "token {t}");
+            assert_eq!(lse_t, lse[t * 4..][..4], "token {t}");
         }
     }
 

@@ -133,17 +133,19 @@ impl Weight {
             return gemm(dy, w, MatMut::new(dx, m, self.n_cols), true, true);
         }
         let block_rows = (4 * DEQUANT_ROWS).min(self.n_rows);
-        let mut w = vec![0f32; block_rows * self.n_cols];
-        for start in (0..self.n_rows).step_by(block_rows) {
-            let rows = start..(start + block_rows).min(self.n_rows);
-            let w = &mut w[..rows.len() * self.n_cols];
-            w.par_chunks_mut(self.n_cols)
-                .enumerate()
-                .for_each(|(i, row)| self.dequantize_rows(start + i..start + i + 1, row));
-            let dy = MatRef::with_stride(&dy[rows.start..], m, rows.len(), self.n_rows);
-            let w = MatRef::new(w, rows.len(), self.n_cols);
-            gemm(dy, w, MatMut::new(dx, m, self.n_cols), true, true);
-        }
+        scratch::with_f32(|w| {
+            w.resize(block_rows * self.n_cols, 0.0);
+            for start in (0..self.n_rows).step_by(block_rows) {
+                let rows = start..(start + block_rows).min(self.n_rows);
+                let w = &mut w[..rows.len() * self.n_cols];
+                w.par_chunks_mut(self.n_cols)
+                    .enumerate()
+                    .for_each(|(i, row)| self.dequantize_rows(start + i..start + i + 1, row));
+                let dy = MatRef::with_stride(&dy[rows.start..], m, rows.len(), self.n_rows);
+                let w = MatRef::new(w, rows.len(), self.n_cols);
+                gemm(dy, w, MatMut::new(dx, m, self.n_cols), true, true);
+            }
+        })
     }
 }
 

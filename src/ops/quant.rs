@@ -98,7 +98,14 @@ pub fn as_blocks_mut<T: GgmlType>(bytes: &mut [u8]) -> &mut [T] {
 
 /// Converts `out.len()` elements stored as `dtype` to f32.
 pub fn dequantize_into(dtype: TensorType, bytes: &[u8], out: &mut [f32]) {
-    with_block_type!(dtype, T => T::to_float(as_blocks::<T>(bytes), out))
+    use half::slice::HalfFloatSliceExt;
+    match dtype {
+        // `half` converts slices with the CPU's vector instructions; candle's `to_float`
+        // converts one value at a time.
+        TensorType::F16 => as_blocks::<half::f16>(bytes).convert_to_f32_slice(out),
+        TensorType::BF16 => as_blocks::<half::bf16>(bytes).convert_to_f32_slice(out),
+        _ => with_block_type!(dtype, T => T::to_float(as_blocks::<T>(bytes), out)),
+    }
 }
 
 pub fn dequantize(dtype: TensorType, bytes: &[u8], n: usize) -> Vec<f32> {
