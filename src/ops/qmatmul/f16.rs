@@ -160,7 +160,7 @@ fn lanes(n: usize) -> u16 {
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn rows4(w: [*const u8; 4], k: usize, x: &[f32]) -> [f32; 4] {
-    let ahead = Ahead::new(k.div_ceil(16), 32);
+    let ahead = Ahead::new(k.div_ceil(16), 32, simd::PREFETCH_F16);
     let mut acc = [_mm512_setzero_ps(); 4];
     for j in 0..k.div_ceil(16) {
         let x = _mm512_loadu_ps(x[16 * j..].as_ptr());

@@ -14,7 +14,9 @@ use core::arch::x86_64::*;
 
 use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
 use super::driver::Format;
-use super::simd::{add_block, bcast4, f16_at, hsum4, lane_sums, prefetch, tile_values, Ahead};
+use super::simd::{
+    add_block, bcast4, f16_at, hsum4, lane_sums, prefetch, tile_values, Ahead, PREFETCH_K_QUANTS,
+};
 
 /// Q4_K (`HIGH = false`) or Q5_K (`HIGH = true`, the fifth bits merged in).
 pub(crate) struct KQuant<const HIGH: bool>;
@@ -186,7 +188,7 @@ unsafe fn rows4<const HIGH: bool>(w: [*const u8; 4], nb: usize, act: &Rows, t: u
     ));
     let d_dmin = _mm512_castsi128_si512(_mm_setr_epi16(0, 8, 16, 24, 1, 9, 17, 25));
     let xq = act.qs[t * act.k..].as_ptr();
-    let ahead = Ahead::new(nb, block_bytes);
+    let ahead = Ahead::new(nb, block_bytes, PREFETCH_K_QUANTS);
     let mut acc = _mm_setzero_ps();
     for b in 0..nb {
         // The activations regrouped as the nibbles give the values.

@@ -13,7 +13,9 @@ use core::arch::x86_64::*;
 
 use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
 use super::driver::Format;
-use super::simd::{add_block, bcast4, f16_at, hsum4, prefetch, tile_values, Ahead};
+use super::simd::{
+    add_block, bcast4, f16_at, hsum4, prefetch, tile_values, Ahead, PREFETCH_K_QUANTS,
+};
 
 pub(crate) struct Q6K;
 
@@ -83,7 +85,7 @@ impl Format for Q6K {
         });
         let (m4, top) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(0x30));
         let xq = act.qs[t * act.k..].as_ptr();
-        let ahead = Ahead::new(nb, BLOCK_BYTES);
+        let ahead = Ahead::new(nb, BLOCK_BYTES, PREFETCH_K_QUANTS);
         let mut acc = _mm_setzero_ps();
         for b in 0..nb {
             let x: [__m512i; 4] =

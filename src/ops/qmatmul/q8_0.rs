@@ -12,7 +12,7 @@ use core::arch::x86_64::*;
 
 use super::act::{Groups, Rows, QK8_0};
 use super::driver::Format;
-use super::simd::{add_block, bcast4, f16_at, prefetch, tile_values, Ahead};
+use super::simd::{add_block, bcast4, f16_at, prefetch, tile_values, Ahead, PREFETCH_Q8_0};
 
 pub(crate) struct Q8_0;
 pub(crate) struct Q4_0;
@@ -87,7 +87,7 @@ unsafe fn rows4<B: Block32>(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) 
         _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, h(3), h(2), h(1), h(0)))
     };
     let exact = |d: __m128i, b: usize| _mm_sub_epi32(d, _mm_set1_epi32(B::OFF * xs[b] as i32));
-    let ahead = Ahead::new(nb, B::BYTES);
+    let ahead = Ahead::new(nb, B::BYTES, PREFETCH_Q8_0);
     let mut acc = _mm_setzero_ps();
     let mut b = 0;
     while b + 2 <= nb {

@@ -46,11 +46,17 @@ pub(crate) unsafe fn bcast4(p: *const u8) -> __m512i {
 /// Bytes ahead of the current block that the row kernels prefetch in each of their 4 row
 /// streams (a stream continues past a row's end into the same row of the next 4): enough
 /// bytes in flight to cover DRAM latency at full bandwidth, which the hardware prefetchers
-/// alone do not keep. Measured on 2 Zen 5 cores: 1.5 KiB streams a 1B-class Q4_K_M decode at
-/// 50 GB/s, 3 KiB at 58, 6 KiB at 62 (numpy's read bandwidth there: 66-69 GB/s).
-pub(crate) const PREFETCH_BYTES: usize = 6144;
+/// alone do not keep, and not so many that lines leave L1 before they are read. The best
+/// distance depends on the format; measured on 2 Zen 5 cores, 16 gate-sized matrices in turn
+/// (mean GB/s, configurations alternated in one process):
+/// - K-quants, 6 KiB: a 1B-class Q4_K_M decode at 62 GB/s (1.5 KiB: 50, 3 KiB: 58);
+/// - Q8_0, 3 KiB: 63-67 (6 KiB: 53-55);
+/// - F16, 2 KiB (its rows are the longest): 60-62 (6 KiB: 45-46, 3 KiB: 46-52, 1 KiB: 50).
+pub(crate) const PREFETCH_K_QUANTS: usize = 6144;
+pub(crate) const PREFETCH_Q8_0: usize = 3072;
+pub(crate) const PREFETCH_F16: usize = 2048;
 
-/// Where the row kernels prefetch: `PREFETCH_BYTES` ahead in a row stream of `nb` blocks of
+/// Where the row kernels prefetch: `distance` bytes ahead in a row stream of `nb` blocks of
 /// `bytes` that continues, past the row's end, into the same row of the next 4 (rows are
 /// consecutive 4 at a time).
 #[derive(Clone, Copy)]
@@ -63,8 +69,8 @@ pub(crate) struct Ahead {
 }
 
 impl Ahead {
-    pub(crate) fn new(nb: usize, bytes: usize) -> Ahead {
-        let d = PREFETCH_BYTES.div_ceil(bytes);
+    pub(crate) fn new(nb: usize, bytes: usize, distance: usize) -> Ahead {
+        let d = distance.div_ceil(bytes);
         Ahead {
             rows: d / nb.max(1),
             blocks: d % nb.max(1),
@@ -84,12 +90,14 @@ impl Ahead {
     }
 }
 
-/// Prefetches `len` bytes from `p` into the L1 cache.
+/// Prefetches `len` bytes from `p` into the L1 cache, as non-temporal data: the row kernels
+/// read each weight once per token, and this hint measured as fast as T0 for the K-quants and
+/// faster for F16 and Q8_0 (at the distances above).
 #[inline(always)]
 pub(crate) fn prefetch(p: *const u8, len: usize) {
     for off in (0..len).step_by(64) {
         // SAFETY: prefetching never faults, whatever the address.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off).cast()) };
+        unsafe { _mm_prefetch::<_MM_HINT_NTA>(p.wrapping_add(off).cast()) };
     }
 }
 
