@@ -91,21 +91,12 @@ pub fn attention_forward(
                     let g = shape.kv_head(head);
                     let q_t = head_row(q, t, head, q_dim, hd);
                     scores.clear();
-                    scores.extend(
-                        (0..n_keys).map(|j| scale * dot(q_t, head_row(k, j, g, kv_dim, hd))),
-                    );
-                    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-                    let mut sum = 0f32;
-                    for s in scores.iter_mut() {
-                        *s = (*s - max).exp();
-                        sum += *s;
-                    }
-                    lse[head] = max + sum.ln();
+                    scores.extend((0..n_keys).map(|j| dot(q_t, head_row(k, j, g, kv_dim, hd))));
+                    lse[head] = softmax(scores, scale);
                     let out_h = &mut out[head * hd..(head + 1) * hd];
                     out_h.fill(0.0);
-                    let inv = 1.0 / sum;
                     for (j, &p) in scores.iter().enumerate() {
-                        axpy(out_h, p * inv, head_row(v, j, g, kv_dim, hd));
+                        axpy(out_h, p, head_row(v, j, g, kv_dim, hd));
                     }
                 }
             })
