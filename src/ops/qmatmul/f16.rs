@@ -2,8 +2,8 @@
 //! two f16 are exact in f32, only the order of the sums is free). For each output, lane `l`
 //! of a 16-lane accumulator sums `w_k x_k` for `k ≡ l (mod 16)`, `k` ascending, by fused
 //! multiply-adds; then `reduce` adds the lanes in a fixed tree. The row kernel (decode) and
-//! the tile kernel (4 rows × 4 tokens, over rows first widened to f32, k in chunks) perform
-//! that same sequence, so a token's outputs have the same bits alone or in a batch.
+//! the tile kernel (4 rows × 4 tokens, k in chunks) perform that same sequence, so a token's
+//! outputs have the same bits alone or in a batch. Both widen the halves as they load them.
 
 use core::arch::x86_64::*;
 
@@ -21,12 +21,7 @@ pub(super) fn run(data: &[u8], n_rows: usize, k: usize, x: &[f32], y: &mut [f32]
     let k16 = k.next_multiple_of(16);
     let tiled = m >= MIN_TILED;
     let n_tasks = super::driver::n_tasks(n_rows);
-    let bytes = 4 * m * k16
-        + if tiled {
-            n_tasks * task_bytes(m, k16)
-        } else {
-            0
-        };
+    let bytes = 4 * m * k16 + if tiled { n_tasks * task_bytes(m) } else { 0 };
     scratch::with_aligned_bytes(bytes, |buf| {
         let (xs, rest) = buf.split_at_mut(4 * m * k16);
         // SAFETY: the scratch is 64-byte aligned and f32 is valid for any bits.
@@ -72,36 +67,28 @@ fn row_products(w: &Weights, xs: &[f32], k16: usize, y: &mut [f32]) {
     });
 }
 
-/// Scratch bytes of one tiled task: 4 widened rows, and the partial sums of every token tile.
-fn task_bytes(m: usize, k16: usize) -> usize {
-    4 * (4 * k16) + std::mem::size_of::<Partial>() * m.div_ceil(TOKENS)
+/// Scratch bytes of one tiled task: the partial sums of every token tile.
+fn task_bytes(m: usize) -> usize {
+    std::mem::size_of::<Partial>() * m.div_ceil(TOKENS)
 }
 
 fn tiles(w: &Weights, xs: &[f32], k16: usize, scratch: &mut [u8], m: usize, y: &mut [f32]) {
     let (row_bytes, n_rows) = (2 * w.nb, w.n_rows);
     let y_ptr = SyncPtr(y.as_mut_ptr());
-    let scratch = scratch.par_chunks_mut(task_bytes(m, k16));
+    let scratch = scratch.par_chunks_mut(task_bytes(m));
     row_tasks(n_rows).zip(scratch).for_each(|(rows, scratch)| {
-        let (wide, partial) = scratch.split_at_mut(4 * (4 * k16));
-        // SAFETY: the scratch is 64-byte aligned, `wide` a multiple of 64 bytes long; f32 and
-        // `Partial` (floats) are valid for any bits.
-        let (wide, partial) = unsafe {
-            (
-                std::slice::from_raw_parts_mut(wide.as_mut_ptr().cast::<f32>(), 4 * k16),
-                std::slice::from_raw_parts_mut(
-                    partial.as_mut_ptr().cast::<Partial>(),
-                    m.div_ceil(TOKENS),
-                ),
+        // SAFETY: the scratch is 64-byte aligned (`Partial` is a multiple of 64 bytes long)
+        // and `Partial` (floats) is valid for any bits.
+        let partial = unsafe {
+            std::slice::from_raw_parts_mut(
+                scratch.as_mut_ptr().cast::<Partial>(),
+                m.div_ceil(TOKENS),
             )
         };
         let n_tiles = k16.div_ceil(K_CHUNK) * m.div_ceil(TOKENS);
         let prefetch_step = (4 * row_bytes).div_ceil(n_tiles).next_multiple_of(64);
         for r0 in rows.clone().step_by(4) {
             let quad = w.four(r0, row_bytes);
-            for (i, &row) in quad.iter().enumerate() {
-                // SAFETY: `supports` checked the CPU; `row` holds k halves.
-                unsafe { widen(row, w.nb, &mut wide[i * k16..(i + 1) * k16]) };
-            }
             // The next 4 rows arrive while these are multiplied, a few lines per tile: all at
             // once, most of the prefetches would find no free miss buffer and be dropped.
             let mut next = match r0 + 4 < rows.end {
@@ -113,8 +100,9 @@ fn tiles(w: &Weights, xs: &[f32], k16: usize, scratch: &mut [u8], m: usize, y: &
                 let ks = k0..(k0 + K_CHUNK).min(k16);
                 for (t0, partial) in (0..m).step_by(TOKENS).zip(partial.iter_mut()) {
                     let t: [usize; TOKENS] = std::array::from_fn(|i| (t0 + i).min(m - 1));
-                    // SAFETY: as for `widen`; every t[i] < m and ks lies within k16.
-                    unsafe { tile(wide, xs, k16, t, ks.clone(), partial) };
+                    // SAFETY: `supports` checked the CPU; each `quad` row holds k halves;
+                    // every t[i] < m and ks lies within k16.
+                    unsafe { tile(quad, w.nb, xs, k16, t, ks.clone(), partial) };
                     let len = prefetch_step.min(next.end as usize - next.start as usize);
                     simd::prefetch_l2(next.start, len);
                     next.start = next.start.wrapping_add(len);
@@ -122,7 +110,7 @@ fn tiles(w: &Weights, xs: &[f32], k16: usize, scratch: &mut [u8], m: usize, y: &
             }
             let n = (n_rows - r0).min(4);
             for (t0, partial) in (0..m).step_by(TOKENS).zip(partial.iter()) {
-                // SAFETY: as for `widen`.
+                // SAFETY: `supports` checked the CPU.
                 let out = unsafe { sums(partial) };
                 for (i, out) in out.iter().enumerate().take(m - t0) {
                     // SAFETY: this task alone writes columns `rows` of y; t0 + i < m.
@@ -183,54 +171,49 @@ unsafe fn rows4(w: [*const u8; 4], k: usize, x: &[f32]) -> [f32; 4] {
     acc.map(|a| reduce(a))
 }
 
-/// One row of `k` halves widened to f32 in `out` (`k` rounded up to 16, zeros after `k`).
-///
-/// # Safety
-/// AVX-512 F/BW/VL; `w` points to `k` halves.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn widen(w: *const u8, k: usize, out: &mut [f32]) {
-    for j in 0..k.div_ceil(16) {
-        let n = (k - 16 * j).min(16);
-        let h = _mm256_maskz_loadu_epi16(lanes(n) as __mmask16, w.add(32 * j).cast());
-        _mm512_storeu_ps(out[16 * j..].as_mut_ptr(), _mm512_cvtph_ps(h));
-    }
-}
-
 /// Tokens per tile: 4 × 4 accumulators of 16 lanes. 6 tokens measured slower.
 const TOKENS: usize = 4;
 
-/// Values of k per pass over the tokens: the 4 rows' chunk (16 KiB) and one tile's tokens
-/// (16 KiB) fit in L1. Measured on a 1B-class prefill: 256 → 129 tok/s, 512 → 135, 1024 →
-/// 146, 2048 (no chunks but in `ffn_down`) → 130.
+/// Values of k per pass over the tokens: the 4 rows' chunk (8 KiB of halves) and one tile's
+/// tokens (16 KiB) fit in L1. Measured on a 1B-class prefill (rows then widened into f32
+/// scratch, 16 KiB a chunk): 256 → 129 tok/s, 512 → 135, 1024 → 146, 2048 → 130; reading the
+/// halves in place, 1024 → 158, 512 → 153, 2048 → 161.
 const K_CHUNK: usize = 1024;
 
 /// One token tile's accumulators between chunks of k: `[token][row][lane]`.
 type Partial = [[[f32; 16]; 4]; TOKENS];
 
-/// Adds columns `ks` of 4 widened rows (`wide`, `[4, k16]`) times tokens `t` of `xs`
-/// (`[_, k16]`) to `partial`, which the first chunk (`ks.start == 0`) sets.
+/// Adds columns `ks` of 4 rows (`w`, `k` halves each) times tokens `t` of `xs` (`[_, k16]`)
+/// to `partial`, which the first chunk (`ks.start == 0`) sets.
 ///
 /// # Safety
-/// AVX-512 F/BW/VL; `wide` holds 4 rows and `xs` the tokens `t`, of `k16` floats each;
-/// `ks` lies within `k16` and its start is a multiple of 16.
+/// AVX-512 F/BW/VL; each `w[r]` points to `k` halves; `xs` holds the tokens `t`, of `k16`
+/// floats each; `ks` lies within `k16` and its start is a multiple of 16.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn tile(
-    wide: &[f32],
+    w: [*const u8; 4],
+    k: usize,
     xs: &[f32],
     k16: usize,
     t: [usize; TOKENS],
     ks: std::ops::Range<usize>,
     partial: &mut Partial,
 ) {
-    assert!(wide.len() >= 4 * k16 && t.iter().all(|&t| xs.len() >= (t + 1) * k16));
+    assert!(k16 == k.next_multiple_of(16) && t.iter().all(|&t| xs.len() >= (t + 1) * k16));
     assert!(ks.end <= k16 && ks.start.is_multiple_of(16));
     let mut acc = [[_mm512_setzero_ps(); 4]; TOKENS];
     if ks.start > 0 {
         acc = partial.map(|p| p.map(|p| _mm512_loadu_ps(p.as_ptr())));
     }
     for j in ks.step_by(16) {
-        let w: [__m512; 4] =
-            std::array::from_fn(|r| _mm512_loadu_ps(wide.as_ptr().add(r * k16 + j)));
+        let n = (k - j).min(16);
+        let w: [__m512; 4] = std::array::from_fn(|r| {
+            let p = w[r].add(2 * j);
+            _mm512_cvtph_ps(match n {
+                16 => _mm256_loadu_si256(p.cast()),
+                _ => _mm256_maskz_loadu_epi16(lanes(n) as __mmask16, p.cast()),
+            })
+        });
         for i in 0..TOKENS {
             let x = _mm512_loadu_ps(xs.as_ptr().add(t[i] * k16 + j));
             for r in 0..4 {
