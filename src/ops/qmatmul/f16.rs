@@ -2,7 +2,7 @@
 //! two f16 are exact in f32, only the order of the sums is free). For each output, lane `l`
 //! of a 16-lane accumulator sums `w_k x_k` for `k ≡ l (mod 16)`, `k` ascending, by fused
 //! multiply-adds; then `reduce` adds the lanes in a fixed tree. The row kernel (decode) and
-//! the tile kernel (4 rows × 4 tokens, k in chunks) perform that same sequence, so a token's
+//! the tile kernel (8 rows × 3 tokens, k in chunks) perform that same sequence, so a token's
 //! outputs have the same bits alone or in a batch. Both widen the halves as they load them.
 
 use core::arch::x86_64::*;
@@ -86,29 +86,30 @@ fn tiles(w: &Weights, xs: &[f32], k16: usize, scratch: &mut [u8], m: usize, y: &
             )
         };
         let n_tiles = k16.div_ceil(K_CHUNK) * m.div_ceil(TOKENS);
-        let prefetch_step = (4 * row_bytes).div_ceil(n_tiles).next_multiple_of(64);
-        for r0 in rows.clone().step_by(4) {
-            let quad = w.four(r0, row_bytes);
-            // The next 4 rows arrive while these are multiplied, a few lines per tile: all at
+        let prefetch_step = (ROWS * row_bytes).div_ceil(n_tiles).next_multiple_of(64);
+        for r0 in rows.clone().step_by(ROWS) {
+            // Past the task's last row, the last row again (its results are not stored).
+            let block: [*const u8; ROWS] =
+                std::array::from_fn(|i| w.data[(r0 + i).min(rows.end - 1) * row_bytes..].as_ptr());
+            // The next rows arrive while these are multiplied, a few lines per tile: all at
             // once, most of the prefetches would find no free miss buffer and be dropped.
-            let mut next = match r0 + 4 < rows.end {
-                true => quad[0].wrapping_add(4 * row_bytes)..quad[0].wrapping_add(8 * row_bytes),
-                false => quad[0]..quad[0],
-            };
-            // k in chunks: a chunk of the 4 rows stays in L1 while every token passes over it.
+            let next_rows = (r0 + ROWS).min(rows.end)..(r0 + 2 * ROWS).min(rows.end);
+            let mut next =
+                w.data[next_rows.start * row_bytes..next_rows.end * row_bytes].as_ptr_range();
+            // k in chunks: a chunk of the rows stays in L1 while every token passes over it.
             for k0 in (0..k16).step_by(K_CHUNK) {
                 let ks = k0..(k0 + K_CHUNK).min(k16);
                 for (t0, partial) in (0..m).step_by(TOKENS).zip(partial.iter_mut()) {
                     let t: [usize; TOKENS] = std::array::from_fn(|i| (t0 + i).min(m - 1));
-                    // SAFETY: `supports` checked the CPU; each `quad` row holds k halves;
+                    // SAFETY: `supports` checked the CPU; each `block` row holds k halves;
                     // every t[i] < m and ks lies within k16.
-                    unsafe { tile(quad, w.nb, xs, k16, t, ks.clone(), partial) };
+                    unsafe { tile(block, w.nb, xs, k16, t, ks.clone(), partial) };
                     let len = prefetch_step.min(next.end as usize - next.start as usize);
                     simd::prefetch_l2(next.start, len);
                     next.start = next.start.wrapping_add(len);
                 }
             }
-            let n = (n_rows - r0).min(4);
+            let n = (rows.end - r0).min(ROWS);
             for (t0, partial) in (0..m).step_by(TOKENS).zip(partial.iter()) {
                 // SAFETY: `supports` checked the CPU.
                 let out = unsafe { sums(partial) };
@@ -171,27 +172,29 @@ unsafe fn rows4(w: [*const u8; 4], k: usize, x: &[f32]) -> [f32; 4] {
     acc.map(|a| reduce(a))
 }
 
-/// Tokens per tile: 4 × 4 accumulators of 16 lanes. 6 tokens measured slower.
-const TOKENS: usize = 4;
+/// Rows and tokens per tile: 8 × 3 accumulators of 16 lanes, so each token's 16 values
+/// loaded from L2 serve 8 rows. 1B-class prefill, tok/s: 4 × 4: 160, 4 × 6: 151, 8 × 2: 172,
+/// 6 × 4: 183, 8 × 3: 183, 12 × 2: 160.
+const ROWS: usize = 8;
+const TOKENS: usize = 3;
 
-/// Values of k per pass over the tokens: the 4 rows' chunk (8 KiB of halves) and one tile's
-/// tokens (16 KiB) fit in L1. Measured on a 1B-class prefill (rows then widened into f32
-/// scratch, 16 KiB a chunk): 256 → 129 tok/s, 512 → 135, 1024 → 146, 2048 → 130; reading the
-/// halves in place, 1024 → 158, 512 → 153, 2048 → 161.
+/// Values of k per pass over the tokens: the rows' chunk (16 KiB of halves) and one tile's
+/// tokens (12 KiB) fit in L1. 1B-class prefill, tok/s: 512: 178, 1024: 187, 2048: 188 (with
+/// 4 × 4 tiles over rows widened to f32 first: 256: 129, 512: 135, 1024: 146, 2048: 130).
 const K_CHUNK: usize = 1024;
 
 /// One token tile's accumulators between chunks of k: `[token][row][lane]`.
-type Partial = [[[f32; 16]; 4]; TOKENS];
+type Partial = [[[f32; 16]; ROWS]; TOKENS];
 
-/// Adds columns `ks` of 4 rows (`w`, `k` halves each) times tokens `t` of `xs` (`[_, k16]`)
-/// to `partial`, which the first chunk (`ks.start == 0`) sets.
+/// Adds columns `ks` of `ROWS` rows (`w`, `k` halves each) times tokens `t` of `xs`
+/// (`[_, k16]`) to `partial`, which the first chunk (`ks.start == 0`) sets.
 ///
 /// # Safety
 /// AVX-512 F/BW/VL; each `w[r]` points to `k` halves; `xs` holds the tokens `t`, of `k16`
 /// floats each; `ks` lies within `k16` and its start is a multiple of 16.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn tile(
-    w: [*const u8; 4],
+    w: [*const u8; ROWS],
     k: usize,
     xs: &[f32],
     k16: usize,
@@ -201,23 +204,22 @@ unsafe fn tile(
 ) {
     assert!(k16 == k.next_multiple_of(16) && t.iter().all(|&t| xs.len() >= (t + 1) * k16));
     assert!(ks.end <= k16 && ks.start.is_multiple_of(16));
-    let mut acc = [[_mm512_setzero_ps(); 4]; TOKENS];
+    let mut acc = [[_mm512_setzero_ps(); ROWS]; TOKENS];
     if ks.start > 0 {
         acc = partial.map(|p| p.map(|p| _mm512_loadu_ps(p.as_ptr())));
     }
     for j in ks.step_by(16) {
         let n = (k - j).min(16);
-        let w: [__m512; 4] = std::array::from_fn(|r| {
+        let x: [__m512; TOKENS] =
+            std::array::from_fn(|i| _mm512_loadu_ps(xs.as_ptr().add(t[i] * k16 + j)));
+        for r in 0..ROWS {
             let p = w[r].add(2 * j);
-            _mm512_cvtph_ps(match n {
+            let w = _mm512_cvtph_ps(match n {
                 16 => _mm256_loadu_si256(p.cast()),
                 _ => _mm256_maskz_loadu_epi16(lanes(n) as __mmask16, p.cast()),
-            })
-        });
-        for i in 0..TOKENS {
-            let x = _mm512_loadu_ps(xs.as_ptr().add(t[i] * k16 + j));
-            for r in 0..4 {
-                acc[i][r] = _mm512_fmadd_ps(w[r], x, acc[i][r]);
+            });
+            for i in 0..TOKENS {
+                acc[i][r] = _mm512_fmadd_ps(w, x[i], acc[i][r]);
             }
         }
     }
@@ -233,6 +235,6 @@ unsafe fn tile(
 /// # Safety
 /// AVX-512 F/BW/VL.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn sums(partial: &Partial) -> [[f32; 4]; TOKENS] {
+unsafe fn sums(partial: &Partial) -> [[f32; ROWS]; TOKENS] {
     partial.map(|p| p.map(|p| reduce(_mm512_loadu_ps(p.as_ptr()))))
 }

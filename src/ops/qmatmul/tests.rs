@@ -91,12 +91,13 @@ fn references<T: GgmlType>(
     (theirs, naive, scale)
 }
 
-fn check<T: GgmlType>(dtype: TensorType, k: usize) {
+/// Every kernel on `n_rows` rows of `k` values: against the references, and each batch size
+/// against the same tokens alone.
+fn check<T: GgmlType>(dtype: TensorType, n_rows: usize, k: usize) {
     if !has_avx512() {
         eprintln!("no AVX-512 VNNI: the kernels are not tested on this CPU");
         return;
     }
-    let n_rows = 13;
     let data = weights(dtype, n_rows, k, k as u64);
     let mut rng = Rng(7);
     let x: Vec<f32> = (0..33 * k).map(|_| 3.0 * rng.float()).collect();
@@ -136,42 +137,52 @@ fn check<T: GgmlType>(dtype: TensorType, k: usize) {
 #[test]
 fn f16_matches_candle() {
     for k in [40, 256, 2056] {
-        check::<half::f16>(TensorType::F16, k);
+        check::<half::f16>(TensorType::F16, 13, k);
     }
+}
+
+#[test]
+fn f16_tiles_span_several_row_blocks_per_task() {
+    // 77 rows on 2 threads: 8 tasks of 8 or 12 rows, so whole 8-row blocks and a remainder.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    pool.install(|| check::<half::f16>(TensorType::F16, 77, 2056));
 }
 
 #[test]
 fn q4_k_matches_candle() {
     for k in [256, 768, 2048] {
-        check::<BlockQ4K>(TensorType::Q4K, k);
+        check::<BlockQ4K>(TensorType::Q4K, 13, k);
     }
 }
 
 #[test]
 fn q5_k_matches_candle() {
     for k in [256, 768, 2048] {
-        check::<BlockQ5K>(TensorType::Q5K, k);
+        check::<BlockQ5K>(TensorType::Q5K, 13, k);
     }
 }
 
 #[test]
 fn q6_k_matches_candle() {
     for k in [256, 768, 2048] {
-        check::<BlockQ6K>(TensorType::Q6K, k);
+        check::<BlockQ6K>(TensorType::Q6K, 13, k);
     }
 }
 
 #[test]
 fn q8_0_matches_candle() {
     for k in [32, 96, 160, 2048] {
-        check::<BlockQ8_0>(TensorType::Q8_0, k);
+        check::<BlockQ8_0>(TensorType::Q8_0, 13, k);
     }
 }
 
 #[test]
 fn q4_0_matches_candle() {
     for k in [32, 96, 160, 2048] {
-        check::<BlockQ4_0>(TensorType::Q4_0, k);
+        check::<BlockQ4_0>(TensorType::Q4_0, 13, k);
     }
 }
 
