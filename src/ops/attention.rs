@@ -81,19 +81,21 @@ pub fn attention_forward(
 ) {
     let (hd, scale) = (shape.head_dim, shape.scale());
     let (q_dim, kv_dim) = (shape.q_dim(), shape.kv_dim());
-    out.par_chunks_mut(q_dim)
-        .zip(lse.par_chunks_mut(shape.n_head))
+    let group = shape.n_head / shape.n_head_kv;
+    // One task per row and key/value head (its query heads are adjacent in the row), so that
+    // a single decoded token still spreads over the cores.
+    out.par_chunks_mut(group * hd)
+        .zip(lse.par_chunks_mut(group))
         .enumerate()
-        .for_each(|(t, (out, lse))| {
+        .for_each(|(i, (out, lse))| {
+            let (t, g) = (i / shape.n_head_kv, i % shape.n_head_kv);
             let n_keys = pos0 + t + 1;
             scratch::with_f32(|scores| {
-                for head in 0..shape.n_head {
-                    let g = shape.kv_head(head);
-                    let q_t = head_row(q, t, head, q_dim, hd);
+                for (h, (out_h, lse)) in out.chunks_exact_mut(hd).zip(lse).enumerate() {
+                    let q_t = head_row(q, t, g * group + h, q_dim, hd);
                     scores.clear();
                     scores.extend((0..n_keys).map(|j| dot(q_t, head_row(k, j, g, kv_dim, hd))));
-                    lse[head] = softmax(scores, scale);
-                    let out_h = &mut out[head * hd..(head + 1) * hd];
+                    *lse = softmax(scores, scale);
                     out_h.fill(0.0);
                     for (j, &p) in scores.iter().enumerate() {
                         axpy(out_h, p, head_row(v, j, g, kv_dim, hd));
