@@ -90,8 +90,8 @@ pub(super) struct Weights<'a> {
 }
 
 impl Weights<'_> {
-    /// The 4 rows from `r0`, the last repeated past the end (its results are not stored).
-    pub fn four(&self, r0: usize, row_bytes: usize) -> [*const u8; 4] {
+    /// The `N` rows from `r0`, the last repeated past the end (its results are not stored).
+    pub fn rows<const N: usize>(&self, r0: usize, row_bytes: usize) -> [*const u8; N] {
         std::array::from_fn(|i| self.data[(r0 + i).min(self.n_rows - 1) * row_bytes..].as_ptr())
     }
 }
@@ -122,7 +122,7 @@ fn row_products<F: Format>(w: &Weights, act: &Rows, y: &mut [f32]) {
     let y_ptr = SyncPtr(y.as_mut_ptr());
     row_tasks(n_rows).for_each(|rows| {
         for r0 in rows.step_by(4) {
-            let quad = w.four(r0, row_bytes);
+            let quad = w.rows::<4>(r0, row_bytes);
             let n = (n_rows - r0).min(4);
             for t in 0..act.m {
                 // SAFETY: `supports` checked the CPU; `quad` points to whole rows of `nb`
@@ -144,7 +144,7 @@ fn tiles<F: Format>(w: &Weights, act: &Groups, scratch: &mut [u8], m: usize, y: 
     let scratch = scratch.par_chunks_mut(4 * unpacked);
     row_tasks(n_rows).zip(scratch).for_each(|(rows, scratch)| {
         for r0 in rows.clone().step_by(4) {
-            let quad = w.four(r0, row_bytes);
+            let quad = w.rows::<4>(r0, row_bytes);
             for (i, &row) in quad.iter().enumerate() {
                 // SAFETY: `supports` checked the CPU; `row` points to a whole row and
                 // the scratch holds 4 unpacked rows, 64-byte aligned.
