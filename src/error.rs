@@ -94,6 +94,13 @@ pub enum Error {
 
     #[error("invalid JSON: {0}")]
     Json(#[from] serde_json::Error),
+
+    #[error("device '{device}' is not available: {reason}")]
+    DeviceUnavailable { device: String, reason: String },
+
+    /// A computation on a candle device failed (out of device memory, a driver error).
+    #[error("device computation failed: {0}")]
+    Device(#[from] candle_core::Error),
 }
 
 impl Error {

@@ -5,6 +5,7 @@
 //! created for training, which uses a hand-written backward pass with exact gradients.
 
 pub mod atomic_write;
+pub mod backend;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -19,6 +20,7 @@ pub mod train;
 #[cfg(feature = "python")]
 mod python;
 
+pub use backend::{devices, Device};
 pub use error::{Error, Result};
 pub use gguf::GgufFile;
 pub use infer::Inference;

@@ -15,6 +15,7 @@ from lugh._lugh import (
     Tokenizer,
     TokenStream,
     __version__,
+    devices,
     merge,
 )
 
@@ -28,6 +29,7 @@ __all__ = [
     "Tokenizer",
     "__version__",
     "autograd",
+    "devices",
     "merge",
     "optim",
     "train",

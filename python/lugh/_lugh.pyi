@@ -77,8 +77,14 @@ class TokenStream(Iterator[int]):
 
 class Inference:
     def __init__(
-        self, model: Model, n_ctx: int | None = None, n_threads: int | None = None
+        self,
+        model: Model,
+        n_ctx: int | None = None,
+        n_threads: int | None = None,
+        device: str = "cpu",
     ) -> None: ...
+    @property
+    def device(self) -> str: ...
     @property
     def model(self) -> Model: ...
     @property
@@ -246,6 +252,7 @@ class SGD(Optimizer):
 
 Adapters = LoRA | Sequence[LoRA] | None
 
+def devices() -> list[str]: ...
 def merge(model: Model, loras: Adapters, path: PathLike, out_type: str | None = None) -> None: ...
 def forward(
     inference: Inference,

@@ -10,9 +10,29 @@ pub use generate::Generator;
 pub use pool::{MemoryPool, Workspace};
 pub use sample::Sampler;
 
+use crate::backend::candle::CandleModel;
+use crate::backend::{AnyState, Backend, Device};
 use crate::error::{Error, Result};
 use crate::lora::{LoraAdapter, LoraPlan, Numerics};
-use crate::model::{Config, KvCache, Model, Saved};
+use crate::model::{forward_blocks, head, Batch, BuffersOf, Config, KvCache, Model};
+
+/// Runs `$body` with `$b` bound to the backend of inference `$inf`: the body is compiled
+/// once per backend (call generic functions from it).
+macro_rules! with_backend {
+    ($inf:expr, $b:ident => $body:expr) => {
+        match $inf.engine() {
+            $crate::infer::Engine::Cpu => {
+                let $b = &$crate::backend::cpu::CpuBackend::new($inf.model())?;
+                $body
+            }
+            $crate::infer::Engine::Candle(model) => {
+                let $b = model;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_backend;
 
 /// Which logits a forward returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,11 +46,20 @@ enum Logits {
 /// Adapters applied to one sequence (empty: the base model).
 pub type Adapters<'a> = &'a [&'a LoraAdapter];
 
-/// A model ready to run: context size and threads fixed at creation.
+/// What computes an inference's forwards.
+pub(crate) enum Engine {
+    /// lugh's kernels on the mapped weights.
+    Cpu,
+    /// The weights uploaded to a candle device.
+    Candle(CandleModel),
+}
+
+/// A model ready to run: device, context size and threads fixed at creation.
 pub struct Inference {
     model: Arc<Model>,
     n_ctx: usize,
     pool: rayon::ThreadPool,
+    engine: Engine,
     /// The activations of the last training forward, kept for the next one: a step then
     /// reuses its memory instead of faulting in (and zeroing) fresh pages, about a tenth of
     /// a step's time.
@@ -38,14 +67,25 @@ pub struct Inference {
 }
 
 /// A slot the activations of a finished training graph go back to.
-pub(crate) type SpareActivations = Arc<Mutex<Option<Saved>>>;
+pub(crate) type SpareActivations = Arc<Mutex<AnyState>>;
 
 impl Inference {
-    /// `n_ctx` defaults to the model's training context, `n_threads` to every core.
+    /// On the CPU backend; see `on`.
     pub fn new(
         model: Arc<Model>,
         n_ctx: Option<usize>,
         n_threads: Option<usize>,
+    ) -> Result<Inference> {
+        Self::on(model, n_ctx, n_threads, Device::Cpu)
+    }
+
+    /// `n_ctx` defaults to the model's training context, `n_threads` to every core. A candle
+    /// `device` gets the weights uploaded here, once.
+    pub fn on(
+        model: Arc<Model>,
+        n_ctx: Option<usize>,
+        n_threads: Option<usize>,
+        device: Device,
     ) -> Result<Inference> {
         let (config, _) = model.runnable()?;
         let n_ctx = n_ctx.unwrap_or(config.n_ctx_train);
@@ -62,10 +102,15 @@ impl Inference {
             .thread_name(|i| format!("lugh-{i}"))
             .build()
             .map_err(|e| Error::invalid("n_threads", e.to_string()))?;
+        let engine = match device {
+            Device::Cpu => Engine::Cpu,
+            device => Engine::Candle(CandleModel::new(&model, device)?),
+        };
         Ok(Inference {
             model,
             n_ctx,
             pool,
+            engine,
             spare_activations: SpareActivations::default(),
         })
     }
@@ -82,6 +127,18 @@ impl Inference {
 
     pub fn n_ctx(&self) -> usize {
         self.n_ctx
+    }
+
+    /// Where the forwards run.
+    pub fn device(&self) -> Device {
+        match &self.engine {
+            Engine::Cpu => Device::Cpu,
+            Engine::Candle(model) => model.device(),
+        }
+    }
+
+    pub(crate) fn engine(&self) -> &Engine {
+        &self.engine
     }
 
     pub fn n_threads(&self) -> usize {
@@ -101,11 +158,11 @@ impl Inference {
 
     /// A cache for `n_ctx` positions (default: this inference's context).
     pub fn create_kv_cache(&self, n_ctx: Option<usize>) -> KvCache {
-        KvCache::new(self.config(), n_ctx.unwrap_or(self.n_ctx))
+        KvCache::on(self.config(), n_ctx.unwrap_or(self.n_ctx), self.device())
     }
 
     pub fn create_memory_pool(&self) -> MemoryPool {
-        MemoryPool::new(self.config(), self.n_ctx)
+        MemoryPool::new(self.config(), self.n_ctx, self.device())
     }
 
     /// Logits `[n_vocab]` of the last position.
@@ -138,7 +195,7 @@ impl Inference {
         tokens: &[u32],
         lora: Adapters,
     ) -> Result<Vec<f32>> {
-        pool.check_fits(self.config())?;
+        pool.check_fits(self.config(), self.device())?;
         let (ws, cache) = pool.parts();
         cache.clear();
         self.run(&[tokens], &mut [cache], &[lora], ws, Logits::Last)
@@ -209,7 +266,7 @@ impl Inference {
         let config = self.config();
         for (tokens, cache) in sequences.iter().zip(caches.iter()) {
             self.check_tokens(tokens)?;
-            cache.check_fits(config)?;
+            cache.check_fits(config, self.device())?;
             cache.check_room(tokens.len())?;
         }
         for adapter in lora.iter().flat_map(|a| a.iter()) {
@@ -225,11 +282,8 @@ impl Inference {
                 .collect(),
         );
         let (batch, rows, buffers) = ws.parts();
-        self.pool.install(|| {
-            self.model
-                .forward_blocks(&batch, caches, &plan, Numerics::Ggml, buffers, None)?;
-            self.model.head(buffers, rows)
-        })
+        self.pool
+            .install(|| with_backend!(self, b => run_on(b, &batch, caches, &plan, buffers, rows)))
     }
 
     /// Refuses an empty token list or ids outside the vocabulary.
@@ -248,4 +302,18 @@ impl Inference {
             None => Ok(()),
         }
     }
+}
+
+/// The blocks and the head of one batch on backend `b`, with buffers kept in `buffers`.
+fn run_on<B: Backend>(
+    b: &B,
+    batch: &Batch,
+    caches: &mut [&mut KvCache],
+    plan: &LoraPlan,
+    buffers: &mut AnyState,
+    rows: &[usize],
+) -> Result<Vec<f32>> {
+    let buffers = buffers.get::<BuffersOf<B>>();
+    forward_blocks(b, batch, caches, plan, Numerics::Ggml, buffers, None)?;
+    head(b, buffers, rows)
 }

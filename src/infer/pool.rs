@@ -1,7 +1,8 @@
 //! A memory pool: the buffers of `Inference::forward_pool`, kept warm between calls.
 
+use crate::backend::{AnyState, Device};
 use crate::error::Result;
-use crate::model::{Batch, Buffers, Config, KvCache, SeqSpan};
+use crate::model::{Batch, Config, KvCache, SeqSpan};
 
 /// Everything a forward needs besides the model and caches: the batch laid out end to end,
 /// the rows whose logits are wanted, and the activation buffers.
@@ -10,7 +11,8 @@ pub struct Workspace {
     tokens: Vec<u32>,
     spans: Vec<SeqSpan>,
     logit_rows: Vec<usize>,
-    buffers: Buffers,
+    /// The activation buffers of the backend that used them last.
+    buffers: AnyState,
 }
 
 impl Workspace {
@@ -44,7 +46,7 @@ impl Workspace {
     }
 
     /// The laid-out batch and the buffers, borrowed together.
-    pub(crate) fn parts(&mut self) -> (Batch<'_>, &[usize], &mut Buffers) {
+    pub(crate) fn parts(&mut self) -> (Batch<'_>, &[usize], &mut AnyState) {
         let batch = Batch {
             tokens: &self.tokens,
             seqs: &self.spans,
@@ -61,15 +63,15 @@ pub struct MemoryPool {
 }
 
 impl MemoryPool {
-    pub fn new(config: &Config, n_ctx: usize) -> MemoryPool {
+    pub fn new(config: &Config, n_ctx: usize, device: Device) -> MemoryPool {
         MemoryPool {
             workspace: Workspace::default(),
-            cache: KvCache::new(config, n_ctx),
+            cache: KvCache::on(config, n_ctx, device),
         }
     }
 
-    pub(crate) fn check_fits(&self, config: &Config) -> Result<()> {
-        self.cache.check_fits(config)
+    pub(crate) fn check_fits(&self, config: &Config, device: Device) -> Result<()> {
+        self.cache.check_fits(config, device)
     }
 
     pub(crate) fn parts(&mut self) -> (&mut Workspace, &mut KvCache) {
@@ -86,7 +88,7 @@ impl MemoryPool {
     }
 
     /// Where the buffers live.
-    pub fn backend(&self) -> &'static str {
-        "cpu"
+    pub fn device(&self) -> Device {
+        self.cache.device()
     }
 }

@@ -3,7 +3,9 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use candle_core::Tensor;
 
 use crate::error::{Error, Result};
 use crate::model::{Config, Slot};
@@ -143,6 +145,14 @@ pub struct LoraAdapter {
     scale: AtomicF32,
     by_slot: HashMap<Slot, usize>,
     pairs: RwLock<Vec<LoraPair>>,
+    /// Copies of the pairs on candle devices, made on first use and dropped on any write.
+    device_copies: Mutex<Vec<DeviceCopy>>,
+}
+
+/// The pairs (A, B) uploaded to one device, by pair index.
+struct DeviceCopy {
+    device: candle_core::Device,
+    pairs: Vec<Option<(Tensor, Tensor)>>,
 }
 
 impl LoraAdapter {
@@ -164,6 +174,7 @@ impl LoraAdapter {
             scale: AtomicF32::new(scale),
             by_slot,
             pairs: RwLock::new(pairs),
+            device_copies: Mutex::new(Vec::new()),
         }
     }
 
@@ -201,8 +212,45 @@ impl LoraAdapter {
         self.pairs.read().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Write access; device copies are dropped (the next forward uploads the new values).
     pub fn pairs_mut(&self) -> RwLockWriteGuard<'_, Vec<LoraPair>> {
-        self.pairs.write().unwrap_or_else(|e| e.into_inner())
+        let guard = self.pairs.write().unwrap_or_else(|e| e.into_inner());
+        self.device_copies
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+        guard
+    }
+
+    /// Pair `index` (`pair`, read under the caller's lock) as `A [rank, n_in]` and
+    /// `B [n_out, rank]` f32 tensors on `device`, uploaded once per write of the adapter.
+    pub(crate) fn pair_on(
+        &self,
+        index: usize,
+        pair: &LoraPair,
+        device: &candle_core::Device,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let mut copies = self
+            .device_copies
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let copy = match copies.iter().position(|c| c.device.same_device(device)) {
+            Some(i) => &mut copies[i],
+            None => {
+                copies.push(DeviceCopy {
+                    device: device.clone(),
+                    pairs: vec![None; self.n_pairs()],
+                });
+                copies.last_mut().expect("pushed")
+            }
+        };
+        if let Some(tensors) = &copy.pairs[index] {
+            return Ok(tensors.clone());
+        }
+        let a = Tensor::from_slice(&pair.lora_a, (pair.rank, pair.n_in), device)?;
+        let b = Tensor::from_slice(&pair.lora_b, (pair.n_out, pair.rank), device)?;
+        copy.pairs[index] = Some((a.clone(), b.clone()));
+        Ok((a, b))
     }
 
     /// The factor on `B A x` for one pair: the single place where alpha, rank and the user

@@ -12,7 +12,9 @@ use std::sync::Arc;
 
 pub use block::{BlockActs, SeqSpan};
 pub use config::{Architecture, Config};
-pub use forward::{Batch, Buffers, Saved};
+pub use forward::{
+    backward, forward_blocks, forward_train, head, logits_exact, Batch, Buffers, BuffersOf, Saved,
+};
 pub use kv_cache::KvCache;
 pub use weights::{Layer, Proj, Slot, Weights};
 

@@ -34,6 +34,13 @@ pub struct RopeTable {
     sin: Vec<f32>,
 }
 
+impl RopeTable {
+    /// (cos, sin), each `[n_pos, n_rot / 2]`.
+    pub fn parts(&self) -> (&[f32], &[f32]) {
+        (&self.cos, &self.sin)
+    }
+}
+
 impl Rope {
     /// Angles computed in f64 and rounded once, so long positions keep their precision.
     pub fn table(&self, positions: impl Iterator<Item = usize>, table: &mut RopeTable) {

@@ -2,14 +2,15 @@
 
 use pyo3::exceptions::{
     PyFileNotFoundError, PyIndexError, PyIsADirectoryError, PyOSError, PyPermissionError,
-    PyValueError,
+    PyRuntimeError, PyValueError,
 };
 use pyo3::PyErr;
 
 use crate::error::Error;
 
 /// Missing files → FileNotFoundError, directories → IsADirectoryError, other OS failures →
-/// OSError, token ids → IndexError, everything else (bad files, values, mismatches) →
+/// OSError, token ids → IndexError, a device that is missing or fails → RuntimeError,
+/// everything else (bad files, values, mismatches) →
 /// ValueError. The message is the error's own, naming file, tensor, shape or value.
 pub fn to_py_err(err: Error) -> PyErr {
     let message = err.to_string();
@@ -21,6 +22,7 @@ pub fn to_py_err(err: Error) -> PyErr {
             _ => PyOSError::new_err(message),
         },
         Error::TokenOutOfRange { .. } => PyIndexError::new_err(message),
+        Error::DeviceUnavailable { .. } | Error::Device(_) => PyRuntimeError::new_err(message),
         _ => PyValueError::new_err(message),
     }
 }

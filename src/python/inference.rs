@@ -9,6 +9,7 @@ use super::convert::{array1, array2, tokens, type_name};
 use super::errors::IntoPyResult;
 use super::lora::{adapters, batch_adapters};
 use super::model::PyModel;
+use crate::backend::Device;
 use crate::infer::{Generator, Inference, MemoryPool, Sampler};
 use crate::lora::LoraAdapter;
 use crate::model::KvCache;
@@ -83,10 +84,10 @@ impl PyMemoryPool {
         lock(&self.inner).reset()
     }
 
-    /// Where the buffers live ("cpu").
+    /// Where the buffers live: the device of the inference that made the pool.
     #[getter]
-    fn backend(&self) -> &'static str {
-        lock(&self.inner).backend()
+    fn backend(&self) -> String {
+        lock(&self.inner).device().to_string()
     }
 }
 
@@ -164,15 +165,22 @@ impl PyInference {
 #[pymethods]
 impl PyInference {
     /// `n_ctx`: context positions (default: the model's training context); `n_threads`:
-    /// compute threads (default: every core).
+    /// compute threads (default: every core); `device`: "cpu", "candle-cpu", "cuda[:N]",
+    /// "metal[:N]" (the weights are uploaded once, here).
     #[new]
-    #[pyo3(signature = (model, n_ctx=None, n_threads=None))]
+    #[pyo3(signature = (model, n_ctx=None, n_threads=None, device="cpu"))]
     fn new(
+        py: Python<'_>,
         model: Bound<'_, PyModel>,
         n_ctx: Option<usize>,
         n_threads: Option<usize>,
+        device: &str,
     ) -> PyResult<Self> {
-        let inner = Inference::new(Arc::clone(&model.get().inner), n_ctx, n_threads).py()?;
+        let device: Device = device.parse().py()?;
+        let weights = Arc::clone(&model.get().inner);
+        let inner = py
+            .detach(|| Inference::on(weights, n_ctx, n_threads, device))
+            .py()?;
         Ok(PyInference {
             inner: Arc::new(inner),
             model: model.unbind(),
@@ -192,6 +200,12 @@ impl PyInference {
     #[getter]
     fn n_threads(&self) -> usize {
         self.inner.n_threads()
+    }
+
+    /// Where the forwards run ("cpu", "candle-cpu", "cuda:0", ...).
+    #[getter]
+    fn device(&self) -> String {
+        self.inner.device().to_string()
     }
 
     #[getter]
@@ -468,4 +482,14 @@ impl PyInference {
             self.n_vocab()
         )
     }
+}
+
+/// The devices this build offers on this machine: "cpu", "candle-cpu", then "cuda:N" /
+/// "metal:N" for each GPU that opens.
+#[pyfunction]
+pub fn devices(py: Python<'_>) -> Vec<String> {
+    py.detach(crate::backend::devices)
+        .iter()
+        .map(Device::to_string)
+        .collect()
 }

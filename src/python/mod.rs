@@ -23,6 +23,7 @@ fn _lugh(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<lora::PyLoRA>()?;
     m.add_class::<tokenizer::PyTokenizer>()?;
     m.add_function(wrap_pyfunction!(lora::merge, m)?)?;
+    m.add_function(wrap_pyfunction!(inference::devices, m)?)?;
     m.add_class::<train::PyTensor>()?;
     m.add_class::<optim::PyOptimizer>()?;
     m.add_class::<optim::PyAdamW>()?;

@@ -1,25 +1,28 @@
-//! A training forward that keeps its activations, and the backward that walks them back.
+//! A training forward that keeps its activations, and the backward that walks them back, on
+//! the inference's backend.
 
+use std::ops::Range;
 use std::sync::{Arc, PoisonError};
 
-use super::loss::{count_scored, cross_entropy_in_place};
+use super::loss::count_scored;
+use crate::backend::{AnyState, Backend};
 use crate::error::{Error, Result};
-use crate::infer::{Inference, SpareActivations};
+use crate::infer::{with_backend, Inference, SpareActivations};
 use crate::lora::{LoraAdapter, LoraGrads, LoraPlan, PairGrad};
-use crate::model::{Batch, Buffers, KvCache, Saved, SeqSpan};
+use crate::model::{self, Batch, KvCache, Saved, SeqSpan};
 
 /// Logits materialised at a time by the fused loss: 128 MiB (1024 rows of a 32k vocabulary),
 /// whatever the batch. Each block is one product with the whole output head, which runs at
 /// full speed only in large blocks: per thread 209 GFLOP/s at 1024 rows, 140 at 256 rows.
 const LOSS_BLOCK_VALUES: usize = 32 << 20;
 
-/// What a training forward kept: the batch, the activations, each sequence's keys and values,
-/// and the adapters it ran with.
+/// What a training forward kept: the batch, the activations (`Saved` of the backend's
+/// tensors), each sequence's keys and values, and the adapters it ran with.
 pub struct TrainGraph {
     tokens: Vec<u32>,
     spans: Vec<SeqSpan>,
     caches: Vec<KvCache>,
-    saved: Saved,
+    saved: AnyState,
     adapters: Vec<Arc<LoraAdapter>>,
     /// Where `saved` goes when this graph is dropped.
     spare: SpareActivations,
@@ -28,7 +31,7 @@ pub struct TrainGraph {
 impl Drop for TrainGraph {
     fn drop(&mut self) {
         let mut slot = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
-        *slot = Some(std::mem::take(&mut self.saved));
+        *slot = std::mem::take(&mut self.saved);
     }
 }
 
@@ -67,14 +70,7 @@ impl TrainGraph {
             }
         }
         let spare = Arc::clone(inf.spare_activations());
-        // A checkpointed graph keeps only block inputs: reusing a full one would keep the rest.
-        let saved = match spare.lock().unwrap_or_else(PoisonError::into_inner).take() {
-            Some(saved) if saved.checkpoint == checkpoint => saved,
-            _ => Saved {
-                checkpoint,
-                ..Saved::default()
-            },
-        };
+        let saved = std::mem::take(&mut *spare.lock().unwrap_or_else(PoisonError::into_inner));
         let mut graph = TrainGraph {
             tokens: sequences.concat(),
             spans,
@@ -83,22 +79,25 @@ impl TrainGraph {
             adapters: unique,
             spare,
         };
-        inf.install(|| {
-            let plan = plan(&graph.adapters, graph.tokens.len());
-            let batch = Batch {
-                tokens: &graph.tokens,
-                seqs: &graph.spans,
-            };
-            let mut caches: Vec<&mut KvCache> = graph.caches.iter_mut().collect();
-            inf.model().forward_train(
-                &batch,
-                &mut caches,
-                &plan,
-                &mut Buffers::default(),
-                &mut graph.saved,
-            )
-        })?;
+        inf.install(|| with_backend!(inf, b => graph.forward_on(b, checkpoint)))?;
         Ok(graph)
+    }
+
+    fn forward_on<B: Backend>(&mut self, b: &B, checkpoint: bool) -> Result<()> {
+        // A checkpointed graph keeps only block inputs: reusing a full one would keep the rest.
+        let saved = self
+            .saved
+            .take::<Saved<B::Tensor>>()
+            .filter(|saved| saved.checkpoint == checkpoint)
+            .unwrap_or_else(|| Saved::new(checkpoint));
+        let saved = self.saved.put(saved);
+        let plan = plan(&self.adapters, self.tokens.len());
+        let batch = Batch {
+            tokens: &self.tokens,
+            seqs: &self.spans,
+        };
+        let mut caches: Vec<&mut KvCache> = self.caches.iter_mut().collect();
+        model::forward_train(b, &batch, &mut caches, &plan, saved)
     }
 
     pub fn n_tokens(&self) -> usize {
@@ -107,23 +106,29 @@ impl TrainGraph {
 
     /// Every row's exact logits, `[n_tokens, n_vocab]`.
     pub fn logits(&self, inf: &Inference) -> Result<Vec<f32>> {
-        let mut logits = vec![0f32; self.n_tokens() * inf.config().n_vocab];
         inf.install(|| {
-            inf.model()
-                .logits_exact(&self.saved, 0..self.n_tokens(), &mut logits)
-        })?;
-        Ok(logits)
+            with_backend!(inf, b => {
+                let logits = model::logits_exact(b, saved_in(b, &self.saved)?, 0..self.n_tokens())?;
+                b.download(logits)
+            })
+        })
     }
 
     /// Back-propagates dL/dlogits (`[n_tokens, n_vocab]`) and adds dL/dA, dL/dB to each
     /// trainable adapter's gradients (they accumulate until `zero_grad`).
     pub fn backward(mut self, inf: &Inference, d_logits: &[f32]) -> Result<()> {
-        let mut d_head_in = vec![0f32; self.n_tokens() * inf.config().n_embd];
-        inf.install(|| {
-            inf.model()
-                .head_backward(d_logits, 0..self.n_tokens(), &mut d_head_in)
+        let (n_vocab, n_embd) = (inf.config().n_vocab, inf.config().n_embd);
+        let grads = inf.install(|| {
+            with_backend!(inf, b => {
+                let d_logits = b.upload(d_logits, n_vocab)?;
+                let mut d_head_in = Default::default();
+                b.zeros(self.n_tokens(), n_embd, &mut d_head_in)?;
+                b.logits_backward(&d_logits, 0..self.n_tokens(), &mut d_head_in)?;
+                self.backward_on(b, &d_head_in)
+            })
         })?;
-        self.backward_from_head(inf, &d_head_in)
+        self.add_grads(grads);
+        Ok(())
     }
 
     /// The cross-entropy against `targets` (one per row, -100 masked) and its backward,
@@ -136,38 +141,44 @@ impl TrainGraph {
         targets: &[i64],
         normalizer: Option<usize>,
     ) -> Result<(f64, usize)> {
-        let mut d_head_in = vec![0f32; self.n_tokens() * inf.config().n_embd];
-        let (sum, n_scored) = self.head_loss(inf, targets, normalizer, Some(&mut d_head_in))?;
-        self.backward_from_head(inf, &d_head_in)?;
-        Ok((sum, n_scored))
+        let n_embd = inf.config().n_embd;
+        let (loss, grads) = inf.install(|| {
+            with_backend!(inf, b => {
+                let mut d_head_in = Default::default();
+                b.zeros(self.n_tokens(), n_embd, &mut d_head_in)?;
+                let loss = self.head_loss(b, targets, normalizer, Some(&mut d_head_in))?;
+                Ok::<_, Error>((loss, self.backward_on(b, &d_head_in)?))
+            })
+        })?;
+        self.add_grads(grads);
+        Ok(loss)
     }
 
     /// (summed cross-entropy, scored rows) without a backward.
     pub fn loss(&self, inf: &Inference, targets: &[i64]) -> Result<(f64, usize)> {
-        self.head_loss(inf, targets, None, None)
+        inf.install(|| with_backend!(inf, b => self.head_loss(b, targets, None, None)))
     }
 
-    fn head_loss(
+    fn head_loss<B: Backend>(
         &self,
-        inf: &Inference,
+        b: &B,
         targets: &[i64],
         normalizer: Option<usize>,
-        d_head_in: Option<&mut [f32]>,
+        d_head_in: Option<&mut B::Tensor>,
     ) -> Result<(f64, usize)> {
-        let block_rows = (LOSS_BLOCK_VALUES / inf.config().n_vocab).max(1);
-        self.head_loss_in_blocks(inf, targets, normalizer, d_head_in, block_rows)
+        let block_rows = (LOSS_BLOCK_VALUES / b.config().n_vocab).max(1);
+        self.head_loss_in_blocks(b, targets, normalizer, d_head_in, block_rows)
     }
 
     /// `head_loss` with logits materialised `block_rows` rows at a time.
-    fn head_loss_in_blocks(
+    fn head_loss_in_blocks<B: Backend>(
         &self,
-        inf: &Inference,
+        b: &B,
         targets: &[i64],
         normalizer: Option<usize>,
-        mut d_head_in: Option<&mut [f32]>,
+        mut d_head_in: Option<&mut B::Tensor>,
         block_rows: usize,
     ) -> Result<(f64, usize)> {
-        let config = inf.config();
         if targets.len() != self.n_tokens() {
             return Err(Error::invalid(
                 "targets",
@@ -178,49 +189,35 @@ impl TrainGraph {
                 ),
             ));
         }
-        let n_scored = count_scored(targets, config.n_vocab)?;
+        let n_scored = count_scored(targets, b.config().n_vocab)?;
         let normalizer = normalizer.unwrap_or(n_scored);
-        let model = inf.model();
-        let mut block = Vec::new();
-        let sum = inf.install(|| -> Result<f64> {
-            let mut sum = 0.0;
-            for start in (0..self.n_tokens()).step_by(block_rows) {
-                let rows = start..(start + block_rows).min(self.n_tokens());
-                block.resize(rows.len() * config.n_vocab, 0.0);
-                model.logits_exact(&self.saved, rows.clone(), &mut block)?;
-                sum += cross_entropy_in_place(
-                    &mut block,
-                    config.n_vocab,
-                    &targets[rows.clone()],
-                    normalizer,
-                );
-                if let Some(d_head_in) = d_head_in.as_deref_mut() {
-                    model.head_backward(&block, rows, d_head_in)?;
-                }
+        let saved = saved_in(b, &self.saved)?;
+        let mut sum = 0.0;
+        for start in (0..self.n_tokens()).step_by(block_rows) {
+            let rows: Range<usize> = start..(start + block_rows).min(self.n_tokens());
+            let mut block = model::logits_exact(b, saved, rows.clone())?;
+            sum += b.cross_entropy(&mut block, &targets[rows.clone()], normalizer)?;
+            if let Some(d_head_in) = d_head_in.as_deref_mut() {
+                b.logits_backward(&block, rows, d_head_in)?;
             }
-            Ok(sum)
-        })?;
+        }
         Ok((sum, n_scored))
     }
 
-    fn backward_from_head(&mut self, inf: &Inference, d_head_in: &[f32]) -> Result<()> {
-        let mut grads = LoraGrads::default();
-        inf.install(|| {
-            let plan = plan(&self.adapters, self.tokens.len());
-            let batch = Batch {
-                tokens: &self.tokens,
-                seqs: &self.spans,
-            };
-            let mut caches: Vec<&mut KvCache> = self.caches.iter_mut().collect();
-            inf.model().backward(
-                &batch,
-                &mut caches,
-                &plan,
-                &self.saved,
-                d_head_in,
-                &mut grads,
-            )
-        })?;
+    fn backward_on<B: Backend>(&mut self, b: &B, d_head_in: &B::Tensor) -> Result<LoraGrads> {
+        let mut grads = B::Grads::default();
+        let plan = plan(&self.adapters, self.tokens.len());
+        let batch = Batch {
+            tokens: &self.tokens,
+            seqs: &self.spans,
+        };
+        let saved = saved_in(b, &self.saved)?;
+        let mut caches: Vec<&mut KvCache> = self.caches.iter_mut().collect();
+        model::backward(b, &batch, &mut caches, &plan, saved, d_head_in, &mut grads)?;
+        b.grads_to_host(grads)
+    }
+
+    fn add_grads(&self, grads: LoraGrads) {
         for ((adapter_index, pair_index), (d_a, d_b)) in grads.grads {
             let mut pairs = self.adapters[adapter_index].pairs_mut();
             let pair = &mut pairs[pair_index];
@@ -237,8 +234,14 @@ impl TrainGraph {
                 }
             }
         }
-        Ok(())
     }
+}
+
+/// The activations a forward on `b` kept in `state`.
+fn saved_in<'s, B: Backend>(_b: &B, state: &'s AnyState) -> Result<&'s Saved<B::Tensor>> {
+    state
+        .peek::<Saved<B::Tensor>>()
+        .ok_or_else(|| Error::invalid("graph", "its activations were made on another device"))
 }
 
 /// Every adapter on every row; adapter `i` of the plan is `adapters[i]`.
@@ -259,6 +262,7 @@ fn add(into: &mut [f32], values: &[f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cpu::CpuBackend;
     use crate::model::Model;
 
     /// The fused loss gives the same sum and dL/d(head input) whatever its block size.
@@ -273,10 +277,11 @@ mod tests {
         let sequences: [&[u32]; 2] = [&[1, 5, 9, 200, 31, 7, 7], &[1, 40, 3]];
         let graph = TrainGraph::forward(&inf, &sequences, &[], false).unwrap();
         let targets: Vec<i64> = vec![5, 9, 200, 31, 7, 7, -100, 40, 3, -100];
+        let b = CpuBackend::new(inf.model()).unwrap();
         let run = |block_rows| {
             let mut d = vec![0f32; graph.n_tokens() * inf.config().n_embd];
-            let (sum, n) = graph
-                .head_loss_in_blocks(&inf, &targets, None, Some(&mut d), block_rows)
+            let (sum, n) = inf
+                .install(|| graph.head_loss_in_blocks(&b, &targets, None, Some(&mut d), block_rows))
                 .unwrap();
             (sum, n, d)
         };

@@ -1,0 +1,143 @@
+//! A model's weights on a candle device: quantized matrices stay quantized (`QTensor`, the
+//! file's bytes), half and f32 matrices keep their type; norms and biases in f32.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+
+use crate::error::Result;
+use crate::gguf::TensorType;
+use crate::lora::Numerics;
+use crate::model::{Proj, Weights};
+use crate::ops::Weight;
+
+/// A frozen matrix `[n_out, n_in]` on the device.
+pub enum DeviceWeight {
+    Quantized {
+        qtensor: Arc<QTensor>,
+        qmatmul: QMatMul,
+    },
+    /// f32, f16 or bf16, as stored in the file.
+    Dense(Tensor),
+}
+
+fn ggml_dtype(dtype: TensorType) -> GgmlDType {
+    match dtype {
+        TensorType::F32 => GgmlDType::F32,
+        TensorType::F16 => GgmlDType::F16,
+        TensorType::BF16 => GgmlDType::BF16,
+        TensorType::Q4_0 => GgmlDType::Q4_0,
+        TensorType::Q4_1 => GgmlDType::Q4_1,
+        TensorType::Q5_0 => GgmlDType::Q5_0,
+        TensorType::Q5_1 => GgmlDType::Q5_1,
+        TensorType::Q8_0 => GgmlDType::Q8_0,
+        TensorType::Q2K => GgmlDType::Q2K,
+        TensorType::Q3K => GgmlDType::Q3K,
+        TensorType::Q4K => GgmlDType::Q4K,
+        TensorType::Q5K => GgmlDType::Q5K,
+        TensorType::Q6K => GgmlDType::Q6K,
+    }
+}
+
+impl DeviceWeight {
+    /// Uploads `weight`'s bytes as they lie in the file.
+    pub fn upload(weight: &Weight, device: &Device) -> Result<DeviceWeight> {
+        let shape = (weight.n_rows, weight.n_cols);
+        let bytes: &[u8] = weight.data();
+        let dense =
+            |dtype: DType| Tensor::from_raw_buffer(bytes, dtype, &[shape.0, shape.1], device);
+        Ok(match weight.dtype {
+            TensorType::F32 => DeviceWeight::Dense(dense(DType::F32)?),
+            TensorType::F16 => DeviceWeight::Dense(dense(DType::F16)?),
+            TensorType::BF16 => DeviceWeight::Dense(dense(DType::BF16)?),
+            dtype => {
+                let storage = QStorage::from_data(Cow::Borrowed(bytes), device, ggml_dtype(dtype))?;
+                let qtensor = Arc::new(QTensor::new(storage, shape)?);
+                let qmatmul = QMatMul::from_arc(Arc::clone(&qtensor))?;
+                DeviceWeight::Quantized { qtensor, qmatmul }
+            }
+        })
+    }
+
+    /// The matrix in f32 (dequantized on the device, for exact products and the backward).
+    pub fn to_f32(&self) -> Result<Tensor> {
+        Ok(match self {
+            DeviceWeight::Quantized { qtensor, .. } => qtensor.dequantize(&qtensor.device())?,
+            DeviceWeight::Dense(w) => w.to_dtype(DType::F32)?,
+        })
+    }
+
+    /// `x Wᵀ` (`x` `[rows, n_in]` f32). Ggml numerics: candle's quantized kernels (activations
+    /// rounded to 8-bit blocks as ggml does) and half weights times half activations.
+    pub fn matmul(&self, x: &Tensor, numerics: Numerics) -> Result<Tensor> {
+        Ok(match (self, numerics) {
+            (DeviceWeight::Quantized { qmatmul, .. }, Numerics::Ggml) => qmatmul.forward(x)?,
+            (DeviceWeight::Dense(w), Numerics::Ggml) if w.dtype() != DType::F32 => x
+                .to_dtype(w.dtype())?
+                .matmul(&w.t()?)?
+                .to_dtype(DType::F32)?,
+            (DeviceWeight::Dense(w), _) if w.dtype() == DType::F32 => x.matmul(&w.t()?)?,
+            _ => x.matmul(&self.to_f32()?.t()?)?,
+        })
+    }
+}
+
+/// One block's weights on the device.
+pub struct DeviceLayer {
+    pub attn_norm: Tensor,
+    pub ffn_norm: Tensor,
+    projections: Vec<DeviceWeight>,
+    biases: Vec<Option<Tensor>>,
+}
+
+impl DeviceLayer {
+    pub fn weight(&self, proj: Proj) -> &DeviceWeight {
+        &self.projections[proj as usize]
+    }
+
+    pub fn bias(&self, proj: Proj) -> Option<&Tensor> {
+        self.biases[proj as usize].as_ref()
+    }
+}
+
+/// Every weight the recipe reads on the device, except the embedding, whose rows are looked
+/// up on the host (only the batch's rows travel).
+pub struct DeviceWeights {
+    pub layers: Vec<DeviceLayer>,
+    pub output_norm: Tensor,
+    pub output: DeviceWeight,
+}
+
+fn vector(values: &[f32], device: &Device) -> Result<Tensor> {
+    Ok(Tensor::from_slice(values, values.len(), device)?)
+}
+
+impl DeviceWeights {
+    pub fn upload(weights: &Weights, device: &Device) -> Result<DeviceWeights> {
+        let layers = weights
+            .layers
+            .iter()
+            .map(|layer| {
+                Ok(DeviceLayer {
+                    attn_norm: vector(&layer.attn_norm, device)?,
+                    ffn_norm: vector(&layer.ffn_norm, device)?,
+                    projections: Proj::ALL
+                        .iter()
+                        .map(|&p| DeviceWeight::upload(layer.weight(p), device))
+                        .collect::<Result<_>>()?,
+                    biases: Proj::ALL
+                        .iter()
+                        .map(|&p| layer.bias(p).map(|b| vector(b, device)).transpose())
+                        .collect::<Result<_>>()?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(DeviceWeights {
+            layers,
+            output_norm: vector(&weights.output_norm, device)?,
+            output: DeviceWeight::upload(&weights.output, device)?,
+        })
+    }
+}

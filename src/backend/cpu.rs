@@ -1,0 +1,384 @@
+//! The CPU backend: lugh's own kernels (`ops/`) on host slices, on the calling rayon pool.
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use super::{Backend, Norm};
+use crate::error::Result;
+use crate::lora::linear::{linear, linear_backward};
+use crate::lora::{LoraGrads, LoraPlan, Numerics};
+use crate::model::{Config, KvCache, Layer, Model, Proj, SeqSpan, Slot, Weights};
+use crate::ops::activation::{swiglu_backward, swiglu_forward};
+use crate::ops::attention::{
+    attention_backward, attention_forward, attention_forward_batched, AttentionShape,
+};
+use crate::ops::norm::{rms_norm_apply, rms_norm_backward, rms_norm_forward};
+use crate::ops::rope::{Rope, RopeTable};
+use crate::ops::scratch;
+use crate::train::loss::cross_entropy_in_place;
+
+/// A model's weights as they lie in the mapping, computed on by the host's cores.
+pub struct CpuBackend<'a> {
+    config: &'a Config,
+    weights: &'a Weights,
+    rope: &'a Rope,
+}
+
+impl<'a> CpuBackend<'a> {
+    pub fn new(model: &'a Model) -> Result<CpuBackend<'a>> {
+        let (config, weights) = model.runnable()?;
+        Ok(CpuBackend {
+            config,
+            weights,
+            rope: model.rope()?,
+        })
+    }
+
+    fn norm_weight(&self, norm: Norm) -> &[f32] {
+        match norm {
+            Norm::Attn(il) => &self.weights.layers[il].attn_norm,
+            Norm::Ffn(il) => &self.weights.layers[il].ffn_norm,
+            Norm::Output => &self.weights.output_norm,
+        }
+    }
+
+    fn shape(&self) -> AttentionShape {
+        AttentionShape {
+            n_head: self.config.n_head,
+            n_head_kv: self.config.n_head_kv,
+            head_dim: self.config.head_dim,
+        }
+    }
+}
+
+/// Sizes `buf` to `n` elements, reusing its memory.
+pub(crate) fn sized(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    buf.resize(n, 0.0);
+    &mut buf[..n]
+}
+
+fn rows_of(span: &SeqSpan, width: usize) -> Range<usize> {
+    span.rows.start * width..span.rows.end * width
+}
+
+/// One projection of a joined `linear` call.
+struct Job<'j> {
+    layer: &'j Layer,
+    slot: Slot,
+    y: &'j mut Vec<f32>,
+}
+
+/// Runs the jobs joined: the cores go from one projection to the next without the wake-up
+/// that a parallel region each would cost (a large share of a decode step).
+fn run_joined(jobs: &mut [Job], x: &[f32], lora: &LoraPlan, numerics: Numerics) {
+    match jobs {
+        [] => {}
+        [job] => {
+            let weight = job.layer.weight(job.slot.proj);
+            let n_tokens = x.len() / weight.n_cols;
+            let y = sized(job.y, n_tokens * weight.n_rows);
+            let bias = job.layer.bias(job.slot.proj);
+            scratch::with_f32(|lora_scratch| {
+                linear(x, weight, bias, job.slot, lora, numerics, y, lora_scratch)
+            });
+        }
+        _ => {
+            let (first, rest) = jobs.split_at_mut(1);
+            rayon::join(
+                || run_joined(first, x, lora, numerics),
+                || run_joined(rest, x, lora, numerics),
+            );
+        }
+    }
+}
+
+impl Backend for CpuBackend<'_> {
+    type Tensor = Vec<f32>;
+    type RopeTable = RopeTable;
+    type Grads = LoraGrads;
+
+    fn config(&self) -> &Config {
+        self.config
+    }
+
+    fn is_empty(t: &Vec<f32>) -> bool {
+        t.is_empty()
+    }
+
+    fn zeros(&self, rows: usize, width: usize, t: &mut Vec<f32>) -> Result<()> {
+        sized(t, rows * width).fill(0.0);
+        Ok(())
+    }
+
+    fn copy(&self, src: &Vec<f32>, dst: &mut Vec<f32>) -> Result<()> {
+        dst.clear();
+        dst.extend_from_slice(src);
+        Ok(())
+    }
+
+    fn add_assign(&self, x: &mut Vec<f32>, y: &Vec<f32>) -> Result<()> {
+        x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
+        Ok(())
+    }
+
+    fn upload(&self, values: &[f32], _width: usize) -> Result<Vec<f32>> {
+        Ok(values.to_vec())
+    }
+
+    fn download(&self, t: Vec<f32>) -> Result<Vec<f32>> {
+        Ok(t)
+    }
+
+    fn embed(&self, tokens: &[u32], x: &mut Vec<f32>) -> Result<()> {
+        let n_embd = self.config.n_embd;
+        sized(x, tokens.len() * n_embd)
+            .par_chunks_mut(n_embd)
+            .zip(tokens.par_iter())
+            .for_each(|(row, &token)| {
+                let t = token as usize;
+                self.weights.token_embd.dequantize_rows(t..t + 1, row)
+            });
+        Ok(())
+    }
+
+    fn gather_rows(&self, x: &Vec<f32>, rows: &[usize], out: &mut Vec<f32>) -> Result<()> {
+        let n_embd = self.config.n_embd;
+        let out = sized(out, rows.len() * n_embd);
+        for (dst, &row) in out.chunks_mut(n_embd).zip(rows) {
+            dst.copy_from_slice(&x[row * n_embd..(row + 1) * n_embd]);
+        }
+        Ok(())
+    }
+
+    fn rope_table(&self, seqs: &[SeqSpan], table: &mut RopeTable) -> Result<()> {
+        let positions = seqs
+            .iter()
+            .flat_map(|span| span.pos0..span.pos0 + span.rows.len());
+        self.rope.table(positions, table);
+        Ok(())
+    }
+
+    fn rope(
+        &self,
+        x: &mut Vec<f32>,
+        n_heads: usize,
+        table: &RopeTable,
+        inverse: bool,
+    ) -> Result<()> {
+        self.rope.apply(x, n_heads, table, inverse);
+        Ok(())
+    }
+
+    fn rms_norm(
+        &self,
+        norm: Norm,
+        x: &Vec<f32>,
+        y: &mut Vec<f32>,
+        inv_rms: &mut Vec<f32>,
+    ) -> Result<()> {
+        let n_tokens = x.len() / self.config.n_embd;
+        rms_norm_forward(
+            x,
+            self.norm_weight(norm),
+            self.config.rms_eps,
+            sized(y, x.len()),
+            sized(inv_rms, n_tokens),
+        );
+        Ok(())
+    }
+
+    fn rms_norm_apply(
+        &self,
+        norm: Norm,
+        x: &Vec<f32>,
+        inv_rms: &Vec<f32>,
+        y: &mut Vec<f32>,
+    ) -> Result<()> {
+        rms_norm_apply(x, self.norm_weight(norm), inv_rms, sized(y, x.len()));
+        Ok(())
+    }
+
+    fn rms_norm_backward(
+        &self,
+        norm: Norm,
+        dy: &Vec<f32>,
+        x: &Vec<f32>,
+        inv_rms: &Vec<f32>,
+        dx: &mut Vec<f32>,
+    ) -> Result<()> {
+        rms_norm_backward(dy, x, self.norm_weight(norm), inv_rms, dx);
+        Ok(())
+    }
+
+    fn linear<const N: usize>(
+        &self,
+        il: usize,
+        projs: [Proj; N],
+        x: &Vec<f32>,
+        ys: [&mut Vec<f32>; N],
+        lora: &LoraPlan,
+        numerics: Numerics,
+    ) -> Result<()> {
+        let layer = &self.weights.layers[il];
+        let mut jobs = ys.into_iter().zip(projs).map(|(y, proj)| Job {
+            layer,
+            slot: Slot { layer: il, proj },
+            y,
+        });
+        let mut jobs: [Job; N] = std::array::from_fn(|_| jobs.next().expect("N jobs"));
+        run_joined(&mut jobs, x, lora, numerics);
+        Ok(())
+    }
+
+    fn linear_backward(
+        &self,
+        il: usize,
+        proj: Proj,
+        dy: &Vec<f32>,
+        x: &Vec<f32>,
+        lora: &LoraPlan,
+        dx: &mut Vec<f32>,
+        grads: &mut LoraGrads,
+    ) -> Result<()> {
+        let weight = self.weights.layers[il].weight(proj);
+        let slot = Slot { layer: il, proj };
+        scratch::with_f32(|buf| linear_backward(dy, x, weight, slot, lora, dx, grads, buf));
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        il: usize,
+        seqs: &[SeqSpan],
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        caches: &mut [&mut KvCache],
+        numerics: Numerics,
+        out: &mut Vec<f32>,
+        lse: &mut Vec<f32>,
+    ) -> Result<()> {
+        let c = self.config;
+        let n_tokens = q.len() / c.q_dim();
+        let out = sized(out, n_tokens * c.q_dim());
+        let lse = sized(lse, n_tokens * c.n_head);
+        // Training needs neither inference's bit-identical rows nor its allocation-free calls.
+        let attention = match numerics {
+            Numerics::Exact => attention_forward_batched,
+            Numerics::Ggml => attention_forward,
+        };
+        for (span, cache) in seqs.iter().zip(caches.iter_mut()) {
+            let kv_rows = rows_of(span, c.kv_dim());
+            cache.store(il, span.pos0, &k[kv_rows.clone()], &v[kv_rows]);
+            let n_keys = span.pos0 + span.rows.len();
+            attention(
+                self.shape(),
+                span.pos0,
+                &q[rows_of(span, c.q_dim())],
+                cache.keys(il, n_keys),
+                cache.values(il, n_keys),
+                &mut out[rows_of(span, c.q_dim())],
+                &mut lse[rows_of(span, c.n_head)],
+            );
+        }
+        Ok(())
+    }
+
+    fn attention_backward(
+        &self,
+        il: usize,
+        seqs: &[SeqSpan],
+        caches: &[&mut KvCache],
+        q: &Vec<f32>,
+        out: &Vec<f32>,
+        lse: &Vec<f32>,
+        d_out: &Vec<f32>,
+        dq: &mut Vec<f32>,
+        dk: &mut Vec<f32>,
+        dv: &mut Vec<f32>,
+    ) -> Result<()> {
+        let c = self.config;
+        let n_tokens = q.len() / c.q_dim();
+        let dq = sized(dq, n_tokens * c.q_dim());
+        let dk = sized(dk, n_tokens * c.kv_dim());
+        let dv = sized(dv, n_tokens * c.kv_dim());
+        for (span, cache) in seqs.iter().zip(caches.iter()) {
+            debug_assert_eq!(span.pos0, 0, "training runs whole sequences");
+            let n = span.rows.len();
+            let (q_rows, kv_rows) = (rows_of(span, c.q_dim()), rows_of(span, c.kv_dim()));
+            attention_backward(
+                self.shape(),
+                &q[q_rows.clone()],
+                cache.keys(il, n),
+                cache.values(il, n),
+                &out[q_rows.clone()],
+                &lse[rows_of(span, c.n_head)],
+                &d_out[q_rows.clone()],
+                &mut dq[q_rows],
+                &mut dk[kv_rows.clone()],
+                &mut dv[kv_rows],
+            );
+        }
+        Ok(())
+    }
+
+    fn swiglu(&self, gate: &Vec<f32>, up: &Vec<f32>, act: &mut Vec<f32>) -> Result<()> {
+        swiglu_forward(gate, up, sized(act, gate.len()));
+        Ok(())
+    }
+
+    fn swiglu_backward(
+        &self,
+        d_act: &Vec<f32>,
+        gate: &Vec<f32>,
+        up: &Vec<f32>,
+        d_gate: &mut Vec<f32>,
+        d_up: &mut Vec<f32>,
+    ) -> Result<()> {
+        let n = gate.len();
+        swiglu_backward(d_act, gate, up, sized(d_gate, n), sized(d_up, n));
+        Ok(())
+    }
+
+    fn logits(&self, x: &Vec<f32>, rows: Range<usize>, numerics: Numerics) -> Result<Vec<f32>> {
+        let n_embd = self.config.n_embd;
+        let x = &x[rows.start * n_embd..rows.end * n_embd];
+        let mut logits = vec![0f32; rows.len() * self.config.n_vocab];
+        match numerics {
+            Numerics::Ggml => self.weights.output.matmul(x, &mut logits),
+            Numerics::Exact => self.weights.output.matmul_exact(x, &mut logits),
+        }
+        Ok(logits)
+    }
+
+    fn cross_entropy(
+        &self,
+        logits: &mut Vec<f32>,
+        targets: &[i64],
+        normalizer: usize,
+    ) -> Result<f64> {
+        Ok(cross_entropy_in_place(
+            logits,
+            self.config.n_vocab,
+            targets,
+            normalizer,
+        ))
+    }
+
+    fn logits_backward(
+        &self,
+        d_logits: &Vec<f32>,
+        rows: Range<usize>,
+        dx: &mut Vec<f32>,
+    ) -> Result<()> {
+        let n_embd = self.config.n_embd;
+        let dx_rows = &mut dx[rows.start * n_embd..rows.end * n_embd];
+        self.weights.output.matmul_backward_input(d_logits, dx_rows);
+        Ok(())
+    }
+
+    fn grads_to_host(&self, grads: LoraGrads) -> Result<LoraGrads> {
+        Ok(grads)
+    }
+}
