@@ -12,6 +12,7 @@ import lugh
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ARCHS = ["tiny-llama", "tiny-qwen2"]
+DEVICES = ["cpu", "candle-cpu"]
 DEMO_F16 = Path(lugh.__file__).parent / "data" / "lugh-demo-4m-f16.gguf"
 DEMO_Q8 = FIXTURES / "models" / "lugh-demo-4m-q8_0.gguf"
 
@@ -60,6 +61,13 @@ def model(path: Path) -> lugh.Model:
     return _models[key]
 
 
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    """Where reference tests run: lugh's own kernels, and the candle recipe (the path CUDA
+    and Metal take) on the CPU, with the same tolerances."""
+    return request.param
+
+
 @pytest.fixture
-def f32_inference(fixture_dir) -> lugh.Inference:
-    return lugh.Inference(model(fixture_dir / "base-f32.gguf"))
+def f32_inference(fixture_dir, device) -> lugh.Inference:
+    return lugh.Inference(model(fixture_dir / "base-f32.gguf"), device=device)

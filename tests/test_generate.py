@@ -19,8 +19,8 @@ def demo(request):
     return request.param
 
 
-def test_greedy_generation_matches_llama_cpp(demo):
-    inf = lugh.Inference(model(demo))
+def test_greedy_generation_matches_llama_cpp(demo, device):
+    inf = lugh.Inference(model(demo), device=device)
     for case in GREEDY[demo.name]:
         out = inf.generate(case["prompt_ids"], max_tokens=32, greedy=True)
         # Token for token, at least up to the first step where llama.cpp's top two logits were
@@ -30,8 +30,8 @@ def test_greedy_generation_matches_llama_cpp(demo):
         assert out[:exact] == case["greedy_ids"][:exact], case["prompt"]
 
 
-def test_greedy_generate_equals_an_argmax_loop_over_forward(demo):
-    inf = lugh.Inference(model(demo))
+def test_greedy_generate_equals_an_argmax_loop_over_forward(demo, device):
+    inf = lugh.Inference(model(demo), device=device)
     prompt = GREEDY[demo.name][0]["prompt_ids"]
     tokens = list(prompt)
     for _ in range(8):

@@ -21,19 +21,19 @@ def test_f32_base_matches_transformers(f32_inference, ref):
     assert_close(logits, ref["base"], 1e-4, "f32 base vs transformers float64")
 
 
-def test_f16_base_matches_transformers(fixture_dir, ref):
-    inf = lugh.Inference(model(fixture_dir / "base-f16.gguf"))
+def test_f16_base_matches_transformers(fixture_dir, ref, device):
+    inf = lugh.Inference(model(fixture_dir / "base-f16.gguf"), device=device)
     assert_close(inf.forward_all(ref["tokens"]), ref["base"], 5e-3, "f16 base vs transformers")
 
 
 @pytest.mark.parametrize("quant", QUANTS)
-def test_quantized_bases_match_llama_cpp(fixture_dir, ref, quant):
+def test_quantized_bases_match_llama_cpp(fixture_dir, ref, quant, device):
     """Path checked: ggml numerics (activations quantized to 8 bits inside the matmuls, as
     llama.cpp does), so the reference is llama.cpp's own logits, tolerance 2e-2."""
     path = fixture_dir / f"base-{quant}.gguf"
     if not path.exists():
         pytest.skip(f"no {quant} base in this fixture")
-    logits = lugh.Inference(model(path)).forward_all(ref["tokens"])
+    logits = lugh.Inference(model(path), device=device).forward_all(ref["tokens"])
     assert_close(logits, ref[f"llamacpp_{quant}_base"], 2e-2, f"{quant} vs llama.cpp")
     # ... and it stays as far from exact math as llama.cpp itself does (3-5 %).
     assert rel_err(logits, ref[f"dequant_{quant}_base"]) < 0.08
@@ -83,7 +83,7 @@ def test_batch_continues_caches(f32_inference, ref):
 def test_pool_equals_forward(f32_inference, ref):
     tokens = ref["tokens"]
     pool = f32_inference.create_memory_pool()
-    assert pool.backend == "cpu"
+    assert pool.backend == f32_inference.device
     for n in (len(tokens), 3, len(tokens)):
         expected = f32_inference.forward(tokens[:n])
         assert_close(f32_inference.forward_pool(pool, tokens[:n]), expected, 1e-6, "pool")

@@ -73,7 +73,7 @@ def test_accessors(f32_inference, fixture_dir):
 
 
 @pytest.mark.parametrize("quant", ["q8_0", "q4_0", "q4_k_m", "q6_k"])
-def test_adapter_on_quantized_bases_matches_llama_cpp(fixture_dir, ref, quant):
+def test_adapter_on_quantized_bases_matches_llama_cpp(fixture_dir, ref, quant, device):
     """Path checked: ggml numerics (8-bit activations in the base matmuls), reference
     llama.cpp with the same adapter, tolerance 2e-2."""
     path = fixture_dir / f"base-{quant}.gguf"
@@ -81,7 +81,7 @@ def test_adapter_on_quantized_bases_matches_llama_cpp(fixture_dir, ref, quant):
         pytest.skip(f"no {quant} base in this fixture")
     m = model(path)
     lora = lugh.LoRA(fixture_dir / "lora-qv.gguf", m)
-    logits = lugh.Inference(m).forward_all(ref["tokens"], lora=lora)
+    logits = lugh.Inference(m, device=device).forward_all(ref["tokens"], lora=lora)
     assert_close(logits, ref[f"llamacpp_{quant}_qv_scale1.0"], 2e-2, f"{quant} + qv vs llama.cpp")
 
 

@@ -222,10 +222,10 @@ def test_adamw_reproduces_the_pytorch_loss_curve(f32_inference, grads_ref, fixtu
     assert worst < 1e-3, f"loss curve differs by {worst:.2e} relative (tolerance 1e-3)"
 
 
-def test_finite_differences_on_a_quantized_base(fixture_dir, ref):
+def test_finite_differences_on_a_quantized_base(fixture_dir, ref, device):
     """Central differences of the exact (f32) training loss on a q8_0 base, for the weights
     with the largest gradients."""
-    inf = lugh.Inference(model(fixture_dir / "base-q8_0.gguf"))
+    inf = lugh.Inference(model(fixture_dir / "base-q8_0.gguf"), device=device)
     t = lugh.LoRA.create(inf.model, rank=2, alpha=4.0, targets=("attn_q", "ffn_down"), seed=1)
     rng = np.random.default_rng(0)
     for p in t.trainable_parameters()[1::2]:

@@ -73,6 +73,13 @@ impl DeviceWeight {
     /// rounded to 8-bit blocks as ggml does) and half weights times half activations.
     pub fn matmul(&self, x: &Tensor, numerics: Numerics) -> Result<Tensor> {
         Ok(match (self, numerics) {
+            // candle's CPU kernels for Q8_0 round activations in blocks of 256 (Q8_K), not
+            // ggml's 32: emulate ggml's rounding, then multiply in f32.
+            (DeviceWeight::Quantized { qtensor, .. }, Numerics::Ggml)
+                if qtensor.dtype() == GgmlDType::Q8_0 && x.device().is_cpu() =>
+            {
+                round_to_q8_0(x)?.matmul(&self.to_f32()?.t()?)?
+            }
             (DeviceWeight::Quantized { qmatmul, .. }, Numerics::Ggml) => qmatmul.forward(x)?,
             (DeviceWeight::Dense(w), Numerics::Ggml) if w.dtype() != DType::F32 => x
                 .to_dtype(w.dtype())?
@@ -82,6 +89,18 @@ impl DeviceWeight {
             _ => x.matmul(&self.to_f32()?.t()?)?,
         })
     }
+}
+
+/// `x` (`[rows, k]`) rounded as ggml rounds a Q8_0 dot product's activations, back in f32:
+/// blocks of 32 values, `q = round(x / d)` with `d = max|x| / 127`, times `d` stored in f16.
+fn round_to_q8_0(x: &Tensor) -> Result<Tensor> {
+    let (rows, k) = x.dims2()?;
+    let blocks = x.reshape((rows, k / 32, 32))?;
+    let d = (blocks.abs()?.max_keepdim(2)? / 127.0)?;
+    let inv_d = d.gt(0.0)?.where_cond(&d.recip()?, &d.zeros_like()?)?;
+    let q = blocks.broadcast_mul(&inv_d)?.round()?;
+    let d_f16 = d.to_dtype(DType::F16)?.to_dtype(DType::F32)?;
+    Ok(q.broadcast_mul(&d_f16)?.reshape((rows, k))?)
 }
 
 /// One block's weights on the device.
