@@ -30,7 +30,8 @@ def test_info(capsys):
     assert "blk.1.ffn_down.weight" in out and "q4_k" in out
 
 
-def test_generate_streams_the_greedy_continuation(capsys):
+@pytest.mark.parametrize("device", ["cpu", "candle-cpu"])
+def test_generate_streams_the_greedy_continuation(capsys, device):
     code, out, _ = run(
         capsys,
         "generate",
@@ -42,6 +43,8 @@ def test_generate_streams_the_greedy_continuation(capsys):
         "11",
         "--temperature",
         "0",
+        "--device",
+        device,
     )
     assert code == 0
     assert out.strip() == "Return the current size of the currently selected data."

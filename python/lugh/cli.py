@@ -25,6 +25,9 @@ def human_bytes(n: float) -> str:
 # --- info -----------------------------------------------------------------------------------
 
 
+DEVICE_HELP = "where to run: cpu (default), candle-cpu, cuda[:N], metal[:N] (see lugh.devices())"
+
+
 def cmd_info(args) -> int:
     m = lugh.Model(args.model)
     print(f"file          {m.filename}")
@@ -81,7 +84,7 @@ def stream_text(tokenizer, prompt: list, tokens) -> None:
 
 def cmd_generate(args) -> int:
     m = lugh.Model(args.model)
-    inf = lugh.Inference(m, n_ctx=args.ctx, n_threads=args.threads)
+    inf = lugh.Inference(m, n_ctx=args.ctx, n_threads=args.threads, device=args.device)
     loras = load_loras(m, args.lora or [], args.lora_scale or [])
     tokenizer = lugh.Tokenizer(m)
     prompt = tokenizer.encode(args.prompt, add_bos=True)
@@ -164,7 +167,7 @@ def progress_callback(total_steps: int, label: str = "training"):
 
 def cmd_finetune(args) -> int:
     m = lugh.Model(args.model)
-    inf = lugh.Inference(m, n_threads=args.threads)
+    inf = lugh.Inference(m, n_threads=args.threads, device=args.device)
     if args.lora:
         lora = lugh.LoRA(args.lora, m).trainable_copy()
     else:
@@ -246,7 +249,13 @@ def cmd_merge(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    return demo.run(steps=args.steps, seconds=args.seconds, out=args.out, threads=args.threads)
+    return demo.run(
+        steps=args.steps,
+        seconds=args.seconds,
+        out=args.out,
+        threads=args.threads,
+        device=args.device,
+    )
 
 
 # --- parser ---------------------------------------------------------------------------------
@@ -275,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--ctx", type=int, help="context size (default: the model's)")
     p.add_argument("--threads", type=int)
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.set_defaults(run=cmd_generate)
 
     p = sub.add_parser("finetune", help="train a LoRA adapter on text or JSONL")
@@ -303,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", action="store_true", help="recompute activations to save memory")
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int)
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.set_defaults(run=cmd_finetune)
 
     p = sub.add_parser("convert", help="PEFT -> GGUF adapter, or GGUF -> PEFT")
@@ -331,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--out", help="where to save the adapter (default: a temporary folder)")
     p.add_argument("--threads", type=int)
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.set_defaults(run=cmd_demo)
     return parser
 

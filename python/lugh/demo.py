@@ -59,16 +59,18 @@ def run(
     seconds: float = 60.0,
     out: str | None = None,
     threads: int | None = None,
+    device: str = "cpu",
 ) -> int:
-    """Runs the demo; returns the process exit code (0 when the reload check passes)."""
+    """Runs the demo on `device`; returns the process exit code (0 when the reload check
+    passes)."""
     started = time.perf_counter()
     model = lugh.Model(MODEL)
-    inf = lugh.Inference(model, n_threads=threads)
+    inf = lugh.Inference(model, n_threads=threads, device=device)
     tokenizer = lugh.Tokenizer(model)
     say(
         f"lugh {lugh.__version__} demo: {MODEL.name}, {model.architecture}, "
         f"{model.n_layer} layers, width {model.n_embd}, vocabulary {model.n_vocab}, "
-        f"{inf.n_threads} threads"
+        f"{inf.n_threads} threads, device {inf.device}"
     )
     say()
     say("Base model (greedy):")
