@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,8 @@ import lugh
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ARCHS = ["tiny-llama", "tiny-qwen2"]
-DEVICES = ["cpu", "candle-cpu"]
+# Where the reference tests run; a GPU run sets LUGH_TEST_DEVICES=cuda (benches/gpu/).
+DEVICES = os.environ.get("LUGH_TEST_DEVICES", "cpu,candle-cpu").split(",")
 DEMO_F16 = Path(lugh.__file__).parent / "data" / "lugh-demo-4m-f16.gguf"
 DEMO_Q8 = FIXTURES / "models" / "lugh-demo-4m-q8_0.gguf"
 
