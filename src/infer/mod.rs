@@ -26,7 +26,7 @@ macro_rules! with_backend {
                 $body
             }
             $crate::infer::Engine::Candle(model) => {
-                let $b = model;
+                let $b = model.as_ref();
                 $body
             }
         }
@@ -51,7 +51,7 @@ pub(crate) enum Engine {
     /// lugh's kernels on the mapped weights.
     Cpu,
     /// The weights uploaded to a candle device.
-    Candle(CandleModel),
+    Candle(Box<CandleModel>),
 }
 
 /// A model ready to run: device, context size and threads fixed at creation.
@@ -104,7 +104,7 @@ impl Inference {
             .map_err(|e| Error::invalid("n_threads", e.to_string()))?;
         let engine = match device {
             Device::Cpu => Engine::Cpu,
-            device => Engine::Candle(CandleModel::new(&model, device)?),
+            device => Engine::Candle(Box::new(CandleModel::new(&model, device)?)),
         };
         Ok(Inference {
             model,
