@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import lugh
-from conftest import FIXTURES
+from conftest import DEVICES, FIXTURES
 
 LLAMA = FIXTURES / "tiny-llama"
 ROUNDS = 16
@@ -23,9 +23,9 @@ def ref():
     return np.load(LLAMA / "reference_logits.npz")
 
 
-@pytest.fixture(scope="module")
-def inference():
-    return lugh.Inference(lugh.Model(LLAMA / "base-q4_0.gguf"), n_threads=2)
+@pytest.fixture(scope="module", params=DEVICES)
+def inference(request):
+    return lugh.Inference(lugh.Model(LLAMA / "base-q4_0.gguf"), n_threads=2, device=request.param)
 
 
 def work(inference, lora, tokens):

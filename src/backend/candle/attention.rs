@@ -65,15 +65,19 @@ impl Shape {
 }
 
 /// Scaled scores `q kᵀ / √d` with future keys at -∞: `[n_head, rows, keys]`; the rows are
-/// positions `pos0 ..`.
+/// positions `pos0 ..` (a single row sees every key: no mask).
 fn scores(shape: Shape, pos0: usize, q: &Tensor, k: &Tensor) -> Result<Tensor> {
     let rows = q.dims()[1];
     let keys = k.dims()[1];
+    let scores = (q.matmul(&k.t()?)? * shape.scale())?;
+    if rows == 1 {
+        return Ok(scores);
+    }
     let mask: Vec<f32> = (0..rows)
         .flat_map(|t| (0..keys).map(move |j| if j > pos0 + t { f32::NEG_INFINITY } else { 0.0 }))
         .collect();
     let mask = Tensor::from_vec(mask, (1, rows, keys), q.device())?;
-    Ok((q.matmul(&k.t()?)? * shape.scale())?.broadcast_add(&mask)?)
+    Ok(scores.broadcast_add(&mask)?)
 }
 
 /// One sequence: queries `[rows, q_dim]` at positions `pos0 ..`, keys and values
