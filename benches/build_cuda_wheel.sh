@@ -3,16 +3,17 @@
 # driver, to be copied to a GPU machine and installed there:
 #
 #   . .venv-bench/bin/activate            # any venv: maturin and NVIDIA's nvcc wheels go into it
-#   benches/build_cuda_wheel.sh           # prints the wheel's path; ~15-20 min on 2 cores
+#   benches/build_cuda_wheel.sh           # prints the wheel's path; ~13 min cold on 2 cores
 #
 # Environment: CUDA_COMPUTE_CAP (default 90: H100/H200), CUDAFORGE_THREADS (nvcc jobs, default
 # every core), CARGO_BUILD_JOBS, CARGO_TARGET_DIR (default target/cuda-wheel).
 #
-# The module links (cudarc's `dynamic-linking`, candle-kernels' cudart) against libcuda.so.1,
-# libnvrtc.so.13, libcurand.so.10, libcublas.so.13, libcublasLt.so.13 and libcudart.so.13.
-# None of them is bundled (--auditwheel skip) and there is no rpath to them, so on the GPU
-# machine the loader must find them: libcuda.so.1 comes with the driver, the others with
-# PyTorch's CUDA 13 wheels (or `pip install "cuda-toolkit[cudart,nvrtc,cublas,curand]==13.0.*"`),
+# The link asks (cudarc's `dynamic-linking`, candle-kernels' cudart) for libcuda.so.1,
+# libnvrtc.so.13, libcurand.so.10, libcublas.so.13, libcublasLt.so.13 and libcudart.so.13; the
+# module keeps those it calls (printed at the end; with candle 0.11.1: libcuda, libcurand,
+# libcublas, libcudart). None of them is bundled (--auditwheel skip) and there is no rpath to
+# them, so on the GPU machine the loader must find them: libcuda.so.1 comes with the driver, the
+# others with PyTorch's CUDA 13 wheels (or `pip install "cuda-toolkit[cudart,nvrtc,cublas,curand]==13.0.*"`),
 # all in site-packages/nvidia/cu13/lib. Set before importing lugh:
 #
 #   export LD_LIBRARY_PATH="$(python -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "lib"))')${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
@@ -25,22 +26,8 @@ export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"  # cudaforge cannot ask nvidia
 
 # nvcc (candle-kernels' build script compiles its .cu files; cudarc reads `nvcc --version`)
 # and the real libcudart.so.13, from NVIDIA's pip wheels under site-packages/nvidia/cu13.
-python -m pip install --quiet "maturin>=1.9.4,<2.0" "cuda-toolkit[nvcc,cccl]==13.0.*"
-CUDA_HOME="$(python - <<'EOF'
-import os, nvidia  # a namespace package: look in each of its folders
-for p in nvidia.__path__:
-    d = os.path.join(p, "cu13")
-    if os.path.isfile(os.path.join(d, "bin", "nvcc")):
-        print(d)
-        break
-else:
-    raise SystemExit("no nvidia/cu13/bin/nvcc in site-packages")
-EOF
-)"
-export CUDA_HOME PATH="$CUDA_HOME/bin:$PATH"
-nvcc_release="$(nvcc --version | sed -n 's/.*release \([0-9.]*\),.*/\1/p')"
-echo "nvcc $nvcc_release ($(command -v nvcc))"
-[ "$nvcc_release" = "13.0" ] || { echo "expected nvcc 13.0, got '$nvcc_release'" >&2; exit 1; }
+python -m pip install --quiet "maturin>=1.9.4,<2.0"
+. .ci/cuda_toolkit.sh
 
 # Link-only stubs: no package ships a libcuda.so for a machine without a driver, and the real
 # nvrtc/cuBLAS/cuRAND (~1 GB) are not needed to link. Each stub defines, as empty functions,
