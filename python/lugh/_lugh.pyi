@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -214,6 +215,16 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str: ...
     def token_to_piece(self, id: int) -> str: ...
     def is_eog(self, id: int) -> bool: ...
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        template: str | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> str: ...
+    @property
+    def chat_template(self) -> str | None: ...
     @property
     def n_vocab(self) -> int: ...
     @property

@@ -1,6 +1,8 @@
 //! `lugh.Tokenizer`.
 
+use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 
 use super::errors::IntoPyResult;
 use super::model::PyModel;
@@ -45,6 +47,45 @@ impl PyTokenizer {
         self.inner.is_eog(id)
     }
 
+    /// `messages` (`[{"role": ..., "content": ...}, ...]`) as the prompt text the model's chat
+    /// template (or `template`) renders, as transformers' `apply_chat_template(...,
+    /// tokenize=False)` does. `tools` and other keyword arguments become template variables
+    /// (`enable_thinking=False`, `date_string=...`).
+    #[pyo3(signature = (messages, add_generation_prompt=true, template=None, tools=None, **kwargs))]
+    fn apply_chat_template(
+        &self,
+        py: Python<'_>,
+        messages: &Bound<'_, PyAny>,
+        add_generation_prompt: bool,
+        template: Option<&str>,
+        tools: Option<&Bound<'_, PyAny>>,
+        kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<String> {
+        let messages = to_json(py, messages, "messages")?;
+        let mut extra = serde_json::Map::new();
+        if let Some(kwargs) = kwargs {
+            if let serde_json::Value::Object(map) =
+                to_json(py, kwargs.as_any(), "keyword arguments")?
+            {
+                extra = map;
+            }
+        }
+        if let Some(tools) = tools {
+            extra.insert("tools".into(), to_json(py, tools, "tools")?);
+        }
+        py.detach(|| {
+            self.inner
+                .apply_chat_template(&messages, add_generation_prompt, template, &extra)
+        })
+        .py()
+    }
+
+    /// The chat template of the model's GGUF (`tokenizer.chat_template`), or None.
+    #[getter]
+    fn chat_template(&self) -> Option<String> {
+        self.inner.chat_template().map(str::to_string)
+    }
+
     #[getter]
     fn n_vocab(&self) -> usize {
         self.inner.n_vocab()
@@ -59,4 +100,14 @@ impl PyTokenizer {
     fn eos_id(&self) -> Option<u32> {
         self.inner.eos_id()
     }
+}
+
+/// A JSON-compatible Python value (dicts, lists, strings, numbers, None) as JSON.
+fn to_json(py: Python<'_>, value: &Bound<'_, PyAny>, what: &str) -> PyResult<serde_json::Value> {
+    let text: String = py
+        .import("json")?
+        .call_method1("dumps", (value,))
+        .map_err(|e| PyTypeError::new_err(format!("{what} must be JSON-compatible: {e}")))?
+        .extract()?;
+    serde_json::from_str(&text).map_err(|e| PyTypeError::new_err(format!("{what}: {e}")))
 }

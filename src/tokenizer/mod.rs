@@ -8,6 +8,7 @@
 
 mod bpe;
 mod byte_level;
+mod chat;
 mod decode;
 mod merge;
 mod partition;
@@ -16,6 +17,8 @@ mod special;
 mod spm;
 mod unicode;
 mod vocab;
+
+pub use chat::{ChatTemplate, CHAT_TEMPLATE};
 
 use bpe::Bpe;
 use decode::Spelling;
@@ -58,6 +61,8 @@ pub struct Tokenizer {
     special_search_order: Vec<u32>,
     /// Each token's bytes with special tokens rendered (llama.cpp's `cache_token_to_piece`).
     pieces: Vec<Vec<u8>>,
+    /// `tokenizer.chat_template`, if the file has one.
+    chat_template: Option<String>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -145,7 +150,41 @@ impl Tokenizer {
             clean_spaces,
             special_search_order,
             pieces,
+            chat_template: file.get_str(CHAT_TEMPLATE)?.map(str::to_string),
         })
+    }
+
+    /// The chat template of the file, if it has one.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
+    }
+
+    /// `messages` (a JSON list of `{"role": ..., "content": ...}`) as prompt text, rendered by
+    /// `template` or else the file's own, with `extra` template variables (`tools`, ...).
+    pub fn apply_chat_template(
+        &self,
+        messages: &serde_json::Value,
+        add_generation_prompt: bool,
+        template: Option<&str>,
+        extra: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String> {
+        let source = template.or(self.chat_template()).ok_or_else(|| {
+            Error::invalid(
+                "template",
+                "this model's GGUF has no tokenizer.chat_template: pass the template to use",
+            )
+        })?;
+        let text = |id: Option<u32>| {
+            id.and_then(|id| self.vocab.texts.get(id as usize))
+                .cloned()
+                .unwrap_or_default()
+        };
+        let template = ChatTemplate::new(
+            source.to_string(),
+            text(self.special.bos),
+            text(self.special.eos),
+        );
+        template.render(messages, add_generation_prompt, extra)
     }
 
     /// The token ids of `text`. `add_special` adds BOS and/or EOS as the vocabulary asks
