@@ -106,7 +106,8 @@ def cmd_generate(args) -> int:
 
 
 def read_texts(path: Path) -> list:
-    """JSONL: a "text" field per line (or "prompt" + "completion"); other files: paragraphs."""
+    """JSONL: a "text" field per line (or "prompt" + "completion"), or chat records
+    ({"messages": [...]}, kept whole); other files: paragraphs."""
     raw = path.read_text(encoding="utf-8")
     if path.suffix in (".jsonl", ".json"):
         texts = []
@@ -119,14 +120,19 @@ def read_texts(path: Path) -> list:
                 raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
             if isinstance(record, str):
                 texts.append(record)
+            elif "messages" in record:
+                texts.append(record)
             elif "text" in record:
                 texts.append(record["text"])
             elif "prompt" in record and "completion" in record:
                 texts.append(record["prompt"] + record["completion"])
             else:
                 raise ValueError(
-                    f"{path}:{number}: expected a 'text' field or 'prompt' and 'completion'"
+                    f"{path}:{number}: expected a 'text' field, 'prompt' and 'completion', "
+                    "or 'messages'"
                 )
+        if len({isinstance(t, str) for t in texts}) > 1:
+            raise ValueError(f"{path}: mixes chat records ('messages') with texts")
         return texts
     return [p.strip() for p in raw.split("\n\n") if p.strip()]
 
@@ -190,6 +196,8 @@ def cmd_finetune(args) -> int:
         warmup_steps=args.warmup,
         checkpoint=args.checkpoint,
         seed=args.seed or 0,
+        chat_template=Path(args.chat_template).read_text() if args.chat_template else None,
+        assistant_only_loss=not args.all_tokens,
     )
     windows = trainer.windows(texts)
     per_step = args.batch * args.grad_accum
@@ -311,6 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-every", type=int, default=0, help="eval loss every N steps on 10%% held out"
     )
     p.add_argument("--checkpoint", action="store_true", help="recompute activations to save memory")
+    p.add_argument(
+        "--chat-template", help="Jinja file for chat records (default: the model's own template)"
+    )
+    p.add_argument(
+        "--all-tokens",
+        action="store_true",
+        help="chat records: score every token, not only the assistant's",
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int)
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)

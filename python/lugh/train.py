@@ -5,23 +5,96 @@
     loss.backward()                                      # exact dL/dA, dL/dB into the adapter
 
 `Trainer` runs whole steps in Rust (forward, loss a block of rows at a time, backward) with
-the GIL released, and reports loss, tokens/s and eval loss through a callback.
+the GIL released, and reports loss, tokens/s and eval loss through a callback. It trains on
+text, token sequences, or conversations (`{"messages": [...]}`) rendered with the model's chat
+template, scoring the assistant's tokens only by default.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Any, Callable, Union
 
 from lugh._lugh import cross_entropy_loss, eval_loss, forward, train_step
 from lugh.optim import AdamW, LRScheduler, clip_grad_norm
 
-__all__ = ["StepReport", "Trainer", "cross_entropy_loss", "eval_loss", "forward", "train_step"]
+__all__ = [
+    "StepReport",
+    "Trainer",
+    "Window",
+    "chat_tokens",
+    "cross_entropy_loss",
+    "eval_loss",
+    "forward",
+    "train_step",
+]
 
-Data = Union[str, Sequence[str], Sequence[Sequence[int]]]
+IGNORE_INDEX = -100
+
+Data = Union[str, Sequence[str], Sequence[Sequence[int]], Sequence[Mapping[str, Any]]]
+
+
+@dataclass
+class Window:
+    """One training sequence: its tokens and, per position, the token it must predict
+    (`-100`: not scored); `targets=None` scores every next token."""
+
+    tokens: list[int]
+    targets: list[int] | None = None
+
+    def next_token_targets(self) -> list[int]:
+        """The targets, spelled out."""
+        if self.targets is not None:
+            return self.targets
+        return self.tokens[1:] + [IGNORE_INDEX]
+
+    def n_scored(self) -> int:
+        return sum(t != IGNORE_INDEX for t in self.next_token_targets())
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def chat_tokens(
+    tokenizer,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    template: str | None = None,
+    assistant_only: bool = True,
+) -> Window:
+    """A conversation as a training sequence: rendered by the chat template and tokenized as
+    transformers does (`apply_chat_template(..., tokenize=True)`: special-token texts become
+    their tokens, nothing is added). With `assistant_only`, only the assistant's tokens are
+    scored (its turns' content and end-of-turn tokens), as TRL's `assistant_only_loss` does:
+    each assistant turn spans from the end of the conversation before it, rendered with the
+    generation prompt, to the end of the conversation through it."""
+
+    def encode(conversation: Sequence[Mapping[str, Any]], prompt: bool) -> list[int]:
+        text = tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=prompt, template=template
+        )
+        return tokenizer.encode(text, add_bos=False, parse_special=True)
+
+    tokens = encode(messages, False)
+    scored = [not assistant_only] * len(tokens)
+    if assistant_only:
+        for k, message in enumerate(messages):
+            if message.get("role") != "assistant":
+                continue
+            start = _common_prefix(encode(messages[:k], True), tokens)
+            end = _common_prefix(encode(messages[: k + 1], False), tokens)
+            scored[start:end] = [True] * (end - start)
+    targets = [t if ok else IGNORE_INDEX for t, ok in zip(tokens[1:], scored[1:])]
+    return Window(tokens, targets + [IGNORE_INDEX])
 
 
 @dataclass
@@ -40,12 +113,16 @@ class StepReport:
 
 
 class Trainer:
-    """Fine-tunes a trainable `lugh.LoRA` on text or token sequences.
+    """Fine-tunes a trainable `lugh.LoRA` on text, token sequences or conversations.
 
     Texts are tokenized (BOS first), joined and cut into windows of `seq_len` tokens; token
-    sequences longer than `seq_len` are cut the same way. Each step averages the next-token
-    loss over `batch_size × grad_accum` windows, clips the gradient norm to `max_grad_norm`
-    (None: no clipping) and updates with AdamW under the chosen learning-rate schedule.
+    sequences longer than `seq_len` are cut the same way. Conversations (`{"messages": [...]}`
+    records) are rendered with the model's chat template (or `chat_template`), one window each
+    (cut at `seq_len`), so that attention never crosses from one conversation to another; the
+    loss is on the assistant's tokens unless `assistant_only_loss=False`. Each step averages
+    the loss over the scored tokens of `batch_size × grad_accum` windows, clips the gradient
+    norm to `max_grad_norm` (None: no clipping) and updates with AdamW under the chosen
+    learning-rate schedule.
     """
 
     def __init__(
@@ -65,6 +142,8 @@ class Trainer:
         tokenizer=None,
         optimizer=None,
         seed: int = 0,
+        chat_template: str | None = None,
+        assistant_only_loss: bool = True,
     ) -> None:
         if not lora.trainable:
             raise ValueError("the adapter is not trainable: use lora.trainable_copy()")
@@ -80,22 +159,48 @@ class Trainer:
         self.warmup_steps = warmup_steps
         self.checkpoint = checkpoint
         self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.assistant_only_loss = assistant_only_loss
         self.params = lora.trainable_parameters()
         self.optimizer = optimizer or AdamW(self.params, lr=lr, weight_decay=weight_decay)
         self.rng = random.Random(seed)
         self.step = 0
 
-    def windows(self, data: Data) -> list:
-        """Token windows of at most `seq_len` from texts or token sequences."""
+    def _tokenizer(self):
+        if self.tokenizer is None:
+            from lugh import Tokenizer
+
+            self.tokenizer = Tokenizer(self.inference.model)
+        return self.tokenizer
+
+    def windows(self, data: Data) -> list[Window]:
+        """Training windows of at most `seq_len` tokens from texts, token sequences or chat
+        records (windows pass through)."""
         if isinstance(data, str):
             data = [data]
         items = list(data)
+        if items and all(isinstance(item, Window) for item in items):
+            return items
+        if items and isinstance(items[0], Mapping):
+            windows = []
+            for record in items:
+                if "messages" not in record:
+                    raise ValueError('a chat record needs "messages": [{"role", "content"}, ...]')
+                w = chat_tokens(
+                    self._tokenizer(),
+                    record["messages"],
+                    template=self.chat_template,
+                    assistant_only=self.assistant_only_loss,
+                )
+                tokens = w.tokens[: self.seq_len]
+                w = Window(tokens, w.targets[: len(tokens) - 1] + [IGNORE_INDEX])
+                if w.n_scored() > 0:
+                    windows.append(w)
+            if not windows:
+                raise ValueError("no conversation has an assistant token within seq_len")
+            return windows
         if items and isinstance(items[0], str):
-            tokenizer = self.tokenizer
-            if tokenizer is None:
-                from lugh import Tokenizer
-
-                tokenizer = self.tokenizer = Tokenizer(self.inference.model)
+            tokenizer = self._tokenizer()
             stream = [t for text in items for t in tokenizer.encode(text, add_bos=True)]
             items = [stream]
         windows = []
@@ -104,17 +209,23 @@ class Trainer:
             for start in range(0, len(seq), self.seq_len):
                 window = seq[start : start + self.seq_len]
                 if len(window) >= 2:
-                    windows.append(window)
+                    windows.append(Window(window))
         if not windows:
             raise ValueError("no training window of at least 2 tokens in the data")
         return windows
 
     def evaluate(self, data: Data) -> float:
-        """Mean next-token loss over `data` with the adapter as it is (no gradient)."""
+        """Mean loss over the scored tokens of `data` with the adapter as it is (no gradient)."""
         windows = self.windows(data)
         total, count = 0.0, 0
         for i in range(0, len(windows), self.batch_size):
-            loss_sum, n = eval_loss(self.inference, windows[i : i + self.batch_size], self.lora)
+            batch = windows[i : i + self.batch_size]
+            loss_sum, n = eval_loss(
+                self.inference,
+                [w.tokens for w in batch],
+                self.lora,
+                targets=[w.next_token_targets() for w in batch],
+            )
             total, count = total + loss_sum, count + n
         return total / count
 
@@ -150,14 +261,15 @@ class Trainer:
         tokens_seen = 0
         for step, batches in zip(range(total_steps), self._step_batches(windows)):
             step_started = time.perf_counter()
-            normalizer = sum(len(w) - 1 for batch in batches for w in batch)
+            normalizer = sum(w.n_scored() for batch in batches for w in batch)
             self.optimizer.zero_grad()
             loss_sum = 0.0
             for batch in batches:
                 loss, _ = train_step(
                     self.inference,
-                    batch,
+                    [w.tokens for w in batch],
                     self.lora,
+                    targets=[w.next_token_targets() for w in batch],
                     normalizer=normalizer,
                     checkpoint=self.checkpoint,
                 )
@@ -169,7 +281,7 @@ class Trainer:
             self.optimizer.step()
             scheduler.step()
             self.step += 1
-            n_tokens = sum(len(w) for batch in batches for w in batch)
+            n_tokens = sum(len(w.tokens) for batch in batches for w in batch)
             tokens_seen += n_tokens
             now = time.perf_counter()
             report = StepReport(
