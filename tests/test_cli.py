@@ -225,3 +225,25 @@ def test_demo_in_a_shortened_mode(tmp_path):
     assert "Base model (greedy):" in result.stdout and "With the adapter (greedy):" in result.stdout
     assert "OK: demo finished" in result.stdout
     assert (tmp_path / "demo-adapter.gguf").exists()
+
+
+def test_finetune_on_chat_records(tmp_path, capsys):
+    template = FIXTURES / "chat_templates" / "phi-3.5.jinja"
+    data = tmp_path / "chat.jsonl"
+    record = {
+        "messages": [
+            {"role": "user", "content": "Ping?"},
+            {"role": "assistant", "content": "Pong."},
+        ]
+    }
+    data.write_text("\n".join(json.dumps(record) for _ in range(4)))
+    common = ["finetune", "-m", DEMO_F16, "--data", data, "--steps", "2", "--batch", "2"]
+    code, _, err = run(capsys, *common, "--out", tmp_path / "a.gguf")
+    assert code == 1 and "no tokenizer.chat_template" in err
+    code, _, err = run(capsys, *common, "--chat-template", template, "--out", tmp_path / "a.gguf")
+    assert code == 0, err
+    assert (tmp_path / "a.gguf").exists()
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps(record) + "\n" + json.dumps({"text": "x"}))
+    code, _, err = run(capsys, "finetune", "-m", DEMO_F16, "--data", mixed, "--out", tmp_path / "b")
+    assert code == 1 and "mixes chat records" in err
