@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -247,3 +248,60 @@ def test_finetune_on_chat_records(tmp_path, capsys):
     mixed.write_text(json.dumps(record) + "\n" + json.dumps({"text": "x"}))
     code, _, err = run(capsys, "finetune", "-m", DEMO_F16, "--data", mixed, "--out", tmp_path / "b")
     assert code == 1 and "mixes chat records" in err
+
+
+def test_chat_answers_each_turn_until_the_end_of_turn(tmp_path, capsys, monkeypatch):
+    """Two turns through `lugh chat`, and `generate --chat`, with an adapter trained to answer
+    "Pong.": each answer ends at the template's end-of-turn text, which the demo vocabulary
+    spells in pieces."""
+    template = FIXTURES / "chat_templates" / "phi-3.5.jinja"
+    m = lugh.Model(DEMO_F16)
+    inf = lugh.Inference(m, n_threads=2)
+    lora = lugh.LoRA.create(m, rank=8, alpha=16.0, targets=("attn_q", "attn_v", "ffn_down"), seed=0)
+    trainer = lugh.train.Trainer(
+        inf, lora, lr=3e-3, batch_size=2, chat_template=template.read_text(), seed=0
+    )
+    turn = [{"role": "user", "content": "Ping?"}, {"role": "assistant", "content": "Pong."}]
+    trainer.fit([{"messages": turn}, {"messages": turn + turn}], steps=40)
+    adapter = tmp_path / "pong.gguf"
+    lora.save(adapter)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Ping?\nPing?\n/exit\n"))
+    code, out, _ = run(
+        capsys, "chat", "-m", DEMO_F16, "--lora", adapter, "--chat-template", template, "-n", "8"
+    )
+    assert code == 0
+    assert out.count("Pong.") == 2, out
+    code, out, _ = run(
+        capsys,
+        "generate",
+        "--chat",
+        "-m",
+        DEMO_F16,
+        "--lora",
+        adapter,
+        "--chat-template",
+        template,
+        "-p",
+        "Ping?",
+        "--temperature",
+        "0",
+        "-n",
+        "8",
+    )
+    assert code == 0 and out.strip() == "Pong.", out
+
+
+def test_chat_session_feeds_only_new_tokens():
+    template = (FIXTURES / "chat_templates" / "phi-3.5.jinja").read_text()
+    m = lugh.Model(DEMO_F16)
+    inf = lugh.Inference(m)
+    session = lugh.chat.ChatSession(inf, lugh.Tokenizer(m), template=template)
+    messages = [{"role": "user", "content": "Hello there"}]
+    first = session.reply(messages, max_tokens=4)
+    n_after_first = session.cache.n_cached
+    messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "And?"}]
+    prompt = session.prompt_tokens(messages)
+    session.reply(messages, max_tokens=1)
+    # The second turn's prompt shares the first turn's tokens: the cache kept them.
+    assert session.fed[: len(prompt)] == prompt
+    assert n_after_first > len(session.prompt_tokens(messages[:1])) - 1

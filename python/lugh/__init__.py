@@ -5,7 +5,7 @@ llama.cpp GGUF files or PEFT directories, inference with the GIL released, and t
 hand-written backward pass whose gradients match PyTorch's.
 """
 
-from lugh import autograd, optim, train
+from lugh import autograd, chat, optim, train
 from lugh._lugh import (
     Inference,
     KVCache,
@@ -29,6 +29,7 @@ __all__ = [
     "Tokenizer",
     "__version__",
     "autograd",
+    "chat",
     "devices",
     "merge",
     "optim",

@@ -1,4 +1,4 @@
-"""The `lugh` command line: info, generate, finetune, convert, merge and demo."""
+"""The `lugh` command line: info, generate, chat, finetune, convert, merge and demo."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import lugh
 from lugh import demo
+from lugh.chat import ChatSession
 
 TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
@@ -82,7 +83,56 @@ def stream_text(tokenizer, prompt: list, tokens) -> None:
     print()
 
 
+def chat_session(args) -> tuple:
+    """The session `generate --chat` and `chat` talk through, and the opening messages."""
+    m = lugh.Model(args.model)
+    inf = lugh.Inference(m, n_ctx=args.ctx, n_threads=args.threads, device=args.device)
+    loras = load_loras(m, args.lora or [], args.lora_scale or [])
+    template = Path(args.chat_template).read_text() if args.chat_template else None
+    session = ChatSession(inf, lugh.Tokenizer(m), template=template, lora=loras or None)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    return session, messages
+
+
+def answer(session: ChatSession, messages: list, args) -> str:
+    """Streams the assistant's answer to stdout; returns it."""
+
+    def show(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    reply = session.reply(
+        messages,
+        max_tokens=args.n,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        on_text=show,
+    )
+    print()
+    return reply
+
+
+def cmd_chat(args) -> int:
+    session, messages = chat_session(args)
+    print("lugh chat: an empty line or /exit ends the conversation", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if line.strip() in ("", "/exit", "/quit"):
+            break
+        messages.append({"role": "user", "content": line})
+        messages.append({"role": "assistant", "content": answer(session, messages, args)})
+    return 0
+
+
 def cmd_generate(args) -> int:
+    if args.chat:
+        session, messages = chat_session(args)
+        answer(session, [*messages, {"role": "user", "content": args.prompt}], args)
+        return 0
     m = lugh.Model(args.model)
     inf = lugh.Inference(m, n_ctx=args.ctx, n_threads=args.threads, device=args.device)
     loras = load_loras(m, args.lora or [], args.lora_scale or [])
@@ -269,6 +319,22 @@ def cmd_demo(args) -> int:
 # --- parser ---------------------------------------------------------------------------------
 
 
+def model_arguments(p: argparse.ArgumentParser) -> None:
+    """What `generate` and `chat` share: the model, adapters, sampling and chat options."""
+    p.add_argument("--model", "-m", required=True)
+    p.add_argument("--lora", action="append", help="adapter (.gguf, PEFT dir); repeatable")
+    p.add_argument(
+        "--lora-scale", action="append", type=float, help="scale of each --lora, in order"
+    )
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--ctx", type=int, help="context size (default: the model's)")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    p.add_argument("--chat-template", help="Jinja file (default: the model's own template)")
+    p.add_argument("--system", help="a system message opening the conversation")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lugh", description=__doc__)
     parser.add_argument("--version", action="version", version=f"lugh {lugh.__version__}")
@@ -279,21 +345,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_info)
 
     p = sub.add_parser("generate", help="generate text, streamed")
-    p.add_argument("--model", "-m", required=True)
+    model_arguments(p)
     p.add_argument("--prompt", "-p", required=True)
-    p.add_argument("--lora", action="append", help="adapter (.gguf, PEFT dir); repeatable")
-    p.add_argument(
-        "--lora-scale", action="append", type=float, help="scale of each --lora, in order"
-    )
     p.add_argument("-n", type=int, default=128, help="tokens to generate (default 128)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
-    p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--ctx", type=int, help="context size (default: the model's)")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    p.add_argument(
+        "--chat", action="store_true", help="the prompt is a user message: answer it as a chat"
+    )
     p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("chat", help="an interactive chat, streamed, in the model's chat template")
+    model_arguments(p)
+    p.add_argument("-n", type=int, default=512, help="tokens per answer at most (default 512)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default)")
+    p.set_defaults(run=cmd_chat)
 
     p = sub.add_parser("finetune", help="train a LoRA adapter on text or JSONL")
     p.add_argument("--model", "-m", required=True)

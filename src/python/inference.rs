@@ -52,6 +52,11 @@ impl PyKVCache {
         lock(&self.inner).clear()
     }
 
+    /// Keeps only the first `n` positions (rewinds the sequence to them).
+    fn truncate(&self, n: usize) {
+        lock(&self.inner).truncate(n)
+    }
+
     /// Changes the capacity to `n_ctx` positions (dropping positions beyond it).
     fn resize(&self, n_ctx: usize) -> PyResult<()> {
         if n_ctx == 0 {
