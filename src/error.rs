@@ -72,6 +72,9 @@ pub enum Error {
     #[error("the model has no tensor weights (a vocabulary-only GGUF?): it cannot run inference")]
     NoWeights,
 
+    #[error("this GGUF is a LoRA adapter, not a base model: load it with lugh.LoRA(path, model)")]
+    AdapterNotModel,
+
     #[error(
         "adapter architecture '{adapter}' does not match the model's '{model}': is this adapter for another base model?"
     )]

@@ -305,3 +305,20 @@ def test_chat_session_feeds_only_new_tokens():
     # The second turn's prompt shares the first turn's tokens: the cache kept them.
     assert session.fed[: len(prompt)] == prompt
     assert n_after_first > len(session.prompt_tokens(messages[:1])) - 1
+
+
+def test_info_describes_adapters_and_vocabularies(capsys):
+    code, out, _ = run(capsys, "info", LLAMA / "lora-qv.gguf")
+    assert code == 0, out
+    assert "lora adapter" in out and "alpha         16.0" in out
+    assert "blk.0      attn_q r8, attn_v r8" in out
+    code, out, _ = run(capsys, "info", FIXTURES / "vocab" / "ggml-vocab-llama-bpe.gguf")
+    assert code == 0 and "128256 tokens (gpt2 tokenizer, pre llama-bpe)" in out, out
+    assert "bos 128000, eos 128001" in out
+
+
+def test_an_adapter_is_not_a_model():
+    m = lugh.Model(LLAMA / "lora-qv.gguf")
+    assert m.architecture == "llama" and m.get_kv("general.type") == "adapter"
+    with pytest.raises(ValueError, match="a LoRA adapter, not a base model"):
+        lugh.Inference(m)

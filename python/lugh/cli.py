@@ -29,12 +29,50 @@ def human_bytes(n: float) -> str:
 DEVICE_HELP = "where to run: cpu (default), candle-cpu, cuda[:N], metal[:N] (see lugh.devices())"
 
 
+def kv(m, key: str, default=None):
+    """A metadata value of `m`, or `default` when the file lacks the key."""
+    return m.get_kv(key) if key in m.kv_keys() else default
+
+
+def describe_adapter(m) -> None:
+    """Type, alpha, and rank and targets per layer, from an adapter's tensors."""
+    print(f"type          {kv(m, 'adapter.type', '?')} adapter (general.type = adapter)")
+    print(f"alpha         {kv(m, 'adapter.lora.alpha', 'none (llama.cpp: scale alone)')}")
+    layers: dict = {}
+    for name in m.tensor_names():
+        if not name.endswith(".lora_a") or not name.startswith("blk."):
+            continue
+        _, layer, target = name.split(".")[:3]
+        layers.setdefault(int(layer), []).append(f"{target} r{m.tensor_info(name)['shape'][0]}")
+    print(f"layers        {len(layers)} adapted")
+    for layer in sorted(layers):
+        print(f"  blk.{layer:<3}    {', '.join(layers[layer])}")
+
+
+def describe_tokenizer(m) -> None:
+    """The vocabulary a GGUF carries."""
+    model = kv(m, "tokenizer.ggml.model", "no")
+    pre = kv(m, "tokenizer.ggml.pre")
+    print(f"vocabulary    {m.n_vocab} tokens ({model} tokenizer{f', pre {pre}' if pre else ''})")
+    specials = [
+        f"{name} {kv(m, f'tokenizer.ggml.{name}_token_id')}"
+        for name in ("bos", "eos", "unk", "pad")
+        if kv(m, f"tokenizer.ggml.{name}_token_id") is not None
+    ]
+    if specials:
+        print(f"special ids   {', '.join(specials)}")
+    has_template = "tokenizer.chat_template" in m.kv_keys()
+    print(f"chat template {'yes' if has_template else 'no'}")
+
+
 def cmd_info(args) -> int:
     m = lugh.Model(args.model)
     print(f"file          {m.filename}")
     print(f"architecture  {m.architecture}")
-    tokenizer = m.get_kv("tokenizer.ggml.model") if "tokenizer.ggml.model" in m.kv_keys() else "no"
-    print(f"vocabulary    {m.n_vocab} tokens ({tokenizer} tokenizer)")
+    if kv(m, "general.type") == "adapter":
+        describe_adapter(m)
+    else:
+        describe_tokenizer(m)
     if m.n_layer is not None:
         print(f"layers        {m.n_layer}, width {m.n_embd}, feed-forward {m.n_ff}")
         print(f"heads         {m.n_head} query, {m.n_head_kv} key/value, {m.head_dim} per head")

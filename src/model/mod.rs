@@ -22,8 +22,9 @@ use crate::error::{Error, Result, ResultExt};
 use crate::gguf::GgufFile;
 use crate::ops::rope::Rope;
 
-/// An open model. Any GGUF opens; a file with tensors must also be a complete model of a
-/// supported architecture, checked here so that inference cannot fail on it later.
+/// An open model. Any GGUF opens (vocabulary-only files and adapters too, for their
+/// metadata); a file with a model's tensors must also be a complete model of a supported
+/// architecture, checked here so that inference cannot fail on it later.
 pub struct Model {
     file: GgufFile,
     runnable: Option<Runnable>,
@@ -43,12 +44,25 @@ impl Model {
 
     /// A model from an open GGUF (`GgufFile::open` or `GgufFile::from_bytes`).
     pub fn from_gguf(file: GgufFile) -> Result<Model> {
-        let runnable = if file.tensors().is_empty() {
+        let runnable = if file.tensors().is_empty() || Self::is_adapter(&file) {
             None
         } else {
             Some(Self::load(&file).in_file(file.path())?)
         };
         Ok(Model { file, runnable })
+    }
+
+    /// Whether `file` is an adapter (`general.type = adapter`, as llama.cpp writes them).
+    fn is_adapter(file: &GgufFile) -> bool {
+        file.get_str("general.type").ok().flatten() == Some("adapter")
+    }
+
+    /// Why this file cannot run.
+    fn not_runnable(&self) -> Error {
+        match Self::is_adapter(&self.file) {
+            true => Error::AdapterNotModel,
+            false => Error::NoWeights,
+        }
     }
 
     fn load(file: &GgufFile) -> Result<Runnable> {
@@ -93,7 +107,7 @@ impl Model {
         self.runnable
             .as_ref()
             .map(|r| (&r.config, &r.weights))
-            .ok_or(Error::NoWeights)
+            .ok_or_else(|| self.not_runnable())
     }
 
     pub fn config(&self) -> Option<&Config> {
@@ -126,7 +140,7 @@ impl Model {
         self.runnable
             .as_ref()
             .map(|r| &r.rope)
-            .ok_or(Error::NoWeights)
+            .ok_or_else(|| self.not_runnable())
     }
 }
 
