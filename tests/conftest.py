@@ -12,7 +12,7 @@ import pytest
 import lugh
 
 FIXTURES = Path(__file__).parent / "fixtures"
-ARCHS = ["tiny-llama", "tiny-qwen2"]
+ARCHS = ["tiny-llama", "tiny-qwen2", "tiny-qwen3"]
 # Where the reference tests run; a GPU run sets LUGH_TEST_DEVICES=cuda (benches/gpu/).
 DEVICES = os.environ.get("LUGH_TEST_DEVICES", "cpu,candle-cpu").split(",")
 DEMO_F16 = Path(lugh.__file__).parent / "data" / "lugh-demo-4m-f16.gguf"

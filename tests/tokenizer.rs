@@ -101,7 +101,7 @@ fn gpt2_vectors() {
 
 #[test]
 fn tiny_models_match_llama_cpp_and_sentencepiece() {
-    for model in ["tiny-llama", "tiny-qwen2"] {
+    for model in ["tiny-llama", "tiny-qwen2", "tiny-qwen3"] {
         let tokenizer = tokenizer(&format!("tests/fixtures/{model}/base-f32.gguf"));
         let reference = json(&format!("tests/fixtures/{model}/tokenizer_reference.json"));
         let texts = reference["texts"].as_array().unwrap();

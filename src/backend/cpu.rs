@@ -36,9 +36,12 @@ impl<'a> CpuBackend<'a> {
     }
 
     fn norm_weight(&self, norm: Norm) -> &[f32] {
+        let layer = |il: usize| &self.weights.layers[il];
         match norm {
-            Norm::Attn(il) => &self.weights.layers[il].attn_norm,
-            Norm::Ffn(il) => &self.weights.layers[il].ffn_norm,
+            Norm::Attn(il) => &layer(il).attn_norm,
+            Norm::Ffn(il) => &layer(il).ffn_norm,
+            Norm::QHead(il) => layer(il).q_norm.as_deref().expect(HEAD_NORMS),
+            Norm::KHead(il) => layer(il).k_norm.as_deref().expect(HEAD_NORMS),
             Norm::Output => &self.weights.output_norm,
         }
     }
@@ -51,6 +54,9 @@ impl<'a> CpuBackend<'a> {
         }
     }
 }
+
+/// The recipe normalises heads only for architectures whose weights have head norms.
+pub(crate) const HEAD_NORMS: &str = "head norms are loaded for every architecture that uses them";
 
 /// Sizes `buf` to `n` elements, reusing its memory.
 pub(crate) fn sized(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
@@ -177,13 +183,13 @@ impl Backend for CpuBackend<'_> {
         y: &mut Vec<f32>,
         inv_rms: &mut Vec<f32>,
     ) -> Result<()> {
-        let n_tokens = x.len() / self.config.n_embd;
+        let weight = self.norm_weight(norm);
         rms_norm_forward(
             x,
-            self.norm_weight(norm),
+            weight,
             self.config.rms_eps,
             sized(y, x.len()),
-            sized(inv_rms, n_tokens),
+            sized(inv_rms, x.len() / weight.len()),
         );
         Ok(())
     }

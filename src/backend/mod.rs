@@ -20,11 +20,14 @@ use crate::error::Result;
 use crate::lora::{LoraGrads, LoraPlan, Numerics};
 use crate::model::{Config, KvCache, Proj, SeqSpan};
 
-/// Which RMSNorm weight: a block's two, or the one before the output head.
+/// Which RMSNorm weight: a block's two, its per-head ones of q and k (over `head_dim`), or
+/// the one before the output head. A norm's rows are as wide as its weight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Norm {
     Attn(usize),
     Ffn(usize),
+    QHead(usize),
+    KHead(usize),
     Output,
 }
 
@@ -76,7 +79,8 @@ pub trait Backend: Sync {
         inverse: bool,
     ) -> Result<()>;
 
-    /// `y = x / rms(x) ⊙ w`, keeping each row's `1 / rms` (`[rows, 1]`) for the backward.
+    /// `y = x / rms(x) ⊙ w` over rows as wide as the norm's weight, keeping each row's
+    /// `1 / rms` for the backward.
     fn rms_norm(
         &self,
         norm: Norm,

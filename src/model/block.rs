@@ -4,7 +4,9 @@
 //! x_mid = x   + W_o · attention(rope(W_q · n1), rope(W_k · n1), W_v · n1),  n1 = rms_norm(x)
 //! x_out = x_mid + W_down · (silu(W_gate · n2) ⊙ W_up · n2),                 n2 = rms_norm(x_mid)
 //! ```
-//! Every projection goes through `Backend::linear`, which adds the adapters' `s B A` terms.
+//! Architectures with head norms (Qwen3) normalise each head of `W_q · n1` and `W_k · n1`
+//! before RoPE. Every projection goes through `Backend::linear`, which adds the adapters'
+//! `s B A` terms.
 
 use std::ops::Range;
 
@@ -29,6 +31,10 @@ pub struct BlockActs<T> {
     pub x_in: T,         // [n_tokens, n_embd] residual entering the block
     pub attn_inv_rms: T, // [n_tokens]
     pub attn_in: T,      // [n_tokens, n_embd] rms_norm(x_in) ⊙ attn_norm
+    pub q_raw: T,        // [n_tokens, q_dim] W_q · attn_in, before its head norm (Qwen3)
+    pub k_raw: T,        // [n_tokens, kv_dim] W_k · attn_in, before its head norm (Qwen3)
+    pub q_inv_rms: T,    // [n_tokens * n_head] (Qwen3)
+    pub k_inv_rms: T,    // [n_tokens * n_head_kv] (Qwen3)
     pub q: T,            // [n_tokens, q_dim] after RoPE
     pub lse: T,          // [n_tokens, n_head] log-sum-exp of attention scores
     pub attn_out: T,     // [n_tokens, q_dim]
@@ -100,16 +106,35 @@ pub fn block_forward<B: Backend>(
 ) -> Result<()> {
     let c = b.config();
     let (lora, numerics) = (ctx.lora, ctx.numerics);
+    let head_norms = c.arch.has_qk_norm();
     b.copy(x, &mut acts.x_in)?;
     b.rms_norm(Norm::Attn(il), x, &mut acts.attn_in, &mut acts.attn_inv_rms)?;
+    let (q, k) = match head_norms {
+        true => (&mut acts.q_raw, &mut acts.k_raw),
+        false => (&mut acts.q, &mut scratch.k),
+    };
     b.linear(
         il,
         [Proj::AttnQ, Proj::AttnK, Proj::AttnV],
         &acts.attn_in,
-        [&mut acts.q, &mut scratch.k, &mut scratch.v],
+        [q, k, &mut scratch.v],
         lora,
         numerics,
     )?;
+    if head_norms {
+        b.rms_norm(
+            Norm::QHead(il),
+            &acts.q_raw,
+            &mut acts.q,
+            &mut acts.q_inv_rms,
+        )?;
+        b.rms_norm(
+            Norm::KHead(il),
+            &acts.k_raw,
+            &mut scratch.k,
+            &mut acts.k_inv_rms,
+        )?;
+    }
     b.rope(&mut acts.q, c.n_head, ctx.rope_table, false)?;
     b.rope(&mut scratch.k, c.n_head_kv, ctx.rope_table, false)?;
     b.attention(
@@ -209,13 +234,37 @@ pub fn block_backward<B: Backend>(
     )?;
     b.rope(&mut scratch.d_b, c.n_head, ctx.rope_table, true)?;
     b.rope(&mut scratch.k, c.n_head_kv, ctx.rope_table, true)?;
+    // dL/d(W_q · n1) and dL/d(W_k · n1): through the head norms where there are some.
+    let (dq, dk) = match c.arch.has_qk_norm() {
+        true => {
+            let (d_q, d_k) = (&mut scratch.d_a, &mut scratch.d_c);
+            b.zeros(n_tokens, c.q_dim(), d_q)?;
+            b.rms_norm_backward(
+                Norm::QHead(il),
+                &scratch.d_b,
+                &acts.q_raw,
+                &acts.q_inv_rms,
+                d_q,
+            )?;
+            b.zeros(n_tokens, c.kv_dim(), d_k)?;
+            b.rms_norm_backward(
+                Norm::KHead(il),
+                &scratch.k,
+                &acts.k_raw,
+                &acts.k_inv_rms,
+                d_k,
+            )?;
+            (&scratch.d_a, &scratch.d_c)
+        }
+        false => (&scratch.d_b, &scratch.k),
+    };
     let attn_in = saved_or::<B>(&acts.attn_in, &mut scratch.norm_in, |out| {
         b.rms_norm_apply(Norm::Attn(il), &acts.x_in, &acts.attn_inv_rms, out)
     })?;
     b.zeros(n_tokens, c.n_embd, &mut scratch.d_in)?;
     let d_in = &mut scratch.d_in;
-    b.linear_backward(il, Proj::AttnQ, &scratch.d_b, attn_in, lora, d_in, grads)?;
-    b.linear_backward(il, Proj::AttnK, &scratch.k, attn_in, lora, d_in, grads)?;
+    b.linear_backward(il, Proj::AttnQ, dq, attn_in, lora, d_in, grads)?;
+    b.linear_backward(il, Proj::AttnK, dk, attn_in, lora, d_in, grads)?;
     b.linear_backward(il, Proj::AttnV, &scratch.v, attn_in, lora, d_in, grads)?;
     b.rms_norm_backward(Norm::Attn(il), d_in, &acts.x_in, &acts.attn_inv_rms, dx)
 }

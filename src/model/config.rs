@@ -11,16 +11,29 @@ pub enum Architecture {
     Llama,
     /// Qwen2 / Qwen2.5: q/k/v biases, NeoX RoPE.
     Qwen2,
+    /// Qwen3 (dense): RMSNorm over each head of q and k before RoPE, NeoX RoPE, no biases.
+    Qwen3,
 }
 
 impl Architecture {
-    pub const ALL: [Architecture; 2] = [Architecture::Llama, Architecture::Qwen2];
+    pub const ALL: [Architecture; 3] = [
+        Architecture::Llama,
+        Architecture::Qwen2,
+        Architecture::Qwen3,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Architecture::Llama => "llama",
             Architecture::Qwen2 => "qwen2",
+            Architecture::Qwen3 => "qwen3",
         }
+    }
+
+    /// Whether each head of q and k is RMS-normalised (`attn_q_norm`, `attn_k_norm`, weights
+    /// of `head_dim`) before RoPE.
+    pub fn has_qk_norm(self) -> bool {
+        self == Architecture::Qwen3
     }
 
     pub fn from_name(name: &str) -> Result<Architecture> {
@@ -38,7 +51,7 @@ impl Architecture {
     pub fn rope_style(self) -> RopeStyle {
         match self {
             Architecture::Llama => RopeStyle::Normal,
-            Architecture::Qwen2 => RopeStyle::Neox,
+            Architecture::Qwen2 | Architecture::Qwen3 => RopeStyle::Neox,
         }
     }
 

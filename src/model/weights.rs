@@ -88,6 +88,9 @@ impl Slot {
 pub struct Layer {
     pub attn_norm: Vec<f32>, // [n_embd]
     pub ffn_norm: Vec<f32>,  // [n_embd]
+    /// Per-head RMSNorm weights of q and k, `[head_dim]` (Qwen3).
+    pub q_norm: Option<Vec<f32>>,
+    pub k_norm: Option<Vec<f32>>,
     /// Indexed by `Proj`: attn_q [q_dim, n_embd], attn_k/v [kv_dim, n_embd],
     /// attn_output [n_embd, q_dim], ffn_gate/up [n_ff, n_embd], ffn_down [n_embd, n_ff].
     projections: Vec<Weight>,
@@ -136,9 +139,19 @@ impl Weights {
                 let bias_name = format!("blk.{il}.{}.bias", proj.name());
                 biases.push(loader.optional_vector(&bias_name, n_out)?);
             }
+            let head_norm = |name: &str| -> Result<Option<Vec<f32>>> {
+                match config.arch.has_qk_norm() {
+                    true => loader
+                        .vector(&format!("blk.{il}.{name}.weight"), config.head_dim)
+                        .map(Some),
+                    false => Ok(None),
+                }
+            };
             layers.push(Layer {
                 attn_norm: loader.vector(&format!("blk.{il}.attn_norm.weight"), n_embd)?,
                 ffn_norm: loader.vector(&format!("blk.{il}.ffn_norm.weight"), n_embd)?,
+                q_norm: head_norm("attn_q_norm")?,
+                k_norm: head_norm("attn_k_norm")?,
                 projections,
                 biases,
             });

@@ -12,7 +12,7 @@ use super::errors::IntoPyResult;
 use crate::model::Model;
 
 /// A GGUF model file, memory-mapped. Any GGUF opens (vocabulary-only files too); a file with
-/// tensors must be a complete model of a supported architecture (llama, qwen2).
+/// tensors must be a complete model of a supported architecture (llama, qwen2, qwen3).
 #[pyclass(name = "Model", module = "lugh", frozen)]
 pub struct PyModel {
     pub(crate) inner: Arc<Model>,

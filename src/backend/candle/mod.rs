@@ -11,6 +11,7 @@ use std::ops::Range;
 
 use candle_core::{DType, Tensor};
 
+use super::cpu::HEAD_NORMS;
 use super::{Backend, Device, Norm};
 use crate::error::{Error, Result};
 use crate::lora::{LoraGrads, LoraPlan, Numerics};
@@ -61,11 +62,26 @@ impl CandleModel {
     }
 
     fn norm_weight(&self, norm: Norm) -> &Tensor {
+        let layer = |il: usize| &self.weights.layers[il];
         match norm {
-            Norm::Attn(il) => &self.weights.layers[il].attn_norm,
-            Norm::Ffn(il) => &self.weights.layers[il].ffn_norm,
+            Norm::Attn(il) => &layer(il).attn_norm,
+            Norm::Ffn(il) => &layer(il).ffn_norm,
+            Norm::QHead(il) => layer(il).q_norm.as_ref().expect(HEAD_NORMS),
+            Norm::KHead(il) => layer(il).k_norm.as_ref().expect(HEAD_NORMS),
             Norm::Output => &self.weights.output_norm,
         }
+    }
+
+    /// `x` as rows of `norm`'s width, and a function giving back `x`'s shape.
+    fn norm_rows(
+        &self,
+        norm: Norm,
+        x: &Tensor,
+    ) -> Result<(Tensor, impl Fn(Tensor) -> Result<Tensor>)> {
+        let width = self.norm_weight(norm).dims()[0];
+        let shape = x.dims().to_vec();
+        let rows = x.reshape(((), width))?;
+        Ok((rows, move |t: Tensor| Ok(t.reshape(shape.as_slice())?)))
     }
 
     /// `y + s B (A x)` for each adapter term of `slot` (rows of one sequence or all).
@@ -213,16 +229,17 @@ impl Backend for CandleModel {
     }
 
     fn rms_norm(&self, norm: Norm, x: &Act, y: &mut Act, inv_rms: &mut Act) -> Result<()> {
-        let x_t = get(x)?;
+        let (rows, _) = self.norm_rows(norm, get(x)?)?;
         let eps = self.config.rms_eps as f64;
-        let inv = (x_t.sqr()?.mean_keepdim(1)? + eps)?.sqrt()?.recip()?;
+        let inv = (rows.sqr()?.mean_keepdim(1)? + eps)?.sqrt()?.recip()?;
         *inv_rms = Some(inv);
         self.rms_norm_apply(norm, x, inv_rms, y)
     }
 
     fn rms_norm_apply(&self, norm: Norm, x: &Act, inv_rms: &Act, y: &mut Act) -> Result<()> {
-        let normed = get(x)?.broadcast_mul(get(inv_rms)?)?;
-        *y = Some(normed.broadcast_mul(self.norm_weight(norm))?);
+        let (rows, back) = self.norm_rows(norm, get(x)?)?;
+        let normed = rows.broadcast_mul(get(inv_rms)?)?;
+        *y = Some(back(normed.broadcast_mul(self.norm_weight(norm))?)?);
         Ok(())
     }
 
@@ -235,11 +252,13 @@ impl Backend for CandleModel {
         dx: &mut Act,
     ) -> Result<()> {
         let r = get(inv_rms)?;
-        let d_normed = get(dy)?.broadcast_mul(self.norm_weight(norm))?;
-        let normed = get(x)?.broadcast_mul(r)?;
+        let (dy, back) = self.norm_rows(norm, get(dy)?)?;
+        let (x, _) = self.norm_rows(norm, get(x)?)?;
+        let d_normed = dy.broadcast_mul(self.norm_weight(norm))?;
+        let normed = x.broadcast_mul(r)?;
         let mean = (&d_normed * &normed)?.mean_keepdim(1)?;
         let d = (d_normed - normed.broadcast_mul(&mean)?)?.broadcast_mul(r)?;
-        *dx = Some((get(dx)? + d)?);
+        *dx = Some((get(dx)? + back(d)?)?);
         Ok(())
     }
 

@@ -107,6 +107,8 @@ fn round_to_q8_0(x: &Tensor) -> Result<Tensor> {
 pub struct DeviceLayer {
     pub attn_norm: Tensor,
     pub ffn_norm: Tensor,
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
     projections: Vec<DeviceWeight>,
     biases: Vec<Option<Tensor>>,
 }
@@ -142,6 +144,16 @@ impl DeviceWeights {
                 Ok(DeviceLayer {
                     attn_norm: vector(&layer.attn_norm, device)?,
                     ffn_norm: vector(&layer.ffn_norm, device)?,
+                    q_norm: layer
+                        .q_norm
+                        .as_deref()
+                        .map(|w| vector(w, device))
+                        .transpose()?,
+                    k_norm: layer
+                        .k_norm
+                        .as_deref()
+                        .map(|w| vector(w, device))
+                        .transpose()?,
                     projections: Proj::ALL
                         .iter()
                         .map(|&p| DeviceWeight::upload(layer.weight(p), device))
