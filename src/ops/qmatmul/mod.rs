@@ -26,7 +26,7 @@
 //!   instruction, on 8 accumulators at a time.
 //!
 //! Files: `act` quantizes the activations, `driver` splits a product into tasks and runs the
-//! kernels of one format (`q4k` for Q4_K and Q5_K, `q6k`, `q8_0` for Q8_0 and Q4_0; `f16`
+//! kernels of one format (`q4k` for Q4_K and Q5_K, `q6k`, `q8_0` for Q8_0, Q4_0 and Q5_0; `f16`
 //! has its own, simpler driver), `simd` holds what they share.
 
 #[cfg(target_arch = "x86_64")]
@@ -81,6 +81,7 @@ pub(crate) fn supports(dtype: TensorType) -> bool {
                 | TensorType::Q6K
                 | TensorType::Q8_0
                 | TensorType::Q4_0
+                | TensorType::Q5_0
         )
 }
 
@@ -107,6 +108,7 @@ pub(crate) fn matmul(
         TensorType::Q6K => driver::run::<q6k::Q6K>(data, n_rows, k, x, y),
         TensorType::Q8_0 => driver::run::<q8_0::Q8_0>(data, n_rows, k, x, y),
         TensorType::Q4_0 => driver::run::<q8_0::Q4_0>(data, n_rows, k, x, y),
+        TensorType::Q5_0 => driver::run::<q8_0::Q5_0>(data, n_rows, k, x, y),
         _ => unreachable!("supports() lists the types above"),
     }
     true

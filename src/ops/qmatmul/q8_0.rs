@@ -1,8 +1,10 @@
-//! The 32-value formats × Q8_0: ggml's `block_q8_0` (34 bytes: `d` f16, 32 × i8) and
+//! The 32-value formats × Q8_0: ggml's `block_q8_0` (34 bytes: `d` f16, 32 × i8),
 //! `block_q4_0` (18 bytes: `d` f16, 16 bytes whose low nibbles are values 0..16 and high
-//! nibbles values 16..32, each `q − 8`). `vpdpbusd` wants one unsigned operand, so both are
-//! read as unsigned bytes `u = q + OFF` (Q8_0: `q ^ 0x80`, OFF = 128; Q4_0: the nibble,
-//! OFF = 8), and against Q8_0 activations `x`:
+//! nibbles values 16..32, each `q − 8`) and `block_q5_0` (22 bytes: `d` f16, `qh` u32 whose
+//! bit `i` is value `i`'s fifth bit, then Q4_0's nibbles; each `q − 16`). `vpdpbusd` wants one
+//! unsigned operand, so all are read as unsigned bytes `u = q + OFF` (Q8_0: `q ^ 0x80`,
+//! OFF = 128; Q4_0: the nibble, OFF = 8; Q5_0: nibble and fifth bit, OFF = 16), and against
+//! Q8_0 activations `x`:
 //!
 //! ```text
 //!     S_b = Σ_i u_i x_i − OFF Σ_i x_i
@@ -16,6 +18,7 @@ use super::simd::{add_block, bcast4, f16_at, prefetch, tile_values, Ahead, PREFE
 
 pub(crate) struct Q8_0;
 pub(crate) struct Q4_0;
+pub(crate) struct Q5_0;
 
 /// What distinguishes the 32-value formats.
 trait Block32 {
@@ -39,6 +42,15 @@ impl Block32 for Q8_0 {
     }
 }
 
+/// The 32 nibbles of 16 bytes at `qs`, low nibbles first, as bytes.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn nibbles(qs: *const u8) -> __m256i {
+    let shift = _mm256_inserti128_si256::<1>(_mm256_setzero_si256(), _mm_set1_epi16(4));
+    let q = _mm256_broadcastsi128_si256(_mm_loadu_si128(qs.cast()));
+    _mm256_and_si256(_mm256_srlv_epi16(q, shift), _mm256_set1_epi8(0x0f))
+}
+
 impl Block32 for Q4_0 {
     const BYTES: usize = 18;
     const OFF: i32 = 8;
@@ -46,9 +58,20 @@ impl Block32 for Q4_0 {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn values(p: *const u8) -> __m256i {
-        let shift = _mm256_inserti128_si256::<1>(_mm256_setzero_si256(), _mm_set1_epi16(4));
-        let q = _mm256_broadcastsi128_si256(_mm_loadu_si128(p.add(2).cast()));
-        _mm256_and_si256(_mm256_srlv_epi16(q, shift), _mm256_set1_epi8(0x0f))
+        nibbles(p.add(2))
+    }
+}
+
+impl Block32 for Q5_0 {
+    const BYTES: usize = 22;
+    const OFF: i32 = 16;
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn values(p: *const u8) -> __m256i {
+        let qh = p.add(2).cast::<u32>().read_unaligned();
+        let fifth = _mm256_and_si256(_mm256_movm_epi8(qh), _mm256_set1_epi8(0x10));
+        _mm256_or_si256(nibbles(p.add(6)), fifth)
     }
 }
 
@@ -224,3 +247,4 @@ macro_rules! format_32 {
 }
 format_32!(Q8_0);
 format_32!(Q4_0);
+format_32!(Q5_0);

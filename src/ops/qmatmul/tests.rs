@@ -2,7 +2,7 @@
 //! random values and on random block bytes; one token alone against the same token in a batch.
 
 use candle_core::quantized::k_quants::{
-    BlockQ4K, BlockQ4_0, BlockQ5K, BlockQ6K, BlockQ8_0, GgmlType,
+    BlockQ4K, BlockQ4_0, BlockQ5K, BlockQ5_0, BlockQ6K, BlockQ8_0, GgmlType,
 };
 
 use super::*;
@@ -183,6 +183,13 @@ fn q8_0_matches_candle() {
 fn q4_0_matches_candle() {
     for k in [32, 96, 160, 2048] {
         check::<BlockQ4_0>(TensorType::Q4_0, 13, k);
+    }
+}
+
+#[test]
+fn q5_0_matches_candle() {
+    for k in [32, 96, 160, 576, 2048] {
+        check::<BlockQ5_0>(TensorType::Q5_0, 13, k);
     }
 }
 
