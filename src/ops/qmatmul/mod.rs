@@ -50,12 +50,14 @@ use std::sync::OnceLock;
 
 use crate::gguf::TensorType;
 
-/// Whether this CPU runs the AVX-512 kernels (F, BW, VL and VNNI), checked once. Setting
-/// `LUGH_NO_AVX512` turns them off: the portable paths can then be tested on any machine.
+/// Whether this CPU runs the AVX-512 kernels (F, BW, VL and VNNI), checked once.
+/// `LUGH_ISA=portable` (or its older alias `LUGH_NO_AVX512`) turns them off, so that the
+/// portable paths can be tested on any machine; `LUGH_ISA=avx512` is the default.
 pub(crate) fn has_avx512() -> bool {
     static HAS: OnceLock<bool> = OnceLock::new();
     *HAS.get_or_init(|| {
-        if std::env::var_os("LUGH_NO_AVX512").is_some() {
+        let isa = std::env::var("LUGH_ISA").unwrap_or_default();
+        if std::env::var_os("LUGH_NO_AVX512").is_some() || isa == "portable" {
             return false;
         }
         #[cfg(target_arch = "x86_64")]
