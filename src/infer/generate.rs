@@ -15,7 +15,8 @@ pub struct Generator {
     adapters: Vec<Arc<LoraAdapter>>,
     cache: KvCache,
     sampler: Sampler,
-    eos: Option<u32>,
+    /// Tokens that end the generation (not returned).
+    stop: Vec<u32>,
     max_tokens: usize,
     produced: usize,
     /// Tokens to feed next: the prompt, then each sampled token.
@@ -30,7 +31,7 @@ impl Generator {
         adapters: Vec<Arc<LoraAdapter>>,
         sampler: Sampler,
         max_tokens: usize,
-        eos: Option<u32>,
+        stop: Vec<u32>,
     ) -> Result<Generator> {
         inf.check_tokens(&prompt)?;
         let cache = inf.create_kv_cache(None);
@@ -40,7 +41,7 @@ impl Generator {
             adapters,
             cache,
             sampler,
-            eos,
+            stop,
             max_tokens,
             produced: 0,
             pending: prompt,
@@ -48,7 +49,7 @@ impl Generator {
         })
     }
 
-    /// The next token, or None once `max_tokens` are out, EOS was drawn (not returned) or
+    /// The next token, or None once `max_tokens` are out, a stop token was drawn (not returned) or
     /// the context is full.
     pub fn next_token(&mut self) -> Result<Option<u32>> {
         if self.done
@@ -63,7 +64,7 @@ impl Generator {
             .inf
             .forward_cache(&mut self.cache, &self.pending, &adapters)?;
         let token = self.sampler.sample(&logits);
-        if Some(token) == self.eos {
+        if self.stop.contains(&token) {
             self.done = true;
             return Ok(None);
         }

@@ -9,6 +9,7 @@ mod weights;
 use std::path::Path;
 #[cfg(test)]
 use std::sync::Arc;
+use std::sync::OnceLock;
 
 pub use block::{BlockActs, SeqSpan};
 pub use config::{Architecture, Config};
@@ -28,6 +29,8 @@ use crate::ops::rope::Rope;
 pub struct Model {
     file: GgufFile,
     runnable: Option<Runnable>,
+    /// The tokens that end generation, read from the vocabulary on first use.
+    end_of_generation: OnceLock<Vec<u32>>,
 }
 
 /// What a file with weights adds: hyper-parameters, weights and the RoPE they imply.
@@ -49,7 +52,11 @@ impl Model {
         } else {
             Some(Self::load(&file).in_file(file.path())?)
         };
-        Ok(Model { file, runnable })
+        Ok(Model {
+            file,
+            runnable,
+            end_of_generation: OnceLock::new(),
+        })
     }
 
     /// Whether `file` is an adapter (`general.type = adapter`, as llama.cpp writes them).
@@ -135,6 +142,17 @@ impl Model {
             .and_then(|id| u32::try_from(id).ok())
     }
 
+    /// The tokens that end a generation: EOS, end of turn and the others llama.cpp's
+    /// vocabulary recognises (`Tokenizer::is_eog`); just EOS when the vocabulary does not load.
+    pub fn end_of_generation(&self) -> &[u32] {
+        self.end_of_generation.get_or_init(|| {
+            match crate::tokenizer::Tokenizer::from_gguf(&self.file) {
+                Ok(tokenizer) => tokenizer.end_of_generation().collect(),
+                Err(_) => self.eos_token().into_iter().collect(),
+            }
+        })
+    }
+
     /// The RoPE this model uses.
     pub fn rope(&self) -> Result<&Rope> {
         self.runnable
@@ -187,6 +205,18 @@ mod tests {
         );
         let err = open(&[("llama.attention.key_length", Value::U32(0))]).unwrap_err();
         assert!(err.to_string().contains("key_length is 0"), "{err}");
+    }
+
+    #[test]
+    fn generation_ends_at_every_end_of_generation_token() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/vocab/ggml-vocab-llama-bpe.gguf"
+        );
+        let model = Model::open(path, true).unwrap();
+        // Llama 3: <|end_of_text|> (EOS) and <|eot_id|> (end of turn).
+        assert_eq!(model.end_of_generation(), [128001, 128009]);
+        assert_eq!(model.eos_token(), Some(128001));
     }
 
     #[test]

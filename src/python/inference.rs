@@ -151,9 +151,9 @@ impl PyInference {
         let prompt = super::convert::tokens(tokens)?;
         let temperature = if greedy { 0.0 } else { temperature };
         let sampler = Sampler::new(temperature, top_k, top_p, seed).py()?;
-        let eos = match eos_token {
-            Some(id) => u32::try_from(id).ok(),
-            None => self.inner.model().eos_token(),
+        let stop = match eos_token {
+            Some(id) => u32::try_from(id).ok().into_iter().collect(),
+            None => self.inner.model().end_of_generation().to_vec(),
         };
         Generator::new(
             Arc::clone(&self.inner),
@@ -161,7 +161,7 @@ impl PyInference {
             adapters(lora)?,
             sampler,
             max_tokens,
-            eos,
+            stop,
         )
         .py()
     }
@@ -407,8 +407,9 @@ impl PyInference {
     /// Generates up to `max_tokens` after `tokens` (returned without the prompt): the prompt
     /// is run once into a KV cache, then each token is decoded from it. Sampling applies
     /// temperature, top-k, then top-p; `greedy` (or temperature 0) takes the argmax. Stops at
-    /// `eos_token` (default: the model's EOS; not returned). `callback(token, n)` runs after
-    /// each token; a true return stops.
+    /// `eos_token` (default: every end-of-generation token of the vocabulary, EOS and end of
+    /// turn, as llama.cpp stops; a negative id: none), never returned. `callback(token, n)`
+    /// runs after each token; a true return stops.
     #[pyo3(signature = (tokens, max_tokens=128, temperature=0.8, top_p=0.95, top_k=40, greedy=false, eos_token=None, callback=None, lora=None, seed=None))]
     #[allow(clippy::too_many_arguments)]
     fn generate(

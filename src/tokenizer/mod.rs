@@ -347,6 +347,11 @@ impl Tokenizer {
         self.special.end_of_generation.contains(&id)
     }
 
+    /// Every token that ends generation (see `is_eog`).
+    pub fn end_of_generation(&self) -> impl Iterator<Item = u32> + '_ {
+        self.special.end_of_generation.iter().copied()
+    }
+
     fn out_of_range(&self, id: u32) -> Error {
         Error::TokenOutOfRange {
             token: i64::from(id),
