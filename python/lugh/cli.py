@@ -121,11 +121,16 @@ def stream_text(tokenizer, prompt: list, tokens) -> None:
     print()
 
 
-def chat_session(args) -> tuple:
-    """The session `generate --chat` and `chat` talk through, and the opening messages."""
+def open_inference(args) -> tuple:
+    """The model, its inference and the adapters `generate` and `chat` run with."""
     m = lugh.Model(args.model)
     inf = lugh.Inference(m, n_ctx=args.ctx, n_threads=args.threads, device=args.device)
-    loras = load_loras(m, args.lora or [], args.lora_scale or [])
+    return m, inf, load_loras(m, args.lora or [], args.lora_scale or [])
+
+
+def chat_session(args) -> tuple:
+    """The session `generate --chat` and `chat` talk through, and the opening messages."""
+    m, inf, loras = open_inference(args)
     template = Path(args.chat_template).read_text() if args.chat_template else None
     session = ChatSession(inf, lugh.Tokenizer(m), template=template, lora=loras or None)
     messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -171,9 +176,7 @@ def cmd_generate(args) -> int:
         session, messages = chat_session(args)
         answer(session, [*messages, {"role": "user", "content": args.prompt}], args)
         return 0
-    m = lugh.Model(args.model)
-    inf = lugh.Inference(m, n_ctx=args.ctx, n_threads=args.threads, device=args.device)
-    loras = load_loras(m, args.lora or [], args.lora_scale or [])
+    m, inf, loras = open_inference(args)
     tokenizer = lugh.Tokenizer(m)
     prompt = tokenizer.encode(args.prompt, add_bos=True)
     sys.stdout.write(args.prompt)

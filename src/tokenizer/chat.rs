@@ -123,16 +123,21 @@ fn tojson(value: Value, kwargs: Kwargs) -> std::result::Result<Value, minijinja:
 /// Python's default `json.dumps` separators: `", "` and `": "`.
 struct PythonFormatter;
 
+/// `", "` before every item of an array or object but the first.
+fn item_separator<W: ?Sized + std::io::Write>(writer: &mut W, first: bool) -> std::io::Result<()> {
+    match first {
+        true => Ok(()),
+        false => writer.write_all(b", "),
+    }
+}
+
 impl Formatter for PythonFormatter {
     fn begin_array_value<W: ?Sized + std::io::Write>(
         &mut self,
         writer: &mut W,
         first: bool,
     ) -> std::io::Result<()> {
-        if first {
-            return Ok(());
-        }
-        writer.write_all(b", ")
+        item_separator(writer, first)
     }
 
     fn begin_object_key<W: ?Sized + std::io::Write>(
@@ -140,10 +145,7 @@ impl Formatter for PythonFormatter {
         writer: &mut W,
         first: bool,
     ) -> std::io::Result<()> {
-        if first {
-            return Ok(());
-        }
-        writer.write_all(b", ")
+        item_separator(writer, first)
     }
 
     fn begin_object_value<W: ?Sized + std::io::Write>(
