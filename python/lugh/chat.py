@@ -8,7 +8,17 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["ChatSession"]
+__all__ = ["ChatSession", "common_prefix"]
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class ChatSession:
@@ -65,12 +75,9 @@ class ChatSession:
     ) -> str:
         """The assistant's answer to `messages`; `on_text` receives it piece by piece."""
         ids = self.prompt_tokens(messages)
-        keep = 0
-        for a, b in zip(self.fed, ids):
-            if a != b:
-                break
-            keep += 1
-        keep = min(keep, len(ids) - 1)  # at least one token to feed: the logits come from it
+        keep = min(
+            common_prefix(self.fed, ids), len(ids) - 1
+        )  # at least one token to feed: the logits come from it
         self.cache.truncate(keep)
         logits = self.inference.forward_cache(self.cache, ids[keep:], lora=self.lora)
         self.fed = list(ids)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Union
 
 from lugh._lugh import cross_entropy_loss, eval_loss, forward, train_step
+from lugh.chat import common_prefix
 from lugh.optim import AdamW, LRScheduler, clip_grad_norm
 
 __all__ = [
@@ -55,15 +56,6 @@ class Window:
         return sum(t != IGNORE_INDEX for t in self.next_token_targets())
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def chat_tokens(
     tokenizer,
     messages: Sequence[Mapping[str, Any]],
@@ -90,8 +82,8 @@ def chat_tokens(
         for k, message in enumerate(messages):
             if message.get("role") != "assistant":
                 continue
-            start = _common_prefix(encode(messages[:k], True), tokens)
-            end = _common_prefix(encode(messages[: k + 1], False), tokens)
+            start = common_prefix(encode(messages[:k], True), tokens)
+            end = common_prefix(encode(messages[: k + 1], False), tokens)
             scored[start:end] = [True] * (end - start)
     targets = [t if ok else IGNORE_INDEX for t, ok in zip(tokens[1:], scored[1:])]
     return Window(tokens, targets + [IGNORE_INDEX])

@@ -4,7 +4,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::{Backend, Norm};
+use super::{Backend, Norm, HEAD_NORMS};
 use crate::error::Result;
 use crate::lora::linear::{linear, linear_backward};
 use crate::lora::{LoraGrads, LoraPlan, Numerics};
@@ -54,9 +54,6 @@ impl<'a> CpuBackend<'a> {
         }
     }
 }
-
-/// The recipe normalises heads only for architectures whose weights have head norms.
-pub(crate) const HEAD_NORMS: &str = "head norms are loaded for every architecture that uses them";
 
 /// Sizes `buf` to `n` elements, reusing its memory.
 pub(crate) fn sized(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
@@ -158,10 +155,7 @@ impl Backend for CpuBackend<'_> {
     }
 
     fn rope_table(&self, seqs: &[SeqSpan], table: &mut RopeTable) -> Result<()> {
-        let positions = seqs
-            .iter()
-            .flat_map(|span| span.pos0..span.pos0 + span.rows.len());
-        self.rope.table(positions, table);
+        self.rope.table(SeqSpan::positions(seqs), table);
         Ok(())
     }
 

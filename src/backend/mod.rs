@@ -31,6 +31,10 @@ pub enum Norm {
     Output,
 }
 
+/// Why a backend may expect head-norm weights: the recipe normalises heads only for
+/// architectures whose weights have them.
+pub(crate) const HEAD_NORMS: &str = "head norms are loaded for every architecture that uses them";
+
 /// The ops of the recipe, on one model's weights placed on one device.
 pub trait Backend: Sync {
     /// An activation `[rows, width]`, row-major f32. `Default` is empty.

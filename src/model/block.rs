@@ -23,6 +23,14 @@ pub struct SeqSpan {
     pub pos0: usize,
 }
 
+impl SeqSpan {
+    /// The position of every row of a batch of `seqs`, in row order.
+    pub fn positions(seqs: &[SeqSpan]) -> impl Iterator<Item = usize> + '_ {
+        seqs.iter()
+            .flat_map(|span| span.pos0..span.pos0 + span.rows.len())
+    }
+}
+
 /// What a block computes that its backward needs. Inference reuses one set for every layer;
 /// training keeps one per layer (keys and values stay in each sequence's `KvCache`), without
 /// the three that are cheap to recompute (`attn_in`, `ffn_in`, `act`: see `lend_recomputable`).

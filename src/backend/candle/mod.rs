@@ -11,8 +11,7 @@ use std::ops::Range;
 
 use candle_core::{DType, Tensor};
 
-use super::cpu::HEAD_NORMS;
-use super::{Backend, Device, Norm};
+use super::{Backend, Device, Norm, HEAD_NORMS};
 use crate::error::{Error, Result};
 use crate::lora::{LoraGrads, LoraPlan, Numerics};
 use crate::model::{Config, KvCache, Model, Proj, SeqSpan, Slot};
@@ -168,11 +167,8 @@ impl Backend for CandleModel {
     }
 
     fn rope_table(&self, seqs: &[SeqSpan], table: &mut Self::RopeTable) -> Result<()> {
-        let positions = seqs
-            .iter()
-            .flat_map(|span| span.pos0..span.pos0 + span.rows.len());
         let mut host = RopeTable::default();
-        self.rope.table(positions, &mut host);
+        self.rope.table(SeqSpan::positions(seqs), &mut host);
         let half = self.rope.n_rot / 2;
         let (cos, sin) = host.parts();
         *table = Some((
