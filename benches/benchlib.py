@@ -1,4 +1,4 @@
-"""What the side-by-side benchmark scripts share: the 1B-class shape, file names, timing,
+"""What the side-by-side benchmark scripts share: the model shapes, file names, timing,
 per-engine child processes, peak memory, versions and table printing.
 
 The scripts run one engine per child process (`run_child`): each engine gets the machine's
@@ -54,6 +54,8 @@ class Shape:
     n_ctx_train: int = 2048
     rms_eps: float = 1e-5
     rope_freq_base: float = 10000.0
+    # No `output.weight`: the logits come from `token_embd.weight` (HF `tie_word_embeddings`).
+    tie_embeddings: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -63,18 +65,26 @@ class Shape:
         return asdict(self)
 
 
-def model_dir(n_layer: int) -> Path:
-    """Where `make_model.py --layers n_layer` writes its files."""
-    return MODELS / f"llama-1b-class-{n_layer}L"
+# The model classes `make_model.py --shape` writes, by name (the default first). "1b" is
+# TinyLlama's shape; "135m" SmolLM-135M's (its real vocabulary has 49152 tokens, ours 32000).
+SHAPES = {
+    "1b": Shape(),
+    "135m": Shape(n_layer=30, n_embd=576, n_head=9, n_head_kv=3, n_ff=1536, tie_embeddings=True),
+}
 
 
-def gguf_path(n_layer: int, quant: str) -> Path:
-    return model_dir(n_layer) / f"model-{quant}.gguf"
+def model_dir(n_layer: int, shape: str = "1b") -> Path:
+    """Where `make_model.py --shape shape --layers n_layer` writes its files."""
+    return MODELS / f"llama-{shape}-class-{n_layer}L"
 
 
-def hf_dir(n_layer: int) -> Path:
+def gguf_path(n_layer: int, quant: str, shape: str = "1b") -> Path:
+    return model_dir(n_layer, shape) / f"model-{quant}.gguf"
+
+
+def hf_dir(n_layer: int, shape: str = "1b") -> Path:
     """The transformers copy (`config.json` + `model.safetensors`)."""
-    return model_dir(n_layer) / "hf"
+    return model_dir(n_layer, shape) / "hf"
 
 
 def default_threads() -> int:

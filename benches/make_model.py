@@ -1,12 +1,19 @@
-"""Writes a random-weight LLaMA of the 1B class for the side-by-side benchmarks.
+"""Writes a random-weight LLaMA of the 1B class (or the 135M class) for the side-by-side
+benchmarks.
 
     python benches/make_model.py                 # 22 layers: ~2.2 GB F16 + Q8_0 + Q4_K_M + HF
     python benches/make_model.py --layers 4      # a quick variant
+    python benches/make_model.py --shape 135m    # 30 layers of the 135M class: ~0.25 GB F16
 
-Into `bench-models/llama-1b-class-{L}L/`:
-- `model-f16.gguf`: hidden 2048, 32 heads, 4 KV heads, FFN 5632, context 2048, weights
-  N(0, 0.02) in F16, norms 1 (F32); the tokenizer metadata (32000 tokens) of llama.cpp's
-  `ggml-vocab-llama-spm.gguf`, so both engines load a complete model.
+Into `bench-models/llama-{1b,135m}-class-{L}L/`:
+- `model-f16.gguf`: `--shape 1b` (default, TinyLlama's shape): hidden 2048, 32 heads, 4 KV
+  heads, FFN 5632, output matrix of its own; `--shape 135m` (SmolLM-135M's): hidden 576,
+  9 heads, 3 KV heads, FFN 1536, tied embeddings (no `output.weight`: the logits come from
+  `token_embd.weight`). Both: context 2048, weights N(0, 0.02) in F16, norms 1 (F32); the
+  tokenizer metadata (32000 tokens) of llama.cpp's `ggml-vocab-llama-spm.gguf`, so both engines
+  load a complete model. (The real 135M class has 49152 tokens; its embedding is 32000 x 576
+  here.) Hidden 576 is no multiple of 256, so llama.cpp's quantizer falls back from K-quants
+  to Q5_0 / Q8_0 for the matrices of that input width, as for the real 135M models.
 - `model-q8_0.gguf`, `model-q4_k_m.gguf`: made from the F16 file by llama.cpp's own quantizer
   (`llama_model_quantize` through llama-cpp-python), so lugh and llama.cpp read the same bytes.
 - `hf/`: the same F16 values as a transformers `LlamaForCausalLM` (`config.json` +
@@ -25,11 +32,21 @@ import os
 import sys
 import time
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from benchlib import QUANTS, VOCAB, Shape, default_threads, gguf_path, hf_dir, model_dir
+from benchlib import (
+    QUANTS,
+    SHAPES,
+    VOCAB,
+    Shape,
+    default_threads,
+    gguf_path,
+    hf_dir,
+    model_dir,
+)
 
 WEIGHT_STD = 0.02
 
@@ -67,7 +84,8 @@ def shapes(s: Shape) -> dict[str, tuple[int, ...]]:
             f"blk.{il}.ffn_down.weight": (s.n_embd, s.n_ff),
         }
     out["output_norm.weight"] = (s.n_embd,)
-    out["output.weight"] = (s.n_vocab, s.n_embd)
+    if not s.tie_embeddings:
+        out["output.weight"] = (s.n_vocab, s.n_embd)
     return out
 
 
@@ -103,11 +121,12 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_gguf(path: Path, s: Shape, tensors: dict[str, np.ndarray]) -> None:
-    """F16 GGUF with llama.cpp's keys and the vocabulary of `VOCAB`."""
+    """F16 GGUF with llama.cpp's keys and the vocabulary of `VOCAB`, named after its
+    directory."""
     import gguf
 
     writer = gguf.GGUFWriter(path, "llama")
-    writer.add_name(f"lugh-bench-llama-1b-class-{s.n_layer}L")
+    writer.add_name(f"lugh-bench-{path.parent.name}")
     writer.add_block_count(s.n_layer)
     writer.add_context_length(s.n_ctx_train)
     writer.add_embedding_length(s.n_embd)
@@ -153,7 +172,7 @@ def write_hf(directory: Path, s: Shape, tensors: dict[str, np.ndarray]) -> None:
         max_position_embeddings=s.n_ctx_train,
         rms_norm_eps=s.rms_eps,
         rope_theta=s.rope_freq_base,
-        tie_word_embeddings=False,
+        tie_word_embeddings=s.tie_embeddings,
         bos_token_id=1,
         eos_token_id=2,
         attention_bias=False,
@@ -195,7 +214,7 @@ def quantize(src: Path, dst: Path, ftype: int, n_threads: int) -> None:
         raise SystemExit(f"llama_model_quantize {src} -> {dst} failed ({rc}): see {log}")
 
 
-def verify(n_layer: int, n_threads: int, n_tokens: int = 12) -> float:
+def verify(n_layer: int, shape: str, n_threads: int, n_tokens: int = 12) -> float:
     """Largest |logit difference| / largest |logit| between lugh on the F16 GGUF and
     transformers (float32) on the HF copy, over every position of a few tokens.
 
@@ -209,10 +228,10 @@ def verify(n_layer: int, n_threads: int, n_tokens: int = 12) -> float:
 
     torch.set_num_threads(n_threads)
     tokens = [1, *np.random.default_rng(0).integers(3, 32000, n_tokens - 1).tolist()]
-    inf = lugh.Inference(lugh.Model(str(gguf_path(n_layer, "f16"))), 64, n_threads)
+    inf = lugh.Inference(lugh.Model(str(gguf_path(n_layer, "f16", shape))), 64, n_threads)
     ours = lugh.train.forward(inf, tokens).numpy().astype(np.float64)
     del inf
-    model = LlamaForCausalLM.from_pretrained(hf_dir(n_layer), dtype=torch.float32)
+    model = LlamaForCausalLM.from_pretrained(hf_dir(n_layer, shape), dtype=torch.float32)
     with torch.no_grad():
         theirs = model(torch.tensor([tokens])).logits[0].double().numpy()
     return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
@@ -220,7 +239,15 @@ def verify(n_layer: int, n_threads: int, n_tokens: int = 12) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=22, help="transformer blocks (default 22)")
+    parser.add_argument(
+        "--shape",
+        choices=list(SHAPES),
+        default="1b",
+        help="model class: 1b (default, 22 layers) or 135m (30 layers, tied embeddings)",
+    )
+    parser.add_argument(
+        "--layers", type=int, help="transformer blocks (default: the shape's, 22 or 30)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--quants",
@@ -233,14 +260,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rewrite files that exist")
     args = parser.parse_args(argv)
 
-    s = Shape(n_layer=args.layers)
-    out = model_dir(s.n_layer)
+    s = SHAPES[args.shape]
+    if args.layers is not None:
+        s = replace(s, n_layer=args.layers)
+    out = model_dir(s.n_layer, args.shape)
     out.mkdir(parents=True, exist_ok=True)
-    f16 = gguf_path(s.n_layer, "f16")
-    hf = hf_dir(s.n_layer)
+    f16 = gguf_path(s.n_layer, "f16", args.shape)
+    hf = hf_dir(s.n_layer, args.shape)
     info = {"shape": s.as_dict(), "seed": args.seed, "weight_std": WEIGHT_STD}
     record = out / "make_model.json"
     old = json.loads(record.read_text()) if record.exists() else {}
+    if "shape" in old:  # a record older than a field of Shape holds that field's default
+        old["shape"] = Shape(**old["shape"]).as_dict()
     # Files made from other weights are made again.
     force = args.force or any(old.get(k, v) != v for k, v in info.items())
     need_f16 = force or not f16.exists()
@@ -259,14 +290,14 @@ def main(argv: list[str] | None = None) -> int:
     for quant in filter(None, args.quants.split(",")):
         if QUANTS.get(quant) is None:
             raise SystemExit(f"unknown quantization {quant!r}: choose among q8_0, q4_k_m")
-        dst = gguf_path(s.n_layer, quant)
+        dst = gguf_path(s.n_layer, quant, args.shape)
         if need_f16 or not dst.exists():
             started = time.perf_counter()
             quantize(f16, dst, QUANTS[quant], args.threads)
             took = time.perf_counter() - started
             print(f"wrote {dst} ({dst.stat().st_size / 2**30:.2f} GiB, {took:.0f} s)")
     if not args.no_hf and not args.no_verify:
-        err = verify(s.n_layer, args.threads)
+        err = verify(s.n_layer, args.shape, args.threads)
         info["verify_rel_err_lugh_f16_vs_transformers_f32"] = err
         print(f"lugh (F16 GGUF) vs transformers (HF copy, f32): max|diff|/max|logit| = {err:.2e}")
         if err > 1e-4:

@@ -14,6 +14,8 @@ pub mod infer;
 pub mod lora;
 pub mod model;
 pub mod ops;
+#[cfg(feature = "serve")]
+pub mod serve;
 pub mod tokenizer;
 pub mod train;
 

@@ -34,18 +34,7 @@ class ChatSession:
         self.lora = lora
         self.cache = inference.create_kv_cache()
         self.fed: list[int] = []
-        self.end_of_turn = self._end_of_turn()
-
-    def _end_of_turn(self) -> str | None:
-        """The text the template closes an assistant turn with ("<|im_end|>", "<|end|>"...):
-        a model whose vocabulary lacks it as a token still spells it, and stops there."""
-        marker = "\u2063lugh\u2063"
-        messages = [{"role": "user", "content": "?"}, {"role": "assistant", "content": marker}]
-        text = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=False, template=self.template
-        )
-        closing = text.rsplit(marker, 1)[-1].split() if marker in text else []
-        return closing[0] if closing else None
+        self.end_of_turn = tokenizer.end_of_turn(template)
 
     def prompt_tokens(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
         """The conversation with the assistant's turn opened, as tokens."""

@@ -13,7 +13,7 @@ pub use sample::Sampler;
 use crate::backend::candle::CandleModel;
 use crate::backend::{AnyState, Backend, Device};
 use crate::error::{Error, Result};
-use crate::lora::{LoraAdapter, LoraPlan, Numerics};
+use crate::lora::{LoraAdapter, LoraPlan, Numerics, Scaled};
 use crate::model::{forward_blocks, head, Batch, BuffersOf, Config, KvCache, Model};
 
 /// Runs `$body` with `$b` bound to the backend of inference `$inf`: the body is compiled
@@ -45,6 +45,11 @@ enum Logits {
 
 /// Adapters applied to one sequence (empty: the base model).
 pub type Adapters<'a> = &'a [&'a LoraAdapter];
+
+/// `lora` with each adapter at its own scale.
+fn at_own_scale<'a>(lora: Adapters<'a>) -> Vec<Scaled<'a>> {
+    lora.iter().map(|&a| (a, a.scale())).collect()
+}
 
 /// What computes an inference's forwards.
 pub(crate) enum Engine {
@@ -174,7 +179,13 @@ impl Inference {
     pub fn forward_all(&self, tokens: &[u32], lora: Adapters) -> Result<Vec<f32>> {
         let mut pool = self.create_memory_pool();
         let (ws, cache) = pool.parts();
-        self.run(&[tokens], &mut [cache], &[lora], ws, Logits::All)
+        self.run(
+            &[tokens],
+            &mut [cache],
+            &[&at_own_scale(lora)],
+            ws,
+            Logits::All,
+        )
     }
 
     /// Continues `cache` with `tokens`: logits `[n_vocab]` of the last one.
@@ -185,7 +196,13 @@ impl Inference {
         lora: Adapters,
     ) -> Result<Vec<f32>> {
         let mut ws = Workspace::default();
-        self.run(&[tokens], &mut [cache], &[lora], &mut ws, Logits::Last)
+        self.run(
+            &[tokens],
+            &mut [cache],
+            &[&at_own_scale(lora)],
+            &mut ws,
+            Logits::Last,
+        )
     }
 
     /// `forward` with the buffers of `pool`: once warm, allocates only the returned logits.
@@ -198,7 +215,13 @@ impl Inference {
         pool.check_fits(self.config(), self.device())?;
         let (ws, cache) = pool.parts();
         cache.clear();
-        self.run(&[tokens], &mut [cache], &[lora], ws, Logits::Last)
+        self.run(
+            &[tokens],
+            &mut [cache],
+            &[&at_own_scale(lora)],
+            ws,
+            Logits::Last,
+        )
     }
 
     /// Several sequences in one batched computation: every projection runs once over all
@@ -243,13 +266,37 @@ impl Inference {
                 own_caches.iter_mut().collect()
             }
         };
-        let logits = self.run(
-            sequences,
-            &mut caches,
-            lora,
-            &mut Workspace::default(),
-            Logits::Last,
-        )?;
+        let lora: Vec<Vec<Scaled>> = lora.iter().map(|&l| at_own_scale(l)).collect();
+        let lora: Vec<&[Scaled]> = lora.iter().map(Vec::as_slice).collect();
+        self.step(sequences, &lora, &mut caches, &mut Workspace::default())
+    }
+
+    /// One step of a scheduler that serves several requests: each sequence continues its
+    /// cache with its tokens (a prompt, or the last sampled token) and its own adapters, each
+    /// at the scale given. Returns the logits of each sequence's last position. A sequence's
+    /// logits do not depend on the rest of the batch (the kernels work row by row).
+    pub fn step(
+        &self,
+        sequences: &[&[u32]],
+        lora: &[&[Scaled]],
+        caches: &mut [&mut KvCache],
+        ws: &mut Workspace,
+    ) -> Result<Vec<Vec<f32>>> {
+        if sequences.is_empty() {
+            return Err(Error::Empty { what: "the batch" });
+        }
+        if lora.len() != sequences.len() || caches.len() != sequences.len() {
+            return Err(Error::invalid(
+                "batch",
+                format!(
+                    "{} sequences, {} adapter entries, {} caches",
+                    sequences.len(),
+                    lora.len(),
+                    caches.len()
+                ),
+            ));
+        }
+        let logits = self.run(sequences, caches, lora, ws, Logits::Last)?;
         let n_vocab = self.config().n_vocab;
         Ok(logits.chunks(n_vocab).map(<[f32]>::to_vec).collect())
     }
@@ -259,7 +306,7 @@ impl Inference {
         &self,
         sequences: &[&[u32]],
         caches: &mut [&mut KvCache],
-        lora: &[Adapters],
+        lora: &[&[Scaled]],
         ws: &mut Workspace,
         logits: Logits,
     ) -> Result<Vec<f32>> {
@@ -269,11 +316,11 @@ impl Inference {
             cache.check_fits(config, self.device())?;
             cache.check_room(tokens.len())?;
         }
-        for adapter in lora.iter().flat_map(|a| a.iter()) {
+        for (adapter, _) in lora.iter().flat_map(|a| a.iter()) {
             adapter.check_fits(config)?;
         }
         ws.lay_out(sequences, caches, logits == Logits::All);
-        let plan = LoraPlan::new(
+        let plan = LoraPlan::scaled(
             ws.spans()
                 .iter()
                 .zip(lora)

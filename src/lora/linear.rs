@@ -20,20 +20,24 @@ pub enum Numerics {
     Exact,
 }
 
-/// An adapter as one call sees it: read-locked, with one snapshot of alpha and scale.
+/// An adapter as one call sees it: read-locked, with one snapshot of alpha.
 struct ActiveAdapter<'a> {
     adapter: &'a LoraAdapter,
     pairs: RwLockReadGuard<'a, Vec<LoraPair>>,
     alpha: f32,
-    scale: f32,
 }
+
+/// An adapter and the user scale it is applied with.
+pub type Scaled<'a> = (&'a LoraAdapter, f32);
 
 /// The adapters of one forward call and the rows each applies to.
 pub struct LoraPlan<'a> {
     adapters: Vec<ActiveAdapter<'a>>,
-    /// Rows of the batch, and indices into `adapters` of those applied to them.
-    segments: Vec<(Range<usize>, Vec<usize>)>,
+    segments: Vec<Segment>,
 }
+
+/// Rows of the batch, and the (index into `adapters`, user scale) applied to them.
+type Segment = (Range<usize>, Vec<(usize, f32)>);
 
 /// One adapter term on one slot: rows, pair, factor.
 pub struct Term<'p> {
@@ -52,29 +56,39 @@ impl<'a> LoraPlan<'a> {
         }
     }
 
-    /// `segments`: row ranges and the adapters applied to each. An adapter listed for several
-    /// segments is locked once.
+    /// `segments`: row ranges and the adapters applied to each, at the adapter's own scale.
     pub fn new(segments: Vec<(Range<usize>, Vec<&'a LoraAdapter>)>) -> LoraPlan<'a> {
+        Self::scaled(
+            segments
+                .into_iter()
+                .map(|(rows, list)| (rows, list.into_iter().map(|a| (a, a.scale())).collect()))
+                .collect(),
+        )
+    }
+
+    /// `new` with the user scale of each application given: one adapter may serve several
+    /// segments at different scales (a server's requests). Each adapter is locked once.
+    pub fn scaled(segments: Vec<(Range<usize>, Vec<Scaled<'a>>)>) -> LoraPlan<'a> {
         let mut adapters: Vec<ActiveAdapter<'a>> = Vec::new();
         let mut index_of: HashMap<*const LoraAdapter, usize> = HashMap::new();
         let segments = segments
             .into_iter()
             .map(|(rows, list)| {
-                let indices = list
+                let applied = list
                     .into_iter()
-                    .map(|adapter| {
-                        *index_of.entry(adapter as *const _).or_insert_with(|| {
+                    .map(|(adapter, scale)| {
+                        let index = *index_of.entry(adapter as *const _).or_insert_with(|| {
                             adapters.push(ActiveAdapter {
                                 adapter,
                                 pairs: adapter.pairs(),
                                 alpha: adapter.alpha(),
-                                scale: adapter.scale(),
                             });
                             adapters.len() - 1
-                        })
+                        });
+                        (index, scale)
                     })
                     .collect();
-                (rows, indices)
+                (rows, applied)
             })
             .collect();
         LoraPlan { adapters, segments }
@@ -94,8 +108,8 @@ impl<'a> LoraPlan<'a> {
 
     /// Every adapter term on `slot`.
     pub fn terms(&self, slot: Slot) -> impl Iterator<Item = Term<'_>> {
-        self.segments.iter().flat_map(move |(rows, indices)| {
-            indices.iter().filter_map(move |&i| {
+        self.segments.iter().flat_map(move |(rows, applied)| {
+            applied.iter().filter_map(move |&(i, scale)| {
                 let active = &self.adapters[i];
                 let pair_index = active.adapter.pair_index(slot)?;
                 let pair = &active.pairs[pair_index];
@@ -107,7 +121,7 @@ impl<'a> LoraPlan<'a> {
                     scaling: LoraAdapter::scaling(
                         active.adapter.rule,
                         pair.alpha.unwrap_or(active.alpha),
-                        active.scale,
+                        scale,
                         pair.rank,
                     ),
                 })

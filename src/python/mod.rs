@@ -7,6 +7,7 @@ mod inference;
 mod lora;
 mod model;
 mod optim;
+mod serve;
 mod tokenizer;
 mod train;
 
@@ -22,6 +23,7 @@ fn _lugh(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<inference::PyTokenStream>()?;
     m.add_class::<lora::PyLoRA>()?;
     m.add_class::<tokenizer::PyTokenizer>()?;
+    m.add_class::<serve::PyServer>()?;
     m.add_function(wrap_pyfunction!(lora::merge, m)?)?;
     m.add_function(wrap_pyfunction!(inference::devices, m)?)?;
     m.add_class::<train::PyTensor>()?;

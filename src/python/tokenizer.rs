@@ -80,6 +80,13 @@ impl PyTokenizer {
         .py()
     }
 
+    /// The text the chat template (or `template`) closes an assistant turn with
+    /// ("<|im_end|>", "<|eot_id|>"), or None.
+    #[pyo3(signature = (template=None))]
+    fn end_of_turn(&self, py: Python<'_>, template: Option<&str>) -> PyResult<Option<String>> {
+        py.detach(|| self.inner.end_of_turn(template)).py()
+    }
+
     /// The chat template of the model's GGUF (`tokenizer.chat_template`), or None.
     #[getter]
     fn chat_template(&self) -> Option<String> {

@@ -187,6 +187,22 @@ impl Tokenizer {
         template.render(messages, add_generation_prompt, extra)
     }
 
+    /// The text `template` (or the file's own) closes an assistant turn with ("<|im_end|>",
+    /// "<|eot_id|>", "<|end|>"): a model whose vocabulary lacks it as a token still spells
+    /// it, and a reply ends there. None when the template puts nothing after the reply.
+    pub fn end_of_turn(&self, template: Option<&str>) -> Result<Option<String>> {
+        const MARKER: &str = "\u{2063}lugh\u{2063}";
+        let messages = serde_json::json!([
+            {"role": "user", "content": "?"},
+            {"role": "assistant", "content": MARKER},
+        ]);
+        let text = self.apply_chat_template(&messages, false, template, &Default::default())?;
+        Ok(text
+            .rsplit_once(MARKER)
+            .and_then(|(_, closing)| closing.split_whitespace().next())
+            .map(str::to_string))
+    }
+
     /// The token ids of `text`. `add_special` adds BOS and/or EOS as the vocabulary asks
     /// (`tokenizer.ggml.add_bos_token` / `add_eos_token`); `parse_special` turns the texts of
     /// control tokens in `text` (e.g. "<s>", "<|eot_id|>") into those tokens, where otherwise
