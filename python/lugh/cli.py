@@ -1,9 +1,10 @@
-"""The `lugh` command line: info, generate, chat, finetune, convert, merge and demo."""
+"""The `lugh` command line: info, generate, chat, finetune, convert, merge, serve and demo."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -344,6 +345,45 @@ def cmd_merge(args) -> int:
     return 0
 
 
+# --- serve ----------------------------------------------------------------------------------
+
+
+def parse_named_adapter(value: str) -> tuple:
+    """`name=path` for `serve --lora`."""
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {value!r}")
+    return name, path
+
+
+def cmd_serve(args) -> int:
+    m = lugh.Model(args.model)
+    inf = lugh.Inference(m, n_ctx=args.ctx, n_threads=args.threads, device=args.device)
+    names = [name for name, _ in args.lora]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--lora names must differ: {names}")
+    server = lugh.Server(
+        inf,
+        dict(args.lora),
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        api_key=args.api_key or os.environ.get("LUGH_API_KEY"),
+        max_tokens=args.max_tokens,
+        chat_template=Path(args.chat_template).read_text() if args.chat_template else None,
+        model_name=args.served_model_name,
+    )
+    adapters = ", ".join(names) or "none"
+    print(
+        f"lugh serve: {server.url} (model {args.model}, adapters: {adapters},"
+        f" device {inf.device}); Ctrl-C stops",
+        file=sys.stderr,
+        flush=True,
+    )
+    server.wait()
+    return 0
+
+
 # --- demo -----------------------------------------------------------------------------------
 
 
@@ -457,6 +497,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--out-type", help="weight type of the output (f32, f16, q8_0, ...); default: the base's"
     )
     p.set_defaults(run=cmd_merge)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible server; adapters chosen per request")
+    p.add_argument("--model", "-m", required=True)
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        type=parse_named_adapter,
+        metavar="NAME=PATH",
+        help="an adapter (.gguf or PEFT dir) requests choose by NAME; repeatable",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="0 picks a free port (default 8080)")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
+    p.add_argument("--ctx", "--n-ctx", type=int, help="context size (default: the model's)")
+    p.add_argument("--max-tokens", type=int, help="most tokens per request (default: context)")
+    p.add_argument("--api-key", help="required as 'Authorization: Bearer KEY' (or LUGH_API_KEY)")
+    p.add_argument("--chat-template", help="Jinja file (default: the model's own template)")
+    p.add_argument("--served-model-name", help="the base model's name (default: file stem)")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    p.set_defaults(run=cmd_serve)
 
     p = sub.add_parser("demo", help="generate, fine-tune for about a minute, generate again")
     p.add_argument(

@@ -83,16 +83,19 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// A request body as `T`: 400 with the path of the offending field on bad JSON or types.
-pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+/// A request body as JSON: 400 when it is not.
+pub fn json_body(body: &[u8]) -> Result<serde_json::Value, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid(format!("the body is not valid JSON: {e}")))
+}
+
+/// `body` read as `T`: 400 naming the field that is missing or of the wrong type.
+pub fn parse<T: DeserializeOwned>(body: &serde_json::Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(body).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        if inner.is_syntax() || inner.is_eof() || path == "." {
-            ApiError::invalid(format!(
-                "the body is not valid JSON for this endpoint: {inner}"
-            ))
+        if path == "." {
+            ApiError::invalid(inner.to_string())
         } else {
             ApiError::invalid(format!("{path}: {inner}"))
         }
@@ -138,7 +141,7 @@ pub struct StreamOptions {
 }
 
 /// What `/v1/completions` and `/v1/chat/completions` share: the model, the adapters, the
-/// sampling and the stream.
+/// sampling and the stream (read from the same body as the endpoint's own fields).
 #[derive(Debug, Deserialize)]
 pub struct Common {
     pub model: Option<String>,
@@ -157,6 +160,9 @@ pub struct Common {
     /// vLLM's extension: generate past end-of-generation tokens.
     #[serde(default)]
     pub ignore_eos: bool,
+    /// vLLM's extension: log-probability tokens as "token_id:{id}" rather than their text.
+    #[serde(default)]
+    pub return_tokens_as_token_ids: bool,
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
 }
@@ -168,8 +174,6 @@ pub struct CompletionRequest {
     pub logprobs: Option<usize>,
     #[serde(default)]
     pub echo: bool,
-    #[serde(flatten)]
-    pub common: Common,
 }
 
 #[derive(Debug, Deserialize)]
@@ -183,8 +187,6 @@ pub struct ChatRequest {
     pub tools: Option<serde_json::Value>,
     /// vLLM's extension: more template variables (`enable_thinking`, ...).
     pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
-    #[serde(flatten)]
-    pub common: Common,
 }
 
 #[derive(Debug, Deserialize)]

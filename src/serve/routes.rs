@@ -21,8 +21,8 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use super::adapters::{now, Registry};
 use super::api::{
-    parse, ApiError, ChatRequest, Common, CompletionRequest, LoadAdapterRequest, Prompt, Sampling,
-    UnloadAdapterRequest,
+    json_body, parse, ApiError, ChatRequest, Common, CompletionRequest, LoadAdapterRequest, Prompt,
+    Sampling, UnloadAdapterRequest,
 };
 use super::metrics::Metrics;
 use super::scheduler::{Event, Finish, Job, TokenLogprobs};
@@ -163,7 +163,7 @@ async fn load_adapter(
     State(state): State<Shared>,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<String, ApiError> {
-    let request: LoadAdapterRequest = parse(&body(raw)?)?;
+    let request: LoadAdapterRequest = parse(&json_body(&body(raw)?)?)?;
     let model = Arc::clone(state.inference.model());
     let path = request.lora_path.clone();
     let loaded = tokio::task::spawn_blocking(move || lora::load(path.as_ref(), &model, 1.0))
@@ -185,7 +185,7 @@ async fn unload_adapter(
     State(state): State<Shared>,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<String, ApiError> {
-    let request: UnloadAdapterRequest = parse(&body(raw)?)?;
+    let request: UnloadAdapterRequest = parse(&json_body(&body(raw)?)?)?;
     state.adapters.remove(&request.lora_name)?;
     Ok(format!(
         "Success: LoRA adapter '{}' removed successfully.",
@@ -202,7 +202,9 @@ enum Endpoint {
 
 async fn completions(State(state): State<Shared>, raw: Result<Bytes, BytesRejection>) -> Response {
     let run = || -> Result<Generation, ApiError> {
-        let request: CompletionRequest = parse(&body(raw)?)?;
+        let value = json_body(&body(raw)?)?;
+        let request: CompletionRequest = parse(&value)?;
+        let common: Common = parse(&value)?;
         if request.echo {
             return Err(ApiError::param("echo", "echo is not supported"));
         }
@@ -215,14 +217,8 @@ async fn completions(State(state): State<Shared>, raw: Result<Bytes, BytesReject
             Prompt::TokenLists(mut lists) if lists.len() == 1 => lists.remove(0),
             _ => return Err(ApiError::param("prompt", "one prompt per request")),
         };
-        let sampling = request.common.sampling(request.logprobs)?;
-        start(
-            &state,
-            Endpoint::Completions,
-            &request.common,
-            sampling,
-            prompt,
-        )
+        let sampling = common.sampling(request.logprobs)?;
+        start(&state, Endpoint::Completions, &common, sampling, prompt)
     };
     match run() {
         Ok(generation) => generation.respond().await,
@@ -235,7 +231,9 @@ async fn chat_completions(
     raw: Result<Bytes, BytesRejection>,
 ) -> Response {
     let run = || -> Result<Generation, ApiError> {
-        let mut request: ChatRequest = parse(&body(raw)?)?;
+        let value = json_body(&body(raw)?)?;
+        let mut request: ChatRequest = parse(&value)?;
+        let mut common: Common = parse(&value)?;
         let messages = request
             .messages
             .into_iter()
@@ -246,20 +244,25 @@ async fn chat_completions(
             extra.insert("tools".into(), tools);
         }
         let template = state.chat_template.as_deref();
+        if template.is_none() && state.tokenizer.chat_template().is_none() {
+            return Err(ApiError::invalid(
+                "this model's GGUF has no chat template: start the server with --chat-template FILE",
+            ));
+        }
         let text = state
             .tokenizer
             .apply_chat_template(&Value::Array(messages), true, template, &extra)
             .map_err(|e| ApiError::param("messages", e.to_string()))?;
         let prompt = state.tokenizer.encode(&text, false, true);
-        if request.common.max_tokens.is_none() {
-            request.common.max_tokens = request.max_completion_tokens;
+        if common.max_tokens.is_none() {
+            common.max_tokens = request.max_completion_tokens;
         }
         let top = request.logprobs.then(|| request.top_logprobs.unwrap_or(0));
-        let mut sampling = request.common.sampling(top)?;
+        let mut sampling = common.sampling(top)?;
         if let Some(end) = state.tokenizer.end_of_turn(template).ok().flatten() {
             sampling.stop.push(end);
         }
-        start(&state, Endpoint::Chat, &request.common, sampling, prompt)
+        start(&state, Endpoint::Chat, &common, sampling, prompt)
     };
     match run() {
         Ok(generation) => generation.respond().await,
@@ -392,6 +395,7 @@ fn start(
             .as_ref()
             .is_some_and(|o| o.include_usage),
         logprobs: sampling.logprobs.is_some(),
+        token_ids: common.return_tokens_as_token_ids,
         prompt_tokens,
         completion_tokens: 0,
         text,
@@ -409,6 +413,8 @@ struct Generation {
     stream: bool,
     include_usage: bool,
     logprobs: bool,
+    /// Log-probability tokens as "token_id:{id}".
+    token_ids: bool,
     prompt_tokens: usize,
     completion_tokens: usize,
     text: TextStream,
@@ -581,9 +587,16 @@ impl Generation {
     /// Log-probabilities in the endpoint's form.
     fn logprobs_json(&self, tokens: &[(u32, TokenLogprobs)]) -> Value {
         let tokenizer = &self.state.tokenizer;
-        let piece = |t: u32| {
+        let text = |t: u32| {
             String::from_utf8_lossy(tokenizer.token_to_piece(t, true).unwrap_or_default())
                 .into_owned()
+        };
+        let piece = |t: u32| {
+            if self.token_ids {
+                format!("token_id:{t}")
+            } else {
+                text(t)
+            }
         };
         match self.endpoint {
             Endpoint::Completions => {
@@ -591,7 +604,7 @@ impl Generation {
                 let mut offsets = Vec::new();
                 for (token, _) in tokens {
                     offsets.push(offset);
-                    offset += piece(*token).chars().count();
+                    offset += text(*token).chars().count();
                 }
                 json!({
                     "tokens": tokens.iter().map(|(t, _)| piece(*t)).collect::<Vec<_>>(),
