@@ -11,7 +11,7 @@ use crate::lora::{LoraGrads, LoraPlan, Numerics};
 use crate::model::{Config, KvCache, Layer, Model, Proj, SeqSpan, Slot, Weights};
 use crate::ops::activation::{swiglu_backward, swiglu_forward};
 use crate::ops::attention::{
-    attention_backward, attention_forward, attention_forward_batched, AttentionShape,
+    attention_backward, attention_forward_batched, attention_forward_seqs, AttentionShape, SeqKv,
 };
 use crate::ops::norm::{rms_norm_apply, rms_norm_backward, rms_norm_forward};
 use crate::ops::rope::{Rope, RopeTable};
@@ -263,24 +263,35 @@ impl Backend for CpuBackend<'_> {
         let n_tokens = q.len() / c.q_dim();
         let out = sized(out, n_tokens * c.q_dim());
         let lse = sized(lse, n_tokens * c.n_head);
-        // Training needs neither inference's bit-identical rows nor its allocation-free calls.
-        let attention = match numerics {
-            Numerics::Exact => attention_forward_batched,
-            Numerics::Ggml => attention_forward,
-        };
         for (span, cache) in seqs.iter().zip(caches.iter_mut()) {
             let kv_rows = rows_of(span, c.kv_dim());
             cache.store(il, span.pos0, &k[kv_rows.clone()], &v[kv_rows]);
-            let n_keys = span.pos0 + span.rows.len();
-            attention(
-                self.shape(),
-                span.pos0,
-                &q[rows_of(span, c.q_dim())],
-                cache.keys(il, n_keys),
-                cache.values(il, n_keys),
-                &mut out[rows_of(span, c.q_dim())],
-                &mut lse[rows_of(span, c.n_head)],
-            );
+        }
+        match numerics {
+            // Inference: every sequence in one pass, each row's bits its own.
+            Numerics::Ggml => {
+                let kvs: Vec<SeqKv> = seqs
+                    .iter()
+                    .zip(caches.iter())
+                    .map(|(s, c)| seq_kv(il, s, c))
+                    .collect();
+                attention_forward_seqs(self.shape(), &kvs, q, out, lse);
+            }
+            // Training: whole sequences, by GEMMs.
+            Numerics::Exact => {
+                for (span, cache) in seqs.iter().zip(caches.iter()) {
+                    let seq = seq_kv(il, span, cache);
+                    attention_forward_batched(
+                        self.shape(),
+                        seq.pos0,
+                        &q[rows_of(span, c.q_dim())],
+                        seq.keys,
+                        seq.values,
+                        &mut out[rows_of(span, c.q_dim())],
+                        &mut lse[rows_of(span, c.n_head)],
+                    );
+                }
+            }
         }
         Ok(())
     }
@@ -380,5 +391,16 @@ impl Backend for CpuBackend<'_> {
 
     fn grads_to_host(&self, grads: LoraGrads) -> Result<LoraGrads> {
         Ok(grads)
+    }
+}
+
+/// Sequence `span`'s rows and cached keys and values in layer `il` (after this batch's).
+fn seq_kv<'a>(il: usize, span: &SeqSpan, cache: &'a KvCache) -> SeqKv<'a> {
+    let n_keys = span.pos0 + span.rows.len();
+    SeqKv {
+        rows: span.rows.clone(),
+        pos0: span.pos0,
+        keys: cache.keys(il, n_keys),
+        values: cache.values(il, n_keys),
     }
 }

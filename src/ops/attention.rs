@@ -39,32 +39,73 @@ impl AttentionShape {
 /// running f32 sum cannot be reordered, so it would stay scalar).
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8
-        .remainder()
-        .iter()
-        .zip(b8.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in a8.zip(b8) {
-        for i in 0..8 {
-            lanes[i] += x[i] * y[i];
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
+    dots::<1>(a, [b])[0]
 }
 
-/// `y += alpha · x`.
+/// `dot(a, b[i])` for `N` vectors at once: each is summed exactly as `dot` sums it, but the
+/// `N` chains of additions are independent, so they overlap instead of each waiting on its
+/// previous addition.
 #[inline]
-fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
-    y.iter_mut().zip(x).for_each(|(y, x)| *y += alpha * x);
+fn dots<const N: usize>(a: &[f32], b: [&[f32]; N]) -> [f32; N] {
+    let mut lanes = [[0f32; 8]; N];
+    let n8 = a.len() / 8 * 8;
+    for i in (0..n8).step_by(8) {
+        let x = &a[i..i + 8];
+        for (lanes, b) in lanes.iter_mut().zip(&b) {
+            let y = &b[i..i + 8];
+            for l in 0..8 {
+                lanes[l] += x[l] * y[l];
+            }
+        }
+    }
+    std::array::from_fn(|n| {
+        let tail: f32 = a[n8..].iter().zip(&b[n][n8..]).map(|(x, y)| x * y).sum();
+        lanes[n].iter().sum::<f32>() + tail
+    })
+}
+
+/// `out = Σ_j p[j] · row(j)`, summed over `j` in order from zero (as repeated `y += p x`
+/// would), a few columns at a time so that the sums stay in registers.
+#[inline]
+fn weighted_rows<'v>(out: &mut [f32], p: &[f32], row: impl Fn(usize) -> &'v [f32]) {
+    const COLS: usize = 32;
+    let width = out.len();
+    for c0 in (0..width).step_by(COLS) {
+        let n = COLS.min(width - c0);
+        let mut acc = [0f32; COLS];
+        if n == COLS {
+            for (j, &pj) in p.iter().enumerate() {
+                let v = &row(j)[c0..c0 + COLS];
+                for c in 0..COLS {
+                    acc[c] += pj * v[c];
+                }
+            }
+        } else {
+            for (j, &pj) in p.iter().enumerate() {
+                let v = &row(j)[c0..c0 + n];
+                for c in 0..n {
+                    acc[c] += pj * v[c];
+                }
+            }
+        }
+        out[c0..c0 + n].copy_from_slice(&acc[..n]);
+    }
 }
 
 /// Row `row`, head `head` of a `[n, width]` matrix of heads of `head_dim`.
 #[inline]
 fn head_row(data: &[f32], row: usize, head: usize, width: usize, head_dim: usize) -> &[f32] {
     &data[row * width + head * head_dim..][..head_dim]
+}
+
+/// One sequence of a batch for `attention_forward_seqs`: its rows of the batch, the
+/// position of its first row, and its cached keys and values (every position up to its
+/// last row).
+pub struct SeqKv<'a> {
+    pub rows: std::ops::Range<usize>,
+    pub pos0: usize,
+    pub keys: &'a [f32],
+    pub values: &'a [f32],
 }
 
 /// `out = softmax(q kᵀ / sqrt(head_dim) + causal mask) v` for each head; `lse[t, h]` receives
@@ -79,27 +120,53 @@ pub fn attention_forward(
     out: &mut [f32],
     lse: &mut [f32],
 ) {
+    let seq = SeqKv {
+        rows: 0..q.len() / shape.q_dim(),
+        pos0,
+        keys: k,
+        values: v,
+    };
+    attention_forward_seqs(shape, &[seq], q, out, lse)
+}
+
+/// `attention_forward` for every sequence of a batch in one parallel pass (`q`, `out` and
+/// `lse` hold the batch's rows). A row's bits depend on its own sequence only.
+pub fn attention_forward_seqs(
+    shape: AttentionShape,
+    seqs: &[SeqKv],
+    q: &[f32],
+    out: &mut [f32],
+    lse: &mut [f32],
+) {
     let (hd, scale) = (shape.head_dim, shape.scale());
     let (q_dim, kv_dim) = (shape.q_dim(), shape.kv_dim());
     let group = shape.n_head / shape.n_head_kv;
+    let seq_of: Vec<usize> = seqs
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| std::iter::repeat_n(i, s.rows.len()))
+        .collect();
     // One task per row and key/value head (its query heads are adjacent in the row), so that
     // a single decoded token still spreads over the cores.
     out.par_chunks_mut(group * hd)
         .zip(lse.par_chunks_mut(group))
         .enumerate()
         .for_each(|(i, (out, lse))| {
-            let (t, g) = (i / shape.n_head_kv, i % shape.n_head_kv);
-            let n_keys = pos0 + t + 1;
+            let (row, g) = (i / shape.n_head_kv, i % shape.n_head_kv);
+            let seq = &seqs[seq_of[row]];
+            let n_keys = seq.pos0 + (row - seq.rows.start) + 1;
+            let key = |j| head_row(seq.keys, j, g, kv_dim, hd);
             scratch::with_f32(|scores| {
                 for (h, (out_h, lse)) in out.chunks_exact_mut(hd).zip(lse).enumerate() {
-                    let q_t = head_row(q, t, g * group + h, q_dim, hd);
+                    let q_t = head_row(q, row, g * group + h, q_dim, hd);
                     scores.clear();
-                    scores.extend((0..n_keys).map(|j| dot(q_t, head_row(k, j, g, kv_dim, hd))));
-                    *lse = softmax(scores, scale);
-                    out_h.fill(0.0);
-                    for (j, &p) in scores.iter().enumerate() {
-                        axpy(out_h, p, head_row(v, j, g, kv_dim, hd));
+                    let n4 = n_keys / 4 * 4;
+                    for j in (0..n4).step_by(4) {
+                        scores.extend(dots(q_t, [key(j), key(j + 1), key(j + 2), key(j + 3)]));
                     }
+                    scores.extend((n4..n_keys).map(|j| dot(q_t, key(j))));
+                    *lse = softmax(scores, scale);
+                    weighted_rows(out_h, scores, |j| head_row(seq.values, j, g, kv_dim, hd));
                 }
             })
         });
@@ -358,6 +425,47 @@ mod tests {
             attention_forward(SHAPE, t, &q[t * 12..][..12], k, v, &mut out_t, &mut lse_t);
             assert_eq!(out_t, out[t * 12..][..12], "token {t}");
             assert_eq!(lse_t, lse[t * 4..][..4], "token {t}");
+        }
+    }
+
+    #[test]
+    fn sequences_in_one_pass_have_the_bits_of_each_alone() {
+        // (rows in the batch, cached positions before them) per sequence.
+        let shapes = [(1, 9), (5, 0), (3, 2)];
+        let (mut caches, mut q) = (Vec::new(), Vec::new());
+        for (i, &(n, pos0)) in shapes.iter().enumerate() {
+            let n_keys = pos0 + n;
+            caches.push((values(n_keys * 6, 20 + i), values(n_keys * 6, 30 + i)));
+            q.extend(values(n * 12, 40 + i));
+        }
+        let mut start = 0;
+        let seqs: Vec<SeqKv> = shapes
+            .iter()
+            .zip(&caches)
+            .map(|(&(n, pos0), (k, v))| {
+                start += n;
+                SeqKv {
+                    rows: start - n..start,
+                    pos0,
+                    keys: k,
+                    values: v,
+                }
+            })
+            .collect();
+        let n_rows = start;
+        let (mut out, mut lse) = (vec![0f32; n_rows * 12], vec![0f32; n_rows * 4]);
+        attention_forward_seqs(SHAPE, &seqs, &q, &mut out, &mut lse);
+        for seq in &seqs {
+            let (mut out_s, mut lse_s) = (
+                vec![0f32; seq.rows.len() * 12],
+                vec![0f32; seq.rows.len() * 4],
+            );
+            let q_s = &q[seq.rows.start * 12..seq.rows.end * 12];
+            attention_forward(
+                SHAPE, seq.pos0, q_s, seq.keys, seq.values, &mut out_s, &mut lse_s,
+            );
+            assert_eq!(out_s, out[seq.rows.start * 12..seq.rows.end * 12]);
+            assert_eq!(lse_s, lse[seq.rows.start * 4..seq.rows.end * 4]);
         }
     }
 
