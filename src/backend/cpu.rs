@@ -270,12 +270,9 @@ impl Backend for CpuBackend<'_> {
         match numerics {
             // Inference: every sequence in one pass, each row's bits its own.
             Numerics::Ggml => {
-                let kvs: Vec<SeqKv> = seqs
-                    .iter()
-                    .zip(caches.iter())
-                    .map(|(s, c)| seq_kv(il, s, c))
-                    .collect();
-                attention_forward_seqs(self.shape(), &kvs, q, out, lse);
+                let caches: &[&mut KvCache] = caches;
+                let seq = |i: usize| seq_kv(il, &seqs[i], caches[i]);
+                attention_forward_seqs(self.shape(), seqs.len(), seq, q, out, lse);
             }
             // Training: whole sequences, by GEMMs.
             Numerics::Exact => {

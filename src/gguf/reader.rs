@@ -50,6 +50,19 @@ impl ByteView {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// Bytes `range` of this view, as a view of the same storage.
+    pub fn slice(&self, range: std::ops::Range<usize>) -> ByteView {
+        assert!(
+            range.start <= range.end && range.end <= self.len,
+            "slice out of the view"
+        );
+        ByteView {
+            storage: Arc::clone(&self.storage),
+            offset: self.offset + range.start,
+            len: range.len(),
+        }
+    }
 }
 
 impl Deref for ByteView {

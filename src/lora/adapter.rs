@@ -2,13 +2,14 @@
 //! and user scale that weigh them. Loaded adapters and trainable ones are the same type.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
-use crate::model::{Config, Slot};
+use crate::model::{Config, Proj, Slot, Target};
 
 /// A float that threads can read and write without tearing (a forward reads `scale` once).
 #[derive(Debug, Default)]
@@ -27,9 +28,14 @@ impl AtomicF32 {
 }
 
 /// One adapted weight `W [n_out, n_in]`: `ΔW = B A` with `A [rank, n_in]`, `B [n_out, rank]`.
+/// On a fused tensor (Phi-3's `attn_qkv`) the projections share A, each with its rows of B,
+/// exactly as PEFT adapts `qkv_proj`.
 #[derive(Debug, Clone)]
 pub struct LoraPair {
-    pub slot: Slot,
+    pub target: Target,
+    /// The projections it applies to and their rows of B: all of the target's, or (created
+    /// for some projections of a fused tensor) some; the other rows of B stay zero.
+    pub parts: Vec<(Proj, Range<usize>)>,
     pub rank: usize,
     pub n_in: usize,
     pub n_out: usize,
@@ -56,7 +62,23 @@ pub struct PairGrad {
 
 impl LoraPair {
     pub fn name(&self) -> String {
-        self.slot.tensor_name()
+        self.target.tensor_name()
+    }
+
+    /// The slots it applies to.
+    pub fn slots(&self) -> impl Iterator<Item = Slot> + '_ {
+        self.parts.iter().map(|&(proj, _)| Slot {
+            layer: self.target.layer,
+            proj,
+        })
+    }
+
+    /// The rows of B that `proj` reads.
+    pub fn b_rows(&self, proj: Proj) -> Option<Range<usize>> {
+        self.parts
+            .iter()
+            .find(|(p, _)| *p == proj)
+            .map(|(_, rows)| rows.clone())
     }
 
     /// `[rank, n_in]` for A, `[n_out, rank]` for B.
@@ -165,7 +187,11 @@ impl LoraAdapter {
         scale: f32,
         pairs: Vec<LoraPair>,
     ) -> LoraAdapter {
-        let by_slot = pairs.iter().enumerate().map(|(i, p)| (p.slot, i)).collect();
+        let by_slot = pairs
+            .iter()
+            .enumerate()
+            .flat_map(|(i, p)| p.slots().map(move |slot| (slot, i)))
+            .collect();
         LoraAdapter {
             architecture,
             format,
@@ -199,10 +225,15 @@ impl LoraAdapter {
     }
 
     pub fn n_pairs(&self) -> usize {
-        self.by_slot.len()
+        self.pairs().len()
     }
 
-    /// Index of the pair on `slot`.
+    /// Index of the pair named `name` (`blk.3.attn_q.weight`).
+    pub fn pair_named(&self, name: &str) -> Option<usize> {
+        self.pairs().iter().position(|p| p.name() == name)
+    }
+
+    /// Index of the pair applied to `slot`.
     pub fn pair_index(&self, slot: Slot) -> Option<usize> {
         self.by_slot.get(&slot).copied()
     }
@@ -310,18 +341,21 @@ impl LoraAdapter {
     /// must not run on another of a different shape.
     pub fn check_fits(&self, config: &Config) -> Result<()> {
         for pair in self.pairs().iter() {
-            if pair.slot.layer >= config.n_layer {
+            if pair.target.layer >= config.n_layer {
                 return Err(Error::BadAdapter {
                     what: format!(
                         "adapter tensor '{}' is for layer {}, but the model has {} layers",
                         pair.name(),
-                        pair.slot.layer,
+                        pair.target.layer,
                         config.n_layer
                     ),
                 });
             }
-            let [n_out, n_in] = pair.slot.proj.shape(config);
-            if [pair.n_out, pair.n_in] != [n_out, n_in] {
+            let [n_out, n_in] = pair.target.shape(config);
+            let parts = pair.target.parts(config);
+            if [pair.n_out, pair.n_in] != [n_out, n_in]
+                || !pair.parts.iter().all(|part| parts.contains(part))
+            {
                 return Err(Error::ShapeMismatch {
                     name: pair.name(),
                     expected: vec![n_out, n_in],

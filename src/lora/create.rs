@@ -6,7 +6,7 @@ use rand::SeedableRng;
 
 use super::adapter::{AdapterFormat, LoraAdapter, LoraPair, ScalingRule};
 use crate::error::{Error, Result};
-use crate::model::{Model, Proj, Slot};
+use crate::model::{Model, Proj, Slot, Stored, Target};
 
 pub const MAX_RANK: usize = 256;
 
@@ -17,7 +17,10 @@ pub fn target_names() -> String {
 
 /// A trainable adapter on `targets` of every layer: A Kaiming-uniform with bound
 /// `1/sqrt(n_in)` (PEFT's `kaiming_uniform_(a=sqrt(5))`), B zero, so that a new adapter
-/// changes nothing. Pairs are ordered layer by layer, targets in the given order.
+/// changes nothing. Pairs are ordered layer by layer, targets in the given order. Targets
+/// that the model stores in one tensor (Phi-3: q, k, v in `attn_qkv`; gate and up in
+/// `ffn_up`) get one pair on that tensor, as PEFT's `qkv_proj` / `gate_up_proj`: one A, and
+/// B rows for the targets given.
 pub fn create(
     model: &Model,
     rank: usize,
@@ -57,14 +60,32 @@ pub fn create(
         Some(seed) => StdRng::seed_from_u64(seed),
         None => StdRng::from_os_rng(),
     };
-    let mut pairs = Vec::with_capacity(config.n_layer * targets.len());
+    // One pair per base tensor: projections a file stores fused share one (and its A).
+    let mut tensors: Vec<(Stored, Vec<Proj>)> = Vec::new();
+    for &proj in targets {
+        let stored = Target::of(Slot { layer: 0, proj }, config).stored;
+        match tensors.iter_mut().find(|(s, _)| *s == stored) {
+            Some((_, projs)) => projs.push(proj),
+            None => tensors.push((stored, vec![proj])),
+        }
+    }
+    let mut pairs = Vec::with_capacity(config.n_layer * tensors.len());
     for layer in 0..config.n_layer {
-        for &proj in targets {
-            let [n_out, n_in] = proj.shape(config);
+        for (stored, projs) in &tensors {
+            let target = Target {
+                layer,
+                stored: *stored,
+            };
+            let [n_out, n_in] = target.shape(config);
             let bound = 1.0 / (n_in as f32).sqrt();
             let uniform = Uniform::new_inclusive(-bound, bound).expect("a finite, ordered range");
             pairs.push(LoraPair {
-                slot: Slot { layer, proj },
+                target,
+                parts: target
+                    .parts(config)
+                    .into_iter()
+                    .filter(|(p, _)| projs.contains(p))
+                    .collect(),
                 rank,
                 n_in,
                 n_out,

@@ -39,13 +39,28 @@ pub struct LoraPlan<'a> {
 /// Rows of the batch, and the (index into `adapters`, user scale) applied to them.
 type Segment = (Range<usize>, Vec<(usize, f32)>);
 
-/// One adapter term on one slot: rows, pair, factor.
+/// One adapter term on one slot: rows of the batch, pair, rows of B, factor.
 pub struct Term<'p> {
     pub rows: Range<usize>,
     pub adapter: usize,
     pub pair: &'p LoraPair,
     pub pair_index: usize,
+    /// The rows of the pair's B this slot reads (all of them but on fused tensors).
+    pub b_rows: Range<usize>,
     pub scaling: f32,
+}
+
+impl Term<'_> {
+    /// The slot's rows of B: `[n_out, rank]`.
+    pub fn b(&self) -> &[f32] {
+        let rank = self.pair.rank;
+        &self.pair.lora_b[self.b_rows.start * rank..self.b_rows.end * rank]
+    }
+
+    /// Outputs of the slot.
+    pub fn n_out(&self) -> usize {
+        self.b_rows.len()
+    }
 }
 
 impl<'a> LoraPlan<'a> {
@@ -118,6 +133,7 @@ impl<'a> LoraPlan<'a> {
                     adapter: i,
                     pair,
                     pair_index,
+                    b_rows: pair.b_rows(slot.proj)?,
                     scaling: LoraAdapter::scaling(
                         active.adapter.rule,
                         pair.alpha.unwrap_or(active.alpha),
@@ -176,13 +192,13 @@ pub fn linear(
         }
     }
     for term in lora.terms(slot) {
-        let (rows, pair) = (term.rows.clone(), term.pair);
+        let (rows, pair, n_out) = (term.rows.clone(), term.pair, term.n_out());
         let u = lora_hidden(x, &term, scratch);
-        let y_rows = &mut y[rows.start * pair.n_out..rows.end * pair.n_out];
+        let y_rows = &mut y[rows.start * n_out..rows.end * n_out];
         gemm(
             MatRef::new(u, rows.len(), pair.rank),
-            MatRef::new(&pair.lora_b, pair.n_out, pair.rank).t(),
-            MatMut::new(y_rows, rows.len(), pair.n_out),
+            MatRef::new(term.b(), n_out, pair.rank).t(),
+            MatMut::new(y_rows, rows.len(), n_out),
             true,
             true,
         );
@@ -212,14 +228,14 @@ pub fn linear_backward(
     weight.matmul_backward_input(dy, dx);
     let mut g = Vec::new();
     for term in lora.terms(slot) {
-        let (rows, pair) = (term.rows.clone(), term.pair);
+        let (rows, pair, n_out) = (term.rows.clone(), term.pair, term.n_out());
         let n = rows.len();
-        let dy_rows = rows_of(dy, &rows, pair.n_out);
+        let dy_rows = rows_of(dy, &rows, n_out);
         // g = dy B : [n, rank]
         g.resize(n * pair.rank, 0.0);
         gemm(
             dy_rows,
-            MatRef::new(&pair.lora_b, pair.n_out, pair.rank),
+            MatRef::new(term.b(), n_out, pair.rank),
             MatMut::new(&mut g, n, pair.rank),
             false,
             false,
@@ -231,11 +247,12 @@ pub fn linear_backward(
                 .grads
                 .entry((term.adapter, term.pair_index))
                 .or_insert_with(|| (vec![0.0; pair.lora_a.len()], vec![0.0; pair.lora_b.len()]));
-            // dB [n_out, rank] += dyᵀ [n_out, n] · u [n, rank]
+            // dB [n_out, rank] += dyᵀ [n_out, n] · u [n, rank], in the slot's rows of B
+            let d_b = &mut d_b[term.b_rows.start * pair.rank..term.b_rows.end * pair.rank];
             gemm(
                 dy_rows.t(),
                 MatRef::new(u, n, pair.rank),
-                MatMut::new(d_b, pair.n_out, pair.rank),
+                MatMut::new(d_b, n_out, pair.rank),
                 true,
                 true,
             );

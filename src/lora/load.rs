@@ -7,7 +7,7 @@ use super::adapter::{AdapterFormat, Half, LoraAdapter, LoraPair, ScalingRule};
 use super::{gguf_adapter, peft};
 use crate::error::{Error, Result, ResultExt};
 use crate::gguf::not_a_regular_file;
-use crate::model::{Model, Slot};
+use crate::model::{Model, Target};
 
 /// An adapter and the warnings its loading produced (e.g. a PEFT file without config).
 pub struct Loaded {
@@ -128,10 +128,10 @@ pub fn assemble(
     }
     let mut pairs = Vec::with_capacity(raw.len());
     for (name, raw) in raw {
-        let slot = Slot::parse(&name)
-            .filter(|s| s.layer < config.n_layer)
+        let target = Target::parse(&name, config)
+            .filter(|t| t.layer < config.n_layer)
             .ok_or_else(|| unknown_target(model, &name))?;
-        let [n_out, n_in] = slot.proj.shape(config);
+        let [n_out, n_in] = target.shape(config);
         let rank = raw.a_shape[0];
         if raw.a_shape[1] != n_in || raw.b_shape[0] != n_out || raw.b_shape[1] != rank || rank == 0
         {
@@ -143,7 +143,8 @@ pub fn assemble(
             });
         }
         pairs.push(LoraPair {
-            slot,
+            target,
+            parts: target.parts(config),
             rank,
             n_in,
             n_out,
@@ -158,7 +159,7 @@ pub fn assemble(
             what: "adapter has no LoRA tensor pairs".to_string(),
         });
     }
-    pairs.sort_by_key(|p| p.slot);
+    pairs.sort_by_key(|p| p.target);
     Ok(LoraAdapter::new(
         architecture.to_string(),
         format,
@@ -174,7 +175,7 @@ fn unknown_target(model: &Model, name: &str) -> Error {
         Error::Unsupported {
             what: "LoRA target",
             feature: name.to_string(),
-            hint: "lugh applies adapters to the attention and feed-forward projections (attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down)",
+            hint: "lugh applies adapters to the attention and feed-forward projections (attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down; attn_qkv and ffn_up where a model stores them fused)",
         }
     } else {
         Error::BadAdapter {

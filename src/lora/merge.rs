@@ -6,7 +6,7 @@ use super::adapter::LoraAdapter;
 use super::linear::LoraPlan;
 use crate::error::{Error, Result};
 use crate::gguf::{GgufWriter, TensorBytes, TensorType, Value};
-use crate::model::{Model, Slot};
+use crate::model::{Model, Slot, Target};
 use crate::ops::gemm::{gemm, MatMut, MatRef};
 use crate::ops::quant::{dequantize, quantize};
 
@@ -49,11 +49,23 @@ pub fn merge(
     let plan = LoraPlan::new(vec![(0..1, adapters.to_vec())]);
     for info in file.tensors() {
         let is_matrix = info.shape.len() == 2;
-        let target = out_type.filter(|_| is_matrix).unwrap_or(info.dtype);
-        let terms: Vec<_> = Slot::parse(&info.name)
-            .map(|s| plan.terms(s).collect())
+        let out = out_type.filter(|_| is_matrix).unwrap_or(info.dtype);
+        // Each projection the tensor stores, with its adapter terms and its rows.
+        let terms: Vec<_> = Target::parse(&info.name, config)
+            .map(|t| {
+                t.parts(config)
+                    .into_iter()
+                    .flat_map(|(proj, rows)| {
+                        let slot = Slot {
+                            layer: t.layer,
+                            proj,
+                        };
+                        plan.terms(slot).map(move |term| (term, rows.clone()))
+                    })
+                    .collect()
+            })
             .unwrap_or_default();
-        if terms.is_empty() && target == info.dtype {
+        if terms.is_empty() && out == info.dtype {
             writer.add_tensor(
                 &info.name,
                 info.dtype,
@@ -62,32 +74,36 @@ pub fn merge(
             )?;
             continue;
         }
-        if target.row_bytes(*info.shape.last().unwrap_or(&1)).is_none() {
+        if out.row_bytes(*info.shape.last().unwrap_or(&1)).is_none() {
             return Err(Error::invalid(
                 "out_type",
                 format!(
-                    "{target} blocks do not divide the rows of '{}' ({:?})",
+                    "{out} blocks do not divide the rows of '{}' ({:?})",
                     info.name, info.shape
                 ),
             ));
         }
         let mut weight = dequantize(info.dtype, &file.tensor_data(info), info.n_elements());
-        for term in &terms {
-            let (pair, s) = (term.pair, term.scaling);
-            let scaled_b: Vec<f32> = pair.lora_b.iter().map(|b| b * s).collect();
+        for (term, rows) in &terms {
+            let (pair, n_out) = (term.pair, term.n_out());
+            let scaled_b: Vec<f32> = term.b().iter().map(|b| b * term.scaling).collect();
             gemm(
-                MatRef::new(&scaled_b, pair.n_out, pair.rank),
+                MatRef::new(&scaled_b, n_out, pair.rank),
                 MatRef::new(&pair.lora_a, pair.rank, pair.n_in),
-                MatMut::new(&mut weight, pair.n_out, pair.n_in),
+                MatMut::new(
+                    &mut weight[rows.start * pair.n_in..rows.end * pair.n_in],
+                    n_out,
+                    pair.n_in,
+                ),
                 true,
                 true,
             );
         }
         writer.add_tensor(
             &info.name,
-            target,
+            out,
             &info.shape,
-            TensorBytes::Owned(quantize(target, &weight)),
+            TensorBytes::Owned(quantize(out, &weight)),
         )?;
     }
     drop(plan);

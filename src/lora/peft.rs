@@ -19,37 +19,53 @@ use super::load::{assemble, Loaded, PairCollector};
 use crate::atomic_write::stage;
 use crate::error::{Error, Result, ResultExt};
 use crate::gguf::open_regular_file;
-use crate::model::{Model, Proj, Slot};
+use crate::model::{Fused, Model, Proj, Stored, Target};
 
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 pub const CONFIG_FILE: &str = "adapter_config.json";
 
-/// HF module path inside a decoder layer, for each projection.
-fn hf_module(proj: Proj) -> &'static str {
-    match proj {
-        Proj::AttnQ => "self_attn.q_proj",
-        Proj::AttnK => "self_attn.k_proj",
-        Proj::AttnV => "self_attn.v_proj",
-        Proj::AttnOutput => "self_attn.o_proj",
-        Proj::FfnGate => "mlp.gate_proj",
-        Proj::FfnUp => "mlp.up_proj",
-        Proj::FfnDown => "mlp.down_proj",
+/// Every tensor kind adapters attach to.
+const STORED: [Stored; 9] = [
+    Stored::Proj(Proj::AttnQ),
+    Stored::Proj(Proj::AttnK),
+    Stored::Proj(Proj::AttnV),
+    Stored::Proj(Proj::AttnOutput),
+    Stored::Proj(Proj::FfnGate),
+    Stored::Proj(Proj::FfnUp),
+    Stored::Proj(Proj::FfnDown),
+    Stored::Fused(Fused::Qkv),
+    Stored::Fused(Fused::GateUp),
+];
+
+/// HF module path inside a decoder layer, for each tensor (Phi-3's fused `qkv_proj` and
+/// `gate_up_proj` included).
+fn hf_module(stored: Stored) -> &'static str {
+    match stored {
+        Stored::Proj(Proj::AttnQ) => "self_attn.q_proj",
+        Stored::Proj(Proj::AttnK) => "self_attn.k_proj",
+        Stored::Proj(Proj::AttnV) => "self_attn.v_proj",
+        Stored::Proj(Proj::AttnOutput) => "self_attn.o_proj",
+        Stored::Proj(Proj::FfnGate) => "mlp.gate_proj",
+        Stored::Proj(Proj::FfnUp) => "mlp.up_proj",
+        Stored::Proj(Proj::FfnDown) => "mlp.down_proj",
+        Stored::Fused(Fused::Qkv) => "self_attn.qkv_proj",
+        Stored::Fused(Fused::GateUp) => "mlp.gate_up_proj",
     }
 }
 
 /// `model.layers.{il}.self_attn.q_proj`: the module name PEFT's patterns match against.
-fn module_name(slot: Slot) -> String {
-    format!("model.layers.{}.{}", slot.layer, hf_module(slot.proj))
+fn module_name(target: Target) -> String {
+    format!("model.layers.{}.{}", target.layer, hf_module(target.stored))
 }
 
-/// The slot of an HF module name (`model.layers.3.mlp.up_proj`).
-fn parse_module(name: &str) -> Option<Slot> {
+/// The target of an HF module name (`model.layers.3.mlp.up_proj`).
+fn parse_module(name: &str) -> Option<Target> {
     let rest = name.strip_prefix("model.layers.")?;
     let (layer, module) = rest.split_once('.')?;
-    let proj = Proj::ALL.into_iter().find(|&p| hf_module(p) == module)?;
-    Some(Slot {
+    let stored = STORED.into_iter().find(|&s| hf_module(s) == module)?;
+    Some(Target {
         layer: layer.parse().ok()?,
-        proj,
+        stored,
     })
 }
 
@@ -113,7 +129,7 @@ pub(crate) fn from_safetensors(
     let (model_config, _) = model.runnable()?;
     let mut collector = PairCollector::default();
     for (name, view) in tensors.iter() {
-        let (slot, half) = parse_tensor_name(name)?;
+        let (target, half) = parse_tensor_name(name)?;
         let shape: [usize; 2] = view.shape().try_into().map_err(|_| Error::BadAdapter {
             what: format!(
                 "PEFT tensor '{name}' has shape {:?}, expected 2 dimensions",
@@ -122,7 +138,7 @@ pub(crate) fn from_safetensors(
         })?;
         let mut values = to_f32(name, &view)?;
         if half == Half::B && model_config.arch.permutes_qk() {
-            if let Some(n_heads) = qk_heads(slot.proj, model_config) {
+            if let Some(n_heads) = qk_heads(target, model_config) {
                 values = permute_rows(&values, shape, n_heads, PermuteDirection::HfToGguf)
                     .ok_or_else(|| Error::BadAdapter {
                         what: format!(
@@ -132,13 +148,13 @@ pub(crate) fn from_safetensors(
                     })?;
             }
         }
-        collector.add(&slot.tensor_name(), half, values, shape)?;
+        collector.add(&target.tensor_name(), half, values, shape)?;
     }
 
     let no_patterns = Vec::new();
     let patterns = config.map_or(&no_patterns, |c| &c.alpha_patterns);
     let alpha_of = |gguf_name: &str| {
-        let module = Slot::parse(gguf_name).map(module_name)?;
+        let module = Target::parse(gguf_name, model_config).map(module_name)?;
         match_pattern(patterns, &module)
     };
     let (rule, alpha) = match config {
@@ -178,8 +194,8 @@ fn alpha_equals_rank(adapter: LoraAdapter) -> LoraAdapter {
     }
 }
 
-/// `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight` → (slot, A).
-fn parse_tensor_name(name: &str) -> Result<(Slot, Half)> {
+/// `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight` → (target, A).
+fn parse_tensor_name(name: &str) -> Result<(Target, Half)> {
     let unsupported = |feature: &str, hint: &'static str| Error::Unsupported {
         what: "PEFT option",
         feature: feature.to_string(),
@@ -224,13 +240,13 @@ fn parse_tensor_name(name: &str) -> Result<(Slot, Half)> {
             what: format!("PEFT tensor '{name}' is not a lora_A or lora_B weight"),
         });
     }
-    let slot = parse_module(module).ok_or_else(|| {
+    let target = parse_module(module).ok_or_else(|| {
         unsupported(
             module,
-            "lugh adapts q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj and down_proj of model.layers.N",
+            "lugh adapts q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj and down_proj (or the fused qkv_proj and gate_up_proj) of model.layers.N",
         )
     })?;
-    Ok((slot, half))
+    Ok((target, half))
 }
 
 fn to_f32(name: &str, view: &TensorView) -> Result<Vec<f32>> {
@@ -262,10 +278,10 @@ fn to_f32(name: &str, view: &TensorView) -> Result<Vec<f32>> {
 }
 
 /// Heads whose rows llama.cpp permutes: q over `n_head`, k over `n_head_kv`.
-fn qk_heads(proj: Proj, config: &crate::model::Config) -> Option<usize> {
-    match proj {
-        Proj::AttnQ => Some(config.n_head),
-        Proj::AttnK => Some(config.n_head_kv),
+fn qk_heads(target: Target, config: &crate::model::Config) -> Option<usize> {
+    match target.stored {
+        Stored::Proj(Proj::AttnQ) => Some(config.n_head),
+        Stored::Proj(Proj::AttnK) => Some(config.n_head_kv),
         _ => None,
     }
 }
@@ -523,9 +539,9 @@ fn write_dir(
     let mut alpha_pattern = BTreeMap::new();
     let mut targets = std::collections::BTreeSet::new();
     for pair in pairs.iter() {
-        let module = module_name(pair.slot);
+        let module = module_name(pair.target);
         targets.insert(
-            hf_module(pair.slot.proj)
+            hf_module(pair.target.stored)
                 .rsplit('.')
                 .next()
                 .unwrap_or_default()
@@ -540,9 +556,9 @@ fn write_dir(
         }
         let mut b = pair.lora_b.clone();
         if model_arch_permutes_qk {
-            let n_heads = match pair.slot.proj {
-                Proj::AttnQ => Some(heads.0),
-                Proj::AttnK => Some(heads.1),
+            let n_heads = match pair.target.stored {
+                Stored::Proj(Proj::AttnQ) => Some(heads.0),
+                Stored::Proj(Proj::AttnK) => Some(heads.1),
                 _ => None,
             };
             if let Some(n) = n_heads {
@@ -641,16 +657,24 @@ mod tests {
     }
 
     #[test]
-    fn tensor_names_map_to_slots() {
-        let (slot, half) =
+    fn tensor_names_map_to_targets() {
+        let (target, half) =
             parse_tensor_name("base_model.model.model.layers.7.mlp.down_proj.lora_B.weight")
                 .unwrap();
-        assert_eq!((slot.layer, slot.proj, half), (7, Proj::FfnDown, Half::B));
-        let (slot, half) = parse_tensor_name(
+        let down = Stored::Proj(Proj::FfnDown);
+        assert_eq!((target.layer, target.stored, half), (7, down, Half::B));
+        let (target, half) = parse_tensor_name(
             "base_model.model.model.layers.0.self_attn.o_proj.lora_A.default.weight",
         )
         .unwrap();
-        assert_eq!((slot.proj, half), (Proj::AttnOutput, Half::A));
+        assert_eq!(
+            (target.stored, half),
+            (Stored::Proj(Proj::AttnOutput), Half::A)
+        );
+        let (target, _) =
+            parse_tensor_name("base_model.model.model.layers.2.self_attn.qkv_proj.lora_A.weight")
+                .unwrap();
+        assert_eq!(target.stored, Stored::Fused(Fused::Qkv));
         for (name, what) in [
             ("base_model.model.lm_head.lora_A.weight", "lm_head"),
             (

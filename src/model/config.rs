@@ -1,5 +1,8 @@
 //! Hyper-parameters read from `{arch}.*` GGUF metadata, checked once.
 
+use std::ops::Range;
+
+use super::weights::Proj;
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 use crate::ops::rope::RopeStyle;
@@ -13,13 +16,17 @@ pub enum Architecture {
     Qwen2,
     /// Qwen3 (dense): RMSNorm over each head of q and k before RoPE, NeoX RoPE, no biases.
     Qwen3,
+    /// Phi-3 / Phi-3.5 / Phi-4: q, k, v in one `attn_qkv` tensor and gate, up in one
+    /// `ffn_up` (see `Fused`), NeoX RoPE.
+    Phi3,
 }
 
 impl Architecture {
-    pub const ALL: [Architecture; 3] = [
+    pub const ALL: [Architecture; 4] = [
         Architecture::Llama,
         Architecture::Qwen2,
         Architecture::Qwen3,
+        Architecture::Phi3,
     ];
 
     pub fn name(self) -> &'static str {
@@ -27,6 +34,7 @@ impl Architecture {
             Architecture::Llama => "llama",
             Architecture::Qwen2 => "qwen2",
             Architecture::Qwen3 => "qwen3",
+            Architecture::Phi3 => "phi3",
         }
     }
 
@@ -51,7 +59,7 @@ impl Architecture {
     pub fn rope_style(self) -> RopeStyle {
         match self {
             Architecture::Llama => RopeStyle::Normal,
-            Architecture::Qwen2 | Architecture::Qwen3 => RopeStyle::Neox,
+            Architecture::Qwen2 | Architecture::Qwen3 | Architecture::Phi3 => RopeStyle::Neox,
         }
     }
 
@@ -82,6 +90,8 @@ pub struct Config {
     /// Linear RoPE position scaling (1 / scaling factor); 1.0 when unscaled.
     pub rope_freq_scale: f32,
     pub rms_eps: f32,
+    /// The projections this file stores together (Phi-3's `attn_qkv` and `ffn_up`).
+    pub fused: Vec<Fused>,
 }
 
 impl Config {
@@ -176,6 +186,10 @@ impl Config {
             })?;
         let rope_freq_base = file.get_f32(&key("rope.freq_base"))?.unwrap_or(10000.0);
         let rope_freq_scale = rope_scale(file, arch_name)?;
+        let fused = Fused::ALL
+            .into_iter()
+            .filter(|f| f.stored_in(file, n_ff))
+            .collect();
         Ok(Config {
             arch,
             n_vocab,
@@ -190,6 +204,7 @@ impl Config {
             rope_freq_base,
             rope_freq_scale,
             rms_eps,
+            fused,
         })
     }
 
@@ -199,6 +214,74 @@ impl Config {
 
     pub fn kv_dim(&self) -> usize {
         self.n_head_kv * self.head_dim
+    }
+
+    /// The fused tensor that stores `proj` in this file, if any.
+    pub fn fused_with(&self, proj: Proj) -> Option<Fused> {
+        self.fused
+            .iter()
+            .copied()
+            .find(|f| f.projections().contains(&proj))
+    }
+}
+
+/// Projections a file stores in one tensor, stacked by rows, as llama.cpp names them:
+/// `attn_qkv` = [q; k; v] and (when there is no `ffn_gate`) `ffn_up` = [gate; up].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Fused {
+    Qkv,
+    GateUp,
+}
+
+impl Fused {
+    pub const ALL: [Fused; 2] = [Fused::Qkv, Fused::GateUp];
+
+    /// The GGUF name: `blk.{il}.{name}.weight`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fused::Qkv => "attn_qkv",
+            Fused::GateUp => "ffn_up",
+        }
+    }
+
+    /// The projections, in row order.
+    pub fn projections(self) -> &'static [Proj] {
+        match self {
+            Fused::Qkv => &[Proj::AttnQ, Proj::AttnK, Proj::AttnV],
+            Fused::GateUp => &[Proj::FfnGate, Proj::FfnUp],
+        }
+    }
+
+    /// Each projection's rows in the fused tensor.
+    pub fn parts(self, config: &Config) -> Vec<(Proj, Range<usize>)> {
+        let mut start = 0;
+        self.projections()
+            .iter()
+            .map(|&proj| {
+                let n = proj.shape(config)[0];
+                start += n;
+                (proj, start - n..start)
+            })
+            .collect()
+    }
+
+    /// `[n_out, n_in]` of the fused tensor.
+    pub fn shape(self, config: &Config) -> [usize; 2] {
+        let n_out = self.projections().iter().map(|p| p.shape(config)[0]).sum();
+        [n_out, config.n_embd]
+    }
+
+    /// Whether `file` stores these projections fused (judged on layer 0).
+    fn stored_in(self, file: &GgufFile, n_ff: usize) -> bool {
+        match self {
+            Fused::Qkv => file.tensor("blk.0.attn_qkv.weight").is_some(),
+            Fused::GateUp => {
+                file.tensor("blk.0.ffn_gate.weight").is_none()
+                    && file
+                        .tensor("blk.0.ffn_up.weight")
+                        .is_some_and(|t| t.shape.first() == Some(&(2 * n_ff)))
+            }
+        }
     }
 }
 

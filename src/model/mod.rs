@@ -12,12 +12,12 @@ use std::sync::Arc;
 use std::sync::OnceLock;
 
 pub use block::{BlockActs, SeqSpan};
-pub use config::{Architecture, Config};
+pub use config::{Architecture, Config, Fused};
 pub use forward::{
     backward, forward_blocks, forward_train, head, logits_exact, Batch, Buffers, BuffersOf, Saved,
 };
 pub use kv_cache::KvCache;
-pub use weights::{Layer, Proj, Slot, Weights};
+pub use weights::{Layer, Proj, Slot, Stored, Target, Weights};
 
 use crate::error::{Error, Result, ResultExt};
 use crate::gguf::GgufFile;

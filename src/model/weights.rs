@@ -1,7 +1,9 @@
 //! The model's weights: views into the GGUF mapping, found by their GGUF names and checked
 //! against the hyper-parameters once, at open.
 
-use super::config::Config;
+use std::ops::Range;
+
+use super::config::{Config, Fused};
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, TensorInfo};
 use crate::ops::Weight;
@@ -85,6 +87,78 @@ impl Slot {
     }
 }
 
+/// How a base tensor that adapters attach to is stored: one projection, or several fused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Stored {
+    Proj(Proj),
+    Fused(Fused),
+}
+
+/// A base tensor of one layer that an adapter pair adapts (its GGUF name is the pair's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Target {
+    pub layer: usize,
+    pub stored: Stored,
+}
+
+impl Target {
+    /// The tensor that stores `slot` in a model of `config`.
+    pub fn of(slot: Slot, config: &Config) -> Target {
+        let stored = match config.fused_with(slot.proj) {
+            Some(f) => Stored::Fused(f),
+            None => Stored::Proj(slot.proj),
+        };
+        Target {
+            layer: slot.layer,
+            stored,
+        }
+    }
+
+    /// `blk.{il}.{name}.weight`.
+    pub fn tensor_name(self) -> String {
+        let name = match self.stored {
+            Stored::Proj(p) => p.name(),
+            Stored::Fused(f) => f.name(),
+        };
+        format!("blk.{}.{name}.weight", self.layer)
+    }
+
+    /// The target named `name` in a model of `config` (`blk.3.attn_qkv.weight` where the file
+    /// stores q, k and v fused; `ffn_up` names the fused gate and up where it holds both).
+    pub fn parse(name: &str, config: &Config) -> Option<Target> {
+        let rest = name.strip_prefix("blk.")?.strip_suffix(".weight")?;
+        let (layer, tensor) = rest.split_once('.')?;
+        let layer = layer.parse().ok()?;
+        let stored = match config.fused.iter().find(|f| f.name() == tensor) {
+            Some(&f) => Stored::Fused(f),
+            None => {
+                let proj = Proj::from_name(tensor)?;
+                if config.fused_with(proj).is_some() {
+                    return None;
+                }
+                Stored::Proj(proj)
+            }
+        };
+        Some(Target { layer, stored })
+    }
+
+    /// `[n_out, n_in]` of the tensor.
+    pub fn shape(self, config: &Config) -> [usize; 2] {
+        match self.stored {
+            Stored::Proj(p) => p.shape(config),
+            Stored::Fused(f) => f.shape(config),
+        }
+    }
+
+    /// The projections it stores and their rows.
+    pub fn parts(self, config: &Config) -> Vec<(Proj, Range<usize>)> {
+        match self.stored {
+            Stored::Proj(p) => vec![(p, 0..p.shape(config)[0])],
+            Stored::Fused(f) => f.parts(config),
+        }
+    }
+}
+
 pub struct Layer {
     pub attn_norm: Vec<f32>, // [n_embd]
     pub ffn_norm: Vec<f32>,  // [n_embd]
@@ -130,12 +204,28 @@ impl Weights {
         // (a missing layer is an error below, a huge reservation would abort).
         let mut layers = Vec::with_capacity(config.n_layer.min(file.tensors().len()));
         for il in 0..config.n_layer {
+            let fused = config
+                .fused
+                .iter()
+                .map(|&f| loader.fused(il, f, config).map(|w| (f, w)))
+                .collect::<Result<Vec<_>>>()?;
             let mut projections = Vec::with_capacity(Proj::ALL.len());
             let mut biases = Vec::with_capacity(Proj::ALL.len());
             for proj in Proj::ALL {
                 let slot = Slot { layer: il, proj };
                 let [n_out, n_in] = proj.shape(config);
-                projections.push(loader.weight(&slot.tensor_name(), n_out, n_in)?);
+                let stored = fused.iter().find(|(f, _)| f.projections().contains(&proj));
+                projections.push(match stored {
+                    Some((f, weight)) => {
+                        let (_, rows) = f
+                            .parts(config)
+                            .into_iter()
+                            .find(|(p, _)| *p == proj)
+                            .expect("a fused tensor's projection has its rows");
+                        weight.rows(&slot.tensor_name(), rows)?
+                    }
+                    None => loader.weight(&slot.tensor_name(), n_out, n_in)?,
+                });
                 let bias_name = format!("blk.{il}.{}.bias", proj.name());
                 biases.push(loader.optional_vector(&bias_name, n_out)?);
             }
@@ -155,6 +245,16 @@ impl Weights {
                 projections,
                 biases,
             });
+        }
+        for name in ["rope_factors_long.weight", "rope_factors_short.weight"] {
+            if file.tensor(name).is_some() {
+                return Err(Error::Unsupported {
+                    what: "RoPE scaling",
+                    feature: "LongRoPE (rope_factors_long/short: Phi-3 128k context variants)"
+                        .into(),
+                    hint: "lugh runs Phi-3 models without LongRoPE (e.g. the 4k-context ones)",
+                });
+            }
         }
         let token_embd = loader.weight("token_embd.weight", config.n_vocab, n_embd)?;
         let output = match file.tensor("output.weight") {
@@ -192,6 +292,21 @@ impl Loader<'_> {
             });
         }
         Weight::new(name, info.dtype, n_out, n_in, self.file.tensor_data(info))
+    }
+
+    /// Layer `il`'s fused tensor `f`; a bias on it is refused (no fused model lugh runs
+    /// has one, and it would be silently lost).
+    fn fused(&self, il: usize, f: Fused, config: &Config) -> Result<Weight> {
+        let bias = format!("blk.{il}.{}.bias", f.name());
+        if self.file.tensor(&bias).is_some() {
+            return Err(Error::Unsupported {
+                what: "tensor",
+                feature: bias,
+                hint: "lugh reads fused projections without biases",
+            });
+        }
+        let [n_out, n_in] = f.shape(config);
+        self.weight(&format!("blk.{il}.{}.weight", f.name()), n_out, n_in)
     }
 
     fn vector(&self, name: &str, n: usize) -> Result<Vec<f32>> {

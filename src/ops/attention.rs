@@ -120,20 +120,22 @@ pub fn attention_forward(
     out: &mut [f32],
     lse: &mut [f32],
 ) {
-    let seq = SeqKv {
+    let seq = |_| SeqKv {
         rows: 0..q.len() / shape.q_dim(),
         pos0,
         keys: k,
         values: v,
     };
-    attention_forward_seqs(shape, &[seq], q, out, lse)
+    attention_forward_seqs(shape, 1, seq, q, out, lse)
 }
 
-/// `attention_forward` for every sequence of a batch in one parallel pass (`q`, `out` and
-/// `lse` hold the batch's rows). A row's bits depend on its own sequence only.
-pub fn attention_forward_seqs(
+/// `attention_forward` for the `n_seqs` sequences `seq(0..n_seqs)` of a batch in one
+/// parallel pass (`q`, `out` and `lse` hold the batch's rows). A row's bits depend on its own
+/// sequence only. Allocates nothing (inference's warm forwards allocate only logits).
+pub fn attention_forward_seqs<'a>(
     shape: AttentionShape,
-    seqs: &[SeqKv],
+    n_seqs: usize,
+    seq: impl Fn(usize) -> SeqKv<'a> + Sync,
     q: &[f32],
     out: &mut [f32],
     lse: &mut [f32],
@@ -141,11 +143,6 @@ pub fn attention_forward_seqs(
     let (hd, scale) = (shape.head_dim, shape.scale());
     let (q_dim, kv_dim) = (shape.q_dim(), shape.kv_dim());
     let group = shape.n_head / shape.n_head_kv;
-    let seq_of: Vec<usize> = seqs
-        .iter()
-        .enumerate()
-        .flat_map(|(i, s)| std::iter::repeat_n(i, s.rows.len()))
-        .collect();
     // One task per row and key/value head (its query heads are adjacent in the row), so that
     // a single decoded token still spreads over the cores.
     out.par_chunks_mut(group * hd)
@@ -153,7 +150,10 @@ pub fn attention_forward_seqs(
         .enumerate()
         .for_each(|(i, (out, lse))| {
             let (row, g) = (i / shape.n_head_kv, i % shape.n_head_kv);
-            let seq = &seqs[seq_of[row]];
+            let seq = (0..n_seqs)
+                .map(&seq)
+                .find(|s| s.rows.contains(&row))
+                .expect("every row of the batch belongs to a sequence");
             let n_keys = seq.pos0 + (row - seq.rows.start) + 1;
             let key = |j| head_row(seq.keys, j, g, kv_dim, hd);
             scratch::with_f32(|scores| {
@@ -454,7 +454,8 @@ mod tests {
             .collect();
         let n_rows = start;
         let (mut out, mut lse) = (vec![0f32; n_rows * 12], vec![0f32; n_rows * 4]);
-        attention_forward_seqs(SHAPE, &seqs, &q, &mut out, &mut lse);
+        let seq = |i: usize| SeqKv { rows: seqs[i].rows.clone(), ..seqs[i] };
+        attention_forward_seqs(SHAPE, seqs.len(), seq, &q, &mut out, &mut lse);
         for seq in &seqs {
             let (mut out_s, mut lse_s) = (
                 vec![0f32; seq.rows.len() * 12],

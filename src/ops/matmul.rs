@@ -62,6 +62,23 @@ impl Weight {
         &self.data
     }
 
+    /// Rows `rows` as a matrix named `name`: a view of the same bytes (a projection stored
+    /// in a fused tensor).
+    pub fn rows(&self, name: &str, rows: Range<usize>) -> Result<Weight> {
+        if rows.start > rows.end || rows.end > self.n_rows {
+            return Err(Error::ShapeMismatch {
+                name: name.to_string(),
+                expected: vec![rows.end, self.n_cols],
+                got: vec![self.n_rows, self.n_cols],
+            });
+        }
+        let row_bytes = self.row_bytes();
+        let bytes = self
+            .data
+            .slice(rows.start * row_bytes..rows.end * row_bytes);
+        Weight::new(name, self.dtype, rows.len(), self.n_cols, bytes)
+    }
+
     fn row_bytes(&self) -> usize {
         self.data.len() / self.n_rows.max(1)
     }

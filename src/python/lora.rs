@@ -12,7 +12,7 @@ use super::errors::IntoPyResult;
 use super::model::{one_of, PyModel};
 use crate::gguf::TensorType;
 use crate::lora::{self, LoraAdapter};
-use crate::model::{Model, Proj, Slot};
+use crate::model::{Model, Proj};
 
 /// A LoRA adapter: loaded from a llama.cpp GGUF file, a PEFT `adapter_model.safetensors` or
 /// PEFT directory, or created for training. Applied as
@@ -164,11 +164,9 @@ impl PyLoRA {
     fn rank(&self, name: Option<&str>) -> PyResult<usize> {
         match name {
             Some(name) => {
-                let index = Slot::parse(name)
-                    .and_then(|s| self.inner.pair_index(s))
-                    .ok_or_else(|| {
-                        PyKeyError::new_err(format!("the adapter has no pair on '{name}'"))
-                    })?;
+                let index = self.inner.pair_named(name).ok_or_else(|| {
+                    PyKeyError::new_err(format!("the adapter has no pair on '{name}'"))
+                })?;
                 Ok(self.inner.pairs()[index].rank)
             }
             None => self.inner.common_rank().ok_or_else(|| {
@@ -210,13 +208,11 @@ impl PyLoRA {
             }
         };
         crate::train::optim::require_trainable(&self.inner).py()?;
-        let pair = Slot::parse(name)
-            .and_then(|s| self.inner.pair_index(s))
-            .ok_or_else(|| {
-                PyValueError::new_err(format!(
-                    "the adapter has no pair on '{name}' (see weight_names())"
-                ))
-            })?;
+        let pair = self.inner.pair_named(name).ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "the adapter has no pair on '{name}' (see weight_names())"
+            ))
+        })?;
         Ok(super::train::PyTensor::param(crate::train::Param {
             adapter: Arc::clone(&self.inner),
             pair,

@@ -89,6 +89,7 @@ impl CandleModel {
         for term in lora.terms(slot) {
             let adapter = lora.adapter(term.adapter);
             let (a, b) = adapter.pair_on(term.pair_index, term.pair, &self.dev)?;
+            let b = b.narrow(0, term.b_rows.start, term.b_rows.len())?;
             let x_rows = x.narrow(0, term.rows.start, term.rows.len())?;
             let u = (x_rows.matmul(&a.t()?)? * term.scaling as f64)?;
             let delta = u.matmul(&b.t()?)?;
@@ -295,12 +296,14 @@ impl Backend for CandleModel {
         for term in lora.terms(Slot { layer: il, proj }) {
             let adapter = lora.adapter(term.adapter);
             let (a, b) = adapter.pair_on(term.pair_index, term.pair, &self.dev)?;
+            let b = b.narrow(0, term.b_rows.start, term.b_rows.len())?;
             let (start, len) = (term.rows.start, term.rows.len());
             let (dy_rows, x_rows) = (dy.narrow(0, start, len)?, x.narrow(0, start, len)?);
             let g = (dy_rows.matmul(&b)? * term.scaling as f64)?; // [rows, rank]
             if adapter.trainable() {
                 let u = (x_rows.matmul(&a.t()?)? * term.scaling as f64)?;
-                let d_b = dy_rows.t()?.matmul(&u)?;
+                // The slot's rows of dB, in the pair's (all of them but on fused tensors).
+                let d_b = pad_rows(dy_rows.t()?.matmul(&u)?, &term.b_rows, term.pair.n_out)?;
                 let d_a = g.t()?.matmul(&x_rows)?;
                 let (d_a, d_b) = match grads.remove(&(term.adapter, term.pair_index)) {
                     Some((acc_a, acc_b)) => ((acc_a + d_a)?, (acc_b + d_b)?),
