@@ -12,7 +12,7 @@ import pytest
 import lugh
 
 FIXTURES = Path(__file__).parent / "fixtures"
-ARCHS = ["tiny-llama", "tiny-qwen2", "tiny-qwen3"]
+ARCHS = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-phi3"]
 # Where the reference tests run; a GPU run sets LUGH_TEST_DEVICES=cuda (benches/gpu/).
 DEVICES = os.environ.get("LUGH_TEST_DEVICES", "cpu,candle-cpu").split(",")
 DEMO_F16 = Path(lugh.__file__).parent / "data" / "lugh-demo-4m-f16.gguf"
@@ -50,6 +50,23 @@ def ref(fixture_dir):
 @pytest.fixture
 def meta(fixture_dir) -> dict:
     return json.loads((fixture_dir / "meta.json").read_text())
+
+
+def adapter_weights(path: Path) -> list:
+    """The base tensors an adapter GGUF adapts ("blk.0.attn_q.weight", or the fused
+    "blk.0.attn_qkv.weight" of Phi-3), in file order."""
+    import gguf
+
+    names = [t.name.removesuffix(".lora_a") for t in gguf.GGUFReader(path).tensors]
+    return [n for n in names if n.endswith(".weight")]
+
+
+def stored(m: lugh.Model, layer: int, proj: str) -> str:
+    """The tensor of `m` that holds projection `proj` of `layer`: its own, or the fused one
+    (Phi-3 keeps q, k, v in attn_qkv and gate, up in ffn_up)."""
+    fused = {"attn_q": "attn_qkv", "attn_k": "attn_qkv", "attn_v": "attn_qkv", "ffn_gate": "ffn_up"}
+    name = f"blk.{layer}.{proj}.weight"
+    return name if name in m.tensor_names() else f"blk.{layer}.{fused[proj]}.weight"
 
 
 _models: dict = {}

@@ -13,7 +13,7 @@ import pytest
 import craft
 import gguf
 import lugh
-from conftest import FIXTURES, assert_close, model, rel_err
+from conftest import FIXTURES, adapter_weights, assert_close, model, rel_err
 
 SCALES = [1.0, 0.5, 0.0, 2.0]
 SOURCES = ["gguf", "peft-dir", "peft-file"]
@@ -55,21 +55,19 @@ def test_accessors(f32_inference, fixture_dir):
     )
     assert lora.scale == 0.5
     assert lora.architecture == f32_inference.model.architecture
-    assert lora.weight_names() == [
-        "blk.0.attn_q.weight",
-        "blk.0.attn_v.weight",
-        "blk.1.attn_q.weight",
-        "blk.1.attn_v.weight",
-    ]
-    assert lora.rank("blk.1.attn_v.weight") == 8
+    names = adapter_weights(fixture_dir / "lora-qv.gguf")
+    assert sorted(lora.weight_names()) == sorted(names)
+    layers = [int(n.split(".")[1]) for n in lora.weight_names()]
+    assert layers == sorted(layers), "pairs layer by layer"
+    assert lora.rank(names[-1]) == 8
     with pytest.raises(KeyError):
-        lora.rank("blk.0.ffn_up.weight")
+        lora.rank("blk.0.ffn_down.weight")
     lora.alpha = 8.0
     assert lora.alpha == 8.0
     with pytest.raises(ValueError, match="finite"):
         lora.scale = float("nan")
     same = lugh.LoRA(file=fixture_dir / "lora-qv.gguf", model=f32_inference.model)
-    assert same.n_weights == 4
+    assert same.n_weights == len(names)
 
 
 @pytest.mark.parametrize("quant", ["q8_0", "q4_0", "q4_k_m", "q6_k"])
@@ -130,7 +128,8 @@ def test_merge_equals_the_unmerged_forward(tmp_path, f32_inference, ref, fixture
         path = tmp_path / f"merged-{out_type}.gguf"
         lugh.merge(m, loras, path, out_type=out_type)
         merged = lugh.Model(path)
-        assert merged.tensor_info("blk.0.attn_q.weight")["type"] == (out_type or "f32")
+        adapted = adapter_weights(fixture_dir / "lora-qv.gguf")[0]
+        assert merged.tensor_info(adapted)["type"] == (out_type or "f32")
         logits = lugh.Inference(merged).forward_all(ref["tokens"])
         assert_close(logits, unmerged, tol, f"merged ({out_type}) vs unmerged")
         reader = gguf.GGUFReader(path)
@@ -144,7 +143,8 @@ def test_merge_requantizes_to_the_base_type(tmp_path, fixture_dir):
     lora = lugh.LoRA(fixture_dir / "lora-qv.gguf", m)
     path = tmp_path / "merged.gguf"
     lugh.merge(m, lora, path)
-    assert lugh.Model(path).tensor_info("blk.0.attn_q.weight")["type"] == "q8_0"
+    names = adapter_weights(fixture_dir / "lora-qv.gguf")
+    assert lugh.Model(path).tensor_info(names[0])["type"] == "q8_0"
 
     def weights(file, name):
         t = next(t for t in gguf.GGUFReader(file).tensors if t.name == name)
@@ -153,7 +153,7 @@ def test_merge_requantizes_to_the_base_type(tmp_path, fixture_dir):
     adapter = {
         t.name: np.array(t.data) for t in gguf.GGUFReader(fixture_dir / "lora-qv.gguf").tensors
     }
-    for name in ("blk.0.attn_q.weight", "blk.1.attn_v.weight"):
+    for name in (names[0], names[-1]):
         a, b = adapter[f"{name}.lora_a"], adapter[f"{name}.lora_b"]
         expected = weights(fixture_dir / "base-q8_0.gguf", name) + (16.0 / 8) * b @ a
         merged = weights(path, name)
@@ -163,7 +163,7 @@ def test_merge_requantizes_to_the_base_type(tmp_path, fixture_dir):
         assert (err <= step * (0.5 + 127 / 2048)).all(), (
             f"{name}: rounding beyond one q8_0 rounding"
         )
-    untouched = "blk.0.ffn_up.weight"
+    untouched = "blk.0.ffn_down.weight"
     assert np.array_equal(
         weights(path, untouched), weights(fixture_dir / "base-q8_0.gguf", untouched)
     )
@@ -243,7 +243,8 @@ def test_rslora_scales_by_alpha_over_sqrt_rank(tmp_path, f32_inference, ref, fix
 
 
 def test_alpha_pattern_sets_alpha_per_module(tmp_path, f32_inference, ref, fixture_dir):
-    modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    config = json.loads((fixture_dir / "lora-all-peft" / "adapter_config.json").read_text())
+    modules = config["target_modules"]
     lora = lugh.LoRA(
         peft_copy(tmp_path, fixture_dir, alpha_pattern={m: 16.0 for m in modules}),
         f32_inference.model,
@@ -255,8 +256,10 @@ def test_alpha_pattern_sets_alpha_per_module(tmp_path, f32_inference, ref, fixtu
         "alpha_pattern",
     )
     # Per-module alphas survive a GGUF save (folded into B) and a PEFT save.
+    qv = json.loads((fixture_dir / "lora-qv-peft" / "adapter_config.json").read_text())
+    last = sorted(qv["target_modules"])[-1]
     half = lugh.LoRA(
-        peft_copy(tmp_path, fixture_dir, name="qv", alpha_pattern={"v_proj": 32.0}),
+        peft_copy(tmp_path, fixture_dir, name="qv", alpha_pattern={last: 32.0}),
         f32_inference.model,
     )
     expected = f32_inference.forward_all(ref["tokens"], lora=half)
@@ -360,33 +363,37 @@ def test_architecture_mismatch():
 
 
 def test_a_without_b(tmp_path, f32_inference, fixture_dir):
+    last = adapter_weights(fixture_dir / "lora-qv.gguf")[-1]
     bad = craft.rewrite(
         fixture_dir / "lora-qv.gguf",
         tmp_path / "half.gguf",
-        edit=craft.dropped("blk.1.attn_v.weight.lora_b"),
+        edit=craft.dropped(f"{last}.lora_b"),
     )
-    with pytest.raises(ValueError, match="'blk.1.attn_v.weight' has lora_a but no lora_b"):
+    with pytest.raises(ValueError, match=f"'{last}' has lora_a but no lora_b"):
         lugh.LoRA(bad, f32_inference.model)
 
 
 def test_base_tensor_that_does_not_exist(tmp_path, f32_inference, fixture_dir):
     deeper = craft.renamed("blk.1.", "blk.7.")
     bad = craft.rewrite(fixture_dir / "lora-qv.gguf", tmp_path / "deep.gguf", edit=deeper)
-    with pytest.raises(ValueError, match="'blk.7.attn_q.weight' has no base tensor"):
+    with pytest.raises(ValueError, match=r"'blk\.7\.\w+\.weight' has no base tensor"):
         lugh.LoRA(bad, f32_inference.model)
 
 
 def test_shapes_that_do_not_fit(tmp_path, f32_inference, fixture_dir):
-    cut_in = craft.only("blk.0.attn_q.weight.lora_a", lambda a: a[:, :128])
+    names = adapter_weights(fixture_dir / "lora-qv.gguf")
+    m = f32_inference.model
+    n_out = [m.tensor_info(n)["shape"][0] for n in (names[0], names[-1])]
+    cut_in = craft.only(f"{names[0]}.lora_a", lambda a: a[:, :128])
     bad = craft.rewrite(fixture_dir / "lora-qv.gguf", tmp_path / "in.gguf", edit=cut_in)
     with pytest.raises(
         ValueError,
-        match=r"'blk.0.attn_q.weight' does not fit: lora_a \[8, 128\] and lora_b \[256, 8\]",
+        match=rf"'{names[0]}' does not fit: lora_a \[8, 128\] and lora_b \[{n_out[0]}, 8\]",
     ):
         lugh.LoRA(bad, f32_inference.model)
-    cut_rank = craft.only("blk.0.attn_v.weight.lora_b", lambda a: a[:, :4])
+    cut_rank = craft.only(f"{names[-1]}.lora_b", lambda a: a[:, :4])
     bad = craft.rewrite(fixture_dir / "lora-qv.gguf", tmp_path / "rank.gguf", edit=cut_rank)
-    with pytest.raises(ValueError, match=r"lora_a \[8, 256\] and lora_b \[128, 4\]"):
+    with pytest.raises(ValueError, match=rf"lora_a \[8, 256\] and lora_b \[{n_out[1]}, 4\]"):
         lugh.LoRA(bad, f32_inference.model)
     # ffn pairs of tiny-llama (n_ff 512) do not fit the demo model (n_ff 768)
     with pytest.raises(ValueError, match="another base model"):
