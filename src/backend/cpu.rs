@@ -26,12 +26,13 @@ pub struct CpuBackend<'a> {
 }
 
 impl<'a> CpuBackend<'a> {
-    pub fn new(model: &'a Model) -> Result<CpuBackend<'a>> {
+    /// `rope`: the model's RoPE for the inference's context (`Rope::for_context`).
+    pub fn new(model: &'a Model, rope: &'a Rope) -> Result<CpuBackend<'a>> {
         let (config, weights) = model.runnable()?;
         Ok(CpuBackend {
             config,
             weights,
-            rope: model.rope()?,
+            rope,
         })
     }
 

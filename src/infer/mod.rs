@@ -15,6 +15,7 @@ use crate::backend::{AnyState, Backend, Device};
 use crate::error::{Error, Result};
 use crate::lora::{LoraAdapter, LoraPlan, Numerics, Scaled};
 use crate::model::{forward_blocks, head, Batch, BuffersOf, Config, KvCache, Model};
+use crate::ops::rope::Rope;
 
 /// Runs `$body` with `$b` bound to the backend of inference `$inf`: the body is compiled
 /// once per backend (call generic functions from it).
@@ -22,7 +23,7 @@ macro_rules! with_backend {
     ($inf:expr, $b:ident => $body:expr) => {
         match $inf.engine() {
             $crate::infer::Engine::Cpu => {
-                let $b = &$crate::backend::cpu::CpuBackend::new($inf.model())?;
+                let $b = &$crate::backend::cpu::CpuBackend::new($inf.model(), $inf.rope())?;
                 $body
             }
             $crate::infer::Engine::Candle(model) => {
@@ -63,6 +64,8 @@ pub(crate) enum Engine {
 pub struct Inference {
     model: Arc<Model>,
     n_ctx: usize,
+    /// The model's RoPE for `n_ctx` positions.
+    rope: Rope,
     pool: rayon::ThreadPool,
     engine: Engine,
     /// The activations of the last training forward, kept for the next one: a step then
@@ -107,13 +110,15 @@ impl Inference {
             .thread_name(|i| format!("lugh-{i}"))
             .build()
             .map_err(|e| Error::invalid("n_threads", e.to_string()))?;
+        let rope = model.rope()?.for_context(n_ctx);
         let engine = match device {
             Device::Cpu => Engine::Cpu,
-            device => Engine::Candle(Box::new(CandleModel::new(&model, device)?)),
+            device => Engine::Candle(Box::new(CandleModel::new(&model, device, rope.clone())?)),
         };
         Ok(Inference {
             model,
             n_ctx,
+            rope,
             pool,
             engine,
             spare_activations: SpareActivations::default(),
@@ -132,6 +137,11 @@ impl Inference {
 
     pub fn n_ctx(&self) -> usize {
         self.n_ctx
+    }
+
+    /// The RoPE the forwards use (LongRoPE's factors chosen for `n_ctx`).
+    pub fn rope(&self) -> &Rope {
+        &self.rope
     }
 
     /// Where the forwards run.

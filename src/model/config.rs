@@ -89,6 +89,10 @@ pub struct Config {
     pub rope_freq_base: f32,
     /// Linear RoPE position scaling (1 / scaling factor); 1.0 when unscaled.
     pub rope_freq_scale: f32,
+    /// LongRoPE's factor on cos and sin (`rope.scaling.attn_factor`, 1.0 when absent).
+    pub rope_attn_factor: f32,
+    /// The context LongRoPE's short factors cover (`rope.scaling.original_context_length`).
+    pub n_ctx_orig: usize,
     pub rms_eps: f32,
     /// The projections this file stores together (Phi-3's `attn_qkv` and `ffn_up`).
     pub fused: Vec<Fused>,
@@ -186,6 +190,12 @@ impl Config {
             })?;
         let rope_freq_base = file.get_f32(&key("rope.freq_base"))?.unwrap_or(10000.0);
         let rope_freq_scale = rope_scale(file, arch_name)?;
+        let rope_attn_factor = file
+            .get_f32(&key("rope.scaling.attn_factor"))?
+            .unwrap_or(1.0);
+        let n_ctx_orig = file
+            .get_usize(&key("rope.scaling.original_context_length"))?
+            .unwrap_or(n_ctx_train);
         let fused = Fused::ALL
             .into_iter()
             .filter(|f| f.stored_in(file, n_ff))
@@ -203,6 +213,8 @@ impl Config {
             n_rot,
             rope_freq_base,
             rope_freq_scale,
+            rope_attn_factor,
+            n_ctx_orig,
             rms_eps,
             fused,
         })

@@ -21,7 +21,7 @@ pub use weights::{Layer, Proj, Slot, Stored, Target, Weights};
 
 use crate::error::{Error, Result, ResultExt};
 use crate::gguf::GgufFile;
-use crate::ops::rope::Rope;
+use crate::ops::rope::{LongRope, Rope};
 
 /// An open model. Any GGUF opens (vocabulary-only files and adapters too, for their
 /// metadata); a file with a model's tensors must also be a complete model of a supported
@@ -88,6 +88,12 @@ impl Model {
             freq_base: config.rope_freq_base,
             freq_scale: config.rope_freq_scale,
             freq_factors: weights.rope_freqs.clone(),
+            mscale: config.rope_attn_factor,
+            long_rope: weights.rope_long.clone().map(|(short, long)| LongRope {
+                short,
+                long,
+                n_ctx_orig: config.n_ctx_orig,
+            }),
         };
         Ok(Runnable {
             config,
@@ -153,7 +159,8 @@ impl Model {
         })
     }
 
-    /// The RoPE this model uses.
+    /// The RoPE this model uses (an inference runs `rope.for_context(n_ctx)`: LongRoPE
+    /// depends on the context size).
     pub fn rope(&self) -> Result<&Rope> {
         self.runnable
             .as_ref()

@@ -190,6 +190,8 @@ pub struct Weights {
     pub output: Weight,
     /// Llama 3.1 RoPE frequency factors, `[n_rot / 2]`.
     pub rope_freqs: Option<Vec<f32>>,
+    /// LongRoPE's (short, long) frequency factors, `[n_rot / 2]` each (Phi-3 128k).
+    pub rope_long: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 impl Weights {
@@ -264,6 +266,19 @@ impl Weights {
         Ok(Weights {
             output_norm: loader.vector("output_norm.weight", n_embd)?,
             rope_freqs: loader.optional_vector("rope_freqs.weight", config.n_rot / 2)?,
+            rope_long: match (
+                loader.optional_vector("rope_factors_short.weight", config.n_rot / 2)?,
+                loader.optional_vector("rope_factors_long.weight", config.n_rot / 2)?,
+            ) {
+                (Some(short), Some(long)) => Some((short, long)),
+                (None, None) => None,
+                _ => {
+                    return Err(Error::invalid(
+                        "rope_factors",
+                        "LongRoPE needs both rope_factors_short and rope_factors_long",
+                    ))
+                }
+            },
             token_embd,
             layers,
             output,

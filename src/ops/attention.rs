@@ -454,7 +454,10 @@ mod tests {
             .collect();
         let n_rows = start;
         let (mut out, mut lse) = (vec![0f32; n_rows * 12], vec![0f32; n_rows * 4]);
-        let seq = |i: usize| SeqKv { rows: seqs[i].rows.clone(), ..seqs[i] };
+        let seq = |i: usize| SeqKv {
+            rows: seqs[i].rows.clone(),
+            ..seqs[i]
+        };
         attention_forward_seqs(SHAPE, seqs.len(), seq, &q, &mut out, &mut lse);
         for seq in &seqs {
             let (mut out_s, mut lse_s) = (

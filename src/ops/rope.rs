@@ -23,8 +23,21 @@ pub struct Rope {
     pub freq_base: f32,
     /// Linear position scaling (1 / `rope.scaling.factor`).
     pub freq_scale: f32,
-    /// Per-pair frequency divisors (`rope_freqs.weight`, Llama 3.1).
+    /// Per-pair frequency divisors (`rope_freqs.weight`, Llama 3.1; LongRoPE's chosen set).
     pub freq_factors: Option<Vec<f32>>,
+    /// Factor on cos and sin (`rope.scaling.attn_factor`: LongRoPE's attention scaling).
+    pub mscale: f32,
+    /// Phi-3's LongRoPE, whose frequency factors depend on the context (see `for_context`).
+    pub long_rope: Option<LongRope>,
+}
+
+/// LongRoPE's two sets of frequency divisors (`rope_factors_short`, `rope_factors_long`):
+/// the short set for contexts up to `n_ctx_orig`, the long one beyond.
+#[derive(Debug, Clone)]
+pub struct LongRope {
+    pub short: Vec<f32>,
+    pub long: Vec<f32>,
+    pub n_ctx_orig: usize,
 }
 
 /// cos and sin of every rotation angle for a run of positions: `[n_pos, n_rot / 2]`.
@@ -42,6 +55,19 @@ impl RopeTable {
 }
 
 impl Rope {
+    /// The RoPE of an inference of `n_ctx` positions: LongRoPE's factor set chosen by the
+    /// context size, as llama.cpp chooses it (not by the length of each sequence).
+    pub fn for_context(&self, n_ctx: usize) -> Rope {
+        let mut rope = self.clone();
+        if let Some(long_rope) = &self.long_rope {
+            rope.freq_factors = Some(match n_ctx > long_rope.n_ctx_orig {
+                true => long_rope.long.clone(),
+                false => long_rope.short.clone(),
+            });
+        }
+        rope
+    }
+
     /// Angles computed in f64 and rounded once, so long positions keep their precision.
     pub fn table(&self, positions: impl Iterator<Item = usize>, table: &mut RopeTable) {
         let half = self.n_rot / 2;
@@ -54,14 +80,15 @@ impl Rope {
                     theta /= factors[i] as f64;
                 }
                 let angle = pos as f64 * self.freq_scale as f64 * theta;
-                table.cos.push(angle.cos() as f32);
-                table.sin.push(angle.sin() as f32);
+                table.cos.push((angle.cos() * self.mscale as f64) as f32);
+                table.sin.push((angle.sin() * self.mscale as f64) as f32);
             }
         }
     }
 
     /// Rotates, in place, every head of every row of `x` (`[n_tokens, n_heads * head_dim]`);
-    /// row `t` uses row `t` of `table`. `inverse` rotates back: the backward pass.
+    /// row `t` uses row `t` of `table`. `inverse` applies the transposed map (rotates back,
+    /// times `mscale`): the backward pass.
     pub fn apply(&self, x: &mut [f32], n_heads: usize, table: &RopeTable, inverse: bool) {
         let half = self.n_rot / 2;
         let row_len = n_heads * self.head_dim;
@@ -97,6 +124,8 @@ mod tests {
             freq_base: 10000.0,
             freq_scale: 1.0,
             freq_factors: None,
+            mscale: 1.0,
+            long_rope: None,
         }
     }
 

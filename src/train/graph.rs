@@ -277,7 +277,7 @@ mod tests {
         let sequences: [&[u32]; 2] = [&[1, 5, 9, 200, 31, 7, 7], &[1, 40, 3]];
         let graph = TrainGraph::forward(&inf, &sequences, &[], false).unwrap();
         let targets: Vec<i64> = vec![5, 9, 200, 31, 7, 7, -100, 40, 3, -100];
-        let b = CpuBackend::new(inf.model()).unwrap();
+        let b = CpuBackend::new(inf.model(), inf.rope()).unwrap();
         let run = |block_rows| {
             let mut d = vec![0f32; graph.n_tokens() * inf.config().n_embd];
             let (sum, n) = inf

@@ -42,14 +42,15 @@ fn get(t: &Act) -> Result<&Tensor> {
 }
 
 impl CandleModel {
-    /// Uploads `model`'s weights to `device` (which must be a candle device).
-    pub fn new(model: &Model, device: Device) -> Result<CandleModel> {
+    /// Uploads `model`'s weights to `device` (which must be a candle device); `rope` is the
+    /// model's RoPE for the inference's context (`Rope::for_context`).
+    pub fn new(model: &Model, device: Device, rope: Rope) -> Result<CandleModel> {
         let dev = device.open()?;
         let (config, weights) = model.runnable()?;
         Ok(CandleModel {
             device,
             config: config.clone(),
-            rope: model.rope()?.clone(),
+            rope,
             token_embd: weights.token_embd.clone(),
             weights: DeviceWeights::upload(weights, &dev)?,
             dev,
