@@ -509,3 +509,20 @@ def test_cli_serves_until_interrupted():
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
     assert proc.returncode == 130
+
+
+def test_stop_ends_requests_in_progress():
+    """Stopping does not wait for long generations: their streams end with an error event."""
+    m = model(TINY / f"{BASE}.gguf")
+    server = lugh.Server(lugh.Inference(m, n_threads=1), port=0)
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=30)
+    body = {"prompt": "Hello", "max_tokens": 500, "stream": True, "ignore_eos": True}
+    conn.request("POST", "/v1/completions", body=json.dumps(body))
+    response = conn.getresponse()
+    assert response.readline().startswith(b"data: ")
+    started = time.time()
+    server.stop()
+    rest = response.read().decode()
+    assert time.time() - started < 10
+    assert "shutting down" in rest and rest.rstrip().endswith("data: [DONE]")
+    assert not server.running

@@ -10,7 +10,7 @@ mod scheduler;
 mod text;
 
 use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
@@ -66,6 +66,8 @@ pub struct NamedAdapter {
 /// A running server; `stop` (or dropping it) shuts it down.
 pub struct Server {
     addr: SocketAddr,
+    /// Tells the scheduler to end every request (set by `stop`).
+    stopping: Arc<AtomicBool>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     http: Option<JoinHandle<()>>,
     scheduler: Option<JoinHandle<()>>,
@@ -121,12 +123,14 @@ impl Server {
 
         let metrics = Arc::new(metrics::Metrics::default());
         let (jobs, queue) = mpsc::channel();
+        let stopping = Arc::new(AtomicBool::new(false));
         let scheduler = {
-            let inference = Arc::clone(&inference);
-            let metrics = Arc::clone(&metrics);
+            let (inference, metrics) = (Arc::clone(&inference), Arc::clone(&metrics));
+            let stopping = Arc::clone(&stopping);
+            let limits = options.limits;
             std::thread::Builder::new()
                 .name("lugh-scheduler".into())
-                .spawn(move || scheduler::run(inference, queue, options.limits, metrics))
+                .spawn(move || scheduler::run(inference, queue, limits, metrics, stopping))
                 .map_err(|e| Error::io(&address, e))?
         };
         let max_tokens = options.max_tokens.unwrap_or(inference.n_ctx());
@@ -161,6 +165,7 @@ impl Server {
             .map_err(|e| Error::io(&address, e))?;
         Ok(Server {
             addr,
+            stopping,
             shutdown: Some(shutdown),
             http: Some(http),
             scheduler: Some(scheduler),
@@ -177,8 +182,10 @@ impl Server {
         self.http.as_ref().is_some_and(|h| !h.is_finished())
     }
 
-    /// Stops accepting connections, lets open ones finish, and waits for both threads.
+    /// Stops accepting connections, ends the requests in progress (their clients get an
+    /// error), and waits for both threads.
     pub fn stop(&mut self) {
+        self.stopping.store(true, Ordering::Relaxed);
         if let Some(shutdown) = self.shutdown.take() {
             let _ = shutdown.send(());
         }

@@ -6,6 +6,7 @@
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -167,12 +168,14 @@ fn logprobs(logits: &[f32], token: u32, n: usize) -> TokenLogprobs {
     }
 }
 
-/// Runs the scheduler until every sender of `jobs` is gone.
+/// Runs the scheduler until every sender of `jobs` is gone. Once `stopping` is set, every
+/// request fails at once ("the server is shutting down") instead of running to its end.
 pub fn run(
     inference: Arc<Inference>,
     jobs: mpsc::Receiver<Job>,
     limits: Limits,
     metrics: Arc<Metrics>,
+    stopping: Arc<AtomicBool>,
 ) {
     let mut waiting: VecDeque<Job> = VecDeque::new();
     let mut running: Vec<Sequence> = Vec::new();
@@ -185,6 +188,16 @@ pub fn run(
             }
         }
         waiting.extend(jobs.try_iter());
+        if stopping.load(Ordering::Relaxed) {
+            const SHUTDOWN: &str = "the server is shutting down";
+            fail_all(&running, SHUTDOWN, &metrics);
+            running.clear();
+            for job in waiting.drain(..) {
+                metrics.finished(&job.label, "error");
+                let _ = job.events.send(Event::Failed(SHUTDOWN.into()));
+            }
+            continue;
+        }
         waiting.retain(|job| {
             let gone = job.events.is_closed();
             if gone {
