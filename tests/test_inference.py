@@ -196,3 +196,20 @@ def test_lugh_isa_portable_runs_the_portable_kernels():
     )
     assert out.returncode == 0, out.stderr
     assert float(out.stdout) < 1e-5
+
+
+def test_longrope_factors_follow_the_context(device):
+    """Phi-3's LongRoPE (tiny-phi3-longrope, original context 64): an inference of at most 64
+    positions uses the short factors, a longer one the long factors, both with the attention
+    factor on cos and sin; against transformers (float64) and llama.cpp, tolerance 1e-4."""
+    fixture = FIXTURES / "tiny-phi3-longrope"
+    ref = np.load(fixture / "reference_logits.npz")
+    m = model(fixture / "base-f32.gguf")
+    short, long = ref["tokens_short"], ref["tokens_long"]
+    within = lugh.Inference(m, n_ctx=64, device=device)
+    beyond = lugh.Inference(m, n_ctx=256, device=device)
+    assert_close(within.forward_all(short), ref["short"], 1e-4, "short factors")
+    assert_close(beyond.forward_all(long), ref["long"], 1e-4, "long factors")
+    assert_close(beyond.forward_all(short), ref["short_long_factors"], 1e-4, "long, short text")
+    assert_close(beyond.forward_all(long), ref["llamacpp_long"], 1e-4, "vs llama.cpp")
+    assert rel_err(within.forward_all(short), ref["short_long_factors"]) > 0.1

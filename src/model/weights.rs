@@ -248,16 +248,6 @@ impl Weights {
                 biases,
             });
         }
-        for name in ["rope_factors_long.weight", "rope_factors_short.weight"] {
-            if file.tensor(name).is_some() {
-                return Err(Error::Unsupported {
-                    what: "RoPE scaling",
-                    feature: "LongRoPE (rope_factors_long/short: Phi-3 128k context variants)"
-                        .into(),
-                    hint: "lugh runs Phi-3 models without LongRoPE (e.g. the 4k-context ones)",
-                });
-            }
-        }
         let token_embd = loader.weight("token_embd.weight", config.n_vocab, n_embd)?;
         let output = match file.tensor("output.weight") {
             Some(_) => loader.weight("output.weight", config.n_vocab, n_embd)?,
