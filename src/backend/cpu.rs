@@ -47,11 +47,16 @@ impl<'a> CpuBackend<'a> {
         }
     }
 
-    fn shape(&self) -> AttentionShape {
+    /// Layer `il`'s attention.
+    fn shape(&self, il: usize) -> AttentionShape {
+        let c = self.config;
         AttentionShape {
-            n_head: self.config.n_head,
-            n_head_kv: self.config.n_head_kv,
-            head_dim: self.config.head_dim,
+            n_head: c.n_head,
+            n_head_kv: c.n_head_kv,
+            head_dim: c.head_dim,
+            scale: c.attn_scale,
+            softcap: c.attn_softcap,
+            window: c.sliding_window.filter(|_| c.sliding[il]),
         }
     }
 }
@@ -273,14 +278,14 @@ impl Backend for CpuBackend<'_> {
             Numerics::Ggml => {
                 let caches: &[&mut KvCache] = caches;
                 let seq = |i: usize| seq_kv(il, &seqs[i], caches[i]);
-                attention_forward_seqs(self.shape(), seqs.len(), seq, q, out, lse);
+                attention_forward_seqs(self.shape(il), seqs.len(), seq, q, out, lse);
             }
             // Training: whole sequences, by GEMMs.
             Numerics::Exact => {
                 for (span, cache) in seqs.iter().zip(caches.iter()) {
                     let seq = seq_kv(il, span, cache);
                     attention_forward_batched(
-                        self.shape(),
+                        self.shape(il),
                         seq.pos0,
                         &q[rows_of(span, c.q_dim())],
                         seq.keys,
@@ -317,7 +322,7 @@ impl Backend for CpuBackend<'_> {
             let n = span.rows.len();
             let (q_rows, kv_rows) = (rows_of(span, c.q_dim()), rows_of(span, c.kv_dim()));
             attention_backward(
-                self.shape(),
+                self.shape(il),
                 &q[q_rows.clone()],
                 cache.keys(il, n),
                 cache.values(il, n),

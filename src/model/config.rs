@@ -19,14 +19,32 @@ pub enum Architecture {
     /// Phi-3 / Phi-3.5 / Phi-4: q, k, v in one `attn_qkv` tensor and gate, up in one
     /// `ffn_up` (see `Fused`), NeoX RoPE.
     Phi3,
+    /// Gemma 2: embeddings scaled by √n_embd, GELU-tanh gate, norms after attention and
+    /// FFN as well as before, soft-capped attention scores and logits, a sliding window on
+    /// alternate layers.
+    Gemma2,
+    /// Gemma 3 (text): Gemma 2 without soft-capping, with q/k head norms, five sliding
+    /// layers to one global, and its own RoPE base on the sliding layers.
+    Gemma3,
+}
+
+/// The activation of the gated feed-forward: `act(gate) ⊙ up`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Glu {
+    /// SwiGLU: `silu(g) = g σ(g)` (LLaMA, Qwen, Phi).
+    Silu,
+    /// GeGLU with the tanh approximation of GELU (Gemma).
+    GeluTanh,
 }
 
 impl Architecture {
-    pub const ALL: [Architecture; 4] = [
+    pub const ALL: [Architecture; 6] = [
         Architecture::Llama,
         Architecture::Qwen2,
         Architecture::Qwen3,
         Architecture::Phi3,
+        Architecture::Gemma2,
+        Architecture::Gemma3,
     ];
 
     pub fn name(self) -> &'static str {
@@ -35,13 +53,19 @@ impl Architecture {
             Architecture::Qwen2 => "qwen2",
             Architecture::Qwen3 => "qwen3",
             Architecture::Phi3 => "phi3",
+            Architecture::Gemma2 => "gemma2",
+            Architecture::Gemma3 => "gemma3",
         }
     }
 
     /// Whether each head of q and k is RMS-normalised (`attn_q_norm`, `attn_k_norm`, weights
     /// of `head_dim`) before RoPE.
     pub fn has_qk_norm(self) -> bool {
-        self == Architecture::Qwen3
+        matches!(self, Architecture::Qwen3 | Architecture::Gemma3)
+    }
+
+    fn is_gemma(self) -> bool {
+        matches!(self, Architecture::Gemma2 | Architecture::Gemma3)
     }
 
     pub fn from_name(name: &str) -> Result<Architecture> {
@@ -59,7 +83,11 @@ impl Architecture {
     pub fn rope_style(self) -> RopeStyle {
         match self {
             Architecture::Llama => RopeStyle::Normal,
-            Architecture::Qwen2 | Architecture::Qwen3 | Architecture::Phi3 => RopeStyle::Neox,
+            Architecture::Qwen2
+            | Architecture::Qwen3
+            | Architecture::Phi3
+            | Architecture::Gemma2
+            | Architecture::Gemma3 => RopeStyle::Neox,
         }
     }
 
@@ -96,6 +124,22 @@ pub struct Config {
     pub rms_eps: f32,
     /// The projections this file stores together (Phi-3's `attn_qkv` and `ffn_up`).
     pub fused: Vec<Fused>,
+    /// Factor on the embedding rows (Gemma: √n_embd).
+    pub embd_scale: Option<f32>,
+    /// Whether attention and FFN outputs are RMS-normalised before their residual
+    /// (`post_attention_norm`, `post_ffw_norm`: Gemma).
+    pub post_norms: bool,
+    pub glu: Glu,
+    /// Factor on the attention scores `q · k` (1/√head_dim; Gemma 27B: 1/√(n_embd/n_head)).
+    pub attn_scale: f32,
+    /// `c · tanh(s / c)` on attention scores and on logits (Gemma 2).
+    pub attn_softcap: Option<f32>,
+    pub final_softcap: Option<f32>,
+    /// Layers that attend to the last `sliding_window` positions only.
+    pub sliding_window: Option<usize>,
+    pub sliding: Vec<bool>,
+    /// (base, linear scale) of RoPE on the sliding layers where it differs (Gemma 3).
+    pub rope_swa: Option<(f32, f32)>,
 }
 
 impl Config {
@@ -200,6 +244,38 @@ impl Config {
             .into_iter()
             .filter(|f| f.stored_in(file, n_ff))
             .collect();
+        let gemma = arch.is_gemma();
+        let positive_f32 = |suffix: &str| -> Result<Option<f32>> {
+            Ok(file.get_f32(&key(suffix))?.filter(|v| *v > 0.0))
+        };
+        // Gemma's 27B models scale scores by their width per head (llama.cpp, gemma_pytorch).
+        let big_gemma = (arch == Architecture::Gemma2 && n_layer == 46)
+            || (arch == Architecture::Gemma3 && n_layer == 62);
+        let attn_scale = match big_gemma {
+            true => 1.0 / ((n_embd / n_head) as f32).sqrt(),
+            false => 1.0 / (head_dim as f32).sqrt(),
+        };
+        let sliding_window = match arch {
+            Architecture::Gemma2 => Some(
+                file.get_usize(&key("attention.sliding_window"))?
+                    .unwrap_or(4096),
+            ),
+            Architecture::Gemma3 => file
+                .get_usize(&key("attention.sliding_window"))?
+                .filter(|&w| w > 0),
+            _ => None,
+        };
+        let sliding = match sliding_window {
+            Some(_) => sliding_layers(file, &key("attention.sliding_window_pattern"), n_layer, arch)?,
+            None => vec![false; n_layer],
+        };
+        let rope_swa = match (arch, sliding_window) {
+            (Architecture::Gemma3, Some(_)) => Some((
+                file.get_f32(&key("rope.freq_base_swa"))?.unwrap_or(10000.0),
+                1.0,
+            )),
+            _ => None,
+        };
         Ok(Config {
             arch,
             n_vocab,
@@ -217,6 +293,21 @@ impl Config {
             n_ctx_orig,
             rms_eps,
             fused,
+            embd_scale: gemma.then(|| (n_embd as f32).sqrt()),
+            post_norms: gemma,
+            glu: if gemma { Glu::GeluTanh } else { Glu::Silu },
+            attn_scale,
+            attn_softcap: match arch {
+                Architecture::Gemma2 => positive_f32("attn_logit_softcapping")?,
+                _ => None,
+            },
+            final_softcap: match gemma {
+                true => positive_f32("final_logit_softcapping")?,
+                false => None,
+            },
+            sliding_window,
+            sliding,
+            rope_swa,
         })
     }
 
@@ -295,6 +386,29 @@ impl Fused {
             }
         }
     }
+}
+
+/// Which layers slide (`attention.sliding_window_pattern`: one flag per layer, or a period
+/// `n` whose last layer is global), as llama.cpp reads it; Gemma 2's period is 2, Gemma 3's 6.
+fn sliding_layers(file: &GgufFile, key: &str, n_layer: usize, arch: Architecture) -> Result<Vec<bool>> {
+    if let Some(crate::gguf::Value::Array { items, .. }) = file.get(key) {
+        let flags: Vec<bool> = items
+            .iter()
+            .map(|v| matches!(v, crate::gguf::Value::Bool(true)))
+            .collect();
+        if flags.len() != n_layer {
+            return Err(Error::invalid(
+                "sliding_window_pattern",
+                format!("{} flags for {n_layer} layers", flags.len()),
+            ));
+        }
+        return Ok(flags);
+    }
+    let default = if arch == Architecture::Gemma2 { 2 } else { 6 };
+    let period = file.get_usize(key)?.unwrap_or(default);
+    Ok((0..n_layer)
+        .map(|il| period == 0 || il % period < period - 1)
+        .collect())
 }
 
 /// Linear scaling is applied; the other schemes change the math and are refused rather than

@@ -1,4 +1,5 @@
-//! SwiGLU (Shazeer, 2020), LLaMA's feed-forward gate: `a = silu(g) ⊙ u`, `silu(g) = g σ(g)`.
+//! Gated feed-forward activations (Shazeer, 2020): SwiGLU, LLaMA's `a = silu(g) ⊙ u` with
+//! `silu(g) = g σ(g)`, and GeGLU, Gemma's `a = gelu(g) ⊙ u` with GELU's tanh approximation.
 
 use rayon::prelude::*;
 
@@ -23,6 +24,39 @@ pub fn swiglu_backward(da: &[f32], gate: &[f32], up: &[f32], d_gate: &mut [f32],
             let s = sigmoid(g);
             *du = da * g * s;
             *dg = da * u * s * (1.0 + g * (1.0 - s));
+        });
+}
+
+/// √(2/π), GELU's tanh-approximation constant.
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const GELU_CUBE: f32 = 0.044_715;
+
+/// `gelu(g) = g/2 · (1 + tanh(√(2/π) (g + 0.044715 g³)))` and its derivative.
+fn gelu_tanh(g: f32) -> (f32, f32) {
+    let inner = SQRT_2_OVER_PI * (g + GELU_CUBE * g * g * g);
+    let t = inner.tanh();
+    let value = 0.5 * g * (1.0 + t);
+    let d_inner = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBE * g * g);
+    (value, 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * d_inner)
+}
+
+/// `a = gelu(gate) ⊙ up`.
+pub fn geglu_forward(gate: &[f32], up: &[f32], a: &mut [f32]) {
+    a.par_iter_mut()
+        .zip(gate.par_iter().zip(up.par_iter()))
+        .for_each(|(a, (&g, &u))| *a = gelu_tanh(g).0 * u);
+}
+
+/// `du = da ⊙ gelu(g)`, `dg = da ⊙ u ⊙ gelu'(g)`. Overwrites `d_gate`, `d_up`.
+pub fn geglu_backward(da: &[f32], gate: &[f32], up: &[f32], d_gate: &mut [f32], d_up: &mut [f32]) {
+    d_gate
+        .par_iter_mut()
+        .zip(d_up.par_iter_mut())
+        .zip(da.par_iter().zip(gate.par_iter().zip(up.par_iter())))
+        .for_each(|((dg, du), (&da, (&g, &u)))| {
+            let (value, slope) = gelu_tanh(g);
+            *du = da * value;
+            *dg = da * u * slope;
         });
 }
 
@@ -54,5 +88,21 @@ mod tests {
         let mut a = [0f32; 1];
         swiglu_forward(&[1.0], &[2.0], &mut a);
         assert!((a[0] - 2.0 * 0.731_058_6).abs() < 1e-6);
+    }
+
+    #[test]
+    fn geglu_backward_matches_finite_differences() {
+        let (g, u, da) = ([0.7f32, -1.3], [1.5f32, 0.4], [0.3f32, -2.0]);
+        let (mut dg, mut du) = ([0f32; 2], [0f32; 2]);
+        geglu_backward(&da, &g, &u, &mut dg, &mut du);
+        let f = |g: f32, u: f32| (gelu_tanh(g).0 * u) as f64;
+        for i in 0..2 {
+            let num_g = (f(g[i] + 1e-3, u[i]) - f(g[i] - 1e-3, u[i])) / 2e-3 * da[i] as f64;
+            let num_u = (f(g[i], u[i] + 1e-3) - f(g[i], u[i] - 1e-3)) / 2e-3 * da[i] as f64;
+            assert!((dg[i] as f64 - num_g).abs() < 1e-3, "dg {} vs {num_g}", dg[i]);
+            assert!((du[i] as f64 - num_u).abs() < 1e-3, "du {} vs {num_u}", du[i]);
+        }
+        // gelu(1) with the tanh approximation (PyTorch's gelu(approximate="tanh")).
+        assert!((gelu_tanh(1.0).0 - 0.841_192).abs() < 1e-5);
     }
 }

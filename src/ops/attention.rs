@@ -1,4 +1,5 @@
-//! Causal softmax attention with grouped-query heads, forward and backward.
+//! Causal softmax attention with grouped-query heads, forward and backward; optionally
+//! soft-capped scores (`c · tanh(s / c)`) and a sliding window (Gemma).
 //!
 //! Shapes (one sequence): queries `[n_tokens, n_head * head_dim]` at positions
 //! `pos0 .. pos0 + n_tokens`; keys and values `[n_keys, n_head_kv * head_dim]` for positions
@@ -15,11 +16,38 @@ pub struct AttentionShape {
     pub n_head: usize,
     pub n_head_kv: usize,
     pub head_dim: usize,
+    /// Factor on `q · k` (usually 1/√head_dim).
+    pub scale: f32,
+    /// Scores become `c · tanh(s / c)` (Gemma 2).
+    pub softcap: Option<f32>,
+    /// A query at position `p` sees keys `p + 1 - window ..= p` only.
+    pub window: Option<usize>,
 }
 
 impl AttentionShape {
-    fn scale(&self) -> f32 {
-        1.0 / (self.head_dim as f32).sqrt()
+    /// The score of a raw product `q · k`.
+    #[inline]
+    fn score(&self, dot: f32) -> f32 {
+        let s = self.scale * dot;
+        match self.softcap {
+            Some(c) => c * (s / c).tanh(),
+            None => s,
+        }
+    }
+
+    /// d(score)/d(dot), from the score.
+    #[inline]
+    fn score_slope(&self, score: f32) -> f32 {
+        match self.softcap {
+            Some(c) => self.scale * (1.0 - (score / c) * (score / c)),
+            None => self.scale,
+        }
+    }
+
+    /// The first key a query at position `pos` sees.
+    #[inline]
+    fn first_key(&self, pos: usize) -> usize {
+        self.window.map_or(0, |w| (pos + 1).saturating_sub(w))
     }
 
     fn q_dim(&self) -> usize {
@@ -140,7 +168,7 @@ pub fn attention_forward_seqs<'a>(
     out: &mut [f32],
     lse: &mut [f32],
 ) {
-    let (hd, scale) = (shape.head_dim, shape.scale());
+    let hd = shape.head_dim;
     let (q_dim, kv_dim) = (shape.q_dim(), shape.kv_dim());
     let group = shape.n_head / shape.n_head_kv;
     // One task per row and key/value head (its query heads are adjacent in the row), so that
@@ -154,19 +182,21 @@ pub fn attention_forward_seqs<'a>(
                 .map(&seq)
                 .find(|s| s.rows.contains(&row))
                 .expect("every row of the batch belongs to a sequence");
-            let n_keys = seq.pos0 + (row - seq.rows.start) + 1;
+            let pos = seq.pos0 + (row - seq.rows.start);
+            let (first, n_keys) = (shape.first_key(pos), pos + 1);
             let key = |j| head_row(seq.keys, j, g, kv_dim, hd);
             scratch::with_f32(|scores| {
                 for (h, (out_h, lse)) in out.chunks_exact_mut(hd).zip(lse).enumerate() {
                     let q_t = head_row(q, row, g * group + h, q_dim, hd);
                     scores.clear();
-                    let n4 = n_keys / 4 * 4;
-                    for j in (0..n4).step_by(4) {
+                    let n4 = first + (n_keys - first) / 4 * 4;
+                    for j in (first..n4).step_by(4) {
                         scores.extend(dots(q_t, [key(j), key(j + 1), key(j + 2), key(j + 3)]));
                     }
                     scores.extend((n4..n_keys).map(|j| dot(q_t, key(j))));
-                    *lse = softmax(scores, scale);
-                    weighted_rows(out_h, scores, |j| head_row(seq.values, j, g, kv_dim, hd));
+                    *lse = softmax(scores, &shape);
+                    let value = |j| head_row(seq.values, first + j, g, kv_dim, hd);
+                    weighted_rows(out_h, scores, value);
                 }
             })
         });
@@ -186,7 +216,7 @@ pub fn attention_forward_batched(
     out: &mut [f32],
     lse: &mut [f32],
 ) {
-    let (hd, scale) = (shape.head_dim, shape.scale());
+    let hd = shape.head_dim;
     let (q_dim, kv_dim) = (shape.q_dim(), shape.kv_dim());
     let (n, n_head) = (q.len() / q_dim, shape.n_head);
     let n_keys = pos0 + n;
@@ -209,11 +239,12 @@ pub fn attention_forward_batched(
                 false,
             );
             for (t, row) in s.chunks_exact_mut(n_keys).enumerate() {
-                let visible = pos0 + t + 1;
-                let row_lse = softmax(&mut row[..visible], scale);
+                let (first, visible) = (shape.first_key(pos0 + t), pos0 + t + 1);
+                let row_lse = softmax(&mut row[first..visible], &shape);
                 // SAFETY: column `head` of lse belongs to this task; t < n.
                 let lse_t = unsafe { lse_ptr.slice(t * n_head + head, 1) };
                 lse_t[0] = row_lse;
+                row[..first].fill(0.0);
                 row[visible..].fill(0.0);
             }
             gemm(
@@ -231,12 +262,13 @@ pub fn attention_forward_batched(
     });
 }
 
-/// `s ← softmax(scale · s)` in place; returns the log-sum-exp of `scale · s`.
-fn softmax(s: &mut [f32], scale: f32) -> f32 {
-    let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(scale * x));
+/// `s ← softmax(score(s))` in place (raw products in); returns the log-sum-exp of the scores.
+fn softmax(s: &mut [f32], shape: &AttentionShape) -> f32 {
+    s.iter_mut().for_each(|x| *x = shape.score(*x));
+    let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
     let mut sum = 0f32;
     for x in s.iter_mut() {
-        *x = (scale * *x - max).exp();
+        *x = (*x - max).exp();
         sum += *x;
     }
     let inv = 1.0 / sum;
@@ -250,8 +282,8 @@ fn cols(data: &[f32], head: usize, width: usize, n: usize, hd: usize) -> MatRef<
 }
 
 /// Gradients of `attention_forward` (with `pos0 = 0`: training runs whole sequences).
-/// With P = softmax(S), S = scale·Q Kᵀ (causal), D_t = dO_t · O_t, per query head:
-///   dV += Pᵀ dO,   dS = P ⊙ (dO Vᵀ − D) · scale,   dQ = dS K,   dK += dSᵀ Q,
+/// With P = softmax(S), S = score(Q Kᵀ) (causal, windowed), D_t = dO_t · O_t, per query head:
+///   dV += Pᵀ dO,   dS = P ⊙ (dO Vᵀ − D) · score′,   dQ = dS K,   dK += dSᵀ Q,
 /// each product one GEMM over the head's `[n_tokens, n_tokens]` scores.
 /// `dq`, `dk`, `dv` are overwritten.
 #[allow(clippy::too_many_arguments)]
@@ -267,7 +299,7 @@ pub fn attention_backward(
     dk: &mut [f32],
     dv: &mut [f32],
 ) {
-    let (hd, scale) = (shape.head_dim, shape.scale());
+    let hd = shape.head_dim;
     let (q_dim, kv_dim) = (shape.q_dim(), shape.kv_dim());
     let n = q.len() / q_dim;
     let (dq_ptr, dk_ptr, dv_ptr) = (
@@ -297,12 +329,16 @@ pub fn attention_backward(
                     );
                     let row_lse = lse[t * shape.n_head + head];
                     let (p_t, ds_t) = (&mut p[t * n..(t + 1) * n], &mut ds[t * n..(t + 1) * n]);
-                    for (p, ds) in p_t[..=t].iter_mut().zip(&mut ds_t[..=t]) {
-                        *p = (scale * *p - row_lse).exp();
-                        *ds = *p * (*ds - big_d) * scale;
+                    let first = shape.first_key(t);
+                    for (p, ds) in p_t[first..=t].iter_mut().zip(&mut ds_t[first..=t]) {
+                        let score = shape.score(*p);
+                        *p = (score - row_lse).exp();
+                        *ds = *p * (*ds - big_d) * shape.score_slope(score);
                     }
-                    p_t[t + 1..].fill(0.0);
-                    ds_t[t + 1..].fill(0.0);
+                    for row in [&mut *p_t, &mut *ds_t] {
+                        row[..first].fill(0.0);
+                        row[t + 1..].fill(0.0);
+                    }
                 }
                 let first = head == g * group;
                 let (p, ds) = (MatRef::new(p, n, n), MatRef::new(ds, n, n));
@@ -338,6 +374,16 @@ mod tests {
         n_head: 4,
         n_head_kv: 2,
         head_dim: 3,
+        scale: 0.577_350_3,
+        softcap: None,
+        window: None,
+    };
+
+    /// Gemma's extras, small enough to bite on these values.
+    const CAPPED_WINDOW: AttentionShape = AttentionShape {
+        softcap: Some(0.7),
+        window: Some(3),
+        ..SHAPE
     };
 
     #[test]
@@ -355,19 +401,22 @@ mod tests {
     }
 
     /// A direct evaluation of the definition, for comparison.
-    fn naive(pos0: usize, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
-        let (hd, q_dim, kv_dim) = (SHAPE.head_dim, SHAPE.q_dim(), SHAPE.kv_dim());
+    fn naive(shape: AttentionShape, pos0: usize, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
+        let (hd, q_dim, kv_dim) = (shape.head_dim, shape.q_dim(), shape.kv_dim());
         let n = q.len() / q_dim;
         let mut out = vec![0f32; q.len()];
         for t in 0..n {
-            for h in 0..SHAPE.n_head {
-                let g = SHAPE.kv_head(h);
+            for h in 0..shape.n_head {
+                let g = shape.kv_head(h);
+                let visible = |j: usize| shape.window.is_none_or(|w| pos0 + t - j < w);
                 let s: Vec<f32> = (0..=pos0 + t)
                     .map(|j| {
-                        (0..hd)
+                        let dot = (0..hd)
                             .map(|i| q[t * q_dim + h * hd + i] * k[j * kv_dim + g * hd + i])
-                            .sum::<f32>()
-                            * SHAPE.scale()
+                            .sum::<f32>();
+                        let s = dot * shape.scale;
+                        let s = shape.softcap.map_or(s, |c| c * (s / c).tanh());
+                        if visible(j) { s } else { f32::NEG_INFINITY }
                     })
                     .collect();
                 let max = s.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
@@ -387,16 +436,22 @@ mod tests {
 
     #[test]
     fn both_forwards_match_the_definition_with_a_cache_offset() {
+        for shape in [SHAPE, CAPPED_WINDOW] {
+            forwards_match_the_definition(shape);
+        }
+    }
+
+    fn forwards_match_the_definition(shape: AttentionShape) {
         let (pos0, n) = (3, 4);
         let q = values(n * 12, 8);
         let k = values((pos0 + n) * 6, 9);
         let v = values((pos0 + n) * 6, 10);
-        let expected = naive(pos0, &q, &k, &v);
+        let expected = naive(shape, pos0, &q, &k, &v);
         let mut lse_rows = vec![0f32; n * 4];
         for forward in [attention_forward, attention_forward_batched] {
             let mut out = vec![0f32; n * 12];
             let mut lse = vec![0f32; n * 4];
-            forward(SHAPE, pos0, &q, &k, &v, &mut out, &mut lse);
+            forward(shape, pos0, &q, &k, &v, &mut out, &mut lse);
             for (a, b) in out.iter().zip(&expected) {
                 assert!((a - b).abs() < 1e-5, "{a} vs {b}");
             }
@@ -475,7 +530,13 @@ mod tests {
 
     #[test]
     fn backward_matches_finite_differences() {
-        let n = 3;
+        for shape in [SHAPE, CAPPED_WINDOW] {
+            backward_matches_finite_differences_with(shape);
+        }
+    }
+
+    fn backward_matches_finite_differences_with(shape: AttentionShape) {
+        let n = 5;
         let q = values(n * 12, 4);
         let k = values(n * 6, 5);
         let v = values(n * 6, 6);
@@ -483,14 +544,14 @@ mod tests {
         let loss = |q: &[f32], k: &[f32], v: &[f32]| {
             let mut out = vec![0f32; n * 12];
             let mut lse = vec![0f32; n * 4];
-            attention_forward(SHAPE, 0, q, k, v, &mut out, &mut lse);
+            attention_forward(shape, 0, q, k, v, &mut out, &mut lse);
             out.iter().zip(&w).map(|(a, b)| (a * b) as f64).sum::<f64>()
         };
         let mut out = vec![0f32; n * 12];
         let mut lse = vec![0f32; n * 4];
-        attention_forward(SHAPE, 0, &q, &k, &v, &mut out, &mut lse);
+        attention_forward(shape, 0, &q, &k, &v, &mut out, &mut lse);
         let (mut dq, mut dk, mut dv) = (vec![0f32; n * 12], vec![0f32; n * 6], vec![0f32; n * 6]);
-        attention_backward(SHAPE, &q, &k, &v, &out, &lse, &w, &mut dq, &mut dk, &mut dv);
+        attention_backward(shape, &q, &k, &v, &out, &lse, &w, &mut dq, &mut dk, &mut dv);
         let check = |analytic: &[f32], which: usize| {
             for i in 0..analytic.len() {
                 let mut inputs = [q.clone(), k.clone(), v.clone()];
