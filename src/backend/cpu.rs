@@ -4,12 +4,13 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::{Backend, Norm, HEAD_NORMS};
+use super::{Backend, Norm, HEAD_NORMS, POST_NORMS};
 use crate::error::Result;
 use crate::lora::linear::{linear, linear_backward};
 use crate::lora::{LoraGrads, LoraPlan, Numerics};
-use crate::model::{Config, KvCache, Layer, Model, Proj, SeqSpan, Slot, Weights};
-use crate::ops::activation::{swiglu_backward, swiglu_forward};
+use crate::model::{Config, Glu, KvCache, Layer, Model, Proj, SeqSpan, Slot, Weights};
+use crate::ops::activation::{geglu_backward, geglu_forward, swiglu_backward, swiglu_forward};
+use crate::ops::activation::{softcap, softcap_backward};
 use crate::ops::attention::{
     attention_backward, attention_forward_batched, attention_forward_seqs, AttentionShape, SeqKv,
 };
@@ -41,6 +42,8 @@ impl<'a> CpuBackend<'a> {
         match norm {
             Norm::Attn(il) => &layer(il).attn_norm,
             Norm::Ffn(il) => &layer(il).ffn_norm,
+            Norm::PostAttn(il) => layer(il).post_attn_norm.as_deref().expect(POST_NORMS),
+            Norm::PostFfn(il) => layer(il).post_ffn_norm.as_deref().expect(POST_NORMS),
             Norm::QHead(il) => layer(il).q_norm.as_deref().expect(HEAD_NORMS),
             Norm::KHead(il) => layer(il).k_norm.as_deref().expect(HEAD_NORMS),
             Norm::Output => &self.weights.output_norm,
@@ -56,7 +59,7 @@ impl<'a> CpuBackend<'a> {
             head_dim: c.head_dim,
             scale: c.attn_scale,
             softcap: c.attn_softcap,
-            window: c.sliding_window.filter(|_| c.sliding[il]),
+            window: c.sliding_window.filter(|_| c.is_sliding(il)),
         }
     }
 }
@@ -146,7 +149,10 @@ impl Backend for CpuBackend<'_> {
             .zip(tokens.par_iter())
             .for_each(|(row, &token)| {
                 let t = token as usize;
-                self.weights.token_embd.dequantize_rows(t..t + 1, row)
+                self.weights.token_embd.dequantize_rows(t..t + 1, row);
+                if let Some(scale) = self.config.embd_scale {
+                    row.iter_mut().for_each(|v| *v *= scale);
+                }
             });
         Ok(())
     }
@@ -167,11 +173,13 @@ impl Backend for CpuBackend<'_> {
 
     fn rope(
         &self,
+        il: usize,
         x: &mut Vec<f32>,
         n_heads: usize,
         table: &RopeTable,
         inverse: bool,
     ) -> Result<()> {
+        let table = table.for_layer(self.config.is_sliding(il));
         self.rope.apply(x, n_heads, table, inverse);
         Ok(())
     }
@@ -337,12 +345,16 @@ impl Backend for CpuBackend<'_> {
         Ok(())
     }
 
-    fn swiglu(&self, gate: &Vec<f32>, up: &Vec<f32>, act: &mut Vec<f32>) -> Result<()> {
-        swiglu_forward(gate, up, sized(act, gate.len()));
+    fn glu(&self, gate: &Vec<f32>, up: &Vec<f32>, act: &mut Vec<f32>) -> Result<()> {
+        let act = sized(act, gate.len());
+        match self.config.glu {
+            Glu::Silu => swiglu_forward(gate, up, act),
+            Glu::GeluTanh => geglu_forward(gate, up, act),
+        }
         Ok(())
     }
 
-    fn swiglu_backward(
+    fn glu_backward(
         &self,
         d_act: &Vec<f32>,
         gate: &Vec<f32>,
@@ -351,7 +363,11 @@ impl Backend for CpuBackend<'_> {
         d_up: &mut Vec<f32>,
     ) -> Result<()> {
         let n = gate.len();
-        swiglu_backward(d_act, gate, up, sized(d_gate, n), sized(d_up, n));
+        let (d_gate, d_up) = (sized(d_gate, n), sized(d_up, n));
+        match self.config.glu {
+            Glu::Silu => swiglu_backward(d_act, gate, up, d_gate, d_up),
+            Glu::GeluTanh => geglu_backward(d_act, gate, up, d_gate, d_up),
+        }
         Ok(())
     }
 
@@ -363,6 +379,9 @@ impl Backend for CpuBackend<'_> {
             Numerics::Ggml => self.weights.output.matmul(x, &mut logits),
             Numerics::Exact => self.weights.output.matmul_exact(x, &mut logits),
         }
+        if let Some(cap) = self.config.final_softcap {
+            softcap(&mut logits, cap);
+        }
         Ok(logits)
     }
 
@@ -372,12 +391,12 @@ impl Backend for CpuBackend<'_> {
         targets: &[i64],
         normalizer: usize,
     ) -> Result<f64> {
-        Ok(cross_entropy_in_place(
-            logits,
-            self.config.n_vocab,
-            targets,
-            normalizer,
-        ))
+        let capped = self.config.final_softcap.map(|cap| (cap, logits.clone()));
+        let loss = cross_entropy_in_place(logits, self.config.n_vocab, targets, normalizer);
+        if let Some((cap, capped)) = capped {
+            softcap_backward(logits, &capped, cap);
+        }
+        Ok(loss)
     }
 
     fn logits_backward(

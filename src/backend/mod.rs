@@ -20,20 +20,24 @@ use crate::error::Result;
 use crate::lora::{LoraGrads, LoraPlan, Numerics};
 use crate::model::{Config, KvCache, Proj, SeqSpan};
 
-/// Which RMSNorm weight: a block's two, its per-head ones of q and k (over `head_dim`), or
-/// the one before the output head. A norm's rows are as wide as its weight.
+/// Which RMSNorm weight: a block's two, the two after its attention and FFN (Gemma), its
+/// per-head ones of q and k (over `head_dim`), or the one before the output head. A norm's
+/// rows are as wide as its weight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Norm {
     Attn(usize),
     Ffn(usize),
+    PostAttn(usize),
+    PostFfn(usize),
     QHead(usize),
     KHead(usize),
     Output,
 }
 
-/// Why a backend may expect head-norm weights: the recipe normalises heads only for
+/// Why a backend may expect head and post norm weights: the recipe uses them only for
 /// architectures whose weights have them.
 pub(crate) const HEAD_NORMS: &str = "head norms are loaded for every architecture that uses them";
+pub(crate) const POST_NORMS: &str = "post norms are loaded for every architecture that uses them";
 
 /// The ops of the recipe, on one model's weights placed on one device.
 pub trait Backend: Sync {
@@ -73,10 +77,11 @@ pub trait Backend: Sync {
     /// The rotation angles of every row of a batch of `seqs`.
     fn rope_table(&self, seqs: &[SeqSpan], table: &mut Self::RopeTable) -> Result<()>;
 
-    /// Rotates each head of `x` (`[rows, n_heads * head_dim]`) in place; `inverse` turns
-    /// back (the backward).
+    /// Rotates each head of `x` (`[rows, n_heads * head_dim]`) in place with layer `il`'s
+    /// rotation; `inverse` turns back (the backward).
     fn rope(
         &self,
+        il: usize,
         x: &mut Self::Tensor,
         n_heads: usize,
         table: &Self::RopeTable,
@@ -173,10 +178,10 @@ pub trait Backend: Sync {
     ) -> Result<()>;
 
     /// `act = silu(gate) ⊙ up`.
-    fn swiglu(&self, gate: &Self::Tensor, up: &Self::Tensor, act: &mut Self::Tensor) -> Result<()>;
+    fn glu(&self, gate: &Self::Tensor, up: &Self::Tensor, act: &mut Self::Tensor) -> Result<()>;
 
-    /// Overwrites `d_gate`, `d_up` with the backward of `swiglu`.
-    fn swiglu_backward(
+    /// Overwrites `d_gate`, `d_up` with the backward of `glu`.
+    fn glu_backward(
         &self,
         d_act: &Self::Tensor,
         gate: &Self::Tensor,

@@ -4,9 +4,10 @@
 //! x_mid = x   + W_o · attention(rope(W_q · n1), rope(W_k · n1), W_v · n1),  n1 = rms_norm(x)
 //! x_out = x_mid + W_down · (silu(W_gate · n2) ⊙ W_up · n2),                 n2 = rms_norm(x_mid)
 //! ```
-//! Architectures with head norms (Qwen3) normalise each head of `W_q · n1` and `W_k · n1`
-//! before RoPE. Every projection goes through `Backend::linear`, which adds the adapters'
-//! `s B A` terms.
+//! Architectures with head norms (Qwen3, Gemma 3) normalise each head of `W_q · n1` and
+//! `W_k · n1` before RoPE; with post norms (Gemma) each branch's output is RMS-normalised
+//! before its residual. Every projection goes through `Backend::linear`, which adds the
+//! adapters' `s B A` terms.
 
 use std::ops::Range;
 
@@ -25,7 +26,7 @@ pub struct SeqSpan {
 
 impl SeqSpan {
     /// The position of every row of a batch of `seqs`, in row order.
-    pub fn positions(seqs: &[SeqSpan]) -> impl Iterator<Item = usize> + '_ {
+    pub fn positions(seqs: &[SeqSpan]) -> impl Iterator<Item = usize> + Clone + '_ {
         seqs.iter()
             .flat_map(|span| span.pos0..span.pos0 + span.rows.len())
     }
@@ -36,22 +37,26 @@ impl SeqSpan {
 /// the three that are cheap to recompute (`attn_in`, `ffn_in`, `act`: see `lend_recomputable`).
 #[derive(Default)]
 pub struct BlockActs<T> {
-    pub x_in: T,         // [n_tokens, n_embd] residual entering the block
-    pub attn_inv_rms: T, // [n_tokens]
-    pub attn_in: T,      // [n_tokens, n_embd] rms_norm(x_in) ⊙ attn_norm
-    pub q_raw: T,        // [n_tokens, q_dim] W_q · attn_in, before its head norm (Qwen3)
-    pub k_raw: T,        // [n_tokens, kv_dim] W_k · attn_in, before its head norm (Qwen3)
-    pub q_inv_rms: T,    // [n_tokens * n_head] (Qwen3)
-    pub k_inv_rms: T,    // [n_tokens * n_head_kv] (Qwen3)
-    pub q: T,            // [n_tokens, q_dim] after RoPE
-    pub lse: T,          // [n_tokens, n_head] log-sum-exp of attention scores
-    pub attn_out: T,     // [n_tokens, q_dim]
-    pub x_mid: T,        // [n_tokens, n_embd] after the attention residual
-    pub ffn_inv_rms: T,  // [n_tokens]
-    pub ffn_in: T,       // [n_tokens, n_embd]
-    pub gate: T,         // [n_tokens, n_ff]
-    pub up: T,           // [n_tokens, n_ff]
-    pub act: T,          // [n_tokens, n_ff] silu(gate) ⊙ up
+    pub x_in: T,              // [n_tokens, n_embd] residual entering the block
+    pub attn_inv_rms: T,      // [n_tokens]
+    pub attn_in: T,           // [n_tokens, n_embd] rms_norm(x_in) ⊙ attn_norm
+    pub q_raw: T,             // [n_tokens, q_dim] W_q · attn_in, before its head norm (Qwen3)
+    pub k_raw: T,             // [n_tokens, kv_dim] W_k · attn_in, before its head norm (Qwen3)
+    pub q_inv_rms: T,         // [n_tokens * n_head] (Qwen3)
+    pub k_inv_rms: T,         // [n_tokens * n_head_kv] (Qwen3)
+    pub q: T,                 // [n_tokens, q_dim] after RoPE
+    pub lse: T,               // [n_tokens, n_head] log-sum-exp of attention scores
+    pub attn_out: T,          // [n_tokens, q_dim]
+    pub attn_proj: T,         // [n_tokens, n_embd] W_o · attn_out before its post norm (Gemma)
+    pub post_attn_inv_rms: T, // [n_tokens] (Gemma)
+    pub x_mid: T,             // [n_tokens, n_embd] after the attention residual
+    pub ffn_inv_rms: T,       // [n_tokens]
+    pub ffn_in: T,            // [n_tokens, n_embd]
+    pub gate: T,              // [n_tokens, n_ff]
+    pub up: T,                // [n_tokens, n_ff]
+    pub act: T,               // [n_tokens, n_ff] act(gate) ⊙ up
+    pub ffn_proj: T,          // [n_tokens, n_embd] W_down · act before its post norm (Gemma)
+    pub post_ffn_inv_rms: T,  // [n_tokens] (Gemma)
 }
 
 impl<T> BlockActs<T> {
@@ -88,6 +93,7 @@ pub struct BlockScratch<T> {
     d_b: T,
     d_c: T,
     d_in: T,
+    d_post: T,
     norm_in: T,
     act: T,
 }
@@ -143,8 +149,8 @@ pub fn block_forward<B: Backend>(
             &mut acts.k_inv_rms,
         )?;
     }
-    b.rope(&mut acts.q, c.n_head, ctx.rope_table, false)?;
-    b.rope(&mut scratch.k, c.n_head_kv, ctx.rope_table, false)?;
+    b.rope(il, &mut acts.q, c.n_head, ctx.rope_table, false)?;
+    b.rope(il, &mut scratch.k, c.n_head_kv, ctx.rope_table, false)?;
     b.attention(
         il,
         ctx.seqs,
@@ -158,7 +164,15 @@ pub fn block_forward<B: Backend>(
     )?;
     let attn = [&mut scratch.proj_out];
     b.linear(il, [Proj::AttnOutput], &acts.attn_out, attn, lora, numerics)?;
-    b.add_assign(x, &scratch.proj_out)?;
+    let (raw, inv_rms) = (&mut acts.attn_proj, &mut acts.post_attn_inv_rms);
+    add_branch(
+        b,
+        Norm::PostAttn(il),
+        x,
+        &mut scratch.proj_out,
+        raw,
+        inv_rms,
+    )?;
     b.copy(x, &mut acts.x_mid)?;
 
     b.rms_norm(Norm::Ffn(il), x, &mut acts.ffn_in, &mut acts.ffn_inv_rms)?;
@@ -170,10 +184,47 @@ pub fn block_forward<B: Backend>(
         lora,
         numerics,
     )?;
-    b.swiglu(&acts.gate, &acts.up, &mut acts.act)?;
+    b.glu(&acts.gate, &acts.up, &mut acts.act)?;
     let down = [&mut scratch.proj_out];
     b.linear(il, [Proj::FfnDown], &acts.act, down, lora, numerics)?;
-    b.add_assign(x, &scratch.proj_out)
+    let (raw, inv_rms) = (&mut acts.ffn_proj, &mut acts.post_ffn_inv_rms);
+    add_branch(b, Norm::PostFfn(il), x, &mut scratch.proj_out, raw, inv_rms)
+}
+
+/// `x += branch`, or with post norms `x += rms_norm(branch)`, keeping the branch before its
+/// norm in `raw` (`branch` is then left with the normalised values).
+fn add_branch<B: Backend>(
+    b: &B,
+    norm: Norm,
+    x: &mut B::Tensor,
+    branch: &mut B::Tensor,
+    raw: &mut B::Tensor,
+    inv_rms: &mut B::Tensor,
+) -> Result<()> {
+    if b.config().post_norms {
+        std::mem::swap(raw, branch);
+        b.rms_norm(norm, raw, branch, inv_rms)?;
+    }
+    b.add_assign(x, branch)
+}
+
+/// dL/d(branch before its post norm) from `dy` = dL/d(residual), or `dy` itself without post
+/// norms.
+fn branch_grad<'a, B: Backend>(
+    b: &B,
+    norm: Norm,
+    n_tokens: usize,
+    dy: &'a B::Tensor,
+    raw: &B::Tensor,
+    inv_rms: &B::Tensor,
+    out: &'a mut B::Tensor,
+) -> Result<&'a B::Tensor> {
+    if !b.config().post_norms {
+        return Ok(dy);
+    }
+    b.zeros(n_tokens, b.config().n_embd, out)?;
+    b.rms_norm_backward(norm, dy, raw, inv_rms, out)?;
+    Ok(out)
 }
 
 /// Backward of `block_forward` for whole sequences (`pos0 = 0`). `dx` holds dL/d(block
@@ -194,16 +245,34 @@ pub fn block_backward<B: Backend>(
     let lora = ctx.lora;
 
     let act = saved_or::<B>(&acts.act, &mut scratch.act, |out| {
-        b.swiglu(&acts.gate, &acts.up, out)
+        b.glu(&acts.gate, &acts.up, out)
     })?;
     let ffn_in = saved_or::<B>(&acts.ffn_in, &mut scratch.norm_in, |out| {
         b.rms_norm_apply(Norm::Ffn(il), &acts.x_mid, &acts.ffn_inv_rms, out)
     })?;
 
-    // x_out = x_mid + W_down · act
+    // x_out = x_mid + W_down · act (its post norm between, with Gemma)
+    let (raw, inv) = (&acts.ffn_proj, &acts.post_ffn_inv_rms);
+    let d_down = branch_grad(
+        b,
+        Norm::PostFfn(il),
+        n_tokens,
+        dx,
+        raw,
+        inv,
+        &mut scratch.d_post,
+    )?;
     b.zeros(n_tokens, c.n_ff, &mut scratch.d_a)?;
-    b.linear_backward(il, Proj::FfnDown, dx, act, lora, &mut scratch.d_a, grads)?;
-    b.swiglu_backward(
+    b.linear_backward(
+        il,
+        Proj::FfnDown,
+        d_down,
+        act,
+        lora,
+        &mut scratch.d_a,
+        grads,
+    )?;
+    b.glu_backward(
         &scratch.d_a,
         &acts.gate,
         &acts.up,
@@ -216,13 +285,23 @@ pub fn block_backward<B: Backend>(
     b.linear_backward(il, Proj::FfnUp, &scratch.d_c, ffn_in, lora, d_in, grads)?;
     b.rms_norm_backward(Norm::Ffn(il), d_in, &acts.x_mid, &acts.ffn_inv_rms, dx)?;
 
-    // x_mid = x_in + W_o · attention(...)
+    // x_mid = x_in + W_o · attention(...) (its post norm between, with Gemma)
+    let (raw, inv) = (&acts.attn_proj, &acts.post_attn_inv_rms);
+    let d_o = branch_grad(
+        b,
+        Norm::PostAttn(il),
+        n_tokens,
+        dx,
+        raw,
+        inv,
+        &mut scratch.d_post,
+    )?;
     b.zeros(n_tokens, c.q_dim(), &mut scratch.d_a)?;
     let d_attn_out = &mut scratch.d_a;
     b.linear_backward(
         il,
         Proj::AttnOutput,
-        dx,
+        d_o,
         &acts.attn_out,
         lora,
         d_attn_out,
@@ -240,8 +319,8 @@ pub fn block_backward<B: Backend>(
         &mut scratch.k,
         &mut scratch.v,
     )?;
-    b.rope(&mut scratch.d_b, c.n_head, ctx.rope_table, true)?;
-    b.rope(&mut scratch.k, c.n_head_kv, ctx.rope_table, true)?;
+    b.rope(il, &mut scratch.d_b, c.n_head, ctx.rope_table, true)?;
+    b.rope(il, &mut scratch.k, c.n_head_kv, ctx.rope_table, true)?;
     // dL/d(W_q · n1) and dL/d(W_k · n1): through the head norms where there are some.
     let (dq, dk) = match c.arch.has_qk_norm() {
         true => {

@@ -135,9 +135,9 @@ pub struct Config {
     /// `c · tanh(s / c)` on attention scores and on logits (Gemma 2).
     pub attn_softcap: Option<f32>,
     pub final_softcap: Option<f32>,
-    /// Layers that attend to the last `sliding_window` positions only.
+    /// Layers that attend to the last `sliding_window` positions only (see `is_sliding`).
     pub sliding_window: Option<usize>,
-    pub sliding: Vec<bool>,
+    sliding: Sliding,
     /// (base, linear scale) of RoPE on the sliding layers where it differs (Gemma 3).
     pub rope_swa: Option<(f32, f32)>,
 }
@@ -266,8 +266,13 @@ impl Config {
             _ => None,
         };
         let sliding = match sliding_window {
-            Some(_) => sliding_layers(file, &key("attention.sliding_window_pattern"), n_layer, arch)?,
-            None => vec![false; n_layer],
+            Some(_) => sliding_layers(
+                file,
+                &key("attention.sliding_window_pattern"),
+                n_layer,
+                arch,
+            )?,
+            None => Sliding::Period(1),
         };
         let rope_swa = match (arch, sliding_window) {
             (Architecture::Gemma3, Some(_)) => Some((
@@ -317,6 +322,15 @@ impl Config {
 
     pub fn kv_dim(&self) -> usize {
         self.n_head_kv * self.head_dim
+    }
+
+    /// Whether layer `il` attends within the sliding window.
+    pub fn is_sliding(&self, il: usize) -> bool {
+        self.sliding_window.is_some()
+            && match &self.sliding {
+                Sliding::Period(n) => *n == 0 || il % n < n - 1,
+                Sliding::Flags(flags) => flags.get(il).copied().unwrap_or(false),
+            }
     }
 
     /// The fused tensor that stores `proj` in this file, if any.
@@ -388,9 +402,22 @@ impl Fused {
     }
 }
 
-/// Which layers slide (`attention.sliding_window_pattern`: one flag per layer, or a period
-/// `n` whose last layer is global), as llama.cpp reads it; Gemma 2's period is 2, Gemma 3's 6.
-fn sliding_layers(file: &GgufFile, key: &str, n_layer: usize, arch: Architecture) -> Result<Vec<bool>> {
+/// Which layers slide: in every period of `n` layers all but the last (0: all of them), or a
+/// flag per layer.
+#[derive(Debug, Clone)]
+enum Sliding {
+    Period(usize),
+    Flags(Vec<bool>),
+}
+
+/// Which layers slide (`attention.sliding_window_pattern`: one flag per layer, or a period),
+/// as llama.cpp reads it; Gemma 2's period is 2, Gemma 3's 6.
+fn sliding_layers(
+    file: &GgufFile,
+    key: &str,
+    n_layer: usize,
+    arch: Architecture,
+) -> Result<Sliding> {
     if let Some(crate::gguf::Value::Array { items, .. }) = file.get(key) {
         let flags: Vec<bool> = items
             .iter()
@@ -402,13 +429,10 @@ fn sliding_layers(file: &GgufFile, key: &str, n_layer: usize, arch: Architecture
                 format!("{} flags for {n_layer} layers", flags.len()),
             ));
         }
-        return Ok(flags);
+        return Ok(Sliding::Flags(flags));
     }
     let default = if arch == Architecture::Gemma2 { 2 } else { 6 };
-    let period = file.get_usize(key)?.unwrap_or(default);
-    Ok((0..n_layer)
-        .map(|il| period == 0 || il % period < period - 1)
-        .collect())
+    Ok(Sliding::Period(file.get_usize(key)?.unwrap_or(default)))
 }
 
 /// Linear scaling is applied; the other schemes change the math and are refused rather than

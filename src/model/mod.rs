@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::OnceLock;
 
 pub use block::{BlockActs, SeqSpan};
-pub use config::{Architecture, Config, Fused};
+pub use config::{Architecture, Config, Fused, Glu};
 pub use forward::{
     backward, forward_blocks, forward_train, head, logits_exact, Batch, Buffers, BuffersOf, Saved,
 };
@@ -94,6 +94,20 @@ impl Model {
                 long,
                 n_ctx_orig: config.n_ctx_orig,
             }),
+            swa: None,
+        };
+        let rope = Rope {
+            swa: config.rope_swa.map(|(freq_base, freq_scale)| {
+                Box::new(Rope {
+                    freq_base,
+                    freq_scale,
+                    freq_factors: None,
+                    mscale: 1.0,
+                    long_rope: None,
+                    ..rope.clone()
+                })
+            }),
+            ..rope
         };
         Ok(Runnable {
             config,

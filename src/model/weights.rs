@@ -162,9 +162,12 @@ impl Target {
 pub struct Layer {
     pub attn_norm: Vec<f32>, // [n_embd]
     pub ffn_norm: Vec<f32>,  // [n_embd]
-    /// Per-head RMSNorm weights of q and k, `[head_dim]` (Qwen3).
+    /// Per-head RMSNorm weights of q and k, `[head_dim]` (Qwen3, Gemma 3).
     pub q_norm: Option<Vec<f32>>,
     pub k_norm: Option<Vec<f32>>,
+    /// Norms of the attention and FFN outputs, `[n_embd]` (Gemma).
+    pub post_attn_norm: Option<Vec<f32>>,
+    pub post_ffn_norm: Option<Vec<f32>>,
     /// Indexed by `Proj`: attn_q [q_dim, n_embd], attn_k/v [kv_dim, n_embd],
     /// attn_output [n_embd, q_dim], ffn_gate/up [n_ff, n_embd], ffn_down [n_embd, n_ff].
     projections: Vec<Weight>,
@@ -239,11 +242,21 @@ impl Weights {
                     false => Ok(None),
                 }
             };
+            let post_norm = |name: &str| -> Result<Option<Vec<f32>>> {
+                match config.post_norms {
+                    true => loader
+                        .vector(&format!("blk.{il}.{name}.weight"), n_embd)
+                        .map(Some),
+                    false => Ok(None),
+                }
+            };
             layers.push(Layer {
                 attn_norm: loader.vector(&format!("blk.{il}.attn_norm.weight"), n_embd)?,
                 ffn_norm: loader.vector(&format!("blk.{il}.ffn_norm.weight"), n_embd)?,
                 q_norm: head_norm("attn_q_norm")?,
                 k_norm: head_norm("attn_k_norm")?,
+                post_attn_norm: post_norm("post_attention_norm")?,
+                post_ffn_norm: post_norm("post_ffw_norm")?,
                 projections,
                 biases,
             });

@@ -60,6 +60,18 @@ pub fn geglu_backward(da: &[f32], gate: &[f32], up: &[f32], d_gate: &mut [f32], 
         });
 }
 
+/// `x ← c · tanh(x / c)` (Gemma 2's soft-capping of logits).
+pub fn softcap(x: &mut [f32], cap: f32) {
+    x.par_iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
+}
+
+/// `d ← d · (1 − (y / c)²)`: from dL/d(capped) to dL/d(raw), with `y` the capped values.
+pub fn softcap_backward(d: &mut [f32], capped: &[f32], cap: f32) {
+    d.par_iter_mut()
+        .zip(capped.par_iter())
+        .for_each(|(d, &y)| *d *= 1.0 - (y / cap) * (y / cap));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,8 +111,16 @@ mod tests {
         for i in 0..2 {
             let num_g = (f(g[i] + 1e-3, u[i]) - f(g[i] - 1e-3, u[i])) / 2e-3 * da[i] as f64;
             let num_u = (f(g[i], u[i] + 1e-3) - f(g[i], u[i] - 1e-3)) / 2e-3 * da[i] as f64;
-            assert!((dg[i] as f64 - num_g).abs() < 1e-3, "dg {} vs {num_g}", dg[i]);
-            assert!((du[i] as f64 - num_u).abs() < 1e-3, "du {} vs {num_u}", du[i]);
+            assert!(
+                (dg[i] as f64 - num_g).abs() < 1e-3,
+                "dg {} vs {num_g}",
+                dg[i]
+            );
+            assert!(
+                (du[i] as f64 - num_u).abs() < 1e-3,
+                "du {} vs {num_u}",
+                du[i]
+            );
         }
         // gelu(1) with the tanh approximation (PyTorch's gelu(approximate="tanh")).
         assert!((gelu_tanh(1.0).0 - 0.841_192).abs() < 1e-5);

@@ -416,7 +416,11 @@ mod tests {
                             .sum::<f32>();
                         let s = dot * shape.scale;
                         let s = shape.softcap.map_or(s, |c| c * (s / c).tanh());
-                        if visible(j) { s } else { f32::NEG_INFINITY }
+                        if visible(j) {
+                            s
+                        } else {
+                            f32::NEG_INFINITY
+                        }
                     })
                     .collect();
                 let max = s.iter().cloned().fold(f32::NEG_INFINITY, f32::max);

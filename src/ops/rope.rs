@@ -29,6 +29,8 @@ pub struct Rope {
     pub mscale: f32,
     /// Phi-3's LongRoPE, whose frequency factors depend on the context (see `for_context`).
     pub long_rope: Option<LongRope>,
+    /// The rotation of sliding-window layers where it differs (Gemma 3's own base).
+    pub swa: Option<Box<Rope>>,
 }
 
 /// LongRoPE's two sets of frequency divisors (`rope_factors_short`, `rope_factors_long`):
@@ -40,17 +42,27 @@ pub struct LongRope {
     pub n_ctx_orig: usize,
 }
 
-/// cos and sin of every rotation angle for a run of positions: `[n_pos, n_rot / 2]`.
+/// cos and sin of every rotation angle for a run of positions: `[n_pos, n_rot / 2]`, and
+/// those of the sliding-window layers where their rotation differs.
 #[derive(Default)]
 pub struct RopeTable {
     cos: Vec<f32>,
     sin: Vec<f32>,
+    swa: Option<Box<RopeTable>>,
 }
 
 impl RopeTable {
     /// (cos, sin), each `[n_pos, n_rot / 2]`.
     pub fn parts(&self) -> (&[f32], &[f32]) {
         (&self.cos, &self.sin)
+    }
+
+    /// The table of a layer (`sliding`: a sliding-window one).
+    pub fn for_layer(&self, sliding: bool) -> &RopeTable {
+        match (&self.swa, sliding) {
+            (Some(swa), true) => swa,
+            _ => self,
+        }
     }
 }
 
@@ -69,7 +81,13 @@ impl Rope {
     }
 
     /// Angles computed in f64 and rounded once, so long positions keep their precision.
-    pub fn table(&self, positions: impl Iterator<Item = usize>, table: &mut RopeTable) {
+    pub fn table(&self, positions: impl Iterator<Item = usize> + Clone, table: &mut RopeTable) {
+        if let Some(swa) = &self.swa {
+            swa.table(
+                positions.clone(),
+                table.swa.get_or_insert_with(Default::default),
+            );
+        }
         let half = self.n_rot / 2;
         table.cos.clear();
         table.sin.clear();
@@ -126,6 +144,7 @@ mod tests {
             freq_factors: None,
             mscale: 1.0,
             long_rope: None,
+            swa: None,
         }
     }
 

@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::infer::{with_backend, Inference, SpareActivations};
 use crate::lora::{LoraAdapter, LoraGrads, LoraPlan, PairGrad};
 use crate::model::{self, Batch, KvCache, Saved, SeqSpan};
+use crate::ops::activation::softcap_backward;
 
 /// Logits materialised at a time by the fused loss: 128 MiB (1024 rows of a 32k vocabulary),
 /// whatever the batch. Each block is one product with the whole output head, which runs at
@@ -118,6 +119,17 @@ impl TrainGraph {
     /// trainable adapter's gradients (they accumulate until `zero_grad`).
     pub fn backward(mut self, inf: &Inference, d_logits: &[f32]) -> Result<()> {
         let (n_vocab, n_embd) = (inf.config().n_vocab, inf.config().n_embd);
+        // Through the logits' soft-cap (Gemma 2): dL/draw = dL/dy · (1 − (y / c)²).
+        let through_cap;
+        let d_logits = match inf.config().final_softcap {
+            Some(cap) => {
+                let mut d = d_logits.to_vec();
+                softcap_backward(&mut d, &self.logits(inf)?, cap);
+                through_cap = d;
+                &through_cap
+            }
+            None => d_logits,
+        };
         let grads = inf.install(|| {
             with_backend!(inf, b => {
                 let d_logits = b.upload(d_logits, n_vocab)?;

@@ -11,23 +11,28 @@ pub struct Shape {
     n_head: usize,
     n_head_kv: usize,
     head_dim: usize,
+    scale: f64,
+    /// Scores become `c · tanh(s / c)` (Gemma 2).
+    softcap: Option<f64>,
+    /// A query at position `p` sees keys `p + 1 - window ..= p` only.
+    window: Option<usize>,
 }
 
 impl Shape {
-    pub fn of(config: &Config) -> Shape {
+    /// Layer `il`'s attention.
+    pub fn of(config: &Config, il: usize) -> Shape {
         Shape {
             n_head: config.n_head,
             n_head_kv: config.n_head_kv,
             head_dim: config.head_dim,
+            scale: config.attn_scale as f64,
+            softcap: config.attn_softcap.map(f64::from),
+            window: config.sliding_window.filter(|_| config.is_sliding(il)),
         }
     }
 
     fn group(&self) -> usize {
         self.n_head / self.n_head_kv
-    }
-
-    fn scale(&self) -> f64 {
-        1.0 / (self.head_dim as f64).sqrt()
     }
 
     /// `[rows, n * head_dim]` → `[n, rows, head_dim]`.
@@ -64,20 +69,30 @@ impl Shape {
     }
 }
 
-/// Scaled scores `q kᵀ / √d` with future keys at -∞: `[n_head, rows, keys]`; the rows are
-/// positions `pos0 ..` (a single row sees every key: no mask).
-fn scores(shape: Shape, pos0: usize, q: &Tensor, k: &Tensor) -> Result<Tensor> {
+/// Scores `score(q kᵀ)` (scaled, soft-capped): `[n_head, rows, keys]`, and the same with the
+/// keys each row does not see (future ones, and beyond the window) at -∞. The rows are
+/// positions `pos0 ..`.
+fn scores(shape: Shape, pos0: usize, q: &Tensor, k: &Tensor) -> Result<(Tensor, Tensor)> {
     let rows = q.dims()[1];
     let keys = k.dims()[1];
-    let scores = (q.matmul(&k.t()?)? * shape.scale())?;
-    if rows == 1 {
-        return Ok(scores);
+    let scores = (q.matmul(&k.t()?)? * shape.scale)?;
+    let scores = match shape.softcap {
+        Some(c) => ((scores / c)?.tanh()? * c)?,
+        None => scores,
+    };
+    let hidden = |t: usize, j: usize| {
+        let pos = pos0 + t;
+        j > pos || shape.window.is_some_and(|w| pos - j >= w)
+    };
+    if (0..rows).all(|t| (0..keys).all(|j| !hidden(t, j))) {
+        return Ok((scores.clone(), scores));
     }
     let mask: Vec<f32> = (0..rows)
-        .flat_map(|t| (0..keys).map(move |j| if j > pos0 + t { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|t| (0..keys).map(move |j| if hidden(t, j) { f32::NEG_INFINITY } else { 0.0 }))
         .collect();
     let mask = Tensor::from_vec(mask, (1, rows, keys), q.device())?;
-    Ok(scores.broadcast_add(&mask)?)
+    let masked = scores.broadcast_add(&mask)?;
+    Ok((scores, masked))
 }
 
 /// One sequence: queries `[rows, q_dim]` at positions `pos0 ..`, keys and values
@@ -91,7 +106,7 @@ pub fn forward(
 ) -> Result<(Tensor, Tensor)> {
     let q = shape.split(q, shape.n_head)?;
     let (k, v) = (shape.expand_kv(k)?, shape.expand_kv(v)?);
-    let s = scores(shape, pos0, &q, &k)?;
+    let (_, s) = scores(shape, pos0, &q, &k)?;
     let max = s.max_keepdim(D::Minus1)?;
     let e = s.broadcast_sub(&max)?.exp()?;
     let sum = e.sum_keepdim(D::Minus1)?;
@@ -100,8 +115,8 @@ pub fn forward(
     Ok((shape.merge(&out)?, lse.squeeze(2)?.t()?.contiguous()?))
 }
 
-/// Gradients for one whole sequence (`pos0 = 0`): with P = softmax(S),
-///   dV = Pᵀ dO,  dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O)) / √d,  dQ = dS K,  dK = dSᵀ Q,
+/// Gradients for one whole sequence (`pos0 = 0`): with P = softmax(S), S = score(Q Kᵀ),
+///   dV = Pᵀ dO,  dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O)) · score′,  dQ = dS K,  dK = dSᵀ Q,
 /// summed over the query heads of each key/value head. Returns (dq, dk, dv).
 pub fn backward(
     shape: Shape,
@@ -119,11 +134,17 @@ pub fn backward(
         shape.split(d_out, shape.n_head)?,
     );
     let lse = lse.t()?.unsqueeze(2)?; // [n_head, rows, 1]
-    let p = scores(shape, 0, &q, &k)?.broadcast_sub(&lse)?.exp()?;
+    let (capped, masked) = scores(shape, 0, &q, &k)?;
+    let p = masked.broadcast_sub(&lse)?.exp()?;
+    // d(score)/d(q·k): the scale, through the cap's 1 − (s/c)².
+    let slope = match shape.softcap {
+        Some(c) => ((1.0 - (capped / c)?.sqr()?)? * shape.scale)?,
+        None => capped.ones_like()?.affine(shape.scale, 0.0)?,
+    };
     let dv = p.t()?.matmul(&d_out)?;
     let dp = d_out.matmul(&v.t()?)?;
     let big_d = (&d_out * &out)?.sum_keepdim(D::Minus1)?;
-    let ds = ((p * dp.broadcast_sub(&big_d)?)? * shape.scale())?;
+    let ds = ((p * dp.broadcast_sub(&big_d)?)? * slope)?;
     let dq = ds.matmul(&k)?;
     let dk = ds.t()?.matmul(&q)?;
     Ok((

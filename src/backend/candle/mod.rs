@@ -11,10 +11,10 @@ use std::ops::Range;
 
 use candle_core::{DType, Tensor};
 
-use super::{Backend, Device, Norm, HEAD_NORMS};
+use super::{Backend, Device, Norm, HEAD_NORMS, POST_NORMS};
 use crate::error::{Error, Result};
 use crate::lora::{LoraGrads, LoraPlan, Numerics};
-use crate::model::{Config, KvCache, Model, Proj, SeqSpan, Slot};
+use crate::model::{Config, Glu, KvCache, Model, Proj, SeqSpan, Slot};
 use crate::ops::rope::{Rope, RopeStyle, RopeTable};
 use crate::ops::Weight;
 use weights::DeviceWeights;
@@ -66,6 +66,8 @@ impl CandleModel {
         match norm {
             Norm::Attn(il) => &layer(il).attn_norm,
             Norm::Ffn(il) => &layer(il).ffn_norm,
+            Norm::PostAttn(il) => layer(il).post_attn_norm.as_ref().expect(POST_NORMS),
+            Norm::PostFfn(il) => layer(il).post_ffn_norm.as_ref().expect(POST_NORMS),
             Norm::QHead(il) => layer(il).q_norm.as_ref().expect(HEAD_NORMS),
             Norm::KHead(il) => layer(il).k_norm.as_ref().expect(HEAD_NORMS),
             Norm::Output => &self.weights.output_norm,
@@ -101,11 +103,33 @@ impl CandleModel {
 }
 
 /// `t` (rows `rows` of a `[n_rows, ..]` matrix) with zero rows around it.
+/// cos and sin of each row's angles on the device, and those of the sliding-window layers
+/// where their rotation differs (Gemma 3).
+pub struct RopeTensors {
+    all: (Tensor, Tensor),
+    sliding: Option<(Tensor, Tensor)>,
+}
+
 fn pad_rows(t: Tensor, rows: &Range<usize>, n_rows: usize) -> Result<Tensor> {
     if rows.len() == n_rows {
         return Ok(t);
     }
     Ok(t.pad_with_zeros(0, rows.start, n_rows - rows.end)?)
+}
+
+/// GELU with its tanh approximation, and its derivative.
+fn gelu_tanh(x: &Tensor) -> Result<(Tensor, Tensor)> {
+    const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+    const CUBE: f64 = 0.044_715;
+    let x2 = x.sqr()?;
+    let inner = ((x * (x2.clone() * CUBE)?)? + x)?;
+    let t = (inner * SQRT_2_OVER_PI)?.tanh()?;
+    let one_plus_t = (&t + 1.0)?;
+    let value = ((x * &one_plus_t)? * 0.5)?;
+    let d_inner = ((x2 * (3.0 * CUBE))? + 1.0)?.affine(SQRT_2_OVER_PI, 0.0)?;
+    let sech2 = (1.0 - t.sqr()?)?;
+    let slope = ((one_plus_t * 0.5)? + ((x * sech2)? * d_inner)?.affine(0.5, 0.0)?)?;
+    Ok((value, slope))
 }
 
 fn sigmoid(x: &Tensor) -> Result<Tensor> {
@@ -114,7 +138,7 @@ fn sigmoid(x: &Tensor) -> Result<Tensor> {
 
 impl Backend for CandleModel {
     type Tensor = Act;
-    type RopeTable = Option<(Tensor, Tensor)>;
+    type RopeTable = Option<RopeTensors>;
     type Grads = DeviceGrads;
 
     fn config(&self) -> &Config {
@@ -156,6 +180,9 @@ impl Backend for CandleModel {
         for (row, &token) in rows.chunks_mut(n_embd).zip(tokens) {
             let t = token as usize;
             self.token_embd.dequantize_rows(t..t + 1, row);
+            if let Some(scale) = self.config.embd_scale {
+                row.iter_mut().for_each(|v| *v *= scale);
+            }
         }
         *x = Some(Tensor::from_vec(rows, (tokens.len(), n_embd), &self.dev)?);
         Ok(())
@@ -172,24 +199,39 @@ impl Backend for CandleModel {
         let mut host = RopeTable::default();
         self.rope.table(SeqSpan::positions(seqs), &mut host);
         let half = self.rope.n_rot / 2;
-        let (cos, sin) = host.parts();
-        *table = Some((
-            Tensor::from_slice(cos, (cos.len() / half.max(1), half), &self.dev)?,
-            Tensor::from_slice(sin, (sin.len() / half.max(1), half), &self.dev)?,
-        ));
+        let upload = |t: &RopeTable| -> Result<(Tensor, Tensor)> {
+            let (cos, sin) = t.parts();
+            Ok((
+                Tensor::from_slice(cos, (cos.len() / half.max(1), half), &self.dev)?,
+                Tensor::from_slice(sin, (sin.len() / half.max(1), half), &self.dev)?,
+            ))
+        };
+        let swa = host.for_layer(true);
+        *table = Some(RopeTensors {
+            all: upload(&host)?,
+            sliding: match std::ptr::eq(swa, &host) {
+                true => None,
+                false => Some(upload(swa)?),
+            },
+        });
         Ok(())
     }
 
     fn rope(
         &self,
+        il: usize,
         x: &mut Act,
         n_heads: usize,
         table: &Self::RopeTable,
         inverse: bool,
     ) -> Result<()> {
-        let (cos, sin) = table
+        let tables = table
             .as_ref()
             .ok_or_else(|| Error::invalid("rope", "no angle table"))?;
+        let (cos, sin) = match (&tables.sliding, self.config.is_sliding(il)) {
+            (Some(sliding), true) => sliding,
+            _ => &tables.all,
+        };
         let (hd, n_rot, half) = (self.rope.head_dim, self.rope.n_rot, self.rope.n_rot / 2);
         let t = get(x)?;
         let n = t.dims()[0];
@@ -331,7 +373,7 @@ impl Backend for CandleModel {
         lse: &mut Act,
     ) -> Result<()> {
         let (q, k, v) = (get(q)?, get(k)?, get(v)?);
-        let shape = attention::Shape::of(&self.config);
+        let shape = attention::Shape::of(&self.config, il);
         let mut outs = Vec::with_capacity(seqs.len());
         let mut lses = Vec::with_capacity(seqs.len());
         for (span, cache) in seqs.iter().zip(caches.iter_mut()) {
@@ -367,7 +409,7 @@ impl Backend for CandleModel {
         dv: &mut Act,
     ) -> Result<()> {
         let (q, out, lse, d_out) = (get(q)?, get(out)?, get(lse)?, get(d_out)?);
-        let shape = attention::Shape::of(&self.config);
+        let shape = attention::Shape::of(&self.config, il);
         let (mut dqs, mut dks, mut dvs) = (Vec::new(), Vec::new(), Vec::new());
         for (span, cache) in seqs.iter().zip(caches.iter()) {
             let (start, n) = (span.rows.start, span.rows.len());
@@ -392,12 +434,17 @@ impl Backend for CandleModel {
         Ok(())
     }
 
-    fn swiglu(&self, gate: &Act, up: &Act, act: &mut Act) -> Result<()> {
-        *act = Some((get(gate)?.silu()? * get(up)?)?);
+    fn glu(&self, gate: &Act, up: &Act, act: &mut Act) -> Result<()> {
+        let g = get(gate)?;
+        let activated = match self.config.glu {
+            Glu::Silu => g.silu()?,
+            Glu::GeluTanh => gelu_tanh(g)?.0,
+        };
+        *act = Some((activated * get(up)?)?);
         Ok(())
     }
 
-    fn swiglu_backward(
+    fn glu_backward(
         &self,
         d_act: &Act,
         gate: &Act,
@@ -406,6 +453,12 @@ impl Backend for CandleModel {
         d_up: &mut Act,
     ) -> Result<()> {
         let (da, g, u) = (get(d_act)?, get(gate)?, get(up)?);
+        if self.config.glu == Glu::GeluTanh {
+            let (value, slope) = gelu_tanh(g)?;
+            *d_up = Some((da * value)?);
+            *d_gate = Some(((da * u)? * slope)?);
+            return Ok(());
+        }
         let s = sigmoid(g)?;
         let silu = (g * &s)?;
         *d_up = Some((da * &silu)?);
@@ -417,7 +470,11 @@ impl Backend for CandleModel {
 
     fn logits(&self, x: &Act, rows: Range<usize>, numerics: Numerics) -> Result<Act> {
         let x = get(x)?.narrow(0, rows.start, rows.len())?;
-        Ok(Some(self.weights.output.matmul(&x, numerics)?))
+        let logits = self.weights.output.matmul(&x, numerics)?;
+        Ok(Some(match self.config.final_softcap {
+            Some(cap) => ((logits / cap as f64)?.tanh()? * cap as f64)?,
+            None => logits,
+        }))
     }
 
     fn cross_entropy(&self, logits: &mut Act, targets: &[i64], normalizer: usize) -> Result<f64> {
@@ -443,7 +500,12 @@ impl Backend for CandleModel {
         let weight = (scored / normalizer as f64)?;
         let softmax = shifted.broadcast_sub(&log_sum)?.exp()?;
         let grad = softmax.broadcast_mul(&weight)?;
-        *logits = Some(grad.scatter_add(&ids, &weight.neg()?, 1)?);
+        let grad = grad.scatter_add(&ids, &weight.neg()?, 1)?;
+        *logits = Some(match self.config.final_softcap {
+            // Through the cap: the logits held the capped values y, dy/draw = 1 − (y/c)².
+            Some(cap) => (grad * (1.0 - (l / cap as f64)?.sqr()?)?)?,
+            None => grad,
+        });
         Ok(sum)
     }
 

@@ -109,6 +109,8 @@ pub struct DeviceLayer {
     pub ffn_norm: Tensor,
     pub q_norm: Option<Tensor>,
     pub k_norm: Option<Tensor>,
+    pub post_attn_norm: Option<Tensor>,
+    pub post_ffn_norm: Option<Tensor>,
     projections: Vec<DeviceWeight>,
     biases: Vec<Option<Tensor>>,
 }
@@ -144,16 +146,10 @@ impl DeviceWeights {
                 Ok(DeviceLayer {
                     attn_norm: vector(&layer.attn_norm, device)?,
                     ffn_norm: vector(&layer.ffn_norm, device)?,
-                    q_norm: layer
-                        .q_norm
-                        .as_deref()
-                        .map(|w| vector(w, device))
-                        .transpose()?,
-                    k_norm: layer
-                        .k_norm
-                        .as_deref()
-                        .map(|w| vector(w, device))
-                        .transpose()?,
+                    q_norm: optional_vector(layer.q_norm.as_deref(), device)?,
+                    k_norm: optional_vector(layer.k_norm.as_deref(), device)?,
+                    post_attn_norm: optional_vector(layer.post_attn_norm.as_deref(), device)?,
+                    post_ffn_norm: optional_vector(layer.post_ffn_norm.as_deref(), device)?,
                     projections: Proj::ALL
                         .iter()
                         .map(|&p| DeviceWeight::upload(layer.weight(p), device))
@@ -171,4 +167,8 @@ impl DeviceWeights {
             output: DeviceWeight::upload(&weights.output, device)?,
         })
     }
+}
+
+fn optional_vector(values: Option<&[f32]>, device: &Device) -> Result<Option<Tensor>> {
+    values.map(|w| vector(w, device)).transpose()
 }
