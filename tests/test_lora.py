@@ -13,7 +13,14 @@ import pytest
 import craft
 import gguf
 import lugh
-from conftest import FIXTURES, adapter_weights, assert_close, model, rel_err
+from conftest import (
+    FIXTURES,
+    adapter_weights,
+    assert_close,
+    assert_quantized_close,
+    model,
+    rel_err,
+)
 
 SCALES = [1.0, 0.5, 0.0, 2.0]
 SOURCES = ["gguf", "peft-dir", "peft-file"]
@@ -80,7 +87,7 @@ def test_adapter_on_quantized_bases_matches_llama_cpp(fixture_dir, ref, quant, d
     m = model(path)
     lora = lugh.LoRA(fixture_dir / "lora-qv.gguf", m)
     logits = lugh.Inference(m, device=device).forward_all(ref["tokens"], lora=lora)
-    assert_close(logits, ref[f"llamacpp_{quant}_qv_scale1.0"], 2e-2, f"{quant} + qv vs llama.cpp")
+    assert_quantized_close(logits, ref, f"{quant}_qv_scale1.0", f"{quant} + qv vs llama.cpp")
 
 
 def test_batch_with_one_adapter_per_sequence(f32_inference, ref, fixture_dir):

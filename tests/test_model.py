@@ -13,7 +13,8 @@ from conftest import FIXTURES, model
 def test_hyper_parameters_come_from_the_file(fixture_dir, meta):
     m = model(fixture_dir / "base-f32.gguf")
     cfg = meta["config"]
-    assert m.architecture == meta["config"]["model_type"]
+    # GGUF names Gemma 3's text model after the family (HF: gemma3_text).
+    assert m.architecture == meta["config"]["model_type"].removesuffix("_text")
     assert m.n_vocab == cfg["vocab_size"]
     assert m.n_embd == cfg["hidden_size"]
     assert m.n_layer == cfg["num_hidden_layers"]
@@ -21,7 +22,10 @@ def test_hyper_parameters_come_from_the_file(fixture_dir, meta):
     assert m.n_head_kv == cfg["num_key_value_heads"]
     assert m.n_ff == cfg["intermediate_size"]
     assert m.n_ctx_train == cfg["max_position_embeddings"]
-    assert m.rope_freq_base == pytest.approx(cfg["rope_theta"])
+    rope = cfg.get("rope_parameters") or {}
+    rope = rope.get("full_attention", rope)  # Gemma 3: the global layers' (sliding: their own)
+    theta = cfg.get("rope_theta") or rope["rope_theta"]
+    assert m.rope_freq_base == pytest.approx(theta)
     assert m.rms_eps == pytest.approx(cfg["rms_norm_eps"])
     assert m.filename.endswith("base-f32.gguf")
 
