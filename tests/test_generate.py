@@ -97,3 +97,19 @@ def test_generation_stops_at_the_end_of_the_context():
     inf = lugh.Inference(model(DEMO_F16), n_ctx=8)
     out = inf.generate([1, 393, 268], max_tokens=100, greedy=True, eos_token=-1)
     assert len(out) == 8 - 3 + 1  # the last token is sampled from the full context
+
+
+@pytest.mark.parametrize("quant", ["f32", "q8_0"])
+def test_greedy_generation_of_each_architecture_matches_llama_cpp(fixture_dir, ref, quant, device):
+    """Every tiny architecture's greedy continuation of its reference tokens, against
+    llama.cpp's (24 tokens, end-of-sequence not stopping), token for token up to the first
+    step where llama.cpp's top two logits were closer than 0.05."""
+    key = f"llamacpp_greedy_{quant}"
+    if key not in ref:
+        pytest.skip(f"no llama.cpp greedy generation in {fixture_dir.name}")
+    inf = lugh.Inference(model(fixture_dir / f"base-{quant}.gguf"), device=device)
+    expected, gaps = ref[key].tolist(), ref[f"llamacpp_greedy_gaps_{quant}"]
+    out = inf.generate(ref["tokens"], max_tokens=len(expected), greedy=True, eos_token=-1)
+    exact = next((i for i, g in enumerate(gaps) if g < 0.05), len(expected))
+    assert exact >= 8, "the reference should hold several clear steps"
+    assert out[:exact] == expected[:exact]

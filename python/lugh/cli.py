@@ -66,6 +66,26 @@ def describe_tokenizer(m) -> None:
     print(f"chat template {'yes' if has_template else 'no'}")
 
 
+def describe_attention(m) -> None:
+    """What changes the attention or the logits beyond the LLaMA recipe: sliding windows,
+    soft-caps (Gemma), LongRoPE (Phi-3)."""
+    arch = m.architecture
+    extras = []
+    window = kv(m, f"{arch}.attention.sliding_window")
+    if window:
+        extras.append(f"sliding window {window}")
+    for key, what in (
+        ("attn_logit_softcapping", "score cap"),
+        ("final_logit_softcapping", "logit cap"),
+    ):
+        if kv(m, f"{arch}.{key}"):
+            extras.append(f"{what} {kv(m, f'{arch}.{key}'):g}")
+    if "rope_factors_long.weight" in m.tensor_names():
+        extras.append(f"LongRoPE from {kv(m, f'{arch}.rope.scaling.original_context_length')}")
+    if extras:
+        print(f"attention     {', '.join(extras)}")
+
+
 def cmd_info(args) -> int:
     m = lugh.Model(args.model)
     print(f"file          {m.filename}")
@@ -80,6 +100,7 @@ def cmd_info(args) -> int:
         print(
             f"context       {m.n_ctx_train} (RoPE base {m.rope_freq_base:g}), RMS eps {m.rms_eps:g}"
         )
+        describe_attention(m)
     infos = [(name, m.tensor_info(name)) for name in m.tensor_names()]
     total = sum(info["n_bytes"] for _, info in infos)
     print(f"tensors       {len(infos)}, {human_bytes(total)}; metadata keys {m.n_kv}")
