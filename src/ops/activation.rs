@@ -76,13 +76,15 @@ pub fn softcap_backward(d: &mut [f32], capped: &[f32], cap: f32) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn backward_matches_finite_differences() {
+    /// A gated activation's backward against central differences of `value(g) · u`.
+    fn check_backward(
+        value: impl Fn(f32) -> f32,
+        backward: fn(&[f32], &[f32], &[f32], &mut [f32], &mut [f32]),
+    ) {
         let (g, u, da) = ([0.7f32, -1.3], [1.5f32, 0.4], [0.3f32, -2.0]);
-        let mut dg = [0f32; 2];
-        let mut du = [0f32; 2];
-        swiglu_backward(&da, &g, &u, &mut dg, &mut du);
-        let f = |g: f32, u: f32| (g * sigmoid(g) * u) as f64;
+        let (mut dg, mut du) = ([0f32; 2], [0f32; 2]);
+        backward(&da, &g, &u, &mut dg, &mut du);
+        let f = |g: f32, u: f32| (value(g) * u) as f64;
         for i in 0..2 {
             let num_g = (f(g[i] + 1e-3, u[i]) - f(g[i] - 1e-3, u[i])) / 2e-3 * da[i] as f64;
             let num_u = (f(g[i], u[i] + 1e-3) - f(g[i], u[i] - 1e-3)) / 2e-3 * da[i] as f64;
@@ -97,6 +99,11 @@ mod tests {
                 du[i]
             );
         }
+    }
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        check_backward(|g| g * sigmoid(g), swiglu_backward);
         let mut a = [0f32; 1];
         swiglu_forward(&[1.0], &[2.0], &mut a);
         assert!((a[0] - 2.0 * 0.731_058_6).abs() < 1e-6);
@@ -104,24 +111,7 @@ mod tests {
 
     #[test]
     fn geglu_backward_matches_finite_differences() {
-        let (g, u, da) = ([0.7f32, -1.3], [1.5f32, 0.4], [0.3f32, -2.0]);
-        let (mut dg, mut du) = ([0f32; 2], [0f32; 2]);
-        geglu_backward(&da, &g, &u, &mut dg, &mut du);
-        let f = |g: f32, u: f32| (gelu_tanh(g).0 * u) as f64;
-        for i in 0..2 {
-            let num_g = (f(g[i] + 1e-3, u[i]) - f(g[i] - 1e-3, u[i])) / 2e-3 * da[i] as f64;
-            let num_u = (f(g[i], u[i] + 1e-3) - f(g[i], u[i] - 1e-3)) / 2e-3 * da[i] as f64;
-            assert!(
-                (dg[i] as f64 - num_g).abs() < 1e-3,
-                "dg {} vs {num_g}",
-                dg[i]
-            );
-            assert!(
-                (du[i] as f64 - num_u).abs() < 1e-3,
-                "du {} vs {num_u}",
-                du[i]
-            );
-        }
+        check_backward(|g| gelu_tanh(g).0, geglu_backward);
         // gelu(1) with the tanh approximation (PyTorch's gelu(approximate="tanh")).
         assert!((gelu_tanh(1.0).0 - 0.841_192).abs() < 1e-5);
     }
