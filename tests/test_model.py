@@ -6,6 +6,8 @@ import shutil
 
 import pytest
 
+import craft
+import gguf
 import lugh
 from conftest import FIXTURES, model
 
@@ -121,3 +123,21 @@ def test_unsupported_architecture_is_named(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="architecture 'llaxa' is not supported"):
         lugh.Model(path)
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("gemma2.rope.freq_base", -1.0),
+        ("gemma2.attn_logit_softcapping", float("nan")),
+        ("gemma2.final_logit_softcapping", -30.0),
+    ],
+)
+def test_metadata_that_would_make_logits_nan_is_refused(tmp_path, key, value):
+    bad = craft.rewrite(
+        FIXTURES / "tiny-gemma2" / "base-f32.gguf",
+        tmp_path / "bad.gguf",
+        set_kv={key: (value, gguf.GGUFValueType.FLOAT32)},
+    )
+    with pytest.raises(ValueError, match=f"{key}: .* must be a positive number"):
+        lugh.Model(bad)

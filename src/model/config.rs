@@ -232,11 +232,20 @@ impl Config {
             .ok_or_else(|| Error::MissingKey {
                 key: key("attention.layer_norm_rms_epsilon"),
             })?;
-        let rope_freq_base = file.get_f32(&key("rope.freq_base"))?.unwrap_or(10000.0);
+        // A base, factor or cap that is not a positive number would make every logit NaN.
+        let positive_f32 = |suffix: &str, default: f32| -> Result<f32> {
+            let v = file.get_f32(&key(suffix))?.unwrap_or(default);
+            match v.is_finite() && v > 0.0 {
+                true => Ok(v),
+                false => Err(Error::invalid(
+                    "metadata",
+                    format!("{}: {v} must be a positive number", key(suffix)),
+                )),
+            }
+        };
+        let rope_freq_base = positive_f32("rope.freq_base", 10000.0)?;
         let rope_freq_scale = rope_scale(file, arch_name)?;
-        let rope_attn_factor = file
-            .get_f32(&key("rope.scaling.attn_factor"))?
-            .unwrap_or(1.0);
+        let rope_attn_factor = positive_f32("rope.scaling.attn_factor", 1.0)?;
         let n_ctx_orig = file
             .get_usize(&key("rope.scaling.original_context_length"))?
             .unwrap_or(n_ctx_train);
@@ -245,8 +254,12 @@ impl Config {
             .filter(|f| f.stored_in(file, n_ff))
             .collect();
         let gemma = arch.is_gemma();
-        let positive_f32 = |suffix: &str| -> Result<Option<f32>> {
-            Ok(file.get_f32(&key(suffix))?.filter(|v| *v > 0.0))
+        // llama.cpp reads a cap of 0 as "none".
+        let cap = |suffix: &str| -> Result<Option<f32>> {
+            match file.get_f32(&key(suffix))? {
+                None | Some(0.0) => Ok(None),
+                Some(_) => positive_f32(suffix, 0.0).map(Some),
+            }
         };
         // Gemma's 27B models scale scores by their width per head (llama.cpp, gemma_pytorch).
         let big_gemma = (arch == Architecture::Gemma2 && n_layer == 46)
@@ -275,10 +288,9 @@ impl Config {
             None => Sliding::Period(1),
         };
         let rope_swa = match (arch, sliding_window) {
-            (Architecture::Gemma3, Some(_)) => Some((
-                file.get_f32(&key("rope.freq_base_swa"))?.unwrap_or(10000.0),
-                1.0,
-            )),
+            (Architecture::Gemma3, Some(_)) => {
+                Some((positive_f32("rope.freq_base_swa", 10000.0)?, 1.0))
+            }
             _ => None,
         };
         Ok(Config {
@@ -303,11 +315,11 @@ impl Config {
             glu: if gemma { Glu::GeluTanh } else { Glu::Silu },
             attn_scale,
             attn_softcap: match arch {
-                Architecture::Gemma2 => positive_f32("attn_logit_softcapping")?,
+                Architecture::Gemma2 => cap("attn_logit_softcapping")?,
                 _ => None,
             },
             final_softcap: match gemma {
-                true => positive_f32("final_logit_softcapping")?,
+                true => cap("final_logit_softcapping")?,
                 false => None,
             },
             sliding_window,
