@@ -526,3 +526,26 @@ def test_stop_ends_requests_in_progress():
     assert time.time() - started < 10
     assert "shutting down" in rest and rest.rstrip().endswith("data: [DONE]")
     assert not server.running
+
+
+def test_the_server_runs_on_any_device(device):
+    """The server batches on the device of its inference (`--device`): greedy tokens there
+    equal `Inference.generate` on the same device."""
+    m = model(TINY / f"{BASE}.gguf")
+    inf = lugh.Inference(m, n_threads=1, device=device)
+    qv = lugh.LoRA(TINY / "lora-qv.gguf", m)
+    with lugh.Server(inf, {"qv": qv}, port=0) as server:
+        client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0)
+        for name, adapter in ((BASE, None), ("qv", qv)):
+            out = client.completions.create(
+                model=name,
+                prompt=[1, 844, 899],
+                max_tokens=10,
+                temperature=0,
+                logprobs=0,
+                extra_body={"return_tokens_as_token_ids": True, "ignore_eos": True},
+            )
+            expected = inf.generate(
+                [1, 844, 899], max_tokens=10, greedy=True, lora=adapter, eos_token=-1
+            )
+            assert token_ids(out) == expected
