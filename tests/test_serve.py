@@ -376,6 +376,8 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(tiny, client):
         ({"prompt": [1, 10**6]}, 400, "out of range"),
         ({"prompt": "Hi", "model": "nope"}, 404, "nope"),
         ({"prompt": "Hi", "lora": [{"id": 99}]}, 404, "99"),
+        ({"prompt": "Hi", "lora": [{"id": "qv"}, {"id": 0}]}, 400, "chosen twice"),
+        ({"prompt": "Hi", "model": "qv", "lora": [{"id": "qv"}]}, 400, "chosen twice"),
         ({"prompt": [1] * 600}, 413, "maximum context length"),
         ({"prompt": "Hi", "max_tokens": 100000}, 400, "max_tokens"),
         ({"prompt": "x" * (5 << 20)}, 413, "length limit"),

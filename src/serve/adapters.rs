@@ -136,6 +136,14 @@ impl Registry {
             if !scale.is_finite() {
                 return Err(ApiError::param("lora", "an adapter's scale must be finite"));
             }
+            // Each adapter once: a request cannot multiply the work of every step (or the
+            // label sets of the metrics) by naming one adapter many times.
+            if names.contains(&entry.name) {
+                return Err(ApiError::param(
+                    "lora",
+                    format!("adapter '{}' is chosen twice", entry.name),
+                ));
+            }
             adapters.push((Arc::clone(&entry.adapter), scale));
             names.push(entry.name.clone());
         }
