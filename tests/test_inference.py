@@ -12,7 +12,7 @@ import pytest
 import lugh
 from conftest import FIXTURES, assert_close, assert_quantized_close, model, rel_err
 
-QUANTS = ["q8_0", "q4_0", "q4_k_m", "q6_k"]
+QUANTS = ["q8_0", "q4_0", "q4_1", "q5_1", "q4_k_m", "q6_k", "iq4_nl", "iq4_xs"]
 
 
 def test_f32_base_matches_transformers(f32_inference, ref):
@@ -37,6 +37,19 @@ def test_quantized_bases_match_llama_cpp(fixture_dir, ref, quant, device):
     assert_quantized_close(logits, ref, f"{quant}_base", f"{quant} vs llama.cpp")
     # ... and it stays as far from exact math as llama.cpp itself does (3-5 %).
     assert rel_err(logits, ref[f"dequant_{quant}_base"]) < 0.08
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+def test_quantized_bases_decode_as_gguf_py_does(fixture_dir, ref, quant, device):
+    """Path checked: the exact forward (the training one), which multiplies the decoded
+    weights in f32, so the reference is transformers float64 on the weights gguf-py decodes
+    from the same file."""
+    path = fixture_dir / f"base-{quant}.gguf"
+    if not path.exists() or f"dequant_{quant}_base" not in ref:
+        pytest.skip(f"no {quant} base or dequantized reference in this fixture")
+    inf = lugh.Inference(model(path), device=device)
+    logits = lugh.train.forward(inf, ref["tokens"]).numpy()
+    assert_close(logits, ref[f"dequant_{quant}_base"], 1e-4, f"{quant} decoded vs gguf-py")
 
 
 def test_forward_is_the_last_row_of_forward_all(f32_inference, ref):

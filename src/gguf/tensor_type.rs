@@ -16,10 +16,12 @@ pub enum TensorType {
     Q4K,
     Q5K,
     Q6K,
+    IQ4NL,
+    IQ4XS,
 }
 
 /// (type, ggml id, name, elements per block, bytes per block)
-const TABLE: [(TensorType, u32, &str, usize, usize); 13] = [
+const TABLE: [(TensorType, u32, &str, usize, usize); 15] = [
     (TensorType::F32, 0, "f32", 1, 4),
     (TensorType::F16, 1, "f16", 1, 2),
     (TensorType::Q4_0, 2, "q4_0", 32, 18),
@@ -32,6 +34,8 @@ const TABLE: [(TensorType, u32, &str, usize, usize); 13] = [
     (TensorType::Q4K, 12, "q4_k", 256, 144),
     (TensorType::Q5K, 13, "q5_k", 256, 176),
     (TensorType::Q6K, 14, "q6_k", 256, 210),
+    (TensorType::IQ4NL, 20, "iq4_nl", 32, 18),
+    (TensorType::IQ4XS, 23, "iq4_xs", 256, 136),
     (TensorType::BF16, 30, "bf16", 1, 2),
 ];
 
@@ -44,10 +48,8 @@ fn unsupported_name(id: u32) -> Option<&'static str> {
         17 => "iq2_xs",
         18 => "iq3_xxs",
         19 => "iq1_s",
-        20 => "iq4_nl",
         21 => "iq3_s",
         22 => "iq2_s",
-        23 => "iq4_xs",
         24 => "i8",
         25 => "i16",
         26 => "i32",
@@ -144,6 +146,7 @@ mod tests {
             assert_eq!(TensorType::from_name(row.2), Some(row.0));
         }
         assert_eq!(TensorType::describe_id(23), "iq4_xs");
+        assert_eq!(TensorType::describe_id(21), "iq3_s");
         assert_eq!(TensorType::describe_id(999), "unknown type id 999");
     }
 

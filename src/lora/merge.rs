@@ -20,6 +20,8 @@ fn file_type(dtype: TensorType) -> Option<u32> {
         TensorType::Q8_0 => 7,
         TensorType::Q5_0 => 8,
         TensorType::Q5_1 => 9,
+        TensorType::IQ4NL => 25,
+        TensorType::IQ4XS => 30,
         TensorType::BF16 => 32,
         _ => return None,
     })

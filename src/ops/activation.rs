@@ -76,11 +76,11 @@ pub fn softcap_backward(d: &mut [f32], capped: &[f32], cap: f32) {
 mod tests {
     use super::*;
 
+    /// A gated activation's backward: `(da, g, u, dg, du)`.
+    type Backward = fn(&[f32], &[f32], &[f32], &mut [f32], &mut [f32]);
+
     /// A gated activation's backward against central differences of `value(g) · u`.
-    fn check_backward(
-        value: impl Fn(f32) -> f32,
-        backward: fn(&[f32], &[f32], &[f32], &mut [f32], &mut [f32]),
-    ) {
+    fn check_backward(value: impl Fn(f32) -> f32, backward: Backward) {
         let (g, u, da) = ([0.7f32, -1.3], [1.5f32, 0.4], [0.3f32, -2.0]);
         let (mut dg, mut du) = ([0f32; 2], [0f32; 2]);
         backward(&da, &g, &u, &mut dg, &mut du);

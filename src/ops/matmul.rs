@@ -8,6 +8,7 @@ use candle_core::quantized::k_quants::GgmlType;
 use rayon::prelude::*;
 
 use super::gemm::{gemm, MatMut, MatRef};
+use super::portable;
 use super::qmatmul;
 use super::quant::{as_blocks, dequantize_into, with_block_type};
 use super::scratch::{self, Pod};
@@ -102,10 +103,17 @@ impl Weight {
     pub fn matmul(&self, x: &[f32], y: &mut [f32]) {
         let m = x.len() / self.n_cols;
         assert!(x.len() == m * self.n_cols && y.len() == m * self.n_rows);
-        if qmatmul::matmul(self.dtype, &self.data, self.n_rows, self.n_cols, x, y) {
+        let (data, n_rows, k) = (&self.data, self.n_rows, self.n_cols);
+        if qmatmul::matmul(self.dtype, data, n_rows, k, x, y) {
             return;
         }
-        with_block_type!(self.dtype, T => matmul_ggml::<T>(self, x, m, y))
+        if portable::supports(self.dtype) {
+            return portable::matmul(self.dtype, data, n_rows, k, x, y);
+        }
+        with_block_type!(
+            self.dtype, T => matmul_ggml::<T>(self, x, m, y),
+            else unreachable!("portable::supports lists the types candle does not read")
+        )
     }
 
     /// `y[m, n_rows] = x[m, n_cols] · Wᵀ` in f32 on the dequantized weight: the exact math
@@ -279,8 +287,12 @@ mod tests {
             TensorType::F32,
             TensorType::F16,
             TensorType::Q8_0,
+            TensorType::Q4_1,
+            TensorType::Q5_1,
             TensorType::Q4K,
             TensorType::Q6K,
+            TensorType::IQ4NL,
+            TensorType::IQ4XS,
         ] {
             let w = weight(dtype, &values(n_rows * n_cols, 2), n_rows, n_cols);
             let dense = w.to_f32();

@@ -4,8 +4,10 @@
 pub mod activation;
 pub mod attention;
 pub mod gemm;
+mod iq4;
 pub mod matmul;
 pub mod norm;
+mod portable;
 mod qmatmul;
 pub mod quant;
 pub mod rope;

@@ -6,11 +6,13 @@ use candle_core::quantized::k_quants::{
 };
 use half::{bf16, f16};
 
+use super::iq4;
 use crate::gguf::TensorType;
 
-/// Runs `$body` with `$T` bound to the candle block type that stores `$dtype`.
+/// Runs `$body` with `$T` bound to the candle block type that stores `$dtype`, or `$other`
+/// for the types candle does not read (IQ4_NL, IQ4_XS).
 macro_rules! with_block_type {
-    ($dtype:expr, $T:ident => $body:expr) => {
+    ($dtype:expr, $T:ident => $body:expr, else $other:expr) => {
         match $dtype {
             TensorType::F32 => {
                 type $T = f32;
@@ -64,6 +66,7 @@ macro_rules! with_block_type {
                 type $T = candle_core::quantized::k_quants::BlockQ6K;
                 $body
             }
+            TensorType::IQ4NL | TensorType::IQ4XS => $other,
         }
     };
 }
@@ -104,7 +107,10 @@ pub fn dequantize_into(dtype: TensorType, bytes: &[u8], out: &mut [f32]) {
         // converts one value at a time.
         TensorType::F16 => as_blocks::<half::f16>(bytes).convert_to_f32_slice(out),
         TensorType::BF16 => as_blocks::<half::bf16>(bytes).convert_to_f32_slice(out),
-        _ => with_block_type!(dtype, T => T::to_float(as_blocks::<T>(bytes), out)),
+        _ => with_block_type!(
+            dtype, T => T::to_float(as_blocks::<T>(bytes), out),
+            else iq4::dequantize_into(dtype, bytes, out)
+        ),
     }
 }
 
@@ -122,7 +128,10 @@ pub fn quantize(dtype: TensorType, values: &[f32]) -> Vec<u8> {
     // u32 storage keeps the buffer aligned for every block type (f32 needs 4).
     let mut storage = vec![0u32; n_bytes.div_ceil(4)];
     let bytes = bytes_of_mut(&mut storage, n_bytes);
-    with_block_type!(dtype, T => T::from_float(values, as_blocks_mut::<T>(bytes)));
+    with_block_type!(
+        dtype, T => T::from_float(values, as_blocks_mut::<T>(bytes)),
+        else iq4::quantize_into(dtype, values, bytes)
+    );
     bytes.to_vec()
 }
 

@@ -21,10 +21,14 @@ pub enum DeviceWeight {
     },
     /// f32, f16 or bf16, as stored in the file.
     Dense(Tensor),
+    /// On the CPU, the formats whose candle kernels round the activations otherwise than ggml
+    /// (Q8_0: in blocks of 256; Q4_1, Q5_1: Q8_1's sums in f16 arithmetic): lugh's own.
+    Host(Weight),
 }
 
-fn ggml_dtype(dtype: TensorType) -> GgmlDType {
-    match dtype {
+/// Candle's name for `dtype`; None for the types candle does not read (IQ4_NL, IQ4_XS).
+fn ggml_dtype(dtype: TensorType) -> Option<GgmlDType> {
+    Some(match dtype {
         TensorType::F32 => GgmlDType::F32,
         TensorType::F16 => GgmlDType::F16,
         TensorType::BF16 => GgmlDType::BF16,
@@ -38,13 +42,22 @@ fn ggml_dtype(dtype: TensorType) -> GgmlDType {
         TensorType::Q4K => GgmlDType::Q4K,
         TensorType::Q5K => GgmlDType::Q5K,
         TensorType::Q6K => GgmlDType::Q6K,
-    }
+        TensorType::IQ4NL | TensorType::IQ4XS => return None,
+    })
 }
 
 impl DeviceWeight {
-    /// Uploads `weight`'s bytes as they lie in the file.
+    /// Uploads `weight`'s bytes as they lie in the file; a type candle cannot read, decoded
+    /// to f32.
     pub fn upload(weight: &Weight, device: &Device) -> Result<DeviceWeight> {
         let shape = (weight.n_rows, weight.n_cols);
+        let host_rounding = matches!(
+            weight.dtype,
+            TensorType::Q8_0 | TensorType::Q4_1 | TensorType::Q5_1
+        );
+        if device.is_cpu() && host_rounding {
+            return Ok(DeviceWeight::Host(weight.clone()));
+        }
         let bytes: &[u8] = weight.data();
         let dense =
             |dtype: DType| Tensor::from_raw_buffer(bytes, dtype, &[shape.0, shape.1], device);
@@ -53,7 +66,13 @@ impl DeviceWeight {
             TensorType::F16 => DeviceWeight::Dense(dense(DType::F16)?),
             TensorType::BF16 => DeviceWeight::Dense(dense(DType::BF16)?),
             dtype => {
-                let storage = QStorage::from_data(Cow::Borrowed(bytes), device, ggml_dtype(dtype))?;
+                let Some(ggml) = ggml_dtype(dtype) else {
+                    let values = weight.to_f32();
+                    return Ok(DeviceWeight::Dense(Tensor::from_vec(
+                        values, shape, device,
+                    )?));
+                };
+                let storage = QStorage::from_data(Cow::Borrowed(bytes), device, ggml)?;
                 let qtensor = Arc::new(QTensor::new(storage, shape)?);
                 let qmatmul = QMatMul::from_arc(Arc::clone(&qtensor))?;
                 DeviceWeight::Quantized { qtensor, qmatmul }
@@ -66,6 +85,9 @@ impl DeviceWeight {
         Ok(match self {
             DeviceWeight::Quantized { qtensor, .. } => qtensor.dequantize(&qtensor.device())?,
             DeviceWeight::Dense(w) => w.to_dtype(DType::F32)?,
+            DeviceWeight::Host(w) => {
+                Tensor::from_vec(w.to_f32(), (w.n_rows, w.n_cols), &Device::Cpu)?
+            }
         })
     }
 
@@ -73,12 +95,14 @@ impl DeviceWeight {
     /// rounded to 8-bit blocks as ggml does) and half weights times half activations.
     pub fn matmul(&self, x: &Tensor, numerics: Numerics) -> Result<Tensor> {
         Ok(match (self, numerics) {
-            // candle's CPU kernels for Q8_0 round activations in blocks of 256 (Q8_K), not
-            // ggml's 32: emulate ggml's rounding, then multiply in f32.
-            (DeviceWeight::Quantized { qtensor, .. }, Numerics::Ggml)
-                if qtensor.dtype() == GgmlDType::Q8_0 && x.device().is_cpu() =>
-            {
-                round_to_q8_0(x)?.matmul(&self.to_f32()?.t()?)?
+            (DeviceWeight::Host(w), numerics) => {
+                let (rows, x) = (x.dim(0)?, x.flatten_all()?.to_vec1::<f32>()?);
+                let mut y = vec![0f32; rows * w.n_rows];
+                match numerics {
+                    Numerics::Ggml => w.matmul(&x, &mut y),
+                    Numerics::Exact => w.matmul_exact(&x, &mut y),
+                }
+                Tensor::from_vec(y, (rows, w.n_rows), &Device::Cpu)?
             }
             (DeviceWeight::Quantized { qmatmul, .. }, Numerics::Ggml) => qmatmul.forward(x)?,
             (DeviceWeight::Dense(w), Numerics::Ggml) if w.dtype() != DType::F32 => x
@@ -89,18 +113,6 @@ impl DeviceWeight {
             _ => x.matmul(&self.to_f32()?.t()?)?,
         })
     }
-}
-
-/// `x` (`[rows, k]`) rounded as ggml rounds a Q8_0 dot product's activations, back in f32:
-/// blocks of 32 values, `q = round(x / d)` with `d = max|x| / 127`, times `d` stored in f16.
-fn round_to_q8_0(x: &Tensor) -> Result<Tensor> {
-    let (rows, k) = x.dims2()?;
-    let blocks = x.reshape((rows, k / 32, 32))?;
-    let d = (blocks.abs()?.max_keepdim(2)? / 127.0)?;
-    let inv_d = d.gt(0.0)?.where_cond(&d.recip()?, &d.zeros_like()?)?;
-    let q = blocks.broadcast_mul(&inv_d)?.round()?;
-    let d_f16 = d.to_dtype(DType::F16)?.to_dtype(DType::F32)?;
-    Ok(q.broadcast_mul(&d_f16)?.reshape((rows, k))?)
 }
 
 /// One block's weights on the device.

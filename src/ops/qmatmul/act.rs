@@ -68,12 +68,19 @@ pub(crate) struct Rows<'a> {
     /// `[m, k / block, n_sums]` sums of consecutive values: Q8_K keeps the 8 sums of 32 then
     /// the 16 sums of 16 (ggml's `bsums`); Q8_0 the block's one sum.
     pub sums: &'a [i16],
+    /// Q8_0: `[m, k / 32]` ggml's Q8_1 `s`, the block's sum times its unrounded scale,
+    /// rounded to f16 (the formats with a min multiply it); Q8_K: empty.
+    pub s: &'a [f32],
 }
 
 /// What a rows layout of `m` tokens of `k` values takes in an `Arena`.
 pub(crate) fn rows_bytes(m: usize, k: usize, block: usize, n_sums: usize) -> usize {
     let nb = k / block;
-    arena_bytes::<i8>(m * k) + arena_bytes::<f32>(m * nb) + arena_bytes::<i16>(m * nb * n_sums)
+    let s = if block == QK8_0 { m * nb } else { 0 };
+    arena_bytes::<i8>(m * k)
+        + arena_bytes::<f32>(m * nb)
+        + arena_bytes::<i16>(m * nb * n_sums)
+        + arena_bytes::<f32>(s)
 }
 
 /// Sums per Q8_K block in `Rows::sums`: 8 over 32 values, then 16 over 16.
@@ -101,7 +108,14 @@ pub(crate) fn quantize_q8k<'a>(x: &[f32], m: usize, k: usize, arena: &mut Arena<
             d[b] = unsafe { quantize_q8k_block(&x[b * QK_K..(b + 1) * QK_K], q, s) };
         }
     });
-    Rows { m, k, qs, d, sums }
+    Rows {
+        m,
+        k,
+        qs,
+        d,
+        sums,
+        s: &[],
+    }
 }
 
 /// Quantizes `x` (`[m, k]`) to Q8_0 rows (parallel over tokens).
@@ -111,19 +125,31 @@ pub(crate) fn quantize_q8_0<'a>(x: &[f32], m: usize, k: usize, arena: &mut Arena
     let qs = arena.take::<i8>(m * k);
     let d = arena.take::<f32>(m * nb);
     let sums = arena.take::<i16>(m * nb);
+    let s = arena.take::<f32>(m * nb);
     let work = qs
         .par_chunks_mut(k)
         .zip(d.par_chunks_mut(nb))
         .zip(sums.par_chunks_mut(nb))
+        .zip(s.par_chunks_mut(nb))
         .zip(x.par_chunks(k));
-    work.for_each(|(((qs, d), sums), x)| {
+    work.for_each(|((((qs, d), sums), s), x)| {
         for b in 0..nb {
             let q = &mut qs[b * QK8_0..(b + 1) * QK8_0];
             // SAFETY: only reached when `super::isa()` found AVX-512 (F, BW, VL).
-            (d[b], sums[b]) = unsafe { quantize_q8_0_block(&x[b * QK8_0..(b + 1) * QK8_0], q) };
+            let (scale, sum) = unsafe { quantize_q8_0_block(&x[b * QK8_0..(b + 1) * QK8_0], q) };
+            d[b] = f16::from_f32(scale).to_f32();
+            sums[b] = sum;
+            s[b] = f16::from_f32(scale * sum as f32).to_f32();
         }
     });
-    Rows { m, k, qs, d, sums }
+    Rows {
+        m,
+        k,
+        qs,
+        d,
+        sums,
+        s,
+    }
 }
 
 /// `f32::round` (half away from zero) on 16 lanes, exactly: `t = trunc(v)` and `v - t` are
@@ -177,7 +203,7 @@ fn quantize_q8k_block(x: &[f32], qs: &mut [i8], sums: &mut [i16]) -> f32 {
 }
 
 /// One Q8_0 block as candle's `BlockQ8_0::from_float`: `d = amax / 127` stored as f16,
-/// `q = round(x / d)` with the unrounded `d`. Returns the widened f16 scale and the values' sum.
+/// `q = round(x / d)` with the unrounded `d`. Returns the unrounded scale and the values' sum.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 fn quantize_q8_0_block(x: &[f32], qs: &mut [i8]) -> (f32, i16) {
     assert!(x.len() == QK8_0 && qs.len() == QK8_0);
@@ -194,7 +220,7 @@ fn quantize_q8_0_block(x: &[f32], qs: &mut [i8]) -> (f32, i16) {
         unsafe { _mm_storeu_si128(qs.as_mut_ptr().add(16 * i).cast(), _mm512_cvtsepi32_epi8(q)) };
         sum += _mm512_reduce_add_epi32(q);
     }
-    (f16::from_f32(d).to_f32(), sum as i16)
+    (d, sum as i16)
 }
 
 /// Activations of `m` tokens in groups of 16 (see the module comment).
@@ -206,13 +232,15 @@ pub(crate) struct Groups<'a> {
     pub d: &'a [f32],
     /// `[n_groups, nb, n_extra, 16]`
     pub extra: &'a [i32],
+    /// `[n_groups, nb, 16]` the rows' `s` (zeros if theirs is empty).
+    pub s: &'a [f32],
 }
 
 /// What a groups layout of `m` tokens of `k` values takes in an `Arena`.
 pub(crate) fn groups_bytes(m: usize, k: usize, block: usize, n_extra: usize) -> usize {
     let (g, nb) = (m.div_ceil(16), k / block);
     arena_bytes::<i8>(g * 16 * k)
-        + arena_bytes::<f32>(g * nb * 16)
+        + 2 * arena_bytes::<f32>(g * nb * 16)
         + arena_bytes::<i32>(g * nb * n_extra * 16)
 }
 
@@ -232,12 +260,14 @@ pub(crate) fn group<'a>(
     let qs = arena.take::<i8>(n_groups * 16 * k);
     let d = arena.take::<f32>(n_groups * nb * 16);
     let extra_out = arena.take::<i32>(n_groups * nb * n_extra * 16);
+    let s_out = arena.take::<f32>(n_groups * nb * 16);
     let work = qs
         .par_chunks_mut(16 * k)
         .zip(d.par_chunks_mut(nb * 16))
         .zip(extra_out.par_chunks_mut((nb * n_extra * 16).max(1)))
+        .zip(s_out.par_chunks_mut((nb * 16).max(1)))
         .enumerate();
-    work.for_each(|(g, ((qs, d), ex))| {
+    work.for_each(|(g, (((qs, d), ex), s))| {
         for lane in 0..16 {
             let t = 16 * g + lane;
             if t >= rows.m {
@@ -246,6 +276,7 @@ pub(crate) fn group<'a>(
                 }
                 for b in 0..nb {
                     d[b * 16 + lane] = 0.0;
+                    s[b * 16 + lane] = 0.0;
                     for j in 0..n_extra {
                         ex[(b * n_extra + j) * 16 + lane] = 0;
                     }
@@ -258,6 +289,7 @@ pub(crate) fn group<'a>(
             }
             for b in 0..nb {
                 d[b * 16 + lane] = rows.d[t * nb + b];
+                s[b * 16 + lane] = rows.s.get(t * nb + b).copied().unwrap_or(0.0);
                 let sums = &rows.sums[(t * nb + b) * n_sums..(t * nb + b + 1) * n_sums];
                 for j in 0..n_extra {
                     ex[(b * n_extra + j) * 16 + lane] = extra(sums, j);
@@ -270,6 +302,7 @@ pub(crate) fn group<'a>(
         qs,
         d,
         extra: extra_out,
+        s: s_out,
     }
 }
 

@@ -26,8 +26,8 @@
 //!   instruction, on 8 accumulators at a time.
 //!
 //! Files: `act` quantizes the activations, `driver` splits a product into tasks and runs the
-//! kernels of one format (`q4k` for Q4_K and Q5_K, `q6k`, `q8_0` for Q8_0, Q4_0 and Q5_0; `f16`
-//! has its own, simpler driver), `simd` holds what they share.
+//! kernels of one format (`q4k` for Q4_K and Q5_K, `q6k`, `iq4xs`, `q8_0` for Q8_0, Q4_0, Q4_1,
+//! Q5_0, Q5_1 and IQ4_NL; `f16` has its own, simpler driver), `simd` holds what they share.
 
 #[cfg(target_arch = "x86_64")]
 mod act;
@@ -35,6 +35,8 @@ mod act;
 mod driver;
 #[cfg(target_arch = "x86_64")]
 mod f16;
+#[cfg(target_arch = "x86_64")]
+mod iq4xs;
 #[cfg(target_arch = "x86_64")]
 mod q4k;
 #[cfg(target_arch = "x86_64")]
@@ -84,6 +86,10 @@ pub(crate) fn supports(dtype: TensorType) -> bool {
                 | TensorType::Q8_0
                 | TensorType::Q4_0
                 | TensorType::Q5_0
+                | TensorType::Q4_1
+                | TensorType::Q5_1
+                | TensorType::IQ4NL
+                | TensorType::IQ4XS
         )
 }
 
@@ -111,6 +117,10 @@ pub(crate) fn matmul(
         TensorType::Q8_0 => driver::run::<q8_0::Q8_0>(data, n_rows, k, x, y),
         TensorType::Q4_0 => driver::run::<q8_0::Q4_0>(data, n_rows, k, x, y),
         TensorType::Q5_0 => driver::run::<q8_0::Q5_0>(data, n_rows, k, x, y),
+        TensorType::Q4_1 => driver::run::<q8_0::Q4_1>(data, n_rows, k, x, y),
+        TensorType::Q5_1 => driver::run::<q8_0::Q5_1>(data, n_rows, k, x, y),
+        TensorType::IQ4NL => driver::run::<q8_0::IQ4NL>(data, n_rows, k, x, y),
+        TensorType::IQ4XS => driver::run::<iq4xs::IQ4XS>(data, n_rows, k, x, y),
         _ => unreachable!("supports() lists the types above"),
     }
     true

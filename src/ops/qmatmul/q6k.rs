@@ -14,7 +14,7 @@ use core::arch::x86_64::*;
 use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
 use super::driver::Format;
 use super::simd::{
-    add_block, bcast4, f16_at, hsum4, prefetch, tile_values, Ahead, PREFETCH_K_QUANTS,
+    add_block, f16_at, hsum4, prefetch, scaled_subblocks, tile_values, Ahead, PREFETCH_K_QUANTS,
 };
 
 pub(crate) struct Q6K;
@@ -168,32 +168,15 @@ impl Format for Q6K {
         let mut f = [[_mm512_setzero_ps(); T]; 4];
         for b in 0..nb {
             let u: [*const u8; 4] = std::array::from_fn(|r| w[r].add(b * U_BYTES));
-            let mut s = [[_mm512_setzero_si512(); T]; 4];
-            for sb in 0..16 {
-                let start: [__m512i; T] = std::array::from_fn(|i| {
+            let start = |sb: usize| {
+                std::array::from_fn(|i| {
                     let blk = g[i] * nb + b;
                     _mm512_loadu_si512(act.extra[(blk * 16 + sb) * 16..].as_ptr().cast())
-                });
-                let mut is = [start; 4];
-                for j in 0..4 {
-                    let k4 = 4 * sb + j;
-                    let x: [__m512i; T] = std::array::from_fn(|i| {
-                        _mm512_loadu_si512(xq[i].add((64 * b + k4) * 64).cast())
-                    });
-                    for r in 0..4 {
-                        let q = bcast4(u[r].add(U_Q + 4 * k4));
-                        for i in 0..T {
-                            is[r][i] = _mm512_dpbusd_epi32(is[r][i], q, x[i]);
-                        }
-                    }
-                }
-                for r in 0..4 {
-                    let sc = bcast4(u[r].add(U_SC + 4 * sb));
-                    for i in 0..T {
-                        s[r][i] = _mm512_add_epi32(s[r][i], _mm512_mullo_epi32(is[r][i], sc));
-                    }
-                }
-            }
+                })
+            };
+            let sc = u.map(|u| u.add(U_SC).cast::<i32>());
+            let xb = xq.map(|x| x.add(b * QK_K * 16));
+            let s = scaled_subblocks::<T, 16>(u.map(|u| u.add(U_Q)), sc, xb, start);
             let d_w = std::array::from_fn(|r| u[r].add(U_D).cast::<f32>().read());
             add_block(&mut f, &s, d_w, act, g, nb, b);
         }

@@ -1,29 +1,43 @@
 //! The 32-value formats × Q8_0: ggml's `block_q8_0` (34 bytes: `d` f16, 32 × i8),
 //! `block_q4_0` (18 bytes: `d` f16, 16 bytes whose low nibbles are values 0..16 and high
-//! nibbles values 16..32, each `q − 8`) and `block_q5_0` (22 bytes: `d` f16, `qh` u32 whose
-//! bit `i` is value `i`'s fifth bit, then Q4_0's nibbles; each `q − 16`). `vpdpbusd` wants one
-//! unsigned operand, so all are read as unsigned bytes `u = q + OFF` (Q8_0: `q ^ 0x80`,
-//! OFF = 128; Q4_0: the nibble, OFF = 8; Q5_0: nibble and fifth bit, OFF = 16), and against
-//! Q8_0 activations `x`:
+//! nibbles values 16..32, each `q − 8`), `block_q5_0` (22 bytes: `d` f16, `qh` u32 whose
+//! bit `i` is value `i`'s fifth bit, then Q4_0's nibbles; each `q − 16`), `block_iq4_nl`
+//! (Q4_0's layout, each nibble an index into `iq4::KVALUES`), and `block_q4_1` / `block_q5_1`
+//! (Q4_0's / Q5_0's with a min `m` (f16) after `d`: values `d·q + m`, `q` unsigned).
+//! `vpdpbusd` wants one unsigned operand, so all are read as unsigned bytes `u = q + OFF`
+//! (Q8_0: `q ^ 0x80`, OFF = 128; Q4_0: the nibble, OFF = 8; Q5_0: nibble and fifth bit,
+//! OFF = 16; IQ4_NL: the nibble's value + 128, OFF = 128; Q4_1, Q5_1: OFF = 0), and against
+//! Q8_0 activations `x` with block sums `X_b = Σ_i x_i`:
 //!
 //! ```text
-//!     S_b = Σ_i u_i x_i − OFF Σ_i x_i
+//!     S_b = Σ_i u_i x_i − OFF X_b
 //! ```
+//!
+//! The formats with a min add their second term after each block's first, as ggml's Q8_1
+//! does, with `s_x` the block's sum times its unrounded scale, rounded to f16:
+//! `y = fma(S_b, d_w·d_x, y); y = fma(m_w, s_x, y)`.
 
 use core::arch::x86_64::*;
 
 use super::act::{Groups, Rows, QK8_0};
 use super::driver::Format;
-use super::simd::{add_block, bcast4, f16_at, prefetch, tile_values, Ahead, PREFETCH_Q8_0};
+use super::simd::{
+    add_block, bcast4, f16_at, iq4_table, prefetch, tile_values, Ahead, PREFETCH_Q8_0,
+};
 
 pub(crate) struct Q8_0;
 pub(crate) struct Q4_0;
 pub(crate) struct Q5_0;
+pub(crate) struct IQ4NL;
+pub(crate) struct Q4_1;
+pub(crate) struct Q5_1;
 
 /// What distinguishes the 32-value formats.
 trait Block32 {
     const BYTES: usize;
     const OFF: i32;
+    /// Whether the block stores a min `m` (f16, after `d`).
+    const MIN: bool = false;
     /// The block's 32 values as unsigned bytes `q + OFF`, in order.
     ///
     /// # Safety
@@ -75,6 +89,43 @@ impl Block32 for Q5_0 {
     }
 }
 
+impl Block32 for IQ4NL {
+    const BYTES: usize = 18;
+    const OFF: i32 = 128;
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn values(p: *const u8) -> __m256i {
+        _mm256_shuffle_epi8(_mm512_castsi512_si256(iq4_table()), nibbles(p.add(2)))
+    }
+}
+
+impl Block32 for Q4_1 {
+    const BYTES: usize = 20;
+    const OFF: i32 = 0;
+    const MIN: bool = true;
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn values(p: *const u8) -> __m256i {
+        nibbles(p.add(4))
+    }
+}
+
+impl Block32 for Q5_1 {
+    const BYTES: usize = 24;
+    const OFF: i32 = 0;
+    const MIN: bool = true;
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn values(p: *const u8) -> __m256i {
+        let qh = p.add(4).cast::<u32>().read_unaligned();
+        let fifth = _mm256_and_si256(_mm256_movm_epi8(qh), _mm256_set1_epi8(0x10));
+        _mm256_or_si256(nibbles(p.add(8)), fifth)
+    }
+}
+
 /// Sums of dwords 0..8 and 8..16 of each vector: `([Σ lo(z[r])], [Σ hi(z[r])])`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
@@ -104,12 +155,22 @@ fn hsum4x2(z: [__m512i; 4]) -> (__m128i, __m128i) {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn rows4<B: Block32>(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
     let xq = act.qs[t * act.k..].as_ptr();
-    let (dx, xs) = (&act.d[t * nb..], &act.sums[t * nb..]);
-    let d4 = |b: usize| {
-        let h = |r: usize| w[r].add(b * B::BYTES).cast::<i16>().read_unaligned();
+    let (dx, xs, sx) = (&act.d[t * nb..], &act.sums[t * nb..], &act.s[t * nb..]);
+    // The f16 at `at` in block `b` of the 4 rows (d at 0, m at 2).
+    let halves = |b: usize, at: usize| {
+        let h = |r: usize| w[r].add(b * B::BYTES + at).cast::<i16>().read_unaligned();
         _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, h(3), h(2), h(1), h(0)))
     };
-    let exact = |d: __m128i, b: usize| _mm_sub_epi32(d, _mm_set1_epi32(B::OFF * xs[b] as i32));
+    // Block b's float steps, its integer sums `s` (before the offset) in hand.
+    let step = |acc: __m128, s: __m128i, b: usize| {
+        let exact = _mm_sub_epi32(s, _mm_set1_epi32(B::OFF * xs[b] as i32));
+        let dx = _mm_set1_ps(dx[b]);
+        let acc = _mm_fmadd_ps(_mm_cvtepi32_ps(exact), _mm_mul_ps(halves(b, 0), dx), acc);
+        match B::MIN {
+            true => _mm_fmadd_ps(halves(b, 2), _mm_set1_ps(sx[b]), acc),
+            false => acc,
+        }
+    };
     let ahead = Ahead::new(nb, B::BYTES, PREFETCH_Q8_0);
     let mut acc = _mm_setzero_ps();
     let mut b = 0;
@@ -125,17 +186,7 @@ unsafe fn rows4<B: Block32>(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) 
             _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, x)
         });
         let (s0, s1) = hsum4x2(z);
-        acc = _mm_fmadd_ps(
-            _mm_cvtepi32_ps(exact(s0, b)),
-            _mm_mul_ps(d4(b), _mm_set1_ps(dx[b])),
-            acc,
-        );
-        let b1 = b + 1;
-        acc = _mm_fmadd_ps(
-            _mm_cvtepi32_ps(exact(s1, b1)),
-            _mm_mul_ps(d4(b1), _mm_set1_ps(dx[b1])),
-            acc,
-        );
+        acc = step(step(acc, s0, b), s1, b + 1);
         b += 2;
     }
     if b < nb {
@@ -144,12 +195,7 @@ unsafe fn rows4<B: Block32>(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) 
             let u = B::values(w[r].add(b * B::BYTES));
             _mm512_zextsi256_si512(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, x))
         });
-        let s = super::simd::hsum4(z);
-        acc = _mm_fmadd_ps(
-            _mm_cvtepi32_ps(exact(s, b)),
-            _mm_mul_ps(d4(b), _mm_set1_ps(dx[b])),
-            acc,
-        );
+        acc = step(acc, super::simd::hsum4(z), b);
     }
     let mut out = [0f32; 4];
     _mm_storeu_ps(out.as_mut_ptr(), acc);
@@ -161,6 +207,7 @@ fn scales_at(nb: usize) -> usize {
     (nb * QK8_0).next_multiple_of(64)
 }
 
+/// An unpacked row: values, then the scales `d` as f32, then (with a min) the mins.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn unpack<B: Block32>(w: *const u8, nb: usize, out: *mut u8) {
@@ -169,12 +216,15 @@ unsafe fn unpack<B: Block32>(w: *const u8, nb: usize, out: *mut u8) {
         let p = w.add(b * B::BYTES);
         _mm256_storeu_si256(out.add(QK8_0 * b).cast(), B::values(p));
         d.add(b).write(f16_at(p));
+        if B::MIN {
+            d.add(nb + b).write(f16_at(p.add(2)));
+        }
     }
 }
 
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn tile<const T: usize>(
+unsafe fn tile<B: Block32, const T: usize>(
     w: [*const u8; 4],
     nb: usize,
     act: &Groups,
@@ -202,6 +252,15 @@ unsafe fn tile<const T: usize>(
         }
         let d_w = std::array::from_fn(|r| dw[r].add(b).read());
         add_block(&mut f, &s, d_w, act, g, nb, b);
+        if B::MIN {
+            for i in 0..T {
+                let sx = _mm512_loadu_ps(act.s[(g[i] * nb + b) * 16..].as_ptr());
+                for r in 0..4 {
+                    let m = _mm512_set1_ps(dw[r].add(nb + b).read());
+                    f[r][i] = _mm512_fmadd_ps(m, sx, f[r][i]);
+                }
+            }
+        }
     }
     tile_values(f)
 }
@@ -220,7 +279,8 @@ macro_rules! format_32 {
             }
 
             fn unpacked_bytes(nb: usize) -> usize {
-                scales_at(nb) + (4 * nb).next_multiple_of(64)
+                let n_scales = if <$t as Block32>::MIN { 2 * nb } else { nb };
+                scales_at(nb) + (4 * n_scales).next_multiple_of(64)
             }
 
             #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -240,7 +300,7 @@ macro_rules! format_32 {
                 act: &Groups,
                 g: [usize; T],
             ) -> [[[f32; 16]; T]; 4] {
-                tile::<T>(w, nb, act, g)
+                tile::<$t, T>(w, nb, act, g)
             }
         }
     };
@@ -248,3 +308,6 @@ macro_rules! format_32 {
 format_32!(Q8_0);
 format_32!(Q4_0);
 format_32!(Q5_0);
+format_32!(IQ4NL);
+format_32!(Q4_1);
+format_32!(Q5_1);

@@ -176,6 +176,66 @@ pub(crate) unsafe fn tile_values<const T: usize>(f: [[__m512; T]; 4]) -> [[[f32;
     out
 }
 
+/// `KVALUES + 128`: the IQ4 nibbles' values as the unsigned bytes `vpdpbusd` reads.
+const IQ4_UNSIGNED: [u8; 16] = {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 16 {
+        out[i] = (crate::ops::iq4::KVALUES[i] as i16 + 128) as u8;
+        i += 1;
+    }
+    out
+};
+
+/// `IQ4_UNSIGNED` in every 128-bit lane: a `vpshufb` table from nibbles to values.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) fn iq4_table() -> __m512i {
+    // SAFETY: 16 bytes from a 16-byte array.
+    _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(IQ4_UNSIGNED.as_ptr().cast()) })
+}
+
+/// A tile's integer sums over one block of 256 unpacked values in `N_SUB` scaled sub-blocks:
+/// `s[r][i] = Σ_sb sc_r[sb] · (start(sb)[i] + Σ_{k∈sb} u_r[k] x_i[k])`, where `u[r]` holds the
+/// block's values as bytes, `sc[r]` its scales as i32, and `xq[i]` the block's activations in
+/// the groups layout.
+///
+/// # Safety
+/// AVX-512 F/BW/VL/VNNI; `u[r]` readable for 256 bytes, `sc[r]` for `N_SUB` i32, `xq[i]` for
+/// the block's 16 × 256 activations.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(crate) unsafe fn scaled_subblocks<const T: usize, const N_SUB: usize>(
+    u: [*const u8; 4],
+    sc: [*const i32; 4],
+    xq: [*const i8; T],
+    start: impl Fn(usize) -> [__m512i; T],
+) -> [[__m512i; T]; 4] {
+    let steps = 64 / N_SUB;
+    let mut s = [[_mm512_setzero_si512(); T]; 4];
+    for sb in 0..N_SUB {
+        let mut is = [start(sb); 4];
+        for j in 0..steps {
+            let k4 = steps * sb + j;
+            let x: [__m512i; T] =
+                std::array::from_fn(|i| _mm512_loadu_si512(xq[i].add(k4 * 64).cast()));
+            for r in 0..4 {
+                let q = bcast4(u[r].add(4 * k4));
+                for i in 0..T {
+                    is[r][i] = _mm512_dpbusd_epi32(is[r][i], q, x[i]);
+                }
+            }
+        }
+        for r in 0..4 {
+            let sc = _mm512_set1_epi32(sc[r].add(sb).read());
+            for i in 0..T {
+                s[r][i] = _mm512_add_epi32(s[r][i], _mm512_mullo_epi32(is[r][i], sc));
+            }
+        }
+    }
+    s
+}
+
 /// f16 widened to f32 (exactly).
 ///
 /// # Safety

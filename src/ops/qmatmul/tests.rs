@@ -2,7 +2,7 @@
 //! random values and on random block bytes; one token alone against the same token in a batch.
 
 use candle_core::quantized::k_quants::{
-    BlockQ4K, BlockQ4_0, BlockQ5K, BlockQ5_0, BlockQ6K, BlockQ8_0, GgmlType,
+    BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8_0, GgmlType,
 };
 
 use super::*;
@@ -37,6 +37,7 @@ fn weights(dtype: TensorType, n_rows: usize, k: usize, seed: u64) -> Vec<u8> {
     let halves: &[usize] = match dtype {
         TensorType::Q4K | TensorType::Q5K => &[0, 2],
         TensorType::Q6K => &[208],
+        TensorType::Q4_1 | TensorType::Q5_1 => &[0, 2],
         _ => &[0],
     };
     let (block_bytes, row_bytes) = (dtype.type_size(), dtype.row_bytes(k).unwrap());
@@ -94,6 +95,11 @@ fn references<T: GgmlType>(
 /// Every kernel on `n_rows` rows of `k` values: against the references, and each batch size
 /// against the same tokens alone.
 fn check<T: GgmlType>(dtype: TensorType, n_rows: usize, k: usize) {
+    check_within::<T>(dtype, n_rows, k, 2e-6)
+}
+
+/// `check` within `rel` of the sums of magnitudes.
+fn check_within<T: GgmlType>(dtype: TensorType, n_rows: usize, k: usize, rel: f64) {
     if !has_avx512() {
         eprintln!("no AVX-512 VNNI: the kernels are not tested on this CPU");
         return;
@@ -108,7 +114,7 @@ fn check<T: GgmlType>(dtype: TensorType, n_rows: usize, k: usize) {
     };
     let (theirs, naive, scale) = references::<T>(&data, n_rows, k, &x);
     for (i, &v) in all.iter().enumerate() {
-        let tol = 2e-6 * scale[i] + 1e-6;
+        let tol = rel * scale[i] + 1e-6;
         assert!(
             (v as f64 - theirs[i] as f64).abs() <= tol,
             "{dtype} k={k} [{i}]: {v} vs candle {}",
@@ -190,6 +196,66 @@ fn q4_0_matches_candle() {
 fn q5_0_matches_candle() {
     for k in [32, 96, 160, 576, 2048] {
         check::<BlockQ5_0>(TensorType::Q5_0, 13, k);
+    }
+}
+
+/// The kernels against the portable product (`ops::portable`): the same bits, for every batch
+/// size and either kernel.
+fn check_portable(dtype: TensorType, n_rows: usize, k: usize) {
+    if !has_avx512() {
+        eprintln!("no AVX-512 VNNI: the kernels are not tested on this CPU");
+        return;
+    }
+    let data = weights(dtype, n_rows, k, k as u64);
+    let mut rng = Rng(11);
+    let x: Vec<f32> = (0..33 * k).map(|_| 3.0 * rng.float()).collect();
+    for m in [1, 2, 5, 6, 16, 17, 33] {
+        let (x, mut ours, mut portable) =
+            (&x[..m * k], vec![0f32; m * n_rows], vec![0f32; m * n_rows]);
+        assert!(matmul(dtype, &data, n_rows, k, x, &mut ours));
+        crate::ops::portable::matmul(dtype, &data, n_rows, k, x, &mut portable);
+        for (i, (a, b)) in ours.iter().zip(&portable).enumerate() {
+            assert_eq!(
+                a.to_bits(),
+                b.to_bits(),
+                "{dtype} k={k} m={m} [{i}]: {a} vs {b}"
+            );
+        }
+    }
+}
+
+/// The mins multiply ggml's Q8_1 `s`, each activation block's sum times its scale rounded to
+/// f16: up to 2⁻¹¹ of that term from the dequantized product, and from candle, which rounds
+/// the sum and the scale to f16 and multiplies them in f16.
+const Q8_1_SUMS: f64 = 1e-3;
+
+#[test]
+fn q4_1_matches_candle() {
+    for k in [32, 96, 160, 576, 2048] {
+        check_within::<BlockQ4_1>(TensorType::Q4_1, 13, k, Q8_1_SUMS);
+        check_portable(TensorType::Q4_1, 13, k);
+    }
+}
+
+#[test]
+fn q5_1_matches_candle() {
+    for k in [32, 96, 160, 576, 2048] {
+        check_within::<BlockQ5_1>(TensorType::Q5_1, 13, k, Q8_1_SUMS);
+        check_portable(TensorType::Q5_1, 13, k);
+    }
+}
+
+#[test]
+fn iq4_nl_equals_the_portable_product() {
+    for k in [32, 96, 160, 576, 2048] {
+        check_portable(TensorType::IQ4NL, 13, k);
+    }
+}
+
+#[test]
+fn iq4_xs_equals_the_portable_product() {
+    for k in [256, 768, 2048] {
+        check_portable(TensorType::IQ4XS, 13, k);
     }
 }
 

@@ -1,0 +1,150 @@
+//! IQ4_XS × Q8_K: ggml's `block_iq4_xs` (136 bytes, 256 values: `d` f16, the 6-bit sub-block
+//! scales `ls` split into `scales_h` (u16) and `scales_l` (4 bytes), then 8 sub-blocks of 32
+//! laid out as IQ4_NL's nibbles). Value `i` of sub-block `s` is `d·(ls_s − 32)·KVALUES[q_i]`;
+//! read as unsigned bytes `u_i = KVALUES[q_i] + 128`, against Q8_K activations `x`:
+//!
+//! ```text
+//!     S_b = Σ_s (ls_s − 32) (Σ_{i∈s} u_i x_i − 128 Σ_{i∈s} x_i)
+//! ```
+
+use core::arch::x86_64::*;
+
+use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
+use super::driver::Format;
+use super::simd::{
+    add_block, f16_at, hsum4, iq4_table, prefetch, scaled_subblocks, tile_values, Ahead,
+    PREFETCH_K_QUANTS,
+};
+use crate::ops::iq4::xs_scales;
+
+pub(crate) struct IQ4XS;
+
+const BLOCK_BYTES: usize = 136;
+/// Where the nibbles start.
+const QS: usize = 8;
+
+/// One unpacked block: values as bytes in natural order, scales `ls − 32` as i32, `d`.
+const U_Q: usize = 0; // [u8; 256]
+const U_SC: usize = 256; // [i32; 8]
+const U_D: usize = 288; // f32
+const U_BYTES: usize = 320;
+
+/// The scales `ls − 32` of the block at `p`.
+///
+/// # Safety
+/// `p` is readable for 8 bytes.
+#[inline(always)]
+unsafe fn scales(p: *const u8) -> [i32; 8] {
+    xs_scales(std::slice::from_raw_parts(p, 8))
+}
+
+/// Sub-blocks `2j` and `2j + 1` of the block at `p` as unsigned values, in natural order.
+///
+/// # Safety
+/// `p` points to a whole block; AVX-512 F/BW.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn pair(p: *const u8, j: usize) -> __m512i {
+    // Each sub-block's 16 bytes in two 128-bit lanes, the second shifted to its high nibbles.
+    let q = _mm512_castsi256_si512(_mm256_loadu_si256(p.add(QS + 32 * j).cast()));
+    let q = _mm512_shuffle_i64x2::<0b01_01_00_00>(q, q);
+    let shift = _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0);
+    let nibbles = _mm512_and_si512(_mm512_srlv_epi64(q, shift), _mm512_set1_epi8(0x0f));
+    _mm512_shuffle_epi8(iq4_table(), nibbles)
+}
+
+impl Format for IQ4XS {
+    const BLOCK: usize = QK_K;
+    const BLOCK_BYTES: usize = BLOCK_BYTES;
+    const Q8K: bool = true;
+    /// `−128 × (sum of 32)` per sub-block: the accumulators' starting values.
+    const N_EXTRA: usize = 8;
+
+    fn extra(sums: &[i16], j: usize) -> i32 {
+        -128 * sums[j] as i32
+    }
+
+    fn unpacked_bytes(nb: usize) -> usize {
+        nb * U_BYTES
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn rows4(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
+        let xq = act.qs[t * act.k..].as_ptr();
+        let ahead = Ahead::new(nb, BLOCK_BYTES, PREFETCH_K_QUANTS);
+        let mut acc = _mm_setzero_ps();
+        for b in 0..nb {
+            let x: [__m512i; 4] =
+                std::array::from_fn(|j| _mm512_loadu_si512(xq.add(QK_K * b + 64 * j).cast()));
+            let sums = &act.sums[(t * nb + b) * Q8K_SUMS..][..8];
+            let mut s = [_mm512_setzero_si512(); 4];
+            let mut offset = [0i32; 4];
+            for r in 0..4 {
+                let p = w[r].add(b * BLOCK_BYTES);
+                prefetch(ahead.of(w[r], b), BLOCK_BYTES);
+                let sc = scales(p);
+                for j in 0..4 {
+                    let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), pair(p, j), x[j]);
+                    let scale = _mm512_inserti64x4::<1>(
+                        _mm512_set1_epi32(sc[2 * j]),
+                        _mm256_set1_epi32(sc[2 * j + 1]),
+                    );
+                    s[r] = _mm512_add_epi32(s[r], _mm512_mullo_epi32(dot, scale));
+                }
+                offset[r] = 128
+                    * sc.iter()
+                        .zip(sums)
+                        .map(|(&c, &x)| c * x as i32)
+                        .sum::<i32>();
+            }
+            let exact = _mm_sub_epi32(hsum4(s), _mm_loadu_si128(offset.as_ptr().cast()));
+            let h = |r: usize| w[r].add(b * BLOCK_BYTES).cast::<i16>().read_unaligned();
+            let d4 = _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, h(3), h(2), h(1), h(0)));
+            let d = _mm_mul_ps(d4, _mm_set1_ps(act.d[t * nb + b]));
+            acc = _mm_fmadd_ps(_mm_cvtepi32_ps(exact), d, acc);
+        }
+        let mut out = [0f32; 4];
+        _mm_storeu_ps(out.as_mut_ptr(), acc);
+        out
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn unpack(w: *const u8, nb: usize, out: *mut u8) {
+        for b in 0..nb {
+            let (p, o) = (w.add(b * BLOCK_BYTES), out.add(b * U_BYTES));
+            for j in 0..4 {
+                _mm512_storeu_si512(o.add(U_Q + 64 * j).cast(), pair(p, j));
+            }
+            let sc = scales(p);
+            _mm256_storeu_si256(o.add(U_SC).cast(), _mm256_loadu_si256(sc.as_ptr().cast()));
+            o.add(U_D).cast::<f32>().write(f16_at(p));
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn tile<const T: usize>(
+        w: [*const u8; 4],
+        nb: usize,
+        act: &Groups,
+        g: [usize; T],
+    ) -> [[[f32; 16]; T]; 4] {
+        let k = nb * QK_K;
+        let xq: [*const i8; T] = std::array::from_fn(|i| act.qs[g[i] * 16 * k..].as_ptr());
+        let mut f = [[_mm512_setzero_ps(); T]; 4];
+        for b in 0..nb {
+            let u: [*const u8; 4] = std::array::from_fn(|r| w[r].add(b * U_BYTES));
+            let start = |sb: usize| {
+                std::array::from_fn(|i| {
+                    let blk = g[i] * nb + b;
+                    _mm512_loadu_si512(act.extra[(blk * 8 + sb) * 16..].as_ptr().cast())
+                })
+            };
+            let sc = u.map(|u| u.add(U_SC).cast::<i32>());
+            let xb = xq.map(|x| x.add(b * QK_K * 16));
+            let s = scaled_subblocks::<T, 8>(u.map(|u| u.add(U_Q)), sc, xb, start);
+            let d_w = std::array::from_fn(|r| u[r].add(U_D).cast::<f32>().read());
+            add_block(&mut f, &s, d_w, act, g, nb, b);
+        }
+        tile_values(f)
+    }
+}
