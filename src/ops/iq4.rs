@@ -174,3 +174,54 @@ pub fn quantize_into(dtype: TensorType, values: &[f32], out: &mut [u8]) {
         _ => unreachable!("iq4::quantize_into takes IQ4 types only"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::GgufFile;
+    use crate::ops::quant::{dequantize, quantize};
+
+    fn fixture(arch: &str, file: &str) -> GgufFile {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+        GgufFile::open(format!("{dir}/tiny-{arch}/{file}"), false).unwrap()
+    }
+
+    /// The encoder against llama.cpp's quantizer (`llama_model_quantize`, no importance
+    /// matrix) on the same f32 weights: the same bytes.
+    #[test]
+    fn encoding_equals_llama_cpps() {
+        let archs = ["qwen3", "phi3"];
+        for (arch, dtype) in archs
+            .map(|a| [(a, TensorType::IQ4NL), (a, TensorType::IQ4XS)])
+            .concat()
+        {
+            let f32s = fixture(arch, "base-f32.gguf");
+            let theirs = fixture(arch, &format!("base-{}.gguf", dtype.name()));
+            let mut n = 0;
+            for info in theirs.tensors().iter().filter(|t| t.dtype == dtype) {
+                let src = f32s.tensor(&info.name).unwrap();
+                let values = dequantize(src.dtype, &f32s.tensor_data(src), src.n_elements());
+                let ours = quantize(dtype, &values);
+                let theirs = theirs.tensor_data(info);
+                let differ = ours
+                    .chunks(dtype.type_size())
+                    .zip(theirs.chunks(dtype.type_size()))
+                    .filter(|(a, b)| a != b)
+                    .count();
+                assert_eq!(differ, 0, "{dtype} {}: {differ} blocks differ", info.name);
+                n += 1;
+            }
+            assert!(n > 0, "no {dtype} tensor in the fixture");
+        }
+    }
+
+    #[test]
+    fn nearest_picks_the_closest_value_and_the_upper_on_ties() {
+        assert_eq!(nearest(-200.0), 0);
+        assert_eq!(nearest(500.0), 15);
+        assert_eq!(nearest(0.0), 8);
+        assert_eq!(nearest(-4.5), 8); // between -10 and 1: 5.5 vs 5.5
+        assert_eq!(nearest(-4.6), 7);
+        assert_eq!(nearest(f32::NAN), 0);
+    }
+}
