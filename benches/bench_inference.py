@@ -292,10 +292,11 @@ def main(argv: list[str] | None = None) -> int:
         return min(case["prefill"]["clean_reps"], case["decode"]["clean_reps"]) * 2 < args.reps
 
     engines = [e for e in ENGINES if e in args.engines.split(",")]
-    quants = [q for q in args.quants.split(",") if bl.gguf_path(args.layers, q).exists()]
+    quants = [q for q in args.quants.split(",") if bl.gguf_path(args.layers, q, args.shape).exists()]
     missing = set(args.quants.split(",")) - set(quants)
     if missing:
-        print(f"skipping {sorted(missing)}: run benches/make_model.py --layers {args.layers}")
+        print(f"skipping {sorted(missing)}: run benches/make_model.py "
+            f"--shape {args.shape} --layers {args.layers} --quants ...")
     if not quants:
         return 1
     variants = {"off": [False], "on": [True], "both": [False, True]}[args.lora]
@@ -317,9 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"versions: {result['versions']}")
     bandwidths = [] if args.no_bandwidth else [measure_bandwidth(args, "before")]
 
-    lora_path = bl.model_dir(args.layers) / f"lora-r{LORA_RANK}-qv.gguf"
+    lora_path = bl.model_dir(args.layers, args.shape) / f"lora-r{LORA_RANK}-qv.gguf"
     if True in variants and (args.remake_lora or not lora_path.exists()):
-        model = bl.gguf_path(args.layers, quants[0])
+        model = bl.gguf_path(args.layers, quants[0], args.shape)
         make = bl.flags(child="make-lora", model=model, lora_file=lora_path, seed=args.seed)
         bl.run_child(script, make)
 
@@ -335,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.rounds > 1:
                     label += f" (round {round_}/{args.rounds})"
                 print(f"running {label} ...", flush=True)
-                model = bl.gguf_path(args.layers, quant)
+                model = bl.gguf_path(args.layers, quant, args.shape)
                 case = bl.run_case(
                     script,
                     child_args(args, engine, model) + extra,
@@ -355,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             "quant": quant,
             "engine": engine,
             "lora": with_lora,
-            "weight_bytes_per_token": weight_bytes_per_token(bl.gguf_path(args.layers, quant)),
+            "weight_bytes_per_token": weight_bytes_per_token(bl.gguf_path(args.layers, quant, args.shape)),
             "prefill_tok_s": args.prefill / case["prefill"]["median_s"],
             "decode_tok_s": args.decode / case["decode"]["median_s"],
             "prefill_best_tok_s": args.prefill / case["prefill"]["best_s"],
@@ -524,6 +525,7 @@ def print_report(result: dict) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=("1b", "135m"), default="1b", help="make_model.py's shape")
     p.add_argument("--layers", type=int, default=22, help="which make_model.py output")
     p.add_argument("--quants", default="f16,q8_0,q4_k_m", help="comma list of weight types")
     p.add_argument("--engines", default="lugh,llama.cpp", help="comma list among lugh,llama.cpp")

@@ -27,7 +27,20 @@ MODELS = ROOT / "bench-models"
 VOCAB = ROOT / "tests" / "fixtures" / "vocab" / "ggml-vocab-llama-spm.gguf"
 
 # GGUF file stem per weight type; llama.cpp's ftype ids for the quantized ones.
-QUANTS = {"f16": None, "q8_0": 7, "q4_k_m": 15}
+# Weight types and llama.cpp's ftype for each (`llama_model_quantize`; None: written directly).
+QUANTS = {
+    "f16": None,
+    "q8_0": 7,
+    "q4_k_m": 15,
+    "q4_0": 2,
+    "q4_1": 3,
+    "q5_0": 8,
+    "q5_1": 9,
+    "q5_k_m": 17,
+    "q6_k": 18,
+    "iq4_nl": 25,
+    "iq4_xs": 30,
+}
 
 PEERS = (
     "lugh",

@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quants",
         default="q8_0,q4_k_m",
-        help="quantized files to make from the F16 one, among q8_0,q4_k_m ('' for none)",
+        help="quantized files to make from the F16 one, among QUANTS ('' for none)",
     )
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers copy")
     parser.add_argument("--no-verify", action="store_true", help="skip the logits check")
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         del tensors
     for quant in filter(None, args.quants.split(",")):
         if QUANTS.get(quant) is None:
-            raise SystemExit(f"unknown quantization {quant!r}: choose among q8_0, q4_k_m")
+            raise SystemExit(f"unknown quantization {quant!r}: choose among {', '.join(QUANTS)}")
         dst = gguf_path(s.n_layer, quant, args.shape)
         if need_f16 or not dst.exists():
             started = time.perf_counter()
