@@ -12,8 +12,7 @@ use core::arch::x86_64::*;
 use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
 use super::driver::Format;
 use super::simd::{
-    add_block, f16_at, hsum4, iq4_table, prefetch, scaled_subblocks, tile_values, Ahead,
-    PREFETCH_K_QUANTS,
+    f16_at, hsum4, iq4_table, prefetch, tile_with_starts, Ahead, Unpacked, PREFETCH_K_QUANTS,
 };
 use crate::ops::iq4::xs_scales;
 
@@ -128,23 +127,11 @@ impl Format for IQ4XS {
         act: &Groups,
         g: [usize; T],
     ) -> [[[f32; 16]; T]; 4] {
-        let k = nb * QK_K;
-        let xq: [*const i8; T] = std::array::from_fn(|i| act.qs[g[i] * 16 * k..].as_ptr());
-        let mut f = [[_mm512_setzero_ps(); T]; 4];
-        for b in 0..nb {
-            let u: [*const u8; 4] = std::array::from_fn(|r| w[r].add(b * U_BYTES));
-            let start = |sb: usize| {
-                std::array::from_fn(|i| {
-                    let blk = g[i] * nb + b;
-                    _mm512_loadu_si512(act.extra[(blk * 8 + sb) * 16..].as_ptr().cast())
-                })
-            };
-            let sc = u.map(|u| u.add(U_SC).cast::<i32>());
-            let xb = xq.map(|x| x.add(b * QK_K * 16));
-            let s = scaled_subblocks::<T, 8>(u.map(|u| u.add(U_Q)), sc, xb, start);
-            let d_w = std::array::from_fn(|r| u[r].add(U_D).cast::<f32>().read());
-            add_block(&mut f, &s, d_w, act, g, nb, b);
-        }
-        tile_values(f)
+        let layout = Unpacked {
+            scales: U_SC,
+            d: U_D,
+            bytes: U_BYTES,
+        };
+        tile_with_starts::<T, 8>(w, nb, act, g, layout)
     }
 }

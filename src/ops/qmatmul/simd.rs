@@ -236,6 +236,48 @@ pub(crate) unsafe fn scaled_subblocks<const T: usize, const N_SUB: usize>(
     s
 }
 
+/// Where an unpacked block of 256 values keeps its parts: the values as bytes first, then
+/// its sub-block scales as i32 at `scales`, its `d` (f32) at `d`; `bytes` per block.
+pub(crate) struct Unpacked {
+    pub scales: usize,
+    pub d: usize,
+    pub bytes: usize,
+}
+
+/// `Format::tile` of a format unpacked as `layout`, with `N_SUB` scaled sub-blocks whose
+/// sums start at the groups' `N_SUB` extras (Q6_K, IQ4_XS).
+///
+/// # Safety
+/// As `Format::tile`; each `w[r]` holds `nb` blocks unpacked as `layout`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(crate) unsafe fn tile_with_starts<const T: usize, const N_SUB: usize>(
+    w: [*const u8; 4],
+    nb: usize,
+    act: &Groups,
+    g: [usize; T],
+    layout: Unpacked,
+) -> [[[f32; 16]; T]; 4] {
+    let k = nb * 256;
+    let xq: [*const i8; T] = std::array::from_fn(|i| act.qs[g[i] * 16 * k..].as_ptr());
+    let mut f = [[_mm512_setzero_ps(); T]; 4];
+    for b in 0..nb {
+        let u: [*const u8; 4] = std::array::from_fn(|r| w[r].add(b * layout.bytes));
+        let start = |sb: usize| {
+            std::array::from_fn(|i| {
+                let blk = g[i] * nb + b;
+                _mm512_loadu_si512(act.extra[(blk * N_SUB + sb) * 16..].as_ptr().cast())
+            })
+        };
+        let sc = u.map(|u| u.add(layout.scales).cast::<i32>());
+        let xb = xq.map(|x| x.add(b * 256 * 16));
+        let s = scaled_subblocks::<T, N_SUB>(u, sc, xb, start);
+        let d_w = std::array::from_fn(|r| u[r].add(layout.d).cast::<f32>().read());
+        add_block(&mut f, &s, d_w, act, g, nb, b);
+    }
+    tile_values(f)
+}
+
 /// f16 widened to f32 (exactly).
 ///
 /// # Safety
