@@ -38,19 +38,25 @@ struct Act<const N: usize> {
 unsafe impl Pod for Act<32> {}
 unsafe impl Pod for Act<256> {}
 
+/// One Q8_0 block as candle's `BlockQ8_0::from_float` rounds it: `d = amax / 127` (returned
+/// unrounded; the block keeps it as f16), `q = round(x / d)`. Returns `d` and the values' sum.
+pub(crate) fn quantize_q8_0_block(x: &[f32], qs: &mut [i8]) -> (f32, i32) {
+    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = inverse(d);
+    for (q, &v) in qs.iter_mut().zip(x) {
+        *q = (v * id).round() as i8;
+    }
+    (d, qs.iter().map(|&q| q as i32).sum())
+}
+
 impl<const N: usize> Act<N> {
     /// Candle's `BlockQ8_0::from_float` (`N` = 32: `d = amax / 127` kept as f16, values
     /// rounded with the unrounded `d`; `s` = the values' sum times that `d`, rounded to f16)
     /// or `BlockQ8K::from_float` (256: `d = max / −127`).
     fn quantize(&mut self, x: &[f32]) {
         if N == QK {
-            let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let d = amax / 127.0;
-            let id = inverse(d);
-            for (q, &v) in self.qs.iter_mut().zip(x) {
-                *q = (v * id).round() as i8;
-            }
-            let sum: i32 = self.qs.iter().map(|&q| q as i32).sum();
+            let (d, sum) = quantize_q8_0_block(x, &mut self.qs);
             self.d = half::f16::from_f32(d).to_f32();
             self.s = half::f16::from_f32(d * sum as f32).to_f32();
             return;

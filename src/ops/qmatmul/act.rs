@@ -13,6 +13,8 @@ use core::arch::x86_64::*;
 
 use half::f16;
 
+use crate::ops::portable;
+
 /// Bytes a 64-byte aligned array of `n` values of `T` takes in an `Arena`.
 pub(crate) fn arena_bytes<T>(n: usize) -> usize {
     (n * std::mem::size_of::<T>()).next_multiple_of(64)
@@ -118,7 +120,7 @@ pub(crate) fn quantize_q8k<'a>(x: &[f32], m: usize, k: usize, arena: &mut Arena<
     }
 }
 
-/// Quantizes `x` (`[m, k]`) to Q8_0 rows (parallel over tokens).
+/// Quantizes `x` (`[m, k]`) to Q8_0 rows (parallel over tokens), on any instruction set.
 pub(crate) fn quantize_q8_0<'a>(x: &[f32], m: usize, k: usize, arena: &mut Arena<'a>) -> Rows<'a> {
     use rayon::prelude::*;
     let nb = k / QK8_0;
@@ -126,6 +128,7 @@ pub(crate) fn quantize_q8_0<'a>(x: &[f32], m: usize, k: usize, arena: &mut Arena
     let d = arena.take::<f32>(m * nb);
     let sums = arena.take::<i16>(m * nb);
     let s = arena.take::<f32>(m * nb);
+    let avx512 = super::isa() == super::Isa::Avx512;
     let work = qs
         .par_chunks_mut(k)
         .zip(d.par_chunks_mut(nb))
@@ -134,11 +137,17 @@ pub(crate) fn quantize_q8_0<'a>(x: &[f32], m: usize, k: usize, arena: &mut Arena
         .zip(x.par_chunks(k));
     work.for_each(|((((qs, d), sums), s), x)| {
         for b in 0..nb {
-            let q = &mut qs[b * QK8_0..(b + 1) * QK8_0];
-            // SAFETY: only reached when `super::isa()` found AVX-512 (F, BW, VL).
-            let (scale, sum) = unsafe { quantize_q8_0_block(&x[b * QK8_0..(b + 1) * QK8_0], q) };
+            let (q, x) = (
+                &mut qs[b * QK8_0..(b + 1) * QK8_0],
+                &x[b * QK8_0..(b + 1) * QK8_0],
+            );
+            let (scale, sum) = match avx512 {
+                // SAFETY: `isa()` found AVX-512 (F, BW, VL).
+                true => unsafe { quantize_q8_0_block(x, q) },
+                false => portable::quantize_q8_0_block(x, q),
+            };
             d[b] = f16::from_f32(scale).to_f32();
-            sums[b] = sum;
+            sums[b] = sum as i16;
             s[b] = f16::from_f32(scale * sum as f32).to_f32();
         }
     });
@@ -203,9 +212,10 @@ fn quantize_q8k_block(x: &[f32], qs: &mut [i8], sums: &mut [i16]) -> f32 {
 }
 
 /// One Q8_0 block as candle's `BlockQ8_0::from_float`: `d = amax / 127` stored as f16,
-/// `q = round(x / d)` with the unrounded `d`. Returns the unrounded scale and the values' sum.
+/// `q = round(x / d)` with the unrounded `d`. Returns the unrounded scale and the values' sum
+/// (as `portable::quantize_q8_0_block`, 16 lanes at a time).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-fn quantize_q8_0_block(x: &[f32], qs: &mut [i8]) -> (f32, i16) {
+fn quantize_q8_0_block(x: &[f32], qs: &mut [i8]) -> (f32, i32) {
     assert!(x.len() == QK8_0 && qs.len() == QK8_0);
     // SAFETY: two loads of 16 lanes inside `x` (32 values, checked above).
     let v: [__m512; 2] =
@@ -220,7 +230,7 @@ fn quantize_q8_0_block(x: &[f32], qs: &mut [i8]) -> (f32, i16) {
         unsafe { _mm_storeu_si128(qs.as_mut_ptr().add(16 * i).cast(), _mm512_cvtsepi32_epi8(q)) };
         sum += _mm512_reduce_add_epi32(q);
     }
-    (d, sum as i16)
+    (d, sum)
 }
 
 /// Activations of `m` tokens in groups of 16 (see the module comment).
@@ -325,7 +335,7 @@ mod tests {
 
     #[test]
     fn rounding_is_f32_round() {
-        if !super::super::has_avx512() {
+        if super::super::isa() != super::super::Isa::Avx512 {
             return;
         }
         let mut xs: Vec<f32> = vec![0.0, -0.0, 0.5, -0.5, 0.49999997, -0.49999997, 1.5, 2.5];
@@ -360,7 +370,7 @@ mod tests {
     /// they dot with themselves.
     #[test]
     fn q8k_rows_equal_candles_blocks() {
-        if !super::super::has_avx512() {
+        if super::super::isa() != super::super::Isa::Avx512 {
             return;
         }
         let (m, k) = (3, 512);
@@ -407,7 +417,7 @@ mod tests {
 
     #[test]
     fn q8_0_rows_equal_candles_blocks() {
-        if !super::super::has_avx512() {
+        if super::super::isa() != super::super::Isa::Avx512 {
             return;
         }
         let (m, k) = (2, 128);

@@ -12,25 +12,29 @@ use crate::ops::scratch;
 /// once per token.
 pub(super) const MIN_TILED: usize = 6;
 
-/// The kernels of one weight format.
-pub(crate) trait Format: Sync {
+/// The row kernel of one weight format on one instruction set.
+pub(crate) trait RowKernel: Sync {
     /// Values and bytes per weight block (ggml's layout).
     const BLOCK: usize;
     const BLOCK_BYTES: usize;
     /// Whether activations are Q8_K (else Q8_0).
     const Q8K: bool;
+
+    /// Rows `w` (4 pointers to `nb` blocks each) times token `t` of `act`.
+    ///
+    /// # Safety
+    /// The CPU has the kernel's instruction set; each `w[i]` points to `nb` whole blocks;
+    /// `act` holds `nb` blocks per token, of the activation type, and `t < act.m`.
+    unsafe fn rows4(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4];
+}
+
+/// The AVX-512 kernels of one weight format: its row kernel and its tiles.
+pub(crate) trait Format: RowKernel {
     /// Extra i32 terms per block and token in `Groups`, made from the block's sums.
     const N_EXTRA: usize;
     fn extra(sums: &[i16], j: usize) -> i32;
     /// Bytes of one weight row of `nb` blocks unpacked for `tile` (a multiple of 64).
     fn unpacked_bytes(nb: usize) -> usize;
-
-    /// Rows `w` (4 pointers to `nb` blocks each) times token `t` of `act`.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512 F/BW/VL/VNNI; each `w[i]` points to `nb` whole blocks; `act` holds
-    /// `nb` blocks per token, of the activation type, and `t < act.m`.
-    unsafe fn rows4(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4];
 
     /// Unpacks one row of `nb` blocks into `out` (`unpacked_bytes(nb)`, 64-byte aligned).
     ///
@@ -64,10 +68,7 @@ pub(super) fn run<F: Format>(data: &[u8], n_rows: usize, k: usize, x: &[f32], y:
     }
     scratch::with_aligned_bytes(bytes, |buf| {
         let mut arena = Arena::new(buf);
-        let rows = match F::Q8K {
-            true => act::quantize_q8k(x, m, k, &mut arena),
-            false => act::quantize_q8_0(x, m, k, &mut arena),
-        };
+        let rows = quantize::<F>(x, m, k, &mut arena);
         let weights = Weights {
             data,
             n_rows,
@@ -81,6 +82,38 @@ pub(super) fn run<F: Format>(data: &[u8], n_rows: usize, k: usize, x: &[f32], y:
             row_products::<F>(&weights, &rows, y);
         }
     })
+}
+
+/// `y[m, n_rows] = x[m, k] · Wᵀ` with the row kernel alone, every token through it.
+pub(super) fn run_rows<K: RowKernel>(
+    data: &[u8],
+    n_rows: usize,
+    k: usize,
+    x: &[f32],
+    y: &mut [f32],
+) {
+    let m = x.len() / k;
+    let (block, n_sums) = match K::Q8K {
+        true => (act::QK_K, act::Q8K_SUMS),
+        false => (act::QK8_0, 1),
+    };
+    scratch::with_aligned_bytes(act::rows_bytes(m, k, block, n_sums), |buf| {
+        let rows = quantize::<K>(x, m, k, &mut Arena::new(buf));
+        let weights = Weights {
+            data,
+            n_rows,
+            nb: k / K::BLOCK,
+        };
+        row_products::<K>(&weights, &rows, y);
+    })
+}
+
+/// The activations in rows, of the type `K` multiplies.
+fn quantize<'a, K: RowKernel>(x: &[f32], m: usize, k: usize, arena: &mut Arena<'a>) -> Rows<'a> {
+    match K::Q8K {
+        true => act::quantize_q8k(x, m, k, arena),
+        false => act::quantize_q8_0(x, m, k, arena),
+    }
 }
 
 pub(super) struct Weights<'a> {
@@ -116,7 +149,7 @@ pub(super) fn row_tasks(
     })
 }
 
-fn row_products<F: Format>(w: &Weights, act: &Rows, y: &mut [f32]) {
+fn row_products<F: RowKernel>(w: &Weights, act: &Rows, y: &mut [f32]) {
     let row_bytes = w.nb * F::BLOCK_BYTES;
     let n_rows = w.n_rows;
     let y_ptr = SyncPtr(y.as_mut_ptr());

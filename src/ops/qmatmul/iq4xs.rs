@@ -10,7 +10,7 @@
 use core::arch::x86_64::*;
 
 use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
-use super::driver::Format;
+use super::driver::{Format, RowKernel};
 use super::simd::{
     f16_at, hsum4, iq4_table, prefetch, tile_with_starts, Ahead, Unpacked, PREFETCH_K_QUANTS,
 };
@@ -49,23 +49,13 @@ unsafe fn pair(p: *const u8, j: usize) -> __m512i {
     let q = _mm512_shuffle_i64x2::<0b01_01_00_00>(q, q);
     let shift = _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0);
     let nibbles = _mm512_and_si512(_mm512_srlv_epi64(q, shift), _mm512_set1_epi8(0x0f));
-    _mm512_shuffle_epi8(iq4_table(), nibbles)
+    _mm512_shuffle_epi8(_mm512_broadcast_i32x4(iq4_table()), nibbles)
 }
 
-impl Format for IQ4XS {
+impl RowKernel for IQ4XS {
     const BLOCK: usize = QK_K;
     const BLOCK_BYTES: usize = BLOCK_BYTES;
     const Q8K: bool = true;
-    /// `−128 × (sum of 32)` per sub-block: the accumulators' starting values.
-    const N_EXTRA: usize = 8;
-
-    fn extra(sums: &[i16], j: usize) -> i32 {
-        -128 * sums[j] as i32
-    }
-
-    fn unpacked_bytes(nb: usize) -> usize {
-        nb * U_BYTES
-    }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn rows4(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
@@ -105,6 +95,19 @@ impl Format for IQ4XS {
         let mut out = [0f32; 4];
         _mm_storeu_ps(out.as_mut_ptr(), acc);
         out
+    }
+}
+
+impl Format for IQ4XS {
+    /// `−128 × (sum of 32)` per sub-block: the accumulators' starting values.
+    const N_EXTRA: usize = 8;
+
+    fn extra(sums: &[i16], j: usize) -> i32 {
+        -128 * sums[j] as i32
+    }
+
+    fn unpacked_bytes(nb: usize) -> usize {
+        nb * U_BYTES
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]

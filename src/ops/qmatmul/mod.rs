@@ -52,45 +52,64 @@ use std::sync::OnceLock;
 
 use crate::gguf::TensorType;
 
-/// Whether this CPU runs the AVX-512 kernels (F, BW, VL and VNNI), checked once.
-/// `LUGH_ISA=portable` (or its older alias `LUGH_NO_AVX512`) turns them off, so that the
-/// portable paths can be tested on any machine; `LUGH_ISA=avx512` is the default.
-pub(crate) fn has_avx512() -> bool {
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| {
-        let isa = std::env::var("LUGH_ISA").unwrap_or_default();
-        if std::env::var_os("LUGH_NO_AVX512").is_some() || isa == "portable" {
-            return false;
-        }
-        #[cfg(target_arch = "x86_64")]
-        {
-            is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512vl")
-                && is_x86_feature_detected!("avx512vnni")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        false
+/// The instruction set the kernels use, chosen once: the best this CPU has, or the level
+/// `LUGH_ISA` names (`portable`, `avx2`, `avx512`; a level the CPU lacks falls back to the
+/// best it has below it), so that every path can be tested and measured on one machine.
+/// `LUGH_NO_AVX512` is an alias of `LUGH_ISA=avx2`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Isa {
+    /// candle's dot products and `ops::portable`.
+    Portable,
+    /// x86-64-v3: AVX2, FMA, F16C.
+    Avx2,
+    /// AVX-512 F, BW, VL and VNNI.
+    Avx512,
+}
+
+pub(crate) fn isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        let wanted = match std::env::var("LUGH_ISA").unwrap_or_default().as_str() {
+            "portable" => Isa::Portable,
+            "avx2" => Isa::Avx2,
+            _ if std::env::var_os("LUGH_NO_AVX512").is_some() => Isa::Avx2,
+            _ => Isa::Avx512,
+        };
+        wanted.min(best_isa())
     })
+}
+
+fn best_isa() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx512 = is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni");
+        let avx2 = is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c");
+        match (avx512, avx2) {
+            (true, true) => Isa::Avx512,
+            (_, true) => Isa::Avx2,
+            _ => Isa::Portable,
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    Isa::Portable
 }
 
 /// Whether `matmul` has kernels for `dtype` on this CPU.
 pub(crate) fn supports(dtype: TensorType) -> bool {
-    has_avx512()
-        && matches!(
+    use TensorType::*;
+    match isa() {
+        Isa::Avx512 => matches!(
             dtype,
-            TensorType::F16
-                | TensorType::Q4K
-                | TensorType::Q5K
-                | TensorType::Q6K
-                | TensorType::Q8_0
-                | TensorType::Q4_0
-                | TensorType::Q5_0
-                | TensorType::Q4_1
-                | TensorType::Q5_1
-                | TensorType::IQ4NL
-                | TensorType::IQ4XS
-        )
+            F16 | Q4K | Q5K | Q6K | Q8_0 | Q4_0 | Q5_0 | Q4_1 | Q5_1 | IQ4NL | IQ4XS
+        ),
+        Isa::Avx2 => matches!(dtype, Q8_0 | Q4_0 | Q5_0 | Q4_1 | Q5_1 | IQ4NL),
+        Isa::Portable => false,
+    }
 }
 
 /// `y[m, n_rows] = x[m, k] · Wᵀ` for `W` stored as `dtype` in `data` (`n_rows` rows of `k`
@@ -108,6 +127,11 @@ pub(crate) fn matmul(
     }
     assert!(x.len().is_multiple_of(k) && y.len() == x.len() / k * n_rows);
     assert!(dtype.row_bytes(k).map(|r| r * n_rows) == Some(data.len()));
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx2 {
+        q8_0::run_avx2(dtype, data, n_rows, k, x, y);
+        return true;
+    }
     #[cfg(target_arch = "x86_64")]
     match dtype {
         TensorType::F16 => f16::run(data, n_rows, k, x, y),

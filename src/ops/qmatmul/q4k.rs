@@ -13,7 +13,7 @@
 use core::arch::x86_64::*;
 
 use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
-use super::driver::Format;
+use super::driver::{Format, RowKernel};
 use super::simd::{
     add_block, bcast4, f16_at, hsum4, lane_sums, prefetch, scaled_subblocks, tile_values, Ahead,
     PREFETCH_K_QUANTS,
@@ -327,10 +327,18 @@ unsafe fn tile<const T: usize>(
     tile_values(f)
 }
 
-impl<const HIGH: bool> Format for KQuant<HIGH> {
+impl<const HIGH: bool> RowKernel for KQuant<HIGH> {
     const BLOCK: usize = QK_K;
     const BLOCK_BYTES: usize = block_bytes(HIGH);
     const Q8K: bool = true;
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn rows4(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
+        rows4::<HIGH>(w, nb, act, t)
+    }
+}
+
+impl<const HIGH: bool> Format for KQuant<HIGH> {
     /// The sums of 32 as i16 pairs `(X_2p, X_2p+1)`, for `M_b`.
     const N_EXTRA: usize = 4;
 
@@ -340,11 +348,6 @@ impl<const HIGH: bool> Format for KQuant<HIGH> {
 
     fn unpacked_bytes(nb: usize) -> usize {
         nb * U_BYTES
-    }
-
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn rows4(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
-        rows4::<HIGH>(w, nb, act, t)
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]

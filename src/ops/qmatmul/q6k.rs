@@ -12,7 +12,7 @@
 use core::arch::x86_64::*;
 
 use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
-use super::driver::Format;
+use super::driver::{Format, RowKernel};
 use super::simd::{f16_at, hsum4, prefetch, tile_with_starts, Ahead, Unpacked, PREFETCH_K_QUANTS};
 
 pub(crate) struct Q6K;
@@ -52,20 +52,10 @@ unsafe fn chunk(p: *const u8, c: usize) -> __m512i {
     _mm512_or_si512(nibbles, _mm512_slli_epi16::<4>(top))
 }
 
-impl Format for Q6K {
+impl RowKernel for Q6K {
     const BLOCK: usize = QK_K;
     const BLOCK_BYTES: usize = BLOCK_BYTES;
     const Q8K: bool = true;
-    /// `−32 × (sum of 16)` per sub-block: the accumulators' starting values.
-    const N_EXTRA: usize = 16;
-
-    fn extra(sums: &[i16], j: usize) -> i32 {
-        -32 * sums[8 + j] as i32
-    }
-
-    fn unpacked_bytes(nb: usize) -> usize {
-        nb * U_BYTES
-    }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn rows4(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
@@ -139,6 +129,19 @@ impl Format for Q6K {
         let mut out = [0f32; 4];
         _mm_storeu_ps(out.as_mut_ptr(), acc);
         out
+    }
+}
+
+impl Format for Q6K {
+    /// `−32 × (sum of 16)` per sub-block: the accumulators' starting values.
+    const N_EXTRA: usize = 16;
+
+    fn extra(sums: &[i16], j: usize) -> i32 {
+        -32 * sums[8 + j] as i32
+    }
+
+    fn unpacked_bytes(nb: usize) -> usize {
+        nb * U_BYTES
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]

@@ -20,10 +20,11 @@
 use core::arch::x86_64::*;
 
 use super::act::{Groups, Rows, QK8_0};
-use super::driver::Format;
+use super::driver::{run_rows, Format, RowKernel};
 use super::simd::{
     add_block, bcast4, f16_at, iq4_table, prefetch, tile_values, Ahead, PREFETCH_Q8_0,
 };
+use crate::gguf::TensorType;
 
 pub(crate) struct Q8_0;
 pub(crate) struct Q4_0;
@@ -33,15 +34,16 @@ pub(crate) struct Q4_1;
 pub(crate) struct Q5_1;
 
 /// What distinguishes the 32-value formats.
-trait Block32 {
+pub(crate) trait Block32 {
     const BYTES: usize;
     const OFF: i32;
     /// Whether the block stores a min `m` (f16, after `d`).
     const MIN: bool = false;
-    /// The block's 32 values as unsigned bytes `q + OFF`, in order.
+    /// The block's 32 values as unsigned bytes `q + OFF`, in order (AVX2: both instruction
+    /// sets' kernels read them).
     ///
     /// # Safety
-    /// `p` points to a whole block; AVX-512 F/BW/VL.
+    /// `p` points to a whole block; AVX2.
     unsafe fn values(p: *const u8) -> __m256i;
 }
 
@@ -50,7 +52,7 @@ impl Block32 for Q8_0 {
     const OFF: i32 = 128;
 
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[target_feature(enable = "avx2")]
     unsafe fn values(p: *const u8) -> __m256i {
         _mm256_xor_si256(_mm256_loadu_si256(p.add(2).cast()), _mm256_set1_epi8(-128))
     }
@@ -58,11 +60,32 @@ impl Block32 for Q8_0 {
 
 /// The 32 nibbles of 16 bytes at `qs`, low nibbles first, as bytes.
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+#[target_feature(enable = "avx2")]
 unsafe fn nibbles(qs: *const u8) -> __m256i {
-    let shift = _mm256_inserti128_si256::<1>(_mm256_setzero_si256(), _mm_set1_epi16(4));
-    let q = _mm256_broadcastsi128_si256(_mm_loadu_si128(qs.cast()));
-    _mm256_and_si256(_mm256_srlv_epi16(q, shift), _mm256_set1_epi8(0x0f))
+    let q = _mm_loadu_si128(qs.cast());
+    let both = _mm256_set_m128i(_mm_srli_epi16::<4>(q), q);
+    _mm256_and_si256(both, _mm256_set1_epi8(0x0f))
+}
+
+/// `0x10` in byte `i` where bit `i` of the u32 at `p` is set (Q5's fifth bits), else 0.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn fifth_bits(p: *const u8) -> __m256i {
+    let bits = _mm256_set1_epi32(p.cast::<i32>().read_unaligned());
+    // Byte i holds byte i / 8 of the bits; every bit but bit i % 8 is then set, so the byte
+    // is all ones exactly when bit i is.
+    let spread = _mm256_shuffle_epi8(
+        bits,
+        _mm256_set_epi64x(
+            0x0303030303030303,
+            0x0202020202020202,
+            0x0101010101010101,
+            0,
+        ),
+    );
+    let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
+    let set = _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi8(-1));
+    _mm256_and_si256(set, _mm256_set1_epi8(0x10))
 }
 
 impl Block32 for Q4_0 {
@@ -70,7 +93,7 @@ impl Block32 for Q4_0 {
     const OFF: i32 = 8;
 
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[target_feature(enable = "avx2")]
     unsafe fn values(p: *const u8) -> __m256i {
         nibbles(p.add(2))
     }
@@ -81,11 +104,9 @@ impl Block32 for Q5_0 {
     const OFF: i32 = 16;
 
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[target_feature(enable = "avx2")]
     unsafe fn values(p: *const u8) -> __m256i {
-        let qh = p.add(2).cast::<u32>().read_unaligned();
-        let fifth = _mm256_and_si256(_mm256_movm_epi8(qh), _mm256_set1_epi8(0x10));
-        _mm256_or_si256(nibbles(p.add(6)), fifth)
+        _mm256_or_si256(nibbles(p.add(6)), fifth_bits(p.add(2)))
     }
 }
 
@@ -94,9 +115,9 @@ impl Block32 for IQ4NL {
     const OFF: i32 = 128;
 
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[target_feature(enable = "avx2")]
     unsafe fn values(p: *const u8) -> __m256i {
-        _mm256_shuffle_epi8(_mm512_castsi512_si256(iq4_table()), nibbles(p.add(2)))
+        _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(iq4_table()), nibbles(p.add(2)))
     }
 }
 
@@ -106,7 +127,7 @@ impl Block32 for Q4_1 {
     const MIN: bool = true;
 
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[target_feature(enable = "avx2")]
     unsafe fn values(p: *const u8) -> __m256i {
         nibbles(p.add(4))
     }
@@ -118,11 +139,9 @@ impl Block32 for Q5_1 {
     const MIN: bool = true;
 
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[target_feature(enable = "avx2")]
     unsafe fn values(p: *const u8) -> __m256i {
-        let qh = p.add(4).cast::<u32>().read_unaligned();
-        let fifth = _mm256_and_si256(_mm256_movm_epi8(qh), _mm256_set1_epi8(0x10));
-        _mm256_or_si256(nibbles(p.add(8)), fifth)
+        _mm256_or_si256(nibbles(p.add(8)), fifth_bits(p.add(4)))
     }
 }
 
@@ -150,27 +169,40 @@ fn hsum4x2(z: [__m512i; 4]) -> (__m128i, __m128i) {
     )
 }
 
+/// Block `b`'s float steps on 4 rows `w` and token `t`, its exact sums `s` in hand (see the
+/// module comment): the same on every instruction set.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn steps<B: Block32>(
+    acc: __m128,
+    s: __m128i,
+    w: [*const u8; 4],
+    b: usize,
+    act: &Rows,
+    t: usize,
+) -> __m128 {
+    // The f16 at `at` in block `b` of the 4 rows (d at 0, m at 2).
+    let halves = |at: usize| {
+        let h = |r: usize| w[r].add(b * B::BYTES + at).cast::<i16>().read_unaligned();
+        _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, h(3), h(2), h(1), h(0)))
+    };
+    let i = t * act.k / QK8_0 + b;
+    let dx = _mm_set1_ps(act.d[i]);
+    let acc = _mm_fmadd_ps(_mm_cvtepi32_ps(s), _mm_mul_ps(halves(0), dx), acc);
+    match B::MIN {
+        true => _mm_fmadd_ps(halves(2), _mm_set1_ps(act.s[i]), acc),
+        false => acc,
+    }
+}
+
 /// `rows4` of a 32-value format: two blocks per 512-bit product, one at the end if odd.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn rows4<B: Block32>(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
     let xq = act.qs[t * act.k..].as_ptr();
-    let (dx, xs, sx) = (&act.d[t * nb..], &act.sums[t * nb..], &act.s[t * nb..]);
-    // The f16 at `at` in block `b` of the 4 rows (d at 0, m at 2).
-    let halves = |b: usize, at: usize| {
-        let h = |r: usize| w[r].add(b * B::BYTES + at).cast::<i16>().read_unaligned();
-        _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, h(3), h(2), h(1), h(0)))
-    };
-    // Block b's float steps, its integer sums `s` (before the offset) in hand.
-    let step = |acc: __m128, s: __m128i, b: usize| {
-        let exact = _mm_sub_epi32(s, _mm_set1_epi32(B::OFF * xs[b] as i32));
-        let dx = _mm_set1_ps(dx[b]);
-        let acc = _mm_fmadd_ps(_mm_cvtepi32_ps(exact), _mm_mul_ps(halves(b, 0), dx), acc);
-        match B::MIN {
-            true => _mm_fmadd_ps(halves(b, 2), _mm_set1_ps(sx[b]), acc),
-            false => acc,
-        }
-    };
+    let xs = &act.sums[t * act.k / QK8_0..];
+    let exact = |s: __m128i, b: usize| _mm_sub_epi32(s, _mm_set1_epi32(B::OFF * xs[b] as i32));
+    let step = |acc, s, b| steps::<B>(acc, exact(s, b), w, b, act, t);
     let ahead = Ahead::new(nb, B::BYTES, PREFETCH_Q8_0);
     let mut acc = _mm_setzero_ps();
     let mut b = 0;
@@ -267,10 +299,18 @@ unsafe fn tile<B: Block32, const T: usize>(
 
 macro_rules! format_32 {
     ($t:ty) => {
-        impl Format for $t {
+        impl RowKernel for $t {
             const BLOCK: usize = QK8_0;
             const BLOCK_BYTES: usize = <$t as Block32>::BYTES;
             const Q8K: bool = false;
+
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+            unsafe fn rows4(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
+                rows4::<$t>(w, nb, act, t)
+            }
+        }
+
+        impl Format for $t {
             /// `−OFF × (sum of the block)`: the accumulators' starting values.
             const N_EXTRA: usize = 1;
 
@@ -281,11 +321,6 @@ macro_rules! format_32 {
             fn unpacked_bytes(nb: usize) -> usize {
                 let n_scales = if <$t as Block32>::MIN { 2 * nb } else { nb };
                 scales_at(nb) + (4 * n_scales).next_multiple_of(64)
-            }
-
-            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-            unsafe fn rows4(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
-                rows4::<$t>(w, nb, act, t)
             }
 
             #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -311,3 +346,73 @@ format_32!(Q5_0);
 format_32!(IQ4NL);
 format_32!(Q4_1);
 format_32!(Q5_1);
+
+/// The sums of each of 4 vectors of 8 i32.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn hsum4_avx2(z: [__m256i; 4]) -> __m128i {
+    let (a, b) = (_mm256_hadd_epi32(z[0], z[1]), _mm256_hadd_epi32(z[2], z[3]));
+    let c = _mm256_hadd_epi32(a, b);
+    _mm_add_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256::<1>(c))
+}
+
+/// `rows4` of a 32-value format on AVX2. Without `vpdpbusd`, the values are made signed
+/// (`q = u − OFF`) and multiplied as ggml's AVX2 code does, `|q|` (unsigned) times `x` with
+/// `q`'s sign: pairs of products stay within i16 (2 · 128 · 127), so the sums are exact and
+/// the float steps, shared with AVX-512, give the same bits.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows4_avx2<B: Block32>(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
+    let xq = act.qs[t * act.k..].as_ptr();
+    let (off, ones) = (_mm256_set1_epi8(B::OFF as i8), _mm256_set1_epi16(1));
+    let ahead = Ahead::new(nb, B::BYTES, PREFETCH_Q8_0);
+    let mut acc = _mm_setzero_ps();
+    for b in 0..nb {
+        let x = _mm256_loadu_si256(xq.add(QK8_0 * b).cast());
+        let z: [__m256i; 4] = std::array::from_fn(|r| {
+            prefetch(ahead.of(w[r], b), B::BYTES);
+            let q = _mm256_sub_epi8(B::values(w[r].add(b * B::BYTES)), off);
+            let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));
+            _mm256_madd_epi16(pairs, ones)
+        });
+        acc = steps::<B>(acc, hsum4_avx2(z), w, b, act, t);
+    }
+    let mut out = [0f32; 4];
+    _mm_storeu_ps(out.as_mut_ptr(), acc);
+    out
+}
+
+/// A 32-value format's AVX2 row kernel.
+pub(crate) struct Avx2<B>(std::marker::PhantomData<B>);
+
+impl<B: Block32 + Sync> RowKernel for Avx2<B> {
+    const BLOCK: usize = QK8_0;
+    const BLOCK_BYTES: usize = B::BYTES;
+    const Q8K: bool = false;
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn rows4(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
+        rows4_avx2::<B>(w, nb, act, t)
+    }
+}
+
+/// `y[m, n_rows] = x[m, k] · Wᵀ` on AVX2, every token through the row kernel, for the
+/// 32-value formats (`dtype` among them).
+pub(super) fn run_avx2(
+    dtype: TensorType,
+    data: &[u8],
+    n_rows: usize,
+    k: usize,
+    x: &[f32],
+    y: &mut [f32],
+) {
+    match dtype {
+        TensorType::Q8_0 => run_rows::<Avx2<Q8_0>>(data, n_rows, k, x, y),
+        TensorType::Q4_0 => run_rows::<Avx2<Q4_0>>(data, n_rows, k, x, y),
+        TensorType::Q5_0 => run_rows::<Avx2<Q5_0>>(data, n_rows, k, x, y),
+        TensorType::Q4_1 => run_rows::<Avx2<Q4_1>>(data, n_rows, k, x, y),
+        TensorType::Q5_1 => run_rows::<Avx2<Q5_1>>(data, n_rows, k, x, y),
+        TensorType::IQ4NL => run_rows::<Avx2<IQ4NL>>(data, n_rows, k, x, y),
+        _ => unreachable!("supports() lists the AVX2 types"),
+    }
+}

@@ -187,12 +187,11 @@ const IQ4_UNSIGNED: [u8; 16] = {
     out
 };
 
-/// `IQ4_UNSIGNED` in every 128-bit lane: a `vpshufb` table from nibbles to values.
+/// `IQ4_UNSIGNED`: a `vpshufb` table from nibbles to values (broadcast it to each lane).
 #[inline]
-#[target_feature(enable = "avx512f")]
-pub(crate) fn iq4_table() -> __m512i {
-    // SAFETY: 16 bytes from a 16-byte array.
-    _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(IQ4_UNSIGNED.as_ptr().cast()) })
+pub(crate) fn iq4_table() -> __m128i {
+    // SAFETY: 16 bytes from a 16-byte array (SSE2 is x86-64's baseline).
+    unsafe { _mm_loadu_si128(IQ4_UNSIGNED.as_ptr().cast()) }
 }
 
 /// A tile's integer sums over one block of 256 unpacked values in `N_SUB` scaled sub-blocks:

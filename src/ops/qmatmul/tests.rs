@@ -100,7 +100,7 @@ fn check<T: GgmlType>(dtype: TensorType, n_rows: usize, k: usize) {
 
 /// `check` within `rel` of the sums of magnitudes.
 fn check_within<T: GgmlType>(dtype: TensorType, n_rows: usize, k: usize, rel: f64) {
-    if !has_avx512() {
+    if isa() != Isa::Avx512 {
         eprintln!("no AVX-512 VNNI: the kernels are not tested on this CPU");
         return;
     }
@@ -202,7 +202,7 @@ fn q5_0_matches_candle() {
 /// The kernels against the portable product (`ops::portable`): the same bits, for every batch
 /// size and either kernel.
 fn check_portable(dtype: TensorType, n_rows: usize, k: usize) {
-    if !has_avx512() {
+    if isa() != Isa::Avx512 {
         eprintln!("no AVX-512 VNNI: the kernels are not tested on this CPU");
         return;
     }
@@ -256,6 +256,71 @@ fn iq4_nl_equals_the_portable_product() {
 fn iq4_xs_equals_the_portable_product() {
     for k in [256, 768, 2048] {
         check_portable(TensorType::IQ4XS, 13, k);
+    }
+}
+
+/// The AVX2 row kernel of one 32-value format on `n_rows` rows of `k` values: bit for bit
+/// against the portable product (Q4_1, Q5_1, IQ4_NL), or against candle's (the others) and
+/// the dequantized one; and bit for bit against the AVX-512 kernels where the CPU has them.
+fn check_avx2<B: q8_0::Block32 + Sync, T: GgmlType>(dtype: TensorType, n_rows: usize, k: usize) {
+    if !(is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c"))
+    {
+        eprintln!("no AVX2: the AVX2 kernels are not tested on this CPU");
+        return;
+    }
+    let data = weights(dtype, n_rows, k, k as u64);
+    let mut rng = Rng(5);
+    let x: Vec<f32> = (0..9 * k).map(|_| 3.0 * rng.float()).collect();
+    let mut ours = vec![0f32; 9 * n_rows];
+    driver::run_rows::<q8_0::Avx2<B>>(&data, n_rows, k, &x, &mut ours);
+    if crate::ops::portable::supports(dtype) {
+        let mut portable = vec![0f32; 9 * n_rows];
+        crate::ops::portable::matmul(dtype, &data, n_rows, k, &x, &mut portable);
+        for (i, (a, b)) in ours.iter().zip(&portable).enumerate() {
+            assert_eq!(
+                a.to_bits(),
+                b.to_bits(),
+                "{dtype} k={k} [{i}]: AVX2 vs portable"
+            );
+        }
+    } else {
+        let (theirs, naive, scale) = references::<T>(&data, n_rows, k, &x);
+        for (i, &v) in ours.iter().enumerate() {
+            let tol = 2e-6 * scale[i] + 1e-6;
+            assert!(
+                (v as f64 - theirs[i] as f64).abs() <= tol,
+                "{dtype} k={k} [{i}]: vs candle"
+            );
+            assert!(
+                (v as f64 - naive[i]).abs() <= tol,
+                "{dtype} k={k} [{i}]: vs dequantized"
+            );
+        }
+    }
+    if isa() == Isa::Avx512 {
+        let mut avx512 = vec![0f32; 9 * n_rows];
+        assert!(matmul(dtype, &data, n_rows, k, &x, &mut avx512));
+        for (i, (a, b)) in ours.iter().zip(&avx512).enumerate() {
+            assert_eq!(
+                a.to_bits(),
+                b.to_bits(),
+                "{dtype} k={k} [{i}]: AVX2 vs AVX-512"
+            );
+        }
+    }
+}
+
+#[test]
+fn avx2_row_kernels_match_candle_and_the_avx512_kernels() {
+    for k in [32, 96, 576, 2048] {
+        check_avx2::<q8_0::Q8_0, BlockQ8_0>(TensorType::Q8_0, 13, k);
+        check_avx2::<q8_0::Q4_0, BlockQ4_0>(TensorType::Q4_0, 13, k);
+        check_avx2::<q8_0::Q5_0, BlockQ5_0>(TensorType::Q5_0, 13, k);
+        check_avx2::<q8_0::Q4_1, BlockQ4_1>(TensorType::Q4_1, 13, k);
+        check_avx2::<q8_0::Q5_1, BlockQ5_1>(TensorType::Q5_1, 13, k);
+        check_avx2::<q8_0::IQ4NL, BlockQ4_0>(TensorType::IQ4NL, 13, k);
     }
 }
 
