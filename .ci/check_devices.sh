@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Compile-checks the GPU back ends, which this CI machine (no GPU, x86-64 Linux) cannot run:
-# `cargo check` of lugh with candle's CUDA and Metal features.
+# Compile-checks what this CI machine (no GPU, x86-64 Linux) cannot run: `cargo check` of lugh
+# with candle's CUDA and Metal features, and for ARM Linux.
 # Called from .ci/run with the repo root as cwd, inside an activated venv that has pip.
 set -euo pipefail
 
@@ -19,3 +19,7 @@ CUDA_COMPUTE_CAP=90 CUDAFORGE_THREADS="${CUDAFORGE_THREADS:-2}" \
 # candle's Metal back end only builds for Apple targets; a check needs no macOS SDK or linker.
 rustup target add aarch64-apple-darwin
 cargo check --lib --features metal --target aarch64-apple-darwin
+
+# --- ARM Linux (the portable kernels; NEON through candle) ---
+rustup target add aarch64-unknown-linux-gnu
+cargo check --lib --target aarch64-unknown-linux-gnu
