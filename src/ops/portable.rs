@@ -50,6 +50,26 @@ pub(crate) fn quantize_q8_0_block(x: &[f32], qs: &mut [i8]) -> (f32, i32) {
     (d, qs.iter().map(|&q| q as i32).sum())
 }
 
+/// One Q8_K block as candle's `BlockQ8K::from_float` rounds it: `d = max / −127` of the value
+/// of largest magnitude (the first such), `q = round(x / d)` clamped to i8. Returns `d`.
+pub(crate) fn quantize_q8k_block(x: &[f32], qs: &mut [i8]) -> f32 {
+    let (amax, max) = x
+        .iter()
+        .fold((0f32, 0f32), |(amax, max), &v| match v.abs() > amax {
+            true => (v.abs(), v),
+            false => (amax, max),
+        });
+    if amax == 0.0 {
+        qs.fill(0);
+        return 0.0;
+    }
+    let iscale = -127.0 / max;
+    for (q, &v) in qs.iter_mut().zip(x) {
+        *q = (iscale * v).round().clamp(-128.0, 127.0) as i8;
+    }
+    1.0 / iscale
+}
+
 impl<const N: usize> Act<N> {
     /// Candle's `BlockQ8_0::from_float` (`N` = 32: `d = amax / 127` kept as f16, values
     /// rounded with the unrounded `d`; `s` = the values' sum times that `d`, rounded to f16)

@@ -90,7 +90,7 @@ pub(crate) const Q8K_SUMS: usize = 24;
 pub(crate) const QK_K: usize = 256;
 pub(crate) const QK8_0: usize = 32;
 
-/// Quantizes `x` (`[m, k]`) to Q8_K rows (parallel over tokens).
+/// Quantizes `x` (`[m, k]`) to Q8_K rows (parallel over tokens), on any instruction set.
 pub(crate) fn quantize_q8k<'a>(x: &[f32], m: usize, k: usize, arena: &mut Arena<'a>) -> Rows<'a> {
     use rayon::prelude::*;
     let nb = k / QK_K;
@@ -102,12 +102,23 @@ pub(crate) fn quantize_q8k<'a>(x: &[f32], m: usize, k: usize, arena: &mut Arena<
         .zip(d.par_chunks_mut(nb))
         .zip(sums.par_chunks_mut(nb * Q8K_SUMS))
         .zip(x.par_chunks(k));
+    let avx512 = super::isa() == super::Isa::Avx512;
     work.for_each(|(((qs, d), sums), x)| {
         for b in 0..nb {
             let s = &mut sums[b * Q8K_SUMS..(b + 1) * Q8K_SUMS];
-            let q = &mut qs[b * QK_K..(b + 1) * QK_K];
-            // SAFETY: only reached when `super::isa()` found AVX-512 (F, BW, VL).
-            d[b] = unsafe { quantize_q8k_block(&x[b * QK_K..(b + 1) * QK_K], q, s) };
+            let (q, x) = (
+                &mut qs[b * QK_K..(b + 1) * QK_K],
+                &x[b * QK_K..(b + 1) * QK_K],
+            );
+            d[b] = match avx512 {
+                // SAFETY: `isa()` found AVX-512 (F, BW, VL).
+                true => unsafe { quantize_q8k_block(x, q, s) },
+                false => {
+                    let d = portable::quantize_q8k_block(x, q);
+                    q8k_sums(q, s);
+                    d
+                }
+            };
         }
     });
     Rows {
@@ -171,6 +182,16 @@ fn round_half_away(v: __m512) -> __m512 {
     let sign = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(i32::MIN));
     let one = _mm512_castsi512_ps(_mm512_or_si512(sign, _mm512_set1_epi32(0x3f80_0000)));
     _mm512_mask_add_ps(t, up, t, one)
+}
+
+/// The sums of a Q8_K block's values: 8 of 32, then 16 of 16.
+fn q8k_sums(qs: &[i8], sums: &mut [i16]) {
+    for (j, sum) in sums[8..].iter_mut().enumerate() {
+        *sum = qs[16 * j..16 * (j + 1)].iter().map(|&q| q as i16).sum();
+    }
+    for j in 0..8 {
+        sums[j] = sums[8 + 2 * j] + sums[9 + 2 * j];
+    }
 }
 
 /// One Q8_K block as candle's `BlockQ8K::from_float`: `d = max / -127` of the value of largest
@@ -413,6 +434,35 @@ mod tests {
                 }
             }
         })
+    }
+
+    /// The scalar block quantizers (every instruction set below AVX-512) give the AVX-512
+    /// ones' bits.
+    #[test]
+    fn scalar_blocks_equal_the_avx512_ones() {
+        if super::super::isa() != super::super::Isa::Avx512 {
+            return;
+        }
+        let mut x = values(4 * QK_K, 3);
+        x[..QK_K].fill(0.0);
+        x[QK_K + 7] = -9.0;
+        x[QK_K + 9] = 9.0;
+        for x in x.chunks(QK_K) {
+            let (mut a, mut b) = ([0i8; QK_K], [0i8; QK_K]);
+            let (mut sa, mut sb) = ([0i16; Q8K_SUMS], [0i16; Q8K_SUMS]);
+            // SAFETY: AVX-512 checked above.
+            let da = unsafe { quantize_q8k_block(x, &mut a, &mut sa) };
+            let db = portable::quantize_q8k_block(x, &mut b);
+            q8k_sums(&b, &mut sb);
+            assert_eq!((da.to_bits(), a, sa), (db.to_bits(), b, sb));
+            for x in x.chunks(QK8_0) {
+                let (mut a, mut b) = ([0i8; QK8_0], [0i8; QK8_0]);
+                // SAFETY: as above.
+                let (da, sa) = unsafe { quantize_q8_0_block(x, &mut a) };
+                let (db, sb) = portable::quantize_q8_0_block(x, &mut b);
+                assert_eq!((da.to_bits(), a, sa), (db.to_bits(), b, sb));
+            }
+        }
     }
 
     #[test]

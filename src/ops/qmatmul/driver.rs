@@ -28,6 +28,29 @@ pub(crate) trait RowKernel: Sync {
     unsafe fn rows4(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4];
 }
 
+/// A format's row kernel on AVX2 (its `RowKernel` is the AVX-512 one).
+pub(crate) trait Avx2Rows: RowKernel {
+    /// As `RowKernel::rows4`.
+    ///
+    /// # Safety
+    /// As `RowKernel::rows4`, the CPU having AVX2, FMA and F16C.
+    unsafe fn rows4_avx2(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4];
+}
+
+/// The AVX2 row kernel of format `F`.
+pub(crate) struct Avx2<F>(std::marker::PhantomData<F>);
+
+impl<F: Avx2Rows> RowKernel for Avx2<F> {
+    const BLOCK: usize = F::BLOCK;
+    const BLOCK_BYTES: usize = F::BLOCK_BYTES;
+    const Q8K: bool = F::Q8K;
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn rows4(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
+        F::rows4_avx2(w, nb, act, t)
+    }
+}
+
 /// The AVX-512 kernels of one weight format: its row kernel and its tiles.
 pub(crate) trait Format: RowKernel {
     /// Extra i32 terms per block and token in `Groups`, made from the block's sums.

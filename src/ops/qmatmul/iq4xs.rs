@@ -10,11 +10,12 @@
 use core::arch::x86_64::*;
 
 use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
-use super::driver::{Format, RowKernel};
+use super::driver::{Avx2Rows, Format, RowKernel};
 use super::simd::{
-    f16_at, hsum4, iq4_table, prefetch, tile_with_starts, Ahead, Unpacked, PREFETCH_K_QUANTS,
+    f16_at, hsum4, hsum4_avx2, iq4_table, prefetch, tile_with_starts, Ahead, Unpacked,
+    PREFETCH_K_QUANTS,
 };
-use crate::ops::iq4::xs_scales;
+use crate::ops::iq4::{xs_scales, KVALUES};
 
 pub(crate) struct IQ4XS;
 
@@ -95,6 +96,52 @@ impl RowKernel for IQ4XS {
         let mut out = [0f32; 4];
         _mm_storeu_ps(out.as_mut_ptr(), acc);
         out
+    }
+}
+
+/// `Avx2Rows::rows4_avx2` of IQ4_XS: each sub-block's values looked up as signed bytes, times
+/// the activations as ggml's AVX2 code multiplies signed bytes (`|q|` times `x` with `q`'s
+/// sign, pairs within i16: 2 · 127 · 127), times the sub-block's scale with `vpmaddwd`.
+/// Exact sums, the AVX-512 kernel's float steps.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows4_avx2(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
+    let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(KVALUES.as_ptr().cast()));
+    let m4 = _mm256_set1_epi8(0x0f);
+    let xq = act.qs[t * act.k..].as_ptr();
+    let ahead = Ahead::new(nb, BLOCK_BYTES, PREFETCH_K_QUANTS);
+    let mut acc = _mm_setzero_ps();
+    for b in 0..nb {
+        let s: [__m256i; 4] = std::array::from_fn(|r| {
+            let p = w[r].add(b * BLOCK_BYTES);
+            prefetch(ahead.of(w[r], b), BLOCK_BYTES);
+            let sc = scales(p);
+            let mut sum = _mm256_setzero_si256();
+            for (sb, &scale) in sc.iter().enumerate() {
+                let q = _mm_loadu_si128(p.add(QS + 16 * sb).cast());
+                let nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(q), q), m4);
+                let v = _mm256_shuffle_epi8(table, nibbles);
+                let x = _mm256_loadu_si256(xq.add(QK_K * b + 32 * sb).cast());
+                let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(v, v), _mm256_sign_epi8(x, v));
+                let scale = _mm256_set1_epi16(scale as i16);
+                sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, scale));
+            }
+            sum
+        });
+        let h = |r: usize| w[r].add(b * BLOCK_BYTES).cast::<i16>().read_unaligned();
+        let d4 = _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, h(3), h(2), h(1), h(0)));
+        let d = _mm_mul_ps(d4, _mm_set1_ps(act.d[t * nb + b]));
+        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(hsum4_avx2(s)), d, acc);
+    }
+    let mut out = [0f32; 4];
+    _mm_storeu_ps(out.as_mut_ptr(), acc);
+    out
+}
+
+impl Avx2Rows for IQ4XS {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn rows4_avx2(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
+        rows4_avx2(w, nb, act, t)
     }
 }
 

@@ -107,7 +107,10 @@ pub(crate) fn supports(dtype: TensorType) -> bool {
             dtype,
             F16 | Q4K | Q5K | Q6K | Q8_0 | Q4_0 | Q5_0 | Q4_1 | Q5_1 | IQ4NL | IQ4XS
         ),
-        Isa::Avx2 => matches!(dtype, Q8_0 | Q4_0 | Q5_0 | Q4_1 | Q5_1 | IQ4NL),
+        Isa::Avx2 => matches!(
+            dtype,
+            Q4K | Q5K | Q6K | Q8_0 | Q4_0 | Q5_0 | Q4_1 | Q5_1 | IQ4NL | IQ4XS
+        ),
         Isa::Portable => false,
     }
 }
@@ -129,7 +132,20 @@ pub(crate) fn matmul(
     assert!(dtype.row_bytes(k).map(|r| r * n_rows) == Some(data.len()));
     #[cfg(target_arch = "x86_64")]
     if isa() == Isa::Avx2 {
-        q8_0::run_avx2(dtype, data, n_rows, k, x, y);
+        use driver::{run_rows, Avx2};
+        match dtype {
+            TensorType::Q8_0 => run_rows::<Avx2<q8_0::Q8_0>>(data, n_rows, k, x, y),
+            TensorType::Q4_0 => run_rows::<Avx2<q8_0::Q4_0>>(data, n_rows, k, x, y),
+            TensorType::Q5_0 => run_rows::<Avx2<q8_0::Q5_0>>(data, n_rows, k, x, y),
+            TensorType::Q4_1 => run_rows::<Avx2<q8_0::Q4_1>>(data, n_rows, k, x, y),
+            TensorType::Q5_1 => run_rows::<Avx2<q8_0::Q5_1>>(data, n_rows, k, x, y),
+            TensorType::IQ4NL => run_rows::<Avx2<q8_0::IQ4NL>>(data, n_rows, k, x, y),
+            TensorType::Q4K => run_rows::<Avx2<q4k::Q4K>>(data, n_rows, k, x, y),
+            TensorType::Q5K => run_rows::<Avx2<q4k::Q5K>>(data, n_rows, k, x, y),
+            TensorType::Q6K => run_rows::<Avx2<q6k::Q6K>>(data, n_rows, k, x, y),
+            TensorType::IQ4XS => run_rows::<Avx2<iq4xs::IQ4XS>>(data, n_rows, k, x, y),
+            _ => unreachable!("supports() lists the AVX2 types"),
+        }
         return true;
     }
     #[cfg(target_arch = "x86_64")]

@@ -13,10 +13,10 @@
 use core::arch::x86_64::*;
 
 use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
-use super::driver::{Format, RowKernel};
+use super::driver::{Avx2Rows, Format, RowKernel};
 use super::simd::{
-    add_block, bcast4, f16_at, hsum4, lane_sums, prefetch, scaled_subblocks, tile_values, Ahead,
-    PREFETCH_K_QUANTS,
+    add_block, bcast4, f16_at, hsum4, hsum4_avx2, lane_sums, prefetch, scaled_subblocks,
+    tile_values, Ahead, PREFETCH_K_QUANTS,
 };
 
 /// Q4_K (`HIGH = false`) or Q5_K (`HIGH = true`, the fifth bits merged in).
@@ -263,6 +263,87 @@ unsafe fn rows4<const HIGH: bool>(w: [*const u8; 4], nb: usize, act: &Rows, t: u
     out
 }
 
+/// The f16 at byte `at` of block `b` of 4 rows, widened.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn halves4(w: [*const u8; 4], block_bytes: usize, b: usize, at: usize) -> __m128 {
+    let h = |r: usize| {
+        w[r].add(b * block_bytes + at)
+            .cast::<i16>()
+            .read_unaligned()
+    };
+    _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, h(3), h(2), h(1), h(0)))
+}
+
+/// `Avx2Rows::rows4_avx2` of Q4_K (`HIGH` false) and Q5_K: per 32-byte chunk of nibbles,
+/// the low nibbles (sub-block `2c`) and the high ones (`2c + 1`) times the activations with
+/// `vpmaddubsw` (pairs within i16: 2 · 31 · 128), then times the sub-block's scale with
+/// `vpmaddwd`; the mins' term from the activations' sums of 32. Exact sums, the AVX-512
+/// kernel's float steps.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows4_avx2<const HIGH: bool>(
+    w: [*const u8; 4],
+    nb: usize,
+    act: &Rows,
+    t: usize,
+) -> [f32; 4] {
+    let block_bytes = block_bytes(HIGH);
+    let m4 = _mm256_set1_epi8(0x0f);
+    let xq = act.qs[t * act.k..].as_ptr();
+    let ahead = Ahead::new(nb, block_bytes, PREFETCH_K_QUANTS);
+    let mut acc = _mm_setzero_ps();
+    for b in 0..nb {
+        let x = |i: usize| _mm256_loadu_si256(xq.add(QK_K * b + 32 * i).cast());
+        let x_sums = &act.sums[(t * nb + b) * Q8K_SUMS..][..8];
+        let mut mins = [0i32; 4];
+        let s: [__m256i; 4] = std::array::from_fn(|r| {
+            let p = w[r].add(b * block_bytes);
+            prefetch(ahead.of(w[r], b), block_bytes);
+            let (sc, mn) = scales_mins(p.add(4));
+            let byte = |v: u64, i: usize| (v >> (8 * i)) as u8 as i32;
+            mins[r] = (0..8).map(|i| byte(mn, i) * x_sums[i] as i32).sum();
+            let qh = match HIGH {
+                true => _mm256_loadu_si256(p.add(QH).cast()),
+                false => _mm256_setzero_si256(),
+            };
+            let mut sum = _mm256_setzero_si256();
+            for c in 0..4 {
+                let q = _mm256_loadu_si256(p.add(nibbles_at(HIGH) + 32 * c).cast());
+                let mut lo = _mm256_and_si256(q, m4);
+                let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
+                if HIGH {
+                    // Bits 2c and 2c + 1 of qh to bit 4.
+                    let bit = |n: i32| {
+                        let moved = match n < 4 {
+                            true => _mm256_sll_epi16(qh, _mm_cvtsi32_si128(4 - n)),
+                            false => _mm256_srl_epi16(qh, _mm_cvtsi32_si128(n - 4)),
+                        };
+                        _mm256_and_si256(moved, _mm256_set1_epi8(0x10))
+                    };
+                    lo = _mm256_or_si256(lo, bit(2 * c as i32));
+                    hi = _mm256_or_si256(hi, bit(2 * c as i32 + 1));
+                }
+                for (j, v) in [lo, hi].into_iter().enumerate() {
+                    let scale = _mm256_set1_epi16(byte(sc, 2 * c + j) as i16);
+                    let pairs = _mm256_maddubs_epi16(v, x(2 * c + j));
+                    sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, scale));
+                }
+            }
+            sum
+        });
+        let dx = _mm_set1_ps(act.d[t * nb + b]);
+        let d = _mm_mul_ps(halves4(w, block_bytes, b, 0), dx);
+        let dmin = _mm_mul_ps(halves4(w, block_bytes, b, 2), dx);
+        let m = _mm_loadu_si128(mins.as_ptr().cast());
+        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(hsum4_avx2(s)), d, acc);
+        acc = _mm_fnmadd_ps(_mm_cvtepi32_ps(m), dmin, acc);
+    }
+    let mut out = [0f32; 4];
+    _mm_storeu_ps(out.as_mut_ptr(), acc);
+    out
+}
+
 /// `Format::unpack` of Q4_K (`HIGH` false) and Q5_K.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -335,6 +416,13 @@ impl<const HIGH: bool> RowKernel for KQuant<HIGH> {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn rows4(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
         rows4::<HIGH>(w, nb, act, t)
+    }
+}
+
+impl<const HIGH: bool> Avx2Rows for KQuant<HIGH> {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn rows4_avx2(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
+        rows4_avx2::<HIGH>(w, nb, act, t)
     }
 }
 

@@ -12,8 +12,10 @@
 use core::arch::x86_64::*;
 
 use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
-use super::driver::{Format, RowKernel};
-use super::simd::{f16_at, hsum4, prefetch, tile_with_starts, Ahead, Unpacked, PREFETCH_K_QUANTS};
+use super::driver::{Avx2Rows, Format, RowKernel};
+use super::simd::{
+    f16_at, hsum4, hsum4_avx2, prefetch, tile_with_starts, Ahead, Unpacked, PREFETCH_K_QUANTS,
+};
 
 pub(crate) struct Q6K;
 
@@ -129,6 +131,69 @@ impl RowKernel for Q6K {
         let mut out = [0f32; 4];
         _mm_storeu_ps(out.as_mut_ptr(), acc);
         out
+    }
+}
+
+/// `Avx2Rows::rows4_avx2` of Q6_K: per half block and vector `j`, values `[32 j, 32 j + 32)`
+/// of the half (sub-blocks `2j`, `2j + 1` of its 8) as unsigned 6-bit bytes times the
+/// activations with `vpmaddubsw` (pairs within i16: 2 · 63 · 128), times their scales with
+/// `vpmaddwd`, less `32 Σ_s sc_s X_s`. Exact sums, the AVX-512 kernel's float steps.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows4_avx2(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
+    let (m4, top) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30));
+    let xq = act.qs[t * act.k..].as_ptr();
+    let ahead = Ahead::new(nb, BLOCK_BYTES, PREFETCH_K_QUANTS);
+    let mut acc = _mm_setzero_ps();
+    for b in 0..nb {
+        let x16 = &act.sums[(t * nb + b) * Q8K_SUMS + 8..][..16];
+        let s: [__m256i; 4] = std::array::from_fn(|r| {
+            let p = w[r].add(b * BLOCK_BYTES);
+            prefetch(ahead.of(w[r], b), BLOCK_BYTES);
+            let sc = std::slice::from_raw_parts(p.add(SCALES).cast::<i8>(), 16);
+            let mut sum = _mm256_setzero_si256();
+            for half in 0..2 {
+                let ql0 = _mm256_loadu_si256(p.add(64 * half).cast());
+                let ql1 = _mm256_loadu_si256(p.add(64 * half + 32).cast());
+                let qh = _mm256_loadu_si256(p.add(QH + 32 * half).cast());
+                let values = [
+                    (_mm256_and_si256(ql0, m4), _mm256_slli_epi16::<4>(qh)),
+                    (_mm256_and_si256(ql1, m4), _mm256_slli_epi16::<2>(qh)),
+                    (_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4), qh),
+                    (
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4),
+                        _mm256_srli_epi16::<2>(qh),
+                    ),
+                ];
+                for (j, (low, high)) in values.into_iter().enumerate() {
+                    let q = _mm256_or_si256(low, _mm256_and_si256(high, top));
+                    let x = _mm256_loadu_si256(xq.add(QK_K * b + 128 * half + 32 * j).cast());
+                    let s0 = sc[8 * half + 2 * j] as i16;
+                    let scales = _mm256_set_m128i(
+                        _mm_set1_epi16(sc[8 * half + 2 * j + 1] as i16),
+                        _mm_set1_epi16(s0),
+                    );
+                    let pairs = _mm256_maddubs_epi16(q, x);
+                    sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, scales));
+                }
+            }
+            let offset: i32 = sc.iter().zip(x16).map(|(&c, &x)| c as i32 * x as i32).sum();
+            _mm256_sub_epi32(sum, _mm256_setr_epi32(32 * offset, 0, 0, 0, 0, 0, 0, 0))
+        });
+        let h = |r: usize| w[r].add(b * BLOCK_BYTES + D).cast::<i16>().read_unaligned();
+        let d4 = _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, h(3), h(2), h(1), h(0)));
+        let d = _mm_mul_ps(d4, _mm_set1_ps(act.d[t * nb + b]));
+        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(hsum4_avx2(s)), d, acc);
+    }
+    let mut out = [0f32; 4];
+    _mm_storeu_ps(out.as_mut_ptr(), acc);
+    out
+}
+
+impl Avx2Rows for Q6K {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn rows4_avx2(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
+        rows4_avx2(w, nb, act, t)
     }
 }
 

@@ -20,11 +20,10 @@
 use core::arch::x86_64::*;
 
 use super::act::{Groups, Rows, QK8_0};
-use super::driver::{run_rows, Format, RowKernel};
+use super::driver::{Avx2Rows, Format, RowKernel};
 use super::simd::{
-    add_block, bcast4, f16_at, iq4_table, prefetch, tile_values, Ahead, PREFETCH_Q8_0,
+    add_block, bcast4, f16_at, hsum4_avx2, iq4_table, prefetch, tile_values, Ahead, PREFETCH_Q8_0,
 };
-use crate::gguf::TensorType;
 
 pub(crate) struct Q8_0;
 pub(crate) struct Q4_0;
@@ -310,6 +309,13 @@ macro_rules! format_32 {
             }
         }
 
+        impl Avx2Rows for $t {
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn rows4_avx2(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
+                rows4_avx2::<$t>(w, nb, act, t)
+            }
+        }
+
         impl Format for $t {
             /// `−OFF × (sum of the block)`: the accumulators' starting values.
             const N_EXTRA: usize = 1;
@@ -347,15 +353,6 @@ format_32!(IQ4NL);
 format_32!(Q4_1);
 format_32!(Q5_1);
 
-/// The sums of each of 4 vectors of 8 i32.
-#[inline]
-#[target_feature(enable = "avx2")]
-fn hsum4_avx2(z: [__m256i; 4]) -> __m128i {
-    let (a, b) = (_mm256_hadd_epi32(z[0], z[1]), _mm256_hadd_epi32(z[2], z[3]));
-    let c = _mm256_hadd_epi32(a, b);
-    _mm_add_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256::<1>(c))
-}
-
 /// `rows4` of a 32-value format on AVX2. Without `vpdpbusd`, the values are made signed
 /// (`q = u − OFF`) and multiplied as ggml's AVX2 code does, `|q|` (unsigned) times `x` with
 /// `q`'s sign: pairs of products stay within i16 (2 · 128 · 127), so the sums are exact and
@@ -380,39 +377,4 @@ unsafe fn rows4_avx2<B: Block32>(w: [*const u8; 4], nb: usize, act: &Rows, t: us
     let mut out = [0f32; 4];
     _mm_storeu_ps(out.as_mut_ptr(), acc);
     out
-}
-
-/// A 32-value format's AVX2 row kernel.
-pub(crate) struct Avx2<B>(std::marker::PhantomData<B>);
-
-impl<B: Block32 + Sync> RowKernel for Avx2<B> {
-    const BLOCK: usize = QK8_0;
-    const BLOCK_BYTES: usize = B::BYTES;
-    const Q8K: bool = false;
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn rows4(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
-        rows4_avx2::<B>(w, nb, act, t)
-    }
-}
-
-/// `y[m, n_rows] = x[m, k] · Wᵀ` on AVX2, every token through the row kernel, for the
-/// 32-value formats (`dtype` among them).
-pub(super) fn run_avx2(
-    dtype: TensorType,
-    data: &[u8],
-    n_rows: usize,
-    k: usize,
-    x: &[f32],
-    y: &mut [f32],
-) {
-    match dtype {
-        TensorType::Q8_0 => run_rows::<Avx2<Q8_0>>(data, n_rows, k, x, y),
-        TensorType::Q4_0 => run_rows::<Avx2<Q4_0>>(data, n_rows, k, x, y),
-        TensorType::Q5_0 => run_rows::<Avx2<Q5_0>>(data, n_rows, k, x, y),
-        TensorType::Q4_1 => run_rows::<Avx2<Q4_1>>(data, n_rows, k, x, y),
-        TensorType::Q5_1 => run_rows::<Avx2<Q5_1>>(data, n_rows, k, x, y),
-        TensorType::IQ4NL => run_rows::<Avx2<IQ4NL>>(data, n_rows, k, x, y),
-        _ => unreachable!("supports() lists the AVX2 types"),
-    }
 }

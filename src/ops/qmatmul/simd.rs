@@ -23,6 +23,15 @@ pub(crate) fn hsum4(s: [__m512i; 4]) -> __m128i {
     lane_sums(u)
 }
 
+/// The sums of each of 4 vectors of 8 i32.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(crate) fn hsum4_avx2(z: [__m256i; 4]) -> __m128i {
+    let (a, b) = (_mm256_hadd_epi32(z[0], z[1]), _mm256_hadd_epi32(z[2], z[3]));
+    let c = _mm256_hadd_epi32(a, b);
+    _mm_add_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256::<1>(c))
+}
+
 /// The sum of each 128-bit lane's 4 i32: `[Σ lane 0, Σ lane 1, Σ lane 2, Σ lane 3]`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]

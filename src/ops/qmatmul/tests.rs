@@ -259,10 +259,10 @@ fn iq4_xs_equals_the_portable_product() {
     }
 }
 
-/// The AVX2 row kernel of one 32-value format on `n_rows` rows of `k` values: bit for bit
+/// The AVX2 row kernel of one format on `n_rows` rows of `k` values: bit for bit
 /// against the portable product (Q4_1, Q5_1, IQ4_NL), or against candle's (the others) and
 /// the dequantized one; and bit for bit against the AVX-512 kernels where the CPU has them.
-fn check_avx2<B: q8_0::Block32 + Sync, T: GgmlType>(dtype: TensorType, n_rows: usize, k: usize) {
+fn check_avx2<B: driver::Avx2Rows, T: GgmlType>(dtype: TensorType, n_rows: usize, k: usize) {
     if !(is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("fma")
         && is_x86_feature_detected!("f16c"))
@@ -274,7 +274,7 @@ fn check_avx2<B: q8_0::Block32 + Sync, T: GgmlType>(dtype: TensorType, n_rows: u
     let mut rng = Rng(5);
     let x: Vec<f32> = (0..9 * k).map(|_| 3.0 * rng.float()).collect();
     let mut ours = vec![0f32; 9 * n_rows];
-    driver::run_rows::<q8_0::Avx2<B>>(&data, n_rows, k, &x, &mut ours);
+    driver::run_rows::<driver::Avx2<B>>(&data, n_rows, k, &x, &mut ours);
     if crate::ops::portable::supports(dtype) {
         let mut portable = vec![0f32; 9 * n_rows];
         crate::ops::portable::matmul(dtype, &data, n_rows, k, &x, &mut portable);
@@ -321,6 +321,12 @@ fn avx2_row_kernels_match_candle_and_the_avx512_kernels() {
         check_avx2::<q8_0::Q4_1, BlockQ4_1>(TensorType::Q4_1, 13, k);
         check_avx2::<q8_0::Q5_1, BlockQ5_1>(TensorType::Q5_1, 13, k);
         check_avx2::<q8_0::IQ4NL, BlockQ4_0>(TensorType::IQ4NL, 13, k);
+    }
+    for k in [256, 768, 2048] {
+        check_avx2::<q4k::Q4K, BlockQ4K>(TensorType::Q4K, 13, k);
+        check_avx2::<q4k::Q5K, BlockQ5K>(TensorType::Q5K, 13, k);
+        check_avx2::<q6k::Q6K, BlockQ6K>(TensorType::Q6K, 13, k);
+        check_avx2::<iq4xs::IQ4XS, BlockQ4K>(TensorType::IQ4XS, 13, k);
     }
 }
 
