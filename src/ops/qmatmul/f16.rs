@@ -11,7 +11,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::driver::{row_tasks, Weights, MIN_TILED};
-use super::simd::{self, prefetch, Ahead};
+use super::simd::{self, prefetch_l2, Ahead};
 use crate::ops::matmul::SyncPtr;
 use crate::ops::scratch;
 
@@ -159,7 +159,7 @@ unsafe fn rows4(w: [*const u8; 4], k: usize, x: &[f32]) -> [f32; 4] {
                 16 => {
                     // One prefetch per 64 bytes of the row: every other chunk.
                     if j % 2 == 0 {
-                        prefetch(ahead.of(w[r], j), 64);
+                        prefetch_l2(ahead.of(w[r], j), 64);
                     }
                     _mm256_loadu_si256(p.cast())
                 }

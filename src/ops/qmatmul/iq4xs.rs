@@ -12,7 +12,7 @@ use core::arch::x86_64::*;
 use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
 use super::driver::{Avx2Rows, Format, RowKernel};
 use super::simd::{
-    f16_at, hsum4, hsum4_avx2, iq4_table, prefetch, tile_with_starts, Ahead, Unpacked,
+    f16_at, hsum4, hsum4_avx2, iq4_table, prefetch_l2, tile_with_starts, Ahead, Unpacked,
     PREFETCH_K_QUANTS,
 };
 use crate::ops::iq4::{xs_scales, KVALUES};
@@ -71,7 +71,7 @@ impl RowKernel for IQ4XS {
             let mut offset = [0i32; 4];
             for r in 0..4 {
                 let p = w[r].add(b * BLOCK_BYTES);
-                prefetch(ahead.of(w[r], b), BLOCK_BYTES);
+                prefetch_l2(ahead.of(w[r], b), BLOCK_BYTES);
                 let sc = scales(p);
                 for j in 0..4 {
                     let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), pair(p, j), x[j]);
@@ -114,7 +114,7 @@ unsafe fn rows4_avx2(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32
     for b in 0..nb {
         let s: [__m256i; 4] = std::array::from_fn(|r| {
             let p = w[r].add(b * BLOCK_BYTES);
-            prefetch(ahead.of(w[r], b), BLOCK_BYTES);
+            prefetch_l2(ahead.of(w[r], b), BLOCK_BYTES);
             let sc = scales(p);
             let mut sum = _mm256_setzero_si256();
             for (sb, &scale) in sc.iter().enumerate() {

@@ -15,7 +15,7 @@ use core::arch::x86_64::*;
 use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
 use super::driver::{Avx2Rows, Format, RowKernel};
 use super::simd::{
-    add_block, bcast4, f16_at, hsum4, hsum4_avx2, lane_sums, prefetch, scaled_subblocks,
+    add_block, bcast4, f16_at, hsum4, hsum4_avx2, lane_sums, prefetch_l2, scaled_subblocks,
     tile_values, Ahead, PREFETCH_K_QUANTS,
 };
 
@@ -206,7 +206,7 @@ unsafe fn rows4<const HIGH: bool>(w: [*const u8; 4], nb: usize, act: &Rows, t: u
         let scmn = unpack_scales(hdr);
         let mut s = [_mm512_setzero_si512(); 4];
         for r in 0..4 {
-            prefetch(ahead.of(w[r], b), block_bytes);
+            prefetch_l2(ahead.of(w[r], b), block_bytes);
             // Lane r (this row's scales) in every lane.
             let r4 = 4 * r as i32;
             let lane = _mm512_broadcast_i32x4(_mm_setr_epi32(r4, r4 + 1, r4 + 2, r4 + 3));
@@ -290,19 +290,23 @@ unsafe fn rows4_avx2<const HIGH: bool>(
 ) -> [f32; 4] {
     let block_bytes = block_bytes(HIGH);
     let m4 = _mm256_set1_epi8(0x0f);
+    // `vpshufb` patterns broadcasting i16 `i` of a lane's 8 to all of it.
+    let pick: [__m256i; 8] =
+        std::array::from_fn(|i| _mm256_set1_epi16(0x0100 * (2 * i as i16 + 1) + 2 * i as i16));
     let xq = act.qs[t * act.k..].as_ptr();
     let ahead = Ahead::new(nb, block_bytes, PREFETCH_K_QUANTS);
     let mut acc = _mm_setzero_ps();
     for b in 0..nb {
         let x = |i: usize| _mm256_loadu_si256(xq.add(QK_K * b + 32 * i).cast());
-        let x_sums = &act.sums[(t * nb + b) * Q8K_SUMS..][..8];
-        let mut mins = [0i32; 4];
+        let x32 = _mm_loadu_si128(act.sums[(t * nb + b) * Q8K_SUMS..].as_ptr().cast());
+        let mut mins = [_mm_setzero_si128(); 4];
         let s: [__m256i; 4] = std::array::from_fn(|r| {
             let p = w[r].add(b * block_bytes);
-            prefetch(ahead.of(w[r], b), block_bytes);
+            prefetch_l2(ahead.of(w[r], b), block_bytes);
             let (sc, mn) = scales_mins(p.add(4));
-            let byte = |v: u64, i: usize| (v >> (8 * i)) as u8 as i32;
-            mins[r] = (0..8).map(|i| byte(mn, i) * x_sums[i] as i32).sum();
+            let widen = |v: u64| _mm_cvtepu8_epi16(_mm_cvtsi64_si128(v as i64));
+            mins[r] = _mm_madd_epi16(widen(mn), x32);
+            let scales = _mm256_broadcastsi128_si256(widen(sc));
             let qh = match HIGH {
                 true => _mm256_loadu_si256(p.add(QH).cast()),
                 false => _mm256_setzero_si256(),
@@ -325,17 +329,20 @@ unsafe fn rows4_avx2<const HIGH: bool>(
                     hi = _mm256_or_si256(hi, bit(2 * c as i32 + 1));
                 }
                 for (j, v) in [lo, hi].into_iter().enumerate() {
-                    let scale = _mm256_set1_epi16(byte(sc, 2 * c + j) as i16);
+                    let scale = _mm256_shuffle_epi8(scales, pick[2 * c + j]);
                     let pairs = _mm256_maddubs_epi16(v, x(2 * c + j));
                     sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, scale));
                 }
             }
             sum
         });
+        let m = _mm_hadd_epi32(
+            _mm_hadd_epi32(mins[0], mins[1]),
+            _mm_hadd_epi32(mins[2], mins[3]),
+        );
         let dx = _mm_set1_ps(act.d[t * nb + b]);
         let d = _mm_mul_ps(halves4(w, block_bytes, b, 0), dx);
         let dmin = _mm_mul_ps(halves4(w, block_bytes, b, 2), dx);
-        let m = _mm_loadu_si128(mins.as_ptr().cast());
         acc = _mm_fmadd_ps(_mm_cvtepi32_ps(hsum4_avx2(s)), d, acc);
         acc = _mm_fnmadd_ps(_mm_cvtepi32_ps(m), dmin, acc);
     }

@@ -14,7 +14,7 @@ use core::arch::x86_64::*;
 use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
 use super::driver::{Avx2Rows, Format, RowKernel};
 use super::simd::{
-    f16_at, hsum4, hsum4_avx2, prefetch, tile_with_starts, Ahead, Unpacked, PREFETCH_K_QUANTS,
+    f16_at, hsum4, hsum4_avx2, prefetch_l2, tile_with_starts, Ahead, Unpacked, PREFETCH_K_QUANTS,
 };
 
 pub(crate) struct Q6K;
@@ -91,7 +91,7 @@ impl RowKernel for Q6K {
             let mut s = [_mm512_setzero_si512(); 4];
             for r in 0..4 {
                 let p = w[r].add(b * BLOCK_BYTES);
-                prefetch(ahead.of(w[r], b), BLOCK_BYTES);
+                prefetch_l2(ahead.of(w[r], b), BLOCK_BYTES);
                 let (l0, l1) = (
                     _mm512_loadu_si512(p.cast()),
                     _mm512_loadu_si512(p.add(64).cast()),
@@ -142,16 +142,23 @@ impl RowKernel for Q6K {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows4_avx2(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
     let (m4, top) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30));
+    // `vpshufb` patterns giving i16 `2j` of a lane's 8 in the low lane, `2j + 1` in the high.
+    let pick: [__m256i; 4] = std::array::from_fn(|j| {
+        let i16_at = |i: i16| _mm_set1_epi16(0x0100 * (2 * i + 1) + 2 * i);
+        _mm256_set_m128i(i16_at(2 * j as i16 + 1), i16_at(2 * j as i16))
+    });
     let xq = act.qs[t * act.k..].as_ptr();
     let ahead = Ahead::new(nb, BLOCK_BYTES, PREFETCH_K_QUANTS);
     let mut acc = _mm_setzero_ps();
     for b in 0..nb {
-        let x16 = &act.sums[(t * nb + b) * Q8K_SUMS + 8..][..16];
+        let x16 = _mm256_loadu_si256(act.sums[(t * nb + b) * Q8K_SUMS + 8..].as_ptr().cast());
         let s: [__m256i; 4] = std::array::from_fn(|r| {
             let p = w[r].add(b * BLOCK_BYTES);
-            prefetch(ahead.of(w[r], b), BLOCK_BYTES);
-            let sc = std::slice::from_raw_parts(p.add(SCALES).cast::<i8>(), 16);
-            let mut sum = _mm256_setzero_si256();
+            prefetch_l2(ahead.of(w[r], b), BLOCK_BYTES);
+            let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(SCALES).cast()));
+            // `32 Σ_s sc_s X_s`, subtracted from the lanes' sums.
+            let offset = _mm256_slli_epi32::<5>(_mm256_madd_epi16(sc16, x16));
+            let mut sum = _mm256_sub_epi32(_mm256_setzero_si256(), offset);
             for half in 0..2 {
                 let ql0 = _mm256_loadu_si256(p.add(64 * half).cast());
                 let ql1 = _mm256_loadu_si256(p.add(64 * half + 32).cast());
@@ -165,20 +172,20 @@ unsafe fn rows4_avx2(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32
                         _mm256_srli_epi16::<2>(qh),
                     ),
                 ];
+                // This half's 8 scales in both lanes.
+                let half_scales = match half {
+                    0 => _mm256_permute2x128_si256::<0x00>(sc16, sc16),
+                    _ => _mm256_permute2x128_si256::<0x11>(sc16, sc16),
+                };
                 for (j, (low, high)) in values.into_iter().enumerate() {
                     let q = _mm256_or_si256(low, _mm256_and_si256(high, top));
                     let x = _mm256_loadu_si256(xq.add(QK_K * b + 128 * half + 32 * j).cast());
-                    let s0 = sc[8 * half + 2 * j] as i16;
-                    let scales = _mm256_set_m128i(
-                        _mm_set1_epi16(sc[8 * half + 2 * j + 1] as i16),
-                        _mm_set1_epi16(s0),
-                    );
+                    let scales = _mm256_shuffle_epi8(half_scales, pick[j]);
                     let pairs = _mm256_maddubs_epi16(q, x);
                     sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, scales));
                 }
             }
-            let offset: i32 = sc.iter().zip(x16).map(|(&c, &x)| c as i32 * x as i32).sum();
-            _mm256_sub_epi32(sum, _mm256_setr_epi32(32 * offset, 0, 0, 0, 0, 0, 0, 0))
+            sum
         });
         let h = |r: usize| w[r].add(b * BLOCK_BYTES + D).cast::<i16>().read_unaligned();
         let d4 = _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, h(3), h(2), h(1), h(0)));

@@ -22,7 +22,8 @@ use core::arch::x86_64::*;
 use super::act::{Groups, Rows, QK8_0};
 use super::driver::{Avx2Rows, Format, RowKernel};
 use super::simd::{
-    add_block, bcast4, f16_at, hsum4_avx2, iq4_table, prefetch, tile_values, Ahead, PREFETCH_Q8_0,
+    add_block, bcast4, f16_at, hsum4_avx2, iq4_table, prefetch_l2, tile_values, Ahead,
+    PREFETCH_Q8_0,
 };
 
 pub(crate) struct Q8_0;
@@ -209,7 +210,7 @@ unsafe fn rows4<B: Block32>(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) 
         let x = _mm512_loadu_si512(xq.add(QK8_0 * b).cast());
         let z: [__m512i; 4] = std::array::from_fn(|r| {
             let p = w[r].add(b * B::BYTES);
-            prefetch(ahead.of(w[r], b), 2 * B::BYTES);
+            prefetch_l2(ahead.of(w[r], b), 2 * B::BYTES);
             let u = _mm512_inserti64x4::<1>(
                 _mm512_castsi256_si512(B::values(p)),
                 B::values(p.add(B::BYTES)),
@@ -367,7 +368,7 @@ unsafe fn rows4_avx2<B: Block32>(w: [*const u8; 4], nb: usize, act: &Rows, t: us
     for b in 0..nb {
         let x = _mm256_loadu_si256(xq.add(QK8_0 * b).cast());
         let z: [__m256i; 4] = std::array::from_fn(|r| {
-            prefetch(ahead.of(w[r], b), B::BYTES);
+            prefetch_l2(ahead.of(w[r], b), B::BYTES);
             let q = _mm256_sub_epi8(B::values(w[r].add(b * B::BYTES)), off);
             let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));
             _mm256_madd_epi16(pairs, ones)
