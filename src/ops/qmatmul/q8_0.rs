@@ -354,26 +354,39 @@ format_32!(IQ4NL);
 format_32!(Q4_1);
 format_32!(Q5_1);
 
-/// `rows4` of a 32-value format on AVX2. Without `vpdpbusd`, the values are made signed
-/// (`q = u − OFF`) and multiplied as ggml's AVX2 code does, `|q|` (unsigned) times `x` with
-/// `q`'s sign: pairs of products stay within i16 (2 · 128 · 127), so the sums are exact and
-/// the float steps, shared with AVX-512, give the same bits.
+/// `rows4` of a 32-value format on AVX2. Without `vpdpbusd`, small unsigned values (up to
+/// 31) multiply the activations with `vpmaddubsw` directly, less `OFF X_b` after; Q8_0's and
+/// IQ4_NL's are made signed (`q = u − OFF`) and multiplied as ggml's AVX2 code does, `|q|`
+/// times `x` with `q`'s sign. Either way pairs of products stay within i16 (2 · 128 · 127),
+/// the sums are exact, and the float steps, shared with AVX-512, give the same bits.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows4_avx2<B: Block32>(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
     let xq = act.qs[t * act.k..].as_ptr();
+    let xs = &act.sums[t * nb..];
     let (off, ones) = (_mm256_set1_epi8(B::OFF as i8), _mm256_set1_epi16(1));
+    let small = B::OFF < 128;
     let ahead = Ahead::new(nb, B::BYTES, PREFETCH_Q8_0);
     let mut acc = _mm_setzero_ps();
     for b in 0..nb {
         let x = _mm256_loadu_si256(xq.add(QK8_0 * b).cast());
         let z: [__m256i; 4] = std::array::from_fn(|r| {
             prefetch_l2(ahead.of(w[r], b), B::BYTES);
-            let q = _mm256_sub_epi8(B::values(w[r].add(b * B::BYTES)), off);
-            let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));
+            let u = B::values(w[r].add(b * B::BYTES));
+            let pairs = match small {
+                true => _mm256_maddubs_epi16(u, x),
+                false => {
+                    let q = _mm256_sub_epi8(u, off);
+                    _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q))
+                }
+            };
             _mm256_madd_epi16(pairs, ones)
         });
-        acc = steps::<B>(acc, hsum4_avx2(z), w, b, act, t);
+        let s = match small {
+            true => _mm_sub_epi32(hsum4_avx2(z), _mm_set1_epi32(B::OFF * xs[b] as i32)),
+            false => hsum4_avx2(z),
+        };
+        acc = steps::<B>(acc, s, w, b, act, t);
     }
     let mut out = [0f32; 4];
     _mm_storeu_ps(out.as_mut_ptr(), acc);
