@@ -363,7 +363,6 @@ format_32!(Q5_1);
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows4_avx2<B: Block32>(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
     let xq = act.qs[t * act.k..].as_ptr();
-    let xs = &act.sums[t * nb..];
     let (off, ones) = (_mm256_set1_epi8(B::OFF as i8), _mm256_set1_epi16(1));
     let small = B::OFF < 128;
     let ahead = Ahead::new(nb, B::BYTES, PREFETCH_Q8_0);
@@ -383,7 +382,10 @@ unsafe fn rows4_avx2<B: Block32>(w: [*const u8; 4], nb: usize, act: &Rows, t: us
             _mm256_madd_epi16(pairs, ones)
         });
         let s = match small {
-            true => _mm_sub_epi32(hsum4_avx2(z), _mm_set1_epi32(B::OFF * xs[b] as i32)),
+            true => _mm_sub_epi32(
+                hsum4_avx2(z),
+                _mm_set1_epi32(B::OFF * act.sums[t * nb + b] as i32),
+            ),
             false => hsum4_avx2(z),
         };
         acc = steps::<B>(acc, s, w, b, act, t);
