@@ -77,16 +77,20 @@ fn nearest(x: f32) -> usize {
     }
 }
 
+/// The largest magnitude in `x` and the (first) value that has it.
+pub(crate) fn abs_max(x: &[f32]) -> (f32, f32) {
+    x.iter()
+        .fold((0f32, 0f32), |(amax, max), &v| match v.abs() > amax {
+            true => (v.abs(), v),
+            false => (amax, max),
+        })
+}
+
 /// The scale of one block of 32 values `x` with weights `w` (`Σ w (x − d·v)²` small):
 /// the least-squares scale for the values nearest to `x / d`, over 15 trial `d` around
 /// `max / −127`. 0 for an all-zero block.
 fn block_scale(x: &[f32], w: &[f32]) -> f32 {
-    let (amax, max) = x
-        .iter()
-        .fold((0f32, 0f32), |(amax, max), &v| match v.abs() > amax {
-            true => (v.abs(), v),
-            false => (amax, max),
-        });
+    let (amax, max) = abs_max(x);
     if amax < 1e-15 {
         return 0.0;
     }

@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use super::iq4::{f16_at, inverse, nibbles, xs_scales, KVALUES};
+use super::iq4::{abs_max, f16_at, inverse, nibbles, xs_scales, KVALUES};
 use super::matmul::SyncPtr;
 use super::scratch::{self, Pod};
 use crate::gguf::TensorType;
@@ -53,12 +53,7 @@ pub(crate) fn quantize_q8_0_block(x: &[f32], qs: &mut [i8]) -> (f32, i32) {
 /// One Q8_K block as candle's `BlockQ8K::from_float` rounds it: `d = max / −127` of the value
 /// of largest magnitude (the first such), `q = round(x / d)` clamped to i8. Returns `d`.
 pub(crate) fn quantize_q8k_block(x: &[f32], qs: &mut [i8]) -> f32 {
-    let (amax, max) = x
-        .iter()
-        .fold((0f32, 0f32), |(amax, max), &v| match v.abs() > amax {
-            true => (v.abs(), v),
-            false => (amax, max),
-        });
+    let (amax, max) = abs_max(x);
     if amax == 0.0 {
         qs.fill(0);
         return 0.0;
@@ -81,25 +76,7 @@ impl<const N: usize> Act<N> {
             self.s = half::f16::from_f32(d * sum as f32).to_f32();
             return;
         }
-        let (amax, max) = x
-            .iter()
-            .fold((0f32, 0f32), |(amax, max), &v| match v.abs() > amax {
-                true => (v.abs(), v),
-                false => (amax, max),
-            });
-        if amax == 0.0 {
-            *self = Act {
-                d: 0.0,
-                s: 0.0,
-                qs: [0; N],
-            };
-            return;
-        }
-        let iscale = -127.0 / max;
-        for (q, &v) in self.qs.iter_mut().zip(x) {
-            *q = (iscale * v).round().clamp(-128.0, 127.0) as i8;
-        }
-        self.d = 1.0 / iscale;
+        self.d = quantize_q8k_block(x, &mut self.qs);
     }
 }
 

@@ -12,7 +12,7 @@ use core::arch::x86_64::*;
 use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
 use super::driver::{Avx2Rows, Format, RowKernel};
 use super::simd::{
-    f16_at, hsum4, hsum4_avx2, iq4_table, prefetch_l2, tile_with_starts, Ahead, Unpacked,
+    f16_at, halves4, hsum4, hsum4_avx2, iq4_table, prefetch_l2, tile_with_starts, Ahead, Unpacked,
     PREFETCH_K_QUANTS,
 };
 use crate::ops::iq4::{xs_scales, KVALUES};
@@ -88,9 +88,10 @@ impl RowKernel for IQ4XS {
                         .sum::<i32>();
             }
             let exact = _mm_sub_epi32(hsum4(s), _mm_loadu_si128(offset.as_ptr().cast()));
-            let h = |r: usize| w[r].add(b * BLOCK_BYTES).cast::<i16>().read_unaligned();
-            let d4 = _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, h(3), h(2), h(1), h(0)));
-            let d = _mm_mul_ps(d4, _mm_set1_ps(act.d[t * nb + b]));
+            let d = _mm_mul_ps(
+                halves4(w, BLOCK_BYTES, b, 0),
+                _mm_set1_ps(act.d[t * nb + b]),
+            );
             acc = _mm_fmadd_ps(_mm_cvtepi32_ps(exact), d, acc);
         }
         let mut out = [0f32; 4];
@@ -128,9 +129,10 @@ unsafe fn rows4_avx2(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32
             }
             sum
         });
-        let h = |r: usize| w[r].add(b * BLOCK_BYTES).cast::<i16>().read_unaligned();
-        let d4 = _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, h(3), h(2), h(1), h(0)));
-        let d = _mm_mul_ps(d4, _mm_set1_ps(act.d[t * nb + b]));
+        let d = _mm_mul_ps(
+            halves4(w, BLOCK_BYTES, b, 0),
+            _mm_set1_ps(act.d[t * nb + b]),
+        );
         acc = _mm_fmadd_ps(_mm_cvtepi32_ps(hsum4_avx2(s)), d, acc);
     }
     let mut out = [0f32; 4];

@@ -15,8 +15,8 @@ use core::arch::x86_64::*;
 use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
 use super::driver::{Avx2Rows, Format, RowKernel};
 use super::simd::{
-    add_block, bcast4, f16_at, hsum4, hsum4_avx2, lane_sums, prefetch_l2, scaled_subblocks,
-    tile_values, Ahead, PREFETCH_K_QUANTS,
+    add_block, bcast4, f16_at, halves4, hsum4, hsum4_avx2, lane_sums, prefetch_l2,
+    scaled_subblocks, tile_values, Ahead, PREFETCH_K_QUANTS,
 };
 
 /// Q4_K (`HIGH = false`) or Q5_K (`HIGH = true`, the fifth bits merged in).
@@ -261,18 +261,6 @@ unsafe fn rows4<const HIGH: bool>(w: [*const u8; 4], nb: usize, act: &Rows, t: u
     let mut out = [0f32; 4];
     _mm_storeu_ps(out.as_mut_ptr(), acc);
     out
-}
-
-/// The f16 at byte `at` of block `b` of 4 rows, widened.
-#[inline]
-#[target_feature(enable = "avx2,f16c")]
-unsafe fn halves4(w: [*const u8; 4], block_bytes: usize, b: usize, at: usize) -> __m128 {
-    let h = |r: usize| {
-        w[r].add(b * block_bytes + at)
-            .cast::<i16>()
-            .read_unaligned()
-    };
-    _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, h(3), h(2), h(1), h(0)))
 }
 
 /// `Avx2Rows::rows4_avx2` of Q4_K (`HIGH` false) and Q5_K: per 32-byte chunk of nibbles,

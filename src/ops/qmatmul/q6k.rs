@@ -14,7 +14,8 @@ use core::arch::x86_64::*;
 use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
 use super::driver::{Avx2Rows, Format, RowKernel};
 use super::simd::{
-    f16_at, hsum4, hsum4_avx2, prefetch_l2, tile_with_starts, Ahead, Unpacked, PREFETCH_K_QUANTS,
+    f16_at, halves4, hsum4, hsum4_avx2, prefetch_l2, tile_with_starts, Ahead, Unpacked,
+    PREFETCH_K_QUANTS,
 };
 
 pub(crate) struct Q6K;
@@ -123,9 +124,10 @@ impl RowKernel for Q6K {
                 let offset = _mm256_slli_epi32::<5>(_mm256_madd_epi16(sc16, x16));
                 s[r] = _mm512_sub_epi32(s[r], _mm512_zextsi256_si512(offset));
             }
-            let h = |r: usize| w[r].add(b * BLOCK_BYTES + D).cast::<i16>().read_unaligned();
-            let d4 = _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, h(3), h(2), h(1), h(0)));
-            let d = _mm_mul_ps(d4, _mm_set1_ps(act.d[t * nb + b]));
+            let d = _mm_mul_ps(
+                halves4(w, BLOCK_BYTES, b, D),
+                _mm_set1_ps(act.d[t * nb + b]),
+            );
             acc = _mm_fmadd_ps(_mm_cvtepi32_ps(hsum4(s)), d, acc);
         }
         let mut out = [0f32; 4];
@@ -187,9 +189,10 @@ unsafe fn rows4_avx2(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32
             }
             sum
         });
-        let h = |r: usize| w[r].add(b * BLOCK_BYTES + D).cast::<i16>().read_unaligned();
-        let d4 = _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, h(3), h(2), h(1), h(0)));
-        let d = _mm_mul_ps(d4, _mm_set1_ps(act.d[t * nb + b]));
+        let d = _mm_mul_ps(
+            halves4(w, BLOCK_BYTES, b, D),
+            _mm_set1_ps(act.d[t * nb + b]),
+        );
         acc = _mm_fmadd_ps(_mm_cvtepi32_ps(hsum4_avx2(s)), d, acc);
     }
     let mut out = [0f32; 4];

@@ -22,7 +22,7 @@ use core::arch::x86_64::*;
 use super::act::{Groups, Rows, QK8_0};
 use super::driver::{Avx2Rows, Format, RowKernel};
 use super::simd::{
-    add_block, bcast4, f16_at, hsum4_avx2, iq4_table, prefetch_l2, tile_values, Ahead,
+    add_block, bcast4, f16_at, halves4, hsum4_avx2, iq4_table, prefetch_l2, tile_values, Ahead,
     PREFETCH_Q8_0,
 };
 
@@ -182,10 +182,7 @@ unsafe fn steps<B: Block32>(
     t: usize,
 ) -> __m128 {
     // The f16 at `at` in block `b` of the 4 rows (d at 0, m at 2).
-    let halves = |at: usize| {
-        let h = |r: usize| w[r].add(b * B::BYTES + at).cast::<i16>().read_unaligned();
-        _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, h(3), h(2), h(1), h(0)))
-    };
+    let halves = |at: usize| halves4(w, B::BYTES, b, at);
     let i = t * act.k / QK8_0 + b;
     let dx = _mm_set1_ps(act.d[i]);
     let acc = _mm_fmadd_ps(_mm_cvtepi32_ps(s), _mm_mul_ps(halves(0), dx), acc);

@@ -277,6 +277,18 @@ pub(crate) unsafe fn tile_with_starts<const T: usize, const N_SUB: usize>(
     tile_values(f)
 }
 
+/// The f16 at byte `at` of block `b` of 4 rows, widened.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+pub(crate) unsafe fn halves4(w: [*const u8; 4], block_bytes: usize, b: usize, at: usize) -> __m128 {
+    let h = |r: usize| {
+        w[r].add(b * block_bytes + at)
+            .cast::<i16>()
+            .read_unaligned()
+    };
+    _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, h(3), h(2), h(1), h(0)))
+}
+
 /// f16 widened to f32 (exactly).
 ///
 /// # Safety
