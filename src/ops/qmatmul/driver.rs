@@ -51,7 +51,7 @@ impl<F: Avx2Rows> RowKernel for Avx2<F> {
     }
 }
 
-/// The AVX-512 kernels of one weight format: its row kernel and its tiles.
+/// The kernels of one weight format on one instruction set: its row kernel and its tiles.
 pub(crate) trait Format: RowKernel {
     /// Extra i32 terms per block and token in `Groups`, made from the block's sums.
     const N_EXTRA: usize;
@@ -248,8 +248,8 @@ unsafe fn store_tile(
     n: usize,
     tile: &[[f32; 16]; 4],
 ) {
-    if n == 4 && tokens == 16 {
-        // SAFETY: products run only where `supports` found AVX-512; the caller's contract
+    if n == 4 && tokens == 16 && super::isa() == super::Isa::Avx512 {
+        // SAFETY: the check above found AVX-512; the caller's contract
         // covers the stores.
         return unsafe { simd::store_4x16(y.0.add(t0 * n_rows + r0), n_rows, tile) };
     }

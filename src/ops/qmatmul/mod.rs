@@ -134,12 +134,12 @@ pub(crate) fn matmul(
     if isa() == Isa::Avx2 {
         use driver::{run_rows, Avx2};
         match dtype {
-            TensorType::Q8_0 => run_rows::<Avx2<q8_0::Q8_0>>(data, n_rows, k, x, y),
-            TensorType::Q4_0 => run_rows::<Avx2<q8_0::Q4_0>>(data, n_rows, k, x, y),
-            TensorType::Q5_0 => run_rows::<Avx2<q8_0::Q5_0>>(data, n_rows, k, x, y),
-            TensorType::Q4_1 => run_rows::<Avx2<q8_0::Q4_1>>(data, n_rows, k, x, y),
-            TensorType::Q5_1 => run_rows::<Avx2<q8_0::Q5_1>>(data, n_rows, k, x, y),
-            TensorType::IQ4NL => run_rows::<Avx2<q8_0::IQ4NL>>(data, n_rows, k, x, y),
+            TensorType::Q8_0 => driver::run::<Avx2<q8_0::Q8_0>>(data, n_rows, k, x, y),
+            TensorType::Q4_0 => driver::run::<Avx2<q8_0::Q4_0>>(data, n_rows, k, x, y),
+            TensorType::Q5_0 => driver::run::<Avx2<q8_0::Q5_0>>(data, n_rows, k, x, y),
+            TensorType::Q4_1 => driver::run::<Avx2<q8_0::Q4_1>>(data, n_rows, k, x, y),
+            TensorType::Q5_1 => driver::run::<Avx2<q8_0::Q5_1>>(data, n_rows, k, x, y),
+            TensorType::IQ4NL => driver::run::<Avx2<q8_0::IQ4NL>>(data, n_rows, k, x, y),
             TensorType::Q4K => run_rows::<Avx2<q4k::Q4K>>(data, n_rows, k, x, y),
             TensorType::Q5K => run_rows::<Avx2<q4k::Q5K>>(data, n_rows, k, x, y),
             TensorType::Q6K => run_rows::<Avx2<q6k::Q6K>>(data, n_rows, k, x, y),

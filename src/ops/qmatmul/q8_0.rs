@@ -20,7 +20,7 @@
 use core::arch::x86_64::*;
 
 use super::act::{Groups, Rows, QK8_0};
-use super::driver::{Avx2Rows, Format, RowKernel};
+use super::driver::{Avx2, Avx2Rows, Format, RowKernel};
 use super::simd::{
     add_block, bcast4, f16_at, halves4, hsum4_avx2, iq4_table, prefetch_l2, tile_values, Ahead,
     PREFETCH_Q8_0,
@@ -236,9 +236,15 @@ fn scales_at(nb: usize) -> usize {
     (nb * QK8_0).next_multiple_of(64)
 }
 
+/// Bytes of an unpacked row of `nb` blocks.
+fn unpacked_bytes<B: Block32>(nb: usize) -> usize {
+    let n_scales = if B::MIN { 2 * nb } else { nb };
+    scales_at(nb) + (4 * n_scales).next_multiple_of(64)
+}
+
 /// An unpacked row: values, then the scales `d` as f32, then (with a min) the mins.
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+#[target_feature(enable = "avx2,f16c")]
 unsafe fn unpack<B: Block32>(w: *const u8, nb: usize, out: *mut u8) {
     let d = out.add(scales_at(nb)).cast::<f32>();
     for b in 0..nb {
@@ -294,6 +300,104 @@ unsafe fn tile<B: Block32, const T: usize>(
     tile_values(f)
 }
 
+/// One 16-token group of an AVX2 tile: 4 unpacked rows times group `g` of `act`, each token's
+/// block steps as the row kernels take them. Signed values (Q8_0, IQ4_NL) use the sign
+/// trick; small unsigned ones start from the groups' `−OFF X_b`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_group_avx2<B: Block32>(
+    w: [*const u8; 4],
+    nb: usize,
+    act: &Groups,
+    g: usize,
+) -> [[f32; 16]; 4] {
+    let k = nb * QK8_0;
+    let xq = act.qs[g * 16 * k..].as_ptr();
+    let dw: [*const f32; 4] = std::array::from_fn(|r| w[r].add(scales_at(nb)).cast());
+    let signed = B::OFF >= 128;
+    let (off, ones) = (_mm256_set1_epi8(B::OFF as i8), _mm256_set1_epi16(1));
+    let mut f = [[_mm256_setzero_ps(); 2]; 4];
+    for b in 0..nb {
+        let blk = (g * nb + b) * 16;
+        let start: [__m256i; 2] = match signed {
+            true => [_mm256_setzero_si256(); 2],
+            false => std::array::from_fn(|h| {
+                _mm256_loadu_si256(act.extra[blk + 8 * h..].as_ptr().cast())
+            }),
+        };
+        let mut s = [start; 4];
+        for j in 0..8 {
+            let k4 = 8 * b + j;
+            let x: [__m256i; 2] =
+                std::array::from_fn(|h| _mm256_loadu_si256(xq.add(k4 * 64 + 32 * h).cast()));
+            for r in 0..4 {
+                let u = _mm256_set1_epi32(w[r].add(4 * k4).cast::<i32>().read_unaligned());
+                for h in 0..2 {
+                    let pairs = match signed {
+                        true => {
+                            let q = _mm256_sub_epi8(u, off);
+                            _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x[h], q))
+                        }
+                        false => _mm256_maddubs_epi16(u, x[h]),
+                    };
+                    s[r][h] = _mm256_add_epi32(s[r][h], _mm256_madd_epi16(pairs, ones));
+                }
+            }
+        }
+        for h in 0..2 {
+            let dx = _mm256_loadu_ps(act.d[blk + 8 * h..].as_ptr());
+            let sx = _mm256_loadu_ps(act.s[blk + 8 * h..].as_ptr());
+            for r in 0..4 {
+                let d = _mm256_mul_ps(_mm256_set1_ps(dw[r].add(b).read()), dx);
+                f[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r][h]), d, f[r][h]);
+                if B::MIN {
+                    let m = _mm256_set1_ps(dw[r].add(nb + b).read());
+                    f[r][h] = _mm256_fmadd_ps(m, sx, f[r][h]);
+                }
+            }
+        }
+    }
+    let mut out = [[0f32; 16]; 4];
+    for r in 0..4 {
+        _mm256_storeu_ps(out[r].as_mut_ptr(), f[r][0]);
+        _mm256_storeu_ps(out[r][8..].as_mut_ptr(), f[r][1]);
+    }
+    out
+}
+
+/// The AVX2 tiles of the 32-value formats: the AVX-512 ones' unpacked rows, one group at a
+/// time (16 ymm registers hold one group's accumulators).
+impl<B: Block32 + Avx2Rows> Format for Avx2<B> {
+    const N_EXTRA: usize = 1;
+
+    fn extra(sums: &[i16], _: usize) -> i32 {
+        match B::OFF >= 128 {
+            true => 0,
+            false => -B::OFF * sums[0] as i32,
+        }
+    }
+
+    fn unpacked_bytes(nb: usize) -> usize {
+        unpacked_bytes::<B>(nb)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn unpack(w: *const u8, nb: usize, out: *mut u8) {
+        unpack::<B>(w, nb, out)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile<const T: usize>(
+        w: [*const u8; 4],
+        nb: usize,
+        act: &Groups,
+        g: [usize; T],
+    ) -> [[[f32; 16]; T]; 4] {
+        let groups = g.map(|g| tile_group_avx2::<B>(w, nb, act, g));
+        std::array::from_fn(|r| std::array::from_fn(|i| groups[i][r]))
+    }
+}
+
 macro_rules! format_32 {
     ($t:ty) => {
         impl RowKernel for $t {
@@ -323,8 +427,7 @@ macro_rules! format_32 {
             }
 
             fn unpacked_bytes(nb: usize) -> usize {
-                let n_scales = if <$t as Block32>::MIN { 2 * nb } else { nb };
-                scales_at(nb) + (4 * n_scales).next_multiple_of(64)
+                unpacked_bytes::<$t>(nb)
             }
 
             #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]

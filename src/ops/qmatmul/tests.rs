@@ -330,6 +330,45 @@ fn avx2_row_kernels_match_candle_and_the_avx512_kernels() {
     }
 }
 
+/// The AVX2 tiles of a 32-value format against its AVX2 row kernel: the same bits for every
+/// batch size.
+fn check_avx2_tiles<B: q8_0::Block32 + driver::Avx2Rows>(dtype: TensorType, n_rows: usize, k: usize)
+where
+    driver::Avx2<B>: driver::Format,
+{
+    if !is_x86_feature_detected!("avx2") || !is_x86_feature_detected!("fma") {
+        return;
+    }
+    let data = weights(dtype, n_rows, k, k as u64);
+    let mut rng = Rng(3);
+    let x: Vec<f32> = (0..33 * k).map(|_| 3.0 * rng.float()).collect();
+    for m in [6, 16, 17, 33] {
+        let (x, mut tiles, mut rows) =
+            (&x[..m * k], vec![0f32; m * n_rows], vec![0f32; m * n_rows]);
+        driver::run::<driver::Avx2<B>>(&data, n_rows, k, x, &mut tiles);
+        driver::run_rows::<driver::Avx2<B>>(&data, n_rows, k, x, &mut rows);
+        for (i, (a, b)) in tiles.iter().zip(&rows).enumerate() {
+            assert_eq!(
+                a.to_bits(),
+                b.to_bits(),
+                "{dtype} k={k} m={m} [{i}]: tiles vs rows"
+            );
+        }
+    }
+}
+
+#[test]
+fn avx2_tiles_equal_the_avx2_rows() {
+    for k in [32, 96, 576] {
+        check_avx2_tiles::<q8_0::Q8_0>(TensorType::Q8_0, 13, k);
+        check_avx2_tiles::<q8_0::Q4_0>(TensorType::Q4_0, 13, k);
+        check_avx2_tiles::<q8_0::Q5_0>(TensorType::Q5_0, 13, k);
+        check_avx2_tiles::<q8_0::Q4_1>(TensorType::Q4_1, 13, k);
+        check_avx2_tiles::<q8_0::Q5_1>(TensorType::Q5_1, 13, k);
+        check_avx2_tiles::<q8_0::IQ4NL>(TensorType::IQ4NL, 13, k);
+    }
+}
+
 #[test]
 fn other_types_are_declined() {
     let mut y = vec![0f32; 2];
