@@ -8,7 +8,7 @@ import pytest
 
 import gguf
 import lugh
-from conftest import assert_close, model, stored
+from conftest import assert_close, model, rel_err, stored
 
 ALL_TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
@@ -167,6 +167,41 @@ def test_fused_step_checkpointing_and_accumulation_give_the_same_gradients(
         assert_close(p.grad, 2 * e, 1e-5, "accumulated gradient")
     t.zero_grad()
     assert all(p.grad is None for p in t.trainable_parameters())
+
+
+# precision="bf16" against the exact float64 references. PyTorch's bf16 autocast (transformers +
+# PEFT on tiny-llama) is 2.5e-2 from them in the logits and 4.9e-2 in the adapter gradients;
+# lugh's mode, which keeps the products' sums in f32, must be as close.
+BF16_LOGITS_TOL = 3e-2
+BF16_GRADS_TOL = 5e-2
+
+
+def test_bf16_training_is_as_close_to_exact_as_pytorch_autocast(
+    f32_inference, ref, grads_ref, fixture_dir
+):
+    tokens = ref["tokens"].tolist()
+    t = copy_of_lora_all(f32_inference, fixture_dir)
+    logits = lugh.train.forward(f32_inference, tokens, t, precision="bf16")
+    assert_close(logits.numpy(), ref["all_scale1.0"], BF16_LOGITS_TOL, "bf16 logits")
+    exact = lugh.train.forward(f32_inference, tokens, copy_of_lora_all(f32_inference, fixture_dir))
+    assert rel_err(logits.numpy(), exact.numpy()) > 1e-4, "bf16 mode computed exact logits"
+    loss = lugh.train.cross_entropy_loss(logits, next_token_targets(tokens))
+    assert loss.item() == pytest.approx(float(grads_ref["loss"]), rel=1e-2)
+    loss.backward()
+    grads = [p.grad for p in t.trainable_parameters()]
+    for p, g in zip(t.trainable_parameters(), grads):
+        name = repr(p).split("'")[1]
+        assert_close(g, grads_ref[name], BF16_GRADS_TOL, f"bf16 dL/d{name}")
+    # The fused step, checkpointed or not, computes the same bf16 gradients, but for roundings:
+    # a last-bit difference in an f32 operand (the fused loss computes dL/dlogits on the
+    # device) can move its bf16 rounding by one bf16 step, 2^-8.
+    for checkpoint in (False, True):
+        fused = copy_of_lora_all(f32_inference, fixture_dir)
+        lugh.train.train_step(
+            f32_inference, [tokens], fused, checkpoint=checkpoint, precision="bf16"
+        )
+        for p, g in zip(fused.trainable_parameters(), grads):
+            assert_close(p.grad, g, 1e-2, f"bf16 fused step (checkpoint={checkpoint})")
 
 
 def test_memory_kept_from_an_earlier_step_changes_no_gradient(f32_inference, ref, fixture_dir):
@@ -363,10 +398,13 @@ def test_save_and_load_give_identical_logits(tmp_path, f32_inference, ref):
         )
 
 
-def test_trainer_lowers_the_loss(f32_inference, ref):
+@pytest.mark.parametrize("precision", ["f32", "bf16"])
+def test_trainer_lowers_the_loss(f32_inference, ref, precision):
     t = lugh.LoRA.create(f32_inference.model, rank=4, targets=("attn_q", "attn_v"), seed=0)
     data = [ref[f"batch_tokens_{i}"].tolist() for i in range(3)] + [ref["tokens"].tolist()]
-    trainer = lugh.train.Trainer(f32_inference, t, lr=1e-2, batch_size=2, seq_len=16, grad_accum=2)
+    trainer = lugh.train.Trainer(
+        f32_inference, t, lr=1e-2, batch_size=2, seq_len=16, grad_accum=2, precision=precision
+    )
     before = trainer.evaluate(data)
     seen = []
     reports = trainer.fit(data, steps=8, eval_data=data, eval_every=4, callback=seen.append)
@@ -390,6 +428,13 @@ def test_training_arguments_are_checked(f32_inference, fixture_dir, ref):
         lugh.train.cross_entropy_loss(logits, [-100] * len(tokens))
     with pytest.raises(TypeError, match="lugh.train.forward"):
         lugh.train.cross_entropy_loss(t.trainable_parameters()[0], [1])
+    for bad in ("fp16", "BF16", ""):
+        with pytest.raises(ValueError, match="precision"):
+            lugh.train.forward(f32_inference, tokens, t, precision=bad)
+        with pytest.raises(ValueError, match="precision"):
+            lugh.train.train_step(f32_inference, [tokens], t, precision=bad)
+        with pytest.raises(ValueError, match="precision"):
+            lugh.train.Trainer(f32_inference, t, precision=bad)
     loaded = lugh.LoRA(fixture_dir / "lora-qv.gguf", f32_inference.model)
     with pytest.raises(ValueError, match="not trainable"):
         lugh.train.Trainer(f32_inference, loaded)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -303,6 +303,7 @@ def forward(
     tokens: Tokens | Sequence[Tokens],
     lora: Adapters = None,
     checkpoint: bool = False,
+    precision: Literal["f32", "bf16"] = "f32",
 ) -> Tensor: ...
 def cross_entropy_loss(
     logits: Tensor, targets: Sequence[int] | npt.NDArray[np.integer]
@@ -314,6 +315,7 @@ def train_step(
     targets: Sequence[Sequence[int]] | None = None,
     normalizer: int | None = None,
     checkpoint: bool = False,
+    precision: Literal["f32", "bf16"] = "f32",
 ) -> tuple[float, int]: ...
 def eval_loss(
     inference: Inference,

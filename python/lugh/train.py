@@ -114,7 +114,8 @@ class Trainer:
     loss is on the assistant's tokens unless `assistant_only_loss=False`. Each step averages
     the loss over the scored tokens of `batch_size × grad_accum` windows, clips the gradient
     norm to `max_grad_norm` (None: no clipping) and updates with AdamW under the chosen
-    learning-rate schedule.
+    learning-rate schedule. `precision="bf16"` runs the frozen base's products in bf16 (as
+    PyTorch's bf16 autocast), everything else in f32; `"f32"` (the default) is exact.
     """
 
     def __init__(
@@ -131,6 +132,7 @@ class Trainer:
         schedule: str = "constant",
         warmup_steps: int = 0,
         checkpoint: bool = False,
+        precision: str = "f32",
         tokenizer=None,
         optimizer=None,
         seed: int = 0,
@@ -141,6 +143,8 @@ class Trainer:
             raise ValueError("the adapter is not trainable: use lora.trainable_copy()")
         if batch_size < 1 or grad_accum < 1 or seq_len < 2:
             raise ValueError("batch_size and grad_accum must be >= 1, seq_len >= 2")
+        if precision not in ("f32", "bf16"):
+            raise ValueError(f'precision {precision!r}: use "f32" (exact) or "bf16" (mixed)')
         self.inference = inference
         self.lora = lora
         self.batch_size = batch_size
@@ -150,6 +154,7 @@ class Trainer:
         self.schedule = schedule
         self.warmup_steps = warmup_steps
         self.checkpoint = checkpoint
+        self.precision = precision
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.assistant_only_loss = assistant_only_loss
@@ -264,6 +269,7 @@ class Trainer:
                     targets=[w.next_token_targets() for w in batch],
                     normalizer=normalizer,
                     checkpoint=self.checkpoint,
+                    precision=self.precision,
                 )
                 loss_sum += loss
             grad_norm = None

@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use super::{Backend, Norm, HEAD_NORMS, POST_NORMS};
 use crate::error::Result;
-use crate::lora::linear::{linear, linear_backward};
+use crate::lora::linear::{backward_input, linear, linear_backward, product};
 use crate::lora::{LoraGrads, LoraPlan, Numerics};
 use crate::model::{Config, Glu, KvCache, Layer, Model, Proj, SeqSpan, Slot, Weights};
 use crate::ops::activation::{geglu_backward, geglu_forward, swiglu_backward, swiglu_forward};
@@ -252,12 +252,15 @@ impl Backend for CpuBackend<'_> {
         dy: &Vec<f32>,
         x: &Vec<f32>,
         lora: &LoraPlan,
+        numerics: Numerics,
         dx: &mut Vec<f32>,
         grads: &mut LoraGrads,
     ) -> Result<()> {
         let weight = self.weights.layers[il].weight(proj);
         let slot = Slot { layer: il, proj };
-        scratch::with_f32(|buf| linear_backward(dy, x, weight, slot, lora, dx, grads, buf));
+        scratch::with_f32(|buf| {
+            linear_backward(dy, x, weight, slot, lora, numerics, dx, grads, buf)
+        });
         Ok(())
     }
 
@@ -289,7 +292,7 @@ impl Backend for CpuBackend<'_> {
                 attention_forward_seqs(self.shape(il), seqs.len(), seq, q, out, lse);
             }
             // Training: whole sequences, by GEMMs.
-            Numerics::Exact => {
+            Numerics::Exact | Numerics::Bf16 => {
                 for (span, cache) in seqs.iter().zip(caches.iter()) {
                     let seq = seq_kv(il, span, cache);
                     attention_forward_batched(
@@ -375,10 +378,7 @@ impl Backend for CpuBackend<'_> {
         let n_embd = self.config.n_embd;
         let x = &x[rows.start * n_embd..rows.end * n_embd];
         let mut logits = vec![0f32; rows.len() * self.config.n_vocab];
-        match numerics {
-            Numerics::Ggml => self.weights.output.matmul(x, &mut logits),
-            Numerics::Exact => self.weights.output.matmul_exact(x, &mut logits),
-        }
+        product(&self.weights.output, numerics, x, &mut logits);
         if let Some(cap) = self.config.final_softcap {
             softcap(&mut logits, cap);
         }
@@ -403,11 +403,12 @@ impl Backend for CpuBackend<'_> {
         &self,
         d_logits: &Vec<f32>,
         rows: Range<usize>,
+        numerics: Numerics,
         dx: &mut Vec<f32>,
     ) -> Result<()> {
         let n_embd = self.config.n_embd;
         let dx_rows = &mut dx[rows.start * n_embd..rows.end * n_embd];
-        self.weights.output.matmul_backward_input(d_logits, dx_rows);
+        backward_input(&self.weights.output, numerics, d_logits, dx_rows);
         Ok(())
     }
 

@@ -131,7 +131,7 @@ pub trait Backend: Sync {
     ) -> Result<()>;
 
     /// Backward of `linear` for one projection: `dx += dy W + Σ s (dy B) A`, and the
-    /// trainable adapters' dA, dB into `grads`.
+    /// trainable adapters' dA, dB into `grads`; `dy W` with the forward's `numerics`.
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(
         &self,
@@ -140,6 +140,7 @@ pub trait Backend: Sync {
         dy: &Self::Tensor,
         x: &Self::Tensor,
         lora: &LoraPlan,
+        numerics: Numerics,
         dx: &mut Self::Tensor,
         grads: &mut Self::Grads,
     ) -> Result<()>;
@@ -207,11 +208,12 @@ pub trait Backend: Sync {
         normalizer: usize,
     ) -> Result<f64>;
 
-    /// `dx[rows] += d_logits W_out`: the head's backward.
+    /// `dx[rows] += d_logits W_out`: the head's backward, with the forward's `numerics`.
     fn logits_backward(
         &self,
         d_logits: &Self::Tensor,
         rows: Range<usize>,
+        numerics: Numerics,
         dx: &mut Self::Tensor,
     ) -> Result<()>;
 

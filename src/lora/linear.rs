@@ -18,6 +18,9 @@ pub enum Numerics {
     Ggml,
     /// f32 on the dequantized weights: the function the training backward differentiates.
     Exact,
+    /// Training's mixed precision: as `Exact`, but the frozen weights' products (forward and
+    /// backward) on bf16-rounded operands with f32 sums, as PyTorch's bf16 autocast.
+    Bf16,
 }
 
 /// An adapter as one call sees it: read-locked, with one snapshot of alpha.
@@ -182,10 +185,7 @@ pub fn linear(
     y: &mut [f32],
     scratch: &mut Vec<f32>,
 ) {
-    match numerics {
-        Numerics::Ggml => weight.matmul(x, y),
-        Numerics::Exact => weight.matmul_exact(x, y),
-    }
+    product(weight, numerics, x, y);
     if let Some(bias) = bias {
         for row in y.chunks_mut(weight.n_rows) {
             row.iter_mut().zip(bias).for_each(|(y, b)| *y += b);
@@ -205,6 +205,23 @@ pub fn linear(
     }
 }
 
+/// `y = x Wᵀ` with `numerics`.
+pub fn product(weight: &Weight, numerics: Numerics, x: &[f32], y: &mut [f32]) {
+    match numerics {
+        Numerics::Ggml => weight.matmul(x, y),
+        Numerics::Exact => weight.matmul_exact(x, y),
+        Numerics::Bf16 => weight.matmul_bf16(x, y),
+    }
+}
+
+/// `dx += dy W` with the forward's `numerics` (f32 unless `Bf16`).
+pub fn backward_input(weight: &Weight, numerics: Numerics, dy: &[f32], dx: &mut [f32]) {
+    match numerics {
+        Numerics::Bf16 => weight.matmul_backward_input_bf16(dy, dx),
+        Numerics::Ggml | Numerics::Exact => weight.matmul_backward_input(dy, dx),
+    }
+}
+
 /// Gradients for the pairs of trainable adapters, keyed by (adapter in plan, pair index).
 #[derive(Default)]
 pub struct LoraGrads {
@@ -221,11 +238,12 @@ pub fn linear_backward(
     weight: &Weight,
     slot: Slot,
     lora: &LoraPlan,
+    numerics: Numerics,
     dx: &mut [f32],
     grads: &mut LoraGrads,
     scratch: &mut Vec<f32>,
 ) {
-    weight.matmul_backward_input(dy, dx);
+    backward_input(weight, numerics, dy, dx);
     let mut g = Vec::new();
     for term in lora.terms(slot) {
         let (rows, pair, n_out) = (term.rows.clone(), term.pair, term.n_out());

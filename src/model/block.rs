@@ -242,7 +242,7 @@ pub fn block_backward<B: Backend>(
 ) -> Result<()> {
     let c = b.config();
     let n_tokens = ctx.seqs.last().map_or(0, |s| s.rows.end);
-    let lora = ctx.lora;
+    let (lora, numerics) = (ctx.lora, ctx.numerics);
 
     let act = saved_or::<B>(&acts.act, &mut scratch.act, |out| {
         b.glu(&acts.gate, &acts.up, out)
@@ -269,6 +269,7 @@ pub fn block_backward<B: Backend>(
         d_down,
         act,
         lora,
+        numerics,
         &mut scratch.d_a,
         grads,
     )?;
@@ -281,8 +282,26 @@ pub fn block_backward<B: Backend>(
     )?;
     b.zeros(n_tokens, c.n_embd, &mut scratch.d_in)?;
     let d_in = &mut scratch.d_in;
-    b.linear_backward(il, Proj::FfnGate, &scratch.d_b, ffn_in, lora, d_in, grads)?;
-    b.linear_backward(il, Proj::FfnUp, &scratch.d_c, ffn_in, lora, d_in, grads)?;
+    b.linear_backward(
+        il,
+        Proj::FfnGate,
+        &scratch.d_b,
+        ffn_in,
+        lora,
+        numerics,
+        d_in,
+        grads,
+    )?;
+    b.linear_backward(
+        il,
+        Proj::FfnUp,
+        &scratch.d_c,
+        ffn_in,
+        lora,
+        numerics,
+        d_in,
+        grads,
+    )?;
     b.rms_norm_backward(Norm::Ffn(il), d_in, &acts.x_mid, &acts.ffn_inv_rms, dx)?;
 
     // x_mid = x_in + W_o · attention(...) (its post norm between, with Gemma)
@@ -304,6 +323,7 @@ pub fn block_backward<B: Backend>(
         d_o,
         &acts.attn_out,
         lora,
+        numerics,
         d_attn_out,
         grads,
     )?;
@@ -350,8 +370,17 @@ pub fn block_backward<B: Backend>(
     })?;
     b.zeros(n_tokens, c.n_embd, &mut scratch.d_in)?;
     let d_in = &mut scratch.d_in;
-    b.linear_backward(il, Proj::AttnQ, dq, attn_in, lora, d_in, grads)?;
-    b.linear_backward(il, Proj::AttnK, dk, attn_in, lora, d_in, grads)?;
-    b.linear_backward(il, Proj::AttnV, &scratch.v, attn_in, lora, d_in, grads)?;
+    b.linear_backward(il, Proj::AttnQ, dq, attn_in, lora, numerics, d_in, grads)?;
+    b.linear_backward(il, Proj::AttnK, dk, attn_in, lora, numerics, d_in, grads)?;
+    b.linear_backward(
+        il,
+        Proj::AttnV,
+        &scratch.v,
+        attn_in,
+        lora,
+        numerics,
+        d_in,
+        grads,
+    )?;
     b.rms_norm_backward(Norm::Attn(il), d_in, &acts.x_in, &acts.attn_inv_rms, dx)
 }

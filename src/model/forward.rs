@@ -37,6 +37,8 @@ pub struct Saved<T> {
     /// Keep only each block's input (`BlockActs::x_in`) and recompute the rest in the
     /// backward: activation memory of one block instead of all.
     pub checkpoint: bool,
+    /// `Exact` or `Bf16`: the products of the forward, which its backward repeats.
+    pub numerics: Numerics,
     pub blocks: Vec<BlockActs<T>>,
     pub head_x: T,       // [n_tokens, n_embd] final residual stream
     pub head_in: T,      // [n_tokens, n_embd] after the output norm
@@ -44,9 +46,10 @@ pub struct Saved<T> {
 }
 
 impl<T: Default> Saved<T> {
-    pub fn new(checkpoint: bool) -> Saved<T> {
+    pub fn new(checkpoint: bool, numerics: Numerics) -> Saved<T> {
         Saved {
             checkpoint,
+            numerics,
             blocks: Vec::new(),
             head_x: T::default(),
             head_in: T::default(),
@@ -114,7 +117,7 @@ pub fn head<B: Backend>(b: &B, ws: &mut BuffersOf<B>, rows: &[usize]) -> Result<
     b.download(logits)
 }
 
-/// Training forward in exact f32 math: runs every block and the output norm, keeping in
+/// Training forward in `saved.numerics` (exact f32, or mixed bf16): runs every block and the output norm, keeping in
 /// `saved` what the backward needs (with `saved.checkpoint`, only each block's input; the
 /// rest is recomputed during the backward). Keys and values stay in `caches`.
 pub fn forward_train<B: Backend>(
@@ -125,15 +128,8 @@ pub fn forward_train<B: Backend>(
     saved: &mut Saved<B::Tensor>,
 ) -> Result<()> {
     let mut ws = BuffersOf::<B>::default();
-    forward_blocks(
-        b,
-        batch,
-        caches,
-        lora,
-        Numerics::Exact,
-        &mut ws,
-        Some(saved),
-    )?;
+    let numerics = saved.numerics;
+    forward_blocks(b, batch, caches, lora, numerics, &mut ws, Some(saved))?;
     saved.head_x = ws.x;
     b.rms_norm(
         Norm::Output,
@@ -143,13 +139,13 @@ pub fn forward_train<B: Backend>(
     )
 }
 
-/// Exact logits `[rows.len(), n_vocab]` of rows of a training forward.
-pub fn logits_exact<B: Backend>(
+/// Logits `[rows.len(), n_vocab]` of rows of a training forward, in its numerics.
+pub fn logits_train<B: Backend>(
     b: &B,
     saved: &Saved<B::Tensor>,
     rows: Range<usize>,
 ) -> Result<B::Tensor> {
-    b.logits(&saved.head_in, rows, Numerics::Exact)
+    b.logits(&saved.head_in, rows, saved.numerics)
 }
 
 /// Backward of `forward_train` from dL/d(normed final hidden state): walks the blocks in
@@ -171,7 +167,7 @@ pub fn backward<B: Backend>(
         rope_table: &rope_table,
         seqs: batch.seqs,
         lora,
-        numerics: Numerics::Exact,
+        numerics: saved.numerics,
     };
     let mut dx = B::Tensor::default();
     b.zeros(batch.tokens.len(), config.n_embd, &mut dx)?;

@@ -7,6 +7,7 @@ use std::ops::Range;
 use candle_core::quantized::k_quants::GgmlType;
 use rayon::prelude::*;
 
+use super::bf16::{self, Panel};
 use super::gemm::{gemm, MatMut, MatRef};
 use super::portable;
 use super::qmatmul;
@@ -18,6 +19,10 @@ use crate::gguf::{ByteView, TensorType};
 /// Weight rows dequantized at a time by the exact products: 64 rows of a 2048-wide matrix are
 /// 512 KiB of f32, enough for an efficient GEMM and small enough to stay in L2.
 const DEQUANT_ROWS: usize = 64;
+
+/// Weight rows per block of the backward products, which run one block after another (each
+/// across all threads): 256 rows of a 2048-wide matrix are 2 MiB of f32.
+const BACKWARD_ROWS: usize = 4 * DEQUANT_ROWS;
 
 /// A frozen matrix `[n_rows, n_cols]` (a weight `[n_out, n_in]`) of any tensor type.
 #[derive(Clone, Debug)]
@@ -119,10 +124,56 @@ impl Weight {
     /// `y[m, n_rows] = x[m, n_cols] · Wᵀ` in f32 on the dequantized weight: the exact math
     /// that the training forward differentiates.
     pub fn matmul_exact(&self, x: &[f32], y: &mut [f32]) {
+        self.matmul_dense(x, y, false)
+    }
+
+    /// `y[m, n_rows] = x[m, n_cols] · Wᵀ` on bf16-rounded `x` and `W` with f32 sums: the
+    /// training forward's mixed-precision mode (`ops::bf16`).
+    pub fn matmul_bf16(&self, x: &[f32], y: &mut [f32]) {
+        let m = x.len() / self.n_cols;
+        assert!(x.len() == m * self.n_cols && y.len() == m * self.n_rows);
+        if !bf16::available() {
+            let x: Vec<f32> = x.iter().map(|&v| bf16::round(v)).collect();
+            return self.matmul_dense(&x, y, true);
+        }
+        if m == 0 {
+            return;
+        }
+        let (n_rows, k, np) = (self.n_rows, self.n_cols, bf16::pairs(self.n_cols));
+        scratch::with_zeroed::<u32, _>(m * np, |xb| {
+            bf16::pack_rows(x, k, xb);
+            let y_ptr = SyncPtr(y.as_mut_ptr());
+            (0..n_rows.div_ceil(bf16::COLS))
+                .into_par_iter()
+                .for_each(|block| {
+                    let rows = block * bf16::COLS..((block + 1) * bf16::COLS).min(n_rows);
+                    scratch::with_f32(|w| {
+                        w.resize(rows.len() * k, 0.0);
+                        self.dequantize_rows(rows.clone(), w);
+                        scratch::with_zeroed::<u32, _>(np * bf16::COLS, |words| {
+                            let mut panel = Panel {
+                                words,
+                                pairs: np,
+                                cols: rows.len(),
+                            };
+                            panel.fill(k, |c, i| w[c * k + i]);
+                            // SAFETY: each task writes only columns `rows` of y, disjoint
+                            // across tasks.
+                            let y =
+                                unsafe { y_ptr.slice(rows.start, (m - 1) * n_rows + rows.len()) };
+                            bf16::multiply(xb, np, m, &panel, y, n_rows, false);
+                        })
+                    })
+                });
+        })
+    }
+
+    /// `matmul_exact`, or with `W` rounded to bf16 as it is dequantized (`x` already is).
+    fn matmul_dense(&self, x: &[f32], y: &mut [f32], round: bool) {
         let m = x.len() / self.n_cols;
         assert!(x.len() == m * self.n_cols && y.len() == m * self.n_rows);
         let x = MatRef::new(x, m, self.n_cols);
-        if self.dtype == TensorType::F32 {
+        if self.dtype == TensorType::F32 && !round {
             let w = MatRef::new(as_blocks::<f32>(&self.data), self.n_rows, self.n_cols);
             return gemm(x, w.t(), MatMut::new(y, m, self.n_rows), false, true);
         }
@@ -133,6 +184,9 @@ impl Weight {
             scratch::with_f32(|w| {
                 w.resize(rows.len() * self.n_cols, 0.0);
                 self.dequantize_rows(rows.clone(), w);
+                if round {
+                    w.iter_mut().for_each(|v| *v = bf16::round(*v));
+                }
                 // SAFETY: each task writes only columns `rows` of y, disjoint across tasks.
                 let y = unsafe { y_ptr.slice(rows.start, (m - 1) * self.n_rows + rows.len()) };
                 let y = MatMut::with_stride(y, m, rows.len(), self.n_rows);
@@ -150,14 +204,73 @@ impl Weight {
     /// `dx[m, n_cols] += dy[m, n_rows] · W` in f32, dequantizing a block of rows at a time so
     /// that a quantized model is never held in f32 whole.
     pub fn matmul_backward_input(&self, dy: &[f32], dx: &mut [f32]) {
+        self.backward_dense(dy, dx, false)
+    }
+
+    /// `dx[m, n_cols] += dy[m, n_rows] · W` on bf16-rounded `dy` and `W` with f32 sums: the
+    /// training backward's mixed-precision mode.
+    pub fn matmul_backward_input_bf16(&self, dy: &[f32], dx: &mut [f32]) {
         let m = dy.len() / self.n_rows;
         assert!(dy.len() == m * self.n_rows && dx.len() == m * self.n_cols);
-        if self.dtype == TensorType::F32 {
+        if !bf16::available() {
+            let dy: Vec<f32> = dy.iter().map(|&v| bf16::round(v)).collect();
+            return self.backward_dense(&dy, dx, true);
+        }
+        if m == 0 {
+            return;
+        }
+        let (n, k, np) = (self.n_rows, self.n_cols, bf16::pairs(self.n_rows));
+        scratch::with_zeroed::<u32, _>(m * np, |dyb| {
+            bf16::pack_rows(dy, n, dyb);
+            self.for_row_blocks(|rows, w| {
+                let dx_ptr = SyncPtr(dx.as_mut_ptr());
+                let block_pairs = bf16::pairs(rows.len());
+                (0..k.div_ceil(bf16::COLS))
+                    .into_par_iter()
+                    .for_each(|chunk| {
+                        let cols = chunk * bf16::COLS..((chunk + 1) * bf16::COLS).min(k);
+                        scratch::with_zeroed::<u32, _>(block_pairs * bf16::COLS, |words| {
+                            let mut panel = Panel {
+                                words,
+                                pairs: block_pairs,
+                                cols: cols.len(),
+                            };
+                            panel.fill(rows.len(), |c, i| w[i * k + cols.start + c]);
+                            // SAFETY: each task writes only columns `cols` of dx, disjoint across
+                            // tasks.
+                            let dx = unsafe { dx_ptr.slice(cols.start, (m - 1) * k + cols.len()) };
+                            let dy = &dyb[rows.start / 2..];
+                            bf16::multiply(dy, np, m, &panel, dx, k, true);
+                        })
+                    });
+            })
+        })
+    }
+
+    /// `matmul_backward_input`, or with `W` rounded to bf16 as it is dequantized (`dy`
+    /// already is).
+    fn backward_dense(&self, dy: &[f32], dx: &mut [f32], round: bool) {
+        let m = dy.len() / self.n_rows;
+        assert!(dy.len() == m * self.n_rows && dx.len() == m * self.n_cols);
+        if self.dtype == TensorType::F32 && !round {
             let w = MatRef::new(as_blocks::<f32>(&self.data), self.n_rows, self.n_cols);
             let dy = MatRef::new(dy, m, self.n_rows);
             return gemm(dy, w, MatMut::new(dx, m, self.n_cols), true, true);
         }
-        let block_rows = (4 * DEQUANT_ROWS).min(self.n_rows);
+        self.for_row_blocks(|rows, w| {
+            if round {
+                w.par_iter_mut().for_each(|v| *v = bf16::round(*v));
+            }
+            let dy = MatRef::with_stride(&dy[rows.start..], m, rows.len(), self.n_rows);
+            let w = MatRef::new(w, rows.len(), self.n_cols);
+            gemm(dy, w, MatMut::new(dx, m, self.n_cols), true, true);
+        })
+    }
+
+    /// Runs `f` on consecutive blocks of `BACKWARD_ROWS` rows (an even number), each
+    /// dequantized to f32 (`[rows.len(), n_cols]`) by all threads.
+    fn for_row_blocks(&self, mut f: impl FnMut(Range<usize>, &mut [f32])) {
+        let block_rows = BACKWARD_ROWS.min(self.n_rows);
         scratch::with_f32(|w| {
             w.resize(block_rows * self.n_cols, 0.0);
             for start in (0..self.n_rows).step_by(block_rows) {
@@ -166,9 +279,7 @@ impl Weight {
                 w.par_chunks_mut(self.n_cols)
                     .enumerate()
                     .for_each(|(i, row)| self.dequantize_rows(start + i..start + i + 1, row));
-                let dy = MatRef::with_stride(&dy[rows.start..], m, rows.len(), self.n_rows);
-                let w = MatRef::new(w, rows.len(), self.n_cols);
-                gemm(dy, w, MatMut::new(dx, m, self.n_cols), true, true);
+                f(rows, w);
             }
         })
     }
@@ -277,6 +388,65 @@ mod tests {
                     - 1.0
             })
             .collect()
+    }
+
+    /// `x Wᵀ` and `dy W` on bf16-rounded operands, summed in f64.
+    fn rounded_products(w: &Weight, x: &[f32], dy: &[f32]) -> (Vec<f64>, Vec<f64>) {
+        let (n, k) = (w.n_rows, w.n_cols);
+        let r = |v: &f32| bf16::round(*v) as f64;
+        let (w, x, dy): (Vec<f64>, Vec<f64>, Vec<f64>) = (
+            w.to_f32().iter().map(r).collect(),
+            x.iter().map(r).collect(),
+            dy.iter().map(r).collect(),
+        );
+        let m = x.len() / k;
+        let y = (0..m * n)
+            .map(|i| (0..k).map(|c| x[i / n * k + c] * w[i % n * k + c]).sum())
+            .collect();
+        let dx = (0..m * k)
+            .map(|i| (0..n).map(|j| dy[i / k * n + j] * w[j * k + i % k]).sum())
+            .collect();
+        (y, dx)
+    }
+
+    #[test]
+    fn bf16_products_are_the_rounded_operands_products() {
+        // Odd and ragged sizes: a tail of pairs, of panel columns and of kernel rows.
+        let cases = [
+            (TensorType::F32, 67, 37, 7),
+            (TensorType::F16, 130, 64, 13),
+            (TensorType::Q4K, 300, 256, 6),
+            (TensorType::Q8_0, 65, 96, 1),
+        ];
+        for (dtype, n_rows, n_cols, m) in cases {
+            let w = weight(dtype, &values(n_rows * n_cols, 5), n_rows, n_cols);
+            let (x, dy) = (values(m * n_cols, 6), values(m * n_rows, 7));
+            let (want_y, want_dx) = rounded_products(&w, &x, &dy);
+            let rounded = |v: &[f32]| v.iter().map(|&v| bf16::round(v)).collect::<Vec<_>>();
+            // The path this CPU takes, and the f32 fallback, whichever that is.
+            let mut ys = [vec![0f32; m * n_rows], vec![0f32; m * n_rows]];
+            w.matmul_bf16(&x, &mut ys[0]);
+            w.matmul_dense(&rounded(&x), &mut ys[1], true);
+            let mut dxs = [vec![1f32; m * n_cols], vec![1f32; m * n_cols]];
+            w.matmul_backward_input_bf16(&dy, &mut dxs[0]);
+            w.backward_dense(&rounded(&dy), &mut dxs[1], true);
+            // f32 sums of exact products: a few ulps of the sum of magnitudes.
+            let tol = |terms: usize| 4.0 * terms as f64 * f32::EPSILON as f64;
+            for y in &ys {
+                for (a, b) in y.iter().zip(&want_y) {
+                    assert!((*a as f64 - b).abs() < tol(n_cols), "{dtype} y: {a} vs {b}");
+                }
+            }
+            for dx in &dxs {
+                for (a, b) in dx.iter().zip(&want_dx) {
+                    let b = b + 1.0;
+                    assert!(
+                        (*a as f64 - b).abs() < tol(n_rows),
+                        "{dtype} dx: {a} vs {b}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -81,4 +81,12 @@ macro_rules! pod {
 }
 
 use candle_core::quantized::k_quants::{BlockQ8K, BlockQ8_0, BlockQ8_1};
-pod!(f32, half::f16, half::bf16, BlockQ8_0, BlockQ8_1, BlockQ8K);
+pod!(
+    u32,
+    f32,
+    half::f16,
+    half::bf16,
+    BlockQ8_0,
+    BlockQ8_1,
+    BlockQ8K
+);

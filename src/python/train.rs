@@ -15,7 +15,7 @@ use crate::infer::Inference;
 use crate::lora::LoraAdapter;
 use crate::train::loss::{count_scored, cross_entropy_in_place};
 use crate::train::optim::{self, Param};
-use crate::train::TrainGraph;
+use crate::train::{Precision, TrainGraph};
 
 /// The logits of a training forward and the graph that can back-propagate through them.
 struct LogitsNode {
@@ -176,26 +176,28 @@ fn sequences(obj: &Bound<'_, PyAny>) -> PyResult<Vec<Vec<u32>>> {
     }
 }
 
-/// Training forward: logits `[n_tokens, n_vocab]` in exact f32 math, keeping what the
-/// backward needs. `tokens` is one sequence, or a list of sequences whose rows are stacked
-/// (no padding). With `checkpoint`, only each block's input is kept and the rest recomputed
-/// in the backward.
+/// Training forward: logits `[n_tokens, n_vocab]`, keeping what the backward needs. `tokens`
+/// is one sequence, or a list of sequences whose rows are stacked (no padding). With
+/// `checkpoint`, only each block's input is kept and the rest recomputed in the backward.
+/// `precision`: `"f32"` (exact) or `"bf16"` (the frozen weights' products in bf16).
 #[pyfunction]
-#[pyo3(signature = (inference, tokens, lora=None, checkpoint=false))]
+#[pyo3(signature = (inference, tokens, lora=None, checkpoint=false, precision="f32"))]
 pub fn forward(
     py: Python<'_>,
     inference: &Bound<'_, PyInference>,
     tokens: &Bound<'_, PyAny>,
     lora: Option<&Bound<'_, PyAny>>,
     checkpoint: bool,
+    precision: &str,
 ) -> PyResult<PyTensor> {
+    let precision: Precision = precision.parse().py()?;
     let seqs = sequences(tokens)?;
     let adapters: Vec<Arc<LoraAdapter>> = adapters(lora)?;
     let inf = Arc::clone(&inference.get().inner);
     let (graph, logits) = py
         .detach(|| {
             let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-            let graph = TrainGraph::forward(&inf, &refs, &adapters, checkpoint)?;
+            let graph = TrainGraph::forward(&inf, &refs, &adapters, checkpoint, precision)?;
             let logits = graph.logits(&inf)?;
             Ok((graph, logits))
         })
@@ -215,9 +217,12 @@ pub fn forward(
 /// one block of rows at a time), backward; gradients accumulate in the adapters. `targets`
 /// defaults to next-token prediction within each sequence (last position masked). Gradients
 /// are of the summed loss divided by `normalizer` (default: the batch's scored positions).
-/// Returns (summed loss, scored positions).
+/// Returns (summed loss, scored positions). `precision` as for `forward`.
 #[pyfunction]
-#[pyo3(signature = (inference, sequences, lora, targets=None, normalizer=None, checkpoint=false))]
+#[pyo3(signature = (
+    inference, sequences, lora, targets=None, normalizer=None, checkpoint=false, precision="f32"
+))]
+#[allow(clippy::too_many_arguments)]
 pub fn train_step(
     py: Python<'_>,
     inference: &Bound<'_, PyInference>,
@@ -226,14 +231,16 @@ pub fn train_step(
     targets: Option<Vec<Vec<i64>>>,
     normalizer: Option<usize>,
     checkpoint: bool,
+    precision: &str,
 ) -> PyResult<(f64, usize)> {
+    let precision: Precision = precision.parse().py()?;
     let seqs = self::sequences(sequences)?;
     let targets = step_targets(&seqs, targets)?;
     let adapters = adapters(Some(lora))?;
     let inf = &inference.get().inner;
     py.detach(|| {
         let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-        TrainGraph::forward(inf, &refs, &adapters, checkpoint)?
+        TrainGraph::forward(inf, &refs, &adapters, checkpoint, precision)?
             .loss_backward(inf, &targets, normalizer)
     })
     .py()
@@ -277,7 +284,7 @@ pub fn eval_loss(
     let inf = &inference.get().inner;
     py.detach(|| {
         let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-        TrainGraph::forward(inf, &refs, &adapters, true)?.loss(inf, &targets)
+        TrainGraph::forward(inf, &refs, &adapters, true, Precision::F32)?.loss(inf, &targets)
     })
     .py()
 }

@@ -8,7 +8,7 @@ use super::loss::count_scored;
 use crate::backend::{AnyState, Backend};
 use crate::error::{Error, Result};
 use crate::infer::{with_backend, Inference, SpareActivations};
-use crate::lora::{LoraAdapter, LoraGrads, LoraPlan, PairGrad};
+use crate::lora::{LoraAdapter, LoraGrads, LoraPlan, Numerics, PairGrad};
 use crate::model::{self, Batch, KvCache, Saved, SeqSpan};
 use crate::ops::activation::softcap_backward;
 
@@ -16,6 +16,42 @@ use crate::ops::activation::softcap_backward;
 /// whatever the batch. Each block is one product with the whole output head, which runs at
 /// full speed only in large blocks: per thread 209 GFLOP/s at 1024 rows, 140 at 256 rows.
 const LOSS_BLOCK_VALUES: usize = 32 << 20;
+
+/// The arithmetic of a training forward and its backward.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// Exact f32 math on the dequantized weights: gradients equal PyTorch's in f32.
+    #[default]
+    F32,
+    /// Mixed precision, as PyTorch's bf16 autocast: the frozen weights' products (forward,
+    /// and `dy W` in the backward) on bf16-rounded operands with f32 sums; attention, the
+    /// LoRA terms, norms, loss and gradients in f32.
+    Bf16,
+}
+
+impl Precision {
+    fn numerics(self) -> Numerics {
+        match self {
+            Precision::F32 => Numerics::Exact,
+            Precision::Bf16 => Numerics::Bf16,
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Precision> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err(Error::invalid(
+                "precision",
+                format!("{s:?}: use \"f32\" (exact) or \"bf16\" (mixed)"),
+            )),
+        }
+    }
+}
 
 /// What a training forward kept: the batch, the activations (`Saved` of the backend's
 /// tensors), each sequence's keys and values, and the adapters it ran with.
@@ -25,6 +61,8 @@ pub struct TrainGraph {
     caches: Vec<KvCache>,
     saved: AnyState,
     adapters: Vec<Arc<LoraAdapter>>,
+    /// The forward's products (`Exact` or `Bf16`), which the backward repeats.
+    numerics: Numerics,
     /// Where `saved` goes when this graph is dropped.
     spare: SpareActivations,
 }
@@ -37,14 +75,15 @@ impl Drop for TrainGraph {
 }
 
 impl TrainGraph {
-    /// Runs `sequences` (each from position 0, rows end to end) in exact f32 math with
-    /// `adapters`. With `checkpoint`, keeps only each block's input and recomputes the rest
+    /// Runs `sequences` (each from position 0, rows end to end) with `adapters`, in
+    /// `precision`. With `checkpoint`, keeps only each block's input and recomputes the rest
     /// during the backward.
     pub fn forward(
         inf: &Inference,
         sequences: &[&[u32]],
         adapters: &[Arc<LoraAdapter>],
         checkpoint: bool,
+        precision: Precision,
     ) -> Result<TrainGraph> {
         let config = inf.config();
         if sequences.is_empty() {
@@ -78,6 +117,7 @@ impl TrainGraph {
             caches,
             saved,
             adapters: unique,
+            numerics: precision.numerics(),
             spare,
         };
         inf.install(|| with_backend!(inf, b => graph.forward_on(b, checkpoint)))?;
@@ -90,8 +130,9 @@ impl TrainGraph {
             .saved
             .take::<Saved<B::Tensor>>()
             .filter(|saved| saved.checkpoint == checkpoint)
-            .unwrap_or_else(|| Saved::new(checkpoint));
+            .unwrap_or_else(|| Saved::new(checkpoint, self.numerics));
         let saved = self.saved.put(saved);
+        saved.numerics = self.numerics;
         let plan = plan(&self.adapters, self.tokens.len());
         let batch = Batch {
             tokens: &self.tokens,
@@ -109,7 +150,7 @@ impl TrainGraph {
     pub fn logits(&self, inf: &Inference) -> Result<Vec<f32>> {
         inf.install(|| {
             with_backend!(inf, b => {
-                let logits = model::logits_exact(b, saved_in(b, &self.saved)?, 0..self.n_tokens())?;
+                let logits = model::logits_train(b, saved_in(b, &self.saved)?, 0..self.n_tokens())?;
                 b.download(logits)
             })
         })
@@ -135,7 +176,7 @@ impl TrainGraph {
                 let d_logits = b.upload(d_logits, n_vocab)?;
                 let mut d_head_in = Default::default();
                 b.zeros(self.n_tokens(), n_embd, &mut d_head_in)?;
-                b.logits_backward(&d_logits, 0..self.n_tokens(), &mut d_head_in)?;
+                b.logits_backward(&d_logits, 0..self.n_tokens(), self.numerics, &mut d_head_in)?;
                 self.backward_on(b, &d_head_in)
             })
         })?;
@@ -207,10 +248,10 @@ impl TrainGraph {
         let mut sum = 0.0;
         for start in (0..self.n_tokens()).step_by(block_rows) {
             let rows: Range<usize> = start..(start + block_rows).min(self.n_tokens());
-            let mut block = model::logits_exact(b, saved, rows.clone())?;
+            let mut block = model::logits_train(b, saved, rows.clone())?;
             sum += b.cross_entropy(&mut block, &targets[rows.clone()], normalizer)?;
             if let Some(d_head_in) = d_head_in.as_deref_mut() {
-                b.logits_backward(&block, rows, d_head_in)?;
+                b.logits_backward(&block, rows, saved.numerics, d_head_in)?;
             }
         }
         Ok((sum, n_scored))
@@ -287,7 +328,7 @@ mod tests {
         let inf =
             Inference::new(Arc::new(Model::open(path, true).unwrap()), None, Some(2)).unwrap();
         let sequences: [&[u32]; 2] = [&[1, 5, 9, 200, 31, 7, 7], &[1, 40, 3]];
-        let graph = TrainGraph::forward(&inf, &sequences, &[], false).unwrap();
+        let graph = TrainGraph::forward(&inf, &sequences, &[], false, Precision::F32).unwrap();
         let targets: Vec<i64> = vec![5, 9, 200, 31, 7, 7, -100, 40, 3, -100];
         let b = CpuBackend::new(inf.model(), inf.rope()).unwrap();
         let run = |block_rows| {

@@ -4,5 +4,5 @@ mod graph;
 pub mod loss;
 pub mod optim;
 
-pub use graph::TrainGraph;
+pub use graph::{Precision, TrainGraph};
 pub use optim::{AdamW, Optimizer, Param, Sgd};

@@ -329,13 +329,14 @@ impl Backend for CandleModel {
         dy: &Act,
         x: &Act,
         lora: &LoraPlan,
+        numerics: Numerics,
         dx: &mut Act,
         grads: &mut DeviceGrads,
     ) -> Result<()> {
         let (dy, x) = (get(dy)?, get(x)?);
         let n_rows = x.dims()[0];
-        let weight = self.weights.layers[il].weight(proj).to_f32()?;
-        let mut d = dy.matmul(&weight)?;
+        let weight = self.weights.layers[il].weight(proj);
+        let mut d = weight.backward_input(dy, numerics)?;
         for term in lora.terms(Slot { layer: il, proj }) {
             let adapter = lora.adapter(term.adapter);
             let (a, b) = adapter.pair_on(term.pair_index, term.pair, &self.dev)?;
@@ -509,8 +510,17 @@ impl Backend for CandleModel {
         Ok(sum)
     }
 
-    fn logits_backward(&self, d_logits: &Act, rows: Range<usize>, dx: &mut Act) -> Result<()> {
-        let d = get(d_logits)?.matmul(&self.weights.output.to_f32()?)?;
+    fn logits_backward(
+        &self,
+        d_logits: &Act,
+        rows: Range<usize>,
+        numerics: Numerics,
+        dx: &mut Act,
+    ) -> Result<()> {
+        let d = self
+            .weights
+            .output
+            .backward_input(get(d_logits)?, numerics)?;
         let n_rows = get(dx)?.dims()[0];
         *dx = Some((get(dx)? + pad_rows(d, &rows, n_rows)?)?);
         Ok(())
@@ -533,7 +543,7 @@ mod tests {
     use super::*;
     use crate::infer::Inference;
     use crate::lora::{create, LoraAdapter};
-    use crate::train::TrainGraph;
+    use crate::train::{Precision, TrainGraph};
 
     fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
         let max = b.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -565,7 +575,13 @@ mod tests {
             inf.forward_cache(&mut cache, &seq_a[..4], &with).unwrap();
             let cached = inf.forward_cache(&mut cache, &seq_a[4..], &with).unwrap();
             adapter.zero_grad();
-            let graph = TrainGraph::forward(&inf, &[seq_a], &[Arc::clone(&adapter)], false);
+            let graph = TrainGraph::forward(
+                &inf,
+                &[seq_a],
+                &[Arc::clone(&adapter)],
+                false,
+                Precision::F32,
+            );
             let targets: Vec<i64> = seq_a[1..].iter().map(|&t| t as i64).chain([-100]).collect();
             graph.unwrap().loss_backward(&inf, &targets, None).unwrap();
             let grads: Vec<f32> = adapter

@@ -101,6 +101,7 @@ impl DeviceWeight {
                 match numerics {
                     Numerics::Ggml => w.matmul(&x, &mut y),
                     Numerics::Exact => w.matmul_exact(&x, &mut y),
+                    Numerics::Bf16 => w.matmul_bf16(&x, &mut y),
                 }
                 Tensor::from_vec(y, (rows, w.n_rows), &Device::Cpu)?
             }
@@ -109,10 +110,28 @@ impl DeviceWeight {
                 .to_dtype(w.dtype())?
                 .matmul(&w.t()?)?
                 .to_dtype(DType::F32)?,
+            (_, Numerics::Bf16) => bf16_product(x, &self.to_f32()?.t()?)?,
             (DeviceWeight::Dense(w), _) if w.dtype() == DType::F32 => x.matmul(&w.t()?)?,
             _ => x.matmul(&self.to_f32()?.t()?)?,
         })
     }
+
+    /// `dy W` (`dy` `[rows, n_out]` f32) for the backward: f32, or bf16 operands with
+    /// `Numerics::Bf16`.
+    pub fn backward_input(&self, dy: &Tensor, numerics: Numerics) -> Result<Tensor> {
+        let w = self.to_f32()?;
+        Ok(match numerics {
+            Numerics::Bf16 => bf16_product(dy, &w)?,
+            Numerics::Ggml | Numerics::Exact => dy.matmul(&w)?,
+        })
+    }
+}
+
+/// `a b` on bf16-rounded operands, returned in f32.
+fn bf16_product(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    a.to_dtype(DType::BF16)?
+        .matmul(&b.to_dtype(DType::BF16)?)?
+        .to_dtype(DType::F32)
 }
 
 /// One block's weights on the device.

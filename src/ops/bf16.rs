@@ -1,0 +1,176 @@
+//! Products on bf16-rounded operands with f32 sums: the frozen weights' products in training's
+//! mixed-precision mode, as PyTorch's bf16 autocast computes them (operands rounded to bf16,
+//! products accumulated in f32).
+//!
+//! A product of two bf16 values is exact in f32, so every implementation computes the same
+//! terms and differs only in the order of the f32 additions. With AVX512_BF16, `vdpbf16ps`
+//! multiplies pairs of bf16 values into f32 lanes at twice the rate of f32 FMAs; elsewhere
+//! the rounded operands go through the f32 GEMM.
+//!
+//! Layout: a row of the left operand is bf16 pairs along the reduction, one `u32` word a pair
+//! (the even element in the low half, as in memory); the right operand is a `Panel` of
+//! `COLS` output columns, pair-major, so one vector load brings 16 columns' pairs.
+
+/// Output columns of a panel: four 16-lane vectors.
+pub(crate) const COLS: usize = 64;
+
+/// Rows of the left operand one kernel call multiplies (6 × 4 accumulators in registers).
+const ROWS: usize = 6;
+
+/// `v` rounded to the nearest bf16 value (ties to even), as f32.
+#[inline]
+pub(crate) fn round(v: f32) -> f32 {
+    half::bf16::from_f32(v).to_f32()
+}
+
+#[inline]
+fn bits(v: f32) -> u32 {
+    half::bf16::from_f32(v).to_bits() as u32
+}
+
+/// The pair `(lo, hi)` as one word: `lo` in the low half.
+#[inline]
+fn pair(lo: f32, hi: f32) -> u32 {
+    bits(lo) | bits(hi) << 16
+}
+
+/// Whether this CPU multiplies bf16 pairs (AVX512_BF16), at the instruction-set level in use
+/// (`LUGH_ISA` below `avx512` turns it off, so that the fallback is tested on one machine).
+pub(crate) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::qmatmul::{isa, Isa};
+        use std::sync::OnceLock;
+        static BF16: OnceLock<bool> = OnceLock::new();
+        *BF16.get_or_init(|| isa() == Isa::Avx512 && is_x86_feature_detected!("avx512bf16"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Words per row of `n` values in pairs (an odd last value pairs with zero).
+pub(crate) fn pairs(n: usize) -> usize {
+    n.div_ceil(2)
+}
+
+/// Rows of `x` (`[m, n]`) as bf16 pairs into `out` (`[m, pairs(n)]`).
+pub(crate) fn pack_rows(x: &[f32], n: usize, out: &mut [u32]) {
+    let np = pairs(n);
+    for (row, out) in x.chunks_exact(n).zip(out.chunks_exact_mut(np)) {
+        let mut it = row.chunks_exact(2);
+        for (o, p) in out.iter_mut().zip(&mut it) {
+            *o = pair(p[0], p[1]);
+        }
+        if let [last] = it.remainder() {
+            out[np - 1] = pair(*last, 0.0);
+        }
+    }
+}
+
+/// A panel of `cols ≤ COLS` output columns and `pairs` reduction pairs, `[pairs][COLS]`
+/// words, columns past `cols` zero.
+pub(crate) struct Panel<'a> {
+    pub words: &'a mut [u32],
+    pub pairs: usize,
+    pub cols: usize,
+}
+
+impl Panel<'_> {
+    /// Fills the panel with `value(col, i)` for reduction index `i < n` (zero past `n`).
+    pub fn fill(&mut self, n: usize, value: impl Fn(usize, usize) -> f32) {
+        for p in 0..self.pairs {
+            let words = &mut self.words[p * COLS..(p + 1) * COLS];
+            let (i, odd) = (2 * p, 2 * p + 1 < n);
+            for (c, w) in words.iter_mut().enumerate() {
+                *w = match c < self.cols {
+                    true => pair(value(c, i), if odd { value(c, i + 1) } else { 0.0 }),
+                    false => 0,
+                };
+            }
+        }
+    }
+}
+
+/// `c[t, ..cols] (+)= Σ_p a[t, p] · panel[p, ..cols]` for the `m` rows of `a` (`pairs` words
+/// each, `a_stride` apart) into `c` (rows `c_stride` apart). Needs `available()`.
+pub(crate) fn multiply(
+    a: &[u32],
+    a_stride: usize,
+    m: usize,
+    panel: &Panel,
+    c: &mut [f32],
+    c_stride: usize,
+    accumulate: bool,
+) {
+    assert!(available());
+    assert!(m == 0 || (m - 1) * a_stride + panel.pairs <= a.len());
+    assert!(m == 0 || (m - 1) * c_stride + panel.cols <= c.len());
+    assert!(panel.words.len() >= panel.pairs * COLS);
+    #[cfg(target_arch = "x86_64")]
+    for t0 in (0..m).step_by(ROWS) {
+        let a = (a[t0 * a_stride..].as_ptr(), a_stride);
+        let c = (c[t0 * c_stride..].as_mut_ptr(), c_stride);
+        let panel = (panel.words.as_ptr(), panel.pairs, panel.cols);
+        // SAFETY: `available()` found AVX512_BF16; each call takes min(m - t0, ROWS) rows,
+        // all below `m`, and the asserts bound their reads and writes.
+        unsafe {
+            match m - t0 {
+                1 => avx512::tile::<1>(a, panel, c, accumulate),
+                2 => avx512::tile::<2>(a, panel, c, accumulate),
+                3 => avx512::tile::<3>(a, panel, c, accumulate),
+                4 => avx512::tile::<4>(a, panel, c, accumulate),
+                5 => avx512::tile::<5>(a, panel, c, accumulate),
+                _ => avx512::tile::<ROWS>(a, panel, c, accumulate),
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::COLS;
+
+    /// `R` rows of `a` (`stride` words apart) times the panel `(words, pairs, cols)`, into
+    /// `R` rows of `c` (`stride` values apart).
+    ///
+    /// # Safety
+    /// AVX-512 F and BF16; each row of `a` has `pairs` words, `words` has `pairs * COLS`, and
+    /// each row of `c` is writable for `cols` values.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn tile<const R: usize>(
+        (a, a_stride): (*const u32, usize),
+        (words, pairs, cols): (*const u32, usize, usize),
+        (c, c_stride): (*mut f32, usize),
+        accumulate: bool,
+    ) {
+        let a: [*const u32; R] = std::array::from_fn(|i| a.add(i * a_stride));
+        let mut acc = [[_mm512_setzero_ps(); 4]; R];
+        for p in 0..pairs {
+            let w = words.add(p * COLS);
+            let b: [__m512bh; 4] = std::array::from_fn(|j| {
+                std::mem::transmute(_mm512_loadu_si512(w.add(16 * j).cast()))
+            });
+            for (acc, a) in acc.iter_mut().zip(a) {
+                let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(p) as i32));
+                for (acc, b) in acc.iter_mut().zip(b) {
+                    *acc = _mm512_dpbf16_ps(*acc, x, b);
+                }
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            let out = c.add(i * c_stride);
+            for (j, &v) in acc.iter().enumerate() {
+                let lanes = cols.saturating_sub(16 * j).min(16);
+                let mask = ((1u32 << lanes) - 1) as __mmask16;
+                let out = out.wrapping_add(16 * j);
+                let v = match accumulate {
+                    true => _mm512_add_ps(_mm512_maskz_loadu_ps(mask, out), v),
+                    false => v,
+                };
+                _mm512_mask_storeu_ps(out, mask, v);
+            }
+        }
+    }
+}
