@@ -4,15 +4,17 @@
     python benches/bench_train.py --layers 4 --steps 2  # a quick run
 
 One step = forward, mean next-token cross-entropy over the batch, backward into the adapter,
-AdamW update (weight decay 0). lugh: `lugh.train.train_step` on the F16 GGUF + `lugh.optim.AdamW`.
-PyTorch: transformers `LlamaForCausalLM` in float32 from the HF copy of the same F16 values,
-PEFT with dropout 0, `model.train()`, `torch.optim.AdamW`. Both load one adapter (rank 16,
-alpha 32, targets q, k, v, o; B non-zero, made by lugh and saved as a PEFT directory) and train
-on the same token batch. Each engine runs in its own child process, so its peak RSS (mapped
-weights included) is its own.
+AdamW update (weight decay 0). lugh: `lugh.train.train_step` on the F16 GGUF + `lugh.optim.AdamW`
+(`lugh`: exact f32, `lugh-bf16`: `precision="bf16"`). PyTorch: transformers `LlamaForCausalLM`
+in float32 from the HF copy of the same F16 values, PEFT with dropout 0, `model.train()`,
+`torch.optim.AdamW` (`torch`: f32, `torch-bf16`: the forward under bf16 `torch.autocast`).
+All load one adapter (rank 16, alpha 32, targets q, k, v, o; B non-zero, made by lugh and saved
+as a PEFT directory) and train on the same token batch. Each engine runs in its own child
+process, so its peak RSS (mapped weights included) is its own.
 
 The losses of the first step must agree (same base model and adapter); the second step's
-must too (same gradients and update). Tokens/s = batch × seq / median step time.
+must too (same gradients and update); the bf16 engines' within 1e-2. Tokens/s = batch × seq /
+median step time; ratios are to PyTorch f32.
 """
 
 from __future__ import annotations
@@ -27,11 +29,17 @@ from typing import Any
 
 import benchlib as bl
 
-ENGINES = ("lugh", "torch")
+ENGINES = ("lugh", "lugh-bf16", "torch", "torch-bf16")
 TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output")
 LORA_ALPHA = 32.0
 # Both run f32 math on the same F16 values: their losses agree to ~1e-6 relative.
 LOSS_RTOL = 1e-4
+# bf16 operands move a loss by about 2^-8 of its terms' scale.
+BF16_LOSS_RTOL = 1e-2
+
+
+def is_bf16(engine: str) -> bool:
+    return engine.endswith("-bf16")
 
 
 def batch(args: argparse.Namespace) -> list[list[int]]:
@@ -50,9 +58,13 @@ def train_lugh(args: argparse.Namespace) -> tuple[list[float], list[bl.Sample]]:
     seqs = batch(args)
     losses = []
 
+    precision = "bf16" if is_bf16(args.child) else "f32"
+
     def step() -> None:
         opt.zero_grad()
-        loss_sum, n_scored = lugh.train.train_step(inf, seqs, lora, checkpoint=args.checkpoint)
+        loss_sum, n_scored = lugh.train.train_step(
+            inf, seqs, lora, checkpoint=args.checkpoint, precision=precision
+        )
         opt.step()
         losses.append(loss_sum / n_scored)
 
@@ -85,9 +97,12 @@ def train_torch(args: argparse.Namespace) -> tuple[list[float], list[bl.Sample]]
     ids = torch.tensor(batch(args))
     losses = []
 
+    autocast = is_bf16(args.child)
+
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=ids).loss  # mean over batch × (seq - 1) positions
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids, labels=ids).loss  # mean over batch × (seq - 1) positions
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
@@ -109,7 +124,7 @@ def make_adapter(args: argparse.Namespace) -> dict:
 def run_engine(args: argparse.Namespace) -> dict:
     bl.pin_threads(args.threads)
     started = time.perf_counter()
-    train = train_lugh if args.child == "lugh" else train_torch
+    train = train_lugh if args.child.startswith("lugh") else train_torch
     losses, samples = train(args)
     steps = bl.summarize(samples[args.warmup :])
     return {
@@ -234,28 +249,35 @@ def report(result: dict) -> bool:
             rows,
         )
     )
-    if set(engines) != set(ENGINES):
+    torch = engines.get("torch")
+    if torch is None:
         return True
-    lugh, torch = engines["lugh"], engines["torch"]
-    print(
-        f"\nlugh / PyTorch: tokens/s {lugh['tok_s'] / torch['tok_s']:.3f}, "
-        f"peak RSS {lugh['peak_rss_mib'] / torch['peak_rss_mib']:.3f}"
-    )
-    n = min(len(lugh["losses"]), len(torch["losses"]), 2)
-    diffs = [abs(lugh["losses"][i] - torch["losses"][i]) for i in range(n)]
-    ok = all(d <= LOSS_RTOL * abs(torch["losses"][i]) for i, d in enumerate(diffs))
-    print(
-        f"loss check (|lugh - torch| <= {LOSS_RTOL:g} relative) on the first {n} steps: "
-        f"{[f'{d:.1e}' for d in diffs]} {'PASS' if ok else 'FAIL'}"
-    )
-    result["loss_check"] = {"abs_diffs": diffs, "pass": ok}
+    ok = True
+    result["loss_check"] = {}
+    for name, r in engines.items():
+        if name == "torch":
+            continue
+        rtol = BF16_LOSS_RTOL if is_bf16(name) else LOSS_RTOL
+        n = min(len(r["losses"]), len(torch["losses"]), 2)
+        diffs = [abs(r["losses"][i] - torch["losses"][i]) for i in range(n)]
+        passed = all(d <= rtol * abs(torch["losses"][i]) for i, d in enumerate(diffs))
+        print(
+            f"\n{name} / PyTorch f32: tokens/s {r['tok_s'] / torch['tok_s']:.3f}, "
+            f"peak RSS {r['peak_rss_mib'] / torch['peak_rss_mib']:.3f}; loss check "
+            f"(<= {rtol:g} relative, first {n} steps) {[f'{d:.1e}' for d in diffs]} "
+            f"{'PASS' if passed else 'FAIL'}"
+        )
+        result["loss_check"][name] = {"abs_diffs": diffs, "pass": passed}
+        ok &= passed
     return ok
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=22, help="which make_model.py output")
-    p.add_argument("--engines", default="lugh,torch", help="comma list among lugh,torch")
+    p.add_argument(
+        "--engines", default=",".join(ENGINES), help=f"comma list among {','.join(ENGINES)}"
+    )
     p.add_argument("--threads", type=int, default=bl.default_threads())
     p.add_argument("--seq", type=int, default=256, help="tokens per sequence")
     p.add_argument("--batch", type=int, default=4, help="sequences per step")

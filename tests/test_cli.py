@@ -102,6 +102,8 @@ def test_finetune_convert_and_merge(tmp_path, capsys):
         "16",
         "--eval-every",
         "2",
+        "--precision",
+        "bf16",
         "--out",
         out,
         "--peft-out",

@@ -308,6 +308,7 @@ def cmd_finetune(args) -> int:
         schedule=args.schedule,
         warmup_steps=args.warmup,
         checkpoint=args.checkpoint,
+        precision=args.precision,
         seed=args.seed or 0,
         chat_template=Path(args.chat_template).read_text() if args.chat_template else None,
         assistant_only_loss=not args.all_tokens,
@@ -487,6 +488,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-every", type=int, default=0, help="eval loss every N steps on 10%% held out"
     )
     p.add_argument("--checkpoint", action="store_true", help="recompute activations to save memory")
+    p.add_argument(
+        "--precision",
+        default="f32",
+        choices=("f32", "bf16"),
+        help="f32: exact (default); bf16: the base's products in bf16, faster",
+    )
     p.add_argument(
         "--chat-template", help="Jinja file for chat records (default: the model's own template)"
     )
