@@ -20,16 +20,25 @@ const ROWS: usize = 6;
 /// `v` rounded to the nearest bf16 value (ties to even), as f32.
 #[inline]
 pub(crate) fn round(v: f32) -> f32 {
-    half::bf16::from_f32(v).to_f32()
+    f32::from_bits(bits(v) << 16)
 }
 
-#[inline]
+/// The bf16 nearest `v` (ties to even; NaN stays NaN), without branches so that loops of it
+/// vectorize.
+#[inline(always)]
 fn bits(v: f32) -> u32 {
-    half::bf16::from_f32(v).to_bits() as u32
+    let b = v.to_bits();
+    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
+    let quiet = (b >> 16) | 0x40;
+    if v.is_nan() {
+        quiet
+    } else {
+        rounded
+    }
 }
 
 /// The pair `(lo, hi)` as one word: `lo` in the low half.
-#[inline]
+#[inline(always)]
 fn pair(lo: f32, hi: f32) -> u32 {
     bits(lo) | bits(hi) << 16
 }
@@ -53,10 +62,12 @@ pub(crate) fn pairs(n: usize) -> usize {
     n.div_ceil(2)
 }
 
-/// Rows of `x` (`[m, n]`) as bf16 pairs into `out` (`[m, pairs(n)]`).
+/// Rows of `x` (`[m, n]`) as bf16 pairs into `out` (`[m, pairs(n)]`), in parallel.
 pub(crate) fn pack_rows(x: &[f32], n: usize, out: &mut [u32]) {
+    use rayon::prelude::*;
     let np = pairs(n);
-    for (row, out) in x.chunks_exact(n).zip(out.chunks_exact_mut(np)) {
+    let rows = x.par_chunks_exact(n).zip(out.par_chunks_exact_mut(np));
+    rows.for_each(|(row, out)| {
         let mut it = row.chunks_exact(2);
         for (o, p) in out.iter_mut().zip(&mut it) {
             *o = pair(p[0], p[1]);
@@ -64,7 +75,7 @@ pub(crate) fn pack_rows(x: &[f32], n: usize, out: &mut [u32]) {
         if let [last] = it.remainder() {
             out[np - 1] = pair(*last, 0.0);
         }
-    }
+    });
 }
 
 /// A panel of `cols ≤ COLS` output columns and `pairs` reduction pairs, `[pairs][COLS]`
@@ -76,17 +87,57 @@ pub(crate) struct Panel<'a> {
 }
 
 impl Panel<'_> {
-    /// Fills the panel with `value(col, i)` for reduction index `i < n` (zero past `n`).
-    pub fn fill(&mut self, n: usize, value: impl Fn(usize, usize) -> f32) {
-        for p in 0..self.pairs {
-            let words = &mut self.words[p * COLS..(p + 1) * COLS];
-            let (i, odd) = (2 * p, 2 * p + 1 < n);
-            for (c, w) in words.iter_mut().enumerate() {
-                *w = match c < self.cols {
-                    true => pair(value(c, i), if odd { value(c, i + 1) } else { 0.0 }),
-                    false => 0,
-                };
+    /// The panel of `cols` rows of `n` values (`rows[c * n + i]`, the forward's weight rows),
+    /// paired along each row.
+    pub fn fill_from_rows(&mut self, rows: &[f32], n: usize) {
+        assert!(self.pairs == pairs(n) && rows.len() >= self.cols * n);
+        for (c, row) in rows.chunks_exact(n).take(self.cols).enumerate() {
+            let mut values = row.chunks_exact(2);
+            for (p, v) in (&mut values).enumerate() {
+                self.words[p * COLS + c] = pair(v[0], v[1]);
             }
+            if let [last] = values.remainder() {
+                self.words[(self.pairs - 1) * COLS + c] = pair(*last, 0.0);
+            }
+        }
+        self.zero_columns_past_cols();
+    }
+
+    /// The panel of columns `c0..c0 + cols` of the `n` rows of `matrix` (`stride` values a
+    /// row; the backward's weight, whose rows are the reduction), paired down each column.
+    pub fn fill_from_columns(&mut self, matrix: &[f32], n: usize, stride: usize, c0: usize) {
+        assert!(
+            self.pairs == pairs(n) && (n == 0 || (n - 1) * stride + c0 + self.cols <= matrix.len())
+        );
+        let cols = self.cols;
+        let row = |i: usize| &matrix[i * stride + c0..i * stride + c0 + cols];
+        for (p, words) in self
+            .words
+            .chunks_exact_mut(COLS)
+            .take(self.pairs)
+            .enumerate()
+        {
+            let lo = row(2 * p);
+            match 2 * p + 1 < n {
+                true => {
+                    let hi = row(2 * p + 1);
+                    for ((w, &l), &h) in words.iter_mut().zip(lo).zip(hi) {
+                        *w = pair(l, h);
+                    }
+                }
+                false => {
+                    for (w, &l) in words.iter_mut().zip(lo) {
+                        *w = pair(l, 0.0);
+                    }
+                }
+            }
+        }
+        self.zero_columns_past_cols();
+    }
+
+    fn zero_columns_past_cols(&mut self) {
+        for words in self.words.chunks_exact_mut(COLS).take(self.pairs) {
+            words[self.cols..].fill(0);
         }
     }
 }

@@ -156,7 +156,7 @@ impl Weight {
                                 pairs: np,
                                 cols: rows.len(),
                             };
-                            panel.fill(k, |c, i| w[c * k + i]);
+                            panel.fill_from_rows(w, k);
                             // SAFETY: each task writes only columns `rows` of y, disjoint
                             // across tasks.
                             let y =
@@ -235,7 +235,7 @@ impl Weight {
                                 pairs: block_pairs,
                                 cols: cols.len(),
                             };
-                            panel.fill(rows.len(), |c, i| w[i * k + cols.start + c]);
+                            panel.fill_from_columns(w, rows.len(), k, cols.start);
                             // SAFETY: each task writes only columns `cols` of dx, disjoint across
                             // tasks.
                             let dx = unsafe { dx_ptr.slice(cols.start, (m - 1) * k + cols.len()) };

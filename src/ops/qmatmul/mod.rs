@@ -34,7 +34,7 @@ mod act;
 #[cfg(target_arch = "x86_64")]
 mod driver;
 #[cfg(target_arch = "x86_64")]
-mod f16;
+mod halves;
 #[cfg(target_arch = "x86_64")]
 mod iq4xs;
 #[cfg(target_arch = "x86_64")]
@@ -103,13 +103,9 @@ fn best_isa() -> Isa {
 pub(crate) fn supports(dtype: TensorType) -> bool {
     use TensorType::*;
     match isa() {
-        Isa::Avx512 => matches!(
+        Isa::Avx512 | Isa::Avx2 => matches!(
             dtype,
-            F16 | Q4K | Q5K | Q6K | Q8_0 | Q4_0 | Q5_0 | Q4_1 | Q5_1 | IQ4NL | IQ4XS
-        ),
-        Isa::Avx2 => matches!(
-            dtype,
-            Q4K | Q5K | Q6K | Q8_0 | Q4_0 | Q5_0 | Q4_1 | Q5_1 | IQ4NL | IQ4XS
+            F16 | BF16 | Q4K | Q5K | Q6K | Q8_0 | Q4_0 | Q5_0 | Q4_1 | Q5_1 | IQ4NL | IQ4XS
         ),
         Isa::Portable => false,
     }
@@ -131,37 +127,35 @@ pub(crate) fn matmul(
     assert!(x.len().is_multiple_of(k) && y.len() == x.len() / k * n_rows);
     assert!(dtype.row_bytes(k).map(|r| r * n_rows) == Some(data.len()));
     #[cfg(target_arch = "x86_64")]
-    if isa() == Isa::Avx2 {
-        use driver::{run_rows, Avx2};
-        match dtype {
-            TensorType::Q8_0 => driver::run::<Avx2<q8_0::Q8_0>>(data, n_rows, k, x, y),
-            TensorType::Q4_0 => driver::run::<Avx2<q8_0::Q4_0>>(data, n_rows, k, x, y),
-            TensorType::Q5_0 => driver::run::<Avx2<q8_0::Q5_0>>(data, n_rows, k, x, y),
-            TensorType::Q4_1 => driver::run::<Avx2<q8_0::Q4_1>>(data, n_rows, k, x, y),
-            TensorType::Q5_1 => driver::run::<Avx2<q8_0::Q5_1>>(data, n_rows, k, x, y),
-            TensorType::IQ4NL => driver::run::<Avx2<q8_0::IQ4NL>>(data, n_rows, k, x, y),
-            TensorType::Q4K => run_rows::<Avx2<q4k::Q4K>>(data, n_rows, k, x, y),
-            TensorType::Q5K => run_rows::<Avx2<q4k::Q5K>>(data, n_rows, k, x, y),
-            TensorType::Q6K => run_rows::<Avx2<q6k::Q6K>>(data, n_rows, k, x, y),
-            TensorType::IQ4XS => run_rows::<Avx2<iq4xs::IQ4XS>>(data, n_rows, k, x, y),
-            _ => unreachable!("supports() lists the AVX2 types"),
+    {
+        use driver::{run, run_rows, Avx2};
+        use TensorType::*;
+        let avx2 = isa() == Isa::Avx2;
+        match (dtype, avx2) {
+            (F16, _) => halves::run::<halves::F16>(data, n_rows, k, x, y, avx2),
+            (BF16, _) => halves::run::<halves::Bf16>(data, n_rows, k, x, y, avx2),
+            (Q8_0, true) => run::<Avx2<q8_0::Q8_0>>(data, n_rows, k, x, y),
+            (Q4_0, true) => run::<Avx2<q8_0::Q4_0>>(data, n_rows, k, x, y),
+            (Q5_0, true) => run::<Avx2<q8_0::Q5_0>>(data, n_rows, k, x, y),
+            (Q4_1, true) => run::<Avx2<q8_0::Q4_1>>(data, n_rows, k, x, y),
+            (Q5_1, true) => run::<Avx2<q8_0::Q5_1>>(data, n_rows, k, x, y),
+            (IQ4NL, true) => run::<Avx2<q8_0::IQ4NL>>(data, n_rows, k, x, y),
+            (Q4K, true) => run_rows::<Avx2<q4k::Q4K>>(data, n_rows, k, x, y),
+            (Q5K, true) => run_rows::<Avx2<q4k::Q5K>>(data, n_rows, k, x, y),
+            (Q6K, true) => run_rows::<Avx2<q6k::Q6K>>(data, n_rows, k, x, y),
+            (IQ4XS, true) => run_rows::<Avx2<iq4xs::IQ4XS>>(data, n_rows, k, x, y),
+            (Q4K, false) => run::<q4k::Q4K>(data, n_rows, k, x, y),
+            (Q5K, false) => run::<q4k::Q5K>(data, n_rows, k, x, y),
+            (Q6K, false) => run::<q6k::Q6K>(data, n_rows, k, x, y),
+            (Q8_0, false) => run::<q8_0::Q8_0>(data, n_rows, k, x, y),
+            (Q4_0, false) => run::<q8_0::Q4_0>(data, n_rows, k, x, y),
+            (Q5_0, false) => run::<q8_0::Q5_0>(data, n_rows, k, x, y),
+            (Q4_1, false) => run::<q8_0::Q4_1>(data, n_rows, k, x, y),
+            (Q5_1, false) => run::<q8_0::Q5_1>(data, n_rows, k, x, y),
+            (IQ4NL, false) => run::<q8_0::IQ4NL>(data, n_rows, k, x, y),
+            (IQ4XS, false) => run::<iq4xs::IQ4XS>(data, n_rows, k, x, y),
+            _ => unreachable!("supports() lists the types above"),
         }
-        return true;
-    }
-    #[cfg(target_arch = "x86_64")]
-    match dtype {
-        TensorType::F16 => f16::run(data, n_rows, k, x, y),
-        TensorType::Q4K => driver::run::<q4k::Q4K>(data, n_rows, k, x, y),
-        TensorType::Q5K => driver::run::<q4k::Q5K>(data, n_rows, k, x, y),
-        TensorType::Q6K => driver::run::<q6k::Q6K>(data, n_rows, k, x, y),
-        TensorType::Q8_0 => driver::run::<q8_0::Q8_0>(data, n_rows, k, x, y),
-        TensorType::Q4_0 => driver::run::<q8_0::Q4_0>(data, n_rows, k, x, y),
-        TensorType::Q5_0 => driver::run::<q8_0::Q5_0>(data, n_rows, k, x, y),
-        TensorType::Q4_1 => driver::run::<q8_0::Q4_1>(data, n_rows, k, x, y),
-        TensorType::Q5_1 => driver::run::<q8_0::Q5_1>(data, n_rows, k, x, y),
-        TensorType::IQ4NL => driver::run::<q8_0::IQ4NL>(data, n_rows, k, x, y),
-        TensorType::IQ4XS => driver::run::<iq4xs::IQ4XS>(data, n_rows, k, x, y),
-        _ => unreachable!("supports() lists the types above"),
     }
     true
 }

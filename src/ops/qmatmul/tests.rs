@@ -31,7 +31,7 @@ fn weights(dtype: TensorType, n_rows: usize, k: usize, seed: u64) -> Vec<u8> {
     let mut rng = Rng(seed);
     let values: Vec<f32> = (0..n_rows * k).map(|_| rng.float()).collect();
     let mut bytes = quantize(dtype, &values);
-    if dtype == TensorType::F16 {
+    if matches!(dtype, TensorType::F16 | TensorType::BF16) {
         return bytes;
     }
     let halves: &[usize] = match dtype {
@@ -140,10 +140,58 @@ fn check_within<T: GgmlType>(dtype: TensorType, n_rows: usize, k: usize, rel: f6
     }
 }
 
+/// The half kernels on AVX2 against the references (with `check`'s tolerance) and each batch
+/// size against the same tokens alone; where the CPU has AVX-512, bit for bit against those
+/// kernels too (then `check` has tested them).
+fn check_halves<H: halves::Half, T: GgmlType>(dtype: TensorType, n_rows: usize, k: usize) {
+    check::<T>(dtype, n_rows, k);
+    if isa() < Isa::Avx2 {
+        eprintln!("no AVX2: the kernels are not tested on this CPU");
+        return;
+    }
+    let data = weights(dtype, n_rows, k, k as u64);
+    let mut rng = Rng(7);
+    let x: Vec<f32> = (0..33 * k).map(|_| 3.0 * rng.float()).collect();
+    let run = |x: &[f32], avx2: bool| {
+        let mut y = vec![0f32; x.len() / k * n_rows];
+        halves::run::<H>(&data, n_rows, k, x, &mut y, avx2);
+        y
+    };
+    let all = run(&x, true);
+    let (theirs, naive, scale) = references::<T>(&data, n_rows, k, &x);
+    for (i, &v) in all.iter().enumerate() {
+        let tol = 2e-6 * scale[i] + 1e-6;
+        assert!(
+            (v as f64 - theirs[i] as f64).abs() <= tol,
+            "{dtype} AVX2 [{i}] vs candle"
+        );
+        assert!(
+            (v as f64 - naive[i]).abs() <= tol,
+            "{dtype} AVX2 [{i}] vs dequantized"
+        );
+    }
+    for m in [1, 2, 3, 5, 6, 16, 17, 33] {
+        let mut levels = vec![run(&x[..m * k], true)];
+        if isa() == Isa::Avx512 {
+            levels.push(run(&x[..m * k], false));
+        }
+        for y in levels {
+            for (i, (a, b)) in y.iter().zip(&all).enumerate() {
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "{dtype} k={k} m={m} [{i}]: {a} vs {b}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
-fn f16_matches_candle() {
+fn f16_and_bf16_match_candle_on_every_instruction_set() {
     for k in [40, 256, 2056] {
-        check::<half::f16>(TensorType::F16, 13, k);
+        check_halves::<halves::F16, half::f16>(TensorType::F16, 13, k);
+        check_halves::<halves::Bf16, half::bf16>(TensorType::BF16, 13, k);
     }
 }
 
@@ -154,7 +202,7 @@ fn f16_tiles_span_several_row_blocks_per_task() {
         .num_threads(2)
         .build()
         .unwrap();
-    pool.install(|| check::<half::f16>(TensorType::F16, 77, 2056));
+    pool.install(|| check_halves::<halves::F16, half::f16>(TensorType::F16, 77, 2056));
 }
 
 #[test]
