@@ -370,9 +370,32 @@ impl<H: Half> Kernels for Avx512<H> {
     }
 }
 
-/// Rows of a tile per pass over its chunk of k on AVX2: 2 rows × 3 tokens × 2 halves are 12
-/// of the 16 vector registers.
-const AVX2_ROWS: usize = 2;
+/// 16 halves at `p`, the first `n` of them, widened as two 8-lane vectors.
+///
+/// # Safety
+/// AVX2 and F16C; `p` points to `n` ≤ 16 halves.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load16_avx2<H: Half>(p: *const u8, n: usize) -> [__m256; 2] {
+    [
+        H::load8(p, n.min(8)),
+        H::load8(p.add(16), n.saturating_sub(8)),
+    ]
+}
+
+/// Runs `step(j, n)` for the chunks of 16 values from `j` in `ks` (`n` of them within `k`):
+/// the whole ones in a loop of their own, so that the last, partial one's copy stays out
+/// of it and the accumulators in registers.
+#[inline(always)]
+fn chunks(ks: std::ops::Range<usize>, k: usize, mut step: impl FnMut(usize, usize)) {
+    let whole = ks.end.min(k / 16 * 16).max(ks.start);
+    for j in (ks.start..whole).step_by(16) {
+        step(j, 16);
+    }
+    for j in (whole..ks.end).step_by(16) {
+        step(j, k - j);
+    }
+}
 
 impl<H: Half> Kernels for Avx2<H> {
     #[inline]
@@ -380,19 +403,19 @@ impl<H: Half> Kernels for Avx2<H> {
     unsafe fn rows4(w: [*const u8; 4], k: usize, x: &[f32]) -> [f32; 4] {
         let ahead = Ahead::new(k.div_ceil(16), 32, simd::PREFETCH_F16);
         let mut acc = [[_mm256_setzero_ps(); 2]; 4];
-        for j in 0..k.div_ceil(16) {
-            let x = [0, 8].map(|h| _mm256_loadu_ps(x[16 * j + h..].as_ptr()));
-            let n = (k - 16 * j).min(16);
+        chunks(0..k.next_multiple_of(16), k, |j, n| {
+            let x = [0, 8].map(|h| _mm256_loadu_ps(x[j + h..].as_ptr()));
             for r in 0..4 {
-                if j % 2 == 0 {
-                    prefetch_l2(ahead.of(w[r], j), 64);
+                // One prefetch per 64 bytes of the row: every other chunk.
+                if j % 32 == 0 {
+                    prefetch_l2(ahead.of(w[r], j / 16), 64);
                 }
-                let p = w[r].add(32 * j);
-                acc[r][0] = _mm256_fmadd_ps(H::load8(p, n.min(8)), x[0], acc[r][0]);
-                acc[r][1] =
-                    _mm256_fmadd_ps(H::load8(p.add(16), n.saturating_sub(8)), x[1], acc[r][1]);
+                let w = load16_avx2::<H>(w[r].add(2 * j), n);
+                for h in 0..2 {
+                    acc[r][h] = _mm256_fmadd_ps(w[h], x[h], acc[r][h]);
+                }
             }
-        }
+        });
         acc.map(|[lo, hi]| reduce_halves(lo, hi))
     }
 
@@ -409,38 +432,27 @@ impl<H: Half> Kernels for Avx2<H> {
         assert!(t.iter().all(|&t| xs.len() >= (t + 1) * k16));
         assert!(ks.end <= k16 && ks.start.is_multiple_of(16));
         let x: [*const f32; TOKENS] = std::array::from_fn(|i| xs.as_ptr().add(t[i] * k16));
-        for r0 in (0..ROWS).step_by(AVX2_ROWS) {
-            let zero = [[[_mm256_setzero_ps(); 2]; AVX2_ROWS]; TOKENS];
-            let mut acc = resume(&ks, zero, || {
-                std::array::from_fn(|i| {
-                    std::array::from_fn(|r| {
-                        let p = partial[i][r0 + r].as_ptr();
-                        [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))]
-                    })
-                })
-            });
-            for j in ks.clone().step_by(16) {
-                let n = (k - j).min(16);
-                for r in 0..AVX2_ROWS {
-                    let p = w[r0 + r].add(2 * j);
-                    let w = [
-                        H::load8(p, n.min(8)),
-                        H::load8(p.add(16), n.saturating_sub(8)),
-                    ];
-                    for i in 0..TOKENS {
-                        for h in 0..2 {
-                            let x = _mm256_loadu_ps(x[i].add(j + 8 * h));
-                            acc[i][r][h] = _mm256_fmadd_ps(w[h], x, acc[i][r][h]);
-                        }
-                    }
+        // One row at a time: its 3 tokens × 2 halves of accumulators stay in registers.
+        for r in 0..ROWS {
+            let mut acc = [[_mm256_setzero_ps(); 2]; TOKENS];
+            if ks.start > 0 {
+                for (acc, p) in acc.iter_mut().zip(partial.iter()) {
+                    let p = p[r].as_ptr();
+                    *acc = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))];
                 }
             }
-            for (i, acc) in acc.iter().enumerate() {
-                for (r, [lo, hi]) in acc.iter().enumerate() {
-                    let p = partial[i][r0 + r].as_mut_ptr();
-                    _mm256_storeu_ps(p, *lo);
-                    _mm256_storeu_ps(p.add(8), *hi);
+            chunks(ks.clone(), k, |j, n| {
+                let w = load16_avx2::<H>(w[r].add(2 * j), n);
+                for (acc, x) in acc.iter_mut().zip(x) {
+                    for (h, acc) in acc.iter_mut().enumerate() {
+                        *acc = _mm256_fmadd_ps(w[h], _mm256_loadu_ps(x.add(j + 8 * h)), *acc);
+                    }
                 }
+            });
+            for (acc, p) in acc.iter().zip(partial.iter_mut()) {
+                let p = p[r].as_mut_ptr();
+                _mm256_storeu_ps(p, acc[0]);
+                _mm256_storeu_ps(p.add(8), acc[1]);
             }
         }
     }
