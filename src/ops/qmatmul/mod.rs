@@ -1,6 +1,7 @@
-//! `y = x Wᵀ` for quantized weights read in place (ggml's block layouts), with AVX-512 VNNI
-//! integer kernels chosen at run time; `Weight::matmul` falls back to candle's `vec_dot`
-//! where this module declines (another CPU, another type).
+//! `y = x Wᵀ` for quantized weights read in place (ggml's block layouts), with integer
+//! kernels for the CPU's instruction set chosen at run time (`Isa`); `Weight::matmul` falls
+//! back to `ops::portable` or candle's `vec_dot` where this module declines (another CPU,
+//! another type).
 //!
 //! **Numerics.** Each token is quantized as ggml does for the weight's dot type (Q8_K for the
 //! K-quants, Q8_0 for the 32-value blocks), bit for bit as candle's `from_float`. For each
@@ -16,18 +17,24 @@
 //! operations. Every kernel performs exactly this sequence, so a token's output is the same to
 //! the bit whether it is computed alone (decode) or with others (prefill).
 //!
-//! **Kernels.** Two per format:
+//! **Kernels.** Per format and instruction set:
 //! - `rows4`: 4 weight rows × 1 token, straight from the blocks; for decode and small batches.
-//!   Memory bound: its job is to stream the weights at full bandwidth.
-//! - `tile`: 4 weight rows × 16 or 32 tokens. Each task first unpacks its next 4 rows into
-//!   scratch (values as bytes, scales as i32: a few KiB that stay in L1, never the whole
-//!   matrix), the tokens are laid out 16 to a vector (`act::Groups`), and one `vpdpbusd`
-//!   multiplies 4 weights (broadcast) with 4 values of 16 tokens: 64 multiply-adds per
-//!   instruction, on 8 accumulators at a time.
+//!   Memory bound: its job is to stream the weights at full bandwidth. AVX-512, AVX2 and NEON
+//!   (`neon`: every batch size; `sdot` where the CPU has `dotprod`, else widening multiplies).
+//! - `tile`: 4 weight rows × 16 or 32 tokens (AVX-512; AVX2 for the 32-value formats). Each
+//!   task first unpacks its next 4 rows into scratch (values as bytes, scales as i32: a few
+//!   KiB that stay in L1, never the whole matrix), the tokens are laid out 16 to a vector
+//!   (`act::Groups`), and one `vpdpbusd` multiplies 4 weights (broadcast) with 4 values of 16
+//!   tokens: 64 multiply-adds per instruction, on 8 accumulators at a time.
+//!
+//! `ops::portable` performs the same sequence in scalar code, for all ten integer formats: the
+//! tests hold every kernel to its bits.
 //!
 //! Files: `act` quantizes the activations, `driver` splits a product into tasks and runs the
 //! kernels of one format (`q4k` for Q4_K and Q5_K, `q6k`, `iq4xs`, `q8_0` for Q8_0, Q4_0, Q4_1,
-//! Q5_0, Q5_1 and IQ4_NL; `f16` has its own, simpler driver), `simd` holds what they share.
+//! Q5_0, Q5_1 and IQ4_NL; `f16` has its own, simpler driver), `simd` holds what they share;
+//! those six files are x86-64's. `neon` has aarch64's kernels for all ten integer formats,
+//! reading the blocks' values as `portable::Format` describes them.
 
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod act;
