@@ -33,7 +33,7 @@ pub(super) fn matmul(
 }
 
 /// `matmul` with the dot product `D`, every batch size through the row kernel.
-pub(super) fn matmul_with<D: Dot>(
+fn matmul_with<D: Dot>(
     dtype: TensorType,
     data: &[u8],
     n_rows: usize,
