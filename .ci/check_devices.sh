@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Compile-checks what this CI machine (no GPU, x86-64 Linux) cannot run: `cargo check` of lugh
-# with candle's CUDA and Metal features, and for ARM Linux.
+# Checks what this CI machine (no GPU, x86-64 Linux) cannot run natively: `cargo check` of
+# lugh with candle's CUDA and Metal features, and the ARM Linux kernels' tests under qemu-user.
 # Called from .ci/run with the repo root as cwd, inside an activated venv that has pip.
 set -euo pipefail
 
@@ -20,6 +20,15 @@ CUDA_COMPUTE_CAP=90 CUDAFORGE_THREADS="${CUDAFORGE_THREADS:-2}" \
 rustup target add aarch64-apple-darwin
 cargo check --lib --features metal --target aarch64-apple-darwin
 
-# --- ARM Linux (the portable kernels; NEON through candle) ---
+# --- ARM Linux: the NEON kernels' tests (and the rest of `ops`), emulated ---
+# qemu's default CPU has `dotprod` (the `sdot` kernels); the NEON tests also run the baseline
+# ones directly. A Cortex-A53 has no `dotprod`: there only the baseline kernels' test, as
+# candle's NEON dot products, which the other tests compare with, use `sdot` unconditionally.
 rustup target add aarch64-unknown-linux-gnu
-cargo check --lib --target aarch64-unknown-linux-gnu
+apt-get update -qq
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user gcc-aarch64-linux-gnu >/dev/null
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu"
+cargo test --release --lib --target aarch64-unknown-linux-gnu ops::
+QEMU_CPU=cortex-a53 cargo test --release --lib --target aarch64-unknown-linux-gnu \
+    ops::qmatmul::tests::neon_

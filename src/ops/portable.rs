@@ -1,11 +1,10 @@
-//! The portable `y = x Wᵀ` with ggml's numerics, for the formats whose products candle does
-//! not compute as ggml does: IQ4_NL and IQ4_XS (candle does not read them), Q4_1 and Q5_1
-//! (candle multiplies Q8_1's sums in f16 arithmetic). Activations are rounded as candle's
-//! `from_float` rounds them (Q8_0 for the 32-value formats, Q8_K for IQ4_XS); each weight
-//! block adds its exact integer `S_b` (see `iq4` and `qmatmul::q8_0`) through
-//! `y = fma(S_b, d_w·d_x, y)`, blocks in order, and a min `m_w` through `y = fma(m_w, s_x, y)`
-//! with ggml's Q8_1 `s_x` — the sequence the AVX-512 kernels perform, so both give the same
-//! bits.
+//! The portable `y = x Wᵀ` with the integer kernels' numerics (see `qmatmul`), for the ten
+//! formats those kernels read. `Weight::matmul` takes it for the formats whose products candle
+//! does not compute as ggml does (`supports`): IQ4_NL and IQ4_XS (candle does not read them),
+//! Q4_1 and Q5_1 (candle multiplies Q8_1's sums in f16 arithmetic); for the others it is the
+//! scalar model the SIMD kernels are tested against, bit for bit. Activations are rounded as
+//! candle's `from_float` rounds them (Q8_0 for the 32-value formats, Q8_K for the others);
+//! each weight block adds its exact integer sums through `Format::steps`, blocks in order.
 
 use rayon::prelude::*;
 
@@ -17,12 +16,252 @@ use crate::gguf::TensorType;
 const QK: usize = 32;
 const QK_K: usize = 256;
 
-/// Whether this module computes products of `dtype`.
+/// Whether `Weight::matmul` takes this module's product for `dtype` (candle has none that
+/// matches ggml's).
 pub fn supports(dtype: TensorType) -> bool {
     matches!(
         dtype,
         TensorType::IQ4NL | TensorType::IQ4XS | TensorType::Q4_1 | TensorType::Q5_1
     )
+}
+
+/// What a weight block adds after its first step `y = fma(S_b, d_w·d_x, y)`.
+pub(crate) enum Min {
+    None,
+    /// Q4_1, Q5_1: `y = fma(m_w, s_x, y)`, `m_w` the f16 at byte 2 and `s_x` ggml's Q8_1 sum.
+    Block,
+    /// Q4_K, Q5_K: `y = fma(−M_b, dmin_w·d_x, y)`, `dmin_w` the f16 at byte 2 and
+    /// `M_b = Σ_s min_s Σ_{i∈s} x_i` over the 8 sub-blocks of 32.
+    SubBlocks,
+}
+
+/// A weight format as every kernel reads it: its blocks' values (as signed bytes, in order,
+/// 32 at a time), their scales per run of `RUN` values, and the float steps of the module
+/// comment. The exact integer sum of a block is `S_b = Σ_j scale_j Σ_{i∈run j} v_i x_i`.
+pub(crate) trait Format: Sync {
+    /// Values and bytes per block (ggml's layout).
+    const VALUES: usize;
+    const BYTES: usize;
+    /// Values per scale: 32, or 16 (Q6_K).
+    const RUN: usize = 32;
+    /// Where `d` (f16) is.
+    const D_AT: usize = 0;
+    const MIN: Min = Min::None;
+
+    /// Values `32c..32c + 32` of the block `w`.
+    fn values(w: &[u8], c: usize) -> [i8; 32];
+
+    /// The scale of each run of `RUN` values (all 1 in the 32-value formats).
+    fn scales(_w: &[u8]) -> [i32; 16] {
+        [1; 16]
+    }
+
+    /// The 8 sub-block mins (`Min::SubBlocks`).
+    fn mins(_w: &[u8]) -> [i32; 8] {
+        [0; 8]
+    }
+
+    /// The block's float steps on `acc`, its exact sums `s` (`S_b`) and `m` (`M_b`) in hand,
+    /// against an activation block of scale `d_x` (and Q8_1 sum `s_x`): the same on every
+    /// instruction set.
+    #[inline(always)]
+    fn steps(acc: f32, s: i32, m: i32, w: &[u8], d_x: f32, s_x: f32) -> f32 {
+        let acc = (s as f32).mul_add(f16_at(w, Self::D_AT) * d_x, acc);
+        match Self::MIN {
+            Min::None => acc,
+            Min::Block => f16_at(w, 2).mul_add(s_x, acc),
+            Min::SubBlocks => (-(m as f32)).mul_add(f16_at(w, 2) * d_x, acc),
+        }
+    }
+}
+
+pub(crate) struct Q8_0;
+pub(crate) struct Q4_0;
+pub(crate) struct Q5_0;
+pub(crate) struct Q4_1;
+pub(crate) struct Q5_1;
+pub(crate) struct IQ4NL;
+/// Q4_K (`HIGH = false`) or Q5_K (`HIGH = true`, with fifth bits).
+pub(crate) struct KQuant<const HIGH: bool>;
+pub(crate) type Q4K = KQuant<false>;
+pub(crate) type Q5K = KQuant<true>;
+pub(crate) struct Q6K;
+pub(crate) struct IQ4XS;
+
+/// 32 values from 16 bytes of nibbles (low nibbles first) and, with `qh`, a fifth bit each
+/// (bit `i` of `qh` above value `i`), less `off`.
+fn nibble_values(qs: &[u8], qh: u32, off: i32) -> [i8; 32] {
+    let mut out = [0i8; 32];
+    for (i, q) in nibbles(qs).enumerate() {
+        out[i] = (q as i32 + (((qh >> i) & 1) << 4) as i32 - off) as i8;
+    }
+    out
+}
+
+fn u32_at(w: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([w[at], w[at + 1], w[at + 2], w[at + 3]])
+}
+
+impl Format for Q8_0 {
+    const VALUES: usize = QK;
+    const BYTES: usize = 34;
+
+    fn values(w: &[u8], _: usize) -> [i8; 32] {
+        std::array::from_fn(|i| w[2 + i] as i8)
+    }
+}
+
+impl Format for Q4_0 {
+    const VALUES: usize = QK;
+    const BYTES: usize = 18;
+
+    fn values(w: &[u8], _: usize) -> [i8; 32] {
+        nibble_values(&w[2..18], 0, 8)
+    }
+}
+
+impl Format for Q5_0 {
+    const VALUES: usize = QK;
+    const BYTES: usize = 22;
+
+    fn values(w: &[u8], _: usize) -> [i8; 32] {
+        nibble_values(&w[6..22], u32_at(w, 2), 16)
+    }
+}
+
+impl Format for Q4_1 {
+    const VALUES: usize = QK;
+    const BYTES: usize = 20;
+    const MIN: Min = Min::Block;
+
+    fn values(w: &[u8], _: usize) -> [i8; 32] {
+        nibble_values(&w[4..20], 0, 0)
+    }
+}
+
+impl Format for Q5_1 {
+    const VALUES: usize = QK;
+    const BYTES: usize = 24;
+    const MIN: Min = Min::Block;
+
+    fn values(w: &[u8], _: usize) -> [i8; 32] {
+        nibble_values(&w[8..24], u32_at(w, 4), 0)
+    }
+}
+
+impl Format for IQ4NL {
+    const VALUES: usize = QK;
+    const BYTES: usize = 18;
+
+    fn values(w: &[u8], _: usize) -> [i8; 32] {
+        nibble_values(&w[2..18], 0, 0).map(|q| KVALUES[q as usize])
+    }
+}
+
+/// The 8 scales and 8 mins (6 bits each) of a Q4_K / Q5_K block (ggml's `get_scale_min_k4`).
+fn k_scales_mins(w: &[u8]) -> ([i32; 8], [i32; 8]) {
+    let q = &w[4..16];
+    let pair = |j: usize| match j < 4 {
+        true => (q[j] & 63, q[j + 4] & 63),
+        false => (
+            (q[j + 4] & 0xf) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        ),
+    };
+    (
+        std::array::from_fn(|j| pair(j).0 as i32),
+        std::array::from_fn(|j| pair(j).1 as i32),
+    )
+}
+
+/// `block_q4_K` (144 bytes): `d`, `dmin`, 12 bytes of scales and mins, 128 bytes of nibbles
+/// (32-byte chunk `c/2` holds values `32c..32c+32`, low nibbles for even `c`);
+/// `block_q5_K` (176 bytes) has 32 bytes `qh` before the nibbles, bit `c` of `qh[j]` the fifth
+/// bit of value `32c + j`.
+impl<const HIGH: bool> Format for KQuant<HIGH> {
+    const VALUES: usize = QK_K;
+    const BYTES: usize = if HIGH { 176 } else { 144 };
+    const MIN: Min = Min::SubBlocks;
+
+    fn values(w: &[u8], c: usize) -> [i8; 32] {
+        let qs = &w[if HIGH { 48 } else { 16 } + 32 * (c / 2)..][..32];
+        std::array::from_fn(|j| {
+            let q = (qs[j] >> (4 * (c % 2))) & 0xf;
+            let high = if HIGH { ((w[16 + j] >> c) & 1) << 4 } else { 0 };
+            (q | high) as i8
+        })
+    }
+
+    fn scales(w: &[u8]) -> [i32; 16] {
+        let sc = k_scales_mins(w).0;
+        std::array::from_fn(|j| if j < 8 { sc[j] } else { 0 })
+    }
+
+    fn mins(w: &[u8]) -> [i32; 8] {
+        k_scales_mins(w).1
+    }
+}
+
+/// `block_q6_K` (210 bytes): 128 bytes `ql` of low nibbles, 64 bytes `qh` of 2-bit high
+/// parts, 16 signed scales (one per 16 values), `d`. Values `32c..32c+32` (`c = 4h + i`) take
+/// the nibbles of `ql[64h + 32(i % 2)..]` (high ones for `i ≥ 2`) and bits `2i, 2i + 1` of
+/// `qh[32h..]`, less 32.
+impl Format for Q6K {
+    const VALUES: usize = QK_K;
+    const BYTES: usize = 210;
+    const RUN: usize = 16;
+    const D_AT: usize = 208;
+
+    fn values(w: &[u8], c: usize) -> [i8; 32] {
+        let (h, i) = (c / 4, c % 4);
+        let (ql, qh) = (&w[64 * h + 32 * (i % 2)..][..32], &w[128 + 32 * h..][..32]);
+        std::array::from_fn(|l| {
+            let low = (ql[l] >> (4 * (i / 2))) & 0xf;
+            let high = (qh[l] >> (2 * i)) & 3;
+            ((low | high << 4) as i32 - 32) as i8
+        })
+    }
+
+    fn scales(w: &[u8]) -> [i32; 16] {
+        std::array::from_fn(|j| w[192 + j] as i8 as i32)
+    }
+}
+
+impl Format for IQ4XS {
+    const VALUES: usize = QK_K;
+    const BYTES: usize = 136;
+
+    fn values(w: &[u8], c: usize) -> [i8; 32] {
+        nibble_values(&w[8 + 16 * c..][..16], 0, 0).map(|q| KVALUES[q as usize])
+    }
+
+    fn scales(w: &[u8]) -> [i32; 16] {
+        let sc = xs_scales(w);
+        std::array::from_fn(|j| if j < 8 { sc[j] } else { 0 })
+    }
+}
+
+/// The exact sums `(S_b, M_b)` of block `w` against the activations `x` of its values.
+fn sums<F: Format>(w: &[u8], x: &[i8]) -> (i32, i32) {
+    let scales = F::scales(w);
+    let mut s = 0;
+    for c in 0..F::VALUES / 32 {
+        let v = F::values(w, c);
+        for (j, (v, x)) in v.chunks(F::RUN).zip(x[32 * c..].chunks(F::RUN)).enumerate() {
+            let dot: i32 = v.iter().zip(x).map(|(&v, &x)| v as i32 * x as i32).sum();
+            s += scales[32 * c / F::RUN + j] * dot;
+        }
+    }
+    let m = match F::MIN {
+        Min::SubBlocks => {
+            let x_sums = x
+                .chunks(32)
+                .map(|x| x.iter().map(|&x| x as i32).sum::<i32>());
+            F::mins(w).iter().zip(x_sums).map(|(m, x)| m * x).sum()
+        }
+        _ => 0,
+    };
+    (s, m)
 }
 
 /// A block of 8-bit activations: Q8_0 (`N` = 32) with ggml's Q8_1 `s`, or Q8_K (256).
@@ -80,69 +319,40 @@ impl<const N: usize> Act<N> {
     }
 }
 
-/// `Σ KVALUES[q_i] x_i` over one sub-block of 32.
-fn dot_iq4(qs: &[u8], x: &[i8]) -> i32 {
-    nibbles(qs)
-        .zip(x)
-        .map(|(q, &x)| KVALUES[q] as i32 * x as i32)
-        .sum()
-}
-
-/// `Σ q_i x_i` over a Q4_1 (`qh` None) or Q5_1 block's unsigned values.
-fn dot_unsigned(qs: &[u8], qh: Option<u32>, x: &[i8]) -> i32 {
-    let fifth = |i: usize| qh.map_or(0, |h| ((h >> i) & 1) << 4) as usize;
-    let values = nibbles(qs).enumerate().map(|(i, q)| q + fifth(i));
-    values.zip(x).map(|(q, &x)| q as i32 * x as i32).sum()
-}
-
-/// A block's two float steps: `fma(S_b, d_w·d_x, y)`, then with a min `fma(m_w, s_x, y)`.
-fn steps<const N: usize>(acc: f32, s: i32, d: f32, min: Option<f32>, x: &Act<N>) -> f32 {
-    let acc = (s as f32).mul_add(d * x.d, acc);
-    min.map_or(acc, |m| m.mul_add(x.s, acc))
-}
-
-/// `y[m, n_rows] = x[m, k] · Wᵀ` for `W` stored as `dtype` (`supports(dtype)`).
+/// `y[m, n_rows] = x[m, k] · Wᵀ` for `W` stored as `dtype`, one of the ten formats of
+/// `Format` (`supports(dtype)` for `Weight::matmul`).
 pub fn matmul(dtype: TensorType, data: &[u8], n_rows: usize, k: usize, x: &[f32], y: &mut [f32]) {
     match dtype {
-        TensorType::IQ4NL => products::<QK>(data, n_rows, k, x, y, |w, x, acc| {
-            steps(acc, dot_iq4(&w[2..], &x.qs), f16_at(w, 0), None, x)
-        }),
-        TensorType::IQ4XS => products::<QK_K>(data, n_rows, k, x, y, |w, x, acc| {
-            let scales = xs_scales(w);
-            let dots = (0..8).map(|s| scales[s] * dot_iq4(&w[8 + 16 * s..][..16], &x.qs[QK * s..]));
-            steps(acc, dots.sum(), f16_at(w, 0), None, x)
-        }),
-        TensorType::Q4_1 => products::<QK>(data, n_rows, k, x, y, |w, x, acc| {
-            let s = dot_unsigned(&w[4..], None, &x.qs);
-            steps(acc, s, f16_at(w, 0), Some(f16_at(w, 2)), x)
-        }),
-        TensorType::Q5_1 => products::<QK>(data, n_rows, k, x, y, |w, x, acc| {
-            let qh = u32::from_le_bytes([w[4], w[5], w[6], w[7]]);
-            let s = dot_unsigned(&w[8..], Some(qh), &x.qs);
-            steps(acc, s, f16_at(w, 0), Some(f16_at(w, 2)), x)
-        }),
-        _ => unreachable!("portable::matmul takes the types `supports` lists"),
+        TensorType::Q8_0 => products::<Q8_0, QK>(data, n_rows, k, x, y),
+        TensorType::Q4_0 => products::<Q4_0, QK>(data, n_rows, k, x, y),
+        TensorType::Q5_0 => products::<Q5_0, QK>(data, n_rows, k, x, y),
+        TensorType::Q4_1 => products::<Q4_1, QK>(data, n_rows, k, x, y),
+        TensorType::Q5_1 => products::<Q5_1, QK>(data, n_rows, k, x, y),
+        TensorType::IQ4NL => products::<IQ4NL, QK>(data, n_rows, k, x, y),
+        TensorType::Q4K => products::<Q4K, QK_K>(data, n_rows, k, x, y),
+        TensorType::Q5K => products::<Q5K, QK_K>(data, n_rows, k, x, y),
+        TensorType::Q6K => products::<Q6K, QK_K>(data, n_rows, k, x, y),
+        TensorType::IQ4XS => products::<IQ4XS, QK_K>(data, n_rows, k, x, y),
+        _ => unreachable!("portable::matmul takes the formats of `Format`"),
     }
 }
 
 /// Weight rows per task: enough to amortise scheduling, few enough to share work evenly.
 const ROWS_PER_TASK: usize = 16;
 
-/// Quantizes the activations, then folds each row's blocks into its outputs with
-/// `block(w, x, acc)`, blocks in order.
-fn products<const N: usize>(
+/// Quantizes the activations, then folds each row's blocks into its outputs, blocks in order.
+fn products<F: Format, const N: usize>(
     data: &[u8],
     n_rows: usize,
     k: usize,
     x: &[f32],
     y: &mut [f32],
-    block: impl Fn(&[u8], &Act<N>, f32) -> f32 + Sync,
 ) where
     Act<N>: Pod,
 {
+    debug_assert!(F::VALUES == N);
     let (m, nb) = (x.len() / k, k / N);
-    let row_bytes = data.len() / n_rows.max(1);
-    let block_bytes = row_bytes / nb.max(1);
+    let row_bytes = nb * F::BYTES;
     scratch::with_zeroed::<Act<N>, _>(m * nb, |act| {
         act.par_chunks_mut(nb.max(1))
             .zip(x.par_chunks(k))
@@ -160,8 +370,11 @@ fn products<const N: usize>(
                     let xt = &act[t * nb..(t + 1) * nb];
                     for r in rows.clone() {
                         let w = &data[r * row_bytes..(r + 1) * row_bytes];
-                        let blocks = w.chunks_exact(block_bytes).zip(xt);
-                        let acc = blocks.fold(0f32, |acc, (w, x)| block(w, x, acc));
+                        let blocks = w.chunks_exact(F::BYTES).zip(xt);
+                        let acc = blocks.fold(0f32, |acc, (w, x)| {
+                            let (s, m) = sums::<F>(w, &x.qs);
+                            F::steps(acc, s, m, w, x.d, x.s)
+                        });
                         // SAFETY: this task alone writes y[t, rows], and t < m, r < n_rows.
                         unsafe { y_ptr.slice(t * n_rows + r, 1)[0] = acc };
                     }

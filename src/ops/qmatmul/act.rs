@@ -9,6 +9,7 @@
 //!   `extra[g, b, j, t % 16]` are laid out the same way. Missing tokens of the last group are
 //!   zeros.
 
+#[cfg(target_arch = "x86_64")]
 use core::arch::x86_64::*;
 
 use half::f16;
@@ -102,7 +103,6 @@ pub(crate) fn quantize_q8k<'a>(x: &[f32], m: usize, k: usize, arena: &mut Arena<
         .zip(d.par_chunks_mut(nb))
         .zip(sums.par_chunks_mut(nb * Q8K_SUMS))
         .zip(x.par_chunks(k));
-    let avx512 = super::isa() == super::Isa::Avx512;
     work.for_each(|(((qs, d), sums), x)| {
         for b in 0..nb {
             let s = &mut sums[b * Q8K_SUMS..(b + 1) * Q8K_SUMS];
@@ -110,15 +110,7 @@ pub(crate) fn quantize_q8k<'a>(x: &[f32], m: usize, k: usize, arena: &mut Arena<
                 &mut qs[b * QK_K..(b + 1) * QK_K],
                 &x[b * QK_K..(b + 1) * QK_K],
             );
-            d[b] = match avx512 {
-                // SAFETY: `isa()` found AVX-512 (F, BW, VL).
-                true => unsafe { quantize_q8k_block(x, q, s) },
-                false => {
-                    let d = portable::quantize_q8k_block(x, q);
-                    q8k_sums(q, s);
-                    d
-                }
-            };
+            d[b] = q8k_block(x, q, s);
         }
     });
     Rows {
@@ -139,7 +131,6 @@ pub(crate) fn quantize_q8_0<'a>(x: &[f32], m: usize, k: usize, arena: &mut Arena
     let d = arena.take::<f32>(m * nb);
     let sums = arena.take::<i16>(m * nb);
     let s = arena.take::<f32>(m * nb);
-    let avx512 = super::isa() == super::Isa::Avx512;
     let work = qs
         .par_chunks_mut(k)
         .zip(d.par_chunks_mut(nb))
@@ -152,11 +143,7 @@ pub(crate) fn quantize_q8_0<'a>(x: &[f32], m: usize, k: usize, arena: &mut Arena
                 &mut qs[b * QK8_0..(b + 1) * QK8_0],
                 &x[b * QK8_0..(b + 1) * QK8_0],
             );
-            let (scale, sum) = match avx512 {
-                // SAFETY: `isa()` found AVX-512 (F, BW, VL).
-                true => unsafe { quantize_q8_0_block(x, q) },
-                false => portable::quantize_q8_0_block(x, q),
-            };
+            let (scale, sum) = q8_0_block(x, q);
             d[b] = f16::from_f32(scale).to_f32();
             sums[b] = sum as i16;
             s[b] = f16::from_f32(scale * sum as f32).to_f32();
@@ -172,8 +159,32 @@ pub(crate) fn quantize_q8_0<'a>(x: &[f32], m: usize, k: usize, arena: &mut Arena
     }
 }
 
+/// One Q8_K block (`quantize_q8k_block`'s bits on any instruction set): the values and the
+/// sums of `qs`, and `d`.
+fn q8k_block(x: &[f32], qs: &mut [i8], sums: &mut [i16]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if super::isa() == super::Isa::Avx512 {
+        // SAFETY: `isa()` found AVX-512 (F, BW, VL).
+        return unsafe { quantize_q8k_block(x, qs, sums) };
+    }
+    let d = portable::quantize_q8k_block(x, qs);
+    q8k_sums(qs, sums);
+    d
+}
+
+/// One Q8_0 block (`portable::quantize_q8_0_block`'s bits on any instruction set).
+fn q8_0_block(x: &[f32], qs: &mut [i8]) -> (f32, i32) {
+    #[cfg(target_arch = "x86_64")]
+    if super::isa() == super::Isa::Avx512 {
+        // SAFETY: `isa()` found AVX-512 (F, BW, VL).
+        return unsafe { quantize_q8_0_block(x, qs) };
+    }
+    portable::quantize_q8_0_block(x, qs)
+}
+
 /// `f32::round` (half away from zero) on 16 lanes, exactly: `t = trunc(v)` and `v - t` are
 /// exact, so comparing the fraction with 1/2 decides as the scalar rounding does.
+#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 fn round_half_away(v: __m512) -> __m512 {
     let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(v);
@@ -197,6 +208,7 @@ fn q8k_sums(qs: &[i8], sums: &mut [i16]) {
 /// One Q8_K block as candle's `BlockQ8K::from_float`: `d = max / -127` of the value of largest
 /// magnitude (the first such), `q = round(x / d)` clamped to i8. Writes the values and the
 /// sums (8 of 32, then 16 of 16) and returns `d`.
+#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 fn quantize_q8k_block(x: &[f32], qs: &mut [i8], sums: &mut [i16]) -> f32 {
     assert!(x.len() == QK_K && qs.len() == QK_K && sums.len() == Q8K_SUMS);
@@ -235,6 +247,7 @@ fn quantize_q8k_block(x: &[f32], qs: &mut [i8], sums: &mut [i16]) -> f32 {
 /// One Q8_0 block as candle's `BlockQ8_0::from_float`: `d = amax / 127` stored as f16,
 /// `q = round(x / d)` with the unrounded `d`. Returns the unrounded scale and the values' sum
 /// (as `portable::quantize_q8_0_block`, 16 lanes at a time).
+#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 fn quantize_q8_0_block(x: &[f32], qs: &mut [i8]) -> (f32, i32) {
     assert!(x.len() == QK8_0 && qs.len() == QK8_0);
@@ -255,6 +268,7 @@ fn quantize_q8_0_block(x: &[f32], qs: &mut [i8]) -> (f32, i32) {
 }
 
 /// Activations of `m` tokens in groups of 16 (see the module comment).
+#[cfg(target_arch = "x86_64")]
 pub(crate) struct Groups<'a> {
     pub n_groups: usize,
     /// `[n_groups, k / 4, 16, 4]`
@@ -268,6 +282,7 @@ pub(crate) struct Groups<'a> {
 }
 
 /// What a groups layout of `m` tokens of `k` values takes in an `Arena`.
+#[cfg(target_arch = "x86_64")]
 pub(crate) fn groups_bytes(m: usize, k: usize, block: usize, n_extra: usize) -> usize {
     let (g, nb) = (m.div_ceil(16), k / block);
     arena_bytes::<i8>(g * 16 * k)
@@ -277,6 +292,7 @@ pub(crate) fn groups_bytes(m: usize, k: usize, block: usize, n_extra: usize) -> 
 
 /// Regroups `rows` 16 tokens at a time (parallel over groups); `extra(sums, j)` makes extra
 /// term `j` of a block from that block's sums in `rows`.
+#[cfg(target_arch = "x86_64")]
 pub(crate) fn group<'a>(
     rows: &Rows,
     block: usize,
@@ -354,6 +370,7 @@ mod tests {
             .collect()
     }
 
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn rounding_is_f32_round() {
         if super::super::isa() != super::super::Isa::Avx512 {
@@ -391,9 +408,6 @@ mod tests {
     /// they dot with themselves.
     #[test]
     fn q8k_rows_equal_candles_blocks() {
-        if super::super::isa() != super::super::Isa::Avx512 {
-            return;
-        }
         let (m, k) = (3, 512);
         let mut x = values(m * k, 1);
         x[..256].fill(0.0); // an all-zero block
@@ -438,6 +452,7 @@ mod tests {
 
     /// The scalar block quantizers (every instruction set below AVX-512) give the AVX-512
     /// ones' bits.
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn scalar_blocks_equal_the_avx512_ones() {
         if super::super::isa() != super::super::Isa::Avx512 {
@@ -467,9 +482,6 @@ mod tests {
 
     #[test]
     fn q8_0_rows_equal_candles_blocks() {
-        if super::super::isa() != super::super::Isa::Avx512 {
-            return;
-        }
         let (m, k) = (2, 128);
         let mut x = values(m * k, 2);
         x[32..64].fill(0.0);

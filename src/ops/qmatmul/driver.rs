@@ -3,13 +3,15 @@
 
 use rayon::prelude::*;
 
-use super::act::{self, Arena, Groups, Rows};
-use super::simd;
+use super::act::{self, Arena, Rows};
+#[cfg(target_arch = "x86_64")]
+use super::{act::Groups, simd};
 use crate::ops::matmul::SyncPtr;
 use crate::ops::scratch;
 
 /// Batches from this many tokens up run the 16-token tiles; smaller ones the row kernel
 /// once per token.
+#[cfg(target_arch = "x86_64")]
 pub(super) const MIN_TILED: usize = 6;
 
 /// The row kernel of one weight format on one instruction set.
@@ -29,6 +31,7 @@ pub(crate) trait RowKernel: Sync {
 }
 
 /// A format's row kernel on AVX2 (its `RowKernel` is the AVX-512 one).
+#[cfg(target_arch = "x86_64")]
 pub(crate) trait Avx2Rows: RowKernel {
     /// As `RowKernel::rows4`.
     ///
@@ -38,8 +41,10 @@ pub(crate) trait Avx2Rows: RowKernel {
 }
 
 /// The AVX2 row kernel of format `F`.
+#[cfg(target_arch = "x86_64")]
 pub(crate) struct Avx2<F>(std::marker::PhantomData<F>);
 
+#[cfg(target_arch = "x86_64")]
 impl<F: Avx2Rows> RowKernel for Avx2<F> {
     const BLOCK: usize = F::BLOCK;
     const BLOCK_BYTES: usize = F::BLOCK_BYTES;
@@ -52,6 +57,7 @@ impl<F: Avx2Rows> RowKernel for Avx2<F> {
 }
 
 /// The kernels of one weight format on one instruction set: its row kernel and its tiles.
+#[cfg(target_arch = "x86_64")]
 pub(crate) trait Format: RowKernel {
     /// Extra i32 terms per block and token in `Groups`, made from the block's sums.
     const N_EXTRA: usize;
@@ -79,6 +85,7 @@ pub(crate) trait Format: RowKernel {
 }
 
 /// `y[m, n_rows] = x[m, k] · Wᵀ` for `W` in format `F` (checked by the caller).
+#[cfg(target_arch = "x86_64")]
 pub(super) fn run<F: Format>(data: &[u8], n_rows: usize, k: usize, x: &[f32], y: &mut [f32]) {
     let m = x.len() / k;
     use self::act::{group, groups_bytes, rows_bytes, Q8K_SUMS, QK8_0, QK_K};
@@ -193,6 +200,7 @@ fn row_products<F: RowKernel>(w: &Weights, act: &Rows, y: &mut [f32]) {
     });
 }
 
+#[cfg(target_arch = "x86_64")]
 fn tiles<F: Format>(w: &Weights, act: &Groups, scratch: &mut [u8], m: usize, y: &mut [f32]) {
     let (row_bytes, unpacked) = (w.nb * F::BLOCK_BYTES, F::unpacked_bytes(w.nb));
     let n_rows = w.n_rows;
@@ -239,6 +247,7 @@ fn tiles<F: Format>(w: &Weights, act: &Groups, scratch: &mut [u8], m: usize, y: 
 ///
 /// # Safety
 /// Those elements of `y` (`[_, n_rows]` at `y.0`) exist and no other thread writes them.
+#[cfg(target_arch = "x86_64")]
 unsafe fn store_tile(
     y: SyncPtr,
     n_rows: usize,

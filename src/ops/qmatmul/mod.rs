@@ -1,6 +1,7 @@
-//! `y = x Wᵀ` for quantized weights read in place (ggml's block layouts), with AVX-512 VNNI
-//! integer kernels chosen at run time; `Weight::matmul` falls back to candle's `vec_dot`
-//! where this module declines (another CPU, another type).
+//! `y = x Wᵀ` for quantized weights read in place (ggml's block layouts), with integer
+//! kernels for the CPU's instruction set chosen at run time (`Isa`); `Weight::matmul` falls
+//! back to `ops::portable` or candle's `vec_dot` where this module declines (another CPU,
+//! another type).
 //!
 //! **Numerics.** Each token is quantized as ggml does for the weight's dot type (Q8_K for the
 //! K-quants, Q8_0 for the 32-value blocks), bit for bit as candle's `from_float`. For each
@@ -16,27 +17,35 @@
 //! operations. Every kernel performs exactly this sequence, so a token's output is the same to
 //! the bit whether it is computed alone (decode) or with others (prefill).
 //!
-//! **Kernels.** Two per format:
+//! **Kernels.** Per format and instruction set:
 //! - `rows4`: 4 weight rows × 1 token, straight from the blocks; for decode and small batches.
-//!   Memory bound: its job is to stream the weights at full bandwidth.
-//! - `tile`: 4 weight rows × 16 or 32 tokens. Each task first unpacks its next 4 rows into
-//!   scratch (values as bytes, scales as i32: a few KiB that stay in L1, never the whole
-//!   matrix), the tokens are laid out 16 to a vector (`act::Groups`), and one `vpdpbusd`
-//!   multiplies 4 weights (broadcast) with 4 values of 16 tokens: 64 multiply-adds per
-//!   instruction, on 8 accumulators at a time.
+//!   Memory bound: its job is to stream the weights at full bandwidth. AVX-512, AVX2 and NEON
+//!   (`neon`: every batch size; `sdot` where the CPU has `dotprod`, else widening multiplies).
+//! - `tile`: 4 weight rows × 16 or 32 tokens (AVX-512; AVX2 for the 32-value formats). Each
+//!   task first unpacks its next 4 rows into scratch (values as bytes, scales as i32: a few
+//!   KiB that stay in L1, never the whole matrix), the tokens are laid out 16 to a vector
+//!   (`act::Groups`), and one `vpdpbusd` multiplies 4 weights (broadcast) with 4 values of 16
+//!   tokens: 64 multiply-adds per instruction, on 8 accumulators at a time.
+//!
+//! `ops::portable` performs the same sequence in scalar code, for all ten integer formats: the
+//! tests hold every kernel to its bits.
 //!
 //! Files: `act` quantizes the activations, `driver` splits a product into tasks and runs the
 //! kernels of one format (`q4k` for Q4_K and Q5_K, `q6k`, `iq4xs`, `q8_0` for Q8_0, Q4_0, Q4_1,
-//! Q5_0, Q5_1 and IQ4_NL; `f16` has its own, simpler driver), `simd` holds what they share.
+//! Q5_0, Q5_1 and IQ4_NL; `halves`, for F16 and BF16, has its own, simpler driver), `simd`
+//! holds what they share; those six files are x86-64's. `neon` has aarch64's kernels for all ten integer formats,
+//! reading the blocks' values as `portable::Format` describes them.
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod act;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod driver;
 #[cfg(target_arch = "x86_64")]
 mod halves;
 #[cfg(target_arch = "x86_64")]
 mod iq4xs;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 #[cfg(target_arch = "x86_64")]
 mod q4k;
 #[cfg(target_arch = "x86_64")]
@@ -45,7 +54,7 @@ mod q6k;
 mod q8_0;
 #[cfg(target_arch = "x86_64")]
 mod simd;
-#[cfg(all(test, target_arch = "x86_64"))]
+#[cfg(all(test, any(target_arch = "x86_64", target_arch = "aarch64")))]
 mod tests;
 
 use std::sync::OnceLock;
@@ -53,29 +62,36 @@ use std::sync::OnceLock;
 use crate::gguf::TensorType;
 
 /// The instruction set the kernels use, chosen once: the best this CPU has, or the level
-/// `LUGH_ISA` names (`portable`, `avx2`, `avx512`; a level the CPU lacks falls back to the
-/// best it has below it), so that every path can be tested and measured on one machine.
-/// `LUGH_NO_AVX512` is an alias of `LUGH_ISA=avx2`.
+/// `LUGH_ISA` names (`portable`, `avx2`, `avx512`, `neon`; a level the CPU lacks falls back
+/// to the best it has below it, or on another architecture to its best), so that every path
+/// can be tested and measured on one machine. `LUGH_NO_AVX512` is an alias of `LUGH_ISA=avx2`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Isa {
     /// candle's dot products and `ops::portable`.
     Portable,
     /// x86-64-v3: AVX2, FMA, F16C.
+    #[cfg(target_arch = "x86_64")]
     Avx2,
     /// AVX-512 F, BW, VL and VNNI.
+    #[cfg(target_arch = "x86_64")]
     Avx512,
+    /// aarch64's baseline SIMD; the kernels use `sdot` where the CPU has `dotprod`.
+    #[cfg(target_arch = "aarch64")]
+    Neon,
 }
 
 pub(crate) fn isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
     *ISA.get_or_init(|| {
-        let wanted = match std::env::var("LUGH_ISA").unwrap_or_default().as_str() {
-            "portable" => Isa::Portable,
-            "avx2" => Isa::Avx2,
-            _ if std::env::var_os("LUGH_NO_AVX512").is_some() => Isa::Avx2,
-            _ => Isa::Avx512,
-        };
-        wanted.min(best_isa())
+        let wanted = std::env::var("LUGH_ISA").unwrap_or_default();
+        if wanted == "portable" {
+            return Isa::Portable;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if wanted == "avx2" || std::env::var_os("LUGH_NO_AVX512").is_some() {
+            return best_isa().min(Isa::Avx2);
+        }
+        best_isa()
     })
 }
 
@@ -95,7 +111,11 @@ fn best_isa() -> Isa {
             _ => Isa::Portable,
         }
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(target_arch = "aarch64")]
+    {
+        Isa::Neon
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     Isa::Portable
 }
 
@@ -103,9 +123,15 @@ fn best_isa() -> Isa {
 pub(crate) fn supports(dtype: TensorType) -> bool {
     use TensorType::*;
     match isa() {
+        #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Avx2 => matches!(
             dtype,
             F16 | BF16 | Q4K | Q5K | Q6K | Q8_0 | Q4_0 | Q5_0 | Q4_1 | Q5_1 | IQ4NL | IQ4XS
+        ),
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => matches!(
+            dtype,
+            Q4K | Q5K | Q6K | Q8_0 | Q4_0 | Q5_0 | Q4_1 | Q5_1 | IQ4NL | IQ4XS
         ),
         Isa::Portable => false,
     }
@@ -126,6 +152,8 @@ pub(crate) fn matmul(
     }
     assert!(x.len().is_multiple_of(k) && y.len() == x.len() / k * n_rows);
     assert!(dtype.row_bytes(k).map(|r| r * n_rows) == Some(data.len()));
+    #[cfg(target_arch = "aarch64")]
+    neon::matmul(dtype, data, n_rows, k, x, y);
     #[cfg(target_arch = "x86_64")]
     {
         use driver::{run, run_rows, Avx2};

@@ -100,8 +100,8 @@ fn check<T: GgmlType>(dtype: TensorType, n_rows: usize, k: usize) {
 
 /// `check` within `rel` of the sums of magnitudes.
 fn check_within<T: GgmlType>(dtype: TensorType, n_rows: usize, k: usize, rel: f64) {
-    if isa() != Isa::Avx512 {
-        eprintln!("no AVX-512 VNNI: the kernels are not tested on this CPU");
+    if !supports(dtype) {
+        eprintln!("no {dtype} kernels on this CPU ({:?}): not tested", isa());
         return;
     }
     let data = weights(dtype, n_rows, k, k as u64);
@@ -250,8 +250,8 @@ fn q5_0_matches_candle() {
 /// The kernels against the portable product (`ops::portable`): the same bits, for every batch
 /// size and either kernel.
 fn check_portable(dtype: TensorType, n_rows: usize, k: usize) {
-    if isa() != Isa::Avx512 {
-        eprintln!("no AVX-512 VNNI: the kernels are not tested on this CPU");
+    if !supports(dtype) {
+        eprintln!("no {dtype} kernels on this CPU ({:?}): not tested", isa());
         return;
     }
     let data = weights(dtype, n_rows, k, k as u64);
@@ -307,9 +307,11 @@ fn iq4_xs_equals_the_portable_product() {
     }
 }
 
-/// The AVX2 row kernel of one format on `n_rows` rows of `k` values: bit for bit
-/// against the portable product (Q4_1, Q5_1, IQ4_NL), or against candle's (the others) and
-/// the dequantized one; and bit for bit against the AVX-512 kernels where the CPU has them.
+/// The AVX2 row kernel of one format on `n_rows` rows of `k` values: bit for bit against the
+/// portable product, within a tolerance of candle's (where candle reads the format as ggml
+/// does) and the dequantized one; and bit for bit against the AVX-512 kernels where the CPU
+/// has them.
+#[cfg(target_arch = "x86_64")]
 fn check_avx2<B: driver::Avx2Rows, T: GgmlType>(dtype: TensorType, n_rows: usize, k: usize) {
     if !(is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("fma")
@@ -323,17 +325,16 @@ fn check_avx2<B: driver::Avx2Rows, T: GgmlType>(dtype: TensorType, n_rows: usize
     let x: Vec<f32> = (0..9 * k).map(|_| 3.0 * rng.float()).collect();
     let mut ours = vec![0f32; 9 * n_rows];
     driver::run_rows::<driver::Avx2<B>>(&data, n_rows, k, &x, &mut ours);
-    if crate::ops::portable::supports(dtype) {
-        let mut portable = vec![0f32; 9 * n_rows];
-        crate::ops::portable::matmul(dtype, &data, n_rows, k, &x, &mut portable);
-        for (i, (a, b)) in ours.iter().zip(&portable).enumerate() {
-            assert_eq!(
-                a.to_bits(),
-                b.to_bits(),
-                "{dtype} k={k} [{i}]: AVX2 vs portable"
-            );
-        }
-    } else {
+    let mut portable = vec![0f32; 9 * n_rows];
+    crate::ops::portable::matmul(dtype, &data, n_rows, k, &x, &mut portable);
+    for (i, (a, b)) in ours.iter().zip(&portable).enumerate() {
+        assert_eq!(
+            a.to_bits(),
+            b.to_bits(),
+            "{dtype} k={k} [{i}]: AVX2 vs portable"
+        );
+    }
+    if !crate::ops::portable::supports(dtype) {
         let (theirs, naive, scale) = references::<T>(&data, n_rows, k, &x);
         for (i, &v) in ours.iter().enumerate() {
             let tol = 2e-6 * scale[i] + 1e-6;
@@ -360,6 +361,7 @@ fn check_avx2<B: driver::Avx2Rows, T: GgmlType>(dtype: TensorType, n_rows: usize
     }
 }
 
+#[cfg(target_arch = "x86_64")]
 #[test]
 fn avx2_row_kernels_match_candle_and_the_avx512_kernels() {
     for k in [32, 96, 576, 2048] {
@@ -380,6 +382,7 @@ fn avx2_row_kernels_match_candle_and_the_avx512_kernels() {
 
 /// The AVX2 tiles of a 32-value format against its AVX2 row kernel: the same bits for every
 /// batch size.
+#[cfg(target_arch = "x86_64")]
 fn check_avx2_tiles<B: q8_0::Block32 + driver::Avx2Rows>(dtype: TensorType, n_rows: usize, k: usize)
 where
     driver::Avx2<B>: driver::Format,
@@ -405,6 +408,7 @@ where
     }
 }
 
+#[cfg(target_arch = "x86_64")]
 #[test]
 fn avx2_tiles_equal_the_avx2_rows() {
     for k in [32, 96, 576] {
@@ -414,6 +418,56 @@ fn avx2_tiles_equal_the_avx2_rows() {
         check_avx2_tiles::<q8_0::Q4_1>(TensorType::Q4_1, 13, k);
         check_avx2_tiles::<q8_0::Q5_1>(TensorType::Q5_1, 13, k);
         check_avx2_tiles::<q8_0::IQ4NL>(TensorType::IQ4NL, 13, k);
+    }
+}
+
+/// The NEON row kernel of format `F`, with and without `sdot`: bit for bit against the
+/// portable product (candle's `check`s test the one `matmul` takes against candle).
+#[cfg(target_arch = "aarch64")]
+fn check_neon<F: neon::Vectors>(dtype: TensorType, n_rows: usize, k: usize) {
+    let data = weights(dtype, n_rows, k, k as u64);
+    let mut rng = Rng(5);
+    let x: Vec<f32> = (0..5 * k).map(|_| 3.0 * rng.float()).collect();
+    let mut portable = vec![0f32; 5 * n_rows];
+    crate::ops::portable::matmul(dtype, &data, n_rows, k, &x, &mut portable);
+    let mut widening = vec![0f32; 5 * n_rows];
+    driver::run_rows::<neon::Neon<F, neon::Widening>>(&data, n_rows, k, &x, &mut widening);
+    let mut kernels = vec![("widening", widening)];
+    if std::arch::is_aarch64_feature_detected!("dotprod") {
+        let mut sdot = vec![0f32; 5 * n_rows];
+        driver::run_rows::<neon::Neon<F, neon::Sdot>>(&data, n_rows, k, &x, &mut sdot);
+        kernels.push(("sdot", sdot));
+    } else {
+        eprintln!("no dotprod: the sdot kernels are not tested on this CPU");
+    }
+    for (name, ours) in kernels {
+        for (i, (a, b)) in ours.iter().zip(&portable).enumerate() {
+            assert_eq!(
+                a.to_bits(),
+                b.to_bits(),
+                "{dtype} k={k} [{i}]: NEON {name} vs portable"
+            );
+        }
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+#[test]
+fn neon_row_kernels_equal_the_portable_product() {
+    use crate::ops::portable::*;
+    for k in [32, 96, 576, 2048] {
+        check_neon::<Q8_0>(TensorType::Q8_0, 13, k);
+        check_neon::<Q4_0>(TensorType::Q4_0, 13, k);
+        check_neon::<Q5_0>(TensorType::Q5_0, 13, k);
+        check_neon::<Q4_1>(TensorType::Q4_1, 13, k);
+        check_neon::<Q5_1>(TensorType::Q5_1, 13, k);
+        check_neon::<IQ4NL>(TensorType::IQ4NL, 13, k);
+    }
+    for k in [256, 768, 2048] {
+        check_neon::<Q4K>(TensorType::Q4K, 13, k);
+        check_neon::<Q5K>(TensorType::Q5K, 13, k);
+        check_neon::<Q6K>(TensorType::Q6K, 13, k);
+        check_neon::<IQ4XS>(TensorType::IQ4XS, 13, k);
     }
 }
 

@@ -1,0 +1,327 @@
+//! The row kernels on aarch64 (NEON), for every format of `portable::Format`: a block's values
+//! as signed bytes, 32 at a time (`Vectors`), times the activations 16 at a time (`Dot`:
+//! `sdot` where the CPU has `dotprod`, else widening multiplies), each run's sum times its
+//! scale; then the format's float steps, `Format::steps`. The integer sums are exact and the
+//! float operations those of every other kernel, so a product has the same bits as on x86.
+
+use core::arch::aarch64::*;
+use core::arch::asm;
+use std::marker::PhantomData;
+
+use super::act::{Rows, Q8K_SUMS, QK8_0, QK_K};
+use super::driver::{run_rows, RowKernel};
+use crate::gguf::TensorType;
+use crate::ops::iq4::KVALUES;
+use crate::ops::portable::{
+    Format, KQuant, Min, IQ4NL, IQ4XS, Q4K, Q4_0, Q4_1, Q5K, Q5_0, Q5_1, Q6K, Q8_0,
+};
+
+/// `y[m, n_rows] = x[m, k] · Wᵀ` for `W` stored as `dtype` (`supports(dtype)` on NEON), with
+/// `sdot` where the CPU has it.
+pub(super) fn matmul(
+    dtype: TensorType,
+    data: &[u8],
+    n_rows: usize,
+    k: usize,
+    x: &[f32],
+    y: &mut [f32],
+) {
+    match std::arch::is_aarch64_feature_detected!("dotprod") {
+        true => matmul_with::<Sdot>(dtype, data, n_rows, k, x, y),
+        false => matmul_with::<Widening>(dtype, data, n_rows, k, x, y),
+    }
+}
+
+/// `matmul` with the dot product `D`, every batch size through the row kernel.
+fn matmul_with<D: Dot>(
+    dtype: TensorType,
+    data: &[u8],
+    n_rows: usize,
+    k: usize,
+    x: &[f32],
+    y: &mut [f32],
+) {
+    match dtype {
+        TensorType::Q8_0 => run_rows::<Neon<Q8_0, D>>(data, n_rows, k, x, y),
+        TensorType::Q4_0 => run_rows::<Neon<Q4_0, D>>(data, n_rows, k, x, y),
+        TensorType::Q5_0 => run_rows::<Neon<Q5_0, D>>(data, n_rows, k, x, y),
+        TensorType::Q4_1 => run_rows::<Neon<Q4_1, D>>(data, n_rows, k, x, y),
+        TensorType::Q5_1 => run_rows::<Neon<Q5_1, D>>(data, n_rows, k, x, y),
+        TensorType::IQ4NL => run_rows::<Neon<IQ4NL, D>>(data, n_rows, k, x, y),
+        TensorType::Q4K => run_rows::<Neon<Q4K, D>>(data, n_rows, k, x, y),
+        TensorType::Q5K => run_rows::<Neon<Q5K, D>>(data, n_rows, k, x, y),
+        TensorType::Q6K => run_rows::<Neon<Q6K, D>>(data, n_rows, k, x, y),
+        TensorType::IQ4XS => run_rows::<Neon<IQ4XS, D>>(data, n_rows, k, x, y),
+        _ => unreachable!("supports() lists the NEON types"),
+    }
+}
+
+/// A 16-byte signed dot product on NEON.
+pub(crate) trait Dot: Sync {
+    /// `acc` plus the 16 products `a_i b_i`, spread over its lanes (which lane takes which
+    /// product is the method's own: callers only add the lanes up).
+    ///
+    /// # Safety
+    /// The CPU has the method's instructions; one of `a`, `b` lies within ±127.
+    unsafe fn dot(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t;
+
+    /// `RowKernel::rows4` of format `F` with this dot product.
+    ///
+    /// # Safety
+    /// As `RowKernel::rows4`.
+    unsafe fn rows4<F: Vectors>(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4];
+}
+
+/// `sdot` (the `dotprod` extension), written as assembly: its intrinsic is not stable.
+pub(crate) struct Sdot;
+
+impl Dot for Sdot {
+    #[inline]
+    #[target_feature(enable = "dotprod")]
+    unsafe fn dot(mut acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+        // SAFETY: `dotprod` is enabled; registers only.
+        unsafe {
+            asm!(
+                "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
+                acc = inout(vreg) acc,
+                a = in(vreg) a,
+                b = in(vreg) b,
+                options(pure, nomem, nostack, preserves_flags),
+            )
+        };
+        acc
+    }
+
+    #[target_feature(enable = "dotprod")]
+    unsafe fn rows4<F: Vectors>(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
+        rows4::<F, Self>(w, nb, act, t)
+    }
+}
+
+/// Baseline NEON: products widened to i16, pairs of them added (within i16, as one operand is
+/// within ±127: 2 · 128 · 127), then pairs of those into the i32 lanes.
+pub(crate) struct Widening;
+
+impl Dot for Widening {
+    #[inline]
+    unsafe fn dot(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+        let low = vmull_s8(vget_low_s8(a), vget_low_s8(b));
+        vpadalq_s16(acc, vmlal_high_s8(low, a, b))
+    }
+
+    unsafe fn rows4<F: Vectors>(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
+        rows4::<F, Self>(w, nb, act, t)
+    }
+}
+
+/// The row kernel of format `F` with the dot product `D`.
+pub(crate) struct Neon<F, D>(PhantomData<(F, D)>);
+
+impl<F: Vectors, D: Dot> RowKernel for Neon<F, D> {
+    const BLOCK: usize = F::VALUES;
+    const BLOCK_BYTES: usize = F::BYTES;
+    const Q8K: bool = F::VALUES == QK_K;
+
+    unsafe fn rows4(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
+        D::rows4::<F>(w, nb, act, t)
+    }
+}
+
+/// A format's values in NEON registers.
+pub(crate) trait Vectors: Format {
+    /// `Format::values(block, c)`: values `32c..32c + 32` of the block at `p`.
+    ///
+    /// # Safety
+    /// `p` points to a whole block.
+    unsafe fn vectors(p: *const u8, c: usize) -> [int8x16_t; 2];
+}
+
+/// Rows `w` times token `t`: per block, each row's exact sums, then its float steps.
+#[inline]
+unsafe fn rows4<F: Vectors, D: Dot>(
+    w: [*const u8; 4],
+    nb: usize,
+    act: &Rows,
+    t: usize,
+) -> [f32; 4] {
+    let xq = act.qs[t * act.k..].as_ptr();
+    let mut acc = [0f32; 4];
+    for b in 0..nb {
+        let i = t * nb + b;
+        let x = xq.add(b * F::VALUES);
+        let s_x = if F::VALUES == QK8_0 { act.s[i] } else { 0.0 };
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let p = w[r].add(b * F::BYTES);
+            let block = std::slice::from_raw_parts(p, F::BYTES);
+            let m = match F::MIN {
+                Min::SubBlocks => {
+                    let x_sums = &act.sums[i * Q8K_SUMS..][..8];
+                    let mins = F::mins(block);
+                    mins.iter().zip(x_sums).map(|(&m, &x)| m * x as i32).sum()
+                }
+                _ => 0,
+            };
+            *acc = F::steps(
+                *acc,
+                block_sum::<F, D>(p, block, x),
+                m,
+                block,
+                act.d[i],
+                s_x,
+            );
+        }
+    }
+    acc
+}
+
+/// `S_b` of the block at `p` (`block`) against the activations at `x`.
+#[inline(always)]
+unsafe fn block_sum<F: Vectors, D: Dot>(p: *const u8, block: &[u8], x: *const i8) -> i32 {
+    let scales = F::scales(block);
+    let zero = vdupq_n_s32(0);
+    let mut s = zero;
+    for c in 0..F::VALUES / 32 {
+        let v = F::vectors(p, c);
+        let x = [vld1q_s8(x.add(32 * c)), vld1q_s8(x.add(32 * c + 16))];
+        if F::RUN == 32 {
+            let dot = D::dot(D::dot(zero, v[0], x[0]), v[1], x[1]);
+            s = vmlaq_n_s32(s, dot, scales[c]);
+        } else {
+            s = vmlaq_n_s32(s, D::dot(zero, v[0], x[0]), scales[2 * c]);
+            s = vmlaq_n_s32(s, D::dot(zero, v[1], x[1]), scales[2 * c + 1]);
+        }
+    }
+    vaddvq_s32(s)
+}
+
+/// The 32 nibbles of 16 bytes at `qs`: low nibbles (values 0..16), high nibbles (16..32).
+#[inline(always)]
+unsafe fn nibbles(qs: *const u8) -> [uint8x16_t; 2] {
+    let q = vld1q_u8(qs);
+    [vandq_u8(q, vdupq_n_u8(0x0f)), vshrq_n_u8::<4>(q)]
+}
+
+/// `0x10` in byte `i` where bit `i` of the u32 at `p` is set (Q5's fifth bits), else 0.
+#[inline(always)]
+unsafe fn fifth_bits(p: *const u8) -> [uint8x16_t; 2] {
+    let bits = vreinterpretq_u8_u32(vdupq_n_u32(p.cast::<u32>().read_unaligned()));
+    const BIT: [u8; 16] = [1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128];
+    let bit = vld1q_u8(BIT.as_ptr());
+    // Byte i of the 32 takes byte i / 8 of the bits.
+    std::array::from_fn(|h| {
+        let at = 2 * h as u8;
+        let idx = vcombine_u8(vdup_n_u8(at), vdup_n_u8(at + 1));
+        let set = vtstq_u8(vqtbl1q_u8(bits, idx), bit);
+        vandq_u8(set, vdupq_n_u8(0x10))
+    })
+}
+
+/// Unsigned values less `off`, as signed bytes.
+#[inline(always)]
+unsafe fn less(v: [uint8x16_t; 2], off: u8) -> [int8x16_t; 2] {
+    v.map(|v| vreinterpretq_s8_u8(vsubq_u8(v, vdupq_n_u8(off))))
+}
+
+/// `KVALUES[q]` for each nibble `q`.
+#[inline(always)]
+unsafe fn iq4_values(q: [uint8x16_t; 2]) -> [int8x16_t; 2] {
+    let table = vld1q_s8(KVALUES.as_ptr());
+    q.map(|q| vqtbl1q_s8(table, q))
+}
+
+#[inline(always)]
+unsafe fn or(a: [uint8x16_t; 2], b: [uint8x16_t; 2]) -> [uint8x16_t; 2] {
+    [vorrq_u8(a[0], b[0]), vorrq_u8(a[1], b[1])]
+}
+
+impl Vectors for Q8_0 {
+    #[inline(always)]
+    unsafe fn vectors(p: *const u8, _: usize) -> [int8x16_t; 2] {
+        let q = p.add(2).cast::<i8>();
+        [vld1q_s8(q), vld1q_s8(q.add(16))]
+    }
+}
+
+impl Vectors for Q4_0 {
+    #[inline(always)]
+    unsafe fn vectors(p: *const u8, _: usize) -> [int8x16_t; 2] {
+        less(nibbles(p.add(2)), 8)
+    }
+}
+
+impl Vectors for Q5_0 {
+    #[inline(always)]
+    unsafe fn vectors(p: *const u8, _: usize) -> [int8x16_t; 2] {
+        less(or(nibbles(p.add(6)), fifth_bits(p.add(2))), 16)
+    }
+}
+
+impl Vectors for Q4_1 {
+    #[inline(always)]
+    unsafe fn vectors(p: *const u8, _: usize) -> [int8x16_t; 2] {
+        less(nibbles(p.add(4)), 0)
+    }
+}
+
+impl Vectors for Q5_1 {
+    #[inline(always)]
+    unsafe fn vectors(p: *const u8, _: usize) -> [int8x16_t; 2] {
+        less(or(nibbles(p.add(8)), fifth_bits(p.add(4))), 0)
+    }
+}
+
+impl Vectors for IQ4NL {
+    #[inline(always)]
+    unsafe fn vectors(p: *const u8, _: usize) -> [int8x16_t; 2] {
+        iq4_values(nibbles(p.add(2)))
+    }
+}
+
+impl<const HIGH: bool> Vectors for KQuant<HIGH> {
+    #[inline(always)]
+    unsafe fn vectors(p: *const u8, c: usize) -> [int8x16_t; 2] {
+        let qs = p.add(if HIGH { 48 } else { 16 } + 32 * (c / 2));
+        let q: [uint8x16_t; 2] = std::array::from_fn(|h| {
+            let q = vld1q_u8(qs.add(16 * h));
+            match c % 2 {
+                0 => vandq_u8(q, vdupq_n_u8(0x0f)),
+                _ => vshrq_n_u8::<4>(q),
+            }
+        });
+        if !HIGH {
+            return less(q, 0);
+        }
+        // Bit c of qh[j] is the fifth bit of value 32c + j.
+        let bit = vdupq_n_u8(1 << c);
+        let high = std::array::from_fn(|h| {
+            let set = vtstq_u8(vld1q_u8(p.add(16 + 16 * h)), bit);
+            vandq_u8(set, vdupq_n_u8(0x10))
+        });
+        less(or(q, high), 0)
+    }
+}
+
+impl Vectors for Q6K {
+    #[inline(always)]
+    unsafe fn vectors(p: *const u8, c: usize) -> [int8x16_t; 2] {
+        let (h, i) = (c / 4, c % 4);
+        let (ql, qh) = (p.add(64 * h + 32 * (i % 2)), p.add(128 + 32 * h));
+        let v = std::array::from_fn(|j| {
+            let low = vld1q_u8(ql.add(16 * j));
+            let low = match i / 2 {
+                0 => vandq_u8(low, vdupq_n_u8(0x0f)),
+                _ => vshrq_n_u8::<4>(low),
+            };
+            let high = vshlq_u8(vld1q_u8(qh.add(16 * j)), vdupq_n_s8(-2 * i as i8));
+            vorrq_u8(low, vshlq_n_u8::<4>(vandq_u8(high, vdupq_n_u8(3))))
+        });
+        less(v, 32)
+    }
+}
+
+impl Vectors for IQ4XS {
+    #[inline(always)]
+    unsafe fn vectors(p: *const u8, c: usize) -> [int8x16_t; 2] {
+        iq4_values(nibbles(p.add(8 + 16 * c)))
+    }
+}
