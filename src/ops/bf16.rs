@@ -14,9 +14,6 @@
 /// Output columns of a panel: four 16-lane vectors.
 pub(crate) const COLS: usize = 64;
 
-/// Rows of the left operand one kernel call multiplies (6 × 4 accumulators in registers).
-const ROWS: usize = 6;
-
 /// `v` rounded to the nearest bf16 value (ties to even), as f32.
 #[inline]
 pub(crate) fn round(v: f32) -> f32 {
@@ -144,6 +141,7 @@ impl Panel<'_> {
 
 /// `c[t, ..cols] (+)= Σ_p a[t, p] · panel[p, ..cols]` for the `m` rows of `a` (`pairs` words
 /// each, `a_stride` apart) into `c` (rows `c_stride` apart). Needs `available()`.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 pub(crate) fn multiply(
     a: &[u32],
     a_stride: usize,
@@ -158,7 +156,7 @@ pub(crate) fn multiply(
     assert!(m == 0 || (m - 1) * c_stride + panel.cols <= c.len());
     assert!(panel.words.len() >= panel.pairs * COLS);
     #[cfg(target_arch = "x86_64")]
-    for t0 in (0..m).step_by(ROWS) {
+    for t0 in (0..m).step_by(avx512::ROWS) {
         let a = (a[t0 * a_stride..].as_ptr(), a_stride);
         let c = (c[t0 * c_stride..].as_mut_ptr(), c_stride);
         let panel = (panel.words.as_ptr(), panel.pairs, panel.cols);
@@ -171,7 +169,7 @@ pub(crate) fn multiply(
                 3 => avx512::tile::<3>(a, panel, c, accumulate),
                 4 => avx512::tile::<4>(a, panel, c, accumulate),
                 5 => avx512::tile::<5>(a, panel, c, accumulate),
-                _ => avx512::tile::<ROWS>(a, panel, c, accumulate),
+                _ => avx512::tile::<{ avx512::ROWS }>(a, panel, c, accumulate),
             }
         }
     }
@@ -182,6 +180,9 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::COLS;
+
+    /// Rows of the left operand one call multiplies (6 × 4 accumulators in registers).
+    pub(super) const ROWS: usize = 6;
 
     /// `R` rows of `a` (`stride` words apart) times the panel `(words, pairs, cols)`, into
     /// `R` rows of `c` (`stride` values apart).

@@ -143,6 +143,7 @@ fn check_within<T: GgmlType>(dtype: TensorType, n_rows: usize, k: usize, rel: f6
 /// The half kernels on AVX2 against the references (with `check`'s tolerance) and each batch
 /// size against the same tokens alone; where the CPU has AVX-512, bit for bit against those
 /// kernels too (then `check` has tested them).
+#[cfg(target_arch = "x86_64")]
 fn check_halves<H: halves::Half, T: GgmlType>(dtype: TensorType, n_rows: usize, k: usize) {
     check::<T>(dtype, n_rows, k);
     if isa() < Isa::Avx2 {
@@ -187,6 +188,7 @@ fn check_halves<H: halves::Half, T: GgmlType>(dtype: TensorType, n_rows: usize, 
     }
 }
 
+#[cfg(target_arch = "x86_64")]
 #[test]
 fn f16_and_bf16_match_candle_on_every_instruction_set() {
     for k in [40, 256, 2056] {
@@ -195,6 +197,7 @@ fn f16_and_bf16_match_candle_on_every_instruction_set() {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
 #[test]
 fn f16_tiles_span_several_row_blocks_per_task() {
     // 77 rows on 2 threads: 8 tasks of 8 or 12 rows, so whole 8-row blocks and a remainder.
