@@ -7,6 +7,7 @@
 
 use rayon::prelude::*;
 
+use super::exp::exp;
 use super::gemm::{gemm, MatMut, MatRef};
 use super::matmul::SyncPtr;
 use super::scratch;
@@ -65,7 +66,7 @@ impl AttentionShape {
 
 /// `a · b` with eight independent sums, which the compiler turns into SIMD lanes (a single
 /// running f32 sum cannot be reordered, so it would stay scalar).
-#[inline]
+#[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     dots::<1>(a, [b])[0]
 }
@@ -73,7 +74,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// `dot(a, b[i])` for `N` vectors at once: each is summed exactly as `dot` sums it, but the
 /// `N` chains of additions are independent, so they overlap instead of each waiting on its
 /// previous addition.
-#[inline]
+#[inline(always)]
 fn dots<const N: usize>(a: &[f32], b: [&[f32]; N]) -> [f32; N] {
     let mut lanes = [[0f32; 8]; N];
     let n8 = a.len() / 8 * 8;
@@ -92,31 +93,42 @@ fn dots<const N: usize>(a: &[f32], b: [&[f32]; N]) -> [f32; N] {
     })
 }
 
-/// `out = Σ_j p[j] · row(j)`, summed over `j` in order from zero (as repeated `y += p x`
-/// would), a few columns at a time so that the sums stay in registers.
-#[inline]
-fn weighted_rows<'v>(out: &mut [f32], p: &[f32], row: impl Fn(usize) -> &'v [f32]) {
-    const COLS: usize = 32;
-    let width = out.len();
+/// `out[h] = Σ_j p[h][j] · row(j)` for `H` heads at once (each row is read once for all of
+/// them), summed over `j` in order from zero (as repeated `y += p x` would), a few columns
+/// at a time so that the sums stay in registers.
+#[inline(always)]
+fn weighted_rows<'v, const H: usize>(
+    mut out: [&mut [f32]; H],
+    p: [&[f32]; H],
+    row: impl Fn(usize) -> &'v [f32],
+) {
+    const COLS: usize = 16;
+    let width = out[0].len();
     for c0 in (0..width).step_by(COLS) {
         let n = COLS.min(width - c0);
-        let mut acc = [0f32; COLS];
+        let mut acc = [[0f32; COLS]; H];
         if n == COLS {
-            for (j, &pj) in p.iter().enumerate() {
+            for j in 0..p[0].len() {
                 let v = &row(j)[c0..c0 + COLS];
-                for c in 0..COLS {
-                    acc[c] += pj * v[c];
+                for (acc, p) in acc.iter_mut().zip(&p) {
+                    for c in 0..COLS {
+                        acc[c] += p[j] * v[c];
+                    }
                 }
             }
         } else {
-            for (j, &pj) in p.iter().enumerate() {
+            for j in 0..p[0].len() {
                 let v = &row(j)[c0..c0 + n];
-                for c in 0..n {
-                    acc[c] += pj * v[c];
+                for (acc, p) in acc.iter_mut().zip(&p) {
+                    for c in 0..n {
+                        acc[c] += p[j] * v[c];
+                    }
                 }
             }
         }
-        out[c0..c0 + n].copy_from_slice(&acc[..n]);
+        for (out, acc) in out.iter_mut().zip(&acc) {
+            out[c0..c0 + n].copy_from_slice(&acc[..n]);
+        }
     }
 }
 
@@ -183,23 +195,122 @@ pub fn attention_forward_seqs<'a>(
                 .find(|s| s.rows.contains(&row))
                 .expect("every row of the batch belongs to a sequence");
             let pos = seq.pos0 + (row - seq.rows.start);
-            let (first, n_keys) = (shape.first_key(pos), pos + 1);
-            let key = |j| head_row(seq.keys, j, g, kv_dim, hd);
-            scratch::with_f32(|scores| {
-                for (h, (out_h, lse)) in out.chunks_exact_mut(hd).zip(lse).enumerate() {
-                    let q_t = head_row(q, row, g * group + h, q_dim, hd);
-                    scores.clear();
-                    let n4 = first + (n_keys - first) / 4 * 4;
-                    for j in (first..n4).step_by(4) {
-                        scores.extend(dots(q_t, [key(j), key(j + 1), key(j + 2), key(j + 3)]));
-                    }
-                    scores.extend((n4..n_keys).map(|j| dot(q_t, key(j))));
-                    *lse = softmax(scores, &shape);
-                    let value = |j| head_row(seq.values, first + j, g, kv_dim, hd);
-                    weighted_rows(out_h, scores, value);
-                }
-            })
+            let task = HeadGroup {
+                q: &q[row * q_dim + g * group * hd..][..group * hd],
+                keys: seq.keys,
+                values: seq.values,
+                kv_head: g,
+                kv_dim,
+                visible: shape.first_key(pos)..pos + 1,
+            };
+            scratch::with_f32(|scores| attend(&shape, &task, out, lse, scores))
         });
+}
+
+/// One task of `attention_forward_seqs`: a row's query heads that share one key/value head,
+/// against that head's visible keys.
+struct HeadGroup<'a> {
+    /// The query heads, one after the other.
+    q: &'a [f32],
+    keys: &'a [f32],
+    values: &'a [f32],
+    kv_head: usize,
+    kv_dim: usize,
+    visible: std::ops::Range<usize>,
+}
+
+/// `attend_group` compiled for the best instruction set this CPU has (`qmatmul::isa`): the
+/// same source and order of operations, so the same bits, only wider registers and fewer
+/// instructions.
+fn attend(
+    shape: &AttentionShape,
+    task: &HeadGroup,
+    out: &mut [f32],
+    lse: &mut [f32],
+    scores: &mut Vec<f32>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::qmatmul::{isa, Isa};
+        match isa() {
+            // SAFETY: `isa` reports the features these are compiled for.
+            Isa::Avx512 => return unsafe { attend_avx512(shape, task, out, lse, scores) },
+            Isa::Avx2 => return unsafe { attend_avx2(shape, task, out, lse, scores) },
+            Isa::Portable => {}
+        }
+    }
+    attend_group(shape, task, out, lse, scores)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_avx2(
+    shape: &AttentionShape,
+    task: &HeadGroup,
+    out: &mut [f32],
+    lse: &mut [f32],
+    scores: &mut Vec<f32>,
+) {
+    attend_group(shape, task, out, lse, scores)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn attend_avx512(
+    shape: &AttentionShape,
+    task: &HeadGroup,
+    out: &mut [f32],
+    lse: &mut [f32],
+    scores: &mut Vec<f32>,
+) {
+    attend_group(shape, task, out, lse, scores)
+}
+
+/// Query heads at a time: one key or value row serves all of them while it is in registers.
+const HEADS: usize = 4;
+
+/// The task's scores, softmax and weighted values, head `h` into `out[h * head_dim..]` and
+/// `lse[h]`. Keys and values are read once per `HEADS` query heads, row by row.
+#[inline(always)]
+fn attend_group(
+    shape: &AttentionShape,
+    task: &HeadGroup,
+    out: &mut [f32],
+    lse: &mut [f32],
+    scores: &mut Vec<f32>,
+) {
+    let hd = shape.head_dim;
+    let n = task.visible.len();
+    let at = |cache, j| head_row(cache, j, task.kv_head, task.kv_dim, hd);
+    let query = |h: usize| &task.q[h * hd..][..hd];
+    scores.resize(lse.len() * n, 0.0);
+    for (j, key) in task.visible.clone().map(|j| at(task.keys, j)).enumerate() {
+        for h0 in (0..lse.len()).step_by(HEADS) {
+            if h0 + HEADS <= lse.len() {
+                let dots = dots(key, std::array::from_fn::<_, HEADS, _>(|h| query(h0 + h)));
+                for (h, dot) in dots.into_iter().enumerate() {
+                    scores[(h0 + h) * n + j] = dot;
+                }
+            } else {
+                for h in h0..lse.len() {
+                    scores[h * n + j] = dot(key, query(h));
+                }
+            }
+        }
+    }
+    for (scores, lse) in scores.chunks_exact_mut(n).zip(lse.iter_mut()) {
+        *lse = softmax(scores, shape);
+    }
+    let value = |j| at(task.values, task.visible.start + j);
+    let mut outs = out.chunks_exact_mut(hd);
+    let mut probs = scores.chunks_exact(n);
+    while outs.len() >= HEADS {
+        let out = std::array::from_fn::<_, HEADS, _>(|_| outs.next().unwrap());
+        weighted_rows(out, std::array::from_fn(|_| probs.next().unwrap()), value);
+    }
+    for (out, p) in outs.zip(probs) {
+        weighted_rows([out], [p], value);
+    }
 }
 
 /// `attention_forward` for a whole batch, with GEMMs: per query head, the `[n_tokens, n_keys]`
@@ -263,17 +374,30 @@ pub fn attention_forward_batched(
 }
 
 /// `s ← softmax(score(s))` in place (raw products in); returns the log-sum-exp of the scores.
+/// The maximum and the sum run in eight lanes, so that they vectorize.
+#[inline(always)]
 fn softmax(s: &mut [f32], shape: &AttentionShape) -> f32 {
     s.iter_mut().for_each(|x| *x = shape.score(*x));
-    let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-    let mut sum = 0f32;
-    for x in s.iter_mut() {
-        *x = (*x - max).exp();
-        sum += *x;
-    }
+    let max = lanes_fold(s, f32::NEG_INFINITY, f32::max);
+    s.iter_mut().for_each(|x| *x = exp(*x - max));
+    let sum = lanes_fold(s, 0.0, |a, b| a + b);
     let inv = 1.0 / sum;
     s.iter_mut().for_each(|x| *x *= inv);
     max + sum.ln()
+}
+
+/// `s` folded by `f` in eight interleaved lanes, then the lanes in order.
+#[inline(always)]
+fn lanes_fold(s: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut lanes = [init; 8];
+    let mut chunks = s.chunks_exact(8);
+    for chunk in &mut chunks {
+        for l in 0..8 {
+            lanes[l] = f(lanes[l], chunk[l]);
+        }
+    }
+    let lanes = lanes.into_iter().fold(init, &f);
+    chunks.remainder().iter().fold(lanes, |a, &b| f(a, b))
 }
 
 /// A head's columns of an `[n, width]` matrix.
@@ -332,7 +456,7 @@ pub fn attention_backward(
                     let first = shape.first_key(t);
                     for (p, ds) in p_t[first..=t].iter_mut().zip(&mut ds_t[first..=t]) {
                         let score = shape.score(*p);
-                        *p = (score - row_lse).exp();
+                        *p = exp(score - row_lse);
                         *ds = *p * (*ds - big_d) * shape.score_slope(score);
                     }
                     for row in [&mut *p_t, &mut *ds_t] {
@@ -438,23 +562,35 @@ mod tests {
         out
     }
 
+    /// Wide enough for every path of `attend_group`: a group of `HEADS` query heads and one
+    /// more, heads of a full column block and a partial one.
+    const WIDE: AttentionShape = AttentionShape {
+        n_head: 10,
+        n_head_kv: 2,
+        head_dim: 20,
+        scale: 0.223_606_8,
+        softcap: None,
+        window: None,
+    };
+
     #[test]
     fn both_forwards_match_the_definition_with_a_cache_offset() {
-        for shape in [SHAPE, CAPPED_WINDOW] {
+        for shape in [SHAPE, CAPPED_WINDOW, WIDE] {
             forwards_match_the_definition(shape);
         }
     }
 
     fn forwards_match_the_definition(shape: AttentionShape) {
         let (pos0, n) = (3, 4);
-        let q = values(n * 12, 8);
-        let k = values((pos0 + n) * 6, 9);
-        let v = values((pos0 + n) * 6, 10);
+        let (q_dim, kv_dim) = (shape.q_dim(), shape.kv_dim());
+        let q = values(n * q_dim, 8);
+        let k = values((pos0 + n) * kv_dim, 9);
+        let v = values((pos0 + n) * kv_dim, 10);
         let expected = naive(shape, pos0, &q, &k, &v);
-        let mut lse_rows = vec![0f32; n * 4];
+        let mut lse_rows = vec![0f32; n * shape.n_head];
         for forward in [attention_forward, attention_forward_batched] {
-            let mut out = vec![0f32; n * 12];
-            let mut lse = vec![0f32; n * 4];
+            let mut out = vec![0f32; n * q_dim];
+            let mut lse = vec![0f32; n * shape.n_head];
             forward(shape, pos0, &q, &k, &v, &mut out, &mut lse);
             for (a, b) in out.iter().zip(&expected) {
                 assert!((a - b).abs() < 1e-5, "{a} vs {b}");
@@ -471,19 +607,61 @@ mod tests {
 
     #[test]
     fn a_token_alone_has_the_same_bits_as_in_a_batch() {
+        for shape in [SHAPE, WIDE] {
+            a_token_alone_has_the_same_bits_as_in_a_batch_with(shape);
+        }
+    }
+
+    fn a_token_alone_has_the_same_bits_as_in_a_batch_with(shape: AttentionShape) {
         let n = 70;
-        let q = values(n * 12, 11);
-        let k = values(n * 6, 12);
-        let v = values(n * 6, 13);
-        let mut out = vec![0f32; n * 12];
-        let mut lse = vec![0f32; n * 4];
-        attention_forward(SHAPE, 0, &q, &k, &v, &mut out, &mut lse);
+        let (q_dim, kv_dim, n_head) = (shape.q_dim(), shape.kv_dim(), shape.n_head);
+        let q = values(n * q_dim, 11);
+        let k = values(n * kv_dim, 12);
+        let v = values(n * kv_dim, 13);
+        let mut out = vec![0f32; n * q_dim];
+        let mut lse = vec![0f32; n * n_head];
+        attention_forward(shape, 0, &q, &k, &v, &mut out, &mut lse);
         for t in 0..n {
-            let (mut out_t, mut lse_t) = (vec![0f32; 12], vec![0f32; 4]);
-            let (k, v) = (&k[..(t + 1) * 6], &v[..(t + 1) * 6]);
-            attention_forward(SHAPE, t, &q[t * 12..][..12], k, v, &mut out_t, &mut lse_t);
-            assert_eq!(out_t, out[t * 12..][..12], "token {t}");
-            assert_eq!(lse_t, lse[t * 4..][..4], "token {t}");
+            let (mut out_t, mut lse_t) = (vec![0f32; q_dim], vec![0f32; n_head]);
+            let (k, v) = (&k[..(t + 1) * kv_dim], &v[..(t + 1) * kv_dim]);
+            let q_t = &q[t * q_dim..][..q_dim];
+            attention_forward(shape, t, q_t, k, v, &mut out_t, &mut lse_t);
+            assert_eq!(out_t, out[t * q_dim..][..q_dim], "token {t}");
+            assert_eq!(lse_t, lse[t * n_head..][..n_head], "token {t}");
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn every_instruction_set_gives_the_same_bits() {
+        use crate::ops::qmatmul::{isa, Isa};
+        let shape = WIDE;
+        let (hd, group, n) = (shape.head_dim, shape.n_head / shape.n_head_kv, 37);
+        let q = values(group * hd, 14);
+        let (k, v) = (values(n * shape.kv_dim(), 15), values(n * shape.kv_dim(), 16));
+        let task = HeadGroup {
+            q: &q,
+            keys: &k,
+            values: &v,
+            kv_head: 1,
+            kv_dim: shape.kv_dim(),
+            visible: 0..n,
+        };
+        let run = |attend: &dyn Fn(&mut [f32], &mut [f32], &mut Vec<f32>)| {
+            let (mut out, mut lse) = (vec![0f32; group * hd], vec![0f32; group]);
+            attend(&mut out, &mut lse, &mut Vec::new());
+            (out, lse)
+        };
+        let portable = run(&|out, lse, s| attend_group(&shape, &task, out, lse, s));
+        if isa() >= Isa::Avx2 {
+            // SAFETY: the CPU has AVX2 and FMA.
+            let avx2 = run(&|out, lse, s| unsafe { attend_avx2(&shape, &task, out, lse, s) });
+            assert_eq!(avx2, portable);
+        }
+        if isa() >= Isa::Avx512 {
+            // SAFETY: the CPU has AVX-512 F.
+            let avx512 = run(&|out, lse, s| unsafe { attend_avx512(&shape, &task, out, lse, s) });
+            assert_eq!(avx512, portable);
         }
     }
 

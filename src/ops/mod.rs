@@ -3,6 +3,7 @@
 
 pub mod activation;
 pub mod attention;
+mod exp;
 pub mod gemm;
 mod iq4;
 pub mod matmul;
