@@ -66,34 +66,25 @@ impl AttentionShape {
 
 /// `a · b` with eight independent sums, which the compiler turns into SIMD lanes (a single
 /// running f32 sum cannot be reordered, so it would stay scalar).
-#[inline(always)]
+#[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    dots::<1>(a, [b])[0]
-}
-
-/// `dot(a, b[i])` for `N` vectors at once: each is summed exactly as `dot` sums it, but the
-/// `N` chains of additions are independent, so they overlap instead of each waiting on its
-/// previous addition.
-#[inline(always)]
-fn dots<const N: usize>(a: &[f32], b: [&[f32]; N]) -> [f32; N] {
-    let mut lanes = [[0f32; 8]; N];
-    let n8 = a.len() / 8 * 8;
-    for i in (0..n8).step_by(8) {
-        let x = &a[i..i + 8];
-        for (lanes, b) in lanes.iter_mut().zip(&b) {
-            let y = &b[i..i + 8];
-            for l in 0..8 {
-                lanes[l] += x[l] * y[l];
-            }
+    let mut lanes = [0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a8.zip(b8) {
+        for l in 0..8 {
+            lanes[l] += x[l] * y[l];
         }
     }
-    std::array::from_fn(|n| {
-        let tail: f32 = a[n8..].iter().zip(&b[n][n8..]).map(|(x, y)| x * y).sum();
-        lanes[n].iter().sum::<f32>() + tail
-    })
+    lanes.iter().sum::<f32>() + tail
 }
 
-/// `out[h] = Σ_j p[h][j] · row(j)` for `H` heads at once (each row is read once for all of
+/// `out[h] += Σ_j p[h][j] · row(j)` for `H` heads at once (each row is read once for all of
 /// them), summed over `j` in order from zero (as repeated `y += p x` would), a few columns
 /// at a time so that the sums stay in registers.
 #[inline(always)]
@@ -107,6 +98,9 @@ fn weighted_rows<'v, const H: usize>(
     for c0 in (0..width).step_by(COLS) {
         let n = COLS.min(width - c0);
         let mut acc = [[0f32; COLS]; H];
+        for (acc, out) in acc.iter_mut().zip(&out) {
+            acc[..n].copy_from_slice(&out[c0..c0 + n]);
+        }
         if n == COLS {
             for j in 0..p[0].len() {
                 let v = &row(j)[c0..c0 + COLS];
@@ -130,6 +124,16 @@ fn weighted_rows<'v, const H: usize>(
             out[c0..c0 + n].copy_from_slice(&acc[..n]);
         }
     }
+}
+
+/// Asks for `data`'s cache lines ahead of their use: a task's rows of the cache are
+/// `kv_dim` apart, a stride the hardware prefetchers do not follow far enough ahead.
+#[inline(always)]
+fn prefetch(data: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    super::qmatmul::prefetch_l2(data.as_ptr().cast(), std::mem::size_of_val(data));
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
 }
 
 /// Row `row`, head `head` of a `[n, width]` matrix of heads of `head_dim`.
@@ -203,7 +207,7 @@ pub fn attention_forward_seqs<'a>(
                 kv_dim,
                 visible: shape.first_key(pos)..pos + 1,
             };
-            scratch::with_f32(|scores| attend(&shape, &task, out, lse, scores))
+            scratch::with_f32(|buf| attend(&shape, &task, out, lse, buf))
         });
 }
 
@@ -227,19 +231,19 @@ fn attend(
     task: &HeadGroup,
     out: &mut [f32],
     lse: &mut [f32],
-    scores: &mut Vec<f32>,
+    scratch: &mut Vec<f32>,
 ) {
     #[cfg(target_arch = "x86_64")]
     {
         use super::qmatmul::{isa, Isa};
         match isa() {
             // SAFETY: `isa` reports the features these are compiled for.
-            Isa::Avx512 => return unsafe { attend_avx512(shape, task, out, lse, scores) },
-            Isa::Avx2 => return unsafe { attend_avx2(shape, task, out, lse, scores) },
+            Isa::Avx512 => return unsafe { attend_avx512(shape, task, out, lse, scratch) },
+            Isa::Avx2 => return unsafe { attend_avx2(shape, task, out, lse, scratch) },
             Isa::Portable => {}
         }
     }
-    attend_group(shape, task, out, lse, scores)
+    attend_group(shape, task, out, lse, scratch)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -249,9 +253,9 @@ unsafe fn attend_avx2(
     task: &HeadGroup,
     out: &mut [f32],
     lse: &mut [f32],
-    scores: &mut Vec<f32>,
+    scratch: &mut Vec<f32>,
 ) {
-    attend_group(shape, task, out, lse, scores)
+    attend_group(shape, task, out, lse, scratch)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -261,55 +265,103 @@ unsafe fn attend_avx512(
     task: &HeadGroup,
     out: &mut [f32],
     lse: &mut [f32],
-    scores: &mut Vec<f32>,
+    scratch: &mut Vec<f32>,
 ) {
-    attend_group(shape, task, out, lse, scores)
+    attend_group(shape, task, out, lse, scratch)
 }
 
-/// Query heads at a time: one key or value row serves all of them while it is in registers.
+/// Query heads at a time in the weighted sum: one value row serves all of them while it is
+/// in registers.
 const HEADS: usize = 4;
 
+/// Keys (and values) at a time: a block of rows, read from memory once, serves every query
+/// head of the group from the L1 cache.
+const BLOCK: usize = 64;
+
+/// Rows ahead of the one being read that a task prefetches.
+const AHEAD: usize = 32;
+
 /// The task's scores, softmax and weighted values, head `h` into `out[h * head_dim..]` and
-/// `lse[h]`. Keys and values are read once per `HEADS` query heads, row by row.
+/// `lse[h]`.
 #[inline(always)]
 fn attend_group(
     shape: &AttentionShape,
     task: &HeadGroup,
     out: &mut [f32],
     lse: &mut [f32],
-    scores: &mut Vec<f32>,
+    scratch: &mut Vec<f32>,
 ) {
     let hd = shape.head_dim;
     let n = task.visible.len();
-    let at = |cache, j| head_row(cache, j, task.kv_head, task.kv_dim, hd);
-    let query = |h: usize| &task.q[h * hd..][..hd];
-    scores.resize(lse.len() * n, 0.0);
-    for (j, key) in task.visible.clone().map(|j| at(task.keys, j)).enumerate() {
-        for h0 in (0..lse.len()).step_by(HEADS) {
-            if h0 + HEADS <= lse.len() {
-                let dots = dots(key, std::array::from_fn::<_, HEADS, _>(|h| query(h0 + h)));
-                for (h, dot) in dots.into_iter().enumerate() {
-                    scores[(h0 + h) * n + j] = dot;
-                }
-            } else {
-                for h in h0..lse.len() {
-                    scores[h * n + j] = dot(key, query(h));
-                }
+    let at = |cache, j| head_row(cache, task.visible.start + j, task.kv_head, task.kv_dim, hd);
+    let (key, value) = (|j| at(task.keys, j), |j| at(task.values, j));
+    scratch.resize(lse.len() * n + hd * BLOCK, 0.0);
+    let (scores, rows) = scratch.split_at_mut(lse.len() * n);
+    for b0 in (0..n).step_by(BLOCK) {
+        let block = b0..n.min(b0 + BLOCK);
+        for (k, key) in prefetched(block.clone(), n, key).enumerate() {
+            for (d, &x) in key.iter().enumerate() {
+                rows[d * BLOCK + k] = x;
             }
+        }
+        for (q, scores) in task.q.chunks_exact(hd).zip(scores.chunks_exact_mut(n)) {
+            block_scores(q, rows, &mut scores[block.clone()]);
         }
     }
     for (scores, lse) in scores.chunks_exact_mut(n).zip(lse.iter_mut()) {
         *lse = softmax(scores, shape);
     }
-    let value = |j| at(task.values, task.visible.start + j);
-    let mut outs = out.chunks_exact_mut(hd);
-    let mut probs = scores.chunks_exact(n);
-    while outs.len() >= HEADS {
-        let out = std::array::from_fn::<_, HEADS, _>(|_| outs.next().unwrap());
-        weighted_rows(out, std::array::from_fn(|_| probs.next().unwrap()), value);
+    out.fill(0.0);
+    for b0 in (0..n).step_by(BLOCK) {
+        let block = b0..n.min(b0 + BLOCK);
+        (block.end..n.min(block.end + BLOCK)).for_each(|j| prefetch(value(j)));
+        let value = |j| value(b0 + j);
+        let mut outs = out.chunks_exact_mut(hd);
+        let mut probs = scores.chunks_exact(n).map(|p| &p[block.clone()]);
+        while outs.len() >= HEADS {
+            let out = std::array::from_fn::<_, HEADS, _>(|_| outs.next().unwrap());
+            weighted_rows(out, std::array::from_fn(|_| probs.next().unwrap()), value);
+        }
+        for (out, p) in outs.zip(probs) {
+            weighted_rows([out], [p], value);
+        }
     }
-    for (out, p) in outs.zip(probs) {
-        weighted_rows([out], [p], value);
+}
+
+/// Rows `block` of `n`, each prefetched `AHEAD` rows before it is read.
+#[inline(always)]
+fn prefetched<'a>(
+    block: std::ops::Range<usize>,
+    n: usize,
+    row: impl Fn(usize) -> &'a [f32],
+) -> impl Iterator<Item = &'a [f32]> {
+    block.map(move |j| {
+        if j + AHEAD < n {
+            prefetch(row(j + AHEAD));
+        }
+        row(j)
+    })
+}
+
+/// `scores[k] = q · key k` for a block of keys stored transposed (`keys_t[d * BLOCK + k]`):
+/// a vector of keys at a time, each one's products summed in order of `d`.
+#[inline(always)]
+fn block_scores(q: &[f32], keys_t: &[f32], scores: &mut [f32]) {
+    if scores.len() == BLOCK {
+        let mut acc = [0f32; BLOCK];
+        for (&x, keys) in q.iter().zip(keys_t.chunks_exact(BLOCK)) {
+            for k in 0..BLOCK {
+                acc[k] += x * keys[k];
+            }
+        }
+        scores.copy_from_slice(&acc);
+    } else {
+        scores.fill(0.0);
+        for (&x, keys) in q.iter().zip(keys_t.chunks_exact(BLOCK)) {
+            for (s, &y) in scores.iter_mut().zip(keys) {
+                *s += x * y;
+            }
+        }
     }
 }
 
@@ -638,7 +690,10 @@ mod tests {
         let shape = WIDE;
         let (hd, group, n) = (shape.head_dim, shape.n_head / shape.n_head_kv, 37);
         let q = values(group * hd, 14);
-        let (k, v) = (values(n * shape.kv_dim(), 15), values(n * shape.kv_dim(), 16));
+        let (k, v) = (
+            values(n * shape.kv_dim(), 15),
+            values(n * shape.kv_dim(), 16),
+        );
         let task = HeadGroup {
             q: &q,
             keys: &k,

@@ -66,7 +66,9 @@ mod tests {
 
     #[test]
     fn small_arguments_and_integers_are_exact_enough() {
-        for x in [0.0f32, -0.0, 1e-8, -1e-8, 1.0, -1.0, 10.0, -10.0, 80.0, -80.0] {
+        for x in [
+            0.0f32, -0.0, 1e-8, -1e-8, 1.0, -1.0, 10.0, -10.0, 80.0, -80.0,
+        ] {
             let exact = (x as f64).exp() as f32;
             assert!(ulps(exp(x), exact) <= 1, "x = {x}: {} vs {exact}", exp(x));
         }
@@ -75,7 +77,15 @@ mod tests {
 
     #[test]
     fn underflows_to_zero_and_overflows_to_infinity() {
-        for x in [-87.5f32, -88.0, -100.0, -1e4, -1e30, f32::MIN, f32::NEG_INFINITY] {
+        for x in [
+            -87.5f32,
+            -88.0,
+            -100.0,
+            -1e4,
+            -1e30,
+            f32::MIN,
+            f32::NEG_INFINITY,
+        ] {
             assert_eq!(exp(x), 0.0, "x = {x}");
         }
         for x in [88.8f32, 100.0, 1e30, f32::INFINITY] {
