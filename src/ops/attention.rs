@@ -126,8 +126,7 @@ fn weighted_rows<'v, const H: usize>(
     }
 }
 
-/// Asks for `data`'s cache lines ahead of their use: a task's rows of the cache are
-/// `kv_dim` apart, a stride the hardware prefetchers do not follow far enough ahead.
+/// Asks for `data`'s cache lines (into L2) ahead of their use.
 #[inline(always)]
 fn prefetch(data: &[f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -275,10 +274,12 @@ unsafe fn attend_avx512(
 const HEADS: usize = 4;
 
 /// Keys (and values) at a time: a block of rows, read from memory once, serves every query
-/// head of the group from the L1 cache.
+/// head of the group from the L1 cache. Keys are copied transposed into scratch, so that the
+/// scores of a block come a vector of keys at a time, with no horizontal sums.
 const BLOCK: usize = 64;
 
-/// Rows ahead of the one being read that a task prefetches.
+/// Rows ahead of the one being read that the keys' copy prefetches: a task's rows of the
+/// cache are `kv_dim` apart, a stride the hardware prefetchers do not run far enough ahead on.
 const AHEAD: usize = 32;
 
 /// The task's scores, softmax and weighted values, head `h` into `out[h * head_dim..]` and
@@ -314,6 +315,8 @@ fn attend_group(
     out.fill(0.0);
     for b0 in (0..n).step_by(BLOCK) {
         let block = b0..n.min(b0 + BLOCK);
+        // The weighted sums pass over a block's values several times (column blocks, heads),
+        // so the next block is asked for at once rather than row by row.
         (block.end..n.min(block.end + BLOCK)).for_each(|j| prefetch(value(j)));
         let value = |j| value(b0 + j);
         let mut outs = out.chunks_exact_mut(hd);
@@ -702,21 +705,19 @@ mod tests {
             kv_dim: shape.kv_dim(),
             visible: 0..n,
         };
-        let run = |attend: &dyn Fn(&mut [f32], &mut [f32], &mut Vec<f32>)| {
+        type Kernel = unsafe fn(&AttentionShape, &HeadGroup, &mut [f32], &mut [f32], &mut Vec<f32>);
+        let run = |attend: Kernel| {
             let (mut out, mut lse) = (vec![0f32; group * hd], vec![0f32; group]);
-            attend(&mut out, &mut lse, &mut Vec::new());
+            // SAFETY: each kernel runs only where `isa` reports its features.
+            unsafe { attend(&shape, &task, &mut out, &mut lse, &mut Vec::new()) };
             (out, lse)
         };
-        let portable = run(&|out, lse, s| attend_group(&shape, &task, out, lse, s));
+        let portable = run(attend_group);
         if isa() >= Isa::Avx2 {
-            // SAFETY: the CPU has AVX2 and FMA.
-            let avx2 = run(&|out, lse, s| unsafe { attend_avx2(&shape, &task, out, lse, s) });
-            assert_eq!(avx2, portable);
+            assert_eq!(run(attend_avx2), portable);
         }
         if isa() >= Isa::Avx512 {
-            // SAFETY: the CPU has AVX-512 F.
-            let avx512 = run(&|out, lse, s| unsafe { attend_avx512(&shape, &task, out, lse, s) });
-            assert_eq!(avx512, portable);
+            assert_eq!(run(attend_avx512), portable);
         }
     }
 
