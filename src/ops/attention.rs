@@ -7,6 +7,7 @@
 
 use rayon::prelude::*;
 
+use super::exp::exp;
 use super::gemm::{gemm, MatMut, MatRef};
 use super::matmul::SyncPtr;
 use super::scratch;
@@ -67,57 +68,71 @@ impl AttentionShape {
 /// running f32 sum cannot be reordered, so it would stay scalar).
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    dots::<1>(a, [b])[0]
-}
-
-/// `dot(a, b[i])` for `N` vectors at once: each is summed exactly as `dot` sums it, but the
-/// `N` chains of additions are independent, so they overlap instead of each waiting on its
-/// previous addition.
-#[inline]
-fn dots<const N: usize>(a: &[f32], b: [&[f32]; N]) -> [f32; N] {
-    let mut lanes = [[0f32; 8]; N];
-    let n8 = a.len() / 8 * 8;
-    for i in (0..n8).step_by(8) {
-        let x = &a[i..i + 8];
-        for (lanes, b) in lanes.iter_mut().zip(&b) {
-            let y = &b[i..i + 8];
-            for l in 0..8 {
-                lanes[l] += x[l] * y[l];
-            }
+    let mut lanes = [0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a8.zip(b8) {
+        for l in 0..8 {
+            lanes[l] += x[l] * y[l];
         }
     }
-    std::array::from_fn(|n| {
-        let tail: f32 = a[n8..].iter().zip(&b[n][n8..]).map(|(x, y)| x * y).sum();
-        lanes[n].iter().sum::<f32>() + tail
-    })
+    lanes.iter().sum::<f32>() + tail
 }
 
-/// `out = Σ_j p[j] · row(j)`, summed over `j` in order from zero (as repeated `y += p x`
-/// would), a few columns at a time so that the sums stay in registers.
-#[inline]
-fn weighted_rows<'v>(out: &mut [f32], p: &[f32], row: impl Fn(usize) -> &'v [f32]) {
-    const COLS: usize = 32;
-    let width = out.len();
+/// `out[h] += Σ_j p[h][j] · row(j)` for `H` heads at once (each row is read once for all of
+/// them), summed over `j` in order from zero (as repeated `y += p x` would), a few columns
+/// at a time so that the sums stay in registers.
+#[inline(always)]
+fn weighted_rows<'v, const H: usize>(
+    mut out: [&mut [f32]; H],
+    p: [&[f32]; H],
+    row: impl Fn(usize) -> &'v [f32],
+) {
+    const COLS: usize = 16;
+    let width = out[0].len();
     for c0 in (0..width).step_by(COLS) {
         let n = COLS.min(width - c0);
-        let mut acc = [0f32; COLS];
+        let mut acc = [[0f32; COLS]; H];
+        for (acc, out) in acc.iter_mut().zip(&out) {
+            acc[..n].copy_from_slice(&out[c0..c0 + n]);
+        }
         if n == COLS {
-            for (j, &pj) in p.iter().enumerate() {
+            for j in 0..p[0].len() {
                 let v = &row(j)[c0..c0 + COLS];
-                for c in 0..COLS {
-                    acc[c] += pj * v[c];
+                for (acc, p) in acc.iter_mut().zip(&p) {
+                    for c in 0..COLS {
+                        acc[c] += p[j] * v[c];
+                    }
                 }
             }
         } else {
-            for (j, &pj) in p.iter().enumerate() {
+            for j in 0..p[0].len() {
                 let v = &row(j)[c0..c0 + n];
-                for c in 0..n {
-                    acc[c] += pj * v[c];
+                for (acc, p) in acc.iter_mut().zip(&p) {
+                    for c in 0..n {
+                        acc[c] += p[j] * v[c];
+                    }
                 }
             }
         }
-        out[c0..c0 + n].copy_from_slice(&acc[..n]);
+        for (out, acc) in out.iter_mut().zip(&acc) {
+            out[c0..c0 + n].copy_from_slice(&acc[..n]);
+        }
     }
+}
+
+/// Asks for `data`'s cache lines (into L2) ahead of their use.
+#[inline(always)]
+fn prefetch(data: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    super::qmatmul::prefetch_l2(data.as_ptr().cast(), std::mem::size_of_val(data));
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
 }
 
 /// Row `row`, head `head` of a `[n, width]` matrix of heads of `head_dim`.
@@ -183,23 +198,174 @@ pub fn attention_forward_seqs<'a>(
                 .find(|s| s.rows.contains(&row))
                 .expect("every row of the batch belongs to a sequence");
             let pos = seq.pos0 + (row - seq.rows.start);
-            let (first, n_keys) = (shape.first_key(pos), pos + 1);
-            let key = |j| head_row(seq.keys, j, g, kv_dim, hd);
-            scratch::with_f32(|scores| {
-                for (h, (out_h, lse)) in out.chunks_exact_mut(hd).zip(lse).enumerate() {
-                    let q_t = head_row(q, row, g * group + h, q_dim, hd);
-                    scores.clear();
-                    let n4 = first + (n_keys - first) / 4 * 4;
-                    for j in (first..n4).step_by(4) {
-                        scores.extend(dots(q_t, [key(j), key(j + 1), key(j + 2), key(j + 3)]));
-                    }
-                    scores.extend((n4..n_keys).map(|j| dot(q_t, key(j))));
-                    *lse = softmax(scores, &shape);
-                    let value = |j| head_row(seq.values, first + j, g, kv_dim, hd);
-                    weighted_rows(out_h, scores, value);
-                }
-            })
+            let task = HeadGroup {
+                q: &q[row * q_dim + g * group * hd..][..group * hd],
+                keys: seq.keys,
+                values: seq.values,
+                kv_head: g,
+                kv_dim,
+                visible: shape.first_key(pos)..pos + 1,
+            };
+            scratch::with_f32(|buf| attend(&shape, &task, out, lse, buf))
         });
+}
+
+/// One task of `attention_forward_seqs`: a row's query heads that share one key/value head,
+/// against that head's visible keys.
+struct HeadGroup<'a> {
+    /// The query heads, one after the other.
+    q: &'a [f32],
+    keys: &'a [f32],
+    values: &'a [f32],
+    kv_head: usize,
+    kv_dim: usize,
+    visible: std::ops::Range<usize>,
+}
+
+/// `attend_group` compiled for the best instruction set this CPU has (`qmatmul::isa`): the
+/// same source and order of operations, so the same bits, only wider registers and fewer
+/// instructions.
+fn attend(
+    shape: &AttentionShape,
+    task: &HeadGroup,
+    out: &mut [f32],
+    lse: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::qmatmul::{isa, Isa};
+        match isa() {
+            // SAFETY: `isa` reports the features these are compiled for.
+            Isa::Avx512 => return unsafe { attend_avx512(shape, task, out, lse, scratch) },
+            Isa::Avx2 => return unsafe { attend_avx2(shape, task, out, lse, scratch) },
+            Isa::Portable => {}
+        }
+    }
+    attend_group(shape, task, out, lse, scratch)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_avx2(
+    shape: &AttentionShape,
+    task: &HeadGroup,
+    out: &mut [f32],
+    lse: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    attend_group(shape, task, out, lse, scratch)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn attend_avx512(
+    shape: &AttentionShape,
+    task: &HeadGroup,
+    out: &mut [f32],
+    lse: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    attend_group(shape, task, out, lse, scratch)
+}
+
+/// Query heads at a time in the weighted sum: one value row serves all of them while it is
+/// in registers.
+const HEADS: usize = 4;
+
+/// Keys (and values) at a time: a block of rows, read from memory once, serves every query
+/// head of the group from the L1 cache. Keys are copied transposed into scratch, so that the
+/// scores of a block come a vector of keys at a time, with no horizontal sums.
+const BLOCK: usize = 64;
+
+/// Rows ahead of the one being read that the keys' copy prefetches: a task's rows of the
+/// cache are `kv_dim` apart, a stride the hardware prefetchers do not run far enough ahead on.
+const AHEAD: usize = 32;
+
+/// The task's scores, softmax and weighted values, head `h` into `out[h * head_dim..]` and
+/// `lse[h]`.
+#[inline(always)]
+fn attend_group(
+    shape: &AttentionShape,
+    task: &HeadGroup,
+    out: &mut [f32],
+    lse: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    let hd = shape.head_dim;
+    let n = task.visible.len();
+    let at = |cache, j| head_row(cache, task.visible.start + j, task.kv_head, task.kv_dim, hd);
+    let (key, value) = (|j| at(task.keys, j), |j| at(task.values, j));
+    scratch.resize(lse.len() * n + hd * BLOCK, 0.0);
+    let (scores, rows) = scratch.split_at_mut(lse.len() * n);
+    for b0 in (0..n).step_by(BLOCK) {
+        let block = b0..n.min(b0 + BLOCK);
+        for (k, key) in prefetched(block.clone(), n, key).enumerate() {
+            for (d, &x) in key.iter().enumerate() {
+                rows[d * BLOCK + k] = x;
+            }
+        }
+        for (q, scores) in task.q.chunks_exact(hd).zip(scores.chunks_exact_mut(n)) {
+            block_scores(q, rows, &mut scores[block.clone()]);
+        }
+    }
+    for (scores, lse) in scores.chunks_exact_mut(n).zip(lse.iter_mut()) {
+        *lse = softmax(scores, shape);
+    }
+    out.fill(0.0);
+    for b0 in (0..n).step_by(BLOCK) {
+        let block = b0..n.min(b0 + BLOCK);
+        // The weighted sums pass over a block's values several times (column blocks, heads),
+        // so the next block is asked for at once rather than row by row.
+        (block.end..n.min(block.end + BLOCK)).for_each(|j| prefetch(value(j)));
+        let value = |j| value(b0 + j);
+        let mut outs = out.chunks_exact_mut(hd);
+        let mut probs = scores.chunks_exact(n).map(|p| &p[block.clone()]);
+        while outs.len() >= HEADS {
+            let out = std::array::from_fn::<_, HEADS, _>(|_| outs.next().unwrap());
+            weighted_rows(out, std::array::from_fn(|_| probs.next().unwrap()), value);
+        }
+        for (out, p) in outs.zip(probs) {
+            weighted_rows([out], [p], value);
+        }
+    }
+}
+
+/// Rows `block` of `n`, each prefetched `AHEAD` rows before it is read.
+#[inline(always)]
+fn prefetched<'a>(
+    block: std::ops::Range<usize>,
+    n: usize,
+    row: impl Fn(usize) -> &'a [f32],
+) -> impl Iterator<Item = &'a [f32]> {
+    block.map(move |j| {
+        if j + AHEAD < n {
+            prefetch(row(j + AHEAD));
+        }
+        row(j)
+    })
+}
+
+/// `scores[k] = q · key k` for a block of keys stored transposed (`keys_t[d * BLOCK + k]`):
+/// a vector of keys at a time, each one's products summed in order of `d`.
+#[inline(always)]
+fn block_scores(q: &[f32], keys_t: &[f32], scores: &mut [f32]) {
+    if scores.len() == BLOCK {
+        let mut acc = [0f32; BLOCK];
+        for (&x, keys) in q.iter().zip(keys_t.chunks_exact(BLOCK)) {
+            for k in 0..BLOCK {
+                acc[k] += x * keys[k];
+            }
+        }
+        scores.copy_from_slice(&acc);
+    } else {
+        scores.fill(0.0);
+        for (&x, keys) in q.iter().zip(keys_t.chunks_exact(BLOCK)) {
+            for (s, &y) in scores.iter_mut().zip(keys) {
+                *s += x * y;
+            }
+        }
+    }
 }
 
 /// `attention_forward` for a whole batch, with GEMMs: per query head, the `[n_tokens, n_keys]`
@@ -263,17 +429,30 @@ pub fn attention_forward_batched(
 }
 
 /// `s ← softmax(score(s))` in place (raw products in); returns the log-sum-exp of the scores.
+/// The maximum and the sum run in eight lanes, so that they vectorize.
+#[inline(always)]
 fn softmax(s: &mut [f32], shape: &AttentionShape) -> f32 {
     s.iter_mut().for_each(|x| *x = shape.score(*x));
-    let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-    let mut sum = 0f32;
-    for x in s.iter_mut() {
-        *x = (*x - max).exp();
-        sum += *x;
-    }
+    let max = lanes_fold(s, f32::NEG_INFINITY, f32::max);
+    s.iter_mut().for_each(|x| *x = exp(*x - max));
+    let sum = lanes_fold(s, 0.0, |a, b| a + b);
     let inv = 1.0 / sum;
     s.iter_mut().for_each(|x| *x *= inv);
     max + sum.ln()
+}
+
+/// `s` folded by `f` in eight interleaved lanes, then the lanes in order.
+#[inline(always)]
+fn lanes_fold(s: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut lanes = [init; 8];
+    let mut chunks = s.chunks_exact(8);
+    for chunk in &mut chunks {
+        for l in 0..8 {
+            lanes[l] = f(lanes[l], chunk[l]);
+        }
+    }
+    let lanes = lanes.into_iter().fold(init, &f);
+    chunks.remainder().iter().fold(lanes, |a, &b| f(a, b))
 }
 
 /// A head's columns of an `[n, width]` matrix.
@@ -332,7 +511,7 @@ pub fn attention_backward(
                     let first = shape.first_key(t);
                     for (p, ds) in p_t[first..=t].iter_mut().zip(&mut ds_t[first..=t]) {
                         let score = shape.score(*p);
-                        *p = (score - row_lse).exp();
+                        *p = exp(score - row_lse);
                         *ds = *p * (*ds - big_d) * shape.score_slope(score);
                     }
                     for row in [&mut *p_t, &mut *ds_t] {
@@ -438,23 +617,35 @@ mod tests {
         out
     }
 
+    /// Wide enough for every path of `attend_group`: a group of `HEADS` query heads and one
+    /// more, heads of a full column block and a partial one.
+    const WIDE: AttentionShape = AttentionShape {
+        n_head: 10,
+        n_head_kv: 2,
+        head_dim: 20,
+        scale: 0.223_606_8,
+        softcap: None,
+        window: None,
+    };
+
     #[test]
     fn both_forwards_match_the_definition_with_a_cache_offset() {
-        for shape in [SHAPE, CAPPED_WINDOW] {
+        for shape in [SHAPE, CAPPED_WINDOW, WIDE] {
             forwards_match_the_definition(shape);
         }
     }
 
     fn forwards_match_the_definition(shape: AttentionShape) {
         let (pos0, n) = (3, 4);
-        let q = values(n * 12, 8);
-        let k = values((pos0 + n) * 6, 9);
-        let v = values((pos0 + n) * 6, 10);
+        let (q_dim, kv_dim) = (shape.q_dim(), shape.kv_dim());
+        let q = values(n * q_dim, 8);
+        let k = values((pos0 + n) * kv_dim, 9);
+        let v = values((pos0 + n) * kv_dim, 10);
         let expected = naive(shape, pos0, &q, &k, &v);
-        let mut lse_rows = vec![0f32; n * 4];
+        let mut lse_rows = vec![0f32; n * shape.n_head];
         for forward in [attention_forward, attention_forward_batched] {
-            let mut out = vec![0f32; n * 12];
-            let mut lse = vec![0f32; n * 4];
+            let mut out = vec![0f32; n * q_dim];
+            let mut lse = vec![0f32; n * shape.n_head];
             forward(shape, pos0, &q, &k, &v, &mut out, &mut lse);
             for (a, b) in out.iter().zip(&expected) {
                 assert!((a - b).abs() < 1e-5, "{a} vs {b}");
@@ -471,19 +662,62 @@ mod tests {
 
     #[test]
     fn a_token_alone_has_the_same_bits_as_in_a_batch() {
+        for shape in [SHAPE, WIDE] {
+            a_token_alone_has_the_same_bits_as_in_a_batch_with(shape);
+        }
+    }
+
+    fn a_token_alone_has_the_same_bits_as_in_a_batch_with(shape: AttentionShape) {
         let n = 70;
-        let q = values(n * 12, 11);
-        let k = values(n * 6, 12);
-        let v = values(n * 6, 13);
-        let mut out = vec![0f32; n * 12];
-        let mut lse = vec![0f32; n * 4];
-        attention_forward(SHAPE, 0, &q, &k, &v, &mut out, &mut lse);
+        let (q_dim, kv_dim, n_head) = (shape.q_dim(), shape.kv_dim(), shape.n_head);
+        let q = values(n * q_dim, 11);
+        let k = values(n * kv_dim, 12);
+        let v = values(n * kv_dim, 13);
+        let mut out = vec![0f32; n * q_dim];
+        let mut lse = vec![0f32; n * n_head];
+        attention_forward(shape, 0, &q, &k, &v, &mut out, &mut lse);
         for t in 0..n {
-            let (mut out_t, mut lse_t) = (vec![0f32; 12], vec![0f32; 4]);
-            let (k, v) = (&k[..(t + 1) * 6], &v[..(t + 1) * 6]);
-            attention_forward(SHAPE, t, &q[t * 12..][..12], k, v, &mut out_t, &mut lse_t);
-            assert_eq!(out_t, out[t * 12..][..12], "token {t}");
-            assert_eq!(lse_t, lse[t * 4..][..4], "token {t}");
+            let (mut out_t, mut lse_t) = (vec![0f32; q_dim], vec![0f32; n_head]);
+            let (k, v) = (&k[..(t + 1) * kv_dim], &v[..(t + 1) * kv_dim]);
+            let q_t = &q[t * q_dim..][..q_dim];
+            attention_forward(shape, t, q_t, k, v, &mut out_t, &mut lse_t);
+            assert_eq!(out_t, out[t * q_dim..][..q_dim], "token {t}");
+            assert_eq!(lse_t, lse[t * n_head..][..n_head], "token {t}");
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn every_instruction_set_gives_the_same_bits() {
+        use crate::ops::qmatmul::{isa, Isa};
+        let shape = WIDE;
+        let (hd, group, n) = (shape.head_dim, shape.n_head / shape.n_head_kv, 37);
+        let q = values(group * hd, 14);
+        let (k, v) = (
+            values(n * shape.kv_dim(), 15),
+            values(n * shape.kv_dim(), 16),
+        );
+        let task = HeadGroup {
+            q: &q,
+            keys: &k,
+            values: &v,
+            kv_head: 1,
+            kv_dim: shape.kv_dim(),
+            visible: 0..n,
+        };
+        type Kernel = unsafe fn(&AttentionShape, &HeadGroup, &mut [f32], &mut [f32], &mut Vec<f32>);
+        let run = |attend: Kernel| {
+            let (mut out, mut lse) = (vec![0f32; group * hd], vec![0f32; group]);
+            // SAFETY: each kernel runs only where `isa` reports its features.
+            unsafe { attend(&shape, &task, &mut out, &mut lse, &mut Vec::new()) };
+            (out, lse)
+        };
+        let portable = run(attend_group);
+        if isa() >= Isa::Avx2 {
+            assert_eq!(run(attend_avx2), portable);
+        }
+        if isa() >= Isa::Avx512 {
+            assert_eq!(run(attend_avx512), portable);
         }
     }
 

@@ -59,6 +59,9 @@ mod tests;
 
 use std::sync::OnceLock;
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) use simd::prefetch_l2;
+
 use crate::gguf::TensorType;
 
 /// The instruction set the kernels use, chosen once: the best this CPU has, or the level
