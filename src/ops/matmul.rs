@@ -140,7 +140,7 @@ impl Weight {
             return;
         }
         let (n_rows, k, np) = (self.n_rows, self.n_cols, bf16::pairs(self.n_cols));
-        scratch::with_zeroed::<u32, _>(m * np, |xb| {
+        scratch::with_pod::<u32, _>(m * np, |xb| {
             bf16::pack_rows(x, k, xb);
             let y_ptr = SyncPtr(y.as_mut_ptr());
             (0..n_rows.div_ceil(bf16::COLS))
@@ -150,7 +150,7 @@ impl Weight {
                     scratch::with_f32(|w| {
                         w.resize(rows.len() * k, 0.0);
                         self.dequantize_rows(rows.clone(), w);
-                        scratch::with_zeroed::<u32, _>(np * bf16::COLS, |words| {
+                        scratch::with_pod::<u32, _>(np * bf16::COLS, |words| {
                             let mut panel = Panel {
                                 words,
                                 pairs: np,
@@ -220,7 +220,7 @@ impl Weight {
             return;
         }
         let (n, k, np) = (self.n_rows, self.n_cols, bf16::pairs(self.n_rows));
-        scratch::with_zeroed::<u32, _>(m * np, |dyb| {
+        scratch::with_pod::<u32, _>(m * np, |dyb| {
             bf16::pack_rows(dy, n, dyb);
             self.for_row_blocks(|rows, w| {
                 let dx_ptr = SyncPtr(dx.as_mut_ptr());
@@ -229,7 +229,7 @@ impl Weight {
                     .into_par_iter()
                     .for_each(|chunk| {
                         let cols = chunk * bf16::COLS..((chunk + 1) * bf16::COLS).min(k);
-                        scratch::with_zeroed::<u32, _>(block_pairs * bf16::COLS, |words| {
+                        scratch::with_pod::<u32, _>(block_pairs * bf16::COLS, |words| {
                             let mut panel = Panel {
                                 words,
                                 pairs: block_pairs,
