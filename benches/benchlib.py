@@ -30,6 +30,7 @@ VOCAB = ROOT / "tests" / "fixtures" / "vocab" / "ggml-vocab-llama-spm.gguf"
 # Weight types and llama.cpp's ftype for each (`llama_model_quantize`; None: written directly).
 QUANTS = {
     "f16": None,
+    "bf16": 32,
     "q8_0": 7,
     "q4_k_m": 15,
     "q4_0": 2,
