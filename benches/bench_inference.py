@@ -292,11 +292,15 @@ def main(argv: list[str] | None = None) -> int:
         return min(case["prefill"]["clean_reps"], case["decode"]["clean_reps"]) * 2 < args.reps
 
     engines = [e for e in ENGINES if e in args.engines.split(",")]
-    quants = [q for q in args.quants.split(",") if bl.gguf_path(args.layers, q, args.shape).exists()]
+    quants = [
+        q for q in args.quants.split(",") if bl.gguf_path(args.layers, q, args.shape).exists()
+    ]
     missing = set(args.quants.split(",")) - set(quants)
     if missing:
-        print(f"skipping {sorted(missing)}: run benches/make_model.py "
-            f"--shape {args.shape} --layers {args.layers} --quants ...")
+        print(
+            f"skipping {sorted(missing)}: run benches/make_model.py "
+            f"--shape {args.shape} --layers {args.layers} --quants ..."
+        )
     if not quants:
         return 1
     variants = {"off": [False], "on": [True], "both": [False, True]}[args.lora]
@@ -356,7 +360,9 @@ def main(argv: list[str] | None = None) -> int:
             "quant": quant,
             "engine": engine,
             "lora": with_lora,
-            "weight_bytes_per_token": weight_bytes_per_token(bl.gguf_path(args.layers, quant, args.shape)),
+            "weight_bytes_per_token": weight_bytes_per_token(
+                bl.gguf_path(args.layers, quant, args.shape)
+            ),
             "prefill_tok_s": args.prefill / case["prefill"]["median_s"],
             "decode_tok_s": args.decode / case["decode"]["median_s"],
             "prefill_best_tok_s": args.prefill / case["prefill"]["best_s"],
