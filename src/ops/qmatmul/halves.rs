@@ -207,8 +207,10 @@ fn tiles<K: Kernels>(
                 let ks = k0..(k0 + K_CHUNK).min(k16);
                 for (t0, partial) in (0..m).step_by(TOKENS).zip(partial.iter_mut()) {
                     let t: [usize; TOKENS] = std::array::from_fn(|i| (t0 + i).min(m - 1));
+                    assert!(t.iter().all(|&t| xs.len() >= (t + 1) * k16));
+                    assert!(ks.end <= k16 && ks.start.is_multiple_of(16));
                     // SAFETY: `supports` checked the CPU; each `block` row holds k halves;
-                    // every t[i] < m and ks lies within k16.
+                    // every t[i] < m and ks lies within k16 (the asserts).
                     unsafe { K::tile(block, w.nb, xs, t, ks.clone(), partial) };
                     let len = prefetch_step.min(next.end as usize - next.start as usize);
                     simd::prefetch_l2(next.start, len);
@@ -302,15 +304,6 @@ fn reduce_halves(lo: __m256, hi: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)))
 }
 
-/// The first chunk of k starts the accumulators at zero, the next ones where `partial` left
-/// them.
-fn resume<T: Copy>(ks: &std::ops::Range<usize>, zero: T, partial: impl FnOnce() -> T) -> T {
-    match ks.start {
-        0 => zero,
-        _ => partial(),
-    }
-}
-
 impl<H: Half> Kernels for Avx512<H> {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
@@ -341,11 +334,10 @@ impl<H: Half> Kernels for Avx512<H> {
         partial: &mut Partial,
     ) {
         let k16 = k.next_multiple_of(16);
-        assert!(t.iter().all(|&t| xs.len() >= (t + 1) * k16));
-        assert!(ks.end <= k16 && ks.start.is_multiple_of(16));
-        let mut acc = resume(&ks, [[_mm512_setzero_ps(); ROWS]; TOKENS], || {
-            partial.map(|p| p.map(|p| _mm512_loadu_ps(p.as_ptr())))
-        });
+        let mut acc = [[_mm512_setzero_ps(); ROWS]; TOKENS];
+        if ks.start > 0 {
+            acc = partial.map(|p| p.map(|p| _mm512_loadu_ps(p.as_ptr())));
+        }
         for j in ks.step_by(16) {
             let n = (k - j).min(16);
             let x: [__m512; TOKENS] =
@@ -429,8 +421,6 @@ impl<H: Half> Kernels for Avx2<H> {
         partial: &mut Partial,
     ) {
         let k16 = k.next_multiple_of(16);
-        assert!(t.iter().all(|&t| xs.len() >= (t + 1) * k16));
-        assert!(ks.end <= k16 && ks.start.is_multiple_of(16));
         let x: [*const f32; TOKENS] = std::array::from_fn(|i| xs.as_ptr().add(t[i] * k16));
         // One row at a time: its 3 tokens × 2 halves of accumulators stay in registers.
         for r in 0..ROWS {
