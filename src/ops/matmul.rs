@@ -136,35 +136,20 @@ impl Weight {
             let x: Vec<f32> = x.iter().map(|&v| bf16::round(v)).collect();
             return self.matmul_dense(&x, y, true);
         }
-        if m == 0 {
-            return;
-        }
         let (n_rows, k, np) = (self.n_rows, self.n_cols, bf16::pairs(self.n_cols));
         scratch::with_pod::<u32, _>(m * np, |xb| {
             bf16::pack_rows(x, k, xb);
-            let y_ptr = SyncPtr(y.as_mut_ptr());
-            (0..n_rows.div_ceil(bf16::COLS))
-                .into_par_iter()
-                .for_each(|block| {
-                    let rows = block * bf16::COLS..((block + 1) * bf16::COLS).min(n_rows);
-                    scratch::with_f32(|w| {
-                        w.resize(rows.len() * k, 0.0);
-                        self.dequantize_rows(rows.clone(), w);
-                        scratch::with_pod::<u32, _>(np * bf16::COLS, |words| {
-                            let mut panel = Panel {
-                                words,
-                                pairs: np,
-                                cols: rows.len(),
-                            };
-                            panel.fill_from_rows(w, k);
-                            // SAFETY: each task writes only columns `rows` of y, disjoint
-                            // across tasks.
-                            let y =
-                                unsafe { y_ptr.slice(rows.start, (m - 1) * n_rows + rows.len()) };
-                            bf16::multiply(xb, np, m, &panel, y, n_rows, false);
-                        })
-                    })
-                });
+            self.for_dequantized_blocks(bf16::COLS, y, |rows, w, y| {
+                scratch::with_pod::<u32, _>(np * bf16::COLS, |words| {
+                    let mut panel = Panel {
+                        words,
+                        pairs: np,
+                        cols: rows.len(),
+                    };
+                    panel.fill_from_rows(w, k);
+                    bf16::multiply(xb, np, m, &panel, y, n_rows, false);
+                })
+            })
         })
     }
 
@@ -177,28 +162,47 @@ impl Weight {
             let w = MatRef::new(as_blocks::<f32>(&self.data), self.n_rows, self.n_cols);
             return gemm(x, w.t(), MatMut::new(y, m, self.n_rows), false, true);
         }
-        let y_ptr = SyncPtr(y.as_mut_ptr());
-        let n_blocks = self.n_rows.div_ceil(DEQUANT_ROWS);
-        (0..n_blocks).into_par_iter().for_each(|block| {
-            let rows = block * DEQUANT_ROWS..((block + 1) * DEQUANT_ROWS).min(self.n_rows);
-            scratch::with_f32(|w| {
-                w.resize(rows.len() * self.n_cols, 0.0);
-                self.dequantize_rows(rows.clone(), w);
-                if round {
-                    w.iter_mut().for_each(|v| *v = bf16::round(*v));
-                }
-                // SAFETY: each task writes only columns `rows` of y, disjoint across tasks.
-                let y = unsafe { y_ptr.slice(rows.start, (m - 1) * self.n_rows + rows.len()) };
-                let y = MatMut::with_stride(y, m, rows.len(), self.n_rows);
-                gemm(
-                    x,
-                    MatRef::new(w, rows.len(), self.n_cols).t(),
-                    y,
-                    false,
-                    false,
-                );
-            })
+        self.for_dequantized_blocks(DEQUANT_ROWS, y, |rows, w, y| {
+            if round {
+                w.iter_mut().for_each(|v| *v = bf16::round(*v));
+            }
+            let y = MatMut::with_stride(y, m, rows.len(), self.n_rows);
+            gemm(
+                x,
+                MatRef::new(w, rows.len(), self.n_cols).t(),
+                y,
+                false,
+                false,
+            );
         });
+    }
+
+    /// Runs `f(rows, w, y)` on blocks of `block_rows` weight rows in parallel: `w` holds the
+    /// block dequantized to f32 (`[rows.len(), n_cols]`), `y` its columns of the output
+    /// (`[m, n_rows]`, the slice starting at column `rows.start`, rows `n_rows` apart).
+    fn for_dequantized_blocks(
+        &self,
+        block_rows: usize,
+        y: &mut [f32],
+        f: impl Fn(Range<usize>, &mut [f32], &mut [f32]) + Sync,
+    ) {
+        let m = y.len() / self.n_rows.max(1);
+        if m == 0 {
+            return;
+        }
+        let y_ptr = SyncPtr(y.as_mut_ptr());
+        (0..self.n_rows.div_ceil(block_rows))
+            .into_par_iter()
+            .for_each(|block| {
+                let rows = block * block_rows..((block + 1) * block_rows).min(self.n_rows);
+                scratch::with_f32(|w| {
+                    w.resize(rows.len() * self.n_cols, 0.0);
+                    self.dequantize_rows(rows.clone(), w);
+                    // SAFETY: each task writes only columns `rows` of y, disjoint across tasks.
+                    let y = unsafe { y_ptr.slice(rows.start, (m - 1) * self.n_rows + rows.len()) };
+                    f(rows, w, y)
+                })
+            });
     }
 
     /// `dx[m, n_cols] += dy[m, n_rows] · W` in f32, dequantizing a block of rows at a time so
