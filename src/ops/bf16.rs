@@ -65,14 +65,17 @@ pub(crate) fn pack_rows(x: &[f32], n: usize, out: &mut [u32]) {
     let np = pairs(n);
     let rows = x.par_chunks_exact(n).zip(out.par_chunks_exact_mut(np));
     rows.for_each(|(row, out)| {
-        let mut it = row.chunks_exact(2);
-        for (o, p) in out.iter_mut().zip(&mut it) {
-            *o = pair(p[0], p[1]);
-        }
-        if let [last] = it.remainder() {
-            out[np - 1] = pair(*last, 0.0);
+        for (o, w) in out.iter_mut().zip(row_pairs(row)) {
+            *o = w;
         }
     });
+}
+
+/// The words of `row`'s pairs in order, an odd last value paired with zero.
+fn row_pairs(row: &[f32]) -> impl Iterator<Item = u32> + '_ {
+    let values = row.chunks_exact(2);
+    let last = values.remainder().first().map(|&v| pair(v, 0.0));
+    values.map(|v| pair(v[0], v[1])).chain(last)
 }
 
 /// A panel of `cols ≤ COLS` output columns and `pairs` reduction pairs, `[pairs][COLS]`
@@ -89,12 +92,8 @@ impl Panel<'_> {
     pub fn fill_from_rows(&mut self, rows: &[f32], n: usize) {
         assert!(self.pairs == pairs(n) && rows.len() >= self.cols * n);
         for (c, row) in rows.chunks_exact(n).take(self.cols).enumerate() {
-            let mut values = row.chunks_exact(2);
-            for (p, v) in (&mut values).enumerate() {
-                self.words[p * COLS + c] = pair(v[0], v[1]);
-            }
-            if let [last] = values.remainder() {
-                self.words[(self.pairs - 1) * COLS + c] = pair(*last, 0.0);
+            for (p, w) in row_pairs(row).enumerate() {
+                self.words[p * COLS + c] = w;
             }
         }
         self.zero_columns_past_cols();
