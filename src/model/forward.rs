@@ -117,9 +117,10 @@ pub fn head<B: Backend>(b: &B, ws: &mut BuffersOf<B>, rows: &[usize]) -> Result<
     b.download(logits)
 }
 
-/// Training forward in `saved.numerics` (exact f32, or mixed bf16): runs every block and the output norm, keeping in
-/// `saved` what the backward needs (with `saved.checkpoint`, only each block's input; the
-/// rest is recomputed during the backward). Keys and values stay in `caches`.
+/// Training forward in `saved.numerics` (exact f32, or mixed bf16): runs every block and the
+/// output norm, keeping in `saved` what the backward needs (with `saved.checkpoint`, only each
+/// block's input; the rest is recomputed during the backward). Keys and values stay in
+/// `caches`.
 pub fn forward_train<B: Backend>(
     b: &B,
     batch: &Batch,

@@ -61,8 +61,6 @@ pub struct TrainGraph {
     caches: Vec<KvCache>,
     saved: AnyState,
     adapters: Vec<Arc<LoraAdapter>>,
-    /// The forward's products (`Exact` or `Bf16`), which the backward repeats.
-    numerics: Numerics,
     /// Where `saved` goes when this graph is dropped.
     spare: SpareActivations,
 }
@@ -117,22 +115,27 @@ impl TrainGraph {
             caches,
             saved,
             adapters: unique,
-            numerics: precision.numerics(),
             spare,
         };
-        inf.install(|| with_backend!(inf, b => graph.forward_on(b, checkpoint)))?;
+        let numerics = precision.numerics();
+        inf.install(|| with_backend!(inf, b => graph.forward_on(b, checkpoint, numerics)))?;
         Ok(graph)
     }
 
-    fn forward_on<B: Backend>(&mut self, b: &B, checkpoint: bool) -> Result<()> {
+    fn forward_on<B: Backend>(
+        &mut self,
+        b: &B,
+        checkpoint: bool,
+        numerics: Numerics,
+    ) -> Result<()> {
         // A checkpointed graph keeps only block inputs: reusing a full one would keep the rest.
         let saved = self
             .saved
             .take::<Saved<B::Tensor>>()
             .filter(|saved| saved.checkpoint == checkpoint)
-            .unwrap_or_else(|| Saved::new(checkpoint, self.numerics));
+            .unwrap_or_else(|| Saved::new(checkpoint, numerics));
         let saved = self.saved.put(saved);
-        saved.numerics = self.numerics;
+        saved.numerics = numerics;
         let plan = plan(&self.adapters, self.tokens.len());
         let batch = Batch {
             tokens: &self.tokens,
@@ -176,7 +179,8 @@ impl TrainGraph {
                 let d_logits = b.upload(d_logits, n_vocab)?;
                 let mut d_head_in = Default::default();
                 b.zeros(self.n_tokens(), n_embd, &mut d_head_in)?;
-                b.logits_backward(&d_logits, 0..self.n_tokens(), self.numerics, &mut d_head_in)?;
+                let numerics = saved_in(b, &self.saved)?.numerics;
+                b.logits_backward(&d_logits, 0..self.n_tokens(), numerics, &mut d_head_in)?;
                 self.backward_on(b, &d_head_in)
             })
         })?;
