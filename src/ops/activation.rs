@@ -3,27 +3,45 @@
 
 use rayon::prelude::*;
 
+use super::exp::exp;
+
+/// Values per parallel task: plain loops over chunks vectorize (`exp` has no branches).
+const CHUNK: usize = 4096;
+
 fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    1.0 / (1.0 + exp(-x))
 }
 
 /// `a = silu(gate) ⊙ up`.
 pub fn swiglu_forward(gate: &[f32], up: &[f32], a: &mut [f32]) {
-    a.par_iter_mut()
-        .zip(gate.par_iter().zip(up.par_iter()))
-        .for_each(|(a, (&g, &u))| *a = g * sigmoid(g) * u);
+    a.par_chunks_mut(CHUNK)
+        .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
+        .for_each(|(a, (gate, up))| {
+            for ((a, &g), &u) in a.iter_mut().zip(gate).zip(up) {
+                *a = g * sigmoid(g) * u;
+            }
+        });
 }
 
 /// `du = da ⊙ silu(g)`,  `dg = da ⊙ u ⊙ σ(g) (1 + g (1 − σ(g)))`. Overwrites `d_gate`, `d_up`.
 pub fn swiglu_backward(da: &[f32], gate: &[f32], up: &[f32], d_gate: &mut [f32], d_up: &mut [f32]) {
     d_gate
-        .par_iter_mut()
-        .zip(d_up.par_iter_mut())
-        .zip(da.par_iter().zip(gate.par_iter().zip(up.par_iter())))
-        .for_each(|((dg, du), (&da, (&g, &u)))| {
-            let s = sigmoid(g);
-            *du = da * g * s;
-            *dg = da * u * s * (1.0 + g * (1.0 - s));
+        .par_chunks_mut(CHUNK)
+        .zip(d_up.par_chunks_mut(CHUNK))
+        .zip(
+            da.par_chunks(CHUNK)
+                .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK))),
+        )
+        .for_each(|((d_gate, d_up), (da, (gate, up)))| {
+            for ((dg, du), ((&da, &g), &u)) in d_gate
+                .iter_mut()
+                .zip(d_up.iter_mut())
+                .zip(da.iter().zip(gate).zip(up))
+            {
+                let s = sigmoid(g);
+                *du = da * g * s;
+                *dg = da * u * s * (1.0 + g * (1.0 - s));
+            }
         });
 }
 

@@ -4,7 +4,7 @@
 pub mod activation;
 pub mod attention;
 mod bf16;
-mod exp;
+pub(crate) mod exp;
 pub mod gemm;
 mod iq4;
 pub mod matmul;
