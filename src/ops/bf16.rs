@@ -23,7 +23,7 @@ pub(crate) fn round(v: f32) -> f32 {
 /// The bf16 nearest `v` (ties to even; NaN stays NaN), without branches so that loops of it
 /// vectorize.
 #[inline(always)]
-fn bits(v: f32) -> u32 {
+pub(crate) fn bits(v: f32) -> u32 {
     let b = v.to_bits();
     let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
     let quiet = (b >> 16) | 0x40;

@@ -97,6 +97,7 @@ macro_rules! pod {
 
 use candle_core::quantized::k_quants::{BlockQ8K, BlockQ8_0, BlockQ8_1};
 pod!(
+    u16,
     u32,
     f32,
     half::f16,

@@ -6,6 +6,13 @@
 //! sequence, on AVX-512 (one 16-lane vector) and on AVX2 (two 8-lane halves of it), so a
 //! token's outputs have the same bits alone or in a batch, on either instruction set. Both
 //! widen the halves as they load them.
+//!
+//! BF16 on a CPU with AVX512_BF16 (`Level::Avx512Bf16`) takes `vdpbf16ps` instead, which
+//! multiplies 32 pairs at once as ggml's `vec_dot_bf16` does there: lane `l` sums the pairs
+//! `(2l, 2l + 1)` of each chunk of 32 values, chunks in order, then the same `reduce`. Its
+//! rows and tiles perform that one sequence too (same bits alone or in a batch); its sums
+//! differ from the widened kernels' in order, and in the subnormal values the instruction
+//! flushes to zero.
 
 use core::arch::x86_64::*;
 
@@ -13,11 +20,16 @@ use rayon::prelude::*;
 
 use super::driver::{row_tasks, Weights, MIN_TILED};
 use super::simd::{self, prefetch_l2, Ahead};
+use super::{isa, Isa};
+use crate::ops::bf16;
 use crate::ops::matmul::SyncPtr;
-use crate::ops::scratch;
+use crate::ops::scratch::{self, Pod};
 
 /// A 16-bit float format of weights.
 pub(super) trait Half: Sync {
+    /// Whether `vdpbf16ps` multiplies this format.
+    const PAIRS: bool = false;
+
     /// `v` rounded to this format (to nearest, ties to even), as ggml rounds activations.
     fn round(v: f32) -> f32;
 
@@ -85,6 +97,8 @@ impl Half for F16 {
 
 /// A bf16 is the top half of an f32: widening shifts it into place.
 impl Half for Bf16 {
+    const PAIRS: bool = true;
+
     fn round(v: f32) -> f32 {
         half::bf16::from_f32(v).to_f32()
     }
@@ -106,50 +120,96 @@ impl Half for Bf16 {
     }
 }
 
-/// `y[m, n_rows] = x[m, k] · Wᵀ` for `W` of halves `H` in `data` (checked by the caller), on
-/// AVX-512 or, with `avx2`, on AVX2.
+/// The kernels that multiply halves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Level {
+    Avx2,
+    Avx512,
+    /// BF16 pairs by `vdpbf16ps` (AVX512_BF16).
+    Avx512Bf16,
+}
+
+impl Level {
+    /// The best level for format `H` at the instruction set in use (AVX2 or AVX-512).
+    pub fn best<H: Half>() -> Level {
+        match isa() {
+            Isa::Avx2 => Level::Avx2,
+            _ if H::PAIRS && bf16::available() => Level::Avx512Bf16,
+            _ => Level::Avx512,
+        }
+    }
+}
+
+/// `y[m, n_rows] = x[m, k] · Wᵀ` for `W` of halves `H` in `data` (checked by the caller), by
+/// the best kernels for `H` on this CPU.
+pub(super) fn matmul<H: Half>(data: &[u8], n_rows: usize, k: usize, x: &[f32], y: &mut [f32]) {
+    run::<H>(data, n_rows, k, x, y, Level::best::<H>())
+}
+
+/// `out` = `x` through `round`, zeros after.
+fn rounded<X: Copy + Default>(round: impl Fn(f32) -> X, x: &[f32], out: &mut [X]) {
+    let (values, padding) = out.split_at_mut(x.len());
+    values.iter_mut().zip(x).for_each(|(o, &v)| *o = round(v));
+    padding.fill(X::default());
+}
+
+/// Values a token's activations are padded to (zeros): every kernel's chunks end within it.
+fn padded(k: usize) -> usize {
+    k.next_multiple_of(32)
+}
+
+/// `y[m, n_rows] = x[m, k] · Wᵀ` for `W` of halves `H` in `data` (checked by the caller), by
+/// the kernels of `level` (which the CPU has).
 pub(super) fn run<H: Half>(
     data: &[u8],
     n_rows: usize,
     k: usize,
     x: &[f32],
     y: &mut [f32],
-    avx2: bool,
+    level: Level,
 ) {
+    let w = Weights {
+        data,
+        n_rows,
+        nb: k,
+    };
+    match level {
+        Level::Avx512 => product::<Avx512<H>>(&w, x, y),
+        Level::Avx2 => product::<Avx2<H>>(&w, x, y),
+        Level::Avx512Bf16 => {
+            assert!(H::PAIRS);
+            product::<Avx512Bf16>(&w, x, y)
+        }
+    }
+}
+
+/// `y = x Wᵀ` by the kernels `K`: the activations prepared for them, then rows or tiles.
+fn product<K: Kernels>(w: &Weights, x: &[f32], y: &mut [f32]) {
+    let (k, stride) = (w.nb, padded(w.nb));
     let m = x.len() / k;
-    let k16 = k.next_multiple_of(16);
     let tiled = m >= MIN_TILED;
-    let n_tasks = super::driver::n_tasks(n_rows);
-    let bytes = 4 * m * k16 + if tiled { n_tasks * task_bytes(m) } else { 0 };
+    let xs_bytes = (m * stride * std::mem::size_of::<K::X>()).next_multiple_of(64);
+    let n_tasks = super::driver::n_tasks(w.n_rows);
+    let bytes = xs_bytes + if tiled { n_tasks * task_bytes(m) } else { 0 };
     scratch::with_aligned_bytes(bytes, |buf| {
-        let (xs, rest) = buf.split_at_mut(4 * m * k16);
-        // SAFETY: the scratch is 64-byte aligned and f32 is valid for any bits.
-        let xs = unsafe { std::slice::from_raw_parts_mut(xs.as_mut_ptr().cast::<f32>(), m * k16) };
-        xs.par_chunks_mut(k16)
+        let (xs, rest) = buf.split_at_mut(xs_bytes);
+        // SAFETY: the scratch is 64-byte aligned and `K::X` (a `Pod` number) is valid for any
+        // bits; `xs_bytes` holds `m * stride` of them.
+        let xs =
+            unsafe { std::slice::from_raw_parts_mut(xs.as_mut_ptr().cast::<K::X>(), m * stride) };
+        xs.par_chunks_mut(stride)
             .zip(x.par_chunks(k))
-            .for_each(|(out, x)| {
-                out[..k]
-                    .iter_mut()
-                    .zip(x)
-                    .for_each(|(o, &v)| *o = H::round(v));
-                out[k..].fill(0.0);
-            });
-        let w = Weights {
-            data,
-            n_rows,
-            nb: k,
-        };
-        match (tiled, avx2) {
-            (true, false) => tiles::<Avx512<H>>(&w, xs, k16, rest, m, y),
-            (true, true) => tiles::<Avx2<H>>(&w, xs, k16, rest, m, y),
-            (false, false) => row_products::<Avx512<H>>(&w, xs, k16, y),
-            (false, true) => row_products::<Avx2<H>>(&w, xs, k16, y),
+            .for_each(|(out, x)| K::prepare(x, out));
+        match tiled {
+            true => tiles::<K>(w, xs, rest, m, y),
+            false => row_products::<K>(w, xs, y),
         }
     })
 }
 
-fn row_products<K: Kernels>(w: &Weights, xs: &[f32], k16: usize, y: &mut [f32]) {
-    let (row_bytes, n_rows, m) = (2 * w.nb, w.n_rows, xs.len() / k16);
+fn row_products<K: Kernels>(w: &Weights, xs: &[K::X], y: &mut [f32]) {
+    let (row_bytes, n_rows, stride) = (2 * w.nb, w.n_rows, padded(w.nb));
+    let m = xs.len() / stride;
     let y_ptr = SyncPtr(y.as_mut_ptr());
     row_tasks(n_rows).for_each(|rows| {
         for r0 in rows.step_by(4) {
@@ -157,8 +217,8 @@ fn row_products<K: Kernels>(w: &Weights, xs: &[f32], k16: usize, y: &mut [f32]) 
             let n = (n_rows - r0).min(4);
             for t in 0..m {
                 // SAFETY: `supports` checked the CPU; `quad` points to whole rows of k
-                // halves and `xs` holds m rows of k16 floats.
-                let out = unsafe { K::rows4(quad, w.nb, &xs[t * k16..(t + 1) * k16]) };
+                // halves and `xs` holds m padded rows.
+                let out = unsafe { K::rows4(quad, w.nb, &xs[t * stride..(t + 1) * stride]) };
                 // SAFETY: this task alone writes columns `rows` of y, and t < m.
                 let y = unsafe { y_ptr.slice(t * n_rows + r0, n) };
                 y.copy_from_slice(&out[..n]);
@@ -172,15 +232,9 @@ fn task_bytes(m: usize) -> usize {
     std::mem::size_of::<Partial>() * m.div_ceil(TOKENS)
 }
 
-fn tiles<K: Kernels>(
-    w: &Weights,
-    xs: &[f32],
-    k16: usize,
-    scratch: &mut [u8],
-    m: usize,
-    y: &mut [f32],
-) {
-    let (row_bytes, n_rows) = (2 * w.nb, w.n_rows);
+fn tiles<K: Kernels>(w: &Weights, xs: &[K::X], scratch: &mut [u8], m: usize, y: &mut [f32]) {
+    let (row_bytes, n_rows, stride) = (2 * w.nb, w.n_rows, padded(w.nb));
+    let k_steps = w.nb.next_multiple_of(K::STEP);
     let y_ptr = SyncPtr(y.as_mut_ptr());
     let scratch = scratch.par_chunks_mut(task_bytes(m));
     row_tasks(n_rows).zip(scratch).for_each(|(rows, scratch)| {
@@ -192,7 +246,7 @@ fn tiles<K: Kernels>(
                 m.div_ceil(TOKENS),
             )
         };
-        let n_tiles = k16.div_ceil(K_CHUNK) * m.div_ceil(TOKENS);
+        let n_tiles = k_steps.div_ceil(K_CHUNK) * m.div_ceil(TOKENS);
         let prefetch_step = (ROWS * row_bytes).div_ceil(n_tiles).next_multiple_of(64);
         for r0 in rows.clone().step_by(ROWS) {
             // Rows past the task's end belong to the next task: read, never stored here.
@@ -203,14 +257,14 @@ fn tiles<K: Kernels>(
             let mut next =
                 w.data[next_rows.start * row_bytes..next_rows.end * row_bytes].as_ptr_range();
             // k in chunks: a chunk of the rows stays in L1 while every token passes over it.
-            for k0 in (0..k16).step_by(K_CHUNK) {
-                let ks = k0..(k0 + K_CHUNK).min(k16);
+            for k0 in (0..k_steps).step_by(K_CHUNK) {
+                let ks = k0..(k0 + K_CHUNK).min(k_steps);
                 for (t0, partial) in (0..m).step_by(TOKENS).zip(partial.iter_mut()) {
                     let t: [usize; TOKENS] = std::array::from_fn(|i| (t0 + i).min(m - 1));
-                    assert!(t.iter().all(|&t| xs.len() >= (t + 1) * k16));
-                    assert!(ks.end <= k16 && ks.start.is_multiple_of(16));
+                    assert!(t.iter().all(|&t| xs.len() >= (t + 1) * stride));
+                    assert!(ks.end <= stride && ks.start.is_multiple_of(K::STEP));
                     // SAFETY: `supports` checked the CPU; each `block` row holds k halves;
-                    // every t[i] < m and ks lies within k16 (the asserts).
+                    // every t[i] < m and ks lies within the padded rows (the asserts).
                     unsafe { K::tile(block, w.nb, xs, t, ks.clone(), partial) };
                     let len = prefetch_step.min(next.end as usize - next.start as usize);
                     simd::prefetch_l2(next.start, len);
@@ -252,24 +306,31 @@ type Partial = [[[f32; 16]; ROWS]; TOKENS];
 
 /// The kernels of one instruction set.
 trait Kernels {
-    /// Rows `w` (4 pointers to `k` halves) times one token `x` (`k` rounded values, zeros to
-    /// a multiple of 16).
+    /// Values per step along k.
+    const STEP: usize;
+    /// An activation as the kernels read it.
+    type X: Pod + Send + Sync;
+
+    /// A token's activations `x` rounded to the weights' format, zeros to `padded(x.len())`.
+    fn prepare(x: &[f32], out: &mut [Self::X]);
+
+    /// Rows `w` (4 pointers to `k` halves) times one token `x` (`prepare`d).
     ///
     /// # Safety
     /// The CPU has the instruction set; each `w[r]` points to `k` halves.
-    unsafe fn rows4(w: [*const u8; 4], k: usize, x: &[f32]) -> [f32; 4];
+    unsafe fn rows4(w: [*const u8; 4], k: usize, x: &[Self::X]) -> [f32; 4];
 
-    /// Adds columns `ks` of `ROWS` rows (`w`, `k` halves each) times tokens `t` of `xs` (`k`
-    /// values rounded up to 16 per token) to `partial`, which the first chunk
-    /// (`ks.start == 0`) sets.
+    /// Adds columns `ks` of `ROWS` rows (`w`, `k` halves each) times tokens `t` of `xs`
+    /// (`prepare`d, `padded(k)` values per token) to `partial`, which the first chunk (`ks.start == 0`)
+    /// sets.
     ///
     /// # Safety
     /// The CPU has the instruction set; each `w[r]` points to `k` halves; `xs` holds the
-    /// tokens `t`; `ks` lies within `k` rounded up to 16 and its start is a multiple of 16.
+    /// tokens `t`; `ks` lies within `k` rounded up to `STEP`, its start a multiple of `STEP`.
     unsafe fn tile(
         w: [*const u8; ROWS],
         k: usize,
-        xs: &[f32],
+        xs: &[Self::X],
         t: [usize; TOKENS],
         ks: std::ops::Range<usize>,
         partial: &mut Partial,
@@ -304,7 +365,36 @@ fn reduce_halves(lo: __m256, hi: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)))
 }
 
+/// A tile's accumulators: zero at the first chunk (`k0 == 0`), else the partial sums.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn load_partial(partial: &Partial, k0: usize) -> [[__m512; ROWS]; TOKENS] {
+    match k0 {
+        0 => [[_mm512_setzero_ps(); ROWS]; TOKENS],
+        // SAFETY: each lane array holds 16 floats.
+        _ => partial.map(|p| p.map(|p| unsafe { _mm512_loadu_ps(p.as_ptr()) })),
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn store_partial(partial: &mut Partial, acc: [[__m512; ROWS]; TOKENS]) {
+    for (p, a) in partial.iter_mut().zip(acc) {
+        for (p, a) in p.iter_mut().zip(a) {
+            // SAFETY: each lane array holds 16 floats.
+            unsafe { _mm512_storeu_ps(p.as_mut_ptr(), a) };
+        }
+    }
+}
+
 impl<H: Half> Kernels for Avx512<H> {
+    const STEP: usize = 16;
+    type X = f32;
+
+    fn prepare(x: &[f32], out: &mut [f32]) {
+        rounded(H::round, x, out)
+    }
+
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     unsafe fn rows4(w: [*const u8; 4], k: usize, x: &[f32]) -> [f32; 4] {
@@ -328,20 +418,17 @@ impl<H: Half> Kernels for Avx512<H> {
     unsafe fn tile(
         w: [*const u8; ROWS],
         k: usize,
-        xs: &[f32],
+        xs: &[Self::X],
         t: [usize; TOKENS],
         ks: std::ops::Range<usize>,
         partial: &mut Partial,
     ) {
-        let k16 = k.next_multiple_of(16);
-        let mut acc = [[_mm512_setzero_ps(); ROWS]; TOKENS];
-        if ks.start > 0 {
-            acc = partial.map(|p| p.map(|p| _mm512_loadu_ps(p.as_ptr())));
-        }
+        let stride = padded(k);
+        let mut acc = load_partial(partial, ks.start);
         for j in ks.step_by(16) {
             let n = (k - j).min(16);
             let x: [__m512; TOKENS] =
-                std::array::from_fn(|i| _mm512_loadu_ps(xs.as_ptr().add(t[i] * k16 + j)));
+                std::array::from_fn(|i| _mm512_loadu_ps(xs.as_ptr().add(t[i] * stride + j)));
             for r in 0..ROWS {
                 let w = H::load16(w[r].add(2 * j), n);
                 for i in 0..TOKENS {
@@ -349,11 +436,7 @@ impl<H: Half> Kernels for Avx512<H> {
                 }
             }
         }
-        for (p, a) in partial.iter_mut().zip(acc) {
-            for (p, a) in p.iter_mut().zip(a) {
-                _mm512_storeu_ps(p.as_mut_ptr(), a);
-            }
-        }
+        store_partial(partial, acc);
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
@@ -375,27 +458,38 @@ unsafe fn load16_avx2<H: Half>(p: *const u8, n: usize) -> [__m256; 2] {
     ]
 }
 
-/// Runs `step(j, n)` for the chunks of 16 values from `j` in `ks` (`n` of them within `k`):
-/// the whole ones in a loop of their own, so that the last, partial one's copy stays out
-/// of it and the accumulators in registers.
+/// Runs `step(j, n)` for the chunks of `N` values from `j` in `ks` (`n` of them within
+/// `k`): the whole ones in a loop of their own, so that the last, partial one's load stays
+/// out of it and the accumulators in registers.
 #[inline(always)]
-fn chunks(ks: std::ops::Range<usize>, k: usize, mut step: impl FnMut(usize, usize)) {
-    let whole = ks.end.min(k / 16 * 16).max(ks.start);
-    for j in (ks.start..whole).step_by(16) {
-        step(j, 16);
+fn chunks<const N: usize>(
+    ks: std::ops::Range<usize>,
+    k: usize,
+    mut step: impl FnMut(usize, usize),
+) {
+    let whole = ks.end.min(k / N * N).max(ks.start);
+    for j in (ks.start..whole).step_by(N) {
+        step(j, N);
     }
-    for j in (whole..ks.end).step_by(16) {
+    for j in (whole..ks.end).step_by(N) {
         step(j, k - j);
     }
 }
 
 impl<H: Half> Kernels for Avx2<H> {
+    const STEP: usize = 16;
+    type X = f32;
+
+    fn prepare(x: &[f32], out: &mut [f32]) {
+        rounded(H::round, x, out)
+    }
+
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn rows4(w: [*const u8; 4], k: usize, x: &[f32]) -> [f32; 4] {
         let ahead = Ahead::new(k.div_ceil(16), 32, simd::PREFETCH_F16);
         let mut acc = [[_mm256_setzero_ps(); 2]; 4];
-        chunks(0..k.next_multiple_of(16), k, |j, n| {
+        chunks::<16>(0..k.next_multiple_of(16), k, |j, n| {
             let x = [0, 8].map(|h| _mm256_loadu_ps(x[j + h..].as_ptr()));
             for r in 0..4 {
                 // One prefetch per 64 bytes of the row: every other chunk.
@@ -415,13 +509,12 @@ impl<H: Half> Kernels for Avx2<H> {
     unsafe fn tile(
         w: [*const u8; ROWS],
         k: usize,
-        xs: &[f32],
+        xs: &[Self::X],
         t: [usize; TOKENS],
         ks: std::ops::Range<usize>,
         partial: &mut Partial,
     ) {
-        let k16 = k.next_multiple_of(16);
-        let x: [*const f32; TOKENS] = std::array::from_fn(|i| xs.as_ptr().add(t[i] * k16));
+        let x: [*const f32; TOKENS] = std::array::from_fn(|i| xs.as_ptr().add(t[i] * padded(k)));
         // One row at a time: its 3 tokens × 2 halves of accumulators stay in registers.
         for r in 0..ROWS {
             let mut acc = [[_mm256_setzero_ps(); 2]; TOKENS];
@@ -431,7 +524,7 @@ impl<H: Half> Kernels for Avx2<H> {
                     *acc = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))];
                 }
             }
-            chunks(ks.clone(), k, |j, n| {
+            chunks::<16>(ks.clone(), k, |j, n| {
                 let w = load16_avx2::<H>(w[r].add(2 * j), n);
                 for (acc, x) in acc.iter_mut().zip(x) {
                     for (h, acc) in acc.iter_mut().enumerate() {
@@ -457,5 +550,75 @@ impl<H: Half> Kernels for Avx2<H> {
                 )
             })
         })
+    }
+}
+
+/// BF16 weights times activations by `vdpbf16ps`, 32 values a step.
+struct Avx512Bf16;
+
+/// The first `n` (≤ 32) bf16 values at `p`, zeros after.
+///
+/// # Safety
+/// AVX-512 F/BW; `p` points to `n` values.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn bf16x32(p: *const u8, n: usize) -> __m512bh {
+    let v = match n {
+        32 => _mm512_loadu_si512(p.cast()),
+        _ => _mm512_maskz_loadu_epi16(((1u64 << n) - 1) as __mmask32, p.cast()),
+    };
+    std::mem::transmute(v)
+}
+
+impl Kernels for Avx512Bf16 {
+    const STEP: usize = 32;
+    type X = u16;
+
+    fn prepare(x: &[f32], out: &mut [u16]) {
+        rounded(|v| bf16::bits(v) as u16, x, out)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    unsafe fn rows4(w: [*const u8; 4], k: usize, x: &[u16]) -> [f32; 4] {
+        let ahead = Ahead::new(k.div_ceil(32), 64, simd::PREFETCH_F16);
+        let mut acc = [_mm512_setzero_ps(); 4];
+        chunks::<32>(0..k.next_multiple_of(32), k, |j, n| {
+            let x = bf16x32(x[j..].as_ptr().cast(), 32);
+            for r in 0..4 {
+                prefetch_l2(ahead.of(w[r], j / 32), 64);
+                acc[r] = _mm512_dpbf16_ps(acc[r], x, bf16x32(w[r].add(2 * j), n));
+            }
+        });
+        acc.map(|a| reduce(a))
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    unsafe fn tile(
+        w: [*const u8; ROWS],
+        k: usize,
+        xs: &[Self::X],
+        t: [usize; TOKENS],
+        ks: std::ops::Range<usize>,
+        partial: &mut Partial,
+    ) {
+        let stride = padded(k);
+        let mut acc = load_partial(partial, ks.start);
+        chunks::<32>(ks, k, |j, n| {
+            let x: [__m512bh; TOKENS] =
+                std::array::from_fn(|i| bf16x32(xs.as_ptr().add(t[i] * stride + j).cast(), 32));
+            for r in 0..ROWS {
+                let w = bf16x32(w[r].add(2 * j), n);
+                for i in 0..TOKENS {
+                    acc[i][r] = _mm512_dpbf16_ps(acc[i][r], x[i], w);
+                }
+            }
+        });
+        store_partial(partial, acc);
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn sums(partial: &Partial) -> [[f32; ROWS]; TOKENS] {
+        Avx512::<Bf16>::sums(partial)
     }
 }

@@ -163,8 +163,8 @@ pub(crate) fn matmul(
         use TensorType::*;
         let avx2 = isa() == Isa::Avx2;
         match (dtype, avx2) {
-            (F16, _) => halves::run::<halves::F16>(data, n_rows, k, x, y, avx2),
-            (BF16, _) => halves::run::<halves::Bf16>(data, n_rows, k, x, y, avx2),
+            (F16, _) => halves::matmul::<halves::F16>(data, n_rows, k, x, y),
+            (BF16, _) => halves::matmul::<halves::Bf16>(data, n_rows, k, x, y),
             (Q8_0, true) => run::<Avx2<q8_0::Q8_0>>(data, n_rows, k, x, y),
             (Q4_0, true) => run::<Avx2<q8_0::Q4_0>>(data, n_rows, k, x, y),
             (Q5_0, true) => run::<Avx2<q8_0::Q5_0>>(data, n_rows, k, x, y),

@@ -140,10 +140,12 @@ fn check_within<T: GgmlType>(dtype: TensorType, n_rows: usize, k: usize, rel: f6
     }
 }
 
-/// `check` of the half kernels at this CPU's level; where that is AVX-512, the AVX2 kernels
-/// too, bit for bit against it for every batch size (so against the same references).
+/// `check` of the half kernels at this CPU's best level; where that is AVX-512, the widened
+/// AVX-512 kernels (which BF16 leaves for `vdpbf16ps` where the CPU has AVX512_BF16) against
+/// the references too, and the AVX2 ones bit for bit against them for every batch size.
 #[cfg(target_arch = "x86_64")]
 fn check_halves<H: halves::Half, T: GgmlType>(dtype: TensorType, n_rows: usize, k: usize) {
+    use halves::Level;
     check::<T>(dtype, n_rows, k);
     if isa() != Isa::Avx512 {
         return;
@@ -151,13 +153,19 @@ fn check_halves<H: halves::Half, T: GgmlType>(dtype: TensorType, n_rows: usize, 
     let data = weights(dtype, n_rows, k, k as u64);
     let mut rng = Rng(7);
     let x: Vec<f32> = (0..33 * k).map(|_| 3.0 * rng.float()).collect();
-    let run = |x: &[f32], avx2: bool| {
+    let run = |x: &[f32], level: Level| {
         let mut y = vec![0f32; x.len() / k * n_rows];
-        halves::run::<H>(&data, n_rows, k, x, &mut y, avx2);
+        halves::run::<H>(&data, n_rows, k, x, &mut y, level);
         y
     };
+    let (_, naive, scale) = references::<T>(&data, n_rows, k, &x);
+    for (i, v) in run(&x, Level::Avx512).into_iter().enumerate() {
+        let tol = 2e-6 * scale[i] + 1e-6;
+        assert!((v as f64 - naive[i]).abs() <= tol, "{dtype} k={k} [{i}]");
+    }
     for m in [1, 2, 3, 5, 6, 16, 17, 33] {
-        let (avx2, avx512) = (run(&x[..m * k], true), run(&x[..m * k], false));
+        let x = &x[..m * k];
+        let (avx2, avx512) = (run(x, Level::Avx2), run(x, Level::Avx512));
         for (i, (a, b)) in avx2.iter().zip(&avx512).enumerate() {
             assert_eq!(
                 a.to_bits(),
@@ -171,7 +179,7 @@ fn check_halves<H: halves::Half, T: GgmlType>(dtype: TensorType, n_rows: usize, 
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn f16_and_bf16_match_candle_on_every_instruction_set() {
-    for k in [40, 256, 2056] {
+    for k in [40, 48, 256, 2056] {
         check_halves::<halves::F16, half::f16>(TensorType::F16, 13, k);
         check_halves::<halves::Bf16, half::bf16>(TensorType::BF16, 13, k);
     }
@@ -179,13 +187,16 @@ fn f16_and_bf16_match_candle_on_every_instruction_set() {
 
 #[cfg(target_arch = "x86_64")]
 #[test]
-fn f16_tiles_span_several_row_blocks_per_task() {
+fn half_tiles_span_several_row_blocks_per_task() {
     // 77 rows on 2 threads: 8 tasks of 8 or 12 rows, so whole 8-row blocks and a remainder.
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(2)
         .build()
         .unwrap();
-    pool.install(|| check_halves::<halves::F16, half::f16>(TensorType::F16, 77, 2056));
+    pool.install(|| {
+        check_halves::<halves::F16, half::f16>(TensorType::F16, 77, 2056);
+        check_halves::<halves::Bf16, half::bf16>(TensorType::BF16, 77, 2056);
+    });
 }
 
 #[test]
