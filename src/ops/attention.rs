@@ -103,10 +103,11 @@ fn weighted_rows<'v, const H: usize>(
         }
         if n == COLS {
             for j in 0..p[0].len() {
-                let v = &row(j)[c0..c0 + COLS];
+                let v: &[f32; COLS] = row(j)[c0..c0 + COLS].try_into().unwrap();
                 for (acc, p) in acc.iter_mut().zip(&p) {
+                    let pj = p[j];
                     for c in 0..COLS {
-                        acc[c] += p[j] * v[c];
+                        acc[c] += pj * v[c];
                     }
                 }
             }
@@ -300,10 +301,13 @@ fn attend_group(
     let (scores, rows) = scratch.split_at_mut(lse.len() * n);
     for b0 in (0..n).step_by(BLOCK) {
         let block = b0..n.min(b0 + BLOCK);
-        for (k, key) in prefetched(block.clone(), n, key).enumerate() {
-            for (d, &x) in key.iter().enumerate() {
-                rows[d * BLOCK + k] = x;
+        let mut keys = prefetched(block.clone(), n, key);
+        for k0 in (0..block.len()).step_by(8) {
+            let mut eight: [&[f32]; 8] = [&[]; 8];
+            for (slot, key) in eight.iter_mut().zip(&mut keys) {
+                *slot = key;
             }
+            transpose8(eight, hd, &mut rows[k0..]);
         }
         for (q, scores) in task.q.chunks_exact(hd).zip(scores.chunks_exact_mut(n)) {
             block_scores(q, rows, &mut scores[block.clone()]);
@@ -327,6 +331,33 @@ fn attend_group(
         }
         for (out, p) in outs.zip(probs) {
             weighted_rows([out], [p], value);
+        }
+    }
+}
+
+/// Up to 8 rows of `hd` values (the missing ones empty) into columns `0..8` of `out`
+/// (`out[d * BLOCK + r] = rows[r][d]`), 8 × 8 at a time so that the compiler can transpose in
+/// registers.
+#[inline(always)]
+fn transpose8(rows: [&[f32]; 8], hd: usize, out: &mut [f32]) {
+    let whole = match rows.iter().all(|r| r.len() == hd) {
+        true => hd / 8 * 8,
+        false => 0,
+    };
+    for d0 in (0..whole).step_by(8) {
+        let mut tile = [[0f32; 8]; 8];
+        for (tile, row) in tile.iter_mut().zip(&rows) {
+            tile.copy_from_slice(&row[d0..d0 + 8]);
+        }
+        for d in 0..8 {
+            for (r, out) in out[(d0 + d) * BLOCK..][..8].iter_mut().enumerate() {
+                *out = tile[r][d];
+            }
+        }
+    }
+    for d in whole..hd {
+        for (r, row) in rows.iter().enumerate().filter(|(_, row)| !row.is_empty()) {
+            out[d * BLOCK + r] = row[d];
         }
     }
 }
@@ -631,12 +662,14 @@ mod tests {
     #[test]
     fn both_forwards_match_the_definition_with_a_cache_offset() {
         for shape in [SHAPE, CAPPED_WINDOW, WIDE] {
-            forwards_match_the_definition(shape);
+            forwards_match_the_definition(shape, 3);
         }
+        // Several blocks of keys, the last one ending inside a group of 8.
+        forwards_match_the_definition(WIDE, 150);
     }
 
-    fn forwards_match_the_definition(shape: AttentionShape) {
-        let (pos0, n) = (3, 4);
+    fn forwards_match_the_definition(shape: AttentionShape, pos0: usize) {
+        let n = 4;
         let (q_dim, kv_dim) = (shape.q_dim(), shape.kv_dim());
         let q = values(n * q_dim, 8);
         let k = values((pos0 + n) * kv_dim, 9);
