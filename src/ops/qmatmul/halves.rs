@@ -1,149 +1,83 @@
 //! F16 and BF16 weights × activations rounded to the same format (ggml's `vec_dot_f16` and
 //! `vec_dot_bf16` numerics: the product of two halves is exact in f32, only the order of the
-//! sums is free). For each output, lane `l` of 16 accumulator lanes sums `w_k x_k` for
-//! `k ≡ l (mod 16)`, `k` ascending, by fused multiply-adds; then `reduce` adds the lanes in a
-//! fixed tree. The row kernel (decode) and the tile kernel (k in chunks) perform that same
-//! sequence, on AVX-512 (one 16-lane vector) and on AVX2 (two 8-lane halves of it), so a
-//! token's outputs have the same bits alone or in a batch, on either instruction set. Both
-//! widen the halves as they load them.
+//! sums is free).
 //!
-//! BF16 on a CPU with AVX512_BF16 (`Level::Avx512Bf16`) takes `vdpbf16ps` instead, which
-//! multiplies 32 pairs at once as ggml's `vec_dot_bf16` does there: lane `l` sums the pairs
-//! `(2l, 2l + 1)` of each chunk of 32 values, chunks in order, then the same `reduce`. Its
-//! rows and tiles perform that one sequence too (same bits alone or in a batch); its sums
-//! differ from the widened kernels' in order, and in the subnormal values the instruction
-//! flushes to zero.
+//! **Sum order.** For each output, lane `l` of 16 accumulator lanes sums `w_k x_k` for
+//! `k ≡ l (mod 16)`, `k` ascending, by fused multiply-adds (the last chunk of 16 padded with
+//! zeros, which add nothing); then the 16 lanes are added in a fixed tree, `reduce`: halves
+//! (lane `l` plus lane `l + 8`), then quarters (`l + 4`), pairs (`l + 2`) and neighbours.
+//! Every kernel below performs that one sequence, however its lanes sit in registers:
+//!
+//! - `x86`: AVX-512 (one 16-lane vector) and AVX2 (two 8-lane halves of it), as a row kernel
+//!   (decode) and tiles (prefill, k in chunks);
+//! - `neon`: four `float32x4_t`, the row kernel for every batch size.
+//!
+//! So a token's outputs have the same bits alone or in a batch, on AVX-512, AVX2 and NEON
+//! alike (a test holds each to a scalar model of the sequence). All widen the halves as they
+//! load them, which is exact.
+//!
+//! The exception: BF16 on a CPU with AVX512_BF16 takes `vdpbf16ps`, which multiplies pairs
+//! (`x86::Level::Avx512Bf16`): the same bits alone or in a batch, another sum order.
 
-use core::arch::x86_64::*;
+#[cfg(target_arch = "aarch64")]
+mod neon;
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 use rayon::prelude::*;
 
-use super::driver::{row_tasks, Weights, MIN_TILED};
-use super::simd::{self, prefetch_l2, Ahead};
-use super::{isa, Isa};
-use crate::ops::bf16;
+use super::driver::{row_tasks, Weights};
 use crate::ops::matmul::SyncPtr;
 use crate::ops::scratch::{self, Pod};
 
-/// A 16-bit float format of weights.
-pub(super) trait Half: Sync {
-    /// Whether `vdpbf16ps` multiplies this format.
-    const PAIRS: bool = false;
+#[cfg(target_arch = "aarch64")]
+pub(crate) use neon::Widen;
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::{run, Level, Widen};
 
+/// A 16-bit float format of weights; `Widen` loads it on this CPU's instruction set.
+pub(crate) trait Half: Widen + Sync {
     /// `v` rounded to this format (to nearest, ties to even), as ggml rounds activations.
     fn round(v: f32) -> f32;
-
-    /// 16 values at `p`, the first `n` of them (the rest zero), widened to f32.
-    ///
-    /// # Safety
-    /// AVX-512 F/BW; `p` points to `n` ≤ 16 values.
-    unsafe fn load16(p: *const u8, n: usize) -> __m512;
-
-    /// 8 values at `p`, the first `n` of them (the rest zero), widened to f32.
-    ///
-    /// # Safety
-    /// AVX2 and F16C; `p` points to `n` ≤ 8 values.
-    unsafe fn load8(p: *const u8, n: usize) -> __m256;
 }
 
-pub(super) struct F16;
-pub(super) struct Bf16;
-
-/// The first `n` (≤ 8) halves at `p`, zeros after.
-///
-/// # Safety
-/// `p` points to `n` halves.
-#[inline(always)]
-unsafe fn halves8(p: *const u8, n: usize) -> __m128i {
-    match n {
-        8 => _mm_loadu_si128(p.cast()),
-        _ => {
-            let mut v = [0u16; 8];
-            std::ptr::copy_nonoverlapping(p, v.as_mut_ptr().cast::<u8>(), 2 * n);
-            _mm_loadu_si128(v.as_ptr().cast())
-        }
-    }
-}
-
-/// The first `n` (≤ 16) halves at `p`, zeros after.
-///
-/// # Safety
-/// AVX-512 BW/VL; `p` points to `n` halves.
-#[inline(always)]
-unsafe fn halves16(p: *const u8, n: usize) -> __m256i {
-    match n {
-        16 => _mm256_loadu_si256(p.cast()),
-        _ => _mm256_maskz_loadu_epi16(lanes(n) as __mmask16, p.cast()),
-    }
-}
+pub(crate) struct F16;
+pub(crate) struct Bf16;
 
 impl Half for F16 {
     fn round(v: f32) -> f32 {
         half::f16::from_f32(v).to_f32()
     }
-
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn load16(p: *const u8, n: usize) -> __m512 {
-        _mm512_cvtph_ps(halves16(p, n))
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn load8(p: *const u8, n: usize) -> __m256 {
-        _mm256_cvtph_ps(halves8(p, n))
-    }
 }
 
-/// A bf16 is the top half of an f32: widening shifts it into place.
 impl Half for Bf16 {
-    const PAIRS: bool = true;
-
     fn round(v: f32) -> f32 {
         half::bf16::from_f32(v).to_f32()
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn load16(p: *const u8, n: usize) -> __m512 {
-        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(halves16(
-            p, n,
-        ))))
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn load8(p: *const u8, n: usize) -> __m256 {
-        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(halves8(
-            p, n,
-        ))))
-    }
-}
-
-/// The kernels that multiply halves.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Level {
-    Avx2,
-    Avx512,
-    /// BF16 pairs by `vdpbf16ps` (AVX512_BF16).
-    Avx512Bf16,
-}
-
-impl Level {
-    /// The best level for format `H` at the instruction set in use (AVX2 or AVX-512).
-    pub fn best<H: Half>() -> Level {
-        match isa() {
-            Isa::Avx2 => Level::Avx2,
-            _ if H::PAIRS && bf16::available() => Level::Avx512Bf16,
-            _ => Level::Avx512,
-        }
     }
 }
 
 /// `y[m, n_rows] = x[m, k] · Wᵀ` for `W` of halves `H` in `data` (checked by the caller), by
 /// the best kernels for `H` on this CPU.
 pub(super) fn matmul<H: Half>(data: &[u8], n_rows: usize, k: usize, x: &[f32], y: &mut [f32]) {
-    run::<H>(data, n_rows, k, x, y, Level::best::<H>())
+    #[cfg(target_arch = "x86_64")]
+    run::<H>(data, n_rows, k, x, y, Level::best::<H>());
+    #[cfg(target_arch = "aarch64")]
+    neon::matmul::<H>(data, n_rows, k, x, y);
+}
+
+/// The row kernel of one instruction set (and, for `vdpbf16ps`, sum order).
+trait RowKernel {
+    /// An activation as the kernel reads it.
+    type X: Pod + Send + Sync;
+
+    /// A token's activations `x` rounded to the weights' format, zeros to `padded(x.len())`.
+    fn prepare(x: &[f32], out: &mut [Self::X]);
+
+    /// Rows `w` (4 pointers to `k` halves) times one token `x` (`prepare`d).
+    ///
+    /// # Safety
+    /// The CPU has the instruction set; each `w[r]` points to `k` halves.
+    unsafe fn rows4(w: [*const u8; 4], k: usize, x: &[Self::X]) -> [f32; 4];
 }
 
 /// `out` = `x` through `round`, zeros after.
@@ -158,40 +92,17 @@ fn padded(k: usize) -> usize {
     k.next_multiple_of(32)
 }
 
-/// `y[m, n_rows] = x[m, k] · Wᵀ` for `W` of halves `H` in `data` (checked by the caller), by
-/// the kernels of `level` (which the CPU has).
-pub(super) fn run<H: Half>(
-    data: &[u8],
-    n_rows: usize,
+/// Runs `f` on the `m` tokens of `x` (`[m, k]`) `prepare`d for `K`, `padded(k)` values each,
+/// and `extra` bytes of 64-byte aligned scratch.
+fn with_prepared<K: RowKernel, R>(
     k: usize,
     x: &[f32],
-    y: &mut [f32],
-    level: Level,
-) {
-    let w = Weights {
-        data,
-        n_rows,
-        nb: k,
-    };
-    match level {
-        Level::Avx512 => product::<Avx512<H>>(&w, x, y),
-        Level::Avx2 => product::<Avx2<H>>(&w, x, y),
-        Level::Avx512Bf16 => {
-            assert!(H::PAIRS);
-            product::<Avx512Bf16>(&w, x, y)
-        }
-    }
-}
-
-/// `y = x Wᵀ` by the kernels `K`: the activations prepared for them, then rows or tiles.
-fn product<K: Kernels>(w: &Weights, x: &[f32], y: &mut [f32]) {
-    let (k, stride) = (w.nb, padded(w.nb));
-    let m = x.len() / k;
-    let tiled = m >= MIN_TILED;
+    extra: usize,
+    f: impl FnOnce(&[K::X], &mut [u8]) -> R,
+) -> R {
+    let (m, stride) = (x.len() / k, padded(k));
     let xs_bytes = (m * stride * std::mem::size_of::<K::X>()).next_multiple_of(64);
-    let n_tasks = super::driver::n_tasks(w.n_rows);
-    let bytes = xs_bytes + if tiled { n_tasks * task_bytes(m) } else { 0 };
-    scratch::with_aligned_bytes(bytes, |buf| {
+    scratch::with_aligned_bytes(xs_bytes + extra, |buf| {
         let (xs, rest) = buf.split_at_mut(xs_bytes);
         // SAFETY: the scratch is 64-byte aligned and `K::X` (a `Pod` number) is valid for any
         // bits; `xs_bytes` holds `m * stride` of them.
@@ -200,14 +111,12 @@ fn product<K: Kernels>(w: &Weights, x: &[f32], y: &mut [f32]) {
         xs.par_chunks_mut(stride)
             .zip(x.par_chunks(k))
             .for_each(|(out, x)| K::prepare(x, out));
-        match tiled {
-            true => tiles::<K>(w, xs, rest, m, y),
-            false => row_products::<K>(w, xs, y),
-        }
+        f(xs, rest)
     })
 }
 
-fn row_products<K: Kernels>(w: &Weights, xs: &[K::X], y: &mut [f32]) {
+/// `y = x Wᵀ` by the row kernel `K`, for the tokens `xs` (`prepare`d).
+fn row_products<K: RowKernel>(w: &Weights, xs: &[K::X], y: &mut [f32]) {
     let (row_bytes, n_rows, stride) = (2 * w.nb, w.n_rows, padded(w.nb));
     let m = xs.len() / stride;
     let y_ptr = SyncPtr(y.as_mut_ptr());
@@ -227,235 +136,6 @@ fn row_products<K: Kernels>(w: &Weights, xs: &[K::X], y: &mut [f32]) {
     });
 }
 
-/// Scratch bytes of one tiled task: the partial sums of every token tile.
-fn task_bytes(m: usize) -> usize {
-    std::mem::size_of::<Partial>() * m.div_ceil(TOKENS)
-}
-
-fn tiles<K: Kernels>(w: &Weights, xs: &[K::X], scratch: &mut [u8], m: usize, y: &mut [f32]) {
-    let (row_bytes, n_rows, stride) = (2 * w.nb, w.n_rows, padded(w.nb));
-    let k_steps = w.nb.next_multiple_of(K::STEP);
-    let y_ptr = SyncPtr(y.as_mut_ptr());
-    let scratch = scratch.par_chunks_mut(task_bytes(m));
-    row_tasks(n_rows).zip(scratch).for_each(|(rows, scratch)| {
-        // SAFETY: the scratch is 64-byte aligned (`Partial` is a multiple of 64 bytes long)
-        // and `Partial` (floats) is valid for any bits.
-        let partial = unsafe {
-            std::slice::from_raw_parts_mut(
-                scratch.as_mut_ptr().cast::<Partial>(),
-                m.div_ceil(TOKENS),
-            )
-        };
-        let n_tiles = k_steps.div_ceil(K_CHUNK) * m.div_ceil(TOKENS);
-        let prefetch_step = (ROWS * row_bytes).div_ceil(n_tiles).next_multiple_of(64);
-        for r0 in rows.clone().step_by(ROWS) {
-            // Rows past the task's end belong to the next task: read, never stored here.
-            let block = w.rows::<ROWS>(r0, row_bytes);
-            // The next rows arrive while these are multiplied, a few lines per tile: 1B-class
-            // prefill 177 tok/s, against 173 with all of them prefetched here at once.
-            let next_rows = (r0 + ROWS).min(rows.end)..(r0 + 2 * ROWS).min(rows.end);
-            let mut next =
-                w.data[next_rows.start * row_bytes..next_rows.end * row_bytes].as_ptr_range();
-            // k in chunks: a chunk of the rows stays in L1 while every token passes over it.
-            for k0 in (0..k_steps).step_by(K_CHUNK) {
-                let ks = k0..(k0 + K_CHUNK).min(k_steps);
-                for (t0, partial) in (0..m).step_by(TOKENS).zip(partial.iter_mut()) {
-                    let t: [usize; TOKENS] = std::array::from_fn(|i| (t0 + i).min(m - 1));
-                    assert!(t.iter().all(|&t| xs.len() >= (t + 1) * stride));
-                    assert!(ks.end <= stride && ks.start.is_multiple_of(K::STEP));
-                    // SAFETY: `supports` checked the CPU; each `block` row holds k halves;
-                    // every t[i] < m and ks lies within the padded rows (the asserts).
-                    unsafe { K::tile(block, w.nb, xs, t, ks.clone(), partial) };
-                    let len = prefetch_step.min(next.end as usize - next.start as usize);
-                    simd::prefetch_l2(next.start, len);
-                    next.start = next.start.wrapping_add(len);
-                }
-            }
-            let n = (rows.end - r0).min(ROWS);
-            for (t0, partial) in (0..m).step_by(TOKENS).zip(partial.iter()) {
-                // SAFETY: `supports` checked the CPU.
-                let out = unsafe { K::sums(partial) };
-                for (i, out) in out.iter().enumerate().take(m - t0) {
-                    // SAFETY: this task alone writes columns `rows` of y; t0 + i < m.
-                    let y = unsafe { y_ptr.slice((t0 + i) * n_rows + r0, n) };
-                    y.copy_from_slice(&out[..n]);
-                }
-            }
-        }
-    });
-}
-
-/// Mask of the first `n` (≤ 16) lanes.
-fn lanes(n: usize) -> u16 {
-    ((1u32 << n) - 1) as u16
-}
-
-/// Rows and tokens per tile: 8 × 3 accumulators of 16 lanes, so each token's 16 values
-/// loaded from L2 serve 8 rows. 1B-class prefill, tok/s: 4 × 4: 160, 4 × 6: 151, 8 × 2: 172,
-/// 6 × 4: 183, 8 × 3: 183, 12 × 2: 160.
-const ROWS: usize = 8;
-const TOKENS: usize = 3;
-
-/// Values of k per pass over the tokens: the rows' chunk (16 KiB of halves) and one tile's
-/// tokens (12 KiB) fit in L1. 1B-class prefill, tok/s: 512: 178, 1024: 187, 2048: 188 (with
-/// 4 × 4 tiles over rows widened to f32 first: 256: 129, 512: 135, 1024: 146, 2048: 130).
-const K_CHUNK: usize = 1024;
-
-/// One token tile's accumulators between chunks of k: `[token][row][lane]`.
-type Partial = [[[f32; 16]; ROWS]; TOKENS];
-
-/// The kernels of one instruction set.
-trait Kernels {
-    /// Values per step along k.
-    const STEP: usize;
-    /// An activation as the kernels read it.
-    type X: Pod + Send + Sync;
-
-    /// A token's activations `x` rounded to the weights' format, zeros to `padded(x.len())`.
-    fn prepare(x: &[f32], out: &mut [Self::X]);
-
-    /// Rows `w` (4 pointers to `k` halves) times one token `x` (`prepare`d).
-    ///
-    /// # Safety
-    /// The CPU has the instruction set; each `w[r]` points to `k` halves.
-    unsafe fn rows4(w: [*const u8; 4], k: usize, x: &[Self::X]) -> [f32; 4];
-
-    /// Adds columns `ks` of `ROWS` rows (`w`, `k` halves each) times tokens `t` of `xs`
-    /// (`prepare`d, `padded(k)` values per token) to `partial`, which the first chunk (`ks.start == 0`)
-    /// sets.
-    ///
-    /// # Safety
-    /// The CPU has the instruction set; each `w[r]` points to `k` halves; `xs` holds the
-    /// tokens `t`; `ks` lies within `k` rounded up to `STEP`, its start a multiple of `STEP`.
-    unsafe fn tile(
-        w: [*const u8; ROWS],
-        k: usize,
-        xs: &[Self::X],
-        t: [usize; TOKENS],
-        ks: std::ops::Range<usize>,
-        partial: &mut Partial,
-    );
-
-    /// A tile's finished accumulators as outputs: `out[token][row]`.
-    ///
-    /// # Safety
-    /// The CPU has the instruction set.
-    unsafe fn sums(partial: &Partial) -> [[f32; ROWS]; TOKENS];
-}
-
-struct Avx512<H>(std::marker::PhantomData<H>);
-struct Avx2<H>(std::marker::PhantomData<H>);
-
-/// The 16 lanes of `acc` summed in a fixed order: halves, then quarters, pairs, neighbours.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-fn reduce(acc: __m512) -> f32 {
-    let lo = _mm512_castps512_ps256(acc);
-    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc)));
-    reduce_halves(lo, hi)
-}
-
-/// `reduce` of the 16 lanes `lo` (0–7) and `hi` (8–15).
-#[inline]
-#[target_feature(enable = "avx")]
-fn reduce_halves(lo: __m256, hi: __m256) -> f32 {
-    let v = _mm256_add_ps(lo, hi);
-    let v = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-    _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)))
-}
-
-/// A tile's accumulators: zero at the first chunk (`k0 == 0`), else the partial sums.
-#[inline]
-#[target_feature(enable = "avx512f")]
-fn load_partial(partial: &Partial, k0: usize) -> [[__m512; ROWS]; TOKENS] {
-    match k0 {
-        0 => [[_mm512_setzero_ps(); ROWS]; TOKENS],
-        // SAFETY: each lane array holds 16 floats.
-        _ => partial.map(|p| p.map(|p| unsafe { _mm512_loadu_ps(p.as_ptr()) })),
-    }
-}
-
-#[inline]
-#[target_feature(enable = "avx512f")]
-fn store_partial(partial: &mut Partial, acc: [[__m512; ROWS]; TOKENS]) {
-    for (p, a) in partial.iter_mut().zip(acc) {
-        for (p, a) in p.iter_mut().zip(a) {
-            // SAFETY: each lane array holds 16 floats.
-            unsafe { _mm512_storeu_ps(p.as_mut_ptr(), a) };
-        }
-    }
-}
-
-impl<H: Half> Kernels for Avx512<H> {
-    const STEP: usize = 16;
-    type X = f32;
-
-    fn prepare(x: &[f32], out: &mut [f32]) {
-        rounded(H::round, x, out)
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn rows4(w: [*const u8; 4], k: usize, x: &[f32]) -> [f32; 4] {
-        let ahead = Ahead::new(k.div_ceil(16), 32, simd::PREFETCH_F16);
-        let mut acc = [_mm512_setzero_ps(); 4];
-        chunks::<16>(0..k.next_multiple_of(16), k, |j, n| {
-            let x = _mm512_loadu_ps(x[j..].as_ptr());
-            for r in 0..4 {
-                // One prefetch per 64 bytes of the row: every other chunk.
-                if j % 32 == 0 {
-                    prefetch_l2(ahead.of(w[r], j / 16), 64);
-                }
-                acc[r] = _mm512_fmadd_ps(H::load16(w[r].add(2 * j), n), x, acc[r]);
-            }
-        });
-        acc.map(|a| reduce(a))
-    }
-
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn tile(
-        w: [*const u8; ROWS],
-        k: usize,
-        xs: &[Self::X],
-        t: [usize; TOKENS],
-        ks: std::ops::Range<usize>,
-        partial: &mut Partial,
-    ) {
-        let stride = padded(k);
-        let mut acc = load_partial(partial, ks.start);
-        chunks::<16>(ks, k, |j, n| {
-            let x: [__m512; TOKENS] =
-                std::array::from_fn(|i| _mm512_loadu_ps(xs.as_ptr().add(t[i] * stride + j)));
-            for r in 0..ROWS {
-                let w = H::load16(w[r].add(2 * j), n);
-                for i in 0..TOKENS {
-                    acc[i][r] = _mm512_fmadd_ps(w, x[i], acc[i][r]);
-                }
-            }
-        });
-        store_partial(partial, acc);
-    }
-
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn sums(partial: &Partial) -> [[f32; ROWS]; TOKENS] {
-        partial.map(|p| p.map(|p| reduce(_mm512_loadu_ps(p.as_ptr()))))
-    }
-}
-
-/// 16 halves at `p`, the first `n` of them, widened as two 8-lane vectors.
-///
-/// # Safety
-/// AVX2 and F16C; `p` points to `n` ≤ 16 halves.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn load16_avx2<H: Half>(p: *const u8, n: usize) -> [__m256; 2] {
-    [
-        H::load8(p, n.min(8)),
-        H::load8(p.add(16), n.saturating_sub(8)),
-    ]
-}
-
 /// Runs `step(j, n)` for the chunks of `N` values from `j` in `ks` (`n` of them within
 /// `k`): the whole ones in a loop of their own, so that the last, partial one's load stays
 /// out of it and the accumulators in registers.
@@ -471,152 +151,5 @@ fn chunks<const N: usize>(
     }
     for j in (whole..ks.end).step_by(N) {
         step(j, k - j);
-    }
-}
-
-impl<H: Half> Kernels for Avx2<H> {
-    const STEP: usize = 16;
-    type X = f32;
-
-    fn prepare(x: &[f32], out: &mut [f32]) {
-        rounded(H::round, x, out)
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn rows4(w: [*const u8; 4], k: usize, x: &[f32]) -> [f32; 4] {
-        let ahead = Ahead::new(k.div_ceil(16), 32, simd::PREFETCH_F16);
-        let mut acc = [[_mm256_setzero_ps(); 2]; 4];
-        chunks::<16>(0..k.next_multiple_of(16), k, |j, n| {
-            let x = [0, 8].map(|h| _mm256_loadu_ps(x[j + h..].as_ptr()));
-            for r in 0..4 {
-                // One prefetch per 64 bytes of the row: every other chunk.
-                if j % 32 == 0 {
-                    prefetch_l2(ahead.of(w[r], j / 16), 64);
-                }
-                let w = load16_avx2::<H>(w[r].add(2 * j), n);
-                for h in 0..2 {
-                    acc[r][h] = _mm256_fmadd_ps(w[h], x[h], acc[r][h]);
-                }
-            }
-        });
-        acc.map(|[lo, hi]| reduce_halves(lo, hi))
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tile(
-        w: [*const u8; ROWS],
-        k: usize,
-        xs: &[Self::X],
-        t: [usize; TOKENS],
-        ks: std::ops::Range<usize>,
-        partial: &mut Partial,
-    ) {
-        let x: [*const f32; TOKENS] = std::array::from_fn(|i| xs.as_ptr().add(t[i] * padded(k)));
-        // One row at a time: its 3 tokens × 2 halves of accumulators stay in registers.
-        for r in 0..ROWS {
-            let mut acc = [[_mm256_setzero_ps(); 2]; TOKENS];
-            if ks.start > 0 {
-                for (acc, p) in acc.iter_mut().zip(partial.iter()) {
-                    let p = p[r].as_ptr();
-                    *acc = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))];
-                }
-            }
-            chunks::<16>(ks.clone(), k, |j, n| {
-                let w = load16_avx2::<H>(w[r].add(2 * j), n);
-                for (acc, x) in acc.iter_mut().zip(x) {
-                    for (h, acc) in acc.iter_mut().enumerate() {
-                        *acc = _mm256_fmadd_ps(w[h], _mm256_loadu_ps(x.add(j + 8 * h)), *acc);
-                    }
-                }
-            });
-            for (acc, p) in acc.iter().zip(partial.iter_mut()) {
-                let p = p[r].as_mut_ptr();
-                _mm256_storeu_ps(p, acc[0]);
-                _mm256_storeu_ps(p.add(8), acc[1]);
-            }
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn sums(partial: &Partial) -> [[f32; ROWS]; TOKENS] {
-        partial.map(|p| {
-            p.map(|p| {
-                reduce_halves(
-                    _mm256_loadu_ps(p.as_ptr()),
-                    _mm256_loadu_ps(p[8..].as_ptr()),
-                )
-            })
-        })
-    }
-}
-
-/// BF16 weights times activations by `vdpbf16ps`, 32 values a step.
-struct Avx512Bf16;
-
-/// The first `n` (≤ 32) bf16 values at `p`, zeros after.
-///
-/// # Safety
-/// AVX-512 F/BW; `p` points to `n` values.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn bf16x32(p: *const u8, n: usize) -> __m512bh {
-    let v = match n {
-        32 => _mm512_loadu_si512(p.cast()),
-        _ => _mm512_maskz_loadu_epi16(((1u64 << n) - 1) as __mmask32, p.cast()),
-    };
-    std::mem::transmute(v)
-}
-
-impl Kernels for Avx512Bf16 {
-    const STEP: usize = 32;
-    type X = u16;
-
-    fn prepare(x: &[f32], out: &mut [u16]) {
-        rounded(|v| bf16::bits(v) as u16, x, out)
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    unsafe fn rows4(w: [*const u8; 4], k: usize, x: &[u16]) -> [f32; 4] {
-        let ahead = Ahead::new(k.div_ceil(32), 64, simd::PREFETCH_F16);
-        let mut acc = [_mm512_setzero_ps(); 4];
-        chunks::<32>(0..k.next_multiple_of(32), k, |j, n| {
-            let x = bf16x32(x[j..].as_ptr().cast(), 32);
-            for r in 0..4 {
-                prefetch_l2(ahead.of(w[r], j / 32), 64);
-                acc[r] = _mm512_dpbf16_ps(acc[r], x, bf16x32(w[r].add(2 * j), n));
-            }
-        });
-        acc.map(|a| reduce(a))
-    }
-
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    unsafe fn tile(
-        w: [*const u8; ROWS],
-        k: usize,
-        xs: &[Self::X],
-        t: [usize; TOKENS],
-        ks: std::ops::Range<usize>,
-        partial: &mut Partial,
-    ) {
-        let stride = padded(k);
-        let mut acc = load_partial(partial, ks.start);
-        chunks::<32>(ks, k, |j, n| {
-            let x: [__m512bh; TOKENS] =
-                std::array::from_fn(|i| bf16x32(xs.as_ptr().add(t[i] * stride + j).cast(), 32));
-            for r in 0..ROWS {
-                let w = bf16x32(w[r].add(2 * j), n);
-                for i in 0..TOKENS {
-                    acc[i][r] = _mm512_dpbf16_ps(acc[i][r], x[i], w);
-                }
-            }
-        });
-        store_partial(partial, acc);
-    }
-
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn sums(partial: &Partial) -> [[f32; ROWS]; TOKENS] {
-        Avx512::<Bf16>::sums(partial)
     }
 }

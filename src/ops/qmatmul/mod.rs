@@ -32,15 +32,18 @@
 //!
 //! Files: `act` quantizes the activations, `driver` splits a product into tasks and runs the
 //! kernels of one format (`q4k` for Q4_K and Q5_K, `q6k`, `iq4xs`, `q8_0` for Q8_0, Q4_0, Q4_1,
-//! Q5_0, Q5_1 and IQ4_NL; `halves`, for F16 and BF16, has its own, simpler driver), `simd`
-//! holds what they share; those six files are x86-64's. `neon` has aarch64's kernels for all ten integer formats,
-//! reading the blocks' values as `portable::Format` describes them.
+//! Q5_0, Q5_1 and IQ4_NL), `simd` holds what they share; those six files are x86-64's. `neon`
+//! has aarch64's kernels for all ten integer formats, reading the blocks' values as
+//! `portable::Format` describes them. `halves`, for F16 and BF16, has ggml's numerics for them
+//! (activations rounded to the weights' format, one fixed sum order), its own simpler driver,
+//! and the kernels of both architectures: `halves::x86` (rows and tiles, AVX-512 and AVX2) and
+//! `halves::neon` (rows, every batch size), the same bits on all three.
 
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod act;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod driver;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod halves;
 #[cfg(target_arch = "x86_64")]
 mod iq4xs;
@@ -134,7 +137,7 @@ pub(crate) fn supports(dtype: TensorType) -> bool {
         #[cfg(target_arch = "aarch64")]
         Isa::Neon => matches!(
             dtype,
-            Q4K | Q5K | Q6K | Q8_0 | Q4_0 | Q5_0 | Q4_1 | Q5_1 | IQ4NL | IQ4XS
+            F16 | BF16 | Q4K | Q5K | Q6K | Q8_0 | Q4_0 | Q5_0 | Q4_1 | Q5_1 | IQ4NL | IQ4XS
         ),
         Isa::Portable => false,
     }
@@ -156,7 +159,11 @@ pub(crate) fn matmul(
     assert!(x.len().is_multiple_of(k) && y.len() == x.len() / k * n_rows);
     assert!(dtype.row_bytes(k).map(|r| r * n_rows) == Some(data.len()));
     #[cfg(target_arch = "aarch64")]
-    neon::matmul(dtype, data, n_rows, k, x, y);
+    match dtype {
+        TensorType::F16 => halves::matmul::<halves::F16>(data, n_rows, k, x, y),
+        TensorType::BF16 => halves::matmul::<halves::Bf16>(data, n_rows, k, x, y),
+        _ => neon::matmul(dtype, data, n_rows, k, x, y),
+    }
     #[cfg(target_arch = "x86_64")]
     {
         use driver::{run, run_rows, Avx2};

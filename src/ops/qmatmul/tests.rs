@@ -140,16 +140,22 @@ fn check_within<T: GgmlType>(dtype: TensorType, n_rows: usize, k: usize, rel: f6
     }
 }
 
-/// `check` of the half kernels at this CPU's best level; where that is AVX-512, the widened
-/// AVX-512 kernels (which BF16 leaves for `vdpbf16ps` where the CPU has AVX512_BF16) against
-/// the references too, and the AVX2 ones bit for bit against them for every batch size.
-#[cfg(target_arch = "x86_64")]
+/// `check` of the half kernels at this CPU's best level; on x86, where that is AVX-512,
+/// `check_half_levels` too.
 fn check_halves<H: halves::Half, T: GgmlType>(dtype: TensorType, n_rows: usize, k: usize) {
-    use halves::Level;
     check::<T>(dtype, n_rows, k);
-    if isa() != Isa::Avx512 {
-        return;
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx512 {
+        check_half_levels::<H, T>(dtype, n_rows, k);
     }
+}
+
+/// The widened AVX-512 half kernels (which BF16 leaves for `vdpbf16ps` where the CPU has
+/// AVX512_BF16) against the references, and the AVX2 ones bit for bit against them for every
+/// batch size.
+#[cfg(target_arch = "x86_64")]
+fn check_half_levels<H: halves::Half, T: GgmlType>(dtype: TensorType, n_rows: usize, k: usize) {
+    use halves::Level;
     let data = weights(dtype, n_rows, k, k as u64);
     let mut rng = Rng(7);
     let x: Vec<f32> = (0..33 * k).map(|_| 3.0 * rng.float()).collect();
@@ -176,12 +182,116 @@ fn check_halves<H: halves::Half, T: GgmlType>(dtype: TensorType, n_rows: usize, 
     }
 }
 
-#[cfg(target_arch = "x86_64")]
 #[test]
 fn f16_and_bf16_match_candle_on_every_instruction_set() {
     for k in [40, 48, 256, 2056] {
         check_halves::<halves::F16, half::f16>(TensorType::F16, 13, k);
         check_halves::<halves::Bf16, half::bf16>(TensorType::BF16, 13, k);
+    }
+}
+
+/// `halves`' sum order in scalar code: lane `l` of 16 sums `w_i x_i` for `i ≡ l (mod 16)`,
+/// `i` ascending, by fused multiply-adds (zeros from `w.len()` to the next multiple of 16);
+/// then the lanes added by halves, quarters, pairs and neighbours.
+fn half_sum_order(w: &[f32], x: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    for i in 0..w.len().next_multiple_of(16) {
+        let (w, x) = (
+            w.get(i).copied().unwrap_or(0.0),
+            x.get(i).copied().unwrap_or(0.0),
+        );
+        lanes[i % 16] = w.mul_add(x, lanes[i % 16]);
+    }
+    for n in [8, 4, 2, 1] {
+        for l in 0..n {
+            lanes[l] += lanes[l + n];
+        }
+    }
+    lanes[0]
+}
+
+/// The half kernel `name`, `run(x, y)` on `n_rows` rows of `k` values, against
+/// `half_sum_order` of the weights widened and the activations rounded to `H`: the same bits,
+/// for 1 token and for 17. Some activations are scaled into F16's subnormals.
+fn check_sum_order<H: halves::Half, T: GgmlType>(
+    dtype: TensorType,
+    n_rows: usize,
+    k: usize,
+    name: &str,
+    run: impl Fn(&[u8], &[f32], &mut [f32]),
+) {
+    let data = weights(dtype, n_rows, k, k as u64);
+    let mut dense = vec![0f32; n_rows * k];
+    T::to_float(as_blocks::<T>(&data), &mut dense);
+    let mut rng = Rng(9);
+    let x: Vec<f32> = (0..17 * k)
+        .map(|i| 3.0 * rng.float() * if i % 7 == 0 { 1e-6 } else { 1.0 })
+        .collect();
+    let rounded: Vec<f32> = x.iter().map(|&v| H::round(v)).collect();
+    for m in [1, 17] {
+        let mut y = vec![0f32; m * n_rows];
+        run(&data, &x[..m * k], &mut y);
+        for (i, &v) in y.iter().enumerate() {
+            let (t, r) = (i / n_rows, i % n_rows);
+            let model = half_sum_order(&dense[r * k..][..k], &rounded[t * k..][..k]);
+            assert_eq!(
+                v.to_bits(),
+                model.to_bits(),
+                "{dtype} k={k} m={m} [{i}]: {name} {v} vs the sum order's {model}"
+            );
+        }
+    }
+}
+
+/// NEON's half kernel follows `halves`' sum order to the bit: so it gives the same bits as
+/// x86's widened kernels, which `widened_half_kernels_follow_the_sum_order` holds to it too.
+#[cfg(target_arch = "aarch64")]
+#[test]
+fn neon_half_kernels_follow_the_sum_order() {
+    fn neon<H: halves::Half, T: GgmlType>(dtype: TensorType, k: usize) {
+        let run = |data: &[u8], x: &[f32], y: &mut [f32]| {
+            assert!(matmul(dtype, data, 13, k, x, y));
+        };
+        match supports(dtype) {
+            true => check_sum_order::<H, T>(dtype, 13, k, "NEON", run),
+            false => eprintln!("LUGH_ISA={:?}: the NEON half kernels are not tested", isa()),
+        }
+    }
+    for k in [16, 40, 48, 256, 2056] {
+        neon::<halves::F16, half::f16>(TensorType::F16, k);
+        neon::<halves::Bf16, half::bf16>(TensorType::BF16, k);
+    }
+}
+
+/// x86's widened half kernels (AVX2, and AVX-512 where the CPU has it; rows and tiles)
+/// follow `halves`' sum order to the bit, as NEON's do.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn widened_half_kernels_follow_the_sum_order() {
+    fn x86<H: halves::Half, T: GgmlType>(dtype: TensorType, k: usize) {
+        let mut levels = vec![];
+        if isa() >= Isa::Avx2 {
+            levels.push(halves::Level::Avx2);
+        }
+        if isa() == Isa::Avx512 {
+            levels.push(halves::Level::Avx512);
+        }
+        if levels.is_empty() {
+            eprintln!(
+                "LUGH_ISA={:?}: the widened half kernels are not tested",
+                isa()
+            );
+        }
+        for level in levels {
+            let run = |data: &[u8], x: &[f32], y: &mut [f32]| {
+                halves::run::<H>(data, 13, k, x, y, level);
+            };
+            check_sum_order::<H, T>(dtype, 13, k, &format!("{level:?}"), run);
+        }
+    }
+    for k in [16, 40, 48, 256, 2056] {
+        x86::<halves::F16, half::f16>(TensorType::F16, k);
+        x86::<halves::Bf16, half::bf16>(TensorType::BF16, k);
     }
 }
 

@@ -1,0 +1,120 @@
+//! The F16 and BF16 row kernel on aarch64, every batch size through it (as `qmatmul::neon`'s
+//! integer kernels: no tiles, and no prefetch). `halves`' 16 accumulator lanes are four
+//! `float32x4_t`; each lane takes the same exact products in the same order, by fused
+//! multiply-adds (`vfmaq_f32`, as x86's `vfmadd`), and `reduce` adds the four vectors in the
+//! same tree, so the outputs are the same bits as the x86 AVX2 and AVX-512 widened kernels'
+//! (subnormals kept on both: Linux leaves FPCR's and MXCSR's flush-to-zero off).
+
+use core::arch::aarch64::*;
+use core::arch::asm;
+use std::marker::PhantomData;
+
+use super::{chunks, rounded, row_products, with_prepared, Bf16, Half, RowKernel, F16};
+use crate::ops::qmatmul::driver::Weights;
+
+/// `y[m, n_rows] = x[m, k] · Wᵀ` for `W` of halves `H` in `data` (checked by the caller).
+pub(super) fn matmul<H: Half>(data: &[u8], n_rows: usize, k: usize, x: &[f32], y: &mut [f32]) {
+    let w = Weights {
+        data,
+        n_rows,
+        nb: k,
+    };
+    with_prepared::<Neon<H>, _>(k, x, 0, |xs, _| row_products::<Neon<H>>(&w, xs, y))
+}
+
+/// A half format's values widened to f32 as they are loaded.
+pub(crate) trait Widen {
+    /// The 8 halves of `v` as f32: values 0–3, then 4–7.
+    ///
+    /// # Safety
+    /// None beyond NEON, which aarch64 always has.
+    unsafe fn widen(v: uint16x8_t) -> [float32x4_t; 2];
+}
+
+impl Widen for F16 {
+    #[inline(always)]
+    unsafe fn widen(v: uint16x8_t) -> [float32x4_t; 2] {
+        // `fcvtl`/`fcvtl2` (baseline aarch64, exact), written as assembly: their intrinsics
+        // (`vcvt_f32_f16`) are stable only from Rust 1.94.
+        let (lo, hi): (float32x4_t, float32x4_t);
+        // SAFETY: registers only.
+        unsafe {
+            asm!(
+                "fcvtl {lo:v}.4s, {v:v}.4h",
+                "fcvtl2 {hi:v}.4s, {v:v}.8h",
+                v = in(vreg) v,
+                lo = out(vreg) lo,
+                hi = out(vreg) hi,
+                options(pure, nomem, nostack, preserves_flags),
+            )
+        };
+        [lo, hi]
+    }
+}
+
+/// A bf16 is the top half of an f32: widening shifts it into place.
+impl Widen for Bf16 {
+    #[inline(always)]
+    unsafe fn widen(v: uint16x8_t) -> [float32x4_t; 2] {
+        [
+            vreinterpretq_f32_u32(vshll_n_u16::<16>(vget_low_u16(v))),
+            vreinterpretq_f32_u32(vshll_high_n_u16::<16>(v)),
+        ]
+    }
+}
+
+/// 16 halves at `p`, the first `n` of them (the rest zero), widened to f32.
+///
+/// # Safety
+/// `p` points to `n` ≤ 16 halves.
+#[inline(always)]
+unsafe fn load16<H: Widen>(p: *const u8, n: usize) -> [float32x4_t; 4] {
+    let v = match n {
+        16 => [vld1q_u8(p), vld1q_u8(p.add(16))],
+        _ => {
+            let mut v = [0u8; 32];
+            std::ptr::copy_nonoverlapping(p, v.as_mut_ptr(), 2 * n);
+            [vld1q_u8(v.as_ptr()), vld1q_u8(v.as_ptr().add(16))]
+        }
+    };
+    let [a, b] = H::widen(vreinterpretq_u16_u8(v[0]));
+    let [c, d] = H::widen(vreinterpretq_u16_u8(v[1]));
+    [a, b, c, d]
+}
+
+/// `halves`' `reduce` of the 16 lanes `acc[0]` (lanes 0–3) to `acc[3]` (12–15).
+#[inline(always)]
+unsafe fn reduce(acc: [float32x4_t; 4]) -> f32 {
+    // Halves: lanes l + (l + 8), for l in 0–3, then 4–7.
+    let h = [vaddq_f32(acc[0], acc[2]), vaddq_f32(acc[1], acc[3])];
+    // Quarters: l + (l + 4).
+    let q = vaddq_f32(h[0], h[1]);
+    // Pairs: l + (l + 2), then neighbours.
+    vaddv_f32(vadd_f32(vget_low_f32(q), vget_high_f32(q)))
+}
+
+/// The row kernel of halves `H`.
+pub(crate) struct Neon<H>(PhantomData<H>);
+
+impl<H: Half> RowKernel for Neon<H> {
+    type X = f32;
+
+    fn prepare(x: &[f32], out: &mut [f32]) {
+        rounded(H::round, x, out)
+    }
+
+    #[inline]
+    unsafe fn rows4(w: [*const u8; 4], k: usize, x: &[f32]) -> [f32; 4] {
+        let mut acc = [[vdupq_n_f32(0.0); 4]; 4];
+        chunks::<16>(0..k.next_multiple_of(16), k, |j, n| {
+            let x: [float32x4_t; 4] = std::array::from_fn(|q| vld1q_f32(x[j + 4 * q..].as_ptr()));
+            for r in 0..4 {
+                let w = load16::<H>(w[r].add(2 * j), n);
+                for q in 0..4 {
+                    acc[r][q] = vfmaq_f32(acc[r][q], w[q], x[q]);
+                }
+            }
+        });
+        acc.map(|a| reduce(a))
+    }
+}
