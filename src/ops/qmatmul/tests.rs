@@ -398,6 +398,8 @@ fn avx2_row_kernels_match_candle_and_the_avx512_kernels() {
         check_avx2::<q4k::Q5K, BlockQ5K>(TensorType::Q5K, 13, k);
         check_avx2::<q6k::Q6K, BlockQ6K>(TensorType::Q6K, 13, k);
         check_avx2::<iq4xs::IQ4XS, BlockQ4K>(TensorType::IQ4XS, 13, k);
+        check_avx2::<q23k::Q2K, BlockQ2K>(TensorType::Q2K, 13, k);
+        check_avx2::<q23k::Q3K, BlockQ3K>(TensorType::Q3K, 13, k);
     }
 }
 
