@@ -220,7 +220,10 @@ unsafe fn rows4_avx2<const Q3: bool>(
                     _mm256_setzero_si256()
                 }
             };
-            let hm = _mm256_loadu_si256(p.cast());
+            let hm = match Q3 {
+                true => _mm256_loadu_si256(p.cast()),
+                false => _mm256_setzero_si256(),
+            };
             for half in 0..2 {
                 let qs = _mm256_loadu_si256(p.add(qs_at(Q3) + 32 * half).cast());
                 // This half's 8 scales in both lanes.
@@ -294,8 +297,9 @@ unsafe fn unpack<const Q3: bool>(w: *const u8, nb: usize, out: *mut u8) {
         _mm256_storeu_si256(o.add(U_MP).cast(), mn);
         let d = o.add(U_D).cast::<f32>();
         d.write(f16_at(p.add(d_at(Q3))));
-        d.add(1)
-            .write(if Q3 { 0.0 } else { f16_at(p.add(d_at(Q3) + 2)) });
+        if !Q3 {
+            d.add(1).write(f16_at(p.add(d_at(Q3) + 2)));
+        }
     }
 }
 
