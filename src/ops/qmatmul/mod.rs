@@ -149,7 +149,7 @@ pub(crate) fn supports(dtype: TensorType) -> bool {
         #[cfg(target_arch = "aarch64")]
         Isa::Neon => matches!(
             dtype,
-            Q4K | Q5K | Q6K | Q8_0 | Q4_0 | Q5_0 | Q4_1 | Q5_1 | IQ4NL | IQ4XS
+            Q2K | Q3K | Q4K | Q5K | Q6K | Q8_0 | Q4_0 | Q5_0 | Q4_1 | Q5_1 | IQ4NL | IQ4XS
         ),
         Isa::Portable => false,
     }

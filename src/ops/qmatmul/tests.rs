@@ -491,6 +491,8 @@ fn neon_row_kernels_equal_the_portable_product() {
         check_neon::<Q5K>(TensorType::Q5K, 13, k);
         check_neon::<Q6K>(TensorType::Q6K, 13, k);
         check_neon::<IQ4XS>(TensorType::IQ4XS, 13, k);
+        check_neon::<Q2K>(TensorType::Q2K, 13, k);
+        check_neon::<Q3K>(TensorType::Q3K, 13, k);
     }
 }
 
