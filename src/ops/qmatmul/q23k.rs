@@ -114,14 +114,14 @@ fn third_bits(q: __m512i, hm: __m512i, bits: __m512i) -> __m512i {
 unsafe fn rows4<const Q3: bool>(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
     let block_bytes = block_bytes(Q3);
     // Vector j holds values [32 j, 32 j + 32) and [128 + 32 j, ...): runs (2j, 2j+1, 8+2j,
-    // 9+2j), one per 128-bit lane, whose third bits (Q3_K) are hmask bits j and 4 + j.
-    let index: [__m512i; 4] = std::array::from_fn(|j| {
-        let lane = |s: usize| _mm_set1_epi16(s as i16);
-        let (a, b) = (2 * j, 2 * j + 1);
-        _mm512_inserti64x4::<1>(
-            _mm512_castsi256_si512(_mm256_set_m128i(lane(b), lane(a))),
-            _mm256_set_m128i(lane(b + 8), lane(a + 8)),
-        )
+    // 9+2j), one per 128-bit lane, whose third bits (Q3_K) are hmask bits j and 4 + j. With
+    // the first 8 scales (i16) in lanes 0, 1 and the last 8 in lanes 2, 3, `vpshufb` picks
+    // i16 2j (lanes 0, 2) and 2j + 1 (lanes 1, 3): cheaper than `vpermw` per vector.
+    let pick: [__m512i; 4] = std::array::from_fn(|j| {
+        let i16_at = |i: usize| _mm_set1_epi16((0x0100 * (2 * i + 1) + 2 * i) as i16);
+        let (a, b) = (i16_at(2 * j), i16_at(2 * j + 1));
+        let ab = _mm256_set_m128i(b, a);
+        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(ab), ab)
     });
     let hbits: [__m512i; 4] = std::array::from_fn(|j| halves8(1 << j, 1 << (4 + j)));
     let m3 = _mm512_set1_epi8(3);
@@ -146,18 +146,24 @@ unsafe fn rows4<const Q3: bool>(w: [*const u8; 4], nb: usize, act: &Rows, t: usi
             let qs = _mm512_loadu_si512(p.add(qs_at(Q3)).cast());
             let (sc16, mn16) = scales_mins::<Q3>(p);
             let sc = _mm512_castsi256_si512(sc16);
+            let sc = _mm512_shuffle_i64x2::<0b01_01_00_00>(sc, sc);
             let hm = match Q3 {
                 true => _mm512_broadcast_i64x4(_mm256_loadu_si256(p.cast())),
                 false => _mm512_setzero_si512(),
             };
-            for j in 0..4 {
-                let q = _mm512_srl_epi16(qs, _mm_cvtsi32_si128(2 * j as i32));
+            let shifted = [
+                qs,
+                _mm512_srli_epi16::<2>(qs),
+                _mm512_srli_epi16::<4>(qs),
+                _mm512_srli_epi16::<6>(qs),
+            ];
+            for (j, q) in shifted.into_iter().enumerate() {
                 let mut q = _mm512_and_si512(q, m3);
                 if Q3 {
                     q = third_bits(q, hm, hbits[j]);
                 }
                 let prod = _mm512_maddubs_epi16(q, x[j]);
-                s[r] = _mm512_dpwssd_epi32(s[r], prod, _mm512_permutexvar_epi16(index[j], sc));
+                s[r] = _mm512_dpwssd_epi32(s[r], prod, _mm512_shuffle_epi8(sc, pick[j]));
             }
             match Q3 {
                 // Less `4 Σ_s sc_s X_s`.
@@ -231,8 +237,13 @@ unsafe fn rows4_avx2<const Q3: bool>(
                     0 => _mm256_permute2x128_si256::<0x00>(sc16, sc16),
                     _ => _mm256_permute2x128_si256::<0x11>(sc16, sc16),
                 };
-                for (j, &pick) in pick.iter().enumerate() {
-                    let q = _mm256_srl_epi16(qs, _mm_cvtsi32_si128(2 * j as i32));
+                let shifted = [
+                    qs,
+                    _mm256_srli_epi16::<2>(qs),
+                    _mm256_srli_epi16::<4>(qs),
+                    _mm256_srli_epi16::<6>(qs),
+                ];
+                for (j, (q, &pick)) in shifted.into_iter().zip(&pick).enumerate() {
                     let mut q = _mm256_and_si256(q, m3);
                     if Q3 {
                         let bit = _mm256_set1_epi8((1u8 << (4 * half + j)) as i8);
