@@ -4,8 +4,8 @@
 //! the same order as Q6_K's nibbles (`q6k`).
 //!
 //! - `block_q2_K` (84 bytes): 16 bytes of scales (low nibbles) and mins (high nibbles), `qs`,
-//!   `d`, `dmin`. Value `i` of run `s` is `d·sc_s·q_i − dmin·m_s`:
-//!   `S_b = Σ_s sc_s Σ_{i∈s} q_i x_i`, `M_b = Σ_s m_s Σ_{i∈s} x_i`, as Q4_K with runs of 16.
+//!   `d`, `dmin`. Value `i` of run `s` is `d·sc_s·q_i − dmin·m_s`: as Q4_K with runs of 16,
+//!   `S_b = Σ_s sc_s Σ_{i∈s} q_i x_i`, `M_b = Σ_s m_s Σ_{i∈s} x_i`.
 //! - `block_q3_K` (110 bytes): 32 bytes `hmask`, `qs`, 12 bytes of 6-bit scales, `d`. Value
 //!   `32c + l` is `d·sc_s·(u − 4)`, `u = q | 4·(bit c of hmask[l])` (0..8), `sc_s` signed:
 //!   `S_b = Σ_s sc_s (Σ_{i∈s} u_i x_i − 4 Σ_{i∈s} x_i)`, as Q6_K with an offset of 4.
