@@ -78,7 +78,8 @@ def test_accessors(f32_inference, fixture_dir):
 
 
 @pytest.mark.parametrize(
-    "quant", ["q8_0", "q4_0", "q4_1", "q5_1", "q4_k_m", "q6_k", "iq4_nl", "iq4_xs"]
+    "quant",
+    ["q8_0", "q4_0", "q4_1", "q5_1", "q2_k", "q3_k_m", "q4_k_m", "q6_k", "iq4_nl", "iq4_xs"],
 )
 def test_adapter_on_quantized_bases_matches_llama_cpp(fixture_dir, ref, quant, device):
     """Path checked: ggml numerics (8-bit activations in the base matmuls), reference

@@ -463,6 +463,8 @@ mod tests {
             TensorType::Q8_0,
             TensorType::Q4_1,
             TensorType::Q5_1,
+            TensorType::Q2K,
+            TensorType::Q3K,
             TensorType::Q4K,
             TensorType::Q6K,
             TensorType::IQ4NL,

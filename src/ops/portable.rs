@@ -1,10 +1,12 @@
-//! The portable `y = x Wᵀ` with the integer kernels' numerics (see `qmatmul`), for the ten
+//! The portable `y = x Wᵀ` with the integer kernels' numerics (see `qmatmul`), for the twelve
 //! formats those kernels read. `Weight::matmul` takes it for the formats whose products candle
-//! does not compute as ggml does (`supports`): IQ4_NL and IQ4_XS (candle does not read them),
-//! Q4_1 and Q5_1 (candle multiplies Q8_1's sums in f16 arithmetic); for the others it is the
-//! scalar model the SIMD kernels are tested against, bit for bit. Activations are rounded as
-//! candle's `from_float` rounds them (Q8_0 for the 32-value formats, Q8_K for the others);
-//! each weight block adds its exact integer sums through `Format::steps`, blocks in order.
+//! does not compute as ggml does, or not on every CPU (`supports`): IQ4_NL and IQ4_XS (candle
+//! does not read them), Q4_1 and Q5_1 (candle multiplies Q8_1's sums in f16 arithmetic), Q2_K
+//! and Q3_K (candle's aarch64 kernels use `sdot` without checking that the CPU has it); for the
+//! others it is the scalar model the SIMD kernels are tested against, bit for bit. Activations
+//! are rounded as candle's `from_float` rounds them (Q8_0 for the 32-value formats, Q8_K for
+//! the others); each weight block adds its exact integer sums through `Format::steps`, blocks
+//! in order.
 
 use rayon::prelude::*;
 
@@ -17,35 +19,36 @@ const QK: usize = 32;
 const QK_K: usize = 256;
 
 /// Whether `Weight::matmul` takes this module's product for `dtype` (candle has none that
-/// matches ggml's).
+/// matches ggml's and runs on every CPU).
 pub fn supports(dtype: TensorType) -> bool {
-    matches!(
-        dtype,
-        TensorType::IQ4NL | TensorType::IQ4XS | TensorType::Q4_1 | TensorType::Q5_1
-    )
+    use TensorType::*;
+    matches!(dtype, IQ4NL | IQ4XS | Q4_1 | Q5_1 | Q2K | Q3K)
 }
 
 /// What a weight block adds after its first step `y = fma(S_b, d_w·d_x, y)`.
 pub(crate) enum Min {
     None,
-    /// Q4_1, Q5_1: `y = fma(m_w, s_x, y)`, `m_w` the f16 at byte 2 and `s_x` ggml's Q8_1 sum.
+    /// Q4_1, Q5_1: `y = fma(m_w, s_x, y)`, `m_w` the f16 at `DMIN_AT` and `s_x` ggml's Q8_1
+    /// sum.
     Block,
-    /// Q4_K, Q5_K: `y = fma(−M_b, dmin_w·d_x, y)`, `dmin_w` the f16 at byte 2 and
-    /// `M_b = Σ_s min_s Σ_{i∈s} x_i` over the 8 sub-blocks of 32.
+    /// Q2_K, Q4_K, Q5_K: `y = fma(−M_b, dmin_w·d_x, y)`, `dmin_w` the f16 at `DMIN_AT` and
+    /// `M_b = Σ_j min_j Σ_{i∈run j} x_i` over the runs of `RUN` values (Q4_K, Q5_K: 8 of 32;
+    /// Q2_K: 16 of 16).
     SubBlocks,
 }
 
 /// A weight format as every kernel reads it: its blocks' values (as signed bytes, in order,
-/// 32 at a time), their scales per run of `RUN` values, and the float steps of the module
-/// comment. The exact integer sum of a block is `S_b = Σ_j scale_j Σ_{i∈run j} v_i x_i`.
+/// 32 at a time), their scales (and mins) per run of `RUN` values, and the float steps of the
+/// module comment. The exact integer sum of a block is `S_b = Σ_j scale_j Σ_{i∈run j} v_i x_i`.
 pub(crate) trait Format: Sync {
     /// Values and bytes per block (ggml's layout).
     const VALUES: usize;
     const BYTES: usize;
-    /// Values per scale: 32, or 16 (Q6_K).
+    /// Values per scale: 32, or 16 (Q2_K, Q3_K, Q6_K).
     const RUN: usize = 32;
-    /// Where `d` (f16) is.
+    /// Where `d` (f16) is, and the second f16 of `Min::Block` and `Min::SubBlocks`.
     const D_AT: usize = 0;
+    const DMIN_AT: usize = 2;
     const MIN: Min = Min::None;
 
     /// Values `32c..32c + 32` of the block `w`.
@@ -56,9 +59,9 @@ pub(crate) trait Format: Sync {
         [1; 16]
     }
 
-    /// The 8 sub-block mins (`Min::SubBlocks`).
-    fn mins(_w: &[u8]) -> [i32; 8] {
-        [0; 8]
+    /// The min of each run of `RUN` values (`Min::SubBlocks`).
+    fn mins(_w: &[u8]) -> [i32; 16] {
+        [0; 16]
     }
 
     /// The block's float steps on `acc`, its exact sums `s` (`S_b`) and `m` (`M_b`) in hand,
@@ -69,8 +72,8 @@ pub(crate) trait Format: Sync {
         let acc = (s as f32).mul_add(f16_at(w, Self::D_AT) * d_x, acc);
         match Self::MIN {
             Min::None => acc,
-            Min::Block => f16_at(w, 2).mul_add(s_x, acc),
-            Min::SubBlocks => (-(m as f32)).mul_add(f16_at(w, 2) * d_x, acc),
+            Min::Block => f16_at(w, Self::DMIN_AT).mul_add(s_x, acc),
+            Min::SubBlocks => (-(m as f32)).mul_add(f16_at(w, Self::DMIN_AT) * d_x, acc),
         }
     }
 }
@@ -87,6 +90,8 @@ pub(crate) type Q4K = KQuant<false>;
 pub(crate) type Q5K = KQuant<true>;
 pub(crate) struct Q6K;
 pub(crate) struct IQ4XS;
+pub(crate) struct Q2K;
+pub(crate) struct Q3K;
 
 /// 32 values from 16 bytes of nibbles (low nibbles first) and, with `qh`, a fifth bit each
 /// (bit `i` of `qh` above value `i`), less `off`.
@@ -197,8 +202,9 @@ impl<const HIGH: bool> Format for KQuant<HIGH> {
         std::array::from_fn(|j| if j < 8 { sc[j] } else { 0 })
     }
 
-    fn mins(w: &[u8]) -> [i32; 8] {
-        k_scales_mins(w).1
+    fn mins(w: &[u8]) -> [i32; 16] {
+        let mn = k_scales_mins(w).1;
+        std::array::from_fn(|j| if j < 8 { mn[j] } else { 0 })
     }
 }
 
@@ -241,6 +247,67 @@ impl Format for IQ4XS {
     }
 }
 
+/// Values `32c..32c+32` of a block whose 2-bit values (Q2_K, Q3_K) lie in the 64 bytes `qs`:
+/// value `128h + 32j + l` is bits `2j, 2j + 1` of `qs[32h + l]`.
+fn crumbs(qs: &[u8], c: usize) -> [u8; 32] {
+    let (h, j) = (c / 4, c % 4);
+    std::array::from_fn(|l| (qs[32 * h + l] >> (2 * j)) & 3)
+}
+
+/// `block_q2_K` (84 bytes): 16 bytes of 4-bit scales (low nibbles) and mins (high nibbles),
+/// one each per 16 values, 64 bytes `qs` of 2-bit values (`crumbs`), `d`, `dmin`. Value `i`
+/// is `d·sc·q_i − dmin·m` with its run's `sc` and `m`.
+impl Format for Q2K {
+    const VALUES: usize = QK_K;
+    const BYTES: usize = 84;
+    const RUN: usize = 16;
+    const D_AT: usize = 80;
+    const DMIN_AT: usize = 82;
+    const MIN: Min = Min::SubBlocks;
+
+    fn values(w: &[u8], c: usize) -> [i8; 32] {
+        crumbs(&w[16..80], c).map(|q| q as i8)
+    }
+
+    fn scales(w: &[u8]) -> [i32; 16] {
+        std::array::from_fn(|j| (w[j] & 0xf) as i32)
+    }
+
+    fn mins(w: &[u8]) -> [i32; 16] {
+        std::array::from_fn(|j| (w[j] >> 4) as i32)
+    }
+}
+
+/// The 16 scales `sc − 32` of a Q3_K block, 6 bits each in 12 bytes `q` (ggml's `kmask`
+/// shuffle): the low 4 bits of scale `j` are nibble `j / 8` of `q[j % 8]`, the high 2 bits
+/// bits `2(j / 4)..` of `q[8 + j % 4]`.
+fn q3k_scales(q: &[u8]) -> [i32; 16] {
+    std::array::from_fn(|j| {
+        let low = (q[j % 8] >> (4 * (j / 8))) & 0xf;
+        let high = (q[8 + j % 4] >> (2 * (j / 4))) & 3;
+        (low | high << 4) as i32 - 32
+    })
+}
+
+/// `block_q3_K` (110 bytes): 32 bytes `hmask`, 64 bytes `qs` of 2-bit values (`crumbs`), 12
+/// bytes of 6-bit scales (`q3k_scales`, one per 16 values), `d`. Value `32c + l` is
+/// `d·sc·(q − 4)` with `q` its 2 bits and bit `c` of `hmask[l]` as bit 2.
+impl Format for Q3K {
+    const VALUES: usize = QK_K;
+    const BYTES: usize = 110;
+    const RUN: usize = 16;
+    const D_AT: usize = 108;
+
+    fn values(w: &[u8], c: usize) -> [i8; 32] {
+        let low = crumbs(&w[32..96], c);
+        std::array::from_fn(|l| (low[l] | ((w[l] >> c) & 1) << 2) as i8 - 4)
+    }
+
+    fn scales(w: &[u8]) -> [i32; 16] {
+        q3k_scales(&w[96..108])
+    }
+}
+
 /// The exact sums `(S_b, M_b)` of block `w` against the activations `x` of its values.
 fn sums<F: Format>(w: &[u8], x: &[i8]) -> (i32, i32) {
     let scales = F::scales(w);
@@ -255,7 +322,7 @@ fn sums<F: Format>(w: &[u8], x: &[i8]) -> (i32, i32) {
     let m = match F::MIN {
         Min::SubBlocks => {
             let x_sums = x
-                .chunks(32)
+                .chunks(F::RUN)
                 .map(|x| x.iter().map(|&x| x as i32).sum::<i32>());
             F::mins(w).iter().zip(x_sums).map(|(m, x)| m * x).sum()
         }
@@ -319,7 +386,7 @@ impl<const N: usize> Act<N> {
     }
 }
 
-/// `y[m, n_rows] = x[m, k] · Wᵀ` for `W` stored as `dtype`, one of the ten formats of
+/// `y[m, n_rows] = x[m, k] · Wᵀ` for `W` stored as `dtype`, one of the twelve formats of
 /// `Format` (`supports(dtype)` for `Weight::matmul`).
 pub fn matmul(dtype: TensorType, data: &[u8], n_rows: usize, k: usize, x: &[f32], y: &mut [f32]) {
     match dtype {
@@ -333,6 +400,8 @@ pub fn matmul(dtype: TensorType, data: &[u8], n_rows: usize, k: usize, x: &[f32]
         TensorType::Q5K => products::<Q5K, QK_K>(data, n_rows, k, x, y),
         TensorType::Q6K => products::<Q6K, QK_K>(data, n_rows, k, x, y),
         TensorType::IQ4XS => products::<IQ4XS, QK_K>(data, n_rows, k, x, y),
+        TensorType::Q2K => products::<Q2K, QK_K>(data, n_rows, k, x, y),
+        TensorType::Q3K => products::<Q3K, QK_K>(data, n_rows, k, x, y),
         _ => unreachable!("portable::matmul takes the formats of `Format`"),
     }
 }

@@ -22,7 +22,8 @@ pub enum DeviceWeight {
     /// f32, f16 or bf16, as stored in the file.
     Dense(Tensor),
     /// On the CPU, the formats whose candle kernels round the activations otherwise than ggml
-    /// (Q8_0: in blocks of 256; Q4_1, Q5_1: Q8_1's sums in f16 arithmetic): lugh's own.
+    /// (Q8_0: in blocks of 256; Q4_1, Q5_1: Q8_1's sums in f16 arithmetic) or need `sdot`
+    /// on aarch64 (Q2_K, Q3_K): lugh's own.
     Host(Weight),
 }
 
@@ -53,7 +54,11 @@ impl DeviceWeight {
         let shape = (weight.n_rows, weight.n_cols);
         let host_rounding = matches!(
             weight.dtype,
-            TensorType::Q8_0 | TensorType::Q4_1 | TensorType::Q5_1
+            TensorType::Q8_0
+                | TensorType::Q4_1
+                | TensorType::Q5_1
+                | TensorType::Q2K
+                | TensorType::Q3K
         );
         if device.is_cpu() && host_rounding {
             return Ok(DeviceWeight::Host(weight.clone()));

@@ -6,8 +6,8 @@
 //! **Numerics.** Each token is quantized as ggml does for the weight's dot type (Q8_K for the
 //! K-quants, Q8_0 for the 32-value blocks), bit for bit as candle's `from_float`. For each
 //! weight block `b` and token, a kernel computes exact integer sums — `S_b`, the block's
-//! scaled dot product, and for Q4_K `M_b = Σ_s min_s · Σ_{i∈s} x_i` — and accumulates in f32,
-//! blocks in order:
+//! scaled dot product, and for Q2_K, Q4_K and Q5_K `M_b = Σ_s min_s · Σ_{i∈s} x_i` — and
+//! accumulates in f32, blocks in order:
 //!
 //! ```text
 //!     y = 0;  y = fma(S_b, d_w·d_x, y);  y = fma(M_b, -(dmin_w·d_x), y)   for b = 0, 1, ...
@@ -27,17 +27,18 @@
 //!   (`act::Groups`), and one `vpdpbusd` multiplies 4 weights (broadcast) with 4 values of 16
 //!   tokens: 64 multiply-adds per instruction, on 8 accumulators at a time.
 //!
-//! `ops::portable` performs the same sequence in scalar code, for all ten integer formats: the
-//! tests hold every kernel to its bits.
+//! `ops::portable` performs the same sequence in scalar code, for all twelve integer formats:
+//! the tests hold every kernel to its bits.
 //!
 //! Files: `act` quantizes the activations, `driver` splits a product into tasks and runs the
-//! kernels of one format (`q4k` for Q4_K and Q5_K, `q6k`, `iq4xs`, `q8_0` for Q8_0, Q4_0, Q4_1,
-//! Q5_0, Q5_1 and IQ4_NL), `simd` holds what they share; those six files are x86-64's. `neon`
-//! has aarch64's kernels for all ten integer formats, reading the blocks' values as
-//! `portable::Format` describes them. `halves`, for F16 and BF16, has ggml's numerics for them
-//! (activations rounded to the weights' format, one fixed sum order), its own simpler driver,
-//! and the kernels of both architectures: `halves::x86` (rows and tiles, AVX-512 and AVX2) and
-//! `halves::neon` (rows, every batch size), the same bits on all three.
+//! kernels of one format (`q23k` for Q2_K and Q3_K, `q4k` for Q4_K and Q5_K, `q6k`, `iq4xs`,
+//! `q8_0` for Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and IQ4_NL), `simd` holds what they share; those
+//! seven files are x86-64's. `neon` has aarch64's kernels for all twelve integer formats,
+//! reading the blocks' values as `portable::Format` describes them. `halves`, for F16 and
+//! BF16, has ggml's numerics for them (activations rounded to the weights' format, one fixed
+//! sum order), its own simpler driver, and the kernels of both architectures: `halves::x86`
+//! (rows and tiles, AVX-512 and AVX2) and `halves::neon` (rows, every batch size), the same
+//! bits on all three.
 
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod act;
@@ -49,6 +50,8 @@ mod halves;
 mod iq4xs;
 #[cfg(target_arch = "aarch64")]
 mod neon;
+#[cfg(target_arch = "x86_64")]
+mod q23k;
 #[cfg(target_arch = "x86_64")]
 mod q4k;
 #[cfg(target_arch = "x86_64")]
@@ -125,22 +128,17 @@ fn best_isa() -> Isa {
     Isa::Portable
 }
 
-/// Whether `matmul` has kernels for `dtype` on this CPU.
+/// Whether `matmul` has kernels for `dtype` on this CPU: every type but f32 on AVX-512, AVX2
+/// and NEON alike, none at the portable level.
 pub(crate) fn supports(dtype: TensorType) -> bool {
     use TensorType::*;
-    match isa() {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx2 => matches!(
-            dtype,
-            F16 | BF16 | Q4K | Q5K | Q6K | Q8_0 | Q4_0 | Q5_0 | Q4_1 | Q5_1 | IQ4NL | IQ4XS
-        ),
-        #[cfg(target_arch = "aarch64")]
-        Isa::Neon => matches!(
-            dtype,
-            F16 | BF16 | Q4K | Q5K | Q6K | Q8_0 | Q4_0 | Q5_0 | Q4_1 | Q5_1 | IQ4NL | IQ4XS
-        ),
-        Isa::Portable => false,
-    }
+    #[rustfmt::skip]
+    let kernels = matches!(
+        dtype,
+        F16 | BF16 | Q8_0 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | IQ4NL
+            | Q2K | Q3K | Q4K | Q5K | Q6K | IQ4XS
+    );
+    kernels && isa() != Isa::Portable
 }
 
 /// `y[m, n_rows] = x[m, k] · Wᵀ` for `W` stored as `dtype` in `data` (`n_rows` rows of `k`
@@ -182,6 +180,8 @@ pub(crate) fn matmul(
             (Q5K, true) => run_rows::<Avx2<q4k::Q5K>>(data, n_rows, k, x, y),
             (Q6K, true) => run_rows::<Avx2<q6k::Q6K>>(data, n_rows, k, x, y),
             (IQ4XS, true) => run_rows::<Avx2<iq4xs::IQ4XS>>(data, n_rows, k, x, y),
+            (Q2K, true) => run_rows::<Avx2<q23k::Q2K>>(data, n_rows, k, x, y),
+            (Q3K, true) => run_rows::<Avx2<q23k::Q3K>>(data, n_rows, k, x, y),
             (Q4K, false) => run::<q4k::Q4K>(data, n_rows, k, x, y),
             (Q5K, false) => run::<q4k::Q5K>(data, n_rows, k, x, y),
             (Q6K, false) => run::<q6k::Q6K>(data, n_rows, k, x, y),
@@ -192,6 +192,8 @@ pub(crate) fn matmul(
             (Q5_1, false) => run::<q8_0::Q5_1>(data, n_rows, k, x, y),
             (IQ4NL, false) => run::<q8_0::IQ4NL>(data, n_rows, k, x, y),
             (IQ4XS, false) => run::<iq4xs::IQ4XS>(data, n_rows, k, x, y),
+            (Q2K, false) => run::<q23k::Q2K>(data, n_rows, k, x, y),
+            (Q3K, false) => run::<q23k::Q3K>(data, n_rows, k, x, y),
             _ => unreachable!("supports() lists the types above"),
         }
     }

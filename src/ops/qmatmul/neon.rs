@@ -13,7 +13,7 @@ use super::driver::{run_rows, RowKernel};
 use crate::gguf::TensorType;
 use crate::ops::iq4::KVALUES;
 use crate::ops::portable::{
-    Format, KQuant, Min, IQ4NL, IQ4XS, Q4K, Q4_0, Q4_1, Q5K, Q5_0, Q5_1, Q6K, Q8_0,
+    Format, KQuant, Min, IQ4NL, IQ4XS, Q2K, Q3K, Q4K, Q4_0, Q4_1, Q5K, Q5_0, Q5_1, Q6K, Q8_0,
 };
 
 /// `y[m, n_rows] = x[m, k] · Wᵀ` for `W` stored as `dtype` (`supports(dtype)` on NEON), with
@@ -52,6 +52,8 @@ fn matmul_with<D: Dot>(
         TensorType::Q5K => run_rows::<Neon<Q5K, D>>(data, n_rows, k, x, y),
         TensorType::Q6K => run_rows::<Neon<Q6K, D>>(data, n_rows, k, x, y),
         TensorType::IQ4XS => run_rows::<Neon<IQ4XS, D>>(data, n_rows, k, x, y),
+        TensorType::Q2K => run_rows::<Neon<Q2K, D>>(data, n_rows, k, x, y),
+        TensorType::Q3K => run_rows::<Neon<Q3K, D>>(data, n_rows, k, x, y),
         _ => unreachable!("supports() lists the NEON types"),
     }
 }
@@ -155,7 +157,11 @@ unsafe fn rows4<F: Vectors, D: Dot>(
             let block = std::slice::from_raw_parts(p, F::BYTES);
             let m = match F::MIN {
                 Min::SubBlocks => {
-                    let x_sums = &act.sums[i * Q8K_SUMS..][..8];
+                    // The activations' sums over the runs: 8 of 32, or 16 of 16 (Q2_K).
+                    let x_sums = match F::RUN {
+                        32 => &act.sums[i * Q8K_SUMS..][..8],
+                        _ => &act.sums[i * Q8K_SUMS + 8..][..16],
+                    };
                     let mins = F::mins(block);
                     mins.iter().zip(x_sums).map(|(&m, &x)| m * x as i32).sum()
                 }
@@ -316,6 +322,37 @@ impl Vectors for Q6K {
             vorrq_u8(low, vshlq_n_u8::<4>(vandq_u8(high, vdupq_n_u8(3))))
         });
         less(v, 32)
+    }
+}
+
+/// Values `32c..32c + 32` of the 2-bit values in the 64 bytes at `qs` (Q2_K, Q3_K): bits
+/// `2j, 2j + 1` of `qs[32h..32h + 32]`, `c = 4h + j`.
+#[inline(always)]
+unsafe fn crumbs(qs: *const u8, c: usize) -> [uint8x16_t; 2] {
+    let (h, j) = (c / 4, c % 4);
+    std::array::from_fn(|k| {
+        let q = vshlq_u8(vld1q_u8(qs.add(32 * h + 16 * k)), vdupq_n_s8(-2 * j as i8));
+        vandq_u8(q, vdupq_n_u8(3))
+    })
+}
+
+impl Vectors for Q2K {
+    #[inline(always)]
+    unsafe fn vectors(p: *const u8, c: usize) -> [int8x16_t; 2] {
+        less(crumbs(p.add(16), c), 0)
+    }
+}
+
+impl Vectors for Q3K {
+    #[inline(always)]
+    unsafe fn vectors(p: *const u8, c: usize) -> [int8x16_t; 2] {
+        // Bit c of hmask[l] is bit 2 of value 32c + l.
+        let bit = vdupq_n_u8(1 << c);
+        let high = std::array::from_fn(|k| {
+            let set = vtstq_u8(vld1q_u8(p.add(16 * k)), bit);
+            vandq_u8(set, vdupq_n_u8(4))
+        });
+        less(or(crumbs(p.add(32), c), high), 4)
     }
 }
 

@@ -15,8 +15,8 @@ use core::arch::x86_64::*;
 use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
 use super::driver::{Avx2Rows, Format, RowKernel};
 use super::simd::{
-    add_block, bcast4, f16_at, halves4, hsum4, hsum4_avx2, lane_sums, prefetch_l2,
-    scaled_subblocks, tile_values, Ahead, PREFETCH_K_QUANTS,
+    add_block, f16_at, halves4, hsum4, hsum4_avx2, lane_sums, prefetch_l2, scaled_subblocks,
+    sub_mins, tile_values, Ahead, PREFETCH_K_QUANTS,
 };
 
 /// Q4_K (`HIGH = false`) or Q5_K (`HIGH = true`, the fifth bits merged in).
@@ -383,22 +383,8 @@ unsafe fn tile<const T: usize>(
         let s = scaled_subblocks::<T, 8>(u.map(|u| u.add(U_Q)), sc, xb, zero);
         let dw: [*const f32; 4] = std::array::from_fn(|r| u[r].add(U_D).cast());
         add_block(&mut f, &s, dw.map(|d| d.read()), act, g, nb, b);
-        // Then each accumulator's second step: `fma(M, -(dmin_w · d_x), f)`.
-        for i in 0..T {
-            let blk = g[i] * nb + b;
-            let dx = _mm512_loadu_ps(act.d[blk * 16..].as_ptr());
-            let xp: [__m512i; 4] = std::array::from_fn(|p| {
-                _mm512_loadu_si512(act.extra[(blk * 4 + p) * 16..].as_ptr().cast())
-            });
-            for r in 0..4 {
-                let mut m = _mm512_setzero_si512();
-                for (p, &xp) in xp.iter().enumerate() {
-                    m = _mm512_dpwssd_epi32(m, bcast4(u[r].add(U_MP + 4 * p)), xp);
-                }
-                let dmin = _mm512_mul_ps(_mm512_set1_ps(dw[r].add(1).read()), dx);
-                f[r][i] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(m), dmin, f[r][i]);
-            }
-        }
+        let dmin = dw.map(|d| d.add(1).read());
+        sub_mins::<T, 4>(&mut f, u.map(|u| u.add(U_MP)), dmin, act, g, nb, b);
     }
     tile_values(f)
 }

@@ -163,6 +163,42 @@ pub(crate) unsafe fn add_block<const T: usize>(
     }
 }
 
+/// The second float step of the tiles of the formats with mins (Q2_K, Q4_K, Q5_K), for weight
+/// block `b` of 4 rows: `f[r][i] = fma(−M[r][i], dmin_w[r] · d_x, f[r][i])`, `M` made of the
+/// `P` i16 pairs of mins `(m_2p, m_2p+1)` at `mins[r]` and the groups' `P` extras, the pairs of
+/// the activations' sums over the same runs.
+///
+/// # Safety
+/// AVX-512 F/BW/VL/VNNI; `mins[r]` readable for `4 P` bytes; `g[i] < act.n_groups`, and `act`
+/// holds `nb` blocks of `P` extras.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(crate) unsafe fn sub_mins<const T: usize, const P: usize>(
+    f: &mut [[__m512; T]; 4],
+    mins: [*const u8; 4],
+    dmin_w: [f32; 4],
+    act: &Groups,
+    g: [usize; T],
+    nb: usize,
+    b: usize,
+) {
+    for i in 0..T {
+        let blk = g[i] * nb + b;
+        let d_x = _mm512_loadu_ps(act.d[blk * 16..].as_ptr());
+        let xp: [__m512i; P] = std::array::from_fn(|p| {
+            _mm512_loadu_si512(act.extra[(blk * P + p) * 16..].as_ptr().cast())
+        });
+        for r in 0..4 {
+            let mut m = _mm512_setzero_si512();
+            for (p, &xp) in xp.iter().enumerate() {
+                m = _mm512_dpwssd_epi32(m, bcast4(mins[r].add(4 * p)), xp);
+            }
+            let dmin = _mm512_mul_ps(_mm512_set1_ps(dmin_w[r]), d_x);
+            f[r][i] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(m), dmin, f[r][i]);
+        }
+    }
+}
+
 /// A tile kernel's accumulators as the `[row][group][token]` floats it returns.
 #[inline]
 #[target_feature(enable = "avx512f")]

@@ -2,7 +2,8 @@
 //! random values and on random block bytes; one token alone against the same token in a batch.
 
 use candle_core::quantized::k_quants::{
-    BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8_0, GgmlType,
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
+    BlockQ8_0, GgmlType,
 };
 
 use super::*;
@@ -37,6 +38,8 @@ fn weights(dtype: TensorType, n_rows: usize, k: usize, seed: u64) -> Vec<u8> {
     let halves: &[usize] = match dtype {
         TensorType::Q4K | TensorType::Q5K => &[0, 2],
         TensorType::Q6K => &[208],
+        TensorType::Q2K => &[80, 82],
+        TensorType::Q3K => &[108],
         TensorType::Q4_1 | TensorType::Q5_1 => &[0, 2],
         _ => &[0],
     };
@@ -112,20 +115,7 @@ fn check_within<T: GgmlType>(dtype: TensorType, n_rows: usize, k: usize, rel: f6
         assert!(matmul(dtype, &data, n_rows, k, &x, &mut y));
         y
     };
-    let (theirs, naive, scale) = references::<T>(&data, n_rows, k, &x);
-    for (i, &v) in all.iter().enumerate() {
-        let tol = rel * scale[i] + 1e-6;
-        assert!(
-            (v as f64 - theirs[i] as f64).abs() <= tol,
-            "{dtype} k={k} [{i}]: {v} vs candle {}",
-            theirs[i]
-        );
-        assert!(
-            (v as f64 - naive[i]).abs() <= tol,
-            "{dtype} k={k} [{i}]: {v} vs dequantized {}",
-            naive[i]
-        );
-    }
+    assert_near_references::<T>(dtype, &data, n_rows, k, &x, &all, rel);
     // Any batch size, either kernel: each token's outputs are the same bits.
     for m in [1, 2, 3, 4, 5, 6, 16, 17, 31] {
         let mut y = vec![0f32; m * n_rows];
@@ -411,6 +401,55 @@ fn iq4_xs_equals_the_portable_product() {
     }
 }
 
+/// The portable product alone (on any CPU) within 2e-6 of candle's and the dequantized one.
+fn check_portable_references<T: GgmlType>(dtype: TensorType, n_rows: usize, k: usize) {
+    let data = weights(dtype, n_rows, k, k as u64);
+    let mut rng = Rng(13);
+    let x: Vec<f32> = (0..5 * k).map(|_| 3.0 * rng.float()).collect();
+    let mut ours = vec![0f32; 5 * n_rows];
+    crate::ops::portable::matmul(dtype, &data, n_rows, k, &x, &mut ours);
+    assert_near_references::<T>(dtype, &data, n_rows, k, &x, &ours, 2e-6);
+}
+
+/// `ours`, the product of `data` and `x`, within `rel` of the sums of magnitudes from candle's
+/// and from the dequantized one.
+fn assert_near_references<T: GgmlType>(
+    dtype: TensorType,
+    data: &[u8],
+    n_rows: usize,
+    k: usize,
+    x: &[f32],
+    ours: &[f32],
+    rel: f64,
+) {
+    let (theirs, naive, scale) = references::<T>(data, n_rows, k, x);
+    for (i, &v) in ours.iter().enumerate() {
+        let tol = rel * scale[i] + 1e-6;
+        assert!(
+            (v as f64 - theirs[i] as f64).abs() <= tol,
+            "{dtype} k={k} [{i}]: {v} vs candle {}",
+            theirs[i]
+        );
+        assert!(
+            (v as f64 - naive[i]).abs() <= tol,
+            "{dtype} k={k} [{i}]: {v} vs dequantized {}",
+            naive[i]
+        );
+    }
+}
+
+#[test]
+fn q2_k_and_q3_k_match_candle() {
+    for k in [256, 768, 2048] {
+        check_portable_references::<BlockQ2K>(TensorType::Q2K, 13, k);
+        check_portable_references::<BlockQ3K>(TensorType::Q3K, 13, k);
+        check::<BlockQ2K>(TensorType::Q2K, 13, k);
+        check_portable(TensorType::Q2K, 13, k);
+        check::<BlockQ3K>(TensorType::Q3K, 13, k);
+        check_portable(TensorType::Q3K, 13, k);
+    }
+}
+
 /// The AVX2 row kernel of one format on `n_rows` rows of `k` values: bit for bit against the
 /// portable product, within a tolerance of candle's (where candle reads the format as ggml
 /// does) and the dequantized one; and bit for bit against the AVX-512 kernels where the CPU
@@ -481,6 +520,8 @@ fn avx2_row_kernels_match_candle_and_the_avx512_kernels() {
         check_avx2::<q4k::Q5K, BlockQ5K>(TensorType::Q5K, 13, k);
         check_avx2::<q6k::Q6K, BlockQ6K>(TensorType::Q6K, 13, k);
         check_avx2::<iq4xs::IQ4XS, BlockQ4K>(TensorType::IQ4XS, 13, k);
+        check_avx2::<q23k::Q2K, BlockQ2K>(TensorType::Q2K, 13, k);
+        check_avx2::<q23k::Q3K, BlockQ3K>(TensorType::Q3K, 13, k);
     }
 }
 
@@ -572,13 +613,15 @@ fn neon_row_kernels_equal_the_portable_product() {
         check_neon::<Q5K>(TensorType::Q5K, 13, k);
         check_neon::<Q6K>(TensorType::Q6K, 13, k);
         check_neon::<IQ4XS>(TensorType::IQ4XS, 13, k);
+        check_neon::<Q2K>(TensorType::Q2K, 13, k);
+        check_neon::<Q3K>(TensorType::Q3K, 13, k);
     }
 }
 
 #[test]
 fn other_types_are_declined() {
     let mut y = vec![0f32; 2];
-    let data = quantize(TensorType::Q3K, &[0.5; 512]);
-    assert!(!matmul(TensorType::Q3K, &data, 2, 256, &[1.0; 256], &mut y));
+    let data = quantize(TensorType::F32, &[0.5; 512]);
+    assert!(!matmul(TensorType::F32, &data, 2, 256, &[1.0; 256], &mut y));
     assert_eq!(y, [0.0, 0.0]);
 }
