@@ -166,7 +166,7 @@ pub(crate) fn matmul(
     }
     #[cfg(target_arch = "x86_64")]
     {
-        use driver::{run, run_rows, Avx2};
+        use driver::{run, Avx2};
         use TensorType::*;
         let avx2 = isa() == Isa::Avx2;
         match (dtype, avx2) {
@@ -178,10 +178,10 @@ pub(crate) fn matmul(
             (Q4_1, true) => run::<Avx2<q8_0::Q4_1>>(data, n_rows, k, x, y),
             (Q5_1, true) => run::<Avx2<q8_0::Q5_1>>(data, n_rows, k, x, y),
             (IQ4NL, true) => run::<Avx2<q8_0::IQ4NL>>(data, n_rows, k, x, y),
-            (Q4K, true) => run_rows::<Avx2<q4k::Q4K>>(data, n_rows, k, x, y),
-            (Q5K, true) => run_rows::<Avx2<q4k::Q5K>>(data, n_rows, k, x, y),
-            (Q6K, true) => run_rows::<Avx2<q6k::Q6K>>(data, n_rows, k, x, y),
-            (IQ4XS, true) => run_rows::<Avx2<iq4xs::IQ4XS>>(data, n_rows, k, x, y),
+            (Q4K, true) => run::<Avx2<q4k::Q4K>>(data, n_rows, k, x, y),
+            (Q5K, true) => run::<Avx2<q4k::Q5K>>(data, n_rows, k, x, y),
+            (Q6K, true) => run::<Avx2<q6k::Q6K>>(data, n_rows, k, x, y),
+            (IQ4XS, true) => run::<Avx2<iq4xs::IQ4XS>>(data, n_rows, k, x, y),
             (Q4K, false) => run::<q4k::Q4K>(data, n_rows, k, x, y),
             (Q5K, false) => run::<q4k::Q5K>(data, n_rows, k, x, y),
             (Q6K, false) => run::<q6k::Q6K>(data, n_rows, k, x, y),
