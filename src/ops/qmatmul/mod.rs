@@ -21,11 +21,13 @@
 //! - `rows4`: 4 weight rows × 1 token, straight from the blocks; for decode and small batches.
 //!   Memory bound: its job is to stream the weights at full bandwidth. AVX-512, AVX2 and NEON
 //!   (`neon`: every batch size; `sdot` where the CPU has `dotprod`, else widening multiplies).
-//! - `tile`: 4 weight rows × 16 or 32 tokens (AVX-512; AVX2 for the 32-value formats). Each
-//!   task first unpacks its next 4 rows into scratch (values as bytes, scales as i32: a few
-//!   KiB that stay in L1, never the whole matrix), the tokens are laid out 16 to a vector
-//!   (`act::Groups`), and one `vpdpbusd` multiplies 4 weights (broadcast) with 4 values of 16
-//!   tokens: 64 multiply-adds per instruction, on 8 accumulators at a time.
+//! - `tile`: 4 weight rows × 16 or 32 tokens (AVX-512 and AVX2). Each task first unpacks its
+//!   next 4 rows into scratch (values as bytes, scales as i32: a few KiB that stay in L1,
+//!   never the whole matrix), the tokens are laid out 16 to a vector (`act::Groups`), and one
+//!   `vpdpbusd` multiplies 4 weights (broadcast) with 4 values of 16 tokens: 64 multiply-adds
+//!   per instruction, on 8 accumulators at a time. AVX2 has no `vpdpbusd`: `vpmaddubsw` makes
+//!   i16 pairs of products of 8 tokens, summed in i16 while they cannot overflow, and
+//!   `vpmaddwd` widens them to i32 (times the sub-block's scale); one 16-token group at a time.
 //!
 //! `ops::portable` performs the same sequence in scalar code, for all ten integer formats: the
 //! tests hold every kernel to its bits.
