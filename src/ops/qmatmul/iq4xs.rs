@@ -59,13 +59,13 @@ unsafe fn pair(p: *const u8, j: usize) -> __m512i {
     _mm512_shuffle_epi8(_mm512_broadcast_i32x4(iq4_table()), nibbles)
 }
 
-/// The unpacked block's scales and `d` from the block at `p` (either instruction set's
+/// Writes the unpacked block's scales and `d` from the block at `p` (both instruction sets'
 /// `unpack`).
 ///
 /// # Safety
 /// `p` points to a whole block, `o` to `U_BYTES` writable ones.
 #[inline(always)]
-unsafe fn unpack_scales(p: *const u8, o: *mut u8) {
+unsafe fn store_scales(p: *const u8, o: *mut u8) {
     o.add(U_SC).cast::<[i32; 8]>().write_unaligned(scales(p));
     o.add(U_D).cast::<f32>().write(f16_at(p));
 }
@@ -192,7 +192,7 @@ impl Format for IQ4XS {
             for j in 0..4 {
                 _mm512_storeu_si512(o.add(U_Q + 64 * j).cast(), pair(p, j));
             }
-            unpack_scales(p, o);
+            store_scales(p, o);
         }
     }
 
@@ -227,7 +227,7 @@ impl Format for Avx2<IQ4XS> {
             for sb in 0..8 {
                 _mm256_storeu_si256(o.add(U_Q + 32 * sb).cast(), subblock_avx2(p, sb));
             }
-            unpack_scales(p, o);
+            store_scales(p, o);
         }
     }
 

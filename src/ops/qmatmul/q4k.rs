@@ -15,7 +15,7 @@ use core::arch::x86_64::*;
 use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
 use super::driver::{Avx2, Avx2Rows, Format, RowKernel};
 use super::simd::{
-    add_block, bcast4, f16_at, halves4, hsum4, hsum4_avx2, lane_sums, prefetch_l2,
+    add_block, bcast4, f16_at, halves4, hsum4, hsum4_avx2, i16_pair, lane_sums, prefetch_l2,
     scaled_subblocks, tile_avx2, tile_values, Ahead, Pairs, Unpacked, PREFETCH_K_QUANTS,
 };
 
@@ -349,14 +349,14 @@ unsafe fn rows4_avx2<const HIGH: bool>(
     out
 }
 
-/// The unpacked block's scales, mins and `d`, `dmin` from the block at `p` (either
-/// instruction set's `unpack`).
+/// Writes the unpacked block's scales, mins, `d` and `dmin` from the block at `p` (both
+/// instruction sets' `unpack`).
 ///
 /// # Safety
 /// `p` points to a whole block, `o` to `U_BYTES` writable ones; AVX2.
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn unpack_scales_mins(p: *const u8, o: *mut u8) {
+unsafe fn store_scales(p: *const u8, o: *mut u8) {
     let (sc, mn) = scales_mins(p.add(4));
     _mm256_storeu_si256(
         o.add(U_SC).cast(),
@@ -380,7 +380,7 @@ unsafe fn unpack<const HIGH: bool>(w: *const u8, nb: usize, out: *mut u8) {
         for c in 0..4 {
             _mm512_storeu_si512(o.add(U_Q + 64 * c).cast(), chunk::<HIGH>(p, c));
         }
-        unpack_scales_mins(p, o);
+        store_scales(p, o);
     }
 }
 
@@ -395,7 +395,7 @@ unsafe fn unpack_avx2<const HIGH: bool>(w: *const u8, nb: usize, out: *mut u8) {
             _mm256_storeu_si256(o.add(U_Q + 64 * c).cast(), lo);
             _mm256_storeu_si256(o.add(U_Q + 64 * c + 32).cast(), hi);
         }
-        unpack_scales_mins(p, o);
+        store_scales(p, o);
     }
 }
 
@@ -462,7 +462,7 @@ impl<const HIGH: bool> Format for KQuant<HIGH> {
     const N_EXTRA: usize = 4;
 
     fn extra(sums: &[i16], p: usize) -> i32 {
-        (sums[2 * p] as u16 as i32) | ((sums[2 * p + 1] as i32) << 16)
+        i16_pair(&sums[2 * p..])
     }
 
     fn unpacked_bytes(nb: usize) -> usize {

@@ -14,8 +14,8 @@ use core::arch::x86_64::*;
 use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
 use super::driver::{Avx2, Avx2Rows, Format, RowKernel};
 use super::simd::{
-    f16_at, halves4, hsum4, hsum4_avx2, prefetch_l2, tile_avx2, tile_with_starts, Ahead, Pairs,
-    Unpacked, PREFETCH_K_QUANTS,
+    f16_at, halves4, hsum4, hsum4_avx2, i16_pair, prefetch_l2, tile_avx2, tile_with_starts, Ahead,
+    Pairs, Unpacked, PREFETCH_K_QUANTS,
 };
 
 pub(crate) struct Q6K;
@@ -33,6 +33,32 @@ const U_SC: usize = 256; // [i32; 16]
 const U_D: usize = 320; // f32
 const U_OFF: usize = 336; // [i16; 16]
 const U_BYTES: usize = 384;
+const LAYOUT: Unpacked = Unpacked {
+    scales: U_SC,
+    d: U_D,
+    bytes: U_BYTES,
+};
+
+/// Writes the unpacked block's scales, `−32 sc` and `d` from the block at `p` (both
+/// instruction sets' `unpack`).
+///
+/// # Safety
+/// `p` points to a whole block, `o` to `U_BYTES` writable ones; AVX2.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn store_scales(p: *const u8, o: *mut u8) {
+    let sc = _mm_loadu_si128(p.add(SCALES).cast());
+    _mm256_storeu_si256(o.add(U_SC).cast(), _mm256_cvtepi8_epi32(sc));
+    _mm256_storeu_si256(
+        o.add(U_SC + 32).cast(),
+        _mm256_cvtepi8_epi32(_mm_srli_si128::<8>(sc)),
+    );
+    // Within i16: |sc| ≤ 128.
+    let off = _mm256_slli_epi16::<5>(_mm256_cvtepi8_epi16(sc));
+    let off = _mm256_sub_epi16(_mm256_setzero_si256(), off);
+    _mm256_storeu_si256(o.add(U_OFF).cast(), off);
+    o.add(U_D).cast::<f32>().write(f16_at(p.add(D)));
+}
 
 /// Values `64c..64c+64` of the block at `p` as bytes (0..64) in natural order.
 ///
@@ -221,13 +247,6 @@ impl Avx2Rows for Q6K {
     }
 }
 
-/// The AVX-512 tiles' layout: `U_SC` and `U_D`.
-const LAYOUT: Unpacked = Unpacked {
-    scales: U_SC,
-    d: U_D,
-    bytes: U_BYTES,
-};
-
 impl Format for Q6K {
     /// `−32 × (sum of 16)` per sub-block: the accumulators' starting values.
     const N_EXTRA: usize = 16;
@@ -247,9 +266,7 @@ impl Format for Q6K {
             for c in 0..4 {
                 _mm512_storeu_si512(o.add(U_Q + 64 * c).cast(), chunk(p, c));
             }
-            let sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(SCALES).cast()));
-            _mm512_storeu_si512(o.add(U_SC).cast(), sc);
-            o.add(U_D).cast::<f32>().write(f16_at(p.add(D)));
+            store_scales(p, o);
         }
     }
 
@@ -270,7 +287,7 @@ impl Format for Avx2<Q6K> {
     const N_EXTRA: usize = 8;
 
     fn extra(sums: &[i16], p: usize) -> i32 {
-        (sums[8 + 2 * p] as u16 as i32) | ((sums[9 + 2 * p] as i32) << 16)
+        i16_pair(&sums[8 + 2 * p..])
     }
 
     fn unpacked_bytes(nb: usize) -> usize {
@@ -286,17 +303,7 @@ impl Format for Avx2<Q6K> {
                     _mm256_storeu_si256(o.add(U_Q + 128 * half + 32 * j).cast(), q);
                 }
             }
-            let sc = _mm_loadu_si128(p.add(SCALES).cast());
-            _mm256_storeu_si256(o.add(U_SC).cast(), _mm256_cvtepi8_epi32(sc));
-            _mm256_storeu_si256(
-                o.add(U_SC + 32).cast(),
-                _mm256_cvtepi8_epi32(_mm_srli_si128::<8>(sc)),
-            );
-            // −32 sc, within i16: |sc| ≤ 128.
-            let off = _mm256_slli_epi16::<5>(_mm256_cvtepi8_epi16(sc));
-            let off = _mm256_sub_epi16(_mm256_setzero_si256(), off);
-            _mm256_storeu_si256(o.add(U_OFF).cast(), off);
-            o.add(U_D).cast::<f32>().write(f16_at(p.add(D)));
+            store_scales(p, o);
         }
     }
 

@@ -368,6 +368,12 @@ pub(crate) enum Pairs {
     Mins { at: usize },
 }
 
+/// `(sums[0], sums[1])` as one i32, the low half first: the i16 pairs of `vpmaddwd` (and
+/// `vpdpwssd`) that `Pairs` and the AVX-512 Q4_K tile's mins multiply.
+pub(crate) fn i16_pair(sums: &[i16]) -> i32 {
+    (sums[0] as u16 as i32) | ((sums[1] as i32) << 16)
+}
+
 /// `Format::tile` on AVX2 of a format unpacked as `layout`, with `N_SUB` scaled sub-blocks of
 /// values as `scaled_subblocks_avx2` reads them and `pairs`: one group at a time (16 ymm
 /// registers hold one group's accumulators), the AVX-512 tiles' float steps.

@@ -526,7 +526,7 @@ where
 
 #[cfg(target_arch = "x86_64")]
 #[test]
-fn avx2_tiles_equal_the_avx2_rows() {
+fn avx2_kernels_equal_the_rows_portable_and_avx512_at_every_batch_size() {
     for k in [32, 96, 576] {
         check_avx2_tiles::<q8_0::Q8_0>(TensorType::Q8_0, 13, k);
         check_avx2_tiles::<q8_0::Q4_0>(TensorType::Q4_0, 13, k);
