@@ -74,7 +74,7 @@ pub(crate) trait Format: RowKernel {
     /// 4 unpacked rows times the 16-token groups `g[..]` of `act`: `out[r][i][lane]`.
     ///
     /// # Safety
-    /// The CPU has AVX-512 F/BW/VL/VNNI; each `w[r]` is an `unpack`ed row of `nb` blocks;
+    /// The CPU has the kernels' instruction set; each `w[r]` is an `unpack`ed row of `nb` blocks;
     /// every `g[i] < act.n_groups`, and `act` holds `nb` blocks of `N_EXTRA` extras.
     unsafe fn tile<const T: usize>(
         w: [*const u8; 4],
@@ -88,14 +88,14 @@ pub(crate) trait Format: RowKernel {
 #[cfg(target_arch = "x86_64")]
 pub(super) fn run<F: Format>(data: &[u8], n_rows: usize, k: usize, x: &[f32], y: &mut [f32]) {
     let m = x.len() / k;
+    if m < MIN_TILED {
+        return run_rows::<F>(data, n_rows, k, x, y);
+    }
     use self::act::{group, groups_bytes, rows_bytes, Q8K_SUMS, QK8_0, QK_K};
     let (block, n_sums) = if F::Q8K { (QK_K, Q8K_SUMS) } else { (QK8_0, 1) };
-    let tiled = m >= MIN_TILED;
-    let mut bytes = rows_bytes(m, k, block, n_sums);
-    if tiled {
-        bytes += groups_bytes(m, k, block, F::N_EXTRA)
-            + n_tasks(n_rows) * 4 * F::unpacked_bytes(k / F::BLOCK);
-    }
+    let unpacked_bytes = n_tasks(n_rows) * 4 * F::unpacked_bytes(k / F::BLOCK);
+    let bytes =
+        rows_bytes(m, k, block, n_sums) + groups_bytes(m, k, block, F::N_EXTRA) + unpacked_bytes;
     scratch::with_aligned_bytes(bytes, |buf| {
         let mut arena = Arena::new(buf);
         let rows = quantize::<F>(x, m, k, &mut arena);
@@ -104,13 +104,9 @@ pub(super) fn run<F: Format>(data: &[u8], n_rows: usize, k: usize, x: &[f32], y:
             n_rows,
             nb: k / F::BLOCK,
         };
-        if tiled {
-            let groups = group(&rows, block, F::N_EXTRA, F::extra, &mut arena);
-            let unpacked = arena.take::<u8>(n_tasks(n_rows) * 4 * F::unpacked_bytes(weights.nb));
-            tiles::<F>(&weights, &groups, unpacked, m, y);
-        } else {
-            row_products::<F>(&weights, &rows, y);
-        }
+        let groups = group(&rows, block, F::N_EXTRA, F::extra, &mut arena);
+        let unpacked = arena.take::<u8>(unpacked_bytes);
+        tiles::<F>(&weights, &groups, unpacked, m, y);
     })
 }
 

@@ -10,10 +10,10 @@
 use core::arch::x86_64::*;
 
 use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
-use super::driver::{Avx2Rows, Format, RowKernel};
+use super::driver::{Avx2, Avx2Rows, Format, RowKernel};
 use super::simd::{
-    f16_at, halves4, hsum4, hsum4_avx2, iq4_table, prefetch_l2, tile_with_starts, Ahead, Unpacked,
-    PREFETCH_K_QUANTS,
+    f16_at, halves4, hsum4, hsum4_avx2, iq4_table, prefetch_l2, tile_avx2, tile_with_starts, Ahead,
+    Pairs, Unpacked, PREFETCH_K_QUANTS,
 };
 use crate::ops::iq4::{xs_scales, KVALUES};
 
@@ -23,11 +23,17 @@ const BLOCK_BYTES: usize = 136;
 /// Where the nibbles start.
 const QS: usize = 8;
 
-/// One unpacked block: values as bytes in natural order, scales `ls − 32` as i32, `d`.
+/// One unpacked block: values as bytes in natural order (unsigned `KVALUES + 128` for the
+/// AVX-512 tiles, signed for the AVX2 ones), scales `ls − 32` as i32, `d`.
 const U_Q: usize = 0; // [u8; 256]
 const U_SC: usize = 256; // [i32; 8]
 const U_D: usize = 288; // f32
 const U_BYTES: usize = 320;
+const LAYOUT: Unpacked = Unpacked {
+    scales: U_SC,
+    d: U_D,
+    bytes: U_BYTES,
+};
 
 /// The scales `ls − 32` of the block at `p`.
 ///
@@ -51,6 +57,17 @@ unsafe fn pair(p: *const u8, j: usize) -> __m512i {
     let shift = _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0);
     let nibbles = _mm512_and_si512(_mm512_srlv_epi64(q, shift), _mm512_set1_epi8(0x0f));
     _mm512_shuffle_epi8(_mm512_broadcast_i32x4(iq4_table()), nibbles)
+}
+
+/// Writes the unpacked block's scales and `d` from the block at `p` (both instruction sets'
+/// `unpack`).
+///
+/// # Safety
+/// `p` points to a whole block, `o` to `U_BYTES` writable ones.
+#[inline(always)]
+unsafe fn store_scales(p: *const u8, o: *mut u8) {
+    o.add(U_SC).cast::<[i32; 8]>().write_unaligned(scales(p));
+    o.add(U_D).cast::<f32>().write(f16_at(p));
 }
 
 impl RowKernel for IQ4XS {
@@ -100,6 +117,19 @@ impl RowKernel for IQ4XS {
     }
 }
 
+/// Sub-block `sb` of the block at `p` as signed bytes (`KVALUES`), in natural order.
+///
+/// # Safety
+/// `p` points to a whole block; AVX2.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn subblock_avx2(p: *const u8, sb: usize) -> __m256i {
+    let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(KVALUES.as_ptr().cast()));
+    let q = _mm_loadu_si128(p.add(QS + 16 * sb).cast());
+    let nibbles = _mm256_set_m128i(_mm_srli_epi16::<4>(q), q);
+    _mm256_shuffle_epi8(table, _mm256_and_si256(nibbles, _mm256_set1_epi8(0x0f)))
+}
+
 /// `Avx2Rows::rows4_avx2` of IQ4_XS: each sub-block's values looked up as signed bytes, times
 /// the activations as ggml's AVX2 code multiplies signed bytes (`|q|` times `x` with `q`'s
 /// sign, pairs within i16: 2 · 127 · 127), times the sub-block's scale with `vpmaddwd`.
@@ -107,8 +137,6 @@ impl RowKernel for IQ4XS {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows4_avx2(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
-    let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(KVALUES.as_ptr().cast()));
-    let m4 = _mm256_set1_epi8(0x0f);
     let xq = act.qs[t * act.k..].as_ptr();
     let ahead = Ahead::new(nb, BLOCK_BYTES, PREFETCH_K_QUANTS);
     let mut acc = _mm_setzero_ps();
@@ -119,9 +147,7 @@ unsafe fn rows4_avx2(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32
             let sc = scales(p);
             let mut sum = _mm256_setzero_si256();
             for (sb, &scale) in sc.iter().enumerate() {
-                let q = _mm_loadu_si128(p.add(QS + 16 * sb).cast());
-                let nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(q), q), m4);
-                let v = _mm256_shuffle_epi8(table, nibbles);
+                let v = subblock_avx2(p, sb);
                 let x = _mm256_loadu_si256(xq.add(QK_K * b + 32 * sb).cast());
                 let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(v, v), _mm256_sign_epi8(x, v));
                 let scale = _mm256_set1_epi16(scale as i16);
@@ -166,9 +192,7 @@ impl Format for IQ4XS {
             for j in 0..4 {
                 _mm512_storeu_si512(o.add(U_Q + 64 * j).cast(), pair(p, j));
             }
-            let sc = scales(p);
-            _mm256_storeu_si256(o.add(U_SC).cast(), _mm256_loadu_si256(sc.as_ptr().cast()));
-            o.add(U_D).cast::<f32>().write(f16_at(p));
+            store_scales(p, o);
         }
     }
 
@@ -179,11 +203,41 @@ impl Format for IQ4XS {
         act: &Groups,
         g: [usize; T],
     ) -> [[[f32; 16]; T]; 4] {
-        let layout = Unpacked {
-            scales: U_SC,
-            d: U_D,
-            bytes: U_BYTES,
-        };
-        tile_with_starts::<T, 8>(w, nb, act, g, layout)
+        tile_with_starts::<T, 8>(w, nb, act, g, LAYOUT)
+    }
+}
+
+/// The AVX2 tiles of IQ4_XS: its values unpacked signed (their sign trick needs no offset).
+impl Format for Avx2<IQ4XS> {
+    /// None used: `Groups` has at least one.
+    const N_EXTRA: usize = 1;
+
+    fn extra(_: &[i16], _: usize) -> i32 {
+        0
+    }
+
+    fn unpacked_bytes(nb: usize) -> usize {
+        nb * U_BYTES
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn unpack(w: *const u8, nb: usize, out: *mut u8) {
+        for b in 0..nb {
+            let (p, o) = (w.add(b * BLOCK_BYTES), out.add(b * U_BYTES));
+            for sb in 0..8 {
+                _mm256_storeu_si256(o.add(U_Q + 32 * sb).cast(), subblock_avx2(p, sb));
+            }
+            store_scales(p, o);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile<const T: usize>(
+        w: [*const u8; 4],
+        nb: usize,
+        act: &Groups,
+        g: [usize; T],
+    ) -> [[[f32; 16]; T]; 4] {
+        tile_avx2::<T, 8, 127, true>(w, nb, act, g, LAYOUT, Pairs::None)
     }
 }

@@ -21,11 +21,13 @@
 //! - `rows4`: 4 weight rows × 1 token, straight from the blocks; for decode and small batches.
 //!   Memory bound: its job is to stream the weights at full bandwidth. AVX-512, AVX2 and NEON
 //!   (`neon`: every batch size; `sdot` where the CPU has `dotprod`, else widening multiplies).
-//! - `tile`: 4 weight rows × 16 or 32 tokens (AVX-512; AVX2 for the 32-value formats). Each
-//!   task first unpacks its next 4 rows into scratch (values as bytes, scales as i32: a few
-//!   KiB that stay in L1, never the whole matrix), the tokens are laid out 16 to a vector
-//!   (`act::Groups`), and one `vpdpbusd` multiplies 4 weights (broadcast) with 4 values of 16
-//!   tokens: 64 multiply-adds per instruction, on 8 accumulators at a time.
+//! - `tile`: 4 weight rows × 16 or 32 tokens (AVX-512 and AVX2). Each task first unpacks its
+//!   next 4 rows into scratch (values as bytes, scales as i32: a few KiB that stay in L1,
+//!   never the whole matrix), the tokens are laid out 16 to a vector (`act::Groups`), and one
+//!   `vpdpbusd` multiplies 4 weights (broadcast) with 4 values of 16 tokens: 64 multiply-adds
+//!   per instruction, on 8 accumulators at a time. AVX2 has no `vpdpbusd`: `vpmaddubsw` makes
+//!   i16 pairs of products of 8 tokens, summed in i16 while they cannot overflow, and
+//!   `vpmaddwd` widens them to i32 (times the sub-block's scale); one 16-token group at a time.
 //!
 //! `ops::portable` performs the same sequence in scalar code, for all twelve integer formats:
 //! the tests hold every kernel to its bits.
@@ -176,10 +178,10 @@ pub(crate) fn matmul(
             (Q4_1, true) => run::<Avx2<q8_0::Q4_1>>(data, n_rows, k, x, y),
             (Q5_1, true) => run::<Avx2<q8_0::Q5_1>>(data, n_rows, k, x, y),
             (IQ4NL, true) => run::<Avx2<q8_0::IQ4NL>>(data, n_rows, k, x, y),
-            (Q4K, true) => run_rows::<Avx2<q4k::Q4K>>(data, n_rows, k, x, y),
-            (Q5K, true) => run_rows::<Avx2<q4k::Q5K>>(data, n_rows, k, x, y),
-            (Q6K, true) => run_rows::<Avx2<q6k::Q6K>>(data, n_rows, k, x, y),
-            (IQ4XS, true) => run_rows::<Avx2<iq4xs::IQ4XS>>(data, n_rows, k, x, y),
+            (Q4K, true) => run::<Avx2<q4k::Q4K>>(data, n_rows, k, x, y),
+            (Q5K, true) => run::<Avx2<q4k::Q5K>>(data, n_rows, k, x, y),
+            (Q6K, true) => run::<Avx2<q6k::Q6K>>(data, n_rows, k, x, y),
+            (IQ4XS, true) => run::<Avx2<iq4xs::IQ4XS>>(data, n_rows, k, x, y),
             (Q2K, true) => run_rows::<Avx2<q23k::Q2K>>(data, n_rows, k, x, y),
             (Q3K, true) => run_rows::<Avx2<q23k::Q3K>>(data, n_rows, k, x, y),
             (Q4K, false) => run::<q4k::Q4K>(data, n_rows, k, x, y),

@@ -13,10 +13,10 @@
 use core::arch::x86_64::*;
 
 use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
-use super::driver::{Avx2Rows, Format, RowKernel};
+use super::driver::{Avx2, Avx2Rows, Format, RowKernel};
 use super::simd::{
-    add_block, f16_at, halves4, hsum4, hsum4_avx2, lane_sums, prefetch_l2, scaled_subblocks,
-    sub_mins, tile_values, Ahead, PREFETCH_K_QUANTS,
+    add_block, f16_at, halves4, hsum4, hsum4_avx2, i16_pair, lane_sums, prefetch_l2,
+    scaled_subblocks, sub_mins, tile_avx2, tile_values, Ahead, Pairs, Unpacked, PREFETCH_K_QUANTS,
 };
 
 /// Q4_K (`HIGH = false`) or Q5_K (`HIGH = true`, the fifth bits merged in).
@@ -263,6 +263,36 @@ unsafe fn rows4<const HIGH: bool>(w: [*const u8; 4], nb: usize, act: &Rows, t: u
     out
 }
 
+/// Values `64c..64c+32` and `64c+32..64c+64` of the block at `p` as bytes: the low and high
+/// nibbles of chunk `c`, with `HIGH` the fifth bits `2c` and `2c + 1` of `qh` put above them.
+///
+/// # Safety
+/// `p` points to a whole block; AVX2.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn values_avx2<const HIGH: bool>(p: *const u8, c: usize) -> [__m256i; 2] {
+    let m4 = _mm256_set1_epi8(0x0f);
+    let q = _mm256_loadu_si256(p.add(nibbles_at(HIGH) + 32 * c).cast());
+    let lo = _mm256_and_si256(q, m4);
+    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
+    if !HIGH {
+        return [lo, hi];
+    }
+    let qh = _mm256_loadu_si256(p.add(QH).cast());
+    // Bit n of qh to bit 4.
+    let bit = |n: i32| {
+        let moved = match n < 4 {
+            true => _mm256_sll_epi16(qh, _mm_cvtsi32_si128(4 - n)),
+            false => _mm256_srl_epi16(qh, _mm_cvtsi32_si128(n - 4)),
+        };
+        _mm256_and_si256(moved, _mm256_set1_epi8(0x10))
+    };
+    [
+        _mm256_or_si256(lo, bit(2 * c as i32)),
+        _mm256_or_si256(hi, bit(2 * c as i32 + 1)),
+    ]
+}
+
 /// `Avx2Rows::rows4_avx2` of Q4_K (`HIGH` false) and Q5_K: per 32-byte chunk of nibbles,
 /// the low nibbles (sub-block `2c`) and the high ones (`2c + 1`) times the activations with
 /// `vpmaddubsw` (pairs within i16: 2 · 31 · 128), then times the sub-block's scale with
@@ -277,7 +307,6 @@ unsafe fn rows4_avx2<const HIGH: bool>(
     t: usize,
 ) -> [f32; 4] {
     let block_bytes = block_bytes(HIGH);
-    let m4 = _mm256_set1_epi8(0x0f);
     // `vpshufb` patterns broadcasting i16 `i` of a lane's 8 to all of it.
     let pick: [__m256i; 8] =
         std::array::from_fn(|i| _mm256_set1_epi16(0x0100 * (2 * i as i16 + 1) + 2 * i as i16));
@@ -295,28 +324,9 @@ unsafe fn rows4_avx2<const HIGH: bool>(
             let widen = |v: u64| _mm_cvtepu8_epi16(_mm_cvtsi64_si128(v as i64));
             mins[r] = _mm_madd_epi16(widen(mn), x32);
             let scales = _mm256_broadcastsi128_si256(widen(sc));
-            let qh = match HIGH {
-                true => _mm256_loadu_si256(p.add(QH).cast()),
-                false => _mm256_setzero_si256(),
-            };
             let mut sum = _mm256_setzero_si256();
             for c in 0..4 {
-                let q = _mm256_loadu_si256(p.add(nibbles_at(HIGH) + 32 * c).cast());
-                let mut lo = _mm256_and_si256(q, m4);
-                let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
-                if HIGH {
-                    // Bits 2c and 2c + 1 of qh to bit 4.
-                    let bit = |n: i32| {
-                        let moved = match n < 4 {
-                            true => _mm256_sll_epi16(qh, _mm_cvtsi32_si128(4 - n)),
-                            false => _mm256_srl_epi16(qh, _mm_cvtsi32_si128(n - 4)),
-                        };
-                        _mm256_and_si256(moved, _mm256_set1_epi8(0x10))
-                    };
-                    lo = _mm256_or_si256(lo, bit(2 * c as i32));
-                    hi = _mm256_or_si256(hi, bit(2 * c as i32 + 1));
-                }
-                for (j, v) in [lo, hi].into_iter().enumerate() {
+                for (j, v) in values_avx2::<HIGH>(p, c).into_iter().enumerate() {
                     let scale = _mm256_shuffle_epi8(scales, pick[2 * c + j]);
                     let pairs = _mm256_maddubs_epi16(v, x(2 * c + j));
                     sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, scale));
@@ -339,6 +349,28 @@ unsafe fn rows4_avx2<const HIGH: bool>(
     out
 }
 
+/// Writes the unpacked block's scales, mins, `d` and `dmin` from the block at `p` (both
+/// instruction sets' `unpack`).
+///
+/// # Safety
+/// `p` points to a whole block, `o` to `U_BYTES` writable ones; AVX2.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn store_scales(p: *const u8, o: *mut u8) {
+    let (sc, mn) = scales_mins(p.add(4));
+    _mm256_storeu_si256(
+        o.add(U_SC).cast(),
+        _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(sc as i64)),
+    );
+    _mm_storeu_si128(
+        o.add(U_MP).cast(),
+        _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn as i64)),
+    );
+    let d = o.add(U_D).cast::<f32>();
+    d.write(f16_at(p));
+    d.add(1).write(f16_at(p.add(2)));
+}
+
 /// `Format::unpack` of Q4_K (`HIGH` false) and Q5_K.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -348,18 +380,22 @@ unsafe fn unpack<const HIGH: bool>(w: *const u8, nb: usize, out: *mut u8) {
         for c in 0..4 {
             _mm512_storeu_si512(o.add(U_Q + 64 * c).cast(), chunk::<HIGH>(p, c));
         }
-        let (sc, mn) = scales_mins(p.add(4));
-        _mm256_storeu_si256(
-            o.add(U_SC).cast(),
-            _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(sc as i64)),
-        );
-        _mm_storeu_si128(
-            o.add(U_MP).cast(),
-            _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn as i64)),
-        );
-        let d = o.add(U_D).cast::<f32>();
-        d.write(f16_at(p));
-        d.add(1).write(f16_at(p.add(2)));
+        store_scales(p, o);
+    }
+}
+
+/// `unpack` on AVX2: the same bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn unpack_avx2<const HIGH: bool>(w: *const u8, nb: usize, out: *mut u8) {
+    for b in 0..nb {
+        let (p, o) = (w.add(b * block_bytes(HIGH)), out.add(b * U_BYTES));
+        for c in 0..4 {
+            let [lo, hi] = values_avx2::<HIGH>(p, c);
+            _mm256_storeu_si256(o.add(U_Q + 64 * c).cast(), lo);
+            _mm256_storeu_si256(o.add(U_Q + 64 * c + 32).cast(), hi);
+        }
+        store_scales(p, o);
     }
 }
 
@@ -412,7 +448,7 @@ impl<const HIGH: bool> Format for KQuant<HIGH> {
     const N_EXTRA: usize = 4;
 
     fn extra(sums: &[i16], p: usize) -> i32 {
-        (sums[2 * p] as u16 as i32) | ((sums[2 * p + 1] as i32) << 16)
+        i16_pair(&sums[2 * p..])
     }
 
     fn unpacked_bytes(nb: usize) -> usize {
@@ -432,5 +468,42 @@ impl<const HIGH: bool> Format for KQuant<HIGH> {
         g: [usize; T],
     ) -> [[[f32; 16]; T]; 4] {
         tile::<T>(w, nb, act, g)
+    }
+}
+
+/// The AVX2 tiles of Q4_K and Q5_K: the AVX-512 ones' unpacked rows and groups.
+impl<const HIGH: bool> Format for Avx2<KQuant<HIGH>> {
+    const N_EXTRA: usize = KQuant::<HIGH>::N_EXTRA;
+
+    fn extra(sums: &[i16], p: usize) -> i32 {
+        KQuant::<HIGH>::extra(sums, p)
+    }
+
+    fn unpacked_bytes(nb: usize) -> usize {
+        nb * U_BYTES
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn unpack(w: *const u8, nb: usize, out: *mut u8) {
+        unpack_avx2::<HIGH>(w, nb, out)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile<const T: usize>(
+        w: [*const u8; 4],
+        nb: usize,
+        act: &Groups,
+        g: [usize; T],
+    ) -> [[[f32; 16]; T]; 4] {
+        let layout = Unpacked {
+            scales: U_SC,
+            d: U_D,
+            bytes: U_BYTES,
+        };
+        let mins = Pairs::Mins { at: U_MP };
+        match HIGH {
+            true => tile_avx2::<T, 8, 31, false>(w, nb, act, g, layout, mins),
+            false => tile_avx2::<T, 8, 15, false>(w, nb, act, g, layout, mins),
+        }
     }
 }

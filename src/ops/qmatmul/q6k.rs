@@ -12,10 +12,10 @@
 use core::arch::x86_64::*;
 
 use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
-use super::driver::{Avx2Rows, Format, RowKernel};
+use super::driver::{Avx2, Avx2Rows, Format, RowKernel};
 use super::simd::{
-    f16_at, halves4, hsum4, hsum4_avx2, prefetch_l2, tile_with_starts, Ahead, Unpacked,
-    PREFETCH_K_QUANTS,
+    f16_at, halves4, hsum4, hsum4_avx2, i16_pair, prefetch_l2, tile_avx2, tile_with_starts, Ahead,
+    Pairs, Unpacked, PREFETCH_K_QUANTS,
 };
 
 pub(crate) struct Q6K;
@@ -25,11 +25,40 @@ const QH: usize = 128;
 const SCALES: usize = 192;
 const D: usize = 208;
 
-/// One unpacked block: values (0..64) as bytes in natural order, scales as i32, d.
+/// One unpacked block: values (0..64) as bytes in natural order, scales as i32, d; for the
+/// AVX2 tiles also `−32 sc` as i16, whose pairs times those of the sums of 16 are `S_b`'s
+/// second term.
 const U_Q: usize = 0; // [u8; 256]
 const U_SC: usize = 256; // [i32; 16]
 const U_D: usize = 320; // f32
+const U_OFF: usize = 336; // [i16; 16]
 const U_BYTES: usize = 384;
+const LAYOUT: Unpacked = Unpacked {
+    scales: U_SC,
+    d: U_D,
+    bytes: U_BYTES,
+};
+
+/// Writes the unpacked block's scales, `−32 sc` and `d` from the block at `p` (both
+/// instruction sets' `unpack`).
+///
+/// # Safety
+/// `p` points to a whole block, `o` to `U_BYTES` writable ones; AVX2.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn store_scales(p: *const u8, o: *mut u8) {
+    let sc = _mm_loadu_si128(p.add(SCALES).cast());
+    _mm256_storeu_si256(o.add(U_SC).cast(), _mm256_cvtepi8_epi32(sc));
+    _mm256_storeu_si256(
+        o.add(U_SC + 32).cast(),
+        _mm256_cvtepi8_epi32(_mm_srli_si128::<8>(sc)),
+    );
+    // Within i16: |sc| ≤ 128.
+    let off = _mm256_slli_epi16::<5>(_mm256_cvtepi8_epi16(sc));
+    let off = _mm256_sub_epi16(_mm256_setzero_si256(), off);
+    _mm256_storeu_si256(o.add(U_OFF).cast(), off);
+    o.add(U_D).cast::<f32>().write(f16_at(p.add(D)));
+}
 
 /// Values `64c..64c+64` of the block at `p` as bytes (0..64) in natural order.
 ///
@@ -136,6 +165,31 @@ impl RowKernel for Q6K {
     }
 }
 
+/// Values `[128 half + 32 j, 128 half + 32 j + 32)` of the block at `p`, `j = 0..4`, as bytes
+/// (0..64): the nibbles of `ql[64 half..]` (low ones for `j < 2`) and bits `2j, 2j + 1` of
+/// `qh[32 half..]` above them.
+///
+/// # Safety
+/// `p` points to a whole block; AVX2.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn values_avx2(p: *const u8, half: usize) -> [__m256i; 4] {
+    let (m4, top) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30));
+    let ql0 = _mm256_loadu_si256(p.add(64 * half).cast());
+    let ql1 = _mm256_loadu_si256(p.add(64 * half + 32).cast());
+    let qh = _mm256_loadu_si256(p.add(QH + 32 * half).cast());
+    let parts = [
+        (_mm256_and_si256(ql0, m4), _mm256_slli_epi16::<4>(qh)),
+        (_mm256_and_si256(ql1, m4), _mm256_slli_epi16::<2>(qh)),
+        (_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4), qh),
+        (
+            _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4),
+            _mm256_srli_epi16::<2>(qh),
+        ),
+    ];
+    parts.map(|(low, high)| _mm256_or_si256(low, _mm256_and_si256(high, top)))
+}
+
 /// `Avx2Rows::rows4_avx2` of Q6_K: per half block and vector `j`, values `[32 j, 32 j + 32)`
 /// of the half (sub-blocks `2j`, `2j + 1` of its 8) as unsigned 6-bit bytes times the
 /// activations with `vpmaddubsw` (pairs within i16: 2 · 63 · 128), times their scales with
@@ -143,7 +197,6 @@ impl RowKernel for Q6K {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows4_avx2(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
-    let (m4, top) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30));
     // `vpshufb` patterns giving i16 `2j` of a lane's 8 in the low lane, `2j + 1` in the high.
     let pick: [__m256i; 4] = std::array::from_fn(|j| {
         let i16_at = |i: i16| _mm_set1_epi16(0x0100 * (2 * i + 1) + 2 * i);
@@ -162,25 +215,12 @@ unsafe fn rows4_avx2(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32
             let offset = _mm256_slli_epi32::<5>(_mm256_madd_epi16(sc16, x16));
             let mut sum = _mm256_sub_epi32(_mm256_setzero_si256(), offset);
             for half in 0..2 {
-                let ql0 = _mm256_loadu_si256(p.add(64 * half).cast());
-                let ql1 = _mm256_loadu_si256(p.add(64 * half + 32).cast());
-                let qh = _mm256_loadu_si256(p.add(QH + 32 * half).cast());
-                let values = [
-                    (_mm256_and_si256(ql0, m4), _mm256_slli_epi16::<4>(qh)),
-                    (_mm256_and_si256(ql1, m4), _mm256_slli_epi16::<2>(qh)),
-                    (_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4), qh),
-                    (
-                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4),
-                        _mm256_srli_epi16::<2>(qh),
-                    ),
-                ];
                 // This half's 8 scales in both lanes.
                 let half_scales = match half {
                     0 => _mm256_permute2x128_si256::<0x00>(sc16, sc16),
                     _ => _mm256_permute2x128_si256::<0x11>(sc16, sc16),
                 };
-                for (j, (low, high)) in values.into_iter().enumerate() {
-                    let q = _mm256_or_si256(low, _mm256_and_si256(high, top));
+                for (j, q) in values_avx2(p, half).into_iter().enumerate() {
                     let x = _mm256_loadu_si256(xq.add(QK_K * b + 128 * half + 32 * j).cast());
                     let scales = _mm256_shuffle_epi8(half_scales, pick[j]);
                     let pairs = _mm256_maddubs_epi16(q, x);
@@ -226,9 +266,7 @@ impl Format for Q6K {
             for c in 0..4 {
                 _mm512_storeu_si512(o.add(U_Q + 64 * c).cast(), chunk(p, c));
             }
-            let sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(SCALES).cast()));
-            _mm512_storeu_si512(o.add(U_SC).cast(), sc);
-            o.add(U_D).cast::<f32>().write(f16_at(p.add(D)));
+            store_scales(p, o);
         }
     }
 
@@ -239,11 +277,43 @@ impl Format for Q6K {
         act: &Groups,
         g: [usize; T],
     ) -> [[[f32; 16]; T]; 4] {
-        let layout = Unpacked {
-            scales: U_SC,
-            d: U_D,
-            bytes: U_BYTES,
-        };
-        tile_with_starts::<T, 16>(w, nb, act, g, layout)
+        tile_with_starts::<T, 16>(w, nb, act, g, LAYOUT)
+    }
+}
+
+/// The AVX2 tiles of Q6_K: the AVX-512 ones' unpacked rows with `U_OFF`, whose pairs times
+/// those of the sums of 16 (the groups' extras) are `−32 Σ_s sc_s X_s`.
+impl Format for Avx2<Q6K> {
+    const N_EXTRA: usize = 8;
+
+    fn extra(sums: &[i16], p: usize) -> i32 {
+        i16_pair(&sums[8 + 2 * p..])
+    }
+
+    fn unpacked_bytes(nb: usize) -> usize {
+        nb * U_BYTES
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn unpack(w: *const u8, nb: usize, out: *mut u8) {
+        for b in 0..nb {
+            let (p, o) = (w.add(b * BLOCK_BYTES), out.add(b * U_BYTES));
+            for half in 0..2 {
+                for (j, q) in values_avx2(p, half).into_iter().enumerate() {
+                    _mm256_storeu_si256(o.add(U_Q + 128 * half + 32 * j).cast(), q);
+                }
+            }
+            store_scales(p, o);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile<const T: usize>(
+        w: [*const u8; 4],
+        nb: usize,
+        act: &Groups,
+        g: [usize; T],
+    ) -> [[[f32; 16]; T]; 4] {
+        tile_avx2::<T, 16, 63, false>(w, nb, act, g, LAYOUT, Pairs::Sum { at: U_OFF })
     }
 }

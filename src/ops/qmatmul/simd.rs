@@ -333,3 +333,161 @@ pub(crate) unsafe fn halves4(w: [*const u8; 4], block_bytes: usize, b: usize, at
 pub(crate) unsafe fn f16_at(p: *const u8) -> f32 {
     half::f16::from_bits(p.cast::<u16>().read_unaligned()).to_f32()
 }
+
+/// AVX2's `scaled_subblocks`, for one 16-token group in two halves of 8 tokens:
+/// `s[r][h] = Σ_sb sc_r[sb] · Σ_{k∈sb} q_r[k] x_h[k]`, the block's values `q` as bytes at
+/// `u[r]`: unsigned, at most `MAX`, or with `SIGNED` signed (`MAX` 127), multiplied as ggml's
+/// AVX2 code does (`|q|` times `x` with `q`'s sign). Without `vpdpbusd`, `vpmaddubsw` makes i16
+/// pairs of products, each at most `2 · MAX · 128` in magnitude; as many 4-value steps as
+/// cannot overflow i16 are summed there (Q4_K 8, Q5_K 4, Q6_K 2, signed values 1), then
+/// multiplied by the sub-block's scale with `vpmaddwd`: exact i32 sums.
+///
+/// # Safety
+/// AVX2; `u[r]` readable for 256 bytes, `sc[r]` for `N_SUB` i32 in i16 range, `xq` for the
+/// block's 16 × 256 activations in the groups layout.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn scaled_subblocks_avx2<
+    const N_SUB: usize,
+    const MAX: usize,
+    const SIGNED: bool,
+>(
+    u: [*const u8; 4],
+    sc: [*const i32; 4],
+    xq: *const i8,
+) -> [[__m256i; 2]; 4] {
+    let steps = 64 / N_SUB;
+    let run = (i16::MAX as usize / (2 * MAX * 128)).clamp(1, steps);
+    let mut s = [[_mm256_setzero_si256(); 2]; 4];
+    for sb in 0..N_SUB {
+        for j0 in (0..steps).step_by(run) {
+            let mut p = [[_mm256_setzero_si256(); 2]; 4];
+            for j in j0..(j0 + run).min(steps) {
+                let k4 = steps * sb + j;
+                let x: [__m256i; 2] =
+                    std::array::from_fn(|h| _mm256_loadu_si256(xq.add(64 * k4 + 32 * h).cast()));
+                for r in 0..4 {
+                    let q = _mm256_set1_epi32(u[r].add(4 * k4).cast::<i32>().read_unaligned());
+                    for h in 0..2 {
+                        let pairs = match SIGNED {
+                            true => _mm256_maddubs_epi16(
+                                _mm256_sign_epi8(q, q),
+                                _mm256_sign_epi8(x[h], q),
+                            ),
+                            false => _mm256_maddubs_epi16(q, x[h]),
+                        };
+                        p[r][h] = _mm256_add_epi16(p[r][h], pairs);
+                    }
+                }
+            }
+            for r in 0..4 {
+                let scale = _mm256_set1_epi16(sc[r].add(sb).read() as i16);
+                for h in 0..2 {
+                    s[r][h] = _mm256_add_epi32(s[r][h], _mm256_madd_epi16(p[r][h], scale));
+                }
+            }
+        }
+    }
+    s
+}
+
+/// What an AVX2 tile makes of the i16 pairs of weights at byte `at` of an unpacked block
+/// (one i32 per pair) times the groups' extras, the i16 pairs `(X_2p, X_2p+1)` of the
+/// activations' sums over the block's sub-blocks.
+#[derive(Clone, Copy)]
+pub(crate) enum Pairs {
+    /// Nothing: the format has none.
+    None,
+    /// A term of `S_b` (Q6_K's `−32 Σ_s sc_s X_s`).
+    Sum { at: usize },
+    /// `M_b`, for the second float step with `dmin` (f32) after `d` (Q4_K, Q5_K).
+    Mins { at: usize },
+}
+
+/// `(sums[0], sums[1])` as one i32, the low half first: the i16 pairs of `vpmaddwd` (and
+/// `vpdpwssd`) that `Pairs` and the AVX-512 Q4_K tile's mins multiply.
+pub(crate) fn i16_pair(sums: &[i16]) -> i32 {
+    (sums[0] as u16 as i32) | ((sums[1] as i32) << 16)
+}
+
+/// `Format::tile` on AVX2 of a format unpacked as `layout`, with `N_SUB` scaled sub-blocks of
+/// values as `scaled_subblocks_avx2` reads them and `pairs`: one group at a time (16 ymm
+/// registers hold one group's accumulators), the AVX-512 tiles' float steps.
+///
+/// # Safety
+/// AVX2, FMA; each `w[r]` holds `nb` blocks unpacked as `layout`; every `g[i] <
+/// act.n_groups`, and `act` holds `nb` blocks of `N_SUB / 2` extras where `pairs` has some.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn tile_avx2<
+    const T: usize,
+    const N_SUB: usize,
+    const MAX: usize,
+    const SIGNED: bool,
+>(
+    w: [*const u8; 4],
+    nb: usize,
+    act: &Groups,
+    g: [usize; T],
+    layout: Unpacked,
+    pairs: Pairs,
+) -> [[[f32; 16]; T]; 4] {
+    let mut out = [[[0f32; 16]; T]; 4];
+    for (i, &g) in g.iter().enumerate() {
+        let xq = act.qs[g * 16 * nb * 256..].as_ptr();
+        let mut f = [[_mm256_setzero_ps(); 2]; 4];
+        for b in 0..nb {
+            let u: [*const u8; 4] = std::array::from_fn(|r| w[r].add(b * layout.bytes));
+            let sc = u.map(|u| u.add(layout.scales).cast::<i32>());
+            let xb = xq.add(b * 256 * 16);
+            let mut s = scaled_subblocks_avx2::<N_SUB, MAX, SIGNED>(u, sc, xb);
+            let blk = g * nb + b;
+            let pair_sums = |at: usize| {
+                let mut t = [[_mm256_setzero_si256(); 2]; 4];
+                for p in 0..N_SUB / 2 {
+                    let x = act.extra[(blk * N_SUB / 2 + p) * 16..].as_ptr();
+                    let x: [__m256i; 2] =
+                        std::array::from_fn(|h| _mm256_loadu_si256(x.add(8 * h).cast()));
+                    for r in 0..4 {
+                        let wp = u[r].add(at + 4 * p).cast::<i32>().read_unaligned();
+                        for h in 0..2 {
+                            let prod = _mm256_madd_epi16(_mm256_set1_epi32(wp), x[h]);
+                            t[r][h] = _mm256_add_epi32(t[r][h], prod);
+                        }
+                    }
+                }
+                t
+            };
+            let mins = match pairs {
+                Pairs::None => None,
+                Pairs::Sum { at } => {
+                    let t = pair_sums(at);
+                    for r in 0..4 {
+                        for h in 0..2 {
+                            s[r][h] = _mm256_add_epi32(s[r][h], t[r][h]);
+                        }
+                    }
+                    None
+                }
+                Pairs::Mins { at } => Some(pair_sums(at)),
+            };
+            for h in 0..2 {
+                let dx = _mm256_loadu_ps(act.d[blk * 16 + 8 * h..].as_ptr());
+                for r in 0..4 {
+                    let dw = u[r].add(layout.d).cast::<f32>();
+                    let d = _mm256_mul_ps(_mm256_set1_ps(dw.read()), dx);
+                    f[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r][h]), d, f[r][h]);
+                    if let Some(m) = mins {
+                        let dmin = _mm256_mul_ps(_mm256_set1_ps(dw.add(1).read()), dx);
+                        f[r][h] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(m[r][h]), dmin, f[r][h]);
+                    }
+                }
+            }
+        }
+        for r in 0..4 {
+            _mm256_storeu_ps(out[r][i].as_mut_ptr(), f[r][0]);
+            _mm256_storeu_ps(out[r][i][8..].as_mut_ptr(), f[r][1]);
+        }
+    }
+    out
+}

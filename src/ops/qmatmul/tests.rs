@@ -525,10 +525,11 @@ fn avx2_row_kernels_match_candle_and_the_avx512_kernels() {
     }
 }
 
-/// The AVX2 tiles of a 32-value format against its AVX2 row kernel: the same bits for every
-/// batch size.
+/// The AVX2 kernels of one format (rows below `MIN_TILED` tokens, tiles from it) for every
+/// batch size up to 33: the same bits as the AVX2 row kernel, the portable product and, where
+/// the CPU has it, the AVX-512 kernels for that batch size.
 #[cfg(target_arch = "x86_64")]
-fn check_avx2_tiles<B: q8_0::Block32 + driver::Avx2Rows>(dtype: TensorType, n_rows: usize, k: usize)
+fn check_avx2_tiles<B: driver::Avx2Rows>(dtype: TensorType, n_rows: usize, k: usize)
 where
     driver::Avx2<B>: driver::Format,
 {
@@ -538,24 +539,35 @@ where
     let data = weights(dtype, n_rows, k, k as u64);
     let mut rng = Rng(3);
     let x: Vec<f32> = (0..33 * k).map(|_| 3.0 * rng.float()).collect();
-    for m in [6, 16, 17, 33] {
-        let (x, mut tiles, mut rows) =
-            (&x[..m * k], vec![0f32; m * n_rows], vec![0f32; m * n_rows]);
-        driver::run::<driver::Avx2<B>>(&data, n_rows, k, x, &mut tiles);
-        driver::run_rows::<driver::Avx2<B>>(&data, n_rows, k, x, &mut rows);
-        for (i, (a, b)) in tiles.iter().zip(&rows).enumerate() {
-            assert_eq!(
-                a.to_bits(),
-                b.to_bits(),
-                "{dtype} k={k} m={m} [{i}]: tiles vs rows"
-            );
+    let mut rows = vec![0f32; 33 * n_rows];
+    driver::run_rows::<driver::Avx2<B>>(&data, n_rows, k, &x, &mut rows);
+    for m in 1..=33 {
+        let x = &x[..m * k];
+        let mut ours = vec![0f32; m * n_rows];
+        driver::run::<driver::Avx2<B>>(&data, n_rows, k, x, &mut ours);
+        let mut portable = vec![0f32; m * n_rows];
+        crate::ops::portable::matmul(dtype, &data, n_rows, k, x, &mut portable);
+        let mut others = vec![("rows", &rows[..m * n_rows]), ("portable", &portable)];
+        let mut avx512 = vec![0f32; m * n_rows];
+        if isa() == Isa::Avx512 {
+            assert!(matmul(dtype, &data, n_rows, k, x, &mut avx512));
+            others.push(("AVX-512", &avx512));
+        }
+        for (name, other) in others {
+            for (i, (a, b)) in ours.iter().zip(other).enumerate() {
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "{dtype} k={k} m={m} [{i}]: AVX2 vs {name}"
+                );
+            }
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[test]
-fn avx2_tiles_equal_the_avx2_rows() {
+fn avx2_kernels_equal_the_rows_portable_and_avx512_at_every_batch_size() {
     for k in [32, 96, 576] {
         check_avx2_tiles::<q8_0::Q8_0>(TensorType::Q8_0, 13, k);
         check_avx2_tiles::<q8_0::Q4_0>(TensorType::Q4_0, 13, k);
@@ -563,6 +575,12 @@ fn avx2_tiles_equal_the_avx2_rows() {
         check_avx2_tiles::<q8_0::Q4_1>(TensorType::Q4_1, 13, k);
         check_avx2_tiles::<q8_0::Q5_1>(TensorType::Q5_1, 13, k);
         check_avx2_tiles::<q8_0::IQ4NL>(TensorType::IQ4NL, 13, k);
+    }
+    for k in [256, 768, 2048] {
+        check_avx2_tiles::<q4k::Q4K>(TensorType::Q4K, 13, k);
+        check_avx2_tiles::<q4k::Q5K>(TensorType::Q5K, 13, k);
+        check_avx2_tiles::<q6k::Q6K>(TensorType::Q6K, 13, k);
+        check_avx2_tiles::<iq4xs::IQ4XS>(TensorType::IQ4XS, 13, k);
     }
 }
 
