@@ -292,11 +292,17 @@ fn reduce_halves(lo: __m256, hi: __m256) -> f32 {
 #[inline]
 #[target_feature(enable = "avx512f")]
 fn load_partial(partial: &Partial, k0: usize) -> [[__m512; ROWS]; TOKENS] {
-    match k0 {
-        0 => [[_mm512_setzero_ps(); ROWS]; TOKENS],
-        // SAFETY: each lane array holds 16 floats.
-        _ => partial.map(|p| p.map(|p| unsafe { _mm512_loadu_ps(p.as_ptr()) })),
+    let mut acc = [[_mm512_setzero_ps(); ROWS]; TOKENS];
+    if k0 > 0 {
+        // Loops rather than closures: a closure would not inherit the target features.
+        for (acc, p) in acc.iter_mut().zip(partial) {
+            for (acc, p) in acc.iter_mut().zip(p) {
+                // SAFETY: each lane array holds 16 floats.
+                *acc = unsafe { _mm512_loadu_ps(p.as_ptr()) };
+            }
+        }
     }
+    acc
 }
 
 #[inline]
