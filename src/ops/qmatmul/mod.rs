@@ -166,7 +166,7 @@ pub(crate) fn matmul(
     }
     #[cfg(target_arch = "x86_64")]
     {
-        use driver::{run, run_rows, Avx2};
+        use driver::{run, Avx2};
         use TensorType::*;
         let avx2 = isa() == Isa::Avx2;
         match (dtype, avx2) {
@@ -182,8 +182,8 @@ pub(crate) fn matmul(
             (Q5K, true) => run::<Avx2<q4k::Q5K>>(data, n_rows, k, x, y),
             (Q6K, true) => run::<Avx2<q6k::Q6K>>(data, n_rows, k, x, y),
             (IQ4XS, true) => run::<Avx2<iq4xs::IQ4XS>>(data, n_rows, k, x, y),
-            (Q2K, true) => run_rows::<Avx2<q23k::Q2K>>(data, n_rows, k, x, y),
-            (Q3K, true) => run_rows::<Avx2<q23k::Q3K>>(data, n_rows, k, x, y),
+            (Q2K, true) => run::<Avx2<q23k::Q2K>>(data, n_rows, k, x, y),
+            (Q3K, true) => run::<Avx2<q23k::Q3K>>(data, n_rows, k, x, y),
             (Q4K, false) => run::<q4k::Q4K>(data, n_rows, k, x, y),
             (Q5K, false) => run::<q4k::Q5K>(data, n_rows, k, x, y),
             (Q6K, false) => run::<q6k::Q6K>(data, n_rows, k, x, y),

@@ -11,15 +11,16 @@
 //!   `S_b = Σ_s sc_s (Σ_{i∈s} u_i x_i − 4 Σ_{i∈s} x_i)`, as Q6_K with an offset of 4.
 //!
 //! The kernels read the values unsigned (`vpmaddubsw`: pairs within i16, 2 · 7 · 128) and take
-//! the runs' sums of activations (ggml's `bsums`) for the mins and the offset.
+//! the runs' sums of activations (ggml's `bsums`) for the mins and the offset. The AVX2 tiles
+//! read the AVX-512 ones' unpacked blocks, the offset as i16 pairs `−4 sc` beside Q2_K's mins.
 
 use core::arch::x86_64::*;
 
 use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
-use super::driver::{Avx2Rows, Format, RowKernel};
+use super::driver::{Avx2, Avx2Rows, Format, RowKernel};
 use super::simd::{
-    add_block, f16_at, halves4, hsum4, hsum4_avx2, prefetch_l2, scaled_subblocks, sub_mins,
-    tile_values, tile_with_starts, Ahead, Unpacked, PREFETCH_K_QUANTS,
+    add_block, f16_at, halves4, hsum4, hsum4_avx2, i16_pair, prefetch_l2, scaled_subblocks,
+    sub_mins, tile_avx2, tile_values, tile_with_starts, Ahead, Pairs, Unpacked, PREFETCH_K_QUANTS,
 };
 
 /// Q2_K (`Q3 = false`) or Q3_K (`Q3 = true`).
@@ -51,13 +52,18 @@ const fn d_at(q3: bool) -> usize {
 }
 const Q3_SCALES: usize = 96;
 
-/// One unpacked block: values (0..8) as bytes in natural order, scales as i32, Q2_K's mins as
-/// i16 pairs, `d` (and Q2_K's `dmin`).
+/// One unpacked block: values (0..8) as bytes in natural order, scales as i32, i16 pairs
+/// (Q2_K's mins; Q3_K's `−4 sc`, for the AVX2 tiles), `d` (and Q2_K's `dmin`).
 const U_Q: usize = 0; // [u8; 256]
 const U_SC: usize = 256; // [i32; 16]
-const U_MP: usize = 320; // [(i16, i16); 8]: (m_2p, m_2p+1)
+const U_MP: usize = 320; // [(i16, i16); 8]: (m_2p, m_2p+1) or (−4 sc_2p, −4 sc_2p+1)
 const U_D: usize = 352; // f32 d, then f32 dmin
 const U_BYTES: usize = 384;
+const LAYOUT: Unpacked = Unpacked {
+    scales: U_SC,
+    d: U_D,
+    bytes: U_BYTES,
+};
 
 /// The 16 run scales of the block at `p` as i16 (Q3_K's signed, `sc − 32`), and Q2_K's 16
 /// mins (Q3_K: zeros).
@@ -187,6 +193,38 @@ unsafe fn rows4<const Q3: bool>(w: [*const u8; 4], nb: usize, act: &Rows, t: usi
     out
 }
 
+/// Values `[128 half + 32 j, 128 half + 32 j + 32)` of the block at `p`, `j = 0..4`, as
+/// unsigned bytes: bits `2j, 2j + 1` of `qs[32 half..]`, with `Q3` hmask bit `4 half + j` as
+/// bit 2.
+///
+/// # Safety
+/// `p` points to a whole block; AVX2.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn values_avx2<const Q3: bool>(p: *const u8, half: usize) -> [__m256i; 4] {
+    let (m3, four) = (_mm256_set1_epi8(3), _mm256_set1_epi8(4));
+    let qs = _mm256_loadu_si256(p.add(qs_at(Q3) + 32 * half).cast());
+    let hm = match Q3 {
+        true => _mm256_loadu_si256(p.cast()),
+        false => _mm256_setzero_si256(),
+    };
+    let shifted = [
+        qs,
+        _mm256_srli_epi16::<2>(qs),
+        _mm256_srli_epi16::<4>(qs),
+        _mm256_srli_epi16::<6>(qs),
+    ];
+    std::array::from_fn(|j| {
+        let q = _mm256_and_si256(shifted[j], m3);
+        if !Q3 {
+            return q;
+        }
+        let bit = _mm256_set1_epi8((1u8 << (4 * half + j)) as i8);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(hm, bit), bit);
+        _mm256_or_si256(q, _mm256_and_si256(set, four))
+    })
+}
+
 /// `Avx2Rows::rows4_avx2` of Q2_K (`Q3` false) and Q3_K: per half block and shift `j`, values
 /// `[32 j, 32 j + 32)` of the half (runs `2j`, `2j + 1` of its 8) as unsigned bytes times the
 /// activations with `vpmaddubsw`, times their scales with `vpmaddwd`; the mins' term (Q2_K)
@@ -200,7 +238,6 @@ unsafe fn rows4_avx2<const Q3: bool>(
     t: usize,
 ) -> [f32; 4] {
     let block_bytes = block_bytes(Q3);
-    let (m3, four) = (_mm256_set1_epi8(3), _mm256_set1_epi8(4));
     // `vpshufb` patterns giving i16 `2j` of a lane's 8 in the low lane, `2j + 1` in the high.
     let pick: [__m256i; 4] = std::array::from_fn(|j| {
         let i16_at = |i: i16| _mm_set1_epi16(0x0100 * (2 * i + 1) + 2 * i);
@@ -226,30 +263,14 @@ unsafe fn rows4_avx2<const Q3: bool>(
                     _mm256_setzero_si256()
                 }
             };
-            let hm = match Q3 {
-                true => _mm256_loadu_si256(p.cast()),
-                false => _mm256_setzero_si256(),
-            };
             for half in 0..2 {
-                let qs = _mm256_loadu_si256(p.add(qs_at(Q3) + 32 * half).cast());
                 // This half's 8 scales in both lanes.
                 let half_scales = match half {
                     0 => _mm256_permute2x128_si256::<0x00>(sc16, sc16),
                     _ => _mm256_permute2x128_si256::<0x11>(sc16, sc16),
                 };
-                let shifted = [
-                    qs,
-                    _mm256_srli_epi16::<2>(qs),
-                    _mm256_srli_epi16::<4>(qs),
-                    _mm256_srli_epi16::<6>(qs),
-                ];
-                for (j, (q, &pick)) in shifted.into_iter().zip(&pick).enumerate() {
-                    let mut q = _mm256_and_si256(q, m3);
-                    if Q3 {
-                        let bit = _mm256_set1_epi8((1u8 << (4 * half + j)) as i8);
-                        let set = _mm256_cmpeq_epi8(_mm256_and_si256(hm, bit), bit);
-                        q = _mm256_or_si256(q, _mm256_and_si256(set, four));
-                    }
+                let values = values_avx2::<Q3>(p, half);
+                for (j, (q, &pick)) in values.into_iter().zip(&pick).enumerate() {
                     let x = _mm256_loadu_si256(xq.add(QK_K * b + 128 * half + 32 * j).cast());
                     let pairs = _mm256_maddubs_epi16(q, x);
                     let scales = _mm256_shuffle_epi8(half_scales, pick);
@@ -294,6 +315,32 @@ unsafe fn chunk<const Q3: bool>(p: *const u8, c: usize) -> __m512i {
     third_bits(q, hm, halves8(1 << (2 * c), 1 << (2 * c + 1)))
 }
 
+/// Writes the unpacked block's scales, i16 pairs, `d` and `dmin` from the block at `p` (both
+/// instruction sets' `unpack`).
+///
+/// # Safety
+/// `p` points to a whole block, `o` to `U_BYTES` writable ones; AVX2.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn store_scales<const Q3: bool>(p: *const u8, o: *mut u8) {
+    let (sc, mn) = scales_mins::<Q3>(p);
+    let lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(sc));
+    let hi = _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(sc));
+    _mm256_storeu_si256(o.add(U_SC).cast(), lo);
+    _mm256_storeu_si256(o.add(U_SC + 32).cast(), hi);
+    // Within i16: |sc| ≤ 32.
+    let pairs = match Q3 {
+        true => _mm256_sub_epi16(_mm256_setzero_si256(), _mm256_slli_epi16::<2>(sc)),
+        false => mn,
+    };
+    _mm256_storeu_si256(o.add(U_MP).cast(), pairs);
+    let d = o.add(U_D).cast::<f32>();
+    d.write(f16_at(p.add(d_at(Q3))));
+    if !Q3 {
+        d.add(1).write(f16_at(p.add(d_at(Q3) + 2)));
+    }
+}
+
 /// `Format::unpack` of Q2_K (`Q3` false) and Q3_K.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -303,14 +350,22 @@ unsafe fn unpack<const Q3: bool>(w: *const u8, nb: usize, out: *mut u8) {
         for c in 0..4 {
             _mm512_storeu_si512(o.add(U_Q + 64 * c).cast(), chunk::<Q3>(p, c));
         }
-        let (sc, mn) = scales_mins::<Q3>(p);
-        _mm512_storeu_si512(o.add(U_SC).cast(), _mm512_cvtepi16_epi32(sc));
-        _mm256_storeu_si256(o.add(U_MP).cast(), mn);
-        let d = o.add(U_D).cast::<f32>();
-        d.write(f16_at(p.add(d_at(Q3))));
-        if !Q3 {
-            d.add(1).write(f16_at(p.add(d_at(Q3) + 2)));
+        store_scales::<Q3>(p, o);
+    }
+}
+
+/// `Format::unpack` of Q2_K and Q3_K on AVX2: the same bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn unpack_avx2<const Q3: bool>(w: *const u8, nb: usize, out: *mut u8) {
+    for b in 0..nb {
+        let (p, o) = (w.add(b * block_bytes(Q3)), out.add(b * U_BYTES));
+        for half in 0..2 {
+            for (j, q) in values_avx2::<Q3>(p, half).into_iter().enumerate() {
+                _mm256_storeu_si256(o.add(U_Q + 128 * half + 32 * j).cast(), q);
+            }
         }
+        store_scales::<Q3>(p, o);
     }
 }
 
@@ -366,7 +421,7 @@ impl<const Q3: bool> Format for LowBits<Q3> {
     fn extra(sums: &[i16], j: usize) -> i32 {
         match Q3 {
             true => -4 * sums[8 + j] as i32,
-            false => (sums[8 + 2 * j] as u16 as i32) | ((sums[9 + 2 * j] as i32) << 16),
+            false => i16_pair(&sums[8 + 2 * j..]),
         }
     }
 
@@ -389,11 +444,39 @@ impl<const Q3: bool> Format for LowBits<Q3> {
         if !Q3 {
             return tile_q2k::<T>(w, nb, act, g);
         }
-        let layout = Unpacked {
-            scales: U_SC,
-            d: U_D,
-            bytes: U_BYTES,
-        };
-        tile_with_starts::<T, 16>(w, nb, act, g, layout)
+        tile_with_starts::<T, 16>(w, nb, act, g, LAYOUT)
+    }
+}
+
+/// The AVX2 tiles of Q2_K and Q3_K: the AVX-512 ones' unpacked rows, whose `U_MP` pairs times
+/// those of the sums of 16 (the groups' extras) are Q2_K's `M_b` or Q3_K's `−4 Σ_s sc_s X_s`.
+/// Values at most 3 (Q2_K) or 7 (Q3_K): a sub-block's 4 steps summed in i16 (4 · 2 · 7 · 128).
+impl<const Q3: bool> Format for Avx2<LowBits<Q3>> {
+    const N_EXTRA: usize = 8;
+
+    fn extra(sums: &[i16], p: usize) -> i32 {
+        i16_pair(&sums[8 + 2 * p..])
+    }
+
+    fn unpacked_bytes(nb: usize) -> usize {
+        nb * U_BYTES
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn unpack(w: *const u8, nb: usize, out: *mut u8) {
+        unpack_avx2::<Q3>(w, nb, out)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile<const T: usize>(
+        w: [*const u8; 4],
+        nb: usize,
+        act: &Groups,
+        g: [usize; T],
+    ) -> [[[f32; 16]; T]; 4] {
+        match Q3 {
+            true => tile_avx2::<T, 16, 7, false>(w, nb, act, g, LAYOUT, Pairs::Sum { at: U_MP }),
+            false => tile_avx2::<T, 16, 3, false>(w, nb, act, g, LAYOUT, Pairs::Mins { at: U_MP }),
+        }
     }
 }

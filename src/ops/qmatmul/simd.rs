@@ -339,8 +339,9 @@ pub(crate) unsafe fn f16_at(p: *const u8) -> f32 {
 /// `u[r]`: unsigned, at most `MAX`, or with `SIGNED` signed (`MAX` 127), multiplied as ggml's
 /// AVX2 code does (`|q|` times `x` with `q`'s sign). Without `vpdpbusd`, `vpmaddubsw` makes i16
 /// pairs of products, each at most `2 · MAX · 128` in magnitude; as many 4-value steps as
-/// cannot overflow i16 are summed there (Q4_K 8, Q5_K 4, Q6_K 2, signed values 1), then
-/// multiplied by the sub-block's scale with `vpmaddwd`: exact i32 sums.
+/// cannot overflow i16 are summed there (Q4_K 8, Q5_K 4, Q6_K 2, signed values 1; Q2_K and
+/// Q3_K their sub-blocks' 4), then multiplied by the sub-block's scale with `vpmaddwd`: exact
+/// i32 sums.
 ///
 /// # Safety
 /// AVX2; `u[r]` readable for 256 bytes, `sc[r]` for `N_SUB` i32 in i16 range, `xq` for the
@@ -398,9 +399,9 @@ pub(crate) unsafe fn scaled_subblocks_avx2<
 pub(crate) enum Pairs {
     /// Nothing: the format has none.
     None,
-    /// A term of `S_b` (Q6_K's `−32 Σ_s sc_s X_s`).
+    /// A term of `S_b` (Q6_K's `−32 Σ_s sc_s X_s`, Q3_K's `−4 Σ_s sc_s X_s`).
     Sum { at: usize },
-    /// `M_b`, for the second float step with `dmin` (f32) after `d` (Q4_K, Q5_K).
+    /// `M_b`, for the second float step with `dmin` (f32) after `d` (Q2_K, Q4_K, Q5_K).
     Mins { at: usize },
 }
 

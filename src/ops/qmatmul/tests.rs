@@ -581,6 +581,8 @@ fn avx2_kernels_equal_the_rows_portable_and_avx512_at_every_batch_size() {
         check_avx2_tiles::<q4k::Q5K>(TensorType::Q5K, 13, k);
         check_avx2_tiles::<q6k::Q6K>(TensorType::Q6K, 13, k);
         check_avx2_tiles::<iq4xs::IQ4XS>(TensorType::IQ4XS, 13, k);
+        check_avx2_tiles::<q23k::Q2K>(TensorType::Q2K, 13, k);
+        check_avx2_tiles::<q23k::Q3K>(TensorType::Q3K, 13, k);
     }
 }
 
