@@ -19,8 +19,8 @@ use core::arch::x86_64::*;
 use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
 use super::driver::{Avx2, Avx2Rows, Format, RowKernel};
 use super::simd::{
-    add_block, f16_at, halves4, hsum4, hsum4_avx2, i16_pair, prefetch_l2, scaled_subblocks,
-    sub_mins, tile_avx2, tile_values, tile_with_starts, Ahead, Pairs, Unpacked, PREFETCH_K_QUANTS,
+    f16_at, halves4, hsum4, hsum4_avx2, i16_pair, prefetch_l2, tile_avx2, tile_with_mins,
+    tile_with_starts, Ahead, Pairs, Unpacked, PREFETCH_K_QUANTS,
 };
 
 /// Q2_K (`Q3 = false`) or Q3_K (`Q3 = true`).
@@ -369,32 +369,6 @@ unsafe fn unpack_avx2<const Q3: bool>(w: *const u8, nb: usize, out: *mut u8) {
     }
 }
 
-/// `Format::tile` of Q2_K: the runs' sums from zero, then the mins' step.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn tile_q2k<const T: usize>(
-    w: [*const u8; 4],
-    nb: usize,
-    act: &Groups,
-    g: [usize; T],
-) -> [[[f32; 16]; T]; 4] {
-    let k = nb * QK_K;
-    let xq: [*const i8; T] = std::array::from_fn(|i| act.qs[g[i] * 16 * k..].as_ptr());
-    let mut f = [[_mm512_setzero_ps(); T]; 4];
-    for b in 0..nb {
-        let u: [*const u8; 4] = std::array::from_fn(|r| w[r].add(b * U_BYTES));
-        let sc = u.map(|u| u.add(U_SC).cast::<i32>());
-        let xb = xq.map(|x| x.add(b * QK_K * 16));
-        let zero = |_| [_mm512_setzero_si512(); T];
-        let s = scaled_subblocks::<T, 16>(u.map(|u| u.add(U_Q)), sc, xb, zero);
-        let dw: [*const f32; 4] = std::array::from_fn(|r| u[r].add(U_D).cast());
-        add_block(&mut f, &s, dw.map(|d| d.read()), act, g, nb, b);
-        let dmin = dw.map(|d| d.add(1).read());
-        sub_mins::<T, 8>(&mut f, u.map(|u| u.add(U_MP)), dmin, act, g, nb, b);
-    }
-    tile_values(f)
-}
-
 impl<const Q3: bool> RowKernel for LowBits<Q3> {
     const BLOCK: usize = QK_K;
     const BLOCK_BYTES: usize = block_bytes(Q3);
@@ -441,10 +415,10 @@ impl<const Q3: bool> Format for LowBits<Q3> {
         act: &Groups,
         g: [usize; T],
     ) -> [[[f32; 16]; T]; 4] {
-        if !Q3 {
-            return tile_q2k::<T>(w, nb, act, g);
+        match Q3 {
+            true => tile_with_starts::<T, 16>(w, nb, act, g, LAYOUT),
+            false => tile_with_mins::<T, 16, 8>(w, nb, act, g, LAYOUT, U_MP),
         }
-        tile_with_starts::<T, 16>(w, nb, act, g, LAYOUT)
     }
 }
 

@@ -15,8 +15,8 @@ use core::arch::x86_64::*;
 use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
 use super::driver::{Avx2, Avx2Rows, Format, RowKernel};
 use super::simd::{
-    add_block, f16_at, halves4, hsum4, hsum4_avx2, i16_pair, lane_sums, prefetch_l2,
-    scaled_subblocks, sub_mins, tile_avx2, tile_values, Ahead, Pairs, Unpacked, PREFETCH_K_QUANTS,
+    f16_at, halves4, hsum4, hsum4_avx2, i16_pair, lane_sums, prefetch_l2, tile_avx2,
+    tile_with_mins, Ahead, Pairs, Unpacked, PREFETCH_K_QUANTS,
 };
 
 /// Q4_K (`HIGH = false`) or Q5_K (`HIGH = true`, the fifth bits merged in).
@@ -48,6 +48,11 @@ const U_SC: usize = 256; // [i32; 8]
 const U_MP: usize = 288; // [(i16, i16); 4]: (m_2p, m_2p+1)
 const U_D: usize = 304; // f32 d, then f32 dmin
 const U_BYTES: usize = 320;
+const LAYOUT: Unpacked = Unpacked {
+    scales: U_SC,
+    d: U_D,
+    bytes: U_BYTES,
+};
 
 /// The 8 scales and 8 mins of a block's 12 packed bytes at `p` (ggml's `get_scale_min_k4`,
 /// four at a time as candle's `utmp`): (scales, mins), one byte each.
@@ -399,32 +404,6 @@ unsafe fn unpack_avx2<const HIGH: bool>(w: *const u8, nb: usize, out: *mut u8) {
     }
 }
 
-/// `Format::tile` of Q4_K and Q5_K (unpacked alike).
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn tile<const T: usize>(
-    w: [*const u8; 4],
-    nb: usize,
-    act: &Groups,
-    g: [usize; T],
-) -> [[[f32; 16]; T]; 4] {
-    let k = nb * QK_K;
-    let xq: [*const i8; T] = std::array::from_fn(|i| act.qs[g[i] * 16 * k..].as_ptr());
-    let mut f = [[_mm512_setzero_ps(); T]; 4];
-    for b in 0..nb {
-        let u: [*const u8; 4] = std::array::from_fn(|r| w[r].add(b * U_BYTES));
-        let sc = u.map(|u| u.add(U_SC).cast::<i32>());
-        let xb = xq.map(|x| x.add(b * QK_K * 16));
-        let zero = |_| [_mm512_setzero_si512(); T];
-        let s = scaled_subblocks::<T, 8>(u.map(|u| u.add(U_Q)), sc, xb, zero);
-        let dw: [*const f32; 4] = std::array::from_fn(|r| u[r].add(U_D).cast());
-        add_block(&mut f, &s, dw.map(|d| d.read()), act, g, nb, b);
-        let dmin = dw.map(|d| d.add(1).read());
-        sub_mins::<T, 4>(&mut f, u.map(|u| u.add(U_MP)), dmin, act, g, nb, b);
-    }
-    tile_values(f)
-}
-
 impl<const HIGH: bool> RowKernel for KQuant<HIGH> {
     const BLOCK: usize = QK_K;
     const BLOCK_BYTES: usize = block_bytes(HIGH);
@@ -467,7 +446,7 @@ impl<const HIGH: bool> Format for KQuant<HIGH> {
         act: &Groups,
         g: [usize; T],
     ) -> [[[f32; 16]; T]; 4] {
-        tile::<T>(w, nb, act, g)
+        tile_with_mins::<T, 8, 4>(w, nb, act, g, LAYOUT, U_MP)
     }
 }
 
@@ -495,15 +474,10 @@ impl<const HIGH: bool> Format for Avx2<KQuant<HIGH>> {
         act: &Groups,
         g: [usize; T],
     ) -> [[[f32; 16]; T]; 4] {
-        let layout = Unpacked {
-            scales: U_SC,
-            d: U_D,
-            bytes: U_BYTES,
-        };
         let mins = Pairs::Mins { at: U_MP };
         match HIGH {
-            true => tile_avx2::<T, 8, 31, false>(w, nb, act, g, layout, mins),
-            false => tile_avx2::<T, 8, 15, false>(w, nb, act, g, layout, mins),
+            true => tile_avx2::<T, 8, 31, false>(w, nb, act, g, LAYOUT, mins),
+            false => tile_avx2::<T, 8, 15, false>(w, nb, act, g, LAYOUT, mins),
         }
     }
 }

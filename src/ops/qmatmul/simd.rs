@@ -313,6 +313,39 @@ pub(crate) unsafe fn tile_with_starts<const T: usize, const N_SUB: usize>(
     tile_values(f)
 }
 
+/// `Format::tile` of a format unpacked as `layout` whose `N_SUB` scaled sub-blocks' sums start
+/// from zero, followed by the mins' step: `P` i16 pairs of mins at `mins`, `dmin` the f32
+/// after `d` (Q4_K, Q5_K, Q2_K).
+///
+/// # Safety
+/// As `Format::tile`; each `w[r]` holds `nb` blocks unpacked as `layout`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(crate) unsafe fn tile_with_mins<const T: usize, const N_SUB: usize, const P: usize>(
+    w: [*const u8; 4],
+    nb: usize,
+    act: &Groups,
+    g: [usize; T],
+    layout: Unpacked,
+    mins: usize,
+) -> [[[f32; 16]; T]; 4] {
+    let k = nb * 256;
+    let xq: [*const i8; T] = std::array::from_fn(|i| act.qs[g[i] * 16 * k..].as_ptr());
+    let mut f = [[_mm512_setzero_ps(); T]; 4];
+    for b in 0..nb {
+        let u: [*const u8; 4] = std::array::from_fn(|r| w[r].add(b * layout.bytes));
+        let sc = u.map(|u| u.add(layout.scales).cast::<i32>());
+        let xb = xq.map(|x| x.add(b * 256 * 16));
+        let zero = |_| [_mm512_setzero_si512(); T];
+        let s = scaled_subblocks::<T, N_SUB>(u, sc, xb, zero);
+        let dw: [*const f32; 4] = std::array::from_fn(|r| u[r].add(layout.d).cast());
+        add_block(&mut f, &s, dw.map(|d| d.read()), act, g, nb, b);
+        let dmin = dw.map(|d| d.add(1).read());
+        sub_mins::<T, P>(&mut f, u.map(|u| u.add(mins)), dmin, act, g, nb, b);
+    }
+    tile_values(f)
+}
+
 /// The f16 at byte `at` of block `b` of 4 rows, widened.
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
