@@ -12,8 +12,8 @@ use core::arch::x86_64::*;
 use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
 use super::driver::{Avx2, Avx2Rows, Format, RowKernel};
 use super::simd::{
-    f16_at, halves4, hsum4, hsum4_avx2, iq4_table, prefetch_l2, tile_avx2, tile_with_starts, Ahead,
-    Pairs, Unpacked, PREFETCH_K_QUANTS,
+    block_steps, f16_at, hsum4, hsum4_avx2, iq4_table, prefetch_l2, tile_avx2, tile_with_starts,
+    Ahead, Pairs, Unpacked, PREFETCH_K_QUANTS,
 };
 use crate::ops::iq4::{xs_scales, KVALUES};
 
@@ -105,11 +105,7 @@ impl RowKernel for IQ4XS {
                         .sum::<i32>();
             }
             let exact = _mm_sub_epi32(hsum4(s), _mm_loadu_si128(offset.as_ptr().cast()));
-            let d = _mm_mul_ps(
-                halves4(w, BLOCK_BYTES, b, 0),
-                _mm_set1_ps(act.d[t * nb + b]),
-            );
-            acc = _mm_fmadd_ps(_mm_cvtepi32_ps(exact), d, acc);
+            acc = block_steps(acc, exact, None, w, BLOCK_BYTES, b, 0, act.d[t * nb + b]);
         }
         let mut out = [0f32; 4];
         _mm_storeu_ps(out.as_mut_ptr(), acc);
@@ -155,11 +151,8 @@ unsafe fn rows4_avx2(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32
             }
             sum
         });
-        let d = _mm_mul_ps(
-            halves4(w, BLOCK_BYTES, b, 0),
-            _mm_set1_ps(act.d[t * nb + b]),
-        );
-        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(hsum4_avx2(s)), d, acc);
+        let s = hsum4_avx2(s);
+        acc = block_steps(acc, s, None, w, BLOCK_BYTES, b, 0, act.d[t * nb + b]);
     }
     let mut out = [0f32; 4];
     _mm_storeu_ps(out.as_mut_ptr(), acc);

@@ -19,7 +19,7 @@ use core::arch::x86_64::*;
 use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
 use super::driver::{Avx2, Avx2Rows, Format, RowKernel};
 use super::simd::{
-    f16_at, halves4, hsum4, hsum4_avx2, i16_pair, prefetch_l2, tile_avx2, tile_with_mins,
+    block_steps, f16_at, hsum4, hsum4_avx2, i16_pair, prefetch_l2, tile_avx2, tile_with_mins,
     tile_with_starts, Ahead, Pairs, Unpacked, PREFETCH_K_QUANTS,
 };
 
@@ -180,13 +180,9 @@ unsafe fn rows4<const Q3: bool>(w: [*const u8; 4], nb: usize, act: &Rows, t: usi
                 false => m[r] = _mm256_madd_epi16(mn16, x16),
             }
         }
-        let dx = _mm_set1_ps(act.d[t * nb + b]);
-        let d = _mm_mul_ps(halves4(w, block_bytes, b, d_at(Q3)), dx);
-        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(hsum4(s)), d, acc);
-        if !Q3 {
-            let dmin = _mm_mul_ps(halves4(w, block_bytes, b, d_at(Q3) + 2), dx);
-            acc = _mm_fnmadd_ps(_mm_cvtepi32_ps(hsum4_avx2(m)), dmin, acc);
-        }
+        let m = if Q3 { None } else { Some(hsum4_avx2(m)) };
+        let d_x = act.d[t * nb + b];
+        acc = block_steps(acc, hsum4(s), m, w, block_bytes, b, d_at(Q3), d_x);
     }
     let mut out = [0f32; 4];
     _mm_storeu_ps(out.as_mut_ptr(), acc);
@@ -279,13 +275,9 @@ unsafe fn rows4_avx2<const Q3: bool>(
             }
             sum
         });
-        let dx = _mm_set1_ps(act.d[t * nb + b]);
-        let d = _mm_mul_ps(halves4(w, block_bytes, b, d_at(Q3)), dx);
-        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(hsum4_avx2(s)), d, acc);
-        if !Q3 {
-            let dmin = _mm_mul_ps(halves4(w, block_bytes, b, d_at(Q3) + 2), dx);
-            acc = _mm_fnmadd_ps(_mm_cvtepi32_ps(hsum4_avx2(m)), dmin, acc);
-        }
+        let m = if Q3 { None } else { Some(hsum4_avx2(m)) };
+        let d_x = act.d[t * nb + b];
+        acc = block_steps(acc, hsum4_avx2(s), m, w, block_bytes, b, d_at(Q3), d_x);
     }
     let mut out = [0f32; 4];
     _mm_storeu_ps(out.as_mut_ptr(), acc);

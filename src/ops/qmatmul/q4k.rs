@@ -15,7 +15,7 @@ use core::arch::x86_64::*;
 use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
 use super::driver::{Avx2, Avx2Rows, Format, RowKernel};
 use super::simd::{
-    f16_at, halves4, hsum4, hsum4_avx2, i16_pair, lane_sums, prefetch_l2, tile_avx2,
+    block_steps, f16_at, hsum4, hsum4_avx2, i16_pair, lane_sums, prefetch_l2, tile_avx2,
     tile_with_mins, Ahead, Pairs, Unpacked, PREFETCH_K_QUANTS,
 };
 
@@ -343,11 +343,8 @@ unsafe fn rows4_avx2<const HIGH: bool>(
             _mm_hadd_epi32(mins[0], mins[1]),
             _mm_hadd_epi32(mins[2], mins[3]),
         );
-        let dx = _mm_set1_ps(act.d[t * nb + b]);
-        let d = _mm_mul_ps(halves4(w, block_bytes, b, 0), dx);
-        let dmin = _mm_mul_ps(halves4(w, block_bytes, b, 2), dx);
-        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(hsum4_avx2(s)), d, acc);
-        acc = _mm_fnmadd_ps(_mm_cvtepi32_ps(m), dmin, acc);
+        let d_x = act.d[t * nb + b];
+        acc = block_steps(acc, hsum4_avx2(s), Some(m), w, block_bytes, b, 0, d_x);
     }
     let mut out = [0f32; 4];
     _mm_storeu_ps(out.as_mut_ptr(), acc);

@@ -14,8 +14,8 @@ use core::arch::x86_64::*;
 use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
 use super::driver::{Avx2, Avx2Rows, Format, RowKernel};
 use super::simd::{
-    f16_at, halves4, hsum4, hsum4_avx2, i16_pair, prefetch_l2, tile_avx2, tile_with_starts, Ahead,
-    Pairs, Unpacked, PREFETCH_K_QUANTS,
+    block_steps, f16_at, hsum4, hsum4_avx2, i16_pair, prefetch_l2, tile_avx2, tile_with_starts,
+    Ahead, Pairs, Unpacked, PREFETCH_K_QUANTS,
 };
 
 pub(crate) struct Q6K;
@@ -153,11 +153,7 @@ impl RowKernel for Q6K {
                 let offset = _mm256_slli_epi32::<5>(_mm256_madd_epi16(sc16, x16));
                 s[r] = _mm512_sub_epi32(s[r], _mm512_zextsi256_si512(offset));
             }
-            let d = _mm_mul_ps(
-                halves4(w, BLOCK_BYTES, b, D),
-                _mm_set1_ps(act.d[t * nb + b]),
-            );
-            acc = _mm_fmadd_ps(_mm_cvtepi32_ps(hsum4(s)), d, acc);
+            acc = block_steps(acc, hsum4(s), None, w, BLOCK_BYTES, b, D, act.d[t * nb + b]);
         }
         let mut out = [0f32; 4];
         _mm_storeu_ps(out.as_mut_ptr(), acc);
@@ -229,11 +225,8 @@ unsafe fn rows4_avx2(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32
             }
             sum
         });
-        let d = _mm_mul_ps(
-            halves4(w, BLOCK_BYTES, b, D),
-            _mm_set1_ps(act.d[t * nb + b]),
-        );
-        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(hsum4_avx2(s)), d, acc);
+        let s = hsum4_avx2(s);
+        acc = block_steps(acc, s, None, w, BLOCK_BYTES, b, D, act.d[t * nb + b]);
     }
     let mut out = [0f32; 4];
     _mm_storeu_ps(out.as_mut_ptr(), acc);

@@ -358,6 +358,37 @@ pub(crate) unsafe fn halves4(w: [*const u8; 4], block_bytes: usize, b: usize, at
     _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, h(3), h(2), h(1), h(0)))
 }
 
+/// A 256-value block's float steps on 4 rows (the module comment's sequence): `acc =
+/// fma(S_b, d_w·d_x, acc)`, then, given the mins' sums `M_b`, `acc = fma(−M_b, dmin_w·d_x,
+/// acc)`; `d_w` is the f16 at byte `d_at` of block `b`, `dmin_w` the one after it.
+///
+/// # Safety
+/// AVX2, FMA and F16C; each `w[r]` holds block `b`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn block_steps(
+    acc: __m128,
+    s: __m128i,
+    m: Option<__m128i>,
+    w: [*const u8; 4],
+    block_bytes: usize,
+    b: usize,
+    d_at: usize,
+    d_x: f32,
+) -> __m128 {
+    let dx = _mm_set1_ps(d_x);
+    let d = _mm_mul_ps(halves4(w, block_bytes, b, d_at), dx);
+    let acc = _mm_fmadd_ps(_mm_cvtepi32_ps(s), d, acc);
+    match m {
+        Some(m) => {
+            let dmin = _mm_mul_ps(halves4(w, block_bytes, b, d_at + 2), dx);
+            _mm_fnmadd_ps(_mm_cvtepi32_ps(m), dmin, acc)
+        }
+        None => acc,
+    }
+}
+
 /// f16 widened to f32 (exactly).
 ///
 /// # Safety
