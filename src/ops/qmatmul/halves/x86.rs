@@ -328,16 +328,19 @@ impl<H: Half> RowKernel for Avx512<H> {
     unsafe fn rows4(w: [*const u8; 4], k: usize, x: &[f32]) -> [f32; 4] {
         let ahead = Ahead::new(k.div_ceil(16), 32, simd::PREFETCH_F16);
         let mut acc = [_mm512_setzero_ps(); 4];
-        chunks::<16>(0..k.next_multiple_of(16), k, |j, n| {
-            let x = _mm512_loadu_ps(x[j..].as_ptr());
+        // A plain loop: as a closure passed to `chunks`, this body was not inlined (a call
+        // per chunk of 16).
+        for j in 0..k.div_ceil(16) {
+            let x = _mm512_loadu_ps(x[16 * j..].as_ptr());
+            let n = (k - 16 * j).min(16);
             for r in 0..4 {
                 // One prefetch per 64 bytes of the row: every other chunk.
-                if j % 32 == 0 {
-                    prefetch_l2(ahead.of(w[r], j / 16), 64);
+                if j % 2 == 0 {
+                    prefetch_l2(ahead.of(w[r], j), 64);
                 }
-                acc[r] = _mm512_fmadd_ps(H::load16(w[r].add(2 * j), n), x, acc[r]);
+                acc[r] = _mm512_fmadd_ps(H::load16(w[r].add(32 * j), n), x, acc[r]);
             }
-        });
+        }
         acc.map(|a| reduce(a))
     }
 }
