@@ -52,7 +52,7 @@ impl Half for F16 {
 
 impl Half for Bf16 {
     fn round(v: f32) -> f32 {
-        half::bf16::from_f32(v).to_f32()
+        crate::ops::bf16::round(v)
     }
 }
 
