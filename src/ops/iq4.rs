@@ -20,7 +20,7 @@ const QK: usize = 32;
 const QK_K: usize = 256;
 
 pub(crate) fn f16_at(b: &[u8], at: usize) -> f32 {
-    half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+    super::f16::to_f32(u16::from_le_bytes([b[at], b[at + 1]]))
 }
 
 /// The 8 sub-block scales `ls − 32` of an IQ4_XS block.

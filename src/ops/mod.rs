@@ -5,6 +5,7 @@ pub mod activation;
 pub mod attention;
 mod bf16;
 pub(crate) mod exp;
+mod f16;
 pub mod gemm;
 mod iq4;
 pub mod matmul;

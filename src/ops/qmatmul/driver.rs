@@ -28,6 +28,21 @@ pub(crate) trait RowKernel: Sync {
     /// The CPU has the kernel's instruction set; each `w[i]` points to `nb` whole blocks;
     /// `act` holds `nb` blocks per token, of the activation type, and `t < act.m`.
     unsafe fn rows4(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4];
+
+    /// `rows4` for each of the tokens `t`: `out[token][row]`, each token's the bits `rows4`
+    /// gives (kernels that decode a block once for all four override it).
+    ///
+    /// # Safety
+    /// As `rows4`, for each token of `t`.
+    unsafe fn rows4_tokens4(
+        w: [*const u8; 4],
+        nb: usize,
+        act: &Rows,
+        t: [usize; 4],
+    ) -> [[f32; 4]; 4] {
+        // SAFETY: the caller's contract.
+        t.map(|t| unsafe { Self::rows4(w, nb, act, t) })
+    }
 }
 
 /// A format's row kernel on AVX2 (its `RowKernel` is the AVX-512 one).
@@ -183,14 +198,22 @@ fn row_products<F: RowKernel>(w: &Weights, act: &Rows, y: &mut [f32]) {
         for r0 in rows.step_by(4) {
             let quad = w.rows::<4>(r0, row_bytes);
             let n = (n_rows - r0).min(4);
-            for t in 0..act.m {
-                // SAFETY: `supports` checked the CPU; `quad` points to whole rows of `nb`
-                // blocks (`matmul` checked `data`'s length) and `act` to `nb` activation
-                // blocks per token.
-                let out = unsafe { F::rows4(quad, w.nb, act, t) };
+            let store = |t: usize, out: &[f32; 4]| {
                 // SAFETY: this task alone writes columns `rows` of y, and t < m.
                 let y = unsafe { y_ptr.slice(t * n_rows + r0, n) };
                 y.copy_from_slice(&out[..n]);
+            };
+            let fours = act.m / 4 * 4;
+            // SAFETY (both calls): `supports` checked the CPU; `quad` points to whole rows of
+            // `nb` blocks (`matmul` checked `data`'s length) and `act` to `nb` activation
+            // blocks per token; every token is below m.
+            for t0 in (0..fours).step_by(4) {
+                let out =
+                    unsafe { F::rows4_tokens4(quad, w.nb, act, [0, 1, 2, 3].map(|i| t0 + i)) };
+                (0..4).for_each(|i| store(t0 + i, &out[i]));
+            }
+            for t in fours..act.m {
+                store(t, &unsafe { F::rows4(quad, w.nb, act, t) });
             }
         }
     });

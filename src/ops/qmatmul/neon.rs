@@ -3,6 +3,8 @@
 //! `sdot` where the CPU has `dotprod`, else widening multiplies), each run's sum times its
 //! scale; then the format's float steps, `Format::steps`. The integer sums are exact and the
 //! float operations those of every other kernel, so a product has the same bits as on x86.
+//! Batches run 4 tokens at a time against each 4 rows (`tile`): a block's values are decoded
+//! once for the four tokens.
 
 use core::arch::aarch64::*;
 use core::arch::asm;
@@ -67,11 +69,16 @@ pub(crate) trait Dot: Sync {
     /// The CPU has the method's instructions; one of `a`, `b` lies within ±127.
     unsafe fn dot(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t;
 
-    /// `RowKernel::rows4` of format `F` with this dot product.
+    /// `tile` of format `F` with this dot product.
     ///
     /// # Safety
-    /// As `RowKernel::rows4`.
-    unsafe fn rows4<F: Vectors>(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4];
+    /// As `RowKernel::rows4`, for each token of `t`.
+    unsafe fn tile<F: Vectors, const T: usize>(
+        w: [*const u8; 4],
+        nb: usize,
+        act: &Rows,
+        t: [usize; T],
+    ) -> [[f32; 4]; T];
 }
 
 /// `sdot` (the `dotprod` extension), written as assembly: its intrinsic is not stable.
@@ -95,8 +102,13 @@ impl Dot for Sdot {
     }
 
     #[target_feature(enable = "dotprod")]
-    unsafe fn rows4<F: Vectors>(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
-        rows4::<F, Self>(w, nb, act, t)
+    unsafe fn tile<F: Vectors, const T: usize>(
+        w: [*const u8; 4],
+        nb: usize,
+        act: &Rows,
+        t: [usize; T],
+    ) -> [[f32; 4]; T] {
+        tile::<F, Self, T>(w, nb, act, t)
     }
 }
 
@@ -111,8 +123,13 @@ impl Dot for Widening {
         vpadalq_s16(acc, vmlal_high_s8(low, a, b))
     }
 
-    unsafe fn rows4<F: Vectors>(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
-        rows4::<F, Self>(w, nb, act, t)
+    unsafe fn tile<F: Vectors, const T: usize>(
+        w: [*const u8; 4],
+        nb: usize,
+        act: &Rows,
+        t: [usize; T],
+    ) -> [[f32; 4]; T] {
+        tile::<F, Self, T>(w, nb, act, t)
     }
 }
 
@@ -125,7 +142,17 @@ impl<F: Vectors, D: Dot> RowKernel for Neon<F, D> {
     const Q8K: bool = F::VALUES == QK_K;
 
     unsafe fn rows4(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
-        D::rows4::<F>(w, nb, act, t)
+        let [out] = D::tile::<F, 1>(w, nb, act, [t]);
+        out
+    }
+
+    unsafe fn rows4_tokens4(
+        w: [*const u8; 4],
+        nb: usize,
+        act: &Rows,
+        t: [usize; 4],
+    ) -> [[f32; 4]; 4] {
+        D::tile::<F, 4>(w, nb, act, t)
     }
 }
 
@@ -138,66 +165,73 @@ pub(crate) trait Vectors: Format {
     unsafe fn vectors(p: *const u8, c: usize) -> [int8x16_t; 2];
 }
 
-/// Rows `w` times token `t`: per block, each row's exact sums, then its float steps.
-#[inline]
-unsafe fn rows4<F: Vectors, D: Dot>(
+/// Rows `w` times tokens `t`: per block, each row's values decoded once and their exact
+/// sums against every token, then each (row, token)'s float steps — for each pair the
+/// sequence a lone token takes.
+#[inline(always)]
+unsafe fn tile<F: Vectors, D: Dot, const T: usize>(
     w: [*const u8; 4],
     nb: usize,
     act: &Rows,
-    t: usize,
-) -> [f32; 4] {
-    let xq = act.qs[t * act.k..].as_ptr();
-    let mut acc = [0f32; 4];
+    t: [usize; T],
+) -> [[f32; 4]; T] {
+    let mut acc = [[0f32; 4]; T];
     for b in 0..nb {
-        let i = t * nb + b;
-        let x = xq.add(b * F::VALUES);
-        let s_x = if F::VALUES == QK8_0 { act.s[i] } else { 0.0 };
-        for (r, acc) in acc.iter_mut().enumerate() {
+        let i: [usize; T] = std::array::from_fn(|j| t[j] * nb + b);
+        let x: [*const i8; T] =
+            std::array::from_fn(|j| act.qs[t[j] * act.k + b * F::VALUES..].as_ptr());
+        for r in 0..4 {
             let p = w[r].add(b * F::BYTES);
             let block = std::slice::from_raw_parts(p, F::BYTES);
-            let m = match F::MIN {
-                Min::SubBlocks => {
-                    // The activations' sums over the runs: 8 of 32, or 16 of 16 (Q2_K).
-                    let x_sums = match F::RUN {
-                        32 => &act.sums[i * Q8K_SUMS..][..8],
-                        _ => &act.sums[i * Q8K_SUMS + 8..][..16],
-                    };
-                    let mins = F::mins(block);
-                    mins.iter().zip(x_sums).map(|(&m, &x)| m * x as i32).sum()
-                }
-                _ => 0,
+            let sums = block_sums::<F, D, T>(p, block, x);
+            let mins = match F::MIN {
+                Min::SubBlocks => F::mins(block),
+                _ => [0; 16],
             };
-            *acc = F::steps(
-                *acc,
-                block_sum::<F, D>(p, block, x),
-                m,
-                block,
-                act.d[i],
-                s_x,
-            );
+            for j in 0..T {
+                let m = match F::MIN {
+                    // The activations' sums over the runs: 8 of 32, or 16 of 16 (Q2_K).
+                    Min::SubBlocks => {
+                        let x_sums = match F::RUN {
+                            32 => &act.sums[i[j] * Q8K_SUMS..][..8],
+                            _ => &act.sums[i[j] * Q8K_SUMS + 8..][..16],
+                        };
+                        mins.iter().zip(x_sums).map(|(&m, &x)| m * x as i32).sum()
+                    }
+                    _ => 0,
+                };
+                let s_x = if F::VALUES == QK8_0 { act.s[i[j]] } else { 0.0 };
+                acc[j][r] = F::steps(acc[j][r], sums[j], m, block, act.d[i[j]], s_x);
+            }
         }
     }
     acc
 }
 
-/// `S_b` of the block at `p` (`block`) against the activations at `x`.
+/// `S_b` of the block at `p` (`block`) against the activations at each `x`.
 #[inline(always)]
-unsafe fn block_sum<F: Vectors, D: Dot>(p: *const u8, block: &[u8], x: *const i8) -> i32 {
+unsafe fn block_sums<F: Vectors, D: Dot, const T: usize>(
+    p: *const u8,
+    block: &[u8],
+    x: [*const i8; T],
+) -> [i32; T] {
     let scales = F::scales(block);
     let zero = vdupq_n_s32(0);
-    let mut s = zero;
+    let mut s = [zero; T];
     for c in 0..F::VALUES / 32 {
         let v = F::vectors(p, c);
-        let x = [vld1q_s8(x.add(32 * c)), vld1q_s8(x.add(32 * c + 16))];
-        if F::RUN == 32 {
-            let dot = D::dot(D::dot(zero, v[0], x[0]), v[1], x[1]);
-            s = vmlaq_n_s32(s, dot, scales[c]);
-        } else {
-            s = vmlaq_n_s32(s, D::dot(zero, v[0], x[0]), scales[2 * c]);
-            s = vmlaq_n_s32(s, D::dot(zero, v[1], x[1]), scales[2 * c + 1]);
+        for (s, x) in s.iter_mut().zip(x) {
+            let x = [vld1q_s8(x.add(32 * c)), vld1q_s8(x.add(32 * c + 16))];
+            if F::RUN == 32 {
+                let dot = D::dot(D::dot(zero, v[0], x[0]), v[1], x[1]);
+                *s = vmlaq_n_s32(*s, dot, scales[c]);
+            } else {
+                *s = vmlaq_n_s32(*s, D::dot(zero, v[0], x[0]), scales[2 * c]);
+                *s = vmlaq_n_s32(*s, D::dot(zero, v[1], x[1]), scales[2 * c + 1]);
+            }
         }
     }
-    vaddvq_s32(s)
+    s.map(|s| vaddvq_s32(s))
 }
 
 /// The 32 nibbles of 16 bytes at `qs`: low nibbles (values 0..16), high nibbles (16..32).
