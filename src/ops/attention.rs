@@ -85,44 +85,41 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `out[h] += Σ_j p[h][j] · row(j)` for `H` heads at once (each row is read once for all of
-/// them), summed over `j` in order from zero (as repeated `y += p x` would), a few columns
-/// at a time so that the sums stay in registers.
+/// them), summed over `j` in order from zero (as repeated `y += p x` would), `COLS` columns
+/// at a time so that the sums stay in registers: `H · COLS` of them, enough independent sums
+/// to hide the additions' latency.
 #[inline(always)]
-fn weighted_rows<'v, const H: usize>(
+fn weighted_rows<'v, const H: usize, const COLS: usize>(
     mut out: [&mut [f32]; H],
     p: [&[f32]; H],
     row: impl Fn(usize) -> &'v [f32],
 ) {
-    const COLS: usize = 16;
     let width = out[0].len();
-    for c0 in (0..width).step_by(COLS) {
-        let n = COLS.min(width - c0);
-        let mut acc = [[0f32; COLS]; H];
-        for (acc, out) in acc.iter_mut().zip(&out) {
-            acc[..n].copy_from_slice(&out[c0..c0 + n]);
-        }
-        if n == COLS {
-            for j in 0..p[0].len() {
-                let v: &[f32; COLS] = row(j)[c0..c0 + COLS].try_into().unwrap();
-                for (acc, p) in acc.iter_mut().zip(&p) {
-                    let pj = p[j];
-                    for c in 0..COLS {
-                        acc[c] += pj * v[c];
-                    }
-                }
-            }
-        } else {
-            for j in 0..p[0].len() {
-                let v = &row(j)[c0..c0 + n];
-                for (acc, p) in acc.iter_mut().zip(&p) {
-                    for c in 0..n {
-                        acc[c] += p[j] * v[c];
-                    }
+    let whole = width / COLS * COLS;
+    for c0 in (0..whole).step_by(COLS) {
+        let mut acc: [[f32; COLS]; H] =
+            std::array::from_fn(|h| out[h][c0..c0 + COLS].try_into().unwrap());
+        for j in 0..p[0].len() {
+            let v: &[f32; COLS] = row(j)[c0..c0 + COLS].try_into().unwrap();
+            for (acc, p) in acc.iter_mut().zip(&p) {
+                let pj = p[j];
+                for c in 0..COLS {
+                    acc[c] += pj * v[c];
                 }
             }
         }
         for (out, acc) in out.iter_mut().zip(&acc) {
-            out[c0..c0 + n].copy_from_slice(&acc[..n]);
+            out[c0..c0 + COLS].copy_from_slice(acc);
+        }
+    }
+    if whole < width {
+        for j in 0..p[0].len() {
+            let v = &row(j)[whole..width];
+            for (out, p) in out.iter_mut().zip(&p) {
+                for (o, &v) in out[whole..].iter_mut().zip(v) {
+                    *o += p[j] * v;
+                }
+            }
         }
     }
 }
@@ -243,7 +240,7 @@ fn attend(
             Isa::Portable => {}
         }
     }
-    attend_group(shape, task, out, lse, scratch)
+    attend_group::<false>(shape, task, out, lse, scratch)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -255,7 +252,7 @@ unsafe fn attend_avx2(
     lse: &mut [f32],
     scratch: &mut Vec<f32>,
 ) {
-    attend_group(shape, task, out, lse, scratch)
+    attend_group::<true>(shape, task, out, lse, scratch)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -267,7 +264,7 @@ unsafe fn attend_avx512(
     lse: &mut [f32],
     scratch: &mut Vec<f32>,
 ) {
-    attend_group(shape, task, out, lse, scratch)
+    attend_group::<true>(shape, task, out, lse, scratch)
 }
 
 /// Query heads at a time in the weighted sum: one value row serves all of them while it is
@@ -284,9 +281,9 @@ const BLOCK: usize = 64;
 const AHEAD: usize = 32;
 
 /// The task's scores, softmax and weighted values, head `h` into `out[h * head_dim..]` and
-/// `lse[h]`.
+/// `lse[h]`. `AVX`: the CPU has AVX (the caller's target features), for the keys' transposes.
 #[inline(always)]
-fn attend_group(
+fn attend_group<const AVX: bool>(
     shape: &AttentionShape,
     task: &HeadGroup,
     out: &mut [f32],
@@ -306,6 +303,12 @@ fn attend_group(
             let mut eight: [&[f32]; 8] = [&[]; 8];
             for (slot, key) in eight.iter_mut().zip(&mut keys) {
                 *slot = key;
+            }
+            #[cfg(target_arch = "x86_64")]
+            if AVX {
+                // SAFETY: `AVX` says the CPU has AVX.
+                unsafe { transpose8_avx(eight, hd, &mut rows[k0..]) };
+                continue;
             }
             transpose8(eight, hd, &mut rows[k0..]);
         }
@@ -327,10 +330,27 @@ fn attend_group(
         let mut probs = scores.chunks_exact(n).map(|p| &p[block.clone()]);
         while outs.len() >= HEADS {
             let out = std::array::from_fn::<_, HEADS, _>(|_| outs.next().unwrap());
-            weighted_rows(out, std::array::from_fn(|_| probs.next().unwrap()), value);
+            let p = std::array::from_fn(|_| probs.next().unwrap());
+            weighted_rows::<HEADS, 16>(out, p, value);
         }
-        for (out, p) in outs.zip(probs) {
-            weighted_rows([out], [p], value);
+        // The remaining heads (fewer than `HEADS`) together, their columns wider.
+        match outs.len() {
+            1 => weighted_rows::<1, 64>(
+                std::array::from_fn(|_| outs.next().unwrap()),
+                std::array::from_fn(|_| probs.next().unwrap()),
+                value,
+            ),
+            2 => weighted_rows::<2, 32>(
+                std::array::from_fn(|_| outs.next().unwrap()),
+                std::array::from_fn(|_| probs.next().unwrap()),
+                value,
+            ),
+            3 => weighted_rows::<3, 16>(
+                std::array::from_fn(|_| outs.next().unwrap()),
+                std::array::from_fn(|_| probs.next().unwrap()),
+                value,
+            ),
+            _ => {}
         }
     }
 }
@@ -358,6 +378,54 @@ fn transpose8(rows: [&[f32]; 8], hd: usize, out: &mut [f32]) {
     for d in whole..hd {
         for (r, row) in rows.iter().enumerate().filter(|(_, row)| !row.is_empty()) {
             out[d * BLOCK + r] = row[d];
+        }
+    }
+}
+
+/// `transpose8` by AVX shuffles, 8 × 8 values at a time in registers (the compiler makes
+/// scalar moves of the plain one).
+///
+/// # Safety
+/// The CPU has AVX.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx")]
+unsafe fn transpose8_avx(rows: [&[f32]; 8], hd: usize, out: &mut [f32]) {
+    use core::arch::x86_64::*;
+    if !hd.is_multiple_of(8) || rows.iter().any(|r| r.len() != hd) {
+        return transpose8(rows, hd, out);
+    }
+    assert!(out.len() >= (hd - 1) * BLOCK + 8);
+    for d0 in (0..hd).step_by(8) {
+        let mut r = [_mm256_setzero_ps(); 8];
+        for (r, row) in r.iter_mut().zip(&rows) {
+            *r = _mm256_loadu_ps(row[d0..].as_ptr());
+        }
+        // Rows 4q..4q + 4 interleaved by pairs, then by quads: u[4q + c] holds rows
+        // 4q..4q + 4 of column c in its low half and of column c + 4 in its high half.
+        // Loops, not closures: a closure would not inherit the target feature.
+        let mut u = [_mm256_setzero_ps(); 8];
+        for q in [0, 4] {
+            let (lo01, hi01) = (
+                _mm256_unpacklo_ps(r[q], r[q + 1]),
+                _mm256_unpackhi_ps(r[q], r[q + 1]),
+            );
+            let (lo23, hi23) = (
+                _mm256_unpacklo_ps(r[q + 2], r[q + 3]),
+                _mm256_unpackhi_ps(r[q + 2], r[q + 3]),
+            );
+            u[q] = _mm256_shuffle_ps::<0x44>(lo01, lo23);
+            u[q + 1] = _mm256_shuffle_ps::<0xee>(lo01, lo23);
+            u[q + 2] = _mm256_shuffle_ps::<0x44>(hi01, hi23);
+            u[q + 3] = _mm256_shuffle_ps::<0xee>(hi01, hi23);
+        }
+        for c in 0..4 {
+            let (low, high) = (
+                _mm256_permute2f128_ps::<0x20>(u[c], u[c + 4]),
+                _mm256_permute2f128_ps::<0x31>(u[c], u[c + 4]),
+            );
+            _mm256_storeu_ps(out[(d0 + c) * BLOCK..].as_mut_ptr(), low);
+            _mm256_storeu_ps(out[(d0 + c + 4) * BLOCK..].as_mut_ptr(), high);
         }
     }
 }
@@ -659,13 +727,24 @@ mod tests {
         window: None,
     };
 
+    /// Groups of 3 query heads (the 135M class's), heads a whole number of 8 × 8 transposes.
+    const GROUPS_OF_3: AttentionShape = AttentionShape {
+        n_head: 6,
+        n_head_kv: 2,
+        head_dim: 16,
+        scale: 0.25,
+        softcap: None,
+        window: None,
+    };
+
     #[test]
     fn both_forwards_match_the_definition_with_a_cache_offset() {
-        for shape in [SHAPE, CAPPED_WINDOW, WIDE] {
+        for shape in [SHAPE, CAPPED_WINDOW, WIDE, GROUPS_OF_3] {
             forwards_match_the_definition(shape, 3);
         }
         // Several blocks of keys, the last one ending inside a group of 8.
         forwards_match_the_definition(WIDE, 150);
+        forwards_match_the_definition(GROUPS_OF_3, 150);
     }
 
     fn forwards_match_the_definition(shape: AttentionShape, pos0: usize) {
@@ -722,8 +801,14 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn every_instruction_set_gives_the_same_bits() {
+        for shape in [WIDE, GROUPS_OF_3] {
+            every_instruction_set_gives_the_same_bits_with(shape);
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn every_instruction_set_gives_the_same_bits_with(shape: AttentionShape) {
         use crate::ops::qmatmul::{isa, Isa};
-        let shape = WIDE;
         let (hd, group, n) = (shape.head_dim, shape.n_head / shape.n_head_kv, 37);
         let q = values(group * hd, 14);
         let (k, v) = (
@@ -745,7 +830,7 @@ mod tests {
             unsafe { attend(&shape, &task, &mut out, &mut lse, &mut Vec::new()) };
             (out, lse)
         };
-        let portable = run(attend_group);
+        let portable = run(attend_group::<false>);
         if isa() >= Isa::Avx2 {
             assert_eq!(run(attend_avx2), portable);
         }
