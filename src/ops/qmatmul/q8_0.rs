@@ -45,6 +45,39 @@ pub(crate) trait Block32 {
     /// # Safety
     /// `p` points to a whole block; AVX2.
     unsafe fn values(p: *const u8) -> __m256i;
+
+    /// The values of the two blocks at `p` as 64 unsigned bytes, in order, given `raw`, the
+    /// two blocks' bytes when they fit in 64 (`pair_loads`).
+    ///
+    /// # Safety
+    /// `p` points to two whole blocks; AVX-512 F/BW/VL.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn pair(p: *const u8, _raw: __m512i) -> __m512i {
+        _mm512_inserti64x4::<1>(
+            _mm512_castsi256_si512(Self::values(p)),
+            Self::values(p.add(Self::BYTES)),
+        )
+    }
+}
+
+/// Whether the AVX-512 row kernel reads two blocks of `B` with one 64-byte load.
+const fn pair_loads<B: Block32>() -> bool {
+    2 * B::BYTES <= 64
+}
+
+/// The nibbles at byte `at` of two blocks of `bytes` in `raw` (as `pair_loads` reads them) as
+/// 64 bytes, low nibbles first in each block: `vpermw` puts each block's 16 bytes in two
+/// 128-bit lanes (`at` and `bytes` are even), the second shifted down by a nibble.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+fn nibble_pair(raw: __m512i, at: usize, bytes: usize) -> __m512i {
+    let idx: [i16; 32] = std::array::from_fn(|i| ((i / 16) * bytes / 2 + at / 2 + i % 8) as i16);
+    // SAFETY: 64 bytes from a 64-byte array.
+    let idx = unsafe { _mm512_loadu_si512(idx.as_ptr().cast()) };
+    let both = _mm512_permutexvar_epi16(idx, raw);
+    let shifted = _mm512_srlv_epi64(both, _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0));
+    _mm512_and_si512(shifted, _mm512_set1_epi8(0x0f))
 }
 
 impl Block32 for Q8_0 {
@@ -97,6 +130,12 @@ impl Block32 for Q4_0 {
     unsafe fn values(p: *const u8) -> __m256i {
         nibbles(p.add(2))
     }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn pair(_: *const u8, raw: __m512i) -> __m512i {
+        nibble_pair(raw, 2, Self::BYTES)
+    }
 }
 
 impl Block32 for Q5_0 {
@@ -119,6 +158,15 @@ impl Block32 for IQ4NL {
     unsafe fn values(p: *const u8) -> __m256i {
         _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(iq4_table()), nibbles(p.add(2)))
     }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn pair(_: *const u8, raw: __m512i) -> __m512i {
+        _mm512_shuffle_epi8(
+            _mm512_broadcast_i32x4(iq4_table()),
+            nibble_pair(raw, 2, Self::BYTES),
+        )
+    }
 }
 
 impl Block32 for Q4_1 {
@@ -130,6 +178,12 @@ impl Block32 for Q4_1 {
     #[target_feature(enable = "avx2")]
     unsafe fn values(p: *const u8) -> __m256i {
         nibbles(p.add(4))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn pair(_: *const u8, raw: __m512i) -> __m512i {
+        nibble_pair(raw, 4, Self::BYTES)
     }
 }
 
@@ -145,10 +199,10 @@ impl Block32 for Q5_1 {
     }
 }
 
-/// Sums of dwords 0..8 and 8..16 of each vector: `([Σ lo(z[r])], [Σ hi(z[r])])`.
+/// Sums of dwords 0..8 and 8..16 of each vector: `[Σ lo(z[r])]` then `[Σ hi(z[r])]`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-fn hsum4x2(z: [__m512i; 4]) -> (__m128i, __m128i) {
+fn hsum4x2(z: [__m512i; 4]) -> __m256i {
     let pair = |a, b| {
         _mm512_add_epi32(
             _mm512_shuffle_i64x2::<0b10_00_10_00>(a, b),
@@ -162,11 +216,7 @@ fn hsum4x2(z: [__m512i; 4]) -> (__m128i, __m128i) {
     // [lo z0, hi z0, lo z1, hi z1] and the same for z2, z3, one sum per 128-bit lane.
     let (p, q) = (lanes(pair(z[0], z[1])), lanes(pair(z[2], z[3])));
     let idx = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 28, 20, 12, 4, 24, 16, 8, 0);
-    let both = _mm512_permutex2var_epi32(p, idx, q);
-    (
-        _mm512_castsi512_si128(both),
-        _mm512_extracti32x4_epi32::<1>(both),
-    )
+    _mm512_castsi512_si256(_mm512_permutex2var_epi32(p, idx, q))
 }
 
 /// Block `b`'s float steps on 4 rows `w` and token `t`, its exact sums `s` in hand (see the
@@ -192,30 +242,128 @@ unsafe fn steps<B: Block32>(
     }
 }
 
-/// `rows4` of a 32-value format: two blocks per 512-bit product, one at the end if odd.
+/// The f16 at byte `at` of blocks `b` and `b + 1` of 4 rows, widened: block `b`'s rows, then
+/// block `b + 1`'s. From the two blocks' bytes `raw[r]` when `pair_loads`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn halves4x2<B: Block32>(
+    w: [*const u8; 4],
+    b: usize,
+    raw: [__m512i; 4],
+    at: usize,
+) -> __m256 {
+    let h = match pair_loads::<B>() {
+        true => {
+            // Words `at` and `at + BYTES` of two rows each, in the lanes of the result.
+            let (w0, w1) = ((at / 2) as i16, ((at + B::BYTES) / 2) as i16);
+            let idx = _mm512_castsi128_si512(_mm_setr_epi16(
+                w0,
+                w0 + 32,
+                w0,
+                w0 + 32,
+                w1,
+                w1 + 32,
+                w1,
+                w1 + 32,
+            ));
+            let r01 = _mm512_permutex2var_epi16(raw[0], idx, raw[1]);
+            let r23 = _mm512_permutex2var_epi16(raw[2], idx, raw[3]);
+            _mm_mask_blend_epi16(
+                0b1100_1100,
+                _mm512_castsi512_si128(r01),
+                _mm512_castsi512_si128(r23),
+            )
+        }
+        false => {
+            let h = |r: usize, b: usize| w[r].add(b * B::BYTES + at).cast::<i16>().read_unaligned();
+            _mm_setr_epi16(
+                h(0, b),
+                h(1, b),
+                h(2, b),
+                h(3, b),
+                h(0, b + 1),
+                h(1, b + 1),
+                h(2, b + 1),
+                h(3, b + 1),
+            )
+        }
+    };
+    _mm256_cvtph_ps(h)
+}
+
+/// `[v[0]; 4]` then `[v[1]; 4]`.
+///
+/// # Safety
+/// `v` is readable for 2 floats; AVX2.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn bcast4x2(v: *const f32) -> __m256 {
+    let pair = _mm_castpd_ps(_mm_load_sd(v.cast()));
+    _mm256_permutevar8x32_ps(
+        _mm256_castps128_ps256(pair),
+        _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
+    )
+}
+
+/// `rows4` of a 32-value format: two blocks per 512-bit product, one at the end if odd. The
+/// products start from `−OFF X_b`, so that they end exact.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn rows4<B: Block32>(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
     let xq = act.qs[t * act.k..].as_ptr();
-    let xs = &act.sums[t * act.k / QK8_0..];
-    let exact = |s: __m128i, b: usize| _mm_sub_epi32(s, _mm_set1_epi32(B::OFF * xs[b] as i32));
-    let step = |acc, s, b| steps::<B>(acc, exact(s, b), w, b, act, t);
+    let i0 = t * act.k / QK8_0;
+    let (xsums, xd, xs) = (
+        act.sums[i0..].as_ptr(),
+        act.d[i0..].as_ptr(),
+        act.s.as_ptr(),
+    );
     let ahead = Ahead::new(nb, B::BYTES, PREFETCH_Q8_0);
+    let pair_mask = u64::MAX >> 64usize.saturating_sub(2 * B::BYTES);
+    // Dword 0 from lane 0, dword 8 from lane 1: the starts of the two blocks' products.
+    let to_starts = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     let mut acc = _mm_setzero_ps();
     let mut b = 0;
     while b + 2 <= nb {
         let x = _mm512_loadu_si512(xq.add(QK8_0 * b).cast());
-        let z: [__m512i; 4] = std::array::from_fn(|r| {
-            let p = w[r].add(b * B::BYTES);
-            prefetch_l2(ahead.of(w[r], b), 2 * B::BYTES);
-            let u = _mm512_inserti64x4::<1>(
-                _mm512_castsi256_si512(B::values(p)),
-                B::values(p.add(B::BYTES)),
-            );
-            _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, x)
+        let sums = _mm_cvtepi16_epi32(_mm_cvtsi32_si128(
+            xsums.add(b).cast::<i32>().read_unaligned(),
+        ));
+        let offs = _mm_mullo_epi32(sums, _mm_set1_epi32(-B::OFF));
+        let start = _mm512_maskz_permutexvar_epi32(0x0101, to_starts, _mm512_castsi128_si512(offs));
+        let p: [*const u8; 4] = std::array::from_fn(|r| w[r].add(b * B::BYTES));
+        let raw: [__m512i; 4] = std::array::from_fn(|r| match pair_loads::<B>() {
+            true => _mm512_maskz_loadu_epi8(pair_mask, p[r].cast()),
+            false => _mm512_setzero_si512(),
         });
-        let (s0, s1) = hsum4x2(z);
-        acc = step(step(acc, s0, b), s1, b + 1);
+        let z: [__m512i; 4] = std::array::from_fn(|r| {
+            prefetch_l2(ahead.of(w[r], b), 2 * B::BYTES);
+            _mm512_dpbusd_epi32(start, B::pair(p[r], raw[r]), x)
+        });
+        let s = _mm256_cvtepi32_ps(hsum4x2(z));
+        let d = _mm256_mul_ps(halves4x2::<B>(w, b, raw, 0), bcast4x2(xd.add(b)));
+        let (m, sx) = match B::MIN {
+            true => (halves4x2::<B>(w, b, raw, 2), bcast4x2(xs.add(i0 + b))),
+            false => (_mm256_setzero_ps(), _mm256_setzero_ps()),
+        };
+        for (s, d, m, sx) in [
+            (
+                _mm256_castps256_ps128(s),
+                _mm256_castps256_ps128(d),
+                _mm256_castps256_ps128(m),
+                _mm256_castps256_ps128(sx),
+            ),
+            (
+                _mm256_extractf128_ps::<1>(s),
+                _mm256_extractf128_ps::<1>(d),
+                _mm256_extractf128_ps::<1>(m),
+                _mm256_extractf128_ps::<1>(sx),
+            ),
+        ] {
+            acc = _mm_fmadd_ps(s, d, acc);
+            if B::MIN {
+                acc = _mm_fmadd_ps(m, sx, acc);
+            }
+        }
         b += 2;
     }
     if b < nb {
@@ -224,7 +372,11 @@ unsafe fn rows4<B: Block32>(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) 
             let u = B::values(w[r].add(b * B::BYTES));
             _mm512_zextsi256_si512(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, x))
         });
-        acc = step(acc, super::simd::hsum4(z), b);
+        let exact = _mm_sub_epi32(
+            super::simd::hsum4(z),
+            _mm_set1_epi32(B::OFF * xsums.add(b).read() as i32),
+        );
+        acc = steps::<B>(acc, exact, w, b, act, t);
     }
     let mut out = [0f32; 4];
     _mm_storeu_ps(out.as_mut_ptr(), acc);
