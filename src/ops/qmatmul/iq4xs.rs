@@ -9,11 +9,11 @@
 
 use core::arch::x86_64::*;
 
-use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
+use super::act::{Groups, Rows, QK_K};
 use super::driver::{Avx2, Avx2Rows, Format, RowKernel};
 use super::simd::{
-    block_steps, f16_at, hsum4, hsum4_avx2, iq4_table, prefetch_l2, tile_avx2, tile_with_starts,
-    Ahead, Pairs, Unpacked, PREFETCH_K_QUANTS,
+    block_steps, f16_at, headers, hsum4, hsum4_avx2, iq4_table, prefetch_l2, tile_avx2,
+    tile_with_starts, Ahead, Pairs, Unpacked, PREFETCH_K_QUANTS,
 };
 use crate::ops::iq4::{xs_scales, KVALUES};
 
@@ -44,6 +44,20 @@ unsafe fn scales(p: *const u8) -> [i32; 8] {
     xs_scales(std::slice::from_raw_parts(p, 8))
 }
 
+/// The nibbles of sub-blocks `2j` and `2j + 1` of the block at `p`, in natural order.
+///
+/// # Safety
+/// `p` points to a whole block; AVX-512 F/BW.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn nibble_pair(p: *const u8, j: usize) -> __m512i {
+    // Each sub-block's 16 bytes in two 128-bit lanes, the second shifted to its high nibbles.
+    let q = _mm512_castsi256_si512(_mm256_loadu_si256(p.add(QS + 32 * j).cast()));
+    let q = _mm512_shuffle_i64x2::<0b01_01_00_00>(q, q);
+    let shift = _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0);
+    _mm512_and_si512(_mm512_srlv_epi64(q, shift), _mm512_set1_epi8(0x0f))
+}
+
 /// Sub-blocks `2j` and `2j + 1` of the block at `p` as unsigned values, in natural order.
 ///
 /// # Safety
@@ -51,13 +65,47 @@ unsafe fn scales(p: *const u8) -> [i32; 8] {
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn pair(p: *const u8, j: usize) -> __m512i {
-    // Each sub-block's 16 bytes in two 128-bit lanes, the second shifted to its high nibbles.
-    let q = _mm512_castsi256_si512(_mm256_loadu_si256(p.add(QS + 32 * j).cast()));
-    let q = _mm512_shuffle_i64x2::<0b01_01_00_00>(q, q);
-    let shift = _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0);
-    let nibbles = _mm512_and_si512(_mm512_srlv_epi64(q, shift), _mm512_set1_epi8(0x0f));
-    _mm512_shuffle_epi8(_mm512_broadcast_i32x4(iq4_table()), nibbles)
+    _mm512_shuffle_epi8(_mm512_broadcast_i32x4(iq4_table()), nibble_pair(p, j))
 }
+
+/// The scales `ls − 32` as i16 of 4 block headers, in the header's 128-bit lane.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+fn scales4(hdr: __m512i) -> __m512i {
+    // Word s: the nibble s % 2 of byte 4 + s / 2 of `scales_l` ...
+    let low = _mm512_shuffle_epi8(
+        hdr,
+        _mm512_broadcast_i32x4(_mm_setr_epi8(
+            4, -1, 4, -1, 5, -1, 5, -1, 6, -1, 6, -1, 7, -1, 7, -1,
+        )),
+    );
+    let low = _mm512_srlv_epi16(
+        low,
+        _mm512_broadcast_i32x4(_mm_setr_epi16(0, 4, 0, 4, 0, 4, 0, 4)),
+    );
+    // ... and bits 2s, 2s + 1 of `scales_h` above it.
+    let high = _mm512_shuffle_epi8(hdr, _mm512_set1_epi16(0x0302));
+    let high = _mm512_srlv_epi16(
+        high,
+        _mm512_broadcast_i32x4(_mm_setr_epi16(0, 2, 4, 6, 8, 10, 12, 14)),
+    );
+    let ls = _mm512_or_si512(
+        _mm512_and_si512(low, _mm512_set1_epi16(0x0f)),
+        _mm512_slli_epi16::<4>(_mm512_and_si512(high, _mm512_set1_epi16(3))),
+    );
+    _mm512_sub_epi16(ls, _mm512_set1_epi16(32))
+}
+
+/// `|KVALUES|`: a `vpshufb` table from nibbles to the values' magnitudes.
+const IQ4_MAGNITUDES: [u8; 16] = {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 16 {
+        out[i] = KVALUES[i].unsigned_abs();
+        i += 1;
+    }
+    out
+};
 
 /// Writes the unpacked block's scales and `d` from the block at `p` (both instruction sets'
 /// `unpack`).
@@ -75,37 +123,48 @@ impl RowKernel for IQ4XS {
     const BLOCK_BYTES: usize = BLOCK_BYTES;
     const Q8K: bool = true;
 
+    /// The values signed (`KVALUES[q]`: negative exactly for the nibbles below 8), as ggml's
+    /// AVX2 code multiplies them: `|q|` times `x` with `q`'s sign (pairs within i16: 2 · 127 ·
+    /// 127), times the sub-block's scale with `vpdpwssd`. Exact sums.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn rows4(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
         let xq = act.qs[t * act.k..].as_ptr();
+        let xd = act.d[t * nb..].as_ptr();
+        let magnitudes = _mm512_broadcast_i32x4(_mm_loadu_si128(IQ4_MAGNITUDES.as_ptr().cast()));
+        // `vpshufb` patterns giving the i16 pair `(sc, sc)` of sub-block `2j` in dwords 0..8
+        // and of `2j + 1` in dwords 8..16, from the 8 scales of each lane.
+        let pattern: [__m512i; 4] = std::array::from_fn(|j| {
+            let word = |s: i32| 0x0100_0100 * (2 * s + 1) + 0x0001_0001 * 2 * s;
+            let j = 2 * j as i32;
+            _mm512_inserti64x4::<1>(
+                _mm512_castsi256_si512(_mm256_set1_epi32(word(j))),
+                _mm256_set1_epi32(word(j + 1)),
+            )
+        });
         let ahead = Ahead::new(nb, BLOCK_BYTES, PREFETCH_K_QUANTS);
         let mut acc = _mm_setzero_ps();
         for b in 0..nb {
             let x: [__m512i; 4] =
                 std::array::from_fn(|j| _mm512_loadu_si512(xq.add(QK_K * b + 64 * j).cast()));
-            let sums = &act.sums[(t * nb + b) * Q8K_SUMS..][..8];
-            let mut s = [_mm512_setzero_si512(); 4];
-            let mut offset = [0i32; 4];
-            for r in 0..4 {
-                let p = w[r].add(b * BLOCK_BYTES);
+            let p: [*const u8; 4] = std::array::from_fn(|r| w[r].add(b * BLOCK_BYTES));
+            let sc = scales4(headers(p));
+            let s: [__m512i; 4] = std::array::from_fn(|r| {
                 prefetch_l2(ahead.of(w[r], b), BLOCK_BYTES);
-                let sc = scales(p);
-                for j in 0..4 {
-                    let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), pair(p, j), x[j]);
-                    let scale = _mm512_inserti64x4::<1>(
-                        _mm512_set1_epi32(sc[2 * j]),
-                        _mm256_set1_epi32(sc[2 * j + 1]),
-                    );
-                    s[r] = _mm512_add_epi32(s[r], _mm512_mullo_epi32(dot, scale));
+                // Lane r (this row's scales) in every lane.
+                let r4 = 4 * r as i32;
+                let lane = _mm512_broadcast_i32x4(_mm_setr_epi32(r4, r4 + 1, r4 + 2, r4 + 3));
+                let sc = _mm512_permutexvar_epi32(lane, sc);
+                let mut sum = _mm512_setzero_si512();
+                for (j, &x) in x.iter().enumerate() {
+                    let q = nibble_pair(p[r], j);
+                    let negative = _mm512_testn_epi8_mask(q, _mm512_set1_epi8(8));
+                    let x = _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x);
+                    let pairs = _mm512_maddubs_epi16(_mm512_shuffle_epi8(magnitudes, q), x);
+                    sum = _mm512_dpwssd_epi32(sum, pairs, _mm512_shuffle_epi8(sc, pattern[j]));
                 }
-                offset[r] = 128
-                    * sc.iter()
-                        .zip(sums)
-                        .map(|(&c, &x)| c * x as i32)
-                        .sum::<i32>();
-            }
-            let exact = _mm_sub_epi32(hsum4(s), _mm_loadu_si128(offset.as_ptr().cast()));
-            acc = block_steps(acc, exact, None, w, BLOCK_BYTES, b, 0, act.d[t * nb + b]);
+                sum
+            });
+            acc = block_steps(acc, hsum4(s), None, w, BLOCK_BYTES, b, 0, xd.add(b).read());
         }
         let mut out = [0f32; 4];
         _mm_storeu_ps(out.as_mut_ptr(), acc);

@@ -42,6 +42,19 @@ pub(crate) fn lane_sums(u: __m512i) -> __m128i {
     _mm512_castsi512_si128(_mm512_permutexvar_epi32(idx, w))
 }
 
+/// The first 16 bytes of the blocks at `p[r]` (their headers), one per 128-bit lane.
+///
+/// # Safety
+/// Each `p[r]` is readable for 16 bytes.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) unsafe fn headers(p: [*const u8; 4]) -> __m512i {
+    let h = |r: usize| _mm_loadu_si128(p[r].cast());
+    let h01 = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(h(0)), h(1));
+    let h23 = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(h(2)), h(3));
+    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(h01), h23)
+}
+
 /// 4 consecutive bytes at `p` as one i32, broadcast to 16 lanes.
 ///
 /// # Safety
