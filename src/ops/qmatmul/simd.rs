@@ -83,20 +83,23 @@ pub(crate) const PREFETCH_F16: usize = 2048;
 /// consecutive 4 at a time).
 #[derive(Clone, Copy)]
 pub(crate) struct Ahead {
-    /// The distance in whole rows and remaining blocks.
-    rows: usize,
-    blocks: usize,
-    nb: usize,
+    /// The distance from block 0, in bytes.
+    start: usize,
+    /// From this block on the distance reaches past the row's end, into the next 4 rows ...
+    wrap: usize,
+    /// ... and is longer by 3 rows.
+    far: usize,
     bytes: usize,
 }
 
 impl Ahead {
     pub(crate) fn new(nb: usize, bytes: usize, distance: usize) -> Ahead {
         let d = distance.div_ceil(bytes);
+        let (rows, blocks) = (d / nb.max(1), d % nb.max(1));
         Ahead {
-            rows: d / nb.max(1),
-            blocks: d % nb.max(1),
-            nb,
+            start: (4 * rows * nb + blocks) * bytes,
+            wrap: nb - blocks,
+            far: 3 * nb * bytes,
             bytes,
         }
     }
@@ -104,11 +107,8 @@ impl Ahead {
     /// The address to prefetch while block `b` of row `w` is read.
     #[inline(always)]
     pub(crate) fn of(self, w: *const u8, b: usize) -> *const u8 {
-        let (mut rows, mut b) = (self.rows, b + self.blocks);
-        if b >= self.nb {
-            (rows, b) = (rows + 1, b - self.nb);
-        }
-        w.wrapping_add((4 * rows * self.nb + b) * self.bytes)
+        let far = if b >= self.wrap { self.far } else { 0 };
+        w.wrapping_add(self.start + b * self.bytes + far)
     }
 }
 
