@@ -185,6 +185,35 @@ unsafe fn subblock_avx2(p: *const u8, sb: usize) -> __m256i {
     _mm256_shuffle_epi8(table, _mm256_and_si256(nibbles, _mm256_set1_epi8(0x0f)))
 }
 
+/// `scales` of the block at `p` as 8 i16: `scales4` without AVX-512's variable word shifts
+/// (multiplications by powers of two instead).
+///
+/// # Safety
+/// `p` is readable for 8 bytes; AVX2.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn scales_avx2(p: *const u8) -> __m128i {
+    let hdr = _mm_loadl_epi64(p.cast());
+    // Word s: the nibble s % 2 of byte 4 + s / 2 of `scales_l` ...
+    let low = _mm_shuffle_epi8(
+        hdr,
+        _mm_setr_epi8(4, -1, 4, -1, 5, -1, 5, -1, 6, -1, 6, -1, 7, -1, 7, -1),
+    );
+    let low = _mm_srli_epi16::<4>(_mm_mullo_epi16(
+        low,
+        _mm_setr_epi16(16, 1, 16, 1, 16, 1, 16, 1),
+    ));
+    // ... and bits 2s, 2s + 1 of `scales_h` above it (moved to the top, then down).
+    let high = _mm_shuffle_epi8(hdr, _mm_set1_epi16(0x0302));
+    let to_top = _mm_setr_epi16(1 << 14, 1 << 12, 1 << 10, 1 << 8, 1 << 6, 1 << 4, 1 << 2, 1);
+    let high = _mm_srli_epi16::<14>(_mm_mullo_epi16(high, to_top));
+    let ls = _mm_or_si128(
+        _mm_and_si128(low, _mm_set1_epi16(0x0f)),
+        _mm_slli_epi16::<4>(high),
+    );
+    _mm_sub_epi16(ls, _mm_set1_epi16(32))
+}
+
 /// `Avx2Rows::rows4_avx2` of IQ4_XS: each sub-block's values looked up as signed bytes, times
 /// the activations as ggml's AVX2 code multiplies signed bytes (`|q|` times `x` with `q`'s
 /// sign, pairs within i16: 2 · 127 · 127), times the sub-block's scale with `vpmaddwd`.
@@ -193,19 +222,22 @@ unsafe fn subblock_avx2(p: *const u8, sb: usize) -> __m256i {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows4_avx2(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
     let xq = act.qs[t * act.k..].as_ptr();
+    // `vpshufb` patterns broadcasting i16 `i` of a lane's 8 to all of it.
+    let pick: [__m256i; 8] =
+        std::array::from_fn(|i| _mm256_set1_epi16(0x0100 * (2 * i as i16 + 1) + 2 * i as i16));
     let ahead = Ahead::new(nb, BLOCK_BYTES, PREFETCH_K_QUANTS);
     let mut acc = _mm_setzero_ps();
     for b in 0..nb {
         let s: [__m256i; 4] = std::array::from_fn(|r| {
             let p = w[r].add(b * BLOCK_BYTES);
             prefetch_l2(ahead.of(w[r], b), BLOCK_BYTES);
-            let sc = scales(p);
+            let sc = _mm256_broadcastsi128_si256(scales_avx2(p));
             let mut sum = _mm256_setzero_si256();
-            for (sb, &scale) in sc.iter().enumerate() {
+            for (sb, pick) in pick.iter().enumerate() {
                 let v = subblock_avx2(p, sb);
                 let x = _mm256_loadu_si256(xq.add(QK_K * b + 32 * sb).cast());
                 let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(v, v), _mm256_sign_epi8(x, v));
-                let scale = _mm256_set1_epi16(scale as i16);
+                let scale = _mm256_shuffle_epi8(sc, *pick);
                 sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, scale));
             }
             sum
