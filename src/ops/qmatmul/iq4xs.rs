@@ -222,23 +222,43 @@ unsafe fn scales_avx2(p: *const u8) -> __m128i {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows4_avx2(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
     let xq = act.qs[t * act.k..].as_ptr();
-    // `vpshufb` patterns broadcasting i16 `i` of a lane's 8 to all of it.
-    let pick: [__m256i; 8] =
-        std::array::from_fn(|i| _mm256_set1_epi16(0x0100 * (2 * i as i16 + 1) + 2 * i as i16));
+    // `vpshufb` patterns broadcasting i16 `2j` of the scales to the low lane, `2j + 1` to the
+    // high one.
+    let word = |s: i16| 0x0100 * (2 * s + 1) + 2 * s;
+    let pick: [__m256i; 4] = std::array::from_fn(|j| {
+        let j = 2 * j as i16;
+        _mm256_set_m128i(_mm_set1_epi16(word(j + 1)), _mm_set1_epi16(word(j)))
+    });
+    let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(KVALUES.as_ptr().cast()));
+    let m4 = _mm256_set1_epi8(0x0f);
     let ahead = Ahead::new(nb, BLOCK_BYTES, PREFETCH_K_QUANTS);
     let mut acc = _mm_setzero_ps();
     for b in 0..nb {
+        // Per pair of sub-blocks, their values 0..16, then 16..32, as `nibbles` gives them.
+        let x: [[__m256i; 2]; 4] = std::array::from_fn(|j| {
+            let x = |sb: usize| _mm256_loadu_si256(xq.add(QK_K * b + 32 * sb).cast());
+            let (a, c) = (x(2 * j), x(2 * j + 1));
+            [
+                _mm256_permute2x128_si256::<0x20>(a, c),
+                _mm256_permute2x128_si256::<0x31>(a, c),
+            ]
+        });
         let s: [__m256i; 4] = std::array::from_fn(|r| {
             let p = w[r].add(b * BLOCK_BYTES);
             prefetch_l2(ahead.of(w[r], b), BLOCK_BYTES);
             let sc = _mm256_broadcastsi128_si256(scales_avx2(p));
             let mut sum = _mm256_setzero_si256();
-            for (sb, pick) in pick.iter().enumerate() {
-                let v = subblock_avx2(p, sb);
-                let x = _mm256_loadu_si256(xq.add(QK_K * b + 32 * sb).cast());
-                let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(v, v), _mm256_sign_epi8(x, v));
-                let scale = _mm256_shuffle_epi8(sc, *pick);
-                sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, scale));
+            for (j, x) in x.iter().enumerate() {
+                // Sub-blocks 2j and 2j + 1 side by side: values 0..16, then 16..32.
+                let q = _mm256_loadu_si256(p.add(QS + 32 * j).cast());
+                let nibbles = [q, _mm256_srli_epi16::<4>(q)];
+                for (n, x) in nibbles.iter().zip(x) {
+                    let v = _mm256_shuffle_epi8(table, _mm256_and_si256(*n, m4));
+                    let pairs =
+                        _mm256_maddubs_epi16(_mm256_sign_epi8(v, v), _mm256_sign_epi8(*x, v));
+                    let scale = _mm256_shuffle_epi8(sc, pick[j]);
+                    sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, scale));
+                }
             }
             sum
         });
