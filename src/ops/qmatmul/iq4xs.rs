@@ -1,11 +1,14 @@
 //! IQ4_XS × Q8_K: ggml's `block_iq4_xs` (136 bytes, 256 values: `d` f16, the 6-bit sub-block
 //! scales `ls` split into `scales_h` (u16) and `scales_l` (4 bytes), then 8 sub-blocks of 32
-//! laid out as IQ4_NL's nibbles). Value `i` of sub-block `s` is `d·(ls_s − 32)·KVALUES[q_i]`;
-//! read as unsigned bytes `u_i = KVALUES[q_i] + 128`, against Q8_K activations `x`:
+//! laid out as IQ4_NL's nibbles). Value `i` of sub-block `s` is `d·(ls_s − 32)·KVALUES[q_i]`.
+//! The row kernels multiply the signed values; the AVX-512 tiles read them as unsigned bytes
+//! `u_i = KVALUES[q_i] + 128` for `vpdpbusd`, against Q8_K activations `x`:
 //!
 //! ```text
 //!     S_b = Σ_s (ls_s − 32) (Σ_{i∈s} u_i x_i − 128 Σ_{i∈s} x_i)
 //! ```
+//!
+//! Either way `S_b` is exact, so both give the same bits.
 
 use core::arch::x86_64::*;
 
