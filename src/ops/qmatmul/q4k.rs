@@ -15,7 +15,7 @@ use core::arch::x86_64::*;
 use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
 use super::driver::{Avx2, Avx2Rows, Format, RowKernel};
 use super::simd::{
-    block_steps, f16_at, hsum4, hsum4_avx2, i16_pair, lane_sums, prefetch_l2, tile_avx2,
+    block_steps, f16_at, headers, hsum4, hsum4_avx2, i16_pair, lane_sums, prefetch_l2, tile_avx2,
     tile_with_mins, Ahead, Pairs, Unpacked, PREFETCH_K_QUANTS,
 };
 
@@ -102,19 +102,6 @@ unsafe fn chunk<const HIGH: bool>(p: *const u8, c: usize) -> __m512i {
     };
     // q | (top & 0x10)
     _mm512_ternarylogic_epi32::<0xf8>(q, top, _mm512_set1_epi8(0x10))
-}
-
-/// The block headers (d, dmin, 12 bytes of scales and mins) of 4 rows, one per 128-bit lane.
-///
-/// # Safety
-/// Each `p[r]` points to a whole block.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn headers(p: [*const u8; 4]) -> __m512i {
-    let h = |r: usize| _mm_loadu_si128(p[r].cast());
-    let h01 = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(h(0)), h(1));
-    let h23 = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(h(2)), h(3));
-    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(h01), h23)
 }
 
 /// `scales_mins` on 4 headers at once: in each 128-bit lane, bytes 0..8 the scales and bytes
@@ -207,6 +194,7 @@ unsafe fn rows4<const HIGH: bool>(w: [*const u8; 4], nb: usize, act: &Rows, t: u
             _mm512_shuffle_i64x2::<0xee>(x[2], x[3]),
         ];
         let p: [*const u8; 4] = std::array::from_fn(|r| w[r].add(b * block_bytes));
+        // d, dmin, 12 bytes of scales and mins.
         let hdr = headers(p);
         let scmn = unpack_scales(hdr);
         let mut s = [_mm512_setzero_si512(); 4];

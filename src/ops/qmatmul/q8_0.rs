@@ -45,6 +45,69 @@ pub(crate) trait Block32 {
     /// # Safety
     /// `p` points to a whole block; AVX2.
     unsafe fn values(p: *const u8) -> __m256i;
+
+    /// The values of the two blocks at `p` as 64 unsigned bytes, in order, given `raw`, the
+    /// two blocks' bytes when they fit in 64 (`pair_loads`).
+    ///
+    /// # Safety
+    /// `p` points to two whole blocks; AVX-512 F/BW/VL.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn pair(p: *const u8, _raw: __m512i) -> __m512i {
+        _mm512_inserti64x4::<1>(
+            _mm512_castsi256_si512(Self::values(p)),
+            Self::values(p.add(Self::BYTES)),
+        )
+    }
+
+    /// The values of the two blocks at `p` as unsigned bytes, halves together: values
+    /// `0..16` of both blocks, then values `16..32` of both.
+    ///
+    /// # Safety
+    /// `p` points to two whole blocks; AVX2.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn pair_avx2(p: *const u8) -> [__m256i; 2] {
+        let (a, b) = (Self::values(p), Self::values(p.add(Self::BYTES)));
+        [
+            _mm256_permute2x128_si256::<0x20>(a, b),
+            _mm256_permute2x128_si256::<0x31>(a, b),
+        ]
+    }
+}
+
+/// `pair_avx2` of the nibbles at byte `at` of two blocks of `bytes` at `p`.
+///
+/// # Safety
+/// `p` points to two whole blocks; AVX2.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn nibble_pair_avx2(p: *const u8, at: usize, bytes: usize) -> [__m256i; 2] {
+    let q = _mm256_loadu2_m128i(p.add(bytes + at).cast(), p.add(at).cast());
+    let m4 = _mm256_set1_epi8(0x0f);
+    [
+        _mm256_and_si256(q, m4),
+        _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4),
+    ]
+}
+
+/// Whether the AVX-512 row kernel reads two blocks of `B` with one 64-byte load.
+const fn pair_loads<B: Block32>() -> bool {
+    2 * B::BYTES <= 64
+}
+
+/// The nibbles at byte `at` of two blocks of `bytes` in `raw` (as `pair_loads` reads them) as
+/// 64 bytes, low nibbles first in each block: `vpermw` puts each block's 16 bytes in two
+/// 128-bit lanes (`at` and `bytes` are even), the second shifted down by a nibble.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+fn nibble_pair(raw: __m512i, at: usize, bytes: usize) -> __m512i {
+    let idx: [i16; 32] = std::array::from_fn(|i| ((i / 16) * bytes / 2 + at / 2 + i % 8) as i16);
+    // SAFETY: 64 bytes from a 64-byte array.
+    let idx = unsafe { _mm512_loadu_si512(idx.as_ptr().cast()) };
+    let both = _mm512_permutexvar_epi16(idx, raw);
+    let shifted = _mm512_srlv_epi64(both, _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0));
+    _mm512_and_si512(shifted, _mm512_set1_epi8(0x0f))
 }
 
 impl Block32 for Q8_0 {
@@ -97,6 +160,18 @@ impl Block32 for Q4_0 {
     unsafe fn values(p: *const u8) -> __m256i {
         nibbles(p.add(2))
     }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn pair(_: *const u8, raw: __m512i) -> __m512i {
+        nibble_pair(raw, 2, Self::BYTES)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn pair_avx2(p: *const u8) -> [__m256i; 2] {
+        nibble_pair_avx2(p, 2, Self::BYTES)
+    }
 }
 
 impl Block32 for Q5_0 {
@@ -119,6 +194,22 @@ impl Block32 for IQ4NL {
     unsafe fn values(p: *const u8) -> __m256i {
         _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(iq4_table()), nibbles(p.add(2)))
     }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn pair(_: *const u8, raw: __m512i) -> __m512i {
+        _mm512_shuffle_epi8(
+            _mm512_broadcast_i32x4(iq4_table()),
+            nibble_pair(raw, 2, Self::BYTES),
+        )
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn pair_avx2(p: *const u8) -> [__m256i; 2] {
+        let table = _mm256_broadcastsi128_si256(iq4_table());
+        nibble_pair_avx2(p, 2, Self::BYTES).map(|n| _mm256_shuffle_epi8(table, n))
+    }
 }
 
 impl Block32 for Q4_1 {
@@ -130,6 +221,18 @@ impl Block32 for Q4_1 {
     #[target_feature(enable = "avx2")]
     unsafe fn values(p: *const u8) -> __m256i {
         nibbles(p.add(4))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn pair(_: *const u8, raw: __m512i) -> __m512i {
+        nibble_pair(raw, 4, Self::BYTES)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn pair_avx2(p: *const u8) -> [__m256i; 2] {
+        nibble_pair_avx2(p, 4, Self::BYTES)
     }
 }
 
@@ -145,10 +248,10 @@ impl Block32 for Q5_1 {
     }
 }
 
-/// Sums of dwords 0..8 and 8..16 of each vector: `([Σ lo(z[r])], [Σ hi(z[r])])`.
+/// Sums of dwords 0..8 and 8..16 of each vector: `[Σ lo(z[r])]` then `[Σ hi(z[r])]`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-fn hsum4x2(z: [__m512i; 4]) -> (__m128i, __m128i) {
+fn hsum4x2(z: [__m512i; 4]) -> __m256i {
     let pair = |a, b| {
         _mm512_add_epi32(
             _mm512_shuffle_i64x2::<0b10_00_10_00>(a, b),
@@ -162,11 +265,7 @@ fn hsum4x2(z: [__m512i; 4]) -> (__m128i, __m128i) {
     // [lo z0, hi z0, lo z1, hi z1] and the same for z2, z3, one sum per 128-bit lane.
     let (p, q) = (lanes(pair(z[0], z[1])), lanes(pair(z[2], z[3])));
     let idx = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 28, 20, 12, 4, 24, 16, 8, 0);
-    let both = _mm512_permutex2var_epi32(p, idx, q);
-    (
-        _mm512_castsi512_si128(both),
-        _mm512_extracti32x4_epi32::<1>(both),
-    )
+    _mm512_castsi512_si256(_mm512_permutex2var_epi32(p, idx, q))
 }
 
 /// Block `b`'s float steps on 4 rows `w` and token `t`, its exact sums `s` in hand (see the
@@ -192,30 +291,154 @@ unsafe fn steps<B: Block32>(
     }
 }
 
-/// `rows4` of a 32-value format: two blocks per 512-bit product, one at the end if odd.
+/// The f16 at byte `at` of blocks `b` and `b + 1` of 4 rows, widened: block `b`'s rows, then
+/// block `b + 1`'s. From the two blocks' bytes `raw[r]` when `pair_loads`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn halves4x2<B: Block32>(
+    w: [*const u8; 4],
+    b: usize,
+    raw: [__m512i; 4],
+    at: usize,
+) -> __m256 {
+    if !pair_loads::<B>() {
+        return halves4x2_avx2::<B>(w, b, at);
+    }
+    // Words `at` and `at + BYTES` of two rows each, in the lanes of the result.
+    let (w0, w1) = ((at / 2) as i16, ((at + B::BYTES) / 2) as i16);
+    let idx = _mm512_castsi128_si512(_mm_setr_epi16(
+        w0,
+        w0 + 32,
+        w0,
+        w0 + 32,
+        w1,
+        w1 + 32,
+        w1,
+        w1 + 32,
+    ));
+    let r01 = _mm512_permutex2var_epi16(raw[0], idx, raw[1]);
+    let r23 = _mm512_permutex2var_epi16(raw[2], idx, raw[3]);
+    _mm256_cvtph_ps(_mm_mask_blend_epi16(
+        0b1100_1100,
+        _mm512_castsi512_si128(r01),
+        _mm512_castsi512_si128(r23),
+    ))
+}
+
+/// `halves4x2` read from memory.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn halves4x2_avx2<B: Block32>(w: [*const u8; 4], b: usize, at: usize) -> __m256 {
+    let h = |r: usize, b: usize| w[r].add(b * B::BYTES + at).cast::<i16>().read_unaligned();
+    _mm256_cvtph_ps(_mm_setr_epi16(
+        h(0, b),
+        h(1, b),
+        h(2, b),
+        h(3, b),
+        h(0, b + 1),
+        h(1, b + 1),
+        h(2, b + 1),
+        h(3, b + 1),
+    ))
+}
+
+/// `steps` of blocks `b` and `b + 1` from their exact sums `s` (block `b`'s rows, then
+/// `b + 1`'s), the rows' scales `d` and mins `m` (as `halves4x2` gives them), and the
+/// activations' scales and sums from `xd[b]` and `xs[b]`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn steps2<B: Block32>(
+    acc: __m128,
+    s: __m256i,
+    d: __m256,
+    m: Option<__m256>,
+    xd: *const f32,
+    xs: *const f32,
+    b: usize,
+) -> __m128 {
+    let s = _mm256_cvtepi32_ps(s);
+    let d = _mm256_mul_ps(d, bcast4x2(xd.add(b)));
+    let (m, sx) = match m {
+        Some(m) => (m, bcast4x2(xs.add(b))),
+        None => (_mm256_setzero_ps(), _mm256_setzero_ps()),
+    };
+    let mut acc = acc;
+    for (s, d, m, sx) in [
+        (
+            _mm256_castps256_ps128(s),
+            _mm256_castps256_ps128(d),
+            _mm256_castps256_ps128(m),
+            _mm256_castps256_ps128(sx),
+        ),
+        (
+            _mm256_extractf128_ps::<1>(s),
+            _mm256_extractf128_ps::<1>(d),
+            _mm256_extractf128_ps::<1>(m),
+            _mm256_extractf128_ps::<1>(sx),
+        ),
+    ] {
+        acc = _mm_fmadd_ps(s, d, acc);
+        if B::MIN {
+            acc = _mm_fmadd_ps(m, sx, acc);
+        }
+    }
+    acc
+}
+
+/// `[v[0]; 4]` then `[v[1]; 4]`.
+///
+/// # Safety
+/// `v` is readable for 2 floats; AVX2.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn bcast4x2(v: *const f32) -> __m256 {
+    let pair = _mm_castpd_ps(_mm_load_sd(v.cast()));
+    _mm256_permutevar8x32_ps(
+        _mm256_castps128_ps256(pair),
+        _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
+    )
+}
+
+/// `rows4` of a 32-value format: two blocks per 512-bit product, one at the end if odd. The
+/// products start from `−OFF X_b`, so that they end exact.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn rows4<B: Block32>(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
     let xq = act.qs[t * act.k..].as_ptr();
-    let xs = &act.sums[t * act.k / QK8_0..];
-    let exact = |s: __m128i, b: usize| _mm_sub_epi32(s, _mm_set1_epi32(B::OFF * xs[b] as i32));
-    let step = |acc, s, b| steps::<B>(acc, exact(s, b), w, b, act, t);
+    let i0 = t * act.k / QK8_0;
+    let (xsums, xd, xs) = (
+        act.sums[i0..].as_ptr(),
+        act.d[i0..].as_ptr(),
+        act.s[i0..].as_ptr(),
+    );
     let ahead = Ahead::new(nb, B::BYTES, PREFETCH_Q8_0);
+    let pair_mask = u64::MAX >> 64usize.saturating_sub(2 * B::BYTES);
+    // Dword 0 from lane 0, dword 8 from lane 1: the starts of the two blocks' products.
+    let to_starts = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     let mut acc = _mm_setzero_ps();
     let mut b = 0;
     while b + 2 <= nb {
         let x = _mm512_loadu_si512(xq.add(QK8_0 * b).cast());
-        let z: [__m512i; 4] = std::array::from_fn(|r| {
-            let p = w[r].add(b * B::BYTES);
-            prefetch_l2(ahead.of(w[r], b), 2 * B::BYTES);
-            let u = _mm512_inserti64x4::<1>(
-                _mm512_castsi256_si512(B::values(p)),
-                B::values(p.add(B::BYTES)),
-            );
-            _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, x)
+        let sums = _mm_cvtepi16_epi32(_mm_cvtsi32_si128(
+            xsums.add(b).cast::<i32>().read_unaligned(),
+        ));
+        let offs = _mm_mullo_epi32(sums, _mm_set1_epi32(-B::OFF));
+        let start = _mm512_maskz_permutexvar_epi32(0x0101, to_starts, _mm512_castsi128_si512(offs));
+        let p: [*const u8; 4] = std::array::from_fn(|r| w[r].add(b * B::BYTES));
+        let raw: [__m512i; 4] = std::array::from_fn(|r| match pair_loads::<B>() {
+            true => _mm512_maskz_loadu_epi8(pair_mask, p[r].cast()),
+            false => _mm512_setzero_si512(),
         });
-        let (s0, s1) = hsum4x2(z);
-        acc = step(step(acc, s0, b), s1, b + 1);
+        let z: [__m512i; 4] = std::array::from_fn(|r| {
+            prefetch_l2(ahead.of(w[r], b), 2 * B::BYTES);
+            _mm512_dpbusd_epi32(start, B::pair(p[r], raw[r]), x)
+        });
+        let m = match B::MIN {
+            true => Some(halves4x2::<B>(w, b, raw, 2)),
+            false => None,
+        };
+        let d = halves4x2::<B>(w, b, raw, 0);
+        acc = steps2::<B>(acc, hsum4x2(z), d, m, xd, xs, b);
         b += 2;
     }
     if b < nb {
@@ -224,7 +447,11 @@ unsafe fn rows4<B: Block32>(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) 
             let u = B::values(w[r].add(b * B::BYTES));
             _mm512_zextsi256_si512(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, x))
         });
-        acc = step(acc, super::simd::hsum4(z), b);
+        let exact = _mm_sub_epi32(
+            super::simd::hsum4(z),
+            _mm_set1_epi32(B::OFF * xsums.add(b).read() as i32),
+        );
+        acc = steps::<B>(acc, exact, w, b, act, t);
     }
     let mut out = [0f32; 4];
     _mm_storeu_ps(out.as_mut_ptr(), acc);
@@ -454,37 +681,90 @@ format_32!(IQ4NL);
 format_32!(Q4_1);
 format_32!(Q5_1);
 
-/// `rows4` of a 32-value format on AVX2. Without `vpdpbusd`, small unsigned values (up to
-/// 31) multiply the activations with `vpmaddubsw` directly, less `OFF X_b` after; Q8_0's and
-/// IQ4_NL's are made signed (`q = u − OFF`) and multiplied as ggml's AVX2 code does, `|q|`
-/// times `x` with `q`'s sign. Either way pairs of products stay within i16 (2 · 128 · 127),
-/// the sums are exact, and the float steps, shared with AVX-512, give the same bits.
+/// `rows4` of a 32-value format on AVX2, two blocks at a time. Without `vpdpbusd`, small
+/// unsigned values (up to 31) multiply the activations with `vpmaddubsw` directly, less `OFF
+/// X_b` after; Q8_0's and IQ4_NL's are made signed (`q = u − OFF`) and multiplied as ggml's
+/// AVX2 code does, `|q|` times `x` with `q`'s sign. Either way pairs of products stay within
+/// i16 (2 · 128 · 127; two small ones' pairs added: 4 · 31 · 127), the sums are exact, and the
+/// float steps, shared with AVX-512, give the same bits.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows4_avx2<B: Block32>(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
     let xq = act.qs[t * act.k..].as_ptr();
+    let i0 = t * act.k / QK8_0;
+    let (xsums, xd, xs) = (
+        act.sums[i0..].as_ptr(),
+        act.d[i0..].as_ptr(),
+        act.s[i0..].as_ptr(),
+    );
     let (off, ones) = (_mm256_set1_epi8(B::OFF as i8), _mm256_set1_epi16(1));
     let small = B::OFF < 128;
+    // `u · x` summed in i32 pairs, exact.
+    let dot = |u: __m256i, x: __m256i| match small {
+        true => _mm256_maddubs_epi16(u, x),
+        false => {
+            let q = _mm256_sub_epi8(u, off);
+            _mm256_madd_epi16(
+                _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q)),
+                ones,
+            )
+        }
+    };
     let ahead = Ahead::new(nb, B::BYTES, PREFETCH_Q8_0);
     let mut acc = _mm_setzero_ps();
-    for b in 0..nb {
+    let mut b = 0;
+    while b + 2 <= nb {
+        let x: [__m256i; 2] =
+            std::array::from_fn(|i| _mm256_loadu_si256(xq.add(QK8_0 * (b + i)).cast()));
+        let x = [
+            _mm256_permute2x128_si256::<0x20>(x[0], x[1]),
+            _mm256_permute2x128_si256::<0x31>(x[0], x[1]),
+        ];
+        let z: [__m256i; 4] = std::array::from_fn(|r| {
+            prefetch_l2(ahead.of(w[r], b), 2 * B::BYTES);
+            let u = B::pair_avx2(w[r].add(b * B::BYTES));
+            let (lo, hi) = (dot(u[0], x[0]), dot(u[1], x[1]));
+            match small {
+                true => _mm256_madd_epi16(_mm256_add_epi16(lo, hi), ones),
+                false => _mm256_add_epi32(lo, hi),
+            }
+        });
+        // Block b's 4 rows, then block b + 1's.
+        let s = _mm256_hadd_epi32(_mm256_hadd_epi32(z[0], z[1]), _mm256_hadd_epi32(z[2], z[3]));
+        let s = match small {
+            true => {
+                let sums = _mm_cvtepi16_epi32(_mm_cvtsi32_si128(
+                    xsums.add(b).cast::<i32>().read_unaligned(),
+                ));
+                let sums = _mm256_permutevar8x32_epi32(
+                    _mm256_castsi128_si256(sums),
+                    _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
+                );
+                _mm256_sub_epi32(s, _mm256_mullo_epi32(sums, _mm256_set1_epi32(B::OFF)))
+            }
+            false => s,
+        };
+        let m = match B::MIN {
+            true => Some(halves4x2_avx2::<B>(w, b, 2)),
+            false => None,
+        };
+        let d = halves4x2_avx2::<B>(w, b, 0);
+        acc = steps2::<B>(acc, s, d, m, xd, xs, b);
+        b += 2;
+    }
+    if b < nb {
         let x = _mm256_loadu_si256(xq.add(QK8_0 * b).cast());
         let z: [__m256i; 4] = std::array::from_fn(|r| {
-            prefetch_l2(ahead.of(w[r], b), B::BYTES);
-            let u = B::values(w[r].add(b * B::BYTES));
-            let pairs = match small {
-                true => _mm256_maddubs_epi16(u, x),
-                false => {
-                    let q = _mm256_sub_epi8(u, off);
-                    _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q))
-                }
-            };
-            _mm256_madd_epi16(pairs, ones)
+            let pairs = dot(B::values(w[r].add(b * B::BYTES)), x);
+            match small {
+                true => _mm256_madd_epi16(pairs, ones),
+                false => pairs,
+            }
         });
         let s = match small {
             true => _mm_sub_epi32(
                 hsum4_avx2(z),
-                _mm_set1_epi32(B::OFF * act.sums[t * nb + b] as i32),
+                _mm_set1_epi32(B::OFF * xsums.add(b).read() as i32),
             ),
             false => hsum4_avx2(z),
         };

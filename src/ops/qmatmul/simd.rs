@@ -42,6 +42,19 @@ pub(crate) fn lane_sums(u: __m512i) -> __m128i {
     _mm512_castsi512_si128(_mm512_permutexvar_epi32(idx, w))
 }
 
+/// The first 16 bytes of the blocks at `p[r]` (their headers), one per 128-bit lane.
+///
+/// # Safety
+/// Each `p[r]` is readable for 16 bytes.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) unsafe fn headers(p: [*const u8; 4]) -> __m512i {
+    let h = |r: usize| _mm_loadu_si128(p[r].cast());
+    let h01 = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(h(0)), h(1));
+    let h23 = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(h(2)), h(3));
+    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(h01), h23)
+}
+
 /// 4 consecutive bytes at `p` as one i32, broadcast to 16 lanes.
 ///
 /// # Safety
@@ -70,20 +83,23 @@ pub(crate) const PREFETCH_F16: usize = 2048;
 /// consecutive 4 at a time).
 #[derive(Clone, Copy)]
 pub(crate) struct Ahead {
-    /// The distance in whole rows and remaining blocks.
-    rows: usize,
-    blocks: usize,
-    nb: usize,
+    /// The distance from block 0, in bytes.
+    start: usize,
+    /// From this block on the distance reaches past the row's end, into the next 4 rows ...
+    wrap: usize,
+    /// ... and is longer by 3 rows.
+    far: usize,
     bytes: usize,
 }
 
 impl Ahead {
     pub(crate) fn new(nb: usize, bytes: usize, distance: usize) -> Ahead {
         let d = distance.div_ceil(bytes);
+        let (rows, blocks) = (d / nb.max(1), d % nb.max(1));
         Ahead {
-            rows: d / nb.max(1),
-            blocks: d % nb.max(1),
-            nb,
+            start: (4 * rows * nb + blocks) * bytes,
+            wrap: nb - blocks,
+            far: 3 * nb * bytes,
             bytes,
         }
     }
@@ -91,11 +107,8 @@ impl Ahead {
     /// The address to prefetch while block `b` of row `w` is read.
     #[inline(always)]
     pub(crate) fn of(self, w: *const u8, b: usize) -> *const u8 {
-        let (mut rows, mut b) = (self.rows, b + self.blocks);
-        if b >= self.nb {
-            (rows, b) = (rows + 1, b - self.nb);
-        }
-        w.wrapping_add((4 * rows * self.nb + b) * self.bytes)
+        let far = if b >= self.wrap { self.far } else { 0 };
+        w.wrapping_add(self.start + b * self.bytes + far)
     }
 }
 
