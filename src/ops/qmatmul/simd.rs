@@ -66,8 +66,8 @@ pub(crate) const PREFETCH_Q8_0: usize = 3072;
 pub(crate) const PREFETCH_F16: usize = 2048;
 
 /// Where the row kernels prefetch: `distance` bytes ahead in a row stream of `nb` blocks of
-/// `bytes` that continues, past the row's end, into the same row of the next 4 (rows are
-/// consecutive 4 at a time).
+/// `bytes` that continues, past the row's end, into the same row of the next group (rows are
+/// consecutive 4 at a time, or `in_groups_of`).
 #[derive(Clone, Copy)]
 pub(crate) struct Ahead {
     /// The distance in whole rows and remaining blocks.
@@ -75,6 +75,7 @@ pub(crate) struct Ahead {
     blocks: usize,
     nb: usize,
     bytes: usize,
+    group: usize,
 }
 
 impl Ahead {
@@ -85,7 +86,13 @@ impl Ahead {
             blocks: d % nb.max(1),
             nb,
             bytes,
+            group: 4,
         }
+    }
+
+    /// The same distance in a kernel that takes rows `group` at a time.
+    pub(crate) fn in_groups_of(self, group: usize) -> Ahead {
+        Ahead { group, ..self }
     }
 
     /// The address to prefetch while block `b` of row `w` is read.
@@ -95,7 +102,7 @@ impl Ahead {
         if b >= self.nb {
             (rows, b) = (rows + 1, b - self.nb);
         }
-        w.wrapping_add((4 * rows * self.nb + b) * self.bytes)
+        w.wrapping_add((self.group * rows * self.nb + b) * self.bytes)
     }
 }
 
