@@ -427,41 +427,20 @@ impl<H: Half> RowKernel for Avx2<H> {
     unsafe fn rows<const N: usize>(w: [*const u8; N], k: usize, x: &[f32]) -> [f32; N] {
         let ahead = Ahead::new(k.div_ceil(16), 32, simd::PREFETCH_F16).in_groups_of(N);
         let mut acc = [[_mm256_setzero_ps(); 2]; N];
-        // Plain loops, as on AVX-512.
-        for j in (0..k / 16 * 16).step_by(16) {
-            if j % 32 == 0 {
-                for w in w {
-                    prefetch_l2(ahead.of(w, j / 16), 64);
+        chunks::<16>(0..k.next_multiple_of(16), k, |j, n| {
+            let x = [0, 8].map(|h| _mm256_loadu_ps(x[j + h..].as_ptr()));
+            for r in 0..N {
+                // One prefetch per 64 bytes of the row: every other chunk.
+                if j % 32 == 0 {
+                    prefetch_l2(ahead.of(w[r], j / 16), 64);
+                }
+                let w = load16_avx2::<H>(w[r].add(2 * j), n);
+                for h in 0..2 {
+                    acc[r][h] = _mm256_fmadd_ps(w[h], x[h], acc[r][h]);
                 }
             }
-            fmadd_rows16_avx2::<H, N>(&mut acc, w, j, 16, x);
-        }
-        if !k.is_multiple_of(16) {
-            fmadd_rows16_avx2::<H, N>(&mut acc, w, k / 16 * 16, k % 16, x);
-        }
+        });
         acc.map(|[lo, hi]| reduce_halves(lo, hi))
-    }
-}
-
-/// `fmadd_rows16` on AVX2: the 16 lanes as two halves.
-///
-/// # Safety
-/// AVX2, FMA and F16C; each `w[r]` points to `j + n` halves; `x` holds `j + 16` values.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn fmadd_rows16_avx2<H: Half, const N: usize>(
-    acc: &mut [[__m256; 2]; N],
-    w: [*const u8; N],
-    j: usize,
-    n: usize,
-    x: &[f32],
-) {
-    let x = [0, 8].map(|h| _mm256_loadu_ps(x[j + h..j + h + 8].as_ptr()));
-    for r in 0..N {
-        let w = load16_avx2::<H>(w[r].add(2 * j), n);
-        for h in 0..2 {
-            acc[r][h] = _mm256_fmadd_ps(w[h], x[h], acc[r][h]);
-        }
     }
 }
 
