@@ -73,11 +73,11 @@ trait RowKernel {
     /// A token's activations `x` rounded to the weights' format, zeros to `padded(x.len())`.
     fn prepare(x: &[f32], out: &mut [Self::X]);
 
-    /// Rows `w` (4 pointers to `k` halves) times one token `x` (`prepare`d).
+    /// Rows `w` (`N` pointers to `k` halves) times one token `x` (`prepare`d).
     ///
     /// # Safety
     /// The CPU has the instruction set; each `w[r]` points to `k` halves.
-    unsafe fn rows4(w: [*const u8; 4], k: usize, x: &[Self::X]) -> [f32; 4];
+    unsafe fn rows<const N: usize>(w: [*const u8; N], k: usize, x: &[Self::X]) -> [f32; N];
 }
 
 /// `out` = `x` through `round`, zeros after.
@@ -115,21 +115,22 @@ fn with_prepared<K: RowKernel, R>(
     })
 }
 
-/// `y = x Wᵀ` by the row kernel `K`, for the tokens `xs` (`prepare`d).
-fn row_products<K: RowKernel>(w: &Weights, xs: &[K::X], y: &mut [f32]) {
-    let (row_bytes, n_rows, stride) = (2 * w.nb, w.n_rows, padded(w.nb));
+/// `y = x Wᵀ` by the row kernel `K`, `N` rows at a time, for the tokens `xs` (`prepare`d).
+fn row_products<K: RowKernel, const N: usize>(w: &Weights, xs: &[K::X], y: &mut [f32]) {
+    let (row_bytes, stride) = (2 * w.nb, padded(w.nb));
     let m = xs.len() / stride;
     let y_ptr = SyncPtr(y.as_mut_ptr());
-    row_tasks(n_rows).for_each(|rows| {
-        for r0 in rows.step_by(4) {
-            let quad = w.rows::<4>(r0, row_bytes);
-            let n = (n_rows - r0).min(4);
+    row_tasks(w.n_rows).for_each(|rows| {
+        for r0 in rows.clone().step_by(N) {
+            // Rows past the task's end belong to the next task: read, never stored here.
+            let block = w.rows::<N>(r0, row_bytes);
+            let n = (rows.end - r0).min(N);
             for t in 0..m {
-                // SAFETY: `supports` checked the CPU; `quad` points to whole rows of k
+                // SAFETY: `supports` checked the CPU; `block` points to whole rows of k
                 // halves and `xs` holds m padded rows.
-                let out = unsafe { K::rows4(quad, w.nb, &xs[t * stride..(t + 1) * stride]) };
+                let out = unsafe { K::rows(block, w.nb, &xs[t * stride..(t + 1) * stride]) };
                 // SAFETY: this task alone writes columns `rows` of y, and t < m.
-                let y = unsafe { y_ptr.slice(t * n_rows + r0, n) };
+                let y = unsafe { y_ptr.slice(t * w.n_rows + r0, n) };
                 y.copy_from_slice(&out[..n]);
             }
         }

@@ -79,17 +79,21 @@ pub(crate) const PREFETCH_Q8_0: usize = 3072;
 pub(crate) const PREFETCH_F16: usize = 2048;
 
 /// Where the row kernels prefetch: `distance` bytes ahead in a row stream of `nb` blocks of
-/// `bytes` that continues, past the row's end, into the same row of the next 4 (rows are
-/// consecutive 4 at a time).
+/// `bytes` that continues, past the row's end, into the same row of the next group (rows are
+/// consecutive 4 at a time, or `in_groups_of`).
 #[derive(Clone, Copy)]
 pub(crate) struct Ahead {
+    /// The distance in whole rows and remaining blocks.
+    rows: usize,
+    blocks: usize,
+    nb: usize,
+    bytes: usize,
     /// The distance from block 0, in bytes.
     start: usize,
-    /// From this block on the distance reaches past the row's end, into the next 4 rows ...
+    /// From this block on the distance reaches past the row's end, into the next group ...
     wrap: usize,
-    /// ... and is longer by 3 rows.
+    /// ... and is longer by the group's other rows.
     far: usize,
-    bytes: usize,
 }
 
 impl Ahead {
@@ -97,10 +101,23 @@ impl Ahead {
         let d = distance.div_ceil(bytes);
         let (rows, blocks) = (d / nb.max(1), d % nb.max(1));
         Ahead {
-            start: (4 * rows * nb + blocks) * bytes,
-            wrap: nb - blocks,
-            far: 3 * nb * bytes,
+            rows,
+            blocks,
+            nb,
             bytes,
+            start: 0,
+            wrap: nb - blocks,
+            far: 0,
+        }
+        .in_groups_of(4)
+    }
+
+    /// The same distance in a kernel that takes rows `group` at a time.
+    pub(crate) fn in_groups_of(self, group: usize) -> Ahead {
+        Ahead {
+            start: (group * self.rows * self.nb + self.blocks) * self.bytes,
+            far: (group - 1) * self.nb * self.bytes,
+            ..self
         }
     }
 

@@ -19,7 +19,7 @@ pub(super) fn matmul<H: Half>(data: &[u8], n_rows: usize, k: usize, x: &[f32], y
         n_rows,
         nb: k,
     };
-    with_prepared::<Neon<H>, _>(k, x, 0, |xs, _| row_products::<Neon<H>>(&w, xs, y))
+    with_prepared::<Neon<H>, _>(k, x, 0, |xs, _| row_products::<Neon<H>, 4>(&w, xs, y))
 }
 
 /// A half format's values widened to f32 as they are loaded.
@@ -104,11 +104,11 @@ impl<H: Half> RowKernel for Neon<H> {
     }
 
     #[inline]
-    unsafe fn rows4(w: [*const u8; 4], k: usize, x: &[f32]) -> [f32; 4] {
-        let mut acc = [[vdupq_n_f32(0.0); 4]; 4];
+    unsafe fn rows<const N: usize>(w: [*const u8; N], k: usize, x: &[f32]) -> [f32; N] {
+        let mut acc = [[vdupq_n_f32(0.0); 4]; N];
         chunks::<16>(0..k.next_multiple_of(16), k, |j, n| {
             let x: [float32x4_t; 4] = std::array::from_fn(|q| vld1q_f32(x[j + 4 * q..].as_ptr()));
-            for r in 0..4 {
+            for r in 0..N {
                 let w = load16::<H>(w[r].add(2 * j), n);
                 for q in 0..4 {
                     acc[r][q] = vfmaq_f32(acc[r][q], w[q], x[q]);

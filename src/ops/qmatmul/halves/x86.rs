@@ -136,18 +136,22 @@ pub(crate) fn run<H: Half>(
         n_rows,
         nb: k,
     };
+    // The row kernels take 8 rows at a time where the registers hold their accumulators: 8
+    // streams from memory, which the hardware prefetchers keep fuller than 4.
     match level {
-        Level::Avx512 => product::<Avx512<H>>(&w, x, y),
-        Level::Avx2 => product::<Avx2<H>>(&w, x, y),
+        Level::Avx512 => product::<Avx512<H>, 8>(&w, x, y),
+        // 8 rows' 16 accumulators would fill the 16 registers (spilled).
+        Level::Avx2 => product::<Avx2<H>, 4>(&w, x, y),
         Level::Avx512Bf16 => {
             assert!(H::PAIRS);
-            product::<Avx512Bf16>(&w, x, y)
+            product::<Avx512Bf16, 8>(&w, x, y)
         }
     }
 }
 
-/// `y = x Wᵀ` by the kernels `K`: the activations prepared for them, then rows or tiles.
-fn product<K: Kernels>(w: &Weights, x: &[f32], y: &mut [f32]) {
+/// `y = x Wᵀ` by the kernels `K`: the activations prepared for them, then rows (`N` at a
+/// time) or tiles.
+fn product<K: Kernels, const N: usize>(w: &Weights, x: &[f32], y: &mut [f32]) {
     let m = x.len() / w.nb;
     let tiled = m >= MIN_TILED;
     let tasks_bytes = if tiled {
@@ -157,7 +161,7 @@ fn product<K: Kernels>(w: &Weights, x: &[f32], y: &mut [f32]) {
     };
     with_prepared::<K, _>(w.nb, x, tasks_bytes, |xs, rest| match tiled {
         true => tiles::<K>(w, xs, rest, m, y),
-        false => row_products::<K>(w, xs, y),
+        false => row_products::<K, N>(w, xs, y),
     })
 }
 
@@ -325,23 +329,43 @@ impl<H: Half> RowKernel for Avx512<H> {
 
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn rows4(w: [*const u8; 4], k: usize, x: &[f32]) -> [f32; 4] {
-        let ahead = Ahead::new(k.div_ceil(16), 32, simd::PREFETCH_F16);
-        let mut acc = [_mm512_setzero_ps(); 4];
-        // A plain loop: as a closure passed to `chunks`, this body was not inlined (a call
-        // per chunk of 16).
-        for j in 0..k.div_ceil(16) {
-            let x = _mm512_loadu_ps(x[16 * j..].as_ptr());
-            let n = (k - 16 * j).min(16);
-            for r in 0..4 {
-                // One prefetch per 64 bytes of the row: every other chunk.
-                if j % 2 == 0 {
-                    prefetch_l2(ahead.of(w[r], j), 64);
+    unsafe fn rows<const N: usize>(w: [*const u8; N], k: usize, x: &[f32]) -> [f32; N] {
+        let ahead = Ahead::new(k.div_ceil(16), 32, simd::PREFETCH_F16).in_groups_of(N);
+        let mut acc = [_mm512_setzero_ps(); N];
+        // Plain loops: as a closure passed to `chunks`, the body was not inlined (a call per
+        // chunk of 16).
+        for j in (0..k / 16 * 16).step_by(16) {
+            // One prefetch per 64 bytes of a row: every other chunk.
+            if j % 32 == 0 {
+                for w in w {
+                    prefetch_l2(ahead.of(w, j / 16), 64);
                 }
-                acc[r] = _mm512_fmadd_ps(H::load16(w[r].add(32 * j), n), x, acc[r]);
             }
+            fmadd_rows16::<H, N>(&mut acc, w, j, 16, x);
+        }
+        if !k.is_multiple_of(16) {
+            fmadd_rows16::<H, N>(&mut acc, w, k / 16 * 16, k % 16, x);
         }
         acc.map(|a| reduce(a))
+    }
+}
+
+/// Adds the chunk of 16 values from `j` of rows `w` (the first `n` of them) times `x` to `acc`.
+///
+/// # Safety
+/// AVX-512 F/BW/VL; each `w[r]` points to `j + n` halves; `x` holds `j + 16` values.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn fmadd_rows16<H: Half, const N: usize>(
+    acc: &mut [__m512; N],
+    w: [*const u8; N],
+    j: usize,
+    n: usize,
+    x: &[f32],
+) {
+    let x = _mm512_loadu_ps(x[j..j + 16].as_ptr());
+    for r in 0..N {
+        acc[r] = _mm512_fmadd_ps(H::load16(w[r].add(2 * j), n), x, acc[r]);
     }
 }
 
@@ -400,12 +424,12 @@ impl<H: Half> RowKernel for Avx2<H> {
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn rows4(w: [*const u8; 4], k: usize, x: &[f32]) -> [f32; 4] {
-        let ahead = Ahead::new(k.div_ceil(16), 32, simd::PREFETCH_F16);
-        let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+    unsafe fn rows<const N: usize>(w: [*const u8; N], k: usize, x: &[f32]) -> [f32; N] {
+        let ahead = Ahead::new(k.div_ceil(16), 32, simd::PREFETCH_F16).in_groups_of(N);
+        let mut acc = [[_mm256_setzero_ps(); 2]; N];
         chunks::<16>(0..k.next_multiple_of(16), k, |j, n| {
             let x = [0, 8].map(|h| _mm256_loadu_ps(x[j + h..].as_ptr()));
-            for r in 0..4 {
+            for r in 0..N {
                 // One prefetch per 64 bytes of the row: every other chunk.
                 if j % 32 == 0 {
                     prefetch_l2(ahead.of(w[r], j / 16), 64);
@@ -433,28 +457,12 @@ impl<H: Half> Kernels for Avx2<H> {
         partial: &mut Partial,
     ) {
         let x: [*const f32; TOKENS] = std::array::from_fn(|i| xs.as_ptr().add(t[i] * padded(k)));
-        // One row at a time: its 3 tokens × 2 halves of accumulators stay in registers.
-        for r in 0..ROWS {
-            let mut acc = [[_mm256_setzero_ps(); 2]; TOKENS];
-            if ks.start > 0 {
-                for (acc, p) in acc.iter_mut().zip(partial.iter()) {
-                    let p = p[r].as_ptr();
-                    *acc = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))];
-                }
-            }
-            chunks::<16>(ks.clone(), k, |j, n| {
-                let w = load16_avx2::<H>(w[r].add(2 * j), n);
-                for (acc, x) in acc.iter_mut().zip(x) {
-                    for (h, acc) in acc.iter_mut().enumerate() {
-                        *acc = _mm256_fmadd_ps(w[h], _mm256_loadu_ps(x.add(j + 8 * h)), *acc);
-                    }
-                }
-            });
-            for (acc, p) in acc.iter().zip(partial.iter_mut()) {
-                let p = p[r].as_mut_ptr();
-                _mm256_storeu_ps(p, acc[0]);
-                _mm256_storeu_ps(p.add(8), acc[1]);
-            }
+        // Each half of the 16 lanes sums on its own: one half of 3 rows at a time, 9 chains
+        // of fused multiply-adds that hide their latency, in registers (4 rows spilled one).
+        for h in 0..2 {
+            tile_half::<H, 3>(w, 0, h, k, x, ks.clone(), partial);
+            tile_half::<H, 3>(w, 3, h, k, x, ks.clone(), partial);
+            tile_half::<H, 2>(w, 6, h, k, x, ks.clone(), partial);
         }
     }
 
@@ -468,6 +476,72 @@ impl<H: Half> Kernels for Avx2<H> {
                 )
             })
         })
+    }
+}
+
+/// AVX2's `tile` for lanes `8 h ..= 8 h + 7` of rows `r0 .. r0 + R`.
+///
+/// # Safety
+/// As `Kernels::tile`; `x[i]` points to token `t[i]`'s values.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_half<H: Half, const R: usize>(
+    w: [*const u8; ROWS],
+    r0: usize,
+    h: usize,
+    k: usize,
+    x: [*const f32; TOKENS],
+    ks: std::ops::Range<usize>,
+    partial: &mut Partial,
+) {
+    let mut rows = [std::ptr::null(); R];
+    rows.copy_from_slice(&w[r0..r0 + R]);
+    let mut acc = [[_mm256_setzero_ps(); TOKENS]; R];
+    if ks.start > 0 {
+        for (r, acc) in acc.iter_mut().enumerate() {
+            for (acc, p) in acc.iter_mut().zip(partial.iter()) {
+                *acc = _mm256_loadu_ps(p[r0 + r][8 * h..].as_ptr());
+            }
+        }
+    }
+    let whole = ks.end.min(k / 16 * 16).max(ks.start);
+    for j in (ks.start..whole).step_by(16) {
+        fmadd_tile_half::<H, R>(&mut acc, rows, x, j + 8 * h, 8);
+    }
+    for j in (whole..ks.end).step_by(16) {
+        let n = (k - j).saturating_sub(8 * h).min(8);
+        fmadd_tile_half::<H, R>(&mut acc, rows, x, j + 8 * h, n);
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        for (acc, p) in acc.iter().zip(partial.iter_mut()) {
+            _mm256_storeu_ps(p[r0 + r][8 * h..].as_mut_ptr(), *acc);
+        }
+    }
+}
+
+/// Adds 8 values from `j` of rows `w` (the first `n` of them) times tokens `x` to `acc`:
+/// `acc[row][token]`.
+///
+/// # Safety
+/// AVX2, FMA and F16C; each `w[r]` points to `j + n` halves; each `x[i]` to `j + 8` values.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn fmadd_tile_half<H: Half, const R: usize>(
+    acc: &mut [[__m256; TOKENS]; R],
+    w: [*const u8; R],
+    x: [*const f32; TOKENS],
+    j: usize,
+    n: usize,
+) {
+    let mut xv = [_mm256_setzero_ps(); TOKENS];
+    for (xv, x) in xv.iter_mut().zip(x) {
+        *xv = _mm256_loadu_ps(x.add(j));
+    }
+    for (acc, w) in acc.iter_mut().zip(w) {
+        let w = H::load8(w.add(2 * j), n);
+        for (acc, x) in acc.iter_mut().zip(xv) {
+            *acc = _mm256_fmadd_ps(w, x, *acc);
+        }
     }
 }
 
@@ -497,17 +571,40 @@ impl RowKernel for Avx512Bf16 {
 
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    unsafe fn rows4(w: [*const u8; 4], k: usize, x: &[u16]) -> [f32; 4] {
-        let ahead = Ahead::new(k.div_ceil(32), 64, simd::PREFETCH_F16);
-        let mut acc = [_mm512_setzero_ps(); 4];
-        chunks::<32>(0..k.next_multiple_of(32), k, |j, n| {
-            let x = bf16x32(x[j..].as_ptr().cast(), 32);
-            for r in 0..4 {
-                prefetch_l2(ahead.of(w[r], j / 32), 64);
-                acc[r] = _mm512_dpbf16_ps(acc[r], x, bf16x32(w[r].add(2 * j), n));
+    unsafe fn rows<const N: usize>(w: [*const u8; N], k: usize, x: &[u16]) -> [f32; N] {
+        let ahead = Ahead::new(k.div_ceil(32), 64, simd::PREFETCH_F16).in_groups_of(N);
+        let mut acc = [_mm512_setzero_ps(); N];
+        // Plain loops, as for the widened halves.
+        for j in (0..k / 32 * 32).step_by(32) {
+            for w in w {
+                prefetch_l2(ahead.of(w, j / 32), 64);
             }
-        });
+            dpbf16_rows32(&mut acc, w, j, 32, x);
+        }
+        if !k.is_multiple_of(32) {
+            dpbf16_rows32(&mut acc, w, k / 32 * 32, k % 32, x);
+        }
         acc.map(|a| reduce(a))
+    }
+}
+
+/// Adds the pairs of the chunk of 32 values from `j` of rows `w` (the first `n` of them) times
+/// `x` to `acc`.
+///
+/// # Safety
+/// AVX-512 F/BW/VL and BF16; each `w[r]` points to `j + n` values; `x` holds `j + 32`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn dpbf16_rows32<const N: usize>(
+    acc: &mut [__m512; N],
+    w: [*const u8; N],
+    j: usize,
+    n: usize,
+    x: &[u16],
+) {
+    let x = bf16x32(x[j..j + 32].as_ptr().cast(), 32);
+    for r in 0..N {
+        acc[r] = _mm512_dpbf16_ps(acc[r], x, bf16x32(w[r].add(2 * j), n));
     }
 }
 
