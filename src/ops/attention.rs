@@ -7,9 +7,9 @@
 
 use rayon::prelude::*;
 
+use super::disjoint::SyncPtr;
 use super::exp::exp;
 use super::gemm::{gemm, MatMut, MatRef};
-use super::matmul::SyncPtr;
 use super::scratch;
 
 #[derive(Debug, Clone, Copy)]

@@ -10,8 +10,8 @@
 
 use rayon::prelude::*;
 
+use super::disjoint::SyncPtr;
 use super::iq4::{abs_max, f16_at, inverse, nibbles, xs_scales, KVALUES};
-use super::matmul::SyncPtr;
 use super::scratch::{self, Pod};
 use crate::gguf::TensorType;
 

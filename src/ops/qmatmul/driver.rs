@@ -6,7 +6,7 @@ use rayon::prelude::*;
 use super::act::{self, Arena, Rows};
 #[cfg(target_arch = "x86_64")]
 use super::{act::Groups, simd};
-use crate::ops::matmul::SyncPtr;
+use crate::ops::disjoint::SyncPtr;
 use crate::ops::scratch;
 
 /// Batches from this many tokens up run the 16-token tiles; smaller ones the row kernel

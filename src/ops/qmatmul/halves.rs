@@ -27,7 +27,7 @@ mod x86;
 use rayon::prelude::*;
 
 use super::driver::{row_tasks, Weights};
-use crate::ops::matmul::SyncPtr;
+use crate::ops::disjoint::SyncPtr;
 use crate::ops::scratch::{self, Pod};
 
 #[cfg(target_arch = "aarch64")]

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use super::{chunks, padded, rounded, row_products, with_prepared, Bf16, Half, RowKernel, F16};
 use crate::ops::bf16;
-use crate::ops::matmul::SyncPtr;
+use crate::ops::disjoint::SyncPtr;
 use crate::ops::qmatmul::driver::{n_tasks, row_tasks, Weights, MIN_TILED};
 use crate::ops::qmatmul::simd::{self, prefetch_l2, Ahead};
 use crate::ops::qmatmul::{isa, Isa};
