@@ -136,15 +136,21 @@ pub(crate) fn run<H: Half>(
         n_rows,
         nb: k,
     };
-    // The row kernels take 8 rows at a time where the registers hold their accumulators: 8
-    // streams from memory, which the hardware prefetchers keep fuller than 4.
+    // The row kernels take 8 rows at a time where the registers hold their accumulators and
+    // the rows are long: 8 streams from memory, which the hardware prefetchers keep fuller
+    // than 4 when each row is a page or more; shorter rows went faster 4 at a time.
+    let long = 2 * k >= 4096;
     match level {
-        Level::Avx512 => product::<Avx512<H>, 8>(&w, x, y),
+        Level::Avx512 if long => product::<Avx512<H>, 8>(&w, x, y),
+        Level::Avx512 => product::<Avx512<H>, 4>(&w, x, y),
         // 8 rows' 16 accumulators would fill the 16 registers (spilled).
         Level::Avx2 => product::<Avx2<H>, 4>(&w, x, y),
         Level::Avx512Bf16 => {
             assert!(H::PAIRS);
-            product::<Avx512Bf16, 8>(&w, x, y)
+            match long {
+                true => product::<Avx512Bf16, 8>(&w, x, y),
+                false => product::<Avx512Bf16, 4>(&w, x, y),
+            }
         }
     }
 }
@@ -332,40 +338,20 @@ impl<H: Half> RowKernel for Avx512<H> {
     unsafe fn rows<const N: usize>(w: [*const u8; N], k: usize, x: &[f32]) -> [f32; N] {
         let ahead = Ahead::new(k.div_ceil(16), 32, simd::PREFETCH_F16).in_groups_of(N);
         let mut acc = [_mm512_setzero_ps(); N];
-        // Plain loops: as a closure passed to `chunks`, the body was not inlined (a call per
-        // chunk of 16).
-        for j in (0..k / 16 * 16).step_by(16) {
-            // One prefetch per 64 bytes of a row: every other chunk.
-            if j % 32 == 0 {
-                for w in w {
-                    prefetch_l2(ahead.of(w, j / 16), 64);
+        // A plain loop: as a closure passed to `chunks`, this body was not inlined (a call
+        // per chunk of 16).
+        for j in 0..k.div_ceil(16) {
+            let x = _mm512_loadu_ps(x[16 * j..].as_ptr());
+            let n = (k - 16 * j).min(16);
+            for r in 0..N {
+                // One prefetch per 64 bytes of the row: every other chunk.
+                if j % 2 == 0 {
+                    prefetch_l2(ahead.of(w[r], j), 64);
                 }
+                acc[r] = _mm512_fmadd_ps(H::load16(w[r].add(32 * j), n), x, acc[r]);
             }
-            fmadd_rows16::<H, N>(&mut acc, w, j, 16, x);
-        }
-        if !k.is_multiple_of(16) {
-            fmadd_rows16::<H, N>(&mut acc, w, k / 16 * 16, k % 16, x);
         }
         acc.map(|a| reduce(a))
-    }
-}
-
-/// Adds the chunk of 16 values from `j` of rows `w` (the first `n` of them) times `x` to `acc`.
-///
-/// # Safety
-/// AVX-512 F/BW/VL; each `w[r]` points to `j + n` halves; `x` holds `j + 16` values.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn fmadd_rows16<H: Half, const N: usize>(
-    acc: &mut [__m512; N],
-    w: [*const u8; N],
-    j: usize,
-    n: usize,
-    x: &[f32],
-) {
-    let x = _mm512_loadu_ps(x[j..j + 16].as_ptr());
-    for r in 0..N {
-        acc[r] = _mm512_fmadd_ps(H::load16(w[r].add(2 * j), n), x, acc[r]);
     }
 }
 
