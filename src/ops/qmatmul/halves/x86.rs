@@ -560,7 +560,7 @@ impl RowKernel for Avx512Bf16 {
     unsafe fn rows<const N: usize>(w: [*const u8; N], k: usize, x: &[u16]) -> [f32; N] {
         let ahead = Ahead::new(k.div_ceil(32), 64, simd::PREFETCH_F16).in_groups_of(N);
         let mut acc = [_mm512_setzero_ps(); N];
-        // Plain loops, as for the widened halves.
+        // Plain loops: the body of a closure would not inherit the target features.
         for j in (0..k / 32 * 32).step_by(32) {
             for w in w {
                 prefetch_l2(ahead.of(w, j / 32), 64);
