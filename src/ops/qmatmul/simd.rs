@@ -80,44 +80,32 @@ pub(crate) const PREFETCH_F16: usize = 2048;
 
 /// Where the row kernels prefetch: `distance` bytes ahead in a row stream of `nb` blocks of
 /// `bytes` that continues, past the row's end, into the same row of the next group (rows are
-/// consecutive 4 at a time, or `in_groups_of`).
+/// consecutive 4 at a time, or `group` at a time: `in_groups`).
 #[derive(Clone, Copy)]
 pub(crate) struct Ahead {
-    /// The distance in whole rows and remaining blocks.
-    rows: usize,
-    blocks: usize,
-    nb: usize,
-    bytes: usize,
     /// The distance from block 0, in bytes.
     start: usize,
     /// From this block on the distance reaches past the row's end, into the next group ...
     wrap: usize,
     /// ... and is longer by the group's other rows.
     far: usize,
+    bytes: usize,
 }
 
 impl Ahead {
     pub(crate) fn new(nb: usize, bytes: usize, distance: usize) -> Ahead {
+        Self::in_groups(nb, bytes, distance, 4)
+    }
+
+    /// `new` for a kernel that takes rows `group` at a time.
+    pub(crate) fn in_groups(nb: usize, bytes: usize, distance: usize, group: usize) -> Ahead {
         let d = distance.div_ceil(bytes);
         let (rows, blocks) = (d / nb.max(1), d % nb.max(1));
         Ahead {
-            rows,
-            blocks,
-            nb,
-            bytes,
-            start: 0,
+            start: (group * rows * nb + blocks) * bytes,
             wrap: nb - blocks,
-            far: 0,
-        }
-        .in_groups_of(4)
-    }
-
-    /// The same distance in a kernel that takes rows `group` at a time.
-    pub(crate) fn in_groups_of(self, group: usize) -> Ahead {
-        Ahead {
-            start: (group * self.rows * self.nb + self.blocks) * self.bytes,
-            far: (group - 1) * self.nb * self.bytes,
-            ..self
+            far: (group - 1) * nb * bytes,
+            bytes,
         }
     }
 

@@ -336,7 +336,7 @@ impl<H: Half> RowKernel for Avx512<H> {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     unsafe fn rows<const N: usize>(w: [*const u8; N], k: usize, x: &[f32]) -> [f32; N] {
-        let ahead = Ahead::new(k.div_ceil(16), 32, simd::PREFETCH_F16).in_groups_of(N);
+        let ahead = Ahead::in_groups(k.div_ceil(16), 32, simd::PREFETCH_F16, N);
         let mut acc = [_mm512_setzero_ps(); N];
         // A plain loop: as a closure passed to `chunks`, this body was not inlined (a call
         // per chunk of 16).
@@ -411,7 +411,7 @@ impl<H: Half> RowKernel for Avx2<H> {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn rows<const N: usize>(w: [*const u8; N], k: usize, x: &[f32]) -> [f32; N] {
-        let ahead = Ahead::new(k.div_ceil(16), 32, simd::PREFETCH_F16).in_groups_of(N);
+        let ahead = Ahead::in_groups(k.div_ceil(16), 32, simd::PREFETCH_F16, N);
         let mut acc = [[_mm256_setzero_ps(); 2]; N];
         chunks::<16>(0..k.next_multiple_of(16), k, |j, n| {
             let x = [0, 8].map(|h| _mm256_loadu_ps(x[j + h..].as_ptr()));
@@ -558,7 +558,7 @@ impl RowKernel for Avx512Bf16 {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     unsafe fn rows<const N: usize>(w: [*const u8; N], k: usize, x: &[u16]) -> [f32; N] {
-        let ahead = Ahead::new(k.div_ceil(32), 64, simd::PREFETCH_F16).in_groups_of(N);
+        let ahead = Ahead::in_groups(k.div_ceil(32), 64, simd::PREFETCH_F16, N);
         let mut acc = [_mm512_setzero_ps(); N];
         // Plain loops: the body of a closure would not inherit the target features.
         for j in (0..k / 32 * 32).step_by(32) {
