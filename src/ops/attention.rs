@@ -84,16 +84,18 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
-/// `out[h] += Σ_j p[h][j] · row(j)` for `H` heads at once (each row is read once for all of
-/// them), summed over `j` in order from zero (as repeated `y += p x` would), `COLS` columns
-/// at a time so that the sums stay in registers: `H · COLS` of them, enough independent sums
-/// to hide the additions' latency.
+/// `out[h] += Σ_j p[h][j] · row(j)` for the next `H` heads of `outs` and `probs` at once
+/// (each row is read once for all of them), summed over `j` in order from zero (as repeated
+/// `y += p x` would), `COLS` columns at a time so that the sums stay in registers: `H · COLS`
+/// of them, enough independent sums to hide the additions' latency.
 #[inline(always)]
-fn weighted_rows<'v, const H: usize, const COLS: usize>(
-    mut out: [&mut [f32]; H],
-    p: [&[f32]; H],
+fn weighted_rows<'o, 'p, 'v, const H: usize, const COLS: usize>(
+    outs: &mut impl Iterator<Item = &'o mut [f32]>,
+    probs: &mut impl Iterator<Item = &'p [f32]>,
     row: impl Fn(usize) -> &'v [f32],
 ) {
+    let mut out: [&mut [f32]; H] = std::array::from_fn(|_| outs.next().unwrap());
+    let p: [&[f32]; H] = std::array::from_fn(|_| probs.next().unwrap());
     let width = out[0].len();
     let whole = width / COLS * COLS;
     for c0 in (0..whole).step_by(COLS) {
@@ -329,27 +331,13 @@ fn attend_group<const AVX: bool>(
         let mut outs = out.chunks_exact_mut(hd);
         let mut probs = scores.chunks_exact(n).map(|p| &p[block.clone()]);
         while outs.len() >= HEADS {
-            let out = std::array::from_fn::<_, HEADS, _>(|_| outs.next().unwrap());
-            let p = std::array::from_fn(|_| probs.next().unwrap());
-            weighted_rows::<HEADS, 16>(out, p, value);
+            weighted_rows::<HEADS, 16>(&mut outs, &mut probs, value);
         }
         // The remaining heads (fewer than `HEADS`) together, their columns wider.
         match outs.len() {
-            1 => weighted_rows::<1, 64>(
-                std::array::from_fn(|_| outs.next().unwrap()),
-                std::array::from_fn(|_| probs.next().unwrap()),
-                value,
-            ),
-            2 => weighted_rows::<2, 32>(
-                std::array::from_fn(|_| outs.next().unwrap()),
-                std::array::from_fn(|_| probs.next().unwrap()),
-                value,
-            ),
-            3 => weighted_rows::<3, 16>(
-                std::array::from_fn(|_| outs.next().unwrap()),
-                std::array::from_fn(|_| probs.next().unwrap()),
-                value,
-            ),
+            1 => weighted_rows::<1, 64>(&mut outs, &mut probs, value),
+            2 => weighted_rows::<2, 32>(&mut outs, &mut probs, value),
+            3 => weighted_rows::<3, 16>(&mut outs, &mut probs, value),
             _ => {}
         }
     }
