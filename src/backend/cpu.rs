@@ -157,11 +157,16 @@ impl Backend for CpuBackend<'_> {
         Ok(())
     }
 
-    fn gather_rows(&self, x: &Vec<f32>, rows: &[usize], out: &mut Vec<f32>) -> Result<()> {
-        let n_embd = self.config.n_embd;
-        let out = sized(out, rows.len() * n_embd);
-        for (dst, &row) in out.chunks_mut(n_embd).zip(rows) {
-            dst.copy_from_slice(&x[row * n_embd..(row + 1) * n_embd]);
+    fn gather_rows(
+        &self,
+        x: &Vec<f32>,
+        width: usize,
+        rows: &[usize],
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let out = sized(out, rows.len() * width);
+        for (dst, &row) in out.chunks_mut(width).zip(rows) {
+            dst.copy_from_slice(&x[row * width..(row + 1) * width]);
         }
         Ok(())
     }

@@ -71,8 +71,14 @@ pub trait Backend: Sync {
     /// `x[t] = token_embd[tokens[t]]`.
     fn embed(&self, tokens: &[u32], x: &mut Self::Tensor) -> Result<()>;
 
-    /// `out = x[rows]` (rows by index).
-    fn gather_rows(&self, x: &Self::Tensor, rows: &[usize], out: &mut Self::Tensor) -> Result<()>;
+    /// `out = x[rows]` (rows by index) of `x`, rows of `width` values.
+    fn gather_rows(
+        &self,
+        x: &Self::Tensor,
+        width: usize,
+        rows: &[usize],
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
 
     /// The rotation angles of every row of a batch of `seqs`.
     fn rope_table(&self, seqs: &[SeqSpan], table: &mut Self::RopeTable) -> Result<()>;

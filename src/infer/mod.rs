@@ -13,8 +13,8 @@ pub use sample::Sampler;
 use crate::backend::candle::CandleModel;
 use crate::backend::{AnyState, Backend, Device};
 use crate::error::{Error, Result};
-use crate::lora::{LoraAdapter, LoraPlan, Numerics, Scaled};
-use crate::model::{forward_blocks, head, Batch, BuffersOf, Config, KvCache, Model};
+use crate::lora::{LoraAdapter, LoraPlan, Scaled};
+use crate::model::{forward_logits, Batch, BuffersOf, Config, KvCache, Model};
 use crate::ops::rope::Rope;
 
 /// Runs `$body` with `$b` bound to the backend of inference `$inf`: the body is compiled
@@ -330,17 +330,21 @@ impl Inference {
             adapter.check_fits(config)?;
         }
         ws.lay_out(sequences, caches, logits == Logits::All);
-        let plan = LoraPlan::scaled(
-            ws.spans()
-                .iter()
-                .zip(lora)
-                .filter(|(_, adapters)| !adapters.is_empty())
-                .map(|(span, adapters)| (span.rows.clone(), adapters.to_vec()))
-                .collect(),
-        );
         let (batch, rows, buffers) = ws.parts();
-        self.pool
-            .install(|| with_backend!(self, b => run_on(b, &batch, caches, &plan, buffers, rows)))
+        self.pool.install(|| {
+            // Made on the pool's thread: the plan holds the adapters' read locks, which stay
+            // on the thread that took them.
+            let plan = LoraPlan::scaled(
+                batch
+                    .seqs
+                    .iter()
+                    .zip(lora)
+                    .filter(|(_, adapters)| !adapters.is_empty())
+                    .map(|(span, adapters)| (span.rows.clone(), adapters.to_vec()))
+                    .collect(),
+            );
+            with_backend!(self, b => run_on(b, &batch, caches, plan, buffers, rows))
+        })
     }
 
     /// Refuses an empty token list or ids outside the vocabulary.
@@ -361,16 +365,14 @@ impl Inference {
     }
 }
 
-/// The blocks and the head of one batch on backend `b`, with buffers kept in `buffers`.
+/// The logits of `rows` of one batch on backend `b`, with buffers kept in `buffers`.
 fn run_on<B: Backend>(
     b: &B,
     batch: &Batch,
     caches: &mut [&mut KvCache],
-    plan: &LoraPlan,
+    plan: LoraPlan,
     buffers: &mut AnyState,
     rows: &[usize],
 ) -> Result<Vec<f32>> {
-    let buffers = buffers.get::<BuffersOf<B>>();
-    forward_blocks(b, batch, caches, plan, Numerics::Ggml, buffers, None)?;
-    head(b, buffers, rows)
+    forward_logits(b, batch, caches, plan, buffers.get::<BuffersOf<B>>(), rows)
 }

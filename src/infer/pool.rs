@@ -41,10 +41,6 @@ impl Workspace {
         }
     }
 
-    pub(crate) fn spans(&self) -> &[SeqSpan] {
-        &self.spans
-    }
-
     /// The laid-out batch and the buffers, borrowed together.
     pub(crate) fn parts(&mut self) -> (Batch<'_>, &[usize], &mut AnyState) {
         let batch = Batch {

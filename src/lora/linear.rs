@@ -116,6 +116,22 @@ impl<'a> LoraPlan<'a> {
         self.adapters.is_empty()
     }
 
+    /// The plan of the batch made of `rows` of this one, in that order: its row `i` takes
+    /// the adapters of row `rows[i]`.
+    pub fn select_rows(&mut self, rows: &[usize]) {
+        let mut segments: Vec<Segment> = Vec::new();
+        for (i, row) in rows.iter().enumerate() {
+            let Some((_, applied)) = self.segments.iter().find(|(r, _)| r.contains(row)) else {
+                continue;
+            };
+            match segments.last_mut() {
+                Some((r, last)) if r.end == i && last == applied => r.end += 1,
+                _ => segments.push((i..i + 1, applied.clone())),
+            }
+        }
+        self.segments = segments;
+    }
+
     pub fn adapter(&self, index: usize) -> &'a LoraAdapter {
         self.adapters[index].adapter
     }
@@ -292,5 +308,33 @@ pub fn linear_backward(
             true,
             true,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lora::{AdapterFormat, ScalingRule};
+
+    fn adapter() -> LoraAdapter {
+        let (format, rule) = (AdapterFormat::Trainable, ScalingRule::AlphaOverRank);
+        LoraAdapter::new("llama".into(), format, rule, 1.0, 1.0, Vec::new())
+    }
+
+    #[test]
+    fn selected_rows_keep_their_adapters_renumbered() {
+        let (a, b) = (adapter(), adapter());
+        let mut plan = LoraPlan::scaled(vec![
+            (0..3, vec![(&a, 1.0)]),
+            (5..8, vec![(&a, 1.0), (&b, 0.5)]),
+            (8..9, vec![(&a, 1.0), (&b, 0.5)]),
+            (9..10, vec![(&b, 0.5)]),
+        ]);
+        // Rows 3 and 4 have no adapter; 7 and 8 lie in two segments applying the same.
+        plan.select_rows(&[1, 2, 4, 7, 8, 9]);
+        let both = vec![(0, 1.0), (1, 0.5)];
+        let expected: Vec<Segment> =
+            vec![(0..2, vec![(0, 1.0)]), (3..5, both), (5..6, vec![(1, 0.5)])];
+        assert_eq!(plan.segments, expected);
     }
 }

@@ -118,6 +118,21 @@ pub fn block_forward<B: Backend>(
     acts: &mut BlockActs<B::Tensor>,
     scratch: &mut BlockScratch<B::Tensor>,
 ) -> Result<()> {
+    block_attention(b, ctx, il, x, caches, acts, scratch)?;
+    block_rest(b, ctx.lora, ctx.numerics, il, x, acts, scratch)
+}
+
+/// The first part of block `il`, up to the attention's output (`acts.attn_out`), which
+/// stores the keys and values into each sequence's cache; `x` is left unchanged.
+pub fn block_attention<B: Backend>(
+    b: &B,
+    ctx: &BlockCtx<B>,
+    il: usize,
+    x: &B::Tensor,
+    caches: &mut [&mut KvCache],
+    acts: &mut BlockActs<B::Tensor>,
+    scratch: &mut BlockScratch<B::Tensor>,
+) -> Result<()> {
     let c = b.config();
     let (lora, numerics) = (ctx.lora, ctx.numerics);
     let head_norms = c.arch.has_qk_norm();
@@ -161,7 +176,20 @@ pub fn block_forward<B: Backend>(
         numerics,
         &mut acts.attn_out,
         &mut acts.lse,
-    )?;
+    )
+}
+
+/// The rest of block `il` on the rows of `x` and `acts.attn_out` (which `lora` is planned
+/// for): the attention's projection and residual, then the feed-forward branch.
+pub fn block_rest<B: Backend>(
+    b: &B,
+    lora: &LoraPlan,
+    numerics: Numerics,
+    il: usize,
+    x: &mut B::Tensor,
+    acts: &mut BlockActs<B::Tensor>,
+    scratch: &mut BlockScratch<B::Tensor>,
+) -> Result<()> {
     let attn = [&mut scratch.proj_out];
     b.linear(il, [Proj::AttnOutput], &acts.attn_out, attn, lora, numerics)?;
     let (raw, inv_rms) = (&mut acts.attn_proj, &mut acts.post_attn_inv_rms);

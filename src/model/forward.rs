@@ -1,10 +1,13 @@
 //! The whole model over a batch of sequences: embedding, blocks, final norm and output head,
-//! as backend calls. Inference and training both run `forward_blocks`; training keeps every
-//! block's activations and walks them back in `backward`.
+//! as backend calls: inference (`forward_logits`), and training (`forward_train`), which keeps
+//! every block's activations and walks them back in `backward`.
 
 use std::ops::Range;
 
-use super::block::{block_backward, block_forward, BlockActs, BlockCtx, BlockScratch, SeqSpan};
+use super::block::{
+    block_attention, block_backward, block_forward, block_rest, BlockActs, BlockCtx, BlockScratch,
+    SeqSpan,
+};
 use super::kv_cache::KvCache;
 use crate::backend::{Backend, Norm};
 use crate::error::Result;
@@ -18,9 +21,10 @@ pub struct Buffers<T, R> {
     rope_table: R,
     acts: BlockActs<T>,
     scratch: BlockScratch<T>,
+    /// Rows of a tensor kept by `keep_rows`.
+    kept: T,
     head_in: T,
     head_inv_rms: T,
-    head_x: T,
 }
 
 /// The buffers of backend `B`.
@@ -58,63 +62,108 @@ impl<T: Default> Saved<T> {
     }
 }
 
-/// Runs every block over `batch`, continuing each sequence in its cache, and leaves the
-/// final residual stream in `ws.x`. With `saved`, every block's activations are kept.
-pub fn forward_blocks<B: Backend>(
+/// Inference over `batch`, continuing each sequence in its cache: the logits
+/// `[rows.len(), n_vocab]` (ggml numerics) of the batch rows `rows` (ascending), on the host.
+///
+/// Only those rows' outputs are read, so the last block runs past its attention on them
+/// alone (its keys and values, from every row, are stored first): for a prefill, one row
+/// of the projection and feed-forward of that block instead of all.
+pub fn forward_logits<B: Backend>(
+    b: &B,
+    batch: &Batch,
+    caches: &mut [&mut KvCache],
+    mut lora: LoraPlan,
+    ws: &mut BuffersOf<B>,
+    rows: &[usize],
+) -> Result<Vec<f32>> {
+    let c = b.config();
+    let numerics = Numerics::Ggml;
+    b.embed(batch.tokens, &mut ws.x)?;
+    b.rope_table(batch.seqs, &mut ws.rope_table)?;
+    let mut kept = rows.len() == batch.tokens.len();
+    for il in 0..c.n_layer {
+        let ctx = BlockCtx {
+            rope_table: &ws.rope_table,
+            seqs: batch.seqs,
+            lora: &lora,
+            numerics,
+        };
+        let (acts, scratch) = (&mut ws.acts, &mut ws.scratch);
+        block_attention(b, &ctx, il, &ws.x, caches, acts, scratch)?;
+        if !kept && il + 1 == c.n_layer {
+            keep_rows(b, &mut acts.attn_out, c.q_dim(), rows, &mut ws.kept)?;
+            keep_rows(b, &mut ws.x, c.n_embd, rows, &mut ws.kept)?;
+            lora.select_rows(rows);
+            kept = true;
+        }
+        block_rest(b, &lora, numerics, il, &mut ws.x, acts, scratch)?;
+    }
+    if !kept {
+        keep_rows(b, &mut ws.x, c.n_embd, rows, &mut ws.kept)?;
+    }
+    commit(batch, caches);
+    b.rms_norm(Norm::Output, &ws.x, &mut ws.head_in, &mut ws.head_inv_rms)?;
+    let logits = b.logits(&ws.head_in, 0..rows.len(), numerics)?;
+    b.download(logits)
+}
+
+/// `x = x[rows]` (rows of `width` values), by way of `spare`.
+fn keep_rows<B: Backend>(
+    b: &B,
+    x: &mut B::Tensor,
+    width: usize,
+    rows: &[usize],
+    spare: &mut B::Tensor,
+) -> Result<()> {
+    b.gather_rows(x, width, rows, spare)?;
+    std::mem::swap(x, spare);
+    Ok(())
+}
+
+/// Each sequence's cache now holds its batch rows.
+fn commit(batch: &Batch, caches: &mut [&mut KvCache]) {
+    for (span, cache) in batch.seqs.iter().zip(caches.iter_mut()) {
+        cache.commit(span.pos0 + span.rows.len());
+    }
+}
+
+/// Runs every block over `batch`, continuing each sequence in its cache, keeping in `saved`
+/// every block's activations, and leaves the final residual stream in `ws.x`.
+fn forward_blocks<B: Backend>(
     b: &B,
     batch: &Batch,
     caches: &mut [&mut KvCache],
     lora: &LoraPlan,
-    numerics: Numerics,
     ws: &mut BuffersOf<B>,
-    mut saved: Option<&mut Saved<B::Tensor>>,
+    saved: &mut Saved<B::Tensor>,
 ) -> Result<()> {
-    let n_layer = b.config().n_layer;
     b.embed(batch.tokens, &mut ws.x)?;
     b.rope_table(batch.seqs, &mut ws.rope_table)?;
     let ctx = BlockCtx {
         rope_table: &ws.rope_table,
         seqs: batch.seqs,
         lora,
-        numerics,
+        numerics: saved.numerics,
     };
-    if let Some(saved) = saved.as_deref_mut() {
-        saved.blocks.resize_with(n_layer, BlockActs::default);
-    }
-    for il in 0..n_layer {
+    saved
+        .blocks
+        .resize_with(b.config().n_layer, BlockActs::default);
+    for (il, acts) in saved.blocks.iter_mut().enumerate() {
         let (x, scratch) = (&mut ws.x, &mut ws.scratch);
-        match saved.as_deref_mut() {
-            Some(saved) if !saved.checkpoint => {
-                let acts = &mut saved.blocks[il];
+        match saved.checkpoint {
+            false => {
                 acts.lend_recomputable(&mut ws.acts);
                 block_forward(b, &ctx, il, x, caches, acts, scratch)?;
                 acts.lend_recomputable(&mut ws.acts);
             }
-            Some(saved) => {
+            true => {
                 block_forward(b, &ctx, il, x, caches, &mut ws.acts, scratch)?;
-                std::mem::swap(&mut saved.blocks[il].x_in, &mut ws.acts.x_in);
+                std::mem::swap(&mut acts.x_in, &mut ws.acts.x_in);
             }
-            None => block_forward(b, &ctx, il, x, caches, &mut ws.acts, scratch)?,
         }
     }
-    for (span, cache) in batch.seqs.iter().zip(caches.iter_mut()) {
-        cache.commit(span.pos0 + span.rows.len());
-    }
+    commit(batch, caches);
     Ok(())
-}
-
-/// Logits `[rows.len(), n_vocab]` (ggml numerics) of the chosen rows of the final residual
-/// stream, on the host.
-pub fn head<B: Backend>(b: &B, ws: &mut BuffersOf<B>, rows: &[usize]) -> Result<Vec<f32>> {
-    b.gather_rows(&ws.x, rows, &mut ws.head_x)?;
-    b.rms_norm(
-        Norm::Output,
-        &ws.head_x,
-        &mut ws.head_in,
-        &mut ws.head_inv_rms,
-    )?;
-    let logits = b.logits(&ws.head_in, 0..rows.len(), Numerics::Ggml)?;
-    b.download(logits)
 }
 
 /// Training forward in `saved.numerics` (exact f32, or mixed bf16): runs every block and the
@@ -129,8 +178,7 @@ pub fn forward_train<B: Backend>(
     saved: &mut Saved<B::Tensor>,
 ) -> Result<()> {
     let mut ws = BuffersOf::<B>::default();
-    let numerics = saved.numerics;
-    forward_blocks(b, batch, caches, lora, numerics, &mut ws, Some(saved))?;
+    forward_blocks(b, batch, caches, lora, &mut ws, saved)?;
     saved.head_x = ws.x;
     b.rms_norm(
         Norm::Output,

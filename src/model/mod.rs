@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 pub use block::{BlockActs, SeqSpan};
 pub use config::{Architecture, Config, Fused, Glu};
 pub use forward::{
-    backward, forward_blocks, forward_train, head, logits_train, Batch, Buffers, BuffersOf, Saved,
+    backward, forward_logits, forward_train, logits_train, Batch, Buffers, BuffersOf, Saved,
 };
 pub use kv_cache::KvCache;
 pub use weights::{Layer, Proj, Slot, Stored, Target, Weights};

@@ -188,7 +188,7 @@ impl Backend for CandleModel {
         Ok(())
     }
 
-    fn gather_rows(&self, x: &Act, rows: &[usize], out: &mut Act) -> Result<()> {
+    fn gather_rows(&self, x: &Act, _width: usize, rows: &[usize], out: &mut Act) -> Result<()> {
         let ids: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
         let ids = Tensor::from_vec(ids, rows.len(), &self.dev)?;
         *out = Some(get(x)?.index_select(&ids, 0)?);
