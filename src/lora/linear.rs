@@ -8,7 +8,7 @@ use std::sync::RwLockReadGuard;
 
 use super::adapter::{LoraAdapter, LoraPair};
 use crate::model::Slot;
-use crate::ops::gemm::{gemm, MatMut, MatRef};
+use crate::ops::gemm::{dot, gemm, MatMut, MatRef};
 use crate::ops::Weight;
 
 /// How base weights multiply activations.
@@ -189,6 +189,21 @@ fn lora_hidden<'s>(x: &[f32], term: &Term, scratch: &'s mut Vec<f32>) -> &'s mut
     u
 }
 
+/// `y += s B (A x)` for one token `x`, by dot products: for one token, a gemm's packing and
+/// dispatch cost more than the work.
+fn add_term_of_one_token(x: &[f32], term: &Term, u: &mut Vec<f32>, y: &mut [f32]) {
+    let pair = term.pair;
+    u.clear();
+    u.extend(
+        pair.lora_a
+            .chunks_exact(pair.n_in)
+            .map(|a| dot(a, x) * term.scaling),
+    );
+    for (y, b) in y.iter_mut().zip(term.b().chunks_exact(pair.rank)) {
+        *y += dot(b, u);
+    }
+}
+
 /// `y = x Wᵀ + b + Σ s B (A x)` for the rows of `x` (`[n_tokens, n_in]`), `y` `[n_tokens, n_out]`.
 #[allow(clippy::too_many_arguments)]
 pub fn linear(
@@ -209,6 +224,12 @@ pub fn linear(
     }
     for term in lora.terms(slot) {
         let (rows, pair, n_out) = (term.rows.clone(), term.pair, term.n_out());
+        if rows.len() == 1 {
+            let x = &x[rows.start * pair.n_in..rows.end * pair.n_in];
+            let y = &mut y[rows.start * n_out..rows.end * n_out];
+            add_term_of_one_token(x, &term, scratch, y);
+            continue;
+        }
         let u = lora_hidden(x, &term, scratch);
         let y_rows = &mut y[rows.start * n_out..rows.end * n_out];
         gemm(

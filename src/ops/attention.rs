@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use super::disjoint::SyncPtr;
 use super::exp::exp;
-use super::gemm::{gemm, MatMut, MatRef};
+use super::gemm::{dot, gemm, MatMut, MatRef};
 use super::scratch;
 
 #[derive(Debug, Clone, Copy)]
@@ -62,26 +62,6 @@ impl AttentionShape {
     fn kv_head(&self, head: usize) -> usize {
         head / (self.n_head / self.n_head_kv)
     }
-}
-
-/// `a · b` with eight independent sums, which the compiler turns into SIMD lanes (a single
-/// running f32 sum cannot be reordered, so it would stay scalar).
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8
-        .remainder()
-        .iter()
-        .zip(b8.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in a8.zip(b8) {
-        for l in 0..8 {
-            lanes[l] += x[l] * y[l];
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
 }
 
 /// `out[h] += Σ_j p[h][j] · row(j)` for the next `H` heads of `outs` and `probs` at once

@@ -1,4 +1,5 @@
-//! f32 matrix products through the `gemm` crate (candle's CPU GEMM), behind one safe function.
+//! f32 matrix products: through the `gemm` crate (candle's CPU GEMM), behind one safe
+//! function, and the dot product for shapes too small to pay for its packing.
 
 use gemm::Parallelism;
 
@@ -129,6 +130,26 @@ pub fn gemm(a: MatRef, b: MatRef, c: MatMut, accumulate: bool, parallel: bool) {
             parallelism,
         )
     }
+}
+
+/// `a · b` with eight independent sums, which the compiler turns into SIMD lanes (a single
+/// running f32 sum cannot be reordered, so it would stay scalar).
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a8.zip(b8) {
+        for l in 0..8 {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]
