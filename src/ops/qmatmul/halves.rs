@@ -78,6 +78,19 @@ trait RowKernel {
     /// # Safety
     /// The CPU has the instruction set; each `w[r]` points to `k` halves.
     unsafe fn rows<const N: usize>(w: [*const u8; N], k: usize, x: &[Self::X]) -> [f32; N];
+
+    /// `rows` for `T` tokens `xs` at once: `out[token][row]`. A kernel whose widening of
+    /// the halves costs as much as its multiply-adds widens each chunk once for all of them.
+    ///
+    /// # Safety
+    /// As `rows`.
+    unsafe fn rows_tokens<const N: usize, const T: usize>(
+        w: [*const u8; N],
+        k: usize,
+        xs: [&[Self::X]; T],
+    ) -> [[f32; N]; T] {
+        xs.map(|x| Self::rows::<N>(w, k, x))
+    }
 }
 
 /// `out` = `x` through `round`, zeros after.
@@ -115,8 +128,13 @@ fn with_prepared<K: RowKernel, R>(
     })
 }
 
-/// `y = x Wᵀ` by the row kernel `K`, `N` rows at a time, for the tokens `xs` (`prepare`d).
-fn row_products<K: RowKernel, const N: usize>(w: &Weights, xs: &[K::X], y: &mut [f32]) {
+/// `y = x Wᵀ` by the row kernel `K`, `N` rows times `T` tokens at a time, for the tokens
+/// `xs` (`prepare`d).
+fn row_products<K: RowKernel, const N: usize, const T: usize>(
+    w: &Weights,
+    xs: &[K::X],
+    y: &mut [f32],
+) {
     let (row_bytes, stride) = (2 * w.nb, padded(w.nb));
     let m = xs.len() / stride;
     let y_ptr = SyncPtr(y.as_mut_ptr());
@@ -125,13 +143,20 @@ fn row_products<K: RowKernel, const N: usize>(w: &Weights, xs: &[K::X], y: &mut 
             // Rows past the task's end belong to the next task: read, never stored here.
             let block = w.rows::<N>(r0, row_bytes);
             let n = (rows.end - r0).min(N);
-            for t in 0..m {
+            for t0 in (0..m).step_by(T) {
+                // The last group repeats its last token where m is not a multiple of T.
+                let x = std::array::from_fn(|i| {
+                    let t = (t0 + i).min(m - 1);
+                    &xs[t * stride..(t + 1) * stride]
+                });
                 // SAFETY: `supports` checked the CPU; `block` points to whole rows of k
-                // halves and `xs` holds m padded rows.
-                let out = unsafe { K::rows(block, w.nb, &xs[t * stride..(t + 1) * stride]) };
-                // SAFETY: this task alone writes columns `rows` of y, and t < m.
-                let y = unsafe { y_ptr.slice(t * w.n_rows + r0, n) };
-                y.copy_from_slice(&out[..n]);
+                // halves and `x` holds padded tokens.
+                let out = unsafe { K::rows_tokens::<N, T>(block, w.nb, x) };
+                for (i, out) in out.iter().enumerate().take(m - t0) {
+                    // SAFETY: this task alone writes columns `rows` of y, and t0 + i < m.
+                    let y = unsafe { y_ptr.slice((t0 + i) * w.n_rows + r0, n) };
+                    y.copy_from_slice(&out[..n]);
+                }
             }
         }
     });

@@ -1,9 +1,9 @@
-//! The F16 and BF16 row kernel on aarch64, every batch size through it (as `qmatmul::neon`'s
-//! integer kernels: no tiles, and no prefetch). `halves`' 16 accumulator lanes are four
-//! `float32x4_t`; each lane takes the same exact products in the same order, by fused
-//! multiply-adds (`vfmaq_f32`, as x86's `vfmadd`), and `reduce` adds the four vectors in the
-//! same tree, so the outputs are the same bits as the x86 AVX2 and AVX-512 widened kernels'
-//! (subnormals kept on both: Linux leaves FPCR's and MXCSR's flush-to-zero off).
+//! The F16 and BF16 row kernel on aarch64, every batch size through it (batches two tokens
+//! at a time; no prefetch). `halves`' 16 accumulator lanes are four `float32x4_t`; each lane
+//! takes the same exact products in the same order, by fused multiply-adds (`vfmaq_f32`, as
+//! x86's `vfmadd`), and `reduce` adds the four vectors in the same tree, so the outputs are the
+//! same bits as the x86 AVX2 and AVX-512 widened kernels' (subnormals kept on both: Linux
+//! leaves FPCR's and MXCSR's flush-to-zero off).
 
 use core::arch::aarch64::*;
 use core::arch::asm;
@@ -19,7 +19,13 @@ pub(super) fn matmul<H: Half>(data: &[u8], n_rows: usize, k: usize, x: &[f32], y
         n_rows,
         nb: k,
     };
-    with_prepared::<Neon<H>, _>(k, x, 0, |xs, _| row_products::<Neon<H>, 4>(&w, xs, y))
+    // Batches 2 rows × 2 tokens at a time: each chunk of a row is widened once for two
+    // tokens (widening costs as many instructions as the multiply-adds it feeds), the 16
+    // accumulators and both tokens' values in registers.
+    with_prepared::<Neon<H>, _>(k, x, 0, |xs, _| match x.len() / k {
+        1 => row_products::<Neon<H>, 4, 1>(&w, xs, y),
+        _ => row_products::<Neon<H>, 2, 2>(&w, xs, y),
+    })
 }
 
 /// A half format's values widened to f32 as they are loaded.
@@ -105,16 +111,29 @@ impl<H: Half> RowKernel for Neon<H> {
 
     #[inline]
     unsafe fn rows<const N: usize>(w: [*const u8; N], k: usize, x: &[f32]) -> [f32; N] {
-        let mut acc = [[vdupq_n_f32(0.0); 4]; N];
+        let [out] = Self::rows_tokens::<N, 1>(w, k, [x]);
+        out
+    }
+
+    #[inline]
+    unsafe fn rows_tokens<const N: usize, const T: usize>(
+        w: [*const u8; N],
+        k: usize,
+        xs: [&[f32]; T],
+    ) -> [[f32; N]; T] {
+        let mut acc = [[[vdupq_n_f32(0.0); 4]; N]; T];
         chunks::<16>(0..k.next_multiple_of(16), k, |j, n| {
-            let x: [float32x4_t; 4] = std::array::from_fn(|q| vld1q_f32(x[j + 4 * q..].as_ptr()));
+            let x: [[float32x4_t; 4]; T] =
+                xs.map(|x| std::array::from_fn(|q| vld1q_f32(x[j + 4 * q..].as_ptr())));
             for r in 0..N {
                 let w = load16::<H>(w[r].add(2 * j), n);
-                for q in 0..4 {
-                    acc[r][q] = vfmaq_f32(acc[r][q], w[q], x[q]);
+                for t in 0..T {
+                    for q in 0..4 {
+                        acc[t][r][q] = vfmaq_f32(acc[t][r][q], w[q], x[t][q]);
+                    }
                 }
             }
         });
-        acc.map(|a| reduce(a))
+        acc.map(|token| token.map(|a| reduce(a)))
     }
 }

@@ -167,7 +167,7 @@ fn product<K: Kernels, const N: usize>(w: &Weights, x: &[f32], y: &mut [f32]) {
     };
     with_prepared::<K, _>(w.nb, x, tasks_bytes, |xs, rest| match tiled {
         true => tiles::<K>(w, xs, rest, m, y),
-        false => row_products::<K, N>(w, xs, y),
+        false => row_products::<K, N, 1>(w, xs, y),
     })
 }
 
