@@ -171,9 +171,10 @@ fn product<K: Kernels, const N: usize>(w: &Weights, x: &[f32], y: &mut [f32]) {
     })
 }
 
-/// Scratch bytes of one tiled task: the partial sums of every token tile.
+/// Scratch bytes of one tiled task: the partial sums of every token tile, then the chunk of
+/// the rows.
 fn task_bytes(m: usize) -> usize {
-    std::mem::size_of::<Partial>() * m.div_ceil(TOKENS)
+    std::mem::size_of::<Partial>() * m.div_ceil(TOKENS) + CHUNK_BYTES
 }
 
 fn tiles<K: Kernels>(w: &Weights, xs: &[K::X], scratch: &mut [u8], m: usize, y: &mut [f32]) {
@@ -182,19 +183,18 @@ fn tiles<K: Kernels>(w: &Weights, xs: &[K::X], scratch: &mut [u8], m: usize, y: 
     let y_ptr = SyncPtr(y.as_mut_ptr());
     let scratch = scratch.par_chunks_mut(task_bytes(m));
     row_tasks(n_rows).zip(scratch).for_each(|(rows, scratch)| {
+        let (partial, chunk) = scratch.split_at_mut(scratch.len() - CHUNK_BYTES);
         // SAFETY: the scratch is 64-byte aligned (`Partial` is a multiple of 64 bytes long)
         // and `Partial` (floats) is valid for any bits.
         let partial = unsafe {
             std::slice::from_raw_parts_mut(
-                scratch.as_mut_ptr().cast::<Partial>(),
+                partial.as_mut_ptr().cast::<Partial>(),
                 m.div_ceil(TOKENS),
             )
         };
         let n_tiles = k_steps.div_ceil(K_CHUNK) * m.div_ceil(TOKENS);
         let prefetch_step = (ROWS * row_bytes).div_ceil(n_tiles).next_multiple_of(64);
         for r0 in rows.clone().step_by(ROWS) {
-            // Rows past the task's end belong to the next task: read, never stored here.
-            let block = w.rows::<ROWS>(r0, row_bytes);
             // The next rows arrive while these are multiplied, a few lines per tile: 1B-class
             // prefill 177 tok/s, against 173 with all of them prefetched here at once.
             let next_rows = (r0 + ROWS).min(rows.end)..(r0 + 2 * ROWS).min(rows.end);
@@ -203,12 +203,24 @@ fn tiles<K: Kernels>(w: &Weights, xs: &[K::X], scratch: &mut [u8], m: usize, y: 
             // k in chunks: a chunk of the rows stays in L1 while every token passes over it.
             for k0 in (0..k_steps).step_by(K_CHUNK) {
                 let ks = k0..(k0 + K_CHUNK).min(k_steps);
+                // The chunk of the rows, copied next to each other: rows a power of two bytes
+                // apart fall in the same L1 sets, where 8 of them fill every way and evict one
+                // another and the tokens between the passes over them. Rows past the task's
+                // end belong to the next task: read, never stored here.
+                let bytes = 2 * (ks.end.min(w.nb) - k0);
+                for (r, packed) in chunk.chunks_exact_mut(2 * K_CHUNK).enumerate() {
+                    let row = (r0 + r).min(n_rows - 1) * row_bytes + 2 * k0;
+                    packed[..bytes].copy_from_slice(&w.data[row..row + bytes]);
+                }
+                let block: [*const u8; ROWS] =
+                    std::array::from_fn(|r| chunk[r * 2 * K_CHUNK..].as_ptr());
                 for (t0, partial) in (0..m).step_by(TOKENS).zip(partial.iter_mut()) {
                     let t: [usize; TOKENS] = std::array::from_fn(|i| (t0 + i).min(m - 1));
                     assert!(t.iter().all(|&t| xs.len() >= (t + 1) * stride));
                     assert!(ks.end <= stride && ks.start.is_multiple_of(K::STEP));
-                    // SAFETY: `supports` checked the CPU; each `block` row holds k halves;
-                    // every t[i] < m and ks lies within the padded rows (the asserts).
+                    // SAFETY: `supports` checked the CPU; each `block` row holds the columns
+                    // `ks` within k; every t[i] < m and ks lies within the padded rows (the
+                    // asserts).
                     unsafe { K::tile(block, w.nb, xs, t, ks.clone(), partial) };
                     let len = prefetch_step.min(next.end as usize - next.start as usize);
                     simd::prefetch_l2(next.start, len);
@@ -245,6 +257,9 @@ const TOKENS: usize = 3;
 /// 4 × 4 tiles over rows widened to f32 first: 256: 129, 512: 135, 1024: 146, 2048: 130).
 const K_CHUNK: usize = 1024;
 
+/// Bytes of one chunk of a tile's rows (`tiles` copies it).
+const CHUNK_BYTES: usize = ROWS * 2 * K_CHUNK;
+
 /// One token tile's accumulators between chunks of k: `[token][row][lane]`.
 type Partial = [[[f32; 16]; ROWS]; TOKENS];
 
@@ -253,13 +268,14 @@ trait Kernels: RowKernel {
     /// Values per step along k.
     const STEP: usize;
 
-    /// Adds columns `ks` of `ROWS` rows (`w`, `k` halves each) times tokens `t` of `xs`
-    /// (`prepare`d, `padded(k)` values per token) to `partial`, which the first chunk (`ks.start == 0`)
-    /// sets.
+    /// Adds columns `ks` of `ROWS` rows of `k` halves (`w[r]` points to column `ks.start` of
+    /// row `r`) times tokens `t` of `xs` (`prepare`d, `padded(k)` values per token) to
+    /// `partial`, which the first chunk (`ks.start == 0`) sets.
     ///
     /// # Safety
-    /// The CPU has the instruction set; each `w[r]` points to `k` halves; `xs` holds the
-    /// tokens `t`; `ks` lies within `k` rounded up to `STEP`, its start a multiple of `STEP`.
+    /// The CPU has the instruction set; each `w[r]` points to the columns `ks` within `k`;
+    /// `xs` holds the tokens `t`; `ks` lies within `k` rounded up to `STEP`, its start a
+    /// multiple of `STEP`.
     unsafe fn tile(
         w: [*const u8; ROWS],
         k: usize,
@@ -367,9 +383,11 @@ impl<H: Half> Kernels for Avx512<H> {
         ks: std::ops::Range<usize>,
         partial: &mut Partial,
     ) {
-        let stride = padded(k);
-        let mut acc = load_partial(partial, ks.start);
-        chunks::<16>(ks, k, |j, n| {
+        let (stride, k0) = (padded(k), ks.start);
+        let mut acc = load_partial(partial, k0);
+        // j counts from the chunk's start, as the rows `w` do.
+        let xs = &xs[k0..];
+        chunks::<16>(0..ks.len(), k - k0, |j, n| {
             let x: [__m512; TOKENS] =
                 std::array::from_fn(|i| _mm512_loadu_ps(xs.as_ptr().add(t[i] * stride + j)));
             for r in 0..ROWS {
@@ -492,11 +510,11 @@ unsafe fn tile_half<H: Half, const R: usize>(
     }
     let whole = ks.end.min(k / 16 * 16).max(ks.start);
     for j in (ks.start..whole).step_by(16) {
-        fmadd_tile_half::<H, R>(&mut acc, rows, x, j + 8 * h, 8);
+        fmadd_tile_half::<H, R>(&mut acc, rows, j - ks.start + 8 * h, x, j + 8 * h, 8);
     }
     for j in (whole..ks.end).step_by(16) {
         let n = (k - j).saturating_sub(8 * h).min(8);
-        fmadd_tile_half::<H, R>(&mut acc, rows, x, j + 8 * h, n);
+        fmadd_tile_half::<H, R>(&mut acc, rows, j - ks.start + 8 * h, x, j + 8 * h, n);
     }
     for (r, acc) in acc.iter().enumerate() {
         for (acc, p) in acc.iter().zip(partial.iter_mut()) {
@@ -505,26 +523,27 @@ unsafe fn tile_half<H: Half, const R: usize>(
     }
 }
 
-/// Adds 8 values from `j` of rows `w` (the first `n` of them) times tokens `x` to `acc`:
-/// `acc[row][token]`.
+/// Adds 8 values from `wj` of rows `w` (the first `n` of them) times those from `xj` of
+/// tokens `x` to `acc`: `acc[row][token]`.
 ///
 /// # Safety
-/// AVX2, FMA and F16C; each `w[r]` points to `j + n` halves; each `x[i]` to `j + 8` values.
+/// AVX2, FMA and F16C; each `w[r]` points to `wj + n` halves; each `x[i]` to `xj + 8` values.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn fmadd_tile_half<H: Half, const R: usize>(
     acc: &mut [[__m256; TOKENS]; R],
     w: [*const u8; R],
+    wj: usize,
     x: [*const f32; TOKENS],
-    j: usize,
+    xj: usize,
     n: usize,
 ) {
     let mut xv = [_mm256_setzero_ps(); TOKENS];
     for (xv, x) in xv.iter_mut().zip(x) {
-        *xv = _mm256_loadu_ps(x.add(j));
+        *xv = _mm256_loadu_ps(x.add(xj));
     }
     for (acc, w) in acc.iter_mut().zip(w) {
-        let w = H::load8(w.add(2 * j), n);
+        let w = H::load8(w.add(2 * wj), n);
         for (acc, x) in acc.iter_mut().zip(xv) {
             *acc = _mm256_fmadd_ps(w, x, *acc);
         }
@@ -606,9 +625,11 @@ impl Kernels for Avx512Bf16 {
         ks: std::ops::Range<usize>,
         partial: &mut Partial,
     ) {
-        let stride = padded(k);
-        let mut acc = load_partial(partial, ks.start);
-        chunks::<32>(ks, k, |j, n| {
+        let (stride, k0) = (padded(k), ks.start);
+        let mut acc = load_partial(partial, k0);
+        // j counts from the chunk's start, as the rows `w` do.
+        let xs = &xs[k0..];
+        chunks::<32>(0..ks.len(), k - k0, |j, n| {
             let x: [__m512bh; TOKENS] =
                 std::array::from_fn(|i| bf16x32(xs.as_ptr().add(t[i] * stride + j).cast(), 32));
             for r in 0..ROWS {
