@@ -19,6 +19,7 @@ use crate::ops::disjoint::SyncPtr;
 use crate::ops::qmatmul::driver::{n_tasks, row_tasks, Weights, MIN_TILED};
 use crate::ops::qmatmul::simd::{self, prefetch_l2, Ahead};
 use crate::ops::qmatmul::{isa, Isa};
+use crate::ops::scratch::Pod;
 
 /// A half format's values widened to f32 as they are loaded.
 pub(crate) trait Widen {
@@ -36,6 +37,21 @@ pub(crate) trait Widen {
     /// # Safety
     /// AVX2 and F16C; `p` points to `n` ≤ 8 values.
     unsafe fn load8(p: *const u8, n: usize) -> __m256;
+
+    /// An activation (rounded to this format) as the AVX2 kernels keep it: F16 in its own
+    /// format, half the bytes of f32 to read in each of the tiles' six passes over a chunk,
+    /// for one `vcvtph2ps` a load; BF16 as f32, since its widening takes two instructions,
+    /// which cost the tiles more than the bytes saved.
+    type Act: Pod + Copy + Default + Send + Sync;
+
+    /// `v` rounded to this format, as an `Act`.
+    fn act(v: f32) -> Self::Act;
+
+    /// The 8 activations at `p` as f32.
+    ///
+    /// # Safety
+    /// AVX2 and F16C; `p` points to 8 activations.
+    unsafe fn load_act8(p: *const Self::Act) -> __m256;
 }
 
 /// The first `n` (≤ 8) halves at `p`, zeros after.
@@ -78,6 +94,18 @@ impl Widen for F16 {
     unsafe fn load8(p: *const u8, n: usize) -> __m256 {
         _mm256_cvtph_ps(halves8(p, n))
     }
+
+    type Act = u16;
+
+    fn act(v: f32) -> u16 {
+        half::f16::from_f32(v).to_bits()
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load_act8(p: *const u16) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+    }
 }
 
 /// A bf16 is the top half of an f32: widening shifts it into place.
@@ -98,6 +126,18 @@ impl Widen for Bf16 {
         _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(halves8(
             p, n,
         ))))
+    }
+
+    type Act = f32;
+
+    fn act(v: f32) -> f32 {
+        bf16::round(v)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load_act8(p: *const f32) -> __m256 {
+        _mm256_loadu_ps(p)
     }
 }
 
@@ -420,19 +460,19 @@ unsafe fn load16_avx2<H: Half>(p: *const u8, n: usize) -> [__m256; 2] {
 }
 
 impl<H: Half> RowKernel for Avx2<H> {
-    type X = f32;
+    type X = H::Act;
 
-    fn prepare(x: &[f32], out: &mut [f32]) {
-        rounded(H::round, x, out)
+    fn prepare(x: &[f32], out: &mut [H::Act]) {
+        rounded(H::act, x, out)
     }
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn rows<const N: usize>(w: [*const u8; N], k: usize, x: &[f32]) -> [f32; N] {
+    unsafe fn rows<const N: usize>(w: [*const u8; N], k: usize, x: &[H::Act]) -> [f32; N] {
         let ahead = Ahead::in_groups(k.div_ceil(16), 32, simd::PREFETCH_F16, N);
         let mut acc = [[_mm256_setzero_ps(); 2]; N];
         chunks::<16>(0..k.next_multiple_of(16), k, |j, n| {
-            let x = [0, 8].map(|h| _mm256_loadu_ps(x[j + h..].as_ptr()));
+            let x = [0, 8].map(|h| H::load_act8(x[j + h..].as_ptr()));
             for r in 0..N {
                 // One prefetch per 64 bytes of the row: every other chunk.
                 if j % 32 == 0 {
@@ -460,7 +500,7 @@ impl<H: Half> Kernels for Avx2<H> {
         ks: std::ops::Range<usize>,
         partial: &mut Partial,
     ) {
-        let x: [*const f32; TOKENS] = std::array::from_fn(|i| xs.as_ptr().add(t[i] * padded(k)));
+        let x: [*const H::Act; TOKENS] = std::array::from_fn(|i| xs.as_ptr().add(t[i] * padded(k)));
         // Each half of the 16 lanes sums on its own: one half of 3 rows at a time, 9 chains
         // of fused multiply-adds that hide their latency, in registers (4 rows spilled one).
         for h in 0..2 {
@@ -494,7 +534,7 @@ unsafe fn tile_half<H: Half, const R: usize>(
     r0: usize,
     h: usize,
     k: usize,
-    x: [*const f32; TOKENS],
+    x: [*const H::Act; TOKENS],
     ks: std::ops::Range<usize>,
     partial: &mut Partial,
 ) {
@@ -527,20 +567,20 @@ unsafe fn tile_half<H: Half, const R: usize>(
 /// tokens `x` to `acc`: `acc[row][token]`.
 ///
 /// # Safety
-/// AVX2, FMA and F16C; each `w[r]` points to `wj + n` halves; each `x[i]` to `xj + 8` values.
+/// AVX2, FMA and F16C; each `w[r]` points to `wj + n` halves; each `x[i]` to `xj + 8`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn fmadd_tile_half<H: Half, const R: usize>(
     acc: &mut [[__m256; TOKENS]; R],
     w: [*const u8; R],
     wj: usize,
-    x: [*const f32; TOKENS],
+    x: [*const H::Act; TOKENS],
     xj: usize,
     n: usize,
 ) {
     let mut xv = [_mm256_setzero_ps(); TOKENS];
     for (xv, x) in xv.iter_mut().zip(x) {
-        *xv = _mm256_loadu_ps(x.add(xj));
+        *xv = H::load_act8(x.add(xj));
     }
     for (acc, w) in acc.iter_mut().zip(w) {
         let w = H::load8(w.add(2 * wj), n);
