@@ -19,6 +19,7 @@ use crate::ops::disjoint::SyncPtr;
 use crate::ops::qmatmul::driver::{n_tasks, row_tasks, Weights, MIN_TILED};
 use crate::ops::qmatmul::simd::{self, prefetch_l2, Ahead};
 use crate::ops::qmatmul::{isa, Isa};
+use crate::ops::scratch::Pod;
 
 /// A half format's values widened to f32 as they are loaded.
 pub(crate) trait Widen {
@@ -36,6 +37,21 @@ pub(crate) trait Widen {
     /// # Safety
     /// AVX2 and F16C; `p` points to `n` ≤ 8 values.
     unsafe fn load8(p: *const u8, n: usize) -> __m256;
+
+    /// An activation (rounded to this format) as the AVX2 kernels keep it: F16 in its own
+    /// format, half the bytes of f32 to read in each of the tiles' six passes over a chunk,
+    /// for one `vcvtph2ps` a load; BF16 as f32, since its widening takes two instructions,
+    /// which cost the tiles more than the bytes saved.
+    type Act: Pod + Copy + Default + Send + Sync;
+
+    /// `v` rounded to this format, as an `Act`.
+    fn act(v: f32) -> Self::Act;
+
+    /// The 8 activations at `p` as f32.
+    ///
+    /// # Safety
+    /// AVX2 and F16C; `p` points to 8 activations.
+    unsafe fn load_act8(p: *const Self::Act) -> __m256;
 }
 
 /// The first `n` (≤ 8) halves at `p`, zeros after.
@@ -78,6 +94,18 @@ impl Widen for F16 {
     unsafe fn load8(p: *const u8, n: usize) -> __m256 {
         _mm256_cvtph_ps(halves8(p, n))
     }
+
+    type Act = u16;
+
+    fn act(v: f32) -> u16 {
+        half::f16::from_f32(v).to_bits()
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load_act8(p: *const u16) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+    }
 }
 
 /// A bf16 is the top half of an f32: widening shifts it into place.
@@ -98,6 +126,18 @@ impl Widen for Bf16 {
         _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(halves8(
             p, n,
         ))))
+    }
+
+    type Act = f32;
+
+    fn act(v: f32) -> f32 {
+        bf16::round(v)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load_act8(p: *const f32) -> __m256 {
+        _mm256_loadu_ps(p)
     }
 }
 
@@ -171,9 +211,10 @@ fn product<K: Kernels, const N: usize>(w: &Weights, x: &[f32], y: &mut [f32]) {
     })
 }
 
-/// Scratch bytes of one tiled task: the partial sums of every token tile.
+/// Scratch bytes of one tiled task: the partial sums of every token tile, then the chunk of
+/// the rows.
 fn task_bytes(m: usize) -> usize {
-    std::mem::size_of::<Partial>() * m.div_ceil(TOKENS)
+    std::mem::size_of::<Partial>() * m.div_ceil(TOKENS) + CHUNK_BYTES
 }
 
 fn tiles<K: Kernels>(w: &Weights, xs: &[K::X], scratch: &mut [u8], m: usize, y: &mut [f32]) {
@@ -182,19 +223,18 @@ fn tiles<K: Kernels>(w: &Weights, xs: &[K::X], scratch: &mut [u8], m: usize, y: 
     let y_ptr = SyncPtr(y.as_mut_ptr());
     let scratch = scratch.par_chunks_mut(task_bytes(m));
     row_tasks(n_rows).zip(scratch).for_each(|(rows, scratch)| {
+        let (partial, chunk) = scratch.split_at_mut(scratch.len() - CHUNK_BYTES);
         // SAFETY: the scratch is 64-byte aligned (`Partial` is a multiple of 64 bytes long)
         // and `Partial` (floats) is valid for any bits.
         let partial = unsafe {
             std::slice::from_raw_parts_mut(
-                scratch.as_mut_ptr().cast::<Partial>(),
+                partial.as_mut_ptr().cast::<Partial>(),
                 m.div_ceil(TOKENS),
             )
         };
         let n_tiles = k_steps.div_ceil(K_CHUNK) * m.div_ceil(TOKENS);
         let prefetch_step = (ROWS * row_bytes).div_ceil(n_tiles).next_multiple_of(64);
         for r0 in rows.clone().step_by(ROWS) {
-            // Rows past the task's end belong to the next task: read, never stored here.
-            let block = w.rows::<ROWS>(r0, row_bytes);
             // The next rows arrive while these are multiplied, a few lines per tile: 1B-class
             // prefill 177 tok/s, against 173 with all of them prefetched here at once.
             let next_rows = (r0 + ROWS).min(rows.end)..(r0 + 2 * ROWS).min(rows.end);
@@ -203,12 +243,24 @@ fn tiles<K: Kernels>(w: &Weights, xs: &[K::X], scratch: &mut [u8], m: usize, y: 
             // k in chunks: a chunk of the rows stays in L1 while every token passes over it.
             for k0 in (0..k_steps).step_by(K_CHUNK) {
                 let ks = k0..(k0 + K_CHUNK).min(k_steps);
+                // The chunk of the rows, copied next to each other: rows a power of two bytes
+                // apart fall in the same L1 sets, where 8 of them fill every way and evict one
+                // another and the tokens between the passes over them. Rows past the task's
+                // end belong to the next task: read, never stored here.
+                let bytes = 2 * (ks.end.min(w.nb) - k0);
+                for (r, packed) in chunk.chunks_exact_mut(2 * K_CHUNK).enumerate() {
+                    let row = (r0 + r).min(n_rows - 1) * row_bytes + 2 * k0;
+                    packed[..bytes].copy_from_slice(&w.data[row..row + bytes]);
+                }
+                let block: [*const u8; ROWS] =
+                    std::array::from_fn(|r| chunk[r * 2 * K_CHUNK..].as_ptr());
                 for (t0, partial) in (0..m).step_by(TOKENS).zip(partial.iter_mut()) {
                     let t: [usize; TOKENS] = std::array::from_fn(|i| (t0 + i).min(m - 1));
                     assert!(t.iter().all(|&t| xs.len() >= (t + 1) * stride));
                     assert!(ks.end <= stride && ks.start.is_multiple_of(K::STEP));
-                    // SAFETY: `supports` checked the CPU; each `block` row holds k halves;
-                    // every t[i] < m and ks lies within the padded rows (the asserts).
+                    // SAFETY: `supports` checked the CPU; each `block` row holds the columns
+                    // `ks` within k; every t[i] < m and ks lies within the padded rows (the
+                    // asserts).
                     unsafe { K::tile(block, w.nb, xs, t, ks.clone(), partial) };
                     let len = prefetch_step.min(next.end as usize - next.start as usize);
                     simd::prefetch_l2(next.start, len);
@@ -245,6 +297,9 @@ const TOKENS: usize = 3;
 /// 4 × 4 tiles over rows widened to f32 first: 256: 129, 512: 135, 1024: 146, 2048: 130).
 const K_CHUNK: usize = 1024;
 
+/// Bytes of one chunk of a tile's rows (`tiles` copies it).
+const CHUNK_BYTES: usize = ROWS * 2 * K_CHUNK;
+
 /// One token tile's accumulators between chunks of k: `[token][row][lane]`.
 type Partial = [[[f32; 16]; ROWS]; TOKENS];
 
@@ -253,13 +308,14 @@ trait Kernels: RowKernel {
     /// Values per step along k.
     const STEP: usize;
 
-    /// Adds columns `ks` of `ROWS` rows (`w`, `k` halves each) times tokens `t` of `xs`
-    /// (`prepare`d, `padded(k)` values per token) to `partial`, which the first chunk (`ks.start == 0`)
-    /// sets.
+    /// Adds columns `ks` of `ROWS` rows of `k` halves (`w[r]` points to column `ks.start` of
+    /// row `r`) times tokens `t` of `xs` (`prepare`d, `padded(k)` values per token) to
+    /// `partial`, which the first chunk (`ks.start == 0`) sets.
     ///
     /// # Safety
-    /// The CPU has the instruction set; each `w[r]` points to `k` halves; `xs` holds the
-    /// tokens `t`; `ks` lies within `k` rounded up to `STEP`, its start a multiple of `STEP`.
+    /// The CPU has the instruction set; each `w[r]` points to the columns `ks` within `k`;
+    /// `xs` holds the tokens `t`; `ks` lies within `k` rounded up to `STEP`, its start a
+    /// multiple of `STEP`.
     unsafe fn tile(
         w: [*const u8; ROWS],
         k: usize,
@@ -367,9 +423,11 @@ impl<H: Half> Kernels for Avx512<H> {
         ks: std::ops::Range<usize>,
         partial: &mut Partial,
     ) {
-        let stride = padded(k);
-        let mut acc = load_partial(partial, ks.start);
-        chunks::<16>(ks, k, |j, n| {
+        let (stride, k0) = (padded(k), ks.start);
+        let mut acc = load_partial(partial, k0);
+        // j counts from the chunk's start, as the rows `w` do.
+        let xs = &xs[k0..];
+        chunks::<16>(0..ks.len(), k - k0, |j, n| {
             let x: [__m512; TOKENS] =
                 std::array::from_fn(|i| _mm512_loadu_ps(xs.as_ptr().add(t[i] * stride + j)));
             for r in 0..ROWS {
@@ -402,19 +460,19 @@ unsafe fn load16_avx2<H: Half>(p: *const u8, n: usize) -> [__m256; 2] {
 }
 
 impl<H: Half> RowKernel for Avx2<H> {
-    type X = f32;
+    type X = H::Act;
 
-    fn prepare(x: &[f32], out: &mut [f32]) {
-        rounded(H::round, x, out)
+    fn prepare(x: &[f32], out: &mut [H::Act]) {
+        rounded(H::act, x, out)
     }
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn rows<const N: usize>(w: [*const u8; N], k: usize, x: &[f32]) -> [f32; N] {
+    unsafe fn rows<const N: usize>(w: [*const u8; N], k: usize, x: &[H::Act]) -> [f32; N] {
         let ahead = Ahead::in_groups(k.div_ceil(16), 32, simd::PREFETCH_F16, N);
         let mut acc = [[_mm256_setzero_ps(); 2]; N];
         chunks::<16>(0..k.next_multiple_of(16), k, |j, n| {
-            let x = [0, 8].map(|h| _mm256_loadu_ps(x[j + h..].as_ptr()));
+            let x = [0, 8].map(|h| H::load_act8(x[j + h..].as_ptr()));
             for r in 0..N {
                 // One prefetch per 64 bytes of the row: every other chunk.
                 if j % 32 == 0 {
@@ -442,7 +500,7 @@ impl<H: Half> Kernels for Avx2<H> {
         ks: std::ops::Range<usize>,
         partial: &mut Partial,
     ) {
-        let x: [*const f32; TOKENS] = std::array::from_fn(|i| xs.as_ptr().add(t[i] * padded(k)));
+        let x: [*const H::Act; TOKENS] = std::array::from_fn(|i| xs.as_ptr().add(t[i] * padded(k)));
         // Each half of the 16 lanes sums on its own: one half of 3 rows at a time, 9 chains
         // of fused multiply-adds that hide their latency, in registers (4 rows spilled one).
         for h in 0..2 {
@@ -476,7 +534,7 @@ unsafe fn tile_half<H: Half, const R: usize>(
     r0: usize,
     h: usize,
     k: usize,
-    x: [*const f32; TOKENS],
+    x: [*const H::Act; TOKENS],
     ks: std::ops::Range<usize>,
     partial: &mut Partial,
 ) {
@@ -492,11 +550,11 @@ unsafe fn tile_half<H: Half, const R: usize>(
     }
     let whole = ks.end.min(k / 16 * 16).max(ks.start);
     for j in (ks.start..whole).step_by(16) {
-        fmadd_tile_half::<H, R>(&mut acc, rows, x, j + 8 * h, 8);
+        fmadd_tile_half::<H, R>(&mut acc, rows, j - ks.start + 8 * h, x, j + 8 * h, 8);
     }
     for j in (whole..ks.end).step_by(16) {
         let n = (k - j).saturating_sub(8 * h).min(8);
-        fmadd_tile_half::<H, R>(&mut acc, rows, x, j + 8 * h, n);
+        fmadd_tile_half::<H, R>(&mut acc, rows, j - ks.start + 8 * h, x, j + 8 * h, n);
     }
     for (r, acc) in acc.iter().enumerate() {
         for (acc, p) in acc.iter().zip(partial.iter_mut()) {
@@ -505,26 +563,27 @@ unsafe fn tile_half<H: Half, const R: usize>(
     }
 }
 
-/// Adds 8 values from `j` of rows `w` (the first `n` of them) times tokens `x` to `acc`:
-/// `acc[row][token]`.
+/// Adds 8 values from `wj` of rows `w` (the first `n` of them) times those from `xj` of
+/// tokens `x` to `acc`: `acc[row][token]`.
 ///
 /// # Safety
-/// AVX2, FMA and F16C; each `w[r]` points to `j + n` halves; each `x[i]` to `j + 8` values.
+/// AVX2, FMA and F16C; each `w[r]` points to `wj + n` halves; each `x[i]` to `xj + 8`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn fmadd_tile_half<H: Half, const R: usize>(
     acc: &mut [[__m256; TOKENS]; R],
     w: [*const u8; R],
-    x: [*const f32; TOKENS],
-    j: usize,
+    wj: usize,
+    x: [*const H::Act; TOKENS],
+    xj: usize,
     n: usize,
 ) {
     let mut xv = [_mm256_setzero_ps(); TOKENS];
     for (xv, x) in xv.iter_mut().zip(x) {
-        *xv = _mm256_loadu_ps(x.add(j));
+        *xv = H::load_act8(x.add(xj));
     }
     for (acc, w) in acc.iter_mut().zip(w) {
-        let w = H::load8(w.add(2 * j), n);
+        let w = H::load8(w.add(2 * wj), n);
         for (acc, x) in acc.iter_mut().zip(xv) {
             *acc = _mm256_fmadd_ps(w, x, *acc);
         }
@@ -606,9 +665,11 @@ impl Kernels for Avx512Bf16 {
         ks: std::ops::Range<usize>,
         partial: &mut Partial,
     ) {
-        let stride = padded(k);
-        let mut acc = load_partial(partial, ks.start);
-        chunks::<32>(ks, k, |j, n| {
+        let (stride, k0) = (padded(k), ks.start);
+        let mut acc = load_partial(partial, k0);
+        // j counts from the chunk's start, as the rows `w` do.
+        let xs = &xs[k0..];
+        chunks::<32>(0..ks.len(), k - k0, |j, n| {
             let x: [__m512bh; TOKENS] =
                 std::array::from_fn(|i| bf16x32(xs.as_ptr().add(t[i] * stride + j).cast(), 32));
             for r in 0..ROWS {
