@@ -431,7 +431,7 @@ fn seq_kv<'a>(il: usize, span: &SeqSpan, cache: &'a KvCache) -> SeqKv<'a> {
 
 /// Training's keys and values of layer `il`, positions `0 .. n`: exact gradients need
 /// f32 ones, which `TrainGraph`'s caches hold.
-fn exact_rows<'a>(il: usize, cache: &'a KvCache, n: usize) -> Result<(&'a [f32], &'a [f32])> {
+fn exact_rows(il: usize, cache: &KvCache, n: usize) -> Result<(&[f32], &[f32])> {
     match cache.rows(il, n) {
         KvRows::F32 { keys, values } => Ok((keys, values)),
         KvRows::F16 { .. } => Err(Error::invalid(

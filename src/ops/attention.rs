@@ -217,8 +217,14 @@ fn weighted_rows<'o, 'p, 'v, T: KvElem, const AVX: bool, const H: usize, const C
 /// Asks for `data`'s cache lines (into L2) ahead of their use.
 #[inline(always)]
 fn prefetch<T>(data: &[T]) {
+    // From the start of the line holding the first value: a head's row in the cache need not
+    // start on a line, and then spans one line more than its size.
     #[cfg(target_arch = "x86_64")]
-    super::qmatmul::prefetch_l2(data.as_ptr().cast(), std::mem::size_of_val(data));
+    {
+        let skew = data.as_ptr() as usize % 64;
+        let first_line = data.as_ptr().cast::<u8>().wrapping_sub(skew);
+        super::qmatmul::prefetch_l2(first_line, skew + std::mem::size_of_val(data));
+    }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = data;
 }
