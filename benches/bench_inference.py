@@ -119,12 +119,16 @@ def weight_bytes_per_token(path: Path) -> int:
 class LughRunner:
     """lugh: `Inference.forward_cache` on one KV cache, cleared between repetitions."""
 
-    def __init__(self, model: Path, lora: Path | None, n_ctx: int, n_threads: int) -> None:
+    def __init__(
+        self, model: Path, lora: Path | None, n_ctx: int, n_threads: int, kv_cache_dtype: str
+    ) -> None:
         import lugh
 
         self.info: dict = {}
         self.model = lugh.Model(str(model))
-        self.inf = lugh.Inference(self.model, n_ctx=n_ctx, n_threads=n_threads)
+        self.inf = lugh.Inference(
+            self.model, n_ctx=n_ctx, n_threads=n_threads, kv_cache_dtype=kv_cache_dtype
+        )
         self.lora = lugh.LoRA(str(lora), self.model) if lora else None
         self.cache = self.inf.create_kv_cache()
 
@@ -141,7 +145,7 @@ class LlamaCppRunner:
     """llama.cpp through llama-cpp-python: `Llama.eval`, the adapter from `lora_path`."""
 
     def __init__(
-        self, model: Path, lora: Path | None, n_ctx: int, n_threads: int, kv_type: str
+        self, model: Path, lora: Path | None, n_ctx: int, n_threads: int, kv_cache_dtype: str
     ) -> None:
         import llama_cpp
 
@@ -153,8 +157,8 @@ class LlamaCppRunner:
             n_threads=n_threads,
             n_threads_batch=n_threads,
             logits_all=False,
-            type_k=KV_TYPES[kv_type],
-            type_v=KV_TYPES[kv_type],
+            type_k=KV_TYPES[kv_cache_dtype],
+            type_v=KV_TYPES[kv_cache_dtype],
             lora_path=str(lora) if lora else None,
             verbose=False,
         )
@@ -179,9 +183,13 @@ def run_engine(args: argparse.Namespace) -> dict:
     n_ctx = -(-(args.prefill + args.decode) // 256) * 256
     started = time.perf_counter()
     if args.child == "lugh":
-        runner: Any = LughRunner(args.model, args.lora_path, n_ctx, args.threads)
+        runner: Any = LughRunner(
+            args.model, args.lora_path, n_ctx, args.threads, args.kv_cache_dtype
+        )
     else:
-        runner = LlamaCppRunner(args.model, args.lora_path, n_ctx, args.threads, args.kv_type)
+        runner = LlamaCppRunner(
+            args.model, args.lora_path, n_ctx, args.threads, args.kv_cache_dtype
+        )
     load_s = time.perf_counter() - started
     prompt = bl.random_tokens(args.prefill, seed=1)
     follow = bl.random_tokens(args.decode, seed=2, bos=False)
@@ -269,7 +277,7 @@ def child_args(args: argparse.Namespace, engine: str, model: Path) -> list[str]:
         prefill=args.prefill,
         decode=args.decode,
         reps=args.reps,
-        kv_type=args.kv_type,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
 
 
@@ -308,11 +316,20 @@ def main(argv: list[str] | None = None) -> int:
         "versions": bl.versions(),
         "settings": {
             k: getattr(args, k)
-            for k in ("layers", "threads", "prefill", "decode", "reps", "rounds", "kv_type", "lora")
+            for k in (
+                "layers",
+                "threads",
+                "prefill",
+                "decode",
+                "reps",
+                "rounds",
+                "kv_cache_dtype",
+                "lora",
+            )
         }
         | {
             "llama_cpp": f"n_batch=n_ubatch={N_BATCH}, logits_all=False, flash_attn=False, "
-            f"KV {args.kv_type}",
+            f"KV {args.kv_cache_dtype}",
             "lora": f"rank {LORA_RANK}, alpha {LORA_ALPHA:g}, {'+'.join(LORA_TARGETS)}, "
             "B ~ N(0, 0.05)",
         },
@@ -541,10 +558,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--decode", type=int, default=64, help="tokens decoded one at a time")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (median)")
     p.add_argument(
-        "--kv-type",
+        "--kv-cache-dtype",
         choices=tuple(KV_TYPES),
         default="f32",
-        help="llama.cpp's KV cache type (lugh keeps f32)",
+        help="both engines' KV cache type (llama.cpp's own default is f16)",
     )
     p.add_argument("--seed", type=int, default=0, help="the adapter's seed")
     p.add_argument("--remake-lora", action="store_true", help="rewrite the adapter file")

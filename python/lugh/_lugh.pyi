@@ -84,6 +84,7 @@ class Inference:
         n_ctx: int | None = None,
         n_threads: int | None = None,
         device: str = "cpu",
+        kv_cache_dtype: Literal["f32", "f16"] = "f32",
     ) -> None: ...
     @property
     def device(self) -> str: ...

@@ -14,7 +14,7 @@ use crate::backend::candle::CandleModel;
 use crate::backend::{AnyState, Backend, Device};
 use crate::error::{Error, Result};
 use crate::lora::{LoraAdapter, LoraPlan, Scaled};
-use crate::model::{forward_logits, Batch, BuffersOf, Config, KvCache, Model};
+use crate::model::{forward_logits, Batch, BuffersOf, Config, KvCache, KvDtype, Model};
 use crate::ops::rope::Rope;
 
 /// Runs `$body` with `$b` bound to the backend of inference `$inf`: the body is compiled
@@ -68,6 +68,8 @@ pub struct Inference {
     rope: Rope,
     pool: rayon::ThreadPool,
     engine: Engine,
+    /// What the caches it makes store keys and values as.
+    kv_dtype: KvDtype,
     /// The activations of the last training forward, kept for the next one: a step then
     /// reuses its memory instead of faulting in (and zeroing) fresh pages, about a tenth of
     /// a step's time.
@@ -121,8 +123,33 @@ impl Inference {
             rope,
             pool,
             engine,
+            kv_dtype: KvDtype::F32,
             spare_activations: SpareActivations::default(),
         })
+    }
+
+    /// This inference with caches of `dtype` (f16 on the CPU backend only: candle devices
+    /// keep their caches in the forward's dtype).
+    pub fn with_kv_cache_dtype(self, dtype: KvDtype) -> Result<Inference> {
+        if dtype != KvDtype::F32 && self.device().is_candle() {
+            return Err(Error::invalid(
+                "kv_cache_dtype",
+                format!(
+                    "'{}' is for device 'cpu' only; '{}' keeps its KV cache in the forward's dtype",
+                    dtype.name(),
+                    self.device()
+                ),
+            ));
+        }
+        Ok(Inference {
+            kv_dtype: dtype,
+            ..self
+        })
+    }
+
+    /// What the caches this inference makes store keys and values as.
+    pub fn kv_cache_dtype(&self) -> KvDtype {
+        self.kv_dtype
     }
 
     pub fn model(&self) -> &Arc<Model> {
@@ -173,11 +200,12 @@ impl Inference {
 
     /// A cache for `n_ctx` positions (default: this inference's context).
     pub fn create_kv_cache(&self, n_ctx: Option<usize>) -> KvCache {
-        KvCache::on(self.config(), n_ctx.unwrap_or(self.n_ctx), self.device())
+        let n_ctx = n_ctx.unwrap_or(self.n_ctx);
+        KvCache::on(self.config(), n_ctx, self.device(), self.kv_dtype)
     }
 
     pub fn create_memory_pool(&self) -> MemoryPool {
-        MemoryPool::new(self.config(), self.n_ctx, self.device())
+        MemoryPool::new(self.config(), self.n_ctx, self.device(), self.kv_dtype)
     }
 
     /// Logits `[n_vocab]` of the last position.

@@ -2,7 +2,7 @@
 
 use crate::backend::{AnyState, Device};
 use crate::error::Result;
-use crate::model::{Batch, Config, KvCache, SeqSpan};
+use crate::model::{Batch, Config, KvCache, KvDtype, SeqSpan};
 
 /// Everything a forward needs besides the model and caches: the batch laid out end to end,
 /// the rows whose logits are wanted, and the activation buffers.
@@ -59,10 +59,10 @@ pub struct MemoryPool {
 }
 
 impl MemoryPool {
-    pub fn new(config: &Config, n_ctx: usize, device: Device) -> MemoryPool {
+    pub fn new(config: &Config, n_ctx: usize, device: Device, dtype: KvDtype) -> MemoryPool {
         MemoryPool {
             workspace: Workspace::default(),
-            cache: KvCache::on(config, n_ctx, device),
+            cache: KvCache::on(config, n_ctx, device, dtype),
         }
     }
 

@@ -2,10 +2,44 @@
 //! computes it.
 
 use candle_core::Tensor;
+use half::f16;
 
 use super::config::Config;
 use crate::backend::Device;
 use crate::error::{Error, Result};
+use crate::ops::attention::{KvElem, KvRows};
+
+/// What a host cache stores keys and values as (llama.cpp's `type_k`/`type_v`, vLLM's
+/// `kv_cache_dtype`). Device caches keep their tensors' dtype.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvDtype {
+    /// Exact: the keys and values the forward computed.
+    #[default]
+    F32,
+    /// Rounded to f16 when stored: half the memory, and half the bytes a decoded token reads.
+    F16,
+}
+
+impl KvDtype {
+    /// `"f32"` or `"f16"`.
+    pub fn from_name(name: &str) -> Result<KvDtype> {
+        match name {
+            "f32" => Ok(KvDtype::F32),
+            "f16" => Ok(KvDtype::F16),
+            _ => Err(Error::invalid(
+                "kv_cache_dtype",
+                format!("'{name}' is not a KV cache type: use \"f32\" (exact) or \"f16\" (half the memory, llama.cpp's default)"),
+            )),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "f32",
+            KvDtype::F16 => "f16",
+        }
+    }
+}
 
 /// Per layer, the keys (after RoPE) and values of positions `0 .. n_cached`, each row
 /// `[n_head_kv * head_dim]`. Memory grows with use, never beyond `n_ctx` positions.
@@ -20,23 +54,59 @@ pub struct KvCache {
 
 #[derive(Debug)]
 enum Store {
-    /// `[n_layer][n_cached * kv_dim]` each.
-    Host {
-        keys: Vec<Vec<f32>>,
-        values: Vec<Vec<f32>>,
-    },
+    Host(HostRows),
     /// Per layer, keys and values `[capacity, kv_dim]` on the device (None until first use).
     Tensors(Vec<Option<(Tensor, Tensor)>>),
+}
+
+/// Host memory, in the cache's `KvDtype`.
+#[derive(Debug, Clone)]
+enum HostRows {
+    F32(Layers<f32>),
+    F16(Layers<f16>),
+}
+
+/// `[n_layer][n_cached * kv_dim]` each.
+#[derive(Debug, Clone)]
+struct Layers<T> {
+    keys: Vec<Vec<T>>,
+    values: Vec<Vec<T>>,
+}
+
+impl<T: KvElem> Layers<T> {
+    fn new(n_layer: usize) -> Layers<T> {
+        Layers {
+            keys: vec![Vec::new(); n_layer],
+            values: vec![Vec::new(); n_layer],
+        }
+    }
+
+    fn buffers(&mut self) -> impl Iterator<Item = &mut Vec<T>> {
+        self.keys.iter_mut().chain(self.values.iter_mut())
+    }
+
+    /// Rows from `start` (a value index) on, rounded to `T`, never growing past `max_len`.
+    fn store(&mut self, il: usize, start: usize, max_len: usize, keys: &[f32], values: &[f32]) {
+        let end = start + keys.len();
+        debug_assert!(end <= max_len);
+        for (buf, rows) in [(&mut self.keys[il], keys), (&mut self.values[il], values)] {
+            buf.truncate(start);
+            if buf.capacity() < end {
+                // Grow geometrically, never past the context.
+                let target = (2 * buf.capacity()).clamp(end, max_len);
+                buf.reserve_exact(target - buf.len());
+            }
+            buf.resize(end, T::default());
+            T::round_from(&mut buf[start..], rows);
+        }
+    }
 }
 
 impl Clone for KvCache {
     /// A copy that shares nothing (device buffers are written in place).
     fn clone(&self) -> KvCache {
         let store = match &self.store {
-            Store::Host { keys, values } => Store::Host {
-                keys: keys.clone(),
-                values: values.clone(),
-            },
+            Store::Host(rows) => Store::Host(rows.clone()),
             Store::Tensors(layers) => Store::Tensors(
                 layers
                     .iter()
@@ -57,19 +127,19 @@ impl Clone for KvCache {
 }
 
 impl KvCache {
-    /// A cache for the CPU backend.
+    /// An exact cache for the CPU backend.
     pub fn new(config: &Config, n_ctx: usize) -> KvCache {
-        Self::on(config, n_ctx, Device::Cpu)
+        Self::on(config, n_ctx, Device::Cpu, KvDtype::F32)
     }
 
-    /// A cache for `device`: host memory for `Cpu`, device tensors otherwise.
-    pub fn on(config: &Config, n_ctx: usize, device: Device) -> KvCache {
-        let store = match device.is_candle() {
-            false => Store::Host {
-                keys: vec![Vec::new(); config.n_layer],
-                values: vec![Vec::new(); config.n_layer],
-            },
-            true => Store::Tensors(vec![None; config.n_layer]),
+    /// A cache for `device`: host memory of `dtype` for `Cpu`, device tensors otherwise
+    /// (their dtype is the forward's; `Inference` refuses other than f32 there).
+    pub fn on(config: &Config, n_ctx: usize, device: Device, dtype: KvDtype) -> KvCache {
+        let n_layer = config.n_layer;
+        let store = match (device.is_candle(), dtype) {
+            (false, KvDtype::F32) => Store::Host(HostRows::F32(Layers::new(n_layer))),
+            (false, KvDtype::F16) => Store::Host(HostRows::F16(Layers::new(n_layer))),
+            (true, _) => Store::Tensors(vec![None; n_layer]),
         };
         KvCache {
             n_ctx,
@@ -90,8 +160,17 @@ impl KvCache {
 
     pub fn n_layer(&self) -> usize {
         match &self.store {
-            Store::Host { keys, .. } => keys.len(),
+            Store::Host(HostRows::F32(layers)) => layers.keys.len(),
+            Store::Host(HostRows::F16(layers)) => layers.keys.len(),
             Store::Tensors(layers) => layers.len(),
+        }
+    }
+
+    /// What the keys and values are stored as (device caches: f32, whatever their tensors').
+    pub fn dtype(&self) -> KvDtype {
+        match &self.store {
+            Store::Host(HostRows::F16(_)) => KvDtype::F16,
+            Store::Host(HostRows::F32(_)) | Store::Tensors(_) => KvDtype::F32,
         }
     }
 
@@ -115,12 +194,8 @@ impl KvCache {
         self.n_cached = self.n_cached.min(n_ctx);
         let max_len = self.max_len();
         match &mut self.store {
-            Store::Host { keys, values } => {
-                for buf in keys.iter_mut().chain(values.iter_mut()) {
-                    buf.truncate(max_len);
-                    buf.shrink_to(max_len);
-                }
-            }
+            Store::Host(HostRows::F32(layers)) => shrink(layers.buffers(), max_len),
+            Store::Host(HostRows::F16(layers)) => shrink(layers.buffers(), max_len),
             Store::Tensors(layers) => {
                 let mut lost = false;
                 for layer in layers.iter_mut().filter(|l| l.is_some()) {
@@ -184,40 +259,31 @@ impl KvCache {
         Ok(())
     }
 
-    /// Writes keys and values for positions `pos0 ..` of layer `il` (host cache).
+    /// Writes keys and values for positions `pos0 ..` of layer `il` (host cache), rounded to
+    /// the cache's dtype.
     pub(crate) fn store(&mut self, il: usize, pos0: usize, keys: &[f32], values: &[f32]) {
-        let end = pos0 * self.kv_dim + keys.len();
-        let max_len = self.max_len();
-        debug_assert!(end <= max_len);
-        let Store::Host {
-            keys: all_keys,
-            values: all_values,
-        } = &mut self.store
-        else {
-            unreachable!("Inference checks the cache's device before a forward");
-        };
-        for (buf, rows) in [(&mut all_keys[il], keys), (&mut all_values[il], values)] {
-            buf.truncate(pos0 * self.kv_dim);
-            if buf.capacity() < end {
-                // Grow geometrically, never past the context.
-                let target = (2 * buf.capacity()).clamp(end, max_len);
-                buf.reserve_exact(target - buf.len());
+        let (start, max_len) = (pos0 * self.kv_dim, self.max_len());
+        match &mut self.store {
+            Store::Host(HostRows::F32(layers)) => layers.store(il, start, max_len, keys, values),
+            Store::Host(HostRows::F16(layers)) => layers.store(il, start, max_len, keys, values),
+            Store::Tensors(_) => {
+                unreachable!("Inference checks the cache's device before a forward")
             }
-            buf.extend_from_slice(rows);
         }
     }
 
-    /// Keys of layer `il` for positions `0 .. n` (host cache).
-    pub(crate) fn keys(&self, il: usize, n: usize) -> &[f32] {
+    /// Keys and values of layer `il` for positions `0 .. n` (host cache).
+    pub(crate) fn rows(&self, il: usize, n: usize) -> KvRows<'_> {
+        let len = n * self.kv_dim;
         match &self.store {
-            Store::Host { keys, .. } => &keys[il][..n * self.kv_dim],
-            Store::Tensors(_) => unreachable!("Inference checks the cache's device"),
-        }
-    }
-
-    pub(crate) fn values(&self, il: usize, n: usize) -> &[f32] {
-        match &self.store {
-            Store::Host { values, .. } => &values[il][..n * self.kv_dim],
+            Store::Host(HostRows::F32(layers)) => KvRows::F32 {
+                keys: &layers.keys[il][..len],
+                values: &layers.values[il][..len],
+            },
+            Store::Host(HostRows::F16(layers)) => KvRows::F16 {
+                keys: &layers.keys[il][..len],
+                values: &layers.values[il][..len],
+            },
             Store::Tensors(_) => unreachable!("Inference checks the cache's device"),
         }
     }
@@ -274,5 +340,51 @@ impl KvCache {
     /// Records that positions up to `n_cached` are now stored in every layer.
     pub(crate) fn commit(&mut self, n_cached: usize) {
         self.n_cached = n_cached;
+    }
+}
+
+/// Drops values beyond `max_len` and the memory that held them.
+fn shrink<'a, T: 'a>(buffers: impl Iterator<Item = &'a mut Vec<T>>, max_len: usize) {
+    for buf in buffers {
+        buf.truncate(max_len);
+        buf.shrink_to(max_len);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fuzzing::tiny_model_with;
+    use crate::gguf::GgufFile;
+    use crate::model::Model;
+
+    #[test]
+    fn f16_caches_round_to_nearest_even() {
+        let model = Model::from_gguf(GgufFile::from_bytes(&tiny_model_with(&[])).unwrap()).unwrap();
+        let config = model.config().unwrap();
+        let kv_dim = config.kv_dim();
+        // 1 + 2⁻¹¹ lies halfway between the f16s 1 and 1 + 2⁻¹⁰: the even one, 1, wins;
+        // 1 + 3·2⁻¹¹ lies halfway between 1 + 2⁻¹⁰ and 1 + 2⁻⁹: 1 + 2⁻⁹ wins.
+        let (tie_down, tie_up) = (1.0 + 2f32.powi(-11), 1.0 + 3.0 * 2f32.powi(-11));
+        let keys: Vec<f32> = (0..kv_dim).map(|i| [tie_down, tie_up][i % 2]).collect();
+        let values = vec![70000.0; kv_dim];
+        for dtype in [KvDtype::F32, KvDtype::F16] {
+            let mut cache = KvCache::on(config, 4, Device::Cpu, dtype);
+            assert_eq!(cache.dtype(), dtype);
+            cache.store(0, 0, &keys, &values);
+            match cache.rows(0, 1) {
+                KvRows::F32 { keys: k, values: v } => {
+                    assert_eq!((k, v), (&keys[..], &values[..]), "f32 keeps every bit");
+                }
+                KvRows::F16 { keys: k, values: v } => {
+                    let k: Vec<f32> = k.iter().map(|x| x.to_f32()).collect();
+                    assert_eq!(&k[..2], &[1.0, 1.0 + 2f32.powi(-9)]);
+                    assert!(
+                        v.iter().all(|x| x.to_f32() == f32::INFINITY),
+                        "beyond f16's range"
+                    );
+                }
+            }
+        }
     }
 }

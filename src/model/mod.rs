@@ -16,7 +16,7 @@ pub use config::{Architecture, Config, Fused, Glu};
 pub use forward::{
     backward, forward_logits, forward_train, logits_train, Batch, Buffers, BuffersOf, Saved,
 };
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvCache, KvDtype};
 pub use weights::{Layer, Proj, Slot, Stored, Target, Weights};
 
 use crate::error::{Error, Result, ResultExt};

@@ -4,7 +4,11 @@
 //! Shapes (one sequence): queries `[n_tokens, n_head * head_dim]` at positions
 //! `pos0 .. pos0 + n_tokens`; keys and values `[n_keys, n_head_kv * head_dim]` for positions
 //! `0 .. n_keys`; query head `h` reads key/value head `h / (n_head / n_head_kv)`.
+//!
+//! Inference's cached keys and values are f32 or f16 (`KvElem`); f16 ones are widened as
+//! they are loaded, so every sum runs in f32, in the same order as on f32 rows.
 
+use half::f16;
 use rayon::prelude::*;
 
 use super::disjoint::SyncPtr;
@@ -64,15 +68,99 @@ impl AttentionShape {
     }
 }
 
+/// What cached keys and values are stored as: f32, or f16 (llama.cpp's default cache type:
+/// half the bytes to read per decoded token at long contexts). Widening is exact, so
+/// attention over f16 rows gives the bits it gives over f32 rows of the same values.
+pub trait KvElem: Copy + Default + Send + Sync + 'static {
+    /// `src` rounded into `dst` (f16: to nearest, ties to even, as llama.cpp stores them).
+    fn round_from(dst: &mut [Self], src: &[f32]);
+
+    fn widen(self) -> f32;
+
+    /// The first `N` values of `src`, widened. `AVX`: the caller's target features include
+    /// AVX2 and F16C.
+    fn widen_n<const AVX: bool, const N: usize>(src: &[Self]) -> [f32; N];
+
+    /// The first 8 values of `src`, widened into a register.
+    ///
+    /// # Safety
+    /// AVX and F16C; `src.len() >= 8`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(src: &[Self]) -> core::arch::x86_64::__m256;
+}
+
+impl KvElem for f32 {
+    fn round_from(dst: &mut [f32], src: &[f32]) {
+        dst.copy_from_slice(src);
+    }
+
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+
+    #[inline(always)]
+    fn widen_n<const AVX: bool, const N: usize>(src: &[f32]) -> [f32; N] {
+        src[..N].try_into().unwrap()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx")]
+    unsafe fn load8(src: &[f32]) -> core::arch::x86_64::__m256 {
+        assert!(src.len() >= 8);
+        core::arch::x86_64::_mm256_loadu_ps(src.as_ptr())
+    }
+}
+
+impl KvElem for f16 {
+    fn round_from(dst: &mut [f16], src: &[f32]) {
+        use half::slice::HalfFloatSliceExt;
+        dst.convert_from_f32_slice(src);
+    }
+
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        super::f16::to_f32(self.to_bits())
+    }
+
+    #[inline(always)]
+    fn widen_n<const AVX: bool, const N: usize>(src: &[f16]) -> [f32; N] {
+        #[cfg(target_arch = "x86_64")]
+        if AVX && N.is_multiple_of(8) {
+            // Loops, not `from_fn`: a closure would not inherit the target features.
+            let mut wide = [0f32; N];
+            for c0 in (0..N).step_by(8) {
+                // SAFETY: `AVX` says the CPU has AVX and F16C; `src` holds `N` values.
+                let eight = unsafe { Self::load8(&src[c0..N]) };
+                // SAFETY: `wide` holds 8 floats from `c0`.
+                unsafe { core::arch::x86_64::_mm256_storeu_ps(wide[c0..].as_mut_ptr(), eight) };
+            }
+            return wide;
+        }
+        let src = &src[..N];
+        std::array::from_fn(|c| src[c].widen())
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx,f16c")]
+    unsafe fn load8(src: &[f16]) -> core::arch::x86_64::__m256 {
+        use core::arch::x86_64::*;
+        assert!(src.len() >= 8);
+        _mm256_cvtph_ps(_mm_loadu_si128(src.as_ptr().cast()))
+    }
+}
+
 /// `out[h] += Σ_j p[h][j] · row(j)` for the next `H` heads of `outs` and `probs` at once
 /// (each row is read once for all of them), summed over `j` in order from zero (as repeated
 /// `y += p x` would), `COLS` columns at a time so that the sums stay in registers: `H · COLS`
 /// of them, enough independent sums to hide the additions' latency.
 #[inline(always)]
-fn weighted_rows<'o, 'p, 'v, const H: usize, const COLS: usize>(
+fn weighted_rows<'o, 'p, 'v, T: KvElem, const AVX: bool, const H: usize, const COLS: usize>(
     outs: &mut impl Iterator<Item = &'o mut [f32]>,
     probs: &mut impl Iterator<Item = &'p [f32]>,
-    row: impl Fn(usize) -> &'v [f32],
+    row: impl Fn(usize) -> &'v [T],
 ) {
     let mut out: [&mut [f32]; H] = std::array::from_fn(|_| outs.next().unwrap());
     let p: [&[f32]; H] = std::array::from_fn(|_| probs.next().unwrap());
@@ -82,7 +170,7 @@ fn weighted_rows<'o, 'p, 'v, const H: usize, const COLS: usize>(
         let mut acc: [[f32; COLS]; H] =
             std::array::from_fn(|h| out[h][c0..c0 + COLS].try_into().unwrap());
         for j in 0..p[0].len() {
-            let v: &[f32; COLS] = row(j)[c0..c0 + COLS].try_into().unwrap();
+            let v: [f32; COLS] = T::widen_n::<AVX, COLS>(&row(j)[c0..]);
             for (acc, p) in acc.iter_mut().zip(&p) {
                 let pj = p[j];
                 for c in 0..COLS {
@@ -99,7 +187,7 @@ fn weighted_rows<'o, 'p, 'v, const H: usize, const COLS: usize>(
             let v = &row(j)[whole..width];
             for (out, p) in out.iter_mut().zip(&p) {
                 for (o, &v) in out[whole..].iter_mut().zip(v) {
-                    *o += p[j] * v;
+                    *o += p[j] * v.widen();
                 }
             }
         }
@@ -108,16 +196,22 @@ fn weighted_rows<'o, 'p, 'v, const H: usize, const COLS: usize>(
 
 /// Asks for `data`'s cache lines (into L2) ahead of their use.
 #[inline(always)]
-fn prefetch(data: &[f32]) {
+fn prefetch<T>(data: &[T]) {
+    // From the start of the line holding the first value: a head's row in the cache need not
+    // start on a line, and then spans one line more than its size.
     #[cfg(target_arch = "x86_64")]
-    super::qmatmul::prefetch_l2(data.as_ptr().cast(), std::mem::size_of_val(data));
+    {
+        let skew = data.as_ptr() as usize % 64;
+        let first_line = data.as_ptr().cast::<u8>().wrapping_sub(skew);
+        super::qmatmul::prefetch_l2(first_line, skew + std::mem::size_of_val(data));
+    }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = data;
 }
 
 /// Row `row`, head `head` of a `[n, width]` matrix of heads of `head_dim`.
 #[inline]
-fn head_row(data: &[f32], row: usize, head: usize, width: usize, head_dim: usize) -> &[f32] {
+fn head_row<T>(data: &[T], row: usize, head: usize, width: usize, head_dim: usize) -> &[T] {
     &data[row * width + head * head_dim..][..head_dim]
 }
 
@@ -127,8 +221,14 @@ fn head_row(data: &[f32], row: usize, head: usize, width: usize, head_dim: usize
 pub struct SeqKv<'a> {
     pub rows: std::ops::Range<usize>,
     pub pos0: usize,
-    pub keys: &'a [f32],
-    pub values: &'a [f32],
+    pub kv: KvRows<'a>,
+}
+
+/// Keys and values `[n_keys, n_head_kv * head_dim]`, as a cache stores them.
+#[derive(Debug, Clone, Copy)]
+pub enum KvRows<'a> {
+    F32 { keys: &'a [f32], values: &'a [f32] },
+    F16 { keys: &'a [f16], values: &'a [f16] },
 }
 
 /// `out = softmax(q kᵀ / sqrt(head_dim) + causal mask) v` for each head; `lse[t, h]` receives
@@ -146,8 +246,7 @@ pub fn attention_forward(
     let seq = |_| SeqKv {
         rows: 0..q.len() / shape.q_dim(),
         pos0,
-        keys: k,
-        values: v,
+        kv: KvRows::F32 { keys: k, values: v },
     };
     attention_forward_seqs(shape, 1, seq, q, out, lse)
 }
@@ -178,25 +277,42 @@ pub fn attention_forward_seqs<'a>(
                 .find(|s| s.rows.contains(&row))
                 .expect("every row of the batch belongs to a sequence");
             let pos = seq.pos0 + (row - seq.rows.start);
-            let task = HeadGroup {
-                q: &q[row * q_dim + g * group * hd..][..group * hd],
-                keys: seq.keys,
-                values: seq.values,
-                kv_head: g,
-                kv_dim,
-                visible: shape.first_key(pos)..pos + 1,
-            };
-            scratch::with_f32(|buf| attend(&shape, &task, out, lse, buf))
+            let q = &q[row * q_dim + g * group * hd..][..group * hd];
+            let visible = shape.first_key(pos)..pos + 1;
+            scratch::with_f32(|buf| match seq.kv {
+                KvRows::F32 { keys, values } => {
+                    let task = HeadGroup {
+                        q,
+                        keys,
+                        values,
+                        kv_head: g,
+                        kv_dim,
+                        visible,
+                    };
+                    attend(&shape, &task, out, lse, buf)
+                }
+                KvRows::F16 { keys, values } => {
+                    let task = HeadGroup {
+                        q,
+                        keys,
+                        values,
+                        kv_head: g,
+                        kv_dim,
+                        visible,
+                    };
+                    attend(&shape, &task, out, lse, buf)
+                }
+            })
         });
 }
 
 /// One task of `attention_forward_seqs`: a row's query heads that share one key/value head,
 /// against that head's visible keys.
-struct HeadGroup<'a> {
+struct HeadGroup<'a, T> {
     /// The query heads, one after the other.
     q: &'a [f32],
-    keys: &'a [f32],
-    values: &'a [f32],
+    keys: &'a [T],
+    values: &'a [T],
     kv_head: usize,
     kv_dim: usize,
     visible: std::ops::Range<usize>,
@@ -205,9 +321,9 @@ struct HeadGroup<'a> {
 /// `attend_group` compiled for the best instruction set this CPU has (`qmatmul::isa`): the
 /// same source and order of operations, so the same bits, only wider registers and fewer
 /// instructions.
-fn attend(
+fn attend<T: KvElem>(
     shape: &AttentionShape,
-    task: &HeadGroup,
+    task: &HeadGroup<T>,
     out: &mut [f32],
     lse: &mut [f32],
     scratch: &mut Vec<f32>,
@@ -217,36 +333,36 @@ fn attend(
         use super::qmatmul::{isa, Isa};
         match isa() {
             // SAFETY: `isa` reports the features these are compiled for.
-            Isa::Avx512 => return unsafe { attend_avx512(shape, task, out, lse, scratch) },
-            Isa::Avx2 => return unsafe { attend_avx2(shape, task, out, lse, scratch) },
+            Isa::Avx512 => return unsafe { attend_avx512::<T>(shape, task, out, lse, scratch) },
+            Isa::Avx2 => return unsafe { attend_avx2::<T>(shape, task, out, lse, scratch) },
             Isa::Portable => {}
         }
     }
-    attend_group::<false>(shape, task, out, lse, scratch)
+    attend_group::<T, false>(shape, task, out, lse, scratch)
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn attend_avx2(
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attend_avx2<T: KvElem>(
     shape: &AttentionShape,
-    task: &HeadGroup,
+    task: &HeadGroup<T>,
     out: &mut [f32],
     lse: &mut [f32],
     scratch: &mut Vec<f32>,
 ) {
-    attend_group::<true>(shape, task, out, lse, scratch)
+    attend_group::<T, true>(shape, task, out, lse, scratch)
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn attend_avx512(
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn attend_avx512<T: KvElem>(
     shape: &AttentionShape,
-    task: &HeadGroup,
+    task: &HeadGroup<T>,
     out: &mut [f32],
     lse: &mut [f32],
     scratch: &mut Vec<f32>,
 ) {
-    attend_group::<true>(shape, task, out, lse, scratch)
+    attend_group::<T, true>(shape, task, out, lse, scratch)
 }
 
 /// Query heads at a time in the weighted sum: one value row serves all of them while it is
@@ -263,11 +379,12 @@ const BLOCK: usize = 64;
 const AHEAD: usize = 32;
 
 /// The task's scores, softmax and weighted values, head `h` into `out[h * head_dim..]` and
-/// `lse[h]`. `AVX`: the CPU has AVX (the caller's target features), for the keys' transposes.
+/// `lse[h]`. `AVX`: the CPU has AVX2 and F16C (the caller's target features), for the keys'
+/// transposes and the widening of f16 values.
 #[inline(always)]
-fn attend_group<const AVX: bool>(
+fn attend_group<T: KvElem, const AVX: bool>(
     shape: &AttentionShape,
-    task: &HeadGroup,
+    task: &HeadGroup<T>,
     out: &mut [f32],
     lse: &mut [f32],
     scratch: &mut Vec<f32>,
@@ -282,13 +399,13 @@ fn attend_group<const AVX: bool>(
         let block = b0..n.min(b0 + BLOCK);
         let mut keys = prefetched(block.clone(), n, key);
         for k0 in (0..block.len()).step_by(8) {
-            let mut eight: [&[f32]; 8] = [&[]; 8];
+            let mut eight: [&[T]; 8] = [&[]; 8];
             for (slot, key) in eight.iter_mut().zip(&mut keys) {
                 *slot = key;
             }
             #[cfg(target_arch = "x86_64")]
             if AVX {
-                // SAFETY: `AVX` says the CPU has AVX.
+                // SAFETY: `AVX` says the CPU has AVX and F16C.
                 unsafe { transpose8_avx(eight, hd, &mut rows[k0..]) };
                 continue;
             }
@@ -311,13 +428,13 @@ fn attend_group<const AVX: bool>(
         let mut outs = out.chunks_exact_mut(hd);
         let mut probs = scores.chunks_exact(n).map(|p| &p[block.clone()]);
         while outs.len() >= HEADS {
-            weighted_rows::<HEADS, 16>(&mut outs, &mut probs, value);
+            weighted_rows::<T, AVX, HEADS, 16>(&mut outs, &mut probs, value);
         }
         // The remaining heads (fewer than `HEADS`) together, their columns wider.
         match outs.len() {
-            1 => weighted_rows::<1, 64>(&mut outs, &mut probs, value),
-            2 => weighted_rows::<2, 32>(&mut outs, &mut probs, value),
-            3 => weighted_rows::<3, 16>(&mut outs, &mut probs, value),
+            1 => weighted_rows::<T, AVX, 1, 64>(&mut outs, &mut probs, value),
+            2 => weighted_rows::<T, AVX, 2, 32>(&mut outs, &mut probs, value),
+            3 => weighted_rows::<T, AVX, 3, 16>(&mut outs, &mut probs, value),
             _ => {}
         }
     }
@@ -327,7 +444,7 @@ fn attend_group<const AVX: bool>(
 /// (`out[d * BLOCK + r] = rows[r][d]`), 8 × 8 at a time so that the compiler can transpose in
 /// registers.
 #[inline(always)]
-fn transpose8(rows: [&[f32]; 8], hd: usize, out: &mut [f32]) {
+fn transpose8<T: KvElem>(rows: [&[T]; 8], hd: usize, out: &mut [f32]) {
     let whole = match rows.iter().all(|r| r.len() == hd) {
         true => hd / 8 * 8,
         false => 0,
@@ -335,7 +452,7 @@ fn transpose8(rows: [&[f32]; 8], hd: usize, out: &mut [f32]) {
     for d0 in (0..whole).step_by(8) {
         let mut tile = [[0f32; 8]; 8];
         for (tile, row) in tile.iter_mut().zip(&rows) {
-            tile.copy_from_slice(&row[d0..d0 + 8]);
+            *tile = T::widen_n::<false, 8>(&row[d0..]);
         }
         for d in 0..8 {
             for (r, out) in out[(d0 + d) * BLOCK..][..8].iter_mut().enumerate() {
@@ -345,7 +462,7 @@ fn transpose8(rows: [&[f32]; 8], hd: usize, out: &mut [f32]) {
     }
     for d in whole..hd {
         for (r, row) in rows.iter().enumerate().filter(|(_, row)| !row.is_empty()) {
-            out[d * BLOCK + r] = row[d];
+            out[d * BLOCK + r] = row[d].widen();
         }
     }
 }
@@ -354,11 +471,11 @@ fn transpose8(rows: [&[f32]; 8], hd: usize, out: &mut [f32]) {
 /// scalar moves of the plain one).
 ///
 /// # Safety
-/// The CPU has AVX.
+/// The CPU has AVX and F16C.
 #[cfg(target_arch = "x86_64")]
 #[inline]
-#[target_feature(enable = "avx")]
-unsafe fn transpose8_avx(rows: [&[f32]; 8], hd: usize, out: &mut [f32]) {
+#[target_feature(enable = "avx,f16c")]
+unsafe fn transpose8_avx<T: KvElem>(rows: [&[T]; 8], hd: usize, out: &mut [f32]) {
     use core::arch::x86_64::*;
     if !hd.is_multiple_of(8) || rows.iter().any(|r| r.len() != hd) {
         return transpose8(rows, hd, out);
@@ -367,7 +484,7 @@ unsafe fn transpose8_avx(rows: [&[f32]; 8], hd: usize, out: &mut [f32]) {
     for d0 in (0..hd).step_by(8) {
         let mut r = [_mm256_setzero_ps(); 8];
         for (r, row) in r.iter_mut().zip(&rows) {
-            *r = _mm256_loadu_ps(row[d0..].as_ptr());
+            *r = T::load8(&row[d0..]);
         }
         // Rows 4q..4q + 4 interleaved by pairs, then by quads: u[4q + c] holds rows
         // 4q..4q + 4 of column c in its low half and of column c + 4 in its high half.
@@ -400,11 +517,11 @@ unsafe fn transpose8_avx(rows: [&[f32]; 8], hd: usize, out: &mut [f32]) {
 
 /// Rows `block` of `n`, each prefetched `AHEAD` rows before it is read.
 #[inline(always)]
-fn prefetched<'a>(
+fn prefetched<'a, T: 'a>(
     block: std::ops::Range<usize>,
     n: usize,
-    row: impl Fn(usize) -> &'a [f32],
-) -> impl Iterator<Item = &'a [f32]> {
+    row: impl Fn(usize) -> &'a [T],
+) -> impl Iterator<Item = &'a [T]> {
     block.map(move |j| {
         if j + AHEAD < n {
             prefetch(row(j + AHEAD));
@@ -766,45 +883,116 @@ mod tests {
         }
     }
 
-    #[cfg(target_arch = "x86_64")]
+    /// `values` rounded to f16: as f16, and as the f32s they equal.
+    fn halves(n: usize, seed: usize) -> (Vec<f16>, Vec<f32>) {
+        let h: Vec<f16> = values(n, seed).into_iter().map(f16::from_f32).collect();
+        let f = h.iter().map(|x| x.to_f32()).collect();
+        (h, f)
+    }
+
+    /// Widening is exact and the sums run in the same order, so f16 rows give the bits of
+    /// f32 rows of the same values (on whatever instruction set `isa` picks).
     #[test]
-    fn every_instruction_set_gives_the_same_bits() {
-        for shape in [WIDE, GROUPS_OF_3] {
-            every_instruction_set_gives_the_same_bits_with(shape);
+    fn f16_rows_give_the_bits_of_f32_rows_of_the_same_values() {
+        // SHAPE: heads narrower than a transpose; WIDE: remainder heads and columns.
+        for shape in [SHAPE, CAPPED_WINDOW, WIDE, GROUPS_OF_3] {
+            let (n, pos0) = (4, 150);
+            let (q_dim, kv_dim, n_keys) = (shape.q_dim(), shape.kv_dim(), pos0 + 4);
+            let q = values(n * q_dim, 17);
+            let ((k16, k), (v16, v)) = (halves(n_keys * kv_dim, 18), halves(n_keys * kv_dim, 19));
+            let run = |kv: KvRows| {
+                let (mut out, mut lse) = (vec![0f32; n * q_dim], vec![0f32; n * shape.n_head]);
+                let seq = |_| SeqKv {
+                    rows: 0..n,
+                    pos0,
+                    kv,
+                };
+                attention_forward_seqs(shape, 1, seq, &q, &mut out, &mut lse);
+                (out, lse)
+            };
+            let exact = run(KvRows::F32 {
+                keys: &k,
+                values: &v,
+            });
+            assert_eq!(
+                run(KvRows::F16 {
+                    keys: &k16,
+                    values: &v16
+                }),
+                exact
+            );
         }
     }
 
     #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn every_instruction_set_gives_the_same_bits() {
+        for shape in [SHAPE, WIDE, GROUPS_OF_3] {
+            every_instruction_set_gives_the_same_bits_with(shape);
+        }
+    }
+
+    /// Every kernel, on f32 rows and on f16 rows of the same values, against the portable one
+    /// on f32 rows.
+    #[cfg(target_arch = "x86_64")]
     fn every_instruction_set_gives_the_same_bits_with(shape: AttentionShape) {
         use crate::ops::qmatmul::{isa, Isa};
-        let (hd, group, n) = (shape.head_dim, shape.n_head / shape.n_head_kv, 37);
-        let q = values(group * hd, 14);
-        let (k, v) = (
-            values(n * shape.kv_dim(), 15),
-            values(n * shape.kv_dim(), 16),
+        let (group, n) = (shape.n_head / shape.n_head_kv, 37);
+        let q = values(group * shape.head_dim, 14);
+        let ((k16, k), (v16, v)) = (
+            halves(n * shape.kv_dim(), 15),
+            halves(n * shape.kv_dim(), 16),
         );
+        let expected = run_kernel(attend_group::<f32, false>, &shape, &q, &k, &v);
+        let kernels_f32: [(Isa, Kernel<f32>); 3] = [
+            (Isa::Portable, attend_group::<f32, false>),
+            (Isa::Avx2, attend_avx2::<f32>),
+            (Isa::Avx512, attend_avx512::<f32>),
+        ];
+        let kernels_f16: [(Isa, Kernel<f16>); 3] = [
+            (Isa::Portable, attend_group::<f16, false>),
+            (Isa::Avx2, attend_avx2::<f16>),
+            (Isa::Avx512, attend_avx512::<f16>),
+        ];
+        for ((needs, f32_rows), (_, f16_rows)) in kernels_f32.into_iter().zip(kernels_f16) {
+            if isa() >= needs {
+                assert_eq!(
+                    run_kernel(f32_rows, &shape, &q, &k, &v),
+                    expected,
+                    "{needs:?}"
+                );
+                let f16_out = run_kernel(f16_rows, &shape, &q, &k16, &v16);
+                assert_eq!(f16_out, expected, "{needs:?}, f16 rows");
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    type Kernel<T> =
+        unsafe fn(&AttentionShape, &HeadGroup<T>, &mut [f32], &mut [f32], &mut Vec<f32>);
+
+    /// `attend` on query heads `q` of kv head 1 against every row of `keys` and `values`.
+    #[cfg(target_arch = "x86_64")]
+    fn run_kernel<T: KvElem>(
+        attend: Kernel<T>,
+        shape: &AttentionShape,
+        q: &[f32],
+        keys: &[T],
+        values: &[T],
+    ) -> (Vec<f32>, Vec<f32>) {
+        let group = shape.n_head / shape.n_head_kv;
         let task = HeadGroup {
-            q: &q,
-            keys: &k,
-            values: &v,
+            q,
+            keys,
+            values,
             kv_head: 1,
             kv_dim: shape.kv_dim(),
-            visible: 0..n,
+            visible: 0..keys.len() / shape.kv_dim(),
         };
-        type Kernel = unsafe fn(&AttentionShape, &HeadGroup, &mut [f32], &mut [f32], &mut Vec<f32>);
-        let run = |attend: Kernel| {
-            let (mut out, mut lse) = (vec![0f32; group * hd], vec![0f32; group]);
-            // SAFETY: each kernel runs only where `isa` reports its features.
-            unsafe { attend(&shape, &task, &mut out, &mut lse, &mut Vec::new()) };
-            (out, lse)
-        };
-        let portable = run(attend_group::<false>);
-        if isa() >= Isa::Avx2 {
-            assert_eq!(run(attend_avx2), portable);
-        }
-        if isa() >= Isa::Avx512 {
-            assert_eq!(run(attend_avx512), portable);
-        }
+        let (mut out, mut lse) = (vec![0f32; q.len()], vec![0f32; group]);
+        // SAFETY: each kernel runs only where `isa` reports its features.
+        unsafe { attend(shape, &task, &mut out, &mut lse, &mut Vec::new()) };
+        (out, lse)
     }
 
     #[test]
@@ -826,8 +1014,7 @@ mod tests {
                 SeqKv {
                     rows: start - n..start,
                     pos0,
-                    keys: k,
-                    values: v,
+                    kv: KvRows::F32 { keys: k, values: v },
                 }
             })
             .collect();
@@ -838,15 +1025,13 @@ mod tests {
             ..seqs[i]
         };
         attention_forward_seqs(SHAPE, seqs.len(), seq, &q, &mut out, &mut lse);
-        for seq in &seqs {
+        for (seq, (k, v)) in seqs.iter().zip(&caches) {
             let (mut out_s, mut lse_s) = (
                 vec![0f32; seq.rows.len() * 12],
                 vec![0f32; seq.rows.len() * 4],
             );
             let q_s = &q[seq.rows.start * 12..seq.rows.end * 12];
-            attention_forward(
-                SHAPE, seq.pos0, q_s, seq.keys, seq.values, &mut out_s, &mut lse_s,
-            );
+            attention_forward(SHAPE, seq.pos0, q_s, k, v, &mut out_s, &mut lse_s);
             assert_eq!(out_s, out[seq.rows.start * 12..seq.rows.end * 12]);
             assert_eq!(lse_s, lse[seq.rows.start * 4..seq.rows.end * 4]);
         }

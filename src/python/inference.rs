@@ -12,7 +12,7 @@ use super::model::PyModel;
 use crate::backend::Device;
 use crate::infer::{Generator, Inference, MemoryPool, Sampler};
 use crate::lora::LoraAdapter;
-use crate::model::KvCache;
+use crate::model::{KvCache, KvDtype};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -171,20 +171,26 @@ impl PyInference {
 impl PyInference {
     /// `n_ctx`: context positions (default: the model's training context); `n_threads`:
     /// compute threads (default: every core); `device`: "cpu", "candle-cpu", "cuda[:N]",
-    /// "metal[:N]" (the weights are uploaded once, here).
+    /// "metal[:N]" (the weights are uploaded once, here); `kv_cache_dtype`: what the KV
+    /// caches it makes store keys and values as, "f32" (exact) or "f16" (half the memory and
+    /// faster decoding at long contexts, as llama.cpp's default; CPU only).
     #[new]
-    #[pyo3(signature = (model, n_ctx=None, n_threads=None, device="cpu"))]
+    #[pyo3(signature = (model, n_ctx=None, n_threads=None, device="cpu", kv_cache_dtype="f32"))]
     fn new(
         py: Python<'_>,
         model: Bound<'_, PyModel>,
         n_ctx: Option<usize>,
         n_threads: Option<usize>,
         device: &str,
+        kv_cache_dtype: &str,
     ) -> PyResult<Self> {
         let device: Device = device.parse().py()?;
+        let kv_dtype = KvDtype::from_name(kv_cache_dtype).py()?;
         let weights = Arc::clone(&model.get().inner);
         let inner = py
-            .detach(|| Inference::on(weights, n_ctx, n_threads, device))
+            .detach(|| {
+                Inference::on(weights, n_ctx, n_threads, device)?.with_kv_cache_dtype(kv_dtype)
+            })
             .py()?;
         Ok(PyInference {
             inner: Arc::new(inner),
