@@ -281,25 +281,11 @@ pub fn attention_forward_seqs<'a>(
             let visible = shape.first_key(pos)..pos + 1;
             scratch::with_f32(|buf| match seq.kv {
                 KvRows::F32 { keys, values } => {
-                    let task = HeadGroup {
-                        q,
-                        keys,
-                        values,
-                        kv_head: g,
-                        kv_dim,
-                        visible,
-                    };
+                    let task = HeadGroup::new(q, keys, values, g, kv_dim, visible);
                     attend(&shape, &task, out, lse, buf)
                 }
                 KvRows::F16 { keys, values } => {
-                    let task = HeadGroup {
-                        q,
-                        keys,
-                        values,
-                        kv_head: g,
-                        kv_dim,
-                        visible,
-                    };
+                    let task = HeadGroup::new(q, keys, values, g, kv_dim, visible);
                     attend(&shape, &task, out, lse, buf)
                 }
             })
@@ -316,6 +302,26 @@ struct HeadGroup<'a, T> {
     kv_head: usize,
     kv_dim: usize,
     visible: std::ops::Range<usize>,
+}
+
+impl<'a, T> HeadGroup<'a, T> {
+    fn new(
+        q: &'a [f32],
+        keys: &'a [T],
+        values: &'a [T],
+        kv_head: usize,
+        kv_dim: usize,
+        visible: std::ops::Range<usize>,
+    ) -> Self {
+        HeadGroup {
+            q,
+            keys,
+            values,
+            kv_head,
+            kv_dim,
+            visible,
+        }
+    }
 }
 
 /// `attend_group` compiled for the best instruction set this CPU has (`qmatmul::isa`): the
@@ -981,14 +987,8 @@ mod tests {
         values: &[T],
     ) -> (Vec<f32>, Vec<f32>) {
         let group = shape.n_head / shape.n_head_kv;
-        let task = HeadGroup {
-            q,
-            keys,
-            values,
-            kv_head: 1,
-            kv_dim: shape.kv_dim(),
-            visible: 0..keys.len() / shape.kv_dim(),
-        };
+        let visible = 0..keys.len() / shape.kv_dim();
+        let task = HeadGroup::new(q, keys, values, 1, shape.kv_dim(), visible);
         let (mut out, mut lse) = (vec![0f32; q.len()], vec![0f32; group]);
         // SAFETY: each kernel runs only where `isa` reports its features.
         unsafe { attend(shape, &task, &mut out, &mut lse, &mut Vec::new()) };
