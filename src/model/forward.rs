@@ -99,6 +99,7 @@ pub fn forward_logits<B: Backend>(
         block_rest(b, &lora, numerics, il, &mut ws.x, acts, scratch)?;
     }
     if !kept {
+        // A model without blocks.
         keep_rows(b, &mut ws.x, c.n_embd, rows, &mut ws.kept)?;
     }
     commit(batch, caches);
