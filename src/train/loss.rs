@@ -33,6 +33,8 @@ pub fn count_scored(targets: &[i64], n_vocab: usize) -> Result<usize> {
 /// `-log softmax(row)[target]` over scored rows and overwrites `logits` with
 /// dL/dlogits of the mean loss over `n_scored` positions: `(softmax − onehot) / n_scored`
 /// (zero for masked rows). Working in place keeps one block of rows in memory at a time.
+/// The rows' losses are added in row order, so that the sum does not depend on how the
+/// thread pool split the rows.
 pub fn cross_entropy_in_place(
     logits: &mut [f32],
     n_vocab: usize,
@@ -40,7 +42,7 @@ pub fn cross_entropy_in_place(
     n_scored: usize,
 ) -> f64 {
     let inv_n = 1.0 / n_scored as f64;
-    logits
+    let losses: Vec<f64> = logits
         .par_chunks_mut(n_vocab)
         .zip(targets.par_iter())
         .map(|(row, &target)| {
@@ -58,7 +60,8 @@ pub fn cross_entropy_in_place(
             row[target as usize] -= inv_n as f32;
             loss
         })
-        .sum()
+        .collect();
+    losses.iter().sum()
 }
 
 /// `Σ v` in f64, in 8 running sums (so that the loop vectorizes) added at the end.
@@ -90,6 +93,31 @@ mod tests {
         assert!((loss - (4.0f64 / 3.0).ln()).abs() < 1e-6);
         assert!((logits[0] - 0.25).abs() < 1e-6 && (logits[1] + 0.25).abs() < 1e-6);
         assert_eq!(&logits[2..], &[0.0, 0.0]);
+    }
+
+    #[test]
+    fn the_loss_does_not_depend_on_the_thread_count() {
+        let (n_rows, n_vocab) = (97, 13);
+        let logits: Vec<f32> = (0..n_rows * n_vocab)
+            .map(|i| ((i * 7919 % 1000) as f32 / 97.0).sin() * 4.0)
+            .collect();
+        let targets: Vec<i64> = (0..n_rows as i64).map(|i| i * 5 % n_vocab as i64).collect();
+        let loss_on = |threads| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut logits = logits.clone();
+            pool.install(|| cross_entropy_in_place(&mut logits, n_vocab, &targets, n_rows))
+        };
+        let one = loss_on(1);
+        for threads in [2, 3, 5] {
+            assert_eq!(
+                loss_on(threads).to_bits(),
+                one.to_bits(),
+                "{threads} threads"
+            );
+        }
     }
 
     #[test]
