@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -511,6 +512,28 @@ def test_cli_serves_until_interrupted():
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
     assert proc.returncode == 130
+
+
+def test_stop_does_not_wait_for_clients_that_keep_connections_open():
+    """An idle keep-alive connection and one half-way through its request headers are cut off
+    after a grace period, not waited for."""
+    m = model(TINY / f"{BASE}.gguf")
+    server = lugh.Server(lugh.Inference(m, n_threads=1), port=0)
+    idle = http.client.HTTPConnection(server.host, server.port, timeout=30)
+    idle.request("GET", "/v1/models")
+    assert idle.getresponse().read()
+    stalled = socket.create_connection((server.host, server.port), timeout=30)
+    stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: lugh\r\n")
+    time.sleep(0.2)
+    stopping = threading.Thread(target=server.stop)
+    started = time.time()
+    stopping.start()
+    stopping.join(timeout=30)
+    assert not stopping.is_alive() and time.time() - started < 10
+    assert not server.running
+    assert stalled.recv(1) == b""  # closed by the server
+    stalled.close()
+    idle.close()
 
 
 def test_stop_ends_requests_in_progress():

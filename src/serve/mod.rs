@@ -13,12 +13,20 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::sync::watch;
 
 use crate::error::{Error, Result};
 use crate::infer::Inference;
 use crate::lora::LoraAdapter;
 
 pub use scheduler::Limits;
+
+/// How long `stop` lets open connections end after the requests in progress have been
+/// ended: a client that keeps a connection open, idle or half-way through sending a
+/// request, is cut off after this rather than holding the shutdown forever.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// How the server listens and what it allows.
 #[derive(Debug, Clone)]
@@ -68,7 +76,8 @@ pub struct Server {
     addr: SocketAddr,
     /// Tells the scheduler to end every request (set by `stop`).
     stopping: Arc<AtomicBool>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Set to true by `stop`.
+    shutdown: watch::Sender<bool>,
     http: Option<JoinHandle<()>>,
     scheduler: Option<JoinHandle<()>>,
 }
@@ -147,7 +156,7 @@ impl Server {
             next_id: AtomicU64::new(1),
         });
         let app = routes::router(state, options.max_body_bytes);
-        let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (shutdown, stopped) = watch::channel(false);
         let http = std::thread::Builder::new()
             .name("lugh-server".into())
             .spawn(move || {
@@ -155,18 +164,28 @@ impl Server {
                     let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
                         return;
                     };
-                    let _ = axum::serve(listener, app)
-                        .with_graceful_shutdown(async {
-                            let _ = stopped.await;
-                        })
-                        .await;
+                    // Either ends the wait: `stop` was called, or the server was dropped.
+                    let signalled = |mut stopped: watch::Receiver<bool>| async move {
+                        let _ = stopped.wait_for(|&stop| stop).await;
+                    };
+                    let serve = axum::serve(listener, app)
+                        .with_graceful_shutdown(signalled(stopped.clone()));
+                    let deadline = async {
+                        signalled(stopped).await;
+                        tokio::time::sleep(SHUTDOWN_GRACE).await;
+                    };
+                    // Past the deadline, dropping the runtime closes the connections left.
+                    tokio::select! {
+                        _ = serve => {}
+                        () = deadline => {}
+                    }
                 });
             })
             .map_err(|e| Error::io(&address, e))?;
         Ok(Server {
             addr,
             stopping,
-            shutdown: Some(shutdown),
+            shutdown,
             http: Some(http),
             scheduler: Some(scheduler),
         })
@@ -183,12 +202,11 @@ impl Server {
     }
 
     /// Stops accepting connections, ends the requests in progress (their clients get an
-    /// error), and waits for both threads.
+    /// error), closes the connections still open `SHUTDOWN_GRACE` later, and waits for both
+    /// threads.
     pub fn stop(&mut self) {
         self.stopping.store(true, Ordering::Relaxed);
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
+        self.shutdown.send_replace(true);
         for handle in [self.http.take(), self.scheduler.take()]
             .into_iter()
             .flatten()
