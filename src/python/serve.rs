@@ -115,7 +115,8 @@ impl PyServer {
         self.lock().is_running()
     }
 
-    /// Stops accepting requests, lets open ones end, and returns when it has stopped.
+    /// Stops accepting requests, ends the ones in progress (their clients get an error),
+    /// closes connections still open 2 s later, and returns when it has stopped.
     fn stop(&self, py: Python<'_>) {
         py.detach(|| self.lock().stop())
     }
