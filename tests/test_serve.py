@@ -480,6 +480,12 @@ def test_bad_server_arguments_raise():
             lugh.Server(inf, port=first.port)
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """A shell starts background jobs with SIGINT ignored, and Python then keeps ignoring it:
+    the server gets SIGINT's default, as Ctrl-C in a terminal finds it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_cli_serves_until_interrupted():
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
@@ -498,6 +504,7 @@ def test_cli_serves_until_interrupted():
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        preexec_fn=_sigint_as_in_a_terminal,
     )
     try:
         line = proc.stderr.readline()
