@@ -110,6 +110,23 @@ fn nibble_pair(raw: __m512i, at: usize, bytes: usize) -> __m512i {
     _mm512_and_si512(shifted, _mm512_set1_epi8(0x0f))
 }
 
+/// Two Q5 blocks' values (`nibble_pair`'s nibbles) with their fifth bits added, one mask bit
+/// per value: the u32 `qh` at byte `qh` of each block (of `bytes`) at `p`.
+///
+/// # Safety
+/// `p` points to two whole blocks; AVX-512 F/BW/VL.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn with_fifth_bits(nibbles: __m512i, p: *const u8, qh: usize, bytes: usize) -> __m512i {
+    let bits = |b: usize| u64::from(p.add(b * bytes + qh).cast::<u32>().read_unaligned());
+    _mm512_mask_add_epi8(
+        nibbles,
+        bits(0) | bits(1) << 32,
+        nibbles,
+        _mm512_set1_epi8(0x10),
+    )
+}
+
 impl Block32 for Q8_0 {
     const BYTES: usize = 34;
     const OFF: i32 = 128;
@@ -179,6 +196,12 @@ impl Block32 for Q5_0 {
     const OFF: i32 = 16;
 
     #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn pair(p: *const u8, raw: __m512i) -> __m512i {
+        with_fifth_bits(nibble_pair(raw, 6, Self::BYTES), p, 2, Self::BYTES)
+    }
+
+    #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn values(p: *const u8) -> __m256i {
         _mm256_or_si256(nibbles(p.add(6)), fifth_bits(p.add(2)))
@@ -240,6 +263,12 @@ impl Block32 for Q5_1 {
     const BYTES: usize = 24;
     const OFF: i32 = 0;
     const MIN: bool = true;
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn pair(p: *const u8, raw: __m512i) -> __m512i {
+        with_fifth_bits(nibble_pair(raw, 8, Self::BYTES), p, 4, Self::BYTES)
+    }
 
     #[inline]
     #[target_feature(enable = "avx2")]
