@@ -138,6 +138,21 @@ impl KvElem for f16 {
             }
             return wide;
         }
+        #[cfg(target_arch = "aarch64")]
+        if N.is_multiple_of(8) {
+            use core::arch::aarch64::{vld1q_u16, vst1q_f32};
+            let mut wide = [0f32; N];
+            for c0 in (0..N).step_by(8) {
+                // SAFETY: NEON is baseline; `src` holds `N` values and `wide` `N` floats.
+                unsafe {
+                    let halves = vld1q_u16(src[c0..N].as_ptr().cast());
+                    let [lo, hi] = super::f16::widen8(halves);
+                    vst1q_f32(wide[c0..].as_mut_ptr(), lo);
+                    vst1q_f32(wide[c0 + 4..].as_mut_ptr(), hi);
+                }
+            }
+            return wide;
+        }
         let src = &src[..N];
         std::array::from_fn(|c| src[c].widen())
     }

@@ -6,7 +6,6 @@
 //! leaves FPCR's and MXCSR's flush-to-zero off).
 
 use core::arch::aarch64::*;
-use core::arch::asm;
 use std::marker::PhantomData;
 
 use super::{chunks, rounded, row_products, with_prepared, Bf16, Half, RowKernel, F16};
@@ -40,21 +39,7 @@ pub(crate) trait Widen {
 impl Widen for F16 {
     #[inline(always)]
     unsafe fn widen(v: uint16x8_t) -> [float32x4_t; 2] {
-        // `fcvtl`/`fcvtl2` (baseline aarch64, exact), written as assembly: their intrinsics
-        // (`vcvt_f32_f16`) are stable only from Rust 1.94.
-        let (lo, hi): (float32x4_t, float32x4_t);
-        // SAFETY: registers only.
-        unsafe {
-            asm!(
-                "fcvtl {lo:v}.4s, {v:v}.4h",
-                "fcvtl2 {hi:v}.4s, {v:v}.8h",
-                v = in(vreg) v,
-                lo = out(vreg) lo,
-                hi = out(vreg) hi,
-                options(pure, nomem, nostack, preserves_flags),
-            )
-        };
-        [lo, hi]
+        crate::ops::f16::widen8(v)
     }
 }
 
