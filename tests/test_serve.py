@@ -486,7 +486,9 @@ def _sigint_as_in_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def test_cli_serves_until_interrupted():
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_cli_serves_until_interrupted(sig, code):
+    """Ctrl-C and SIGTERM (`docker stop`) both stop the server and end the process."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [
@@ -516,9 +518,9 @@ def test_cli_serves_until_interrupted():
         )
         assert out.choices[0].text.startswith(" current size")
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         proc.wait(timeout=30)
-    assert proc.returncode == 130
+    assert proc.returncode == code
 
 
 def test_stop_does_not_wait_for_clients_that_keep_connections_open():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -378,6 +379,11 @@ def parse_named_adapter(value: str) -> tuple:
     return name, path
 
 
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM (`docker stop`, systemd) stops the server as Ctrl-C does, then exits 143."""
+    raise SystemExit(128 + signum)
+
+
 def cmd_serve(args) -> int:
     m = lugh.Model(args.model)
     inf = lugh.Inference(m, n_ctx=args.ctx, n_threads=args.threads, device=args.device)
@@ -402,6 +408,7 @@ def cmd_serve(args) -> int:
         file=sys.stderr,
         flush=True,
     )
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     server.wait()
     return 0
 
