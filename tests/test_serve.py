@@ -381,19 +381,36 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(tiny, client):
         ({"prompt": "Hi", "model": "qv", "lora": [{"id": "qv"}]}, 400, "chosen twice"),
         ({"prompt": [1] * 600}, 413, "maximum context length"),
         ({"prompt": "Hi", "max_tokens": 100000}, 400, "max_tokens"),
-        ({"prompt": "x" * (5 << 20)}, 413, "length limit"),
     ]
     for body, status, words in cases:
         got, answer = raw(server, "POST", "/v1/completions", body)
         assert got == status, (body if len(str(body)) < 200 else "big body", answer)
         assert words in answer["error"]["message"], answer
         assert set(answer["error"]) == {"message", "type", "param", "code"}
+    got, answer = announced_too_long(server, "/v1/completions", 5 << 20)
+    assert got == 413 and "length limit" in answer["error"]["message"], answer
+    assert answer["error"]["code"] == "request_too_large"
     got, answer = raw(server, "POST", "/v1/chat/completions", {"messages": "hi"})
     assert got == 400 and "messages" in answer["error"]["message"]
     got, answer = raw(server, "GET", "/v1/nothing")
     assert got == 404 and answer["error"]["type"] == "not_found_error"
-    assert metric(server, "lugh_http_errors_total") >= len(cases)
+    assert metric(server, "lugh_http_errors_total") >= len(cases) + 1
     assert client.completions.create(model=BASE, prompt="Hi", max_tokens=3).choices[0].text
+
+
+def announced_too_long(server, path: str, length: int) -> tuple:
+    """(status, parsed JSON) of a POST announcing `length` bytes and sending only their start:
+    the answer comes from the headers. (A client still sending when the server answers and
+    closes gets a broken pipe instead of the answer.)"""
+    with socket.create_connection((server.host, server.port), timeout=30) as s:
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: lugh\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {length}\r\n\r\n"
+        )
+        s.sendall(head.encode() + b'{"prompt": "xxxx')
+        response = http.client.HTTPResponse(s)
+        response.begin()
+        return response.status, json.loads(response.read())
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_place(tiny, client):

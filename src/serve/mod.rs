@@ -152,10 +152,11 @@ impl Server {
             metrics,
             max_tokens,
             api_key: options.api_key,
+            max_body_bytes: options.max_body_bytes,
             created: adapters::now(),
             next_id: AtomicU64::new(1),
         });
-        let app = routes::router(state, options.max_body_bytes);
+        let app = routes::router(state);
         let (shutdown, stopped) = watch::channel(false);
         let http = std::thread::Builder::new()
             .name("lugh-server".into())

@@ -43,13 +43,16 @@ pub struct AppState {
     /// The most tokens one request may ask for.
     pub max_tokens: usize,
     pub api_key: Option<String>,
+    /// The largest request body accepted.
+    pub max_body_bytes: usize,
     pub created: u64,
     pub next_id: AtomicU64,
 }
 
 type Shared = Arc<AppState>;
 
-pub fn router(state: Shared, max_body_bytes: usize) -> Router {
+pub fn router(state: Shared) -> Router {
+    let max_body_bytes = state.max_body_bytes;
     Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
@@ -64,24 +67,52 @@ pub fn router(state: Shared, max_body_bytes: usize) -> Router {
         .with_state(state)
 }
 
-/// Checks the API key on every request and counts error responses.
+/// Checks every request's headers (`refusal`) and counts error responses. A body announced
+/// too long is refused before it is read: the client learns it at once, rather than when the
+/// server closes on it half-way.
 async fn guard(State(state): State<Shared>, request: Request, next: Next) -> Response {
-    let response = match &state.api_key {
-        Some(key) if !authorized(request.headers(), key) => ApiError {
-            code: Some("invalid_api_key"),
-            ..ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "invalid_request_error",
-                "Incorrect API key provided (Authorization: Bearer <key>).",
-            )
-        }
-        .into_response(),
-        _ => next.run(request).await,
+    let response = match refusal(&state, request.headers()) {
+        Some(error) => error.into_response(),
+        None => next.run(request).await,
     };
     if response.status().is_client_error() || response.status().is_server_error() {
         state.metrics.error(response.status().as_u16());
     }
     response
+}
+
+/// Why a request is refused from its headers alone: a wrong API key, or a body announced
+/// over the limit.
+fn refusal(state: &AppState, headers: &HeaderMap) -> Option<ApiError> {
+    if let Some(key) = &state.api_key {
+        if !authorized(headers, key) {
+            return Some(ApiError {
+                code: Some("invalid_api_key"),
+                ..ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_request_error",
+                    "Incorrect API key provided (Authorization: Bearer <key>).",
+                )
+            });
+        }
+    }
+    let announced = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|&n| n > state.max_body_bytes as u64)?;
+    let message = format!(
+        "the request body ({announced} bytes) is over the length limit ({} bytes)",
+        state.max_body_bytes
+    );
+    Some(
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            message,
+        )
+        .with_code("request_too_large"),
+    )
 }
 
 fn authorized(headers: &HeaderMap, key: &str) -> bool {
