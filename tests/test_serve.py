@@ -557,7 +557,10 @@ def test_stop_does_not_wait_for_clients_that_keep_connections_open():
     stopping.join(timeout=30)
     assert not stopping.is_alive() and time.time() - started < 10
     assert not server.running
-    assert stalled.recv(1) == b""  # closed by the server
+    try:
+        assert stalled.recv(1) == b""  # closed by the server
+    except ConnectionResetError:
+        pass  # closed with a reset: as closed
     stalled.close()
     idle.close()
 

@@ -402,6 +402,8 @@ def cmd_serve(args) -> int:
         chat_template=Path(args.chat_template).read_text() if args.chat_template else None,
         model_name=args.served_model_name,
     )
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
     adapters = ", ".join(names) or "none"
     print(
         f"lugh serve: {server.url} (model {args.model}, adapters: {adapters},"
@@ -409,8 +411,6 @@ def cmd_serve(args) -> int:
         file=sys.stderr,
         flush=True,
     )
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _stop_on_sigterm)
     server.wait()
     return 0
 
