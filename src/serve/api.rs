@@ -59,6 +59,16 @@ impl ApiError {
         }
     }
 
+    /// 413: the request body is over the server's limit.
+    pub fn body_too_large(message: impl Into<String>) -> ApiError {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            message,
+        )
+        .with_code("request_too_large")
+    }
+
     pub fn with_code(self, code: &'static str) -> ApiError {
         ApiError {
             code: Some(code),

@@ -105,14 +105,7 @@ fn refusal(state: &AppState, headers: &HeaderMap) -> Option<ApiError> {
         "the request body ({announced} bytes) is over the length limit ({} bytes)",
         state.max_body_bytes
     );
-    Some(
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "invalid_request_error",
-            message,
-        )
-        .with_code("request_too_large"),
-    )
+    Some(ApiError::body_too_large(message))
 }
 
 fn authorized(headers: &HeaderMap, key: &str) -> bool {
@@ -176,17 +169,9 @@ async fn models(State(state): State<Shared>) -> Json<Value> {
 
 /// The body, or the limit's 413 as an OpenAI error.
 fn body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    body.map_err(|rejection| {
-        let error = ApiError::new(
-            rejection.status(),
-            "invalid_request_error",
-            rejection.body_text(),
-        );
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            error.with_code("request_too_large")
-        } else {
-            error
-        }
+    body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::body_too_large(rejection.body_text()),
+        status => ApiError::new(status, "invalid_request_error", rejection.body_text()),
     })
 }
 
