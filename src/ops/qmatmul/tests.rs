@@ -279,7 +279,7 @@ fn widened_half_kernels_follow_the_sum_order() {
             check_sum_order::<H, T>(dtype, 13, k, &format!("{level:?}"), run);
         }
     }
-    for k in [16, 40, 48, 256, 2056] {
+    for k in [16, 37, 40, 45, 48, 256, 2056] {
         x86::<halves::F16, half::f16>(TensorType::F16, k);
         x86::<halves::Bf16, half::bf16>(TensorType::BF16, k);
     }

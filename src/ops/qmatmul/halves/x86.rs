@@ -459,6 +459,29 @@ unsafe fn load16_avx2<H: Half>(p: *const u8, n: usize) -> [__m256; 2] {
     ]
 }
 
+/// Adds the chunk of 16 values from `j` of rows `w` (the first `n` of them) times `x` to
+/// `acc` (lanes 0–7 and 8–15).
+///
+/// # Safety
+/// AVX2 and F16C; each `w[r]` points to `j + n` values; `x` holds `j + 16`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn fmadd_rows16<H: Half, const N: usize>(
+    acc: &mut [[__m256; 2]; N],
+    w: [*const u8; N],
+    j: usize,
+    n: usize,
+    x: &[H::Act],
+) {
+    let x = [0, 8].map(|h| H::load_act8(x[j + h..j + h + 8].as_ptr()));
+    for r in 0..N {
+        let w = load16_avx2::<H>(w[r].add(2 * j), n);
+        for h in 0..2 {
+            acc[r][h] = _mm256_fmadd_ps(w[h], x[h], acc[r][h]);
+        }
+    }
+}
+
 impl<H: Half> RowKernel for Avx2<H> {
     type X = H::Act;
 
@@ -471,19 +494,20 @@ impl<H: Half> RowKernel for Avx2<H> {
     unsafe fn rows<const N: usize>(w: [*const u8; N], k: usize, x: &[H::Act]) -> [f32; N] {
         let ahead = Ahead::in_groups(k.div_ceil(16), 32, simd::PREFETCH_F16, N);
         let mut acc = [[_mm256_setzero_ps(); 2]; N];
-        chunks::<16>(0..k.next_multiple_of(16), k, |j, n| {
-            let x = [0, 8].map(|h| H::load_act8(x[j + h..].as_ptr()));
-            for r in 0..N {
-                // One prefetch per 64 bytes of the row: every other chunk.
-                if j % 32 == 0 {
-                    prefetch_l2(ahead.of(w[r], j / 16), 64);
-                }
-                let w = load16_avx2::<H>(w[r].add(2 * j), n);
-                for h in 0..2 {
-                    acc[r][h] = _mm256_fmadd_ps(w[h], x[h], acc[r][h]);
+        // Plain loops: as a closure passed to `chunks`, this body was not inlined (a call
+        // per chunk of 16, the accumulators in memory).
+        for j in (0..k / 16 * 16).step_by(16) {
+            // One prefetch per 64 bytes of the row: every other chunk.
+            if j % 32 == 0 {
+                for w in w {
+                    prefetch_l2(ahead.of(w, j / 16), 64);
                 }
             }
-        });
+            fmadd_rows16::<H, N>(&mut acc, w, j, 16, x);
+        }
+        if !k.is_multiple_of(16) {
+            fmadd_rows16::<H, N>(&mut acc, w, k / 16 * 16, k % 16, x);
+        }
         acc.map(|[lo, hi]| reduce_halves(lo, hi))
     }
 }
