@@ -151,7 +151,9 @@ impl RowKernel for IQ4XS {
                 std::array::from_fn(|j| _mm512_loadu_si512(xq.add(QK_K * b + 64 * j).cast()));
             let p: [*const u8; 4] = std::array::from_fn(|r| w[r].add(b * BLOCK_BYTES));
             let sc = scales4(headers(p));
-            let s: [__m512i; 4] = std::array::from_fn(|r| {
+            // A plain loop: as a closure passed to `from_fn`, this body was not inlined.
+            let mut s = [_mm512_setzero_si512(); 4];
+            for r in 0..4 {
                 prefetch_l2(ahead.of(w[r], b), BLOCK_BYTES);
                 // Lane r (this row's scales) in every lane.
                 let r4 = 4 * r as i32;
@@ -165,8 +167,8 @@ impl RowKernel for IQ4XS {
                     let pairs = _mm512_maddubs_epi16(_mm512_shuffle_epi8(magnitudes, q), x);
                     sum = _mm512_dpwssd_epi32(sum, pairs, _mm512_shuffle_epi8(sc, pattern[j]));
                 }
-                sum
-            });
+                s[r] = sum;
+            }
             acc = block_steps(acc, hsum4(s), None, w, BLOCK_BYTES, b, 0, xd.add(b).read());
         }
         let mut out = [0f32; 4];
