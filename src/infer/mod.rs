@@ -4,6 +4,7 @@ mod generate;
 mod pool;
 pub mod sample;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 pub use generate::Generator;
@@ -47,9 +48,19 @@ enum Logits {
 /// Adapters applied to one sequence (empty: the base model).
 pub type Adapters<'a> = &'a [&'a LoraAdapter];
 
-/// `lora` with each adapter at its own scale.
-fn at_own_scale<'a>(lora: Adapters<'a>) -> Vec<Scaled<'a>> {
-    lora.iter().map(|&a| (a, a.scale())).collect()
+/// Each sequence's adapters at their own scale, read once per adapter for the whole call: an
+/// adapter on several sequences applies one scale to all of them while another thread changes
+/// it.
+fn at_own_scales<'a>(lora: &[Adapters<'a>]) -> Vec<Vec<Scaled<'a>>> {
+    let mut read: HashMap<*const LoraAdapter, f32> = HashMap::new();
+    let mut scale = |a: &LoraAdapter| {
+        *read
+            .entry(std::ptr::from_ref(a))
+            .or_insert_with(|| a.scale())
+    };
+    lora.iter()
+        .map(|l| l.iter().map(|&a| (a, scale(a))).collect())
+        .collect()
 }
 
 /// What computes an inference's forwards.
@@ -217,13 +228,8 @@ impl Inference {
     pub fn forward_all(&self, tokens: &[u32], lora: Adapters) -> Result<Vec<f32>> {
         let mut pool = self.create_memory_pool();
         let (ws, cache) = pool.parts();
-        self.run(
-            &[tokens],
-            &mut [cache],
-            &[&at_own_scale(lora)],
-            ws,
-            Logits::All,
-        )
+        let lora = at_own_scales(&[lora]);
+        self.run(&[tokens], &mut [cache], &[&lora[0]], ws, Logits::All)
     }
 
     /// Continues `cache` with `tokens`: logits `[n_vocab]` of the last one.
@@ -234,13 +240,8 @@ impl Inference {
         lora: Adapters,
     ) -> Result<Vec<f32>> {
         let mut ws = Workspace::default();
-        self.run(
-            &[tokens],
-            &mut [cache],
-            &[&at_own_scale(lora)],
-            &mut ws,
-            Logits::Last,
-        )
+        let lora = at_own_scales(&[lora]);
+        self.run(&[tokens], &mut [cache], &[&lora[0]], &mut ws, Logits::Last)
     }
 
     /// `forward` with the buffers of `pool`: once warm, allocates only the returned logits.
@@ -253,13 +254,8 @@ impl Inference {
         pool.check_fits(self.config(), self.device())?;
         let (ws, cache) = pool.parts();
         cache.clear();
-        self.run(
-            &[tokens],
-            &mut [cache],
-            &[&at_own_scale(lora)],
-            ws,
-            Logits::Last,
-        )
+        let lora = at_own_scales(&[lora]);
+        self.run(&[tokens], &mut [cache], &[&lora[0]], ws, Logits::Last)
     }
 
     /// Several sequences in one batched computation: every projection runs once over all
@@ -304,7 +300,7 @@ impl Inference {
                 own_caches.iter_mut().collect()
             }
         };
-        let lora: Vec<Vec<Scaled>> = lora.iter().map(|&l| at_own_scale(l)).collect();
+        let lora = at_own_scales(lora);
         let lora: Vec<&[Scaled]> = lora.iter().map(Vec::as_slice).collect();
         self.step(sequences, &lora, &mut caches, &mut Workspace::default())
     }
