@@ -1,5 +1,6 @@
 //! The F16 and BF16 kernels on x86-64, in `halves`' sum order: the row kernel (decode) and
-//! the tile kernel (k in chunks), on AVX-512 (one 16-lane vector) and on AVX2 (two 8-lane
+//! the tile kernel (k in chunks, each chunk of the rows widened to f32 once for every token
+//! tile that passes over it), on AVX-512 (one 16-lane vector) and on AVX2 (two 8-lane
 //! halves of it).
 //!
 //! BF16 on a CPU with AVX512_BF16 (`Level::Avx512Bf16`) takes `vdpbf16ps` instead, which
@@ -19,7 +20,6 @@ use crate::ops::disjoint::SyncPtr;
 use crate::ops::qmatmul::driver::{n_tasks, row_tasks, Weights, MIN_TILED};
 use crate::ops::qmatmul::simd::{self, prefetch_l2, Ahead};
 use crate::ops::qmatmul::{isa, Isa};
-use crate::ops::scratch::Pod;
 
 /// A half format's values widened to f32 as they are loaded.
 pub(crate) trait Widen {
@@ -37,21 +37,6 @@ pub(crate) trait Widen {
     /// # Safety
     /// AVX2 and F16C; `p` points to `n` ≤ 8 values.
     unsafe fn load8(p: *const u8, n: usize) -> __m256;
-
-    /// An activation (rounded to this format) as the AVX2 kernels keep it: F16 in its own
-    /// format, half the bytes of f32 to read in each of the tiles' six passes over a chunk,
-    /// for one `vcvtph2ps` a load; BF16 as f32, since its widening takes two instructions,
-    /// which cost the tiles more than the bytes saved.
-    type Act: Pod + Copy + Default + Send + Sync;
-
-    /// `v` rounded to this format, as an `Act`.
-    fn act(v: f32) -> Self::Act;
-
-    /// The 8 activations at `p` as f32.
-    ///
-    /// # Safety
-    /// AVX2 and F16C; `p` points to 8 activations.
-    unsafe fn load_act8(p: *const Self::Act) -> __m256;
 }
 
 /// The first `n` (≤ 8) halves at `p`, zeros after.
@@ -94,18 +79,6 @@ impl Widen for F16 {
     unsafe fn load8(p: *const u8, n: usize) -> __m256 {
         _mm256_cvtph_ps(halves8(p, n))
     }
-
-    type Act = u16;
-
-    fn act(v: f32) -> u16 {
-        half::f16::from_f32(v).to_bits()
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn load_act8(p: *const u16) -> __m256 {
-        _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
-    }
 }
 
 /// A bf16 is the top half of an f32: widening shifts it into place.
@@ -126,18 +99,6 @@ impl Widen for Bf16 {
         _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(halves8(
             p, n,
         ))))
-    }
-
-    type Act = f32;
-
-    fn act(v: f32) -> f32 {
-        bf16::round(v)
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn load_act8(p: *const f32) -> __m256 {
-        _mm256_loadu_ps(p)
     }
 }
 
@@ -201,7 +162,7 @@ fn product<K: Kernels, const N: usize>(w: &Weights, x: &[f32], y: &mut [f32]) {
     let m = x.len() / w.nb;
     let tiled = m >= MIN_TILED;
     let tasks_bytes = if tiled {
-        n_tasks(w.n_rows) * task_bytes(m)
+        n_tasks(w.n_rows) * task_bytes::<K>(m)
     } else {
         0
     };
@@ -213,17 +174,18 @@ fn product<K: Kernels, const N: usize>(w: &Weights, x: &[f32], y: &mut [f32]) {
 
 /// Scratch bytes of one tiled task: the partial sums of every token tile, then the chunk of
 /// the rows.
-fn task_bytes(m: usize) -> usize {
-    std::mem::size_of::<Partial>() * m.div_ceil(TOKENS) + CHUNK_BYTES
+fn task_bytes<K: Kernels>(m: usize) -> usize {
+    std::mem::size_of::<Partial>() * m.div_ceil(TOKENS) + ROWS * K::PACKED * K::K_CHUNK
 }
 
 fn tiles<K: Kernels>(w: &Weights, xs: &[K::X], scratch: &mut [u8], m: usize, y: &mut [f32]) {
     let (row_bytes, n_rows, stride) = (2 * w.nb, w.n_rows, padded(w.nb));
     let k_steps = w.nb.next_multiple_of(K::STEP);
     let y_ptr = SyncPtr(y.as_mut_ptr());
-    let scratch = scratch.par_chunks_mut(task_bytes(m));
+    let chunk_row = K::PACKED * K::K_CHUNK;
+    let scratch = scratch.par_chunks_mut(task_bytes::<K>(m));
     row_tasks(n_rows).zip(scratch).for_each(|(rows, scratch)| {
-        let (partial, chunk) = scratch.split_at_mut(scratch.len() - CHUNK_BYTES);
+        let (partial, chunk) = scratch.split_at_mut(scratch.len() - ROWS * chunk_row);
         // SAFETY: the scratch is 64-byte aligned (`Partial` is a multiple of 64 bytes long)
         // and `Partial` (floats) is valid for any bits.
         let partial = unsafe {
@@ -232,7 +194,7 @@ fn tiles<K: Kernels>(w: &Weights, xs: &[K::X], scratch: &mut [u8], m: usize, y: 
                 m.div_ceil(TOKENS),
             )
         };
-        let n_tiles = k_steps.div_ceil(K_CHUNK) * m.div_ceil(TOKENS);
+        let n_tiles = k_steps.div_ceil(K::K_CHUNK) * m.div_ceil(TOKENS);
         let prefetch_step = (ROWS * row_bytes).div_ceil(n_tiles).next_multiple_of(64);
         for r0 in rows.clone().step_by(ROWS) {
             // The next rows arrive while these are multiplied, a few lines per tile: 1B-class
@@ -241,19 +203,25 @@ fn tiles<K: Kernels>(w: &Weights, xs: &[K::X], scratch: &mut [u8], m: usize, y: 
             let mut next =
                 w.data[next_rows.start * row_bytes..next_rows.end * row_bytes].as_ptr_range();
             // k in chunks: a chunk of the rows stays in L1 while every token passes over it.
-            for k0 in (0..k_steps).step_by(K_CHUNK) {
-                let ks = k0..(k0 + K_CHUNK).min(k_steps);
+            for k0 in (0..k_steps).step_by(K::K_CHUNK) {
+                let ks = k0..(k0 + K::K_CHUNK).min(k_steps);
                 // The chunk of the rows, copied next to each other: rows a power of two bytes
                 // apart fall in the same L1 sets, where 8 of them fill every way and evict one
                 // another and the tokens between the passes over them. Rows past the task's
                 // end belong to the next task: read, never stored here.
                 let bytes = 2 * (ks.end.min(w.nb) - k0);
-                for (r, packed) in chunk.chunks_exact_mut(2 * K_CHUNK).enumerate() {
+                for (r, packed) in chunk.chunks_exact_mut(chunk_row).enumerate() {
                     let row = (r0 + r).min(n_rows - 1) * row_bytes + 2 * k0;
-                    packed[..bytes].copy_from_slice(&w.data[row..row + bytes]);
+                    // SAFETY: `supports` checked the CPU.
+                    unsafe {
+                        K::pack(
+                            &w.data[row..row + bytes],
+                            &mut packed[..K::PACKED * ks.len()],
+                        )
+                    };
                 }
                 let block: [*const u8; ROWS] =
-                    std::array::from_fn(|r| chunk[r * 2 * K_CHUNK..].as_ptr());
+                    std::array::from_fn(|r| chunk[r * chunk_row..].as_ptr());
                 for (t0, partial) in (0..m).step_by(TOKENS).zip(partial.iter_mut()) {
                     let t: [usize; TOKENS] = std::array::from_fn(|i| (t0 + i).min(m - 1));
                     assert!(t.iter().all(|&t| xs.len() >= (t + 1) * stride));
@@ -270,7 +238,7 @@ fn tiles<K: Kernels>(w: &Weights, xs: &[K::X], scratch: &mut [u8], m: usize, y: 
             let n = (rows.end - r0).min(ROWS);
             for (t0, partial) in (0..m).step_by(TOKENS).zip(partial.iter()) {
                 // SAFETY: `supports` checked the CPU.
-                let out = unsafe { K::sums(partial) };
+                let out = unsafe { sums(partial) };
                 for (i, out) in out.iter().enumerate().take(m - t0) {
                     // SAFETY: this task alone writes columns `rows` of y; t0 + i < m.
                     let y = unsafe { y_ptr.slice((t0 + i) * n_rows + r0, n) };
@@ -292,14 +260,6 @@ fn lanes(n: usize) -> u16 {
 const ROWS: usize = 8;
 const TOKENS: usize = 3;
 
-/// Values of k per pass over the tokens: the rows' chunk (16 KiB of halves) and one tile's
-/// tokens (12 KiB) fit in L1. 1B-class prefill, tok/s: 512: 178, 1024: 187, 2048: 188 (with
-/// 4 × 4 tiles over rows widened to f32 first: 256: 129, 512: 135, 1024: 146, 2048: 130).
-const K_CHUNK: usize = 1024;
-
-/// Bytes of one chunk of a tile's rows (`tiles` copies it).
-const CHUNK_BYTES: usize = ROWS * 2 * K_CHUNK;
-
 /// One token tile's accumulators between chunks of k: `[token][row][lane]`.
 type Partial = [[[f32; 16]; ROWS]; TOKENS];
 
@@ -308,12 +268,28 @@ trait Kernels: RowKernel {
     /// Values per step along k.
     const STEP: usize;
 
-    /// Adds columns `ks` of `ROWS` rows of `k` halves (`w[r]` points to column `ks.start` of
-    /// row `r`) times tokens `t` of `xs` (`prepare`d, `padded(k)` values per token) to
-    /// `partial`, which the first chunk (`ks.start == 0`) sets.
+    /// Values of k per pass over the tokens: the rows' chunk (16 KiB) and one tile's tokens
+    /// fit in L1.
+    const K_CHUNK: usize = 1024;
+
+    /// Bytes a value of the rows takes in the chunk `tile` reads (`pack` writes it).
+    const PACKED: usize = 2;
+
+    /// Writes the halves `row` (a chunk's columns within k) to `chunk` as `tile` reads them:
+    /// by default, as they are.
     ///
     /// # Safety
-    /// The CPU has the instruction set; each `w[r]` points to the columns `ks` within `k`;
+    /// The CPU has the instruction set; `chunk` holds `PACKED` bytes per column of the chunk.
+    unsafe fn pack(row: &[u8], chunk: &mut [u8]) {
+        chunk[..row.len()].copy_from_slice(row);
+    }
+
+    /// Adds columns `ks` of `ROWS` rows of `k` halves (`w[r]`: row `r`'s columns `ks` as
+    /// `pack` wrote them) times tokens `t` of `xs` (`prepare`d, `padded(k)` values per token)
+    /// to `partial`, which the first chunk (`ks.start == 0`) sets.
+    ///
+    /// # Safety
+    /// The CPU has the instruction set; each `w[r]` points to a packed chunk of `ks`;
     /// `xs` holds the tokens `t`; `ks` lies within `k` rounded up to `STEP`, its start a
     /// multiple of `STEP`.
     unsafe fn tile(
@@ -324,12 +300,6 @@ trait Kernels: RowKernel {
         ks: std::ops::Range<usize>,
         partial: &mut Partial,
     );
-
-    /// A tile's finished accumulators as outputs: `out[token][row]`.
-    ///
-    /// # Safety
-    /// The CPU has the instruction set.
-    unsafe fn sums(partial: &Partial) -> [[f32; ROWS]; TOKENS];
 }
 
 struct Avx512<H>(std::marker::PhantomData<H>);
@@ -352,6 +322,61 @@ fn reduce_halves(lo: __m256, hi: __m256) -> f32 {
     let v = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
     _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)))
+}
+
+/// A tile's finished accumulators as outputs, `out[token][row]`.
+///
+/// # Safety
+/// AVX2.
+#[target_feature(enable = "avx2")]
+unsafe fn sums(partial: &Partial) -> [[f32; ROWS]; TOKENS] {
+    let mut out = [[0f32; ROWS]; TOKENS];
+    for (out, partial) in out.iter_mut().zip(partial) {
+        let (mut lo, mut hi) = ([_mm256_setzero_ps(); ROWS], [_mm256_setzero_ps(); ROWS]);
+        for (r, lanes) in partial.iter().enumerate() {
+            lo[r] = _mm256_loadu_ps(lanes.as_ptr());
+            hi[r] = _mm256_loadu_ps(lanes[8..].as_ptr());
+        }
+        _mm256_storeu_ps(out.as_mut_ptr(), reduce_rows(lo, hi));
+    }
+    out
+}
+
+/// `reduce` of the 16 lanes of 8 rows at once (row `r`'s lanes 0–7 in `lo[r]`, 8–15 in
+/// `hi[r]`), each step's additions side by side: lane `r` of the result is row `r`'s sum.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn reduce_rows(lo: [__m256; 8], hi: [__m256; 8]) -> __m256 {
+    // Halves: lane l + lane (l + 8).
+    let mut h = [_mm256_setzero_ps(); 8];
+    for r in 0..8 {
+        h[r] = _mm256_add_ps(lo[r], hi[r]);
+    }
+    // Quarters, l + (l + 4): rows 2i and 2i + 1 in the low and high 128 bits of q[i].
+    let mut q = [_mm256_setzero_ps(); 4];
+    for i in 0..4 {
+        let (a, b) = (h[2 * i], h[2 * i + 1]);
+        q[i] = _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(a, b),
+            _mm256_permute2f128_ps::<0x31>(a, b),
+        );
+    }
+    // Pairs, l + (l + 2): p[i] holds rows 4i, 4i + 2 (low) and 4i + 1, 4i + 3 (high), two
+    // lanes each.
+    let mut p = [_mm256_setzero_ps(); 2];
+    for i in 0..2 {
+        let (a, b) = (q[2 * i], q[2 * i + 1]);
+        p[i] = _mm256_add_ps(
+            _mm256_shuffle_ps::<0b01_00_01_00>(a, b),
+            _mm256_shuffle_ps::<0b11_10_11_10>(a, b),
+        );
+    }
+    // Neighbours: rows 0, 2, 4, 6, then 1, 3, 5, 7; put in order.
+    let n = _mm256_add_ps(
+        _mm256_shuffle_ps::<0b10_00_10_00>(p[0], p[1]),
+        _mm256_shuffle_ps::<0b11_01_11_01>(p[0], p[1]),
+    );
+    _mm256_permutevar8x32_ps(n, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
 }
 
 /// A tile's accumulators: zero at the first chunk (`k0 == 0`), else the partial sums.
@@ -414,6 +439,13 @@ impl<H: Half> RowKernel for Avx512<H> {
 impl<H: Half> Kernels for Avx512<H> {
     const STEP: usize = 16;
 
+    const K_CHUNK: usize = WIDENED_K_CHUNK;
+    const PACKED: usize = 4;
+
+    unsafe fn pack(row: &[u8], chunk: &mut [u8]) {
+        widen::<H>(row, chunk)
+    }
+
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     unsafe fn tile(
         w: [*const u8; ROWS],
@@ -427,22 +459,36 @@ impl<H: Half> Kernels for Avx512<H> {
         let mut acc = load_partial(partial, k0);
         // j counts from the chunk's start, as the rows `w` do.
         let xs = &xs[k0..];
-        chunks::<16>(0..ks.len(), k - k0, |j, n| {
+        for j in (0..ks.len()).step_by(16) {
             let x: [__m512; TOKENS] =
                 std::array::from_fn(|i| _mm512_loadu_ps(xs.as_ptr().add(t[i] * stride + j)));
             for r in 0..ROWS {
-                let w = H::load16(w[r].add(2 * j), n);
+                let w = _mm512_loadu_ps(w[r].add(4 * j).cast());
                 for i in 0..TOKENS {
                     acc[i][r] = _mm512_fmadd_ps(w, x[i], acc[i][r]);
                 }
             }
-        });
+        }
         store_partial(partial, acc);
     }
+}
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn sums(partial: &Partial) -> [[f32; ROWS]; TOKENS] {
-        partial.map(|p| p.map(|p| reduce(_mm512_loadu_ps(p.as_ptr()))))
+/// `Kernels::K_CHUNK` of tiles over widened rows: 16 KiB of f32.
+const WIDENED_K_CHUNK: usize = 512;
+
+/// The halves `row` widened to f32 in `chunk`, zeros after them to its end (where the tiles'
+/// last step adds nothing): once per chunk of the rows, rather than at each of the passes of
+/// the tokens over it, which then multiply, load for load, as f32 products do.
+///
+/// # Safety
+/// AVX2 and F16C; `chunk` holds 4 bytes per value of `row` rounded up to 8 values.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn widen<H: Half>(row: &[u8], chunk: &mut [u8]) {
+    let n = row.len() / 2;
+    assert!(chunk.len() >= 4 * n.next_multiple_of(8) && chunk.len().is_multiple_of(32));
+    for j in (0..chunk.len() / 4).step_by(8) {
+        let v = H::load8(row.as_ptr().add(2 * j), n.saturating_sub(j).min(8));
+        _mm256_storeu_ps(chunk.as_mut_ptr().add(4 * j).cast(), v);
     }
 }
 
@@ -471,9 +517,9 @@ unsafe fn fmadd_rows16<H: Half, const N: usize>(
     w: [*const u8; N],
     j: usize,
     n: usize,
-    x: &[H::Act],
+    x: &[f32],
 ) {
-    let x = [0, 8].map(|h| H::load_act8(x[j + h..j + h + 8].as_ptr()));
+    let x = [0, 8].map(|h| _mm256_loadu_ps(x[j + h..j + h + 8].as_ptr()));
     for r in 0..N {
         let w = load16_avx2::<H>(w[r].add(2 * j), n);
         for h in 0..2 {
@@ -483,15 +529,15 @@ unsafe fn fmadd_rows16<H: Half, const N: usize>(
 }
 
 impl<H: Half> RowKernel for Avx2<H> {
-    type X = H::Act;
+    type X = f32;
 
-    fn prepare(x: &[f32], out: &mut [H::Act]) {
-        rounded(H::act, x, out)
+    fn prepare(x: &[f32], out: &mut [f32]) {
+        rounded(H::round, x, out)
     }
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn rows<const N: usize>(w: [*const u8; N], k: usize, x: &[H::Act]) -> [f32; N] {
+    unsafe fn rows<const N: usize>(w: [*const u8; N], k: usize, x: &[f32]) -> [f32; N] {
         let ahead = Ahead::in_groups(k.div_ceil(16), 32, simd::PREFETCH_F16, N);
         let mut acc = [[_mm256_setzero_ps(); 2]; N];
         // Plain loops: as a closure passed to `chunks`, this body was not inlined (a call
@@ -514,6 +560,12 @@ impl<H: Half> RowKernel for Avx2<H> {
 
 impl<H: Half> Kernels for Avx2<H> {
     const STEP: usize = 16;
+    const K_CHUNK: usize = WIDENED_K_CHUNK;
+    const PACKED: usize = 4;
+
+    unsafe fn pack(row: &[u8], chunk: &mut [u8]) {
+        widen::<H>(row, chunk)
+    }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn tile(
@@ -524,46 +576,30 @@ impl<H: Half> Kernels for Avx2<H> {
         ks: std::ops::Range<usize>,
         partial: &mut Partial,
     ) {
-        let x: [*const H::Act; TOKENS] = std::array::from_fn(|i| xs.as_ptr().add(t[i] * padded(k)));
+        let x: [*const f32; TOKENS] = std::array::from_fn(|i| xs.as_ptr().add(t[i] * padded(k)));
         // Each half of the 16 lanes sums on its own: one half of 3 rows at a time, 9 chains
         // of fused multiply-adds that hide their latency, in registers (4 rows spilled one).
         for h in 0..2 {
-            tile_half::<H, 3>(w, 0, h, k, x, ks.clone(), partial);
-            tile_half::<H, 3>(w, 3, h, k, x, ks.clone(), partial);
-            tile_half::<H, 2>(w, 6, h, k, x, ks.clone(), partial);
+            tile_half::<4>(w, 0, h, x, ks.clone(), partial);
+            tile_half::<4>(w, 4, h, x, ks.clone(), partial);
         }
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn sums(partial: &Partial) -> [[f32; ROWS]; TOKENS] {
-        partial.map(|p| {
-            p.map(|p| {
-                reduce_halves(
-                    _mm256_loadu_ps(p.as_ptr()),
-                    _mm256_loadu_ps(p[8..].as_ptr()),
-                )
-            })
-        })
     }
 }
 
-/// AVX2's `tile` for lanes `8 h ..= 8 h + 7` of rows `r0 .. r0 + R`.
+/// AVX2's `tile` for lanes `8 h ..= 8 h + 7` of rows `r0 .. r0 + R` (widened).
 ///
 /// # Safety
 /// As `Kernels::tile`; `x[i]` points to token `t[i]`'s values.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_half<H: Half, const R: usize>(
+unsafe fn tile_half<const R: usize>(
     w: [*const u8; ROWS],
     r0: usize,
     h: usize,
-    k: usize,
-    x: [*const H::Act; TOKENS],
+    x: [*const f32; TOKENS],
     ks: std::ops::Range<usize>,
     partial: &mut Partial,
 ) {
-    let mut rows = [std::ptr::null(); R];
-    rows.copy_from_slice(&w[r0..r0 + R]);
     let mut acc = [[_mm256_setzero_ps(); TOKENS]; R];
     if ks.start > 0 {
         for (r, acc) in acc.iter_mut().enumerate() {
@@ -572,44 +608,22 @@ unsafe fn tile_half<H: Half, const R: usize>(
             }
         }
     }
-    let whole = ks.end.min(k / 16 * 16).max(ks.start);
-    for j in (ks.start..whole).step_by(16) {
-        fmadd_tile_half::<H, R>(&mut acc, rows, j - ks.start + 8 * h, x, j + 8 * h, 8);
-    }
-    for j in (whole..ks.end).step_by(16) {
-        let n = (k - j).saturating_sub(8 * h).min(8);
-        fmadd_tile_half::<H, R>(&mut acc, rows, j - ks.start + 8 * h, x, j + 8 * h, n);
+    // j counts from the chunk's start, as the rows `w` do.
+    for j in (8 * h..ks.len()).step_by(16) {
+        let mut xv = [_mm256_setzero_ps(); TOKENS];
+        for (xv, x) in xv.iter_mut().zip(x) {
+            *xv = _mm256_loadu_ps(x.add(ks.start + j));
+        }
+        for (acc, w) in acc.iter_mut().zip(&w[r0..r0 + R]) {
+            let w = _mm256_loadu_ps(w.cast::<f32>().add(j));
+            for (acc, x) in acc.iter_mut().zip(xv) {
+                *acc = _mm256_fmadd_ps(w, x, *acc);
+            }
+        }
     }
     for (r, acc) in acc.iter().enumerate() {
         for (acc, p) in acc.iter().zip(partial.iter_mut()) {
             _mm256_storeu_ps(p[r0 + r][8 * h..].as_mut_ptr(), *acc);
-        }
-    }
-}
-
-/// Adds 8 values from `wj` of rows `w` (the first `n` of them) times those from `xj` of
-/// tokens `x` to `acc`: `acc[row][token]`.
-///
-/// # Safety
-/// AVX2, FMA and F16C; each `w[r]` points to `wj + n` halves; each `x[i]` to `xj + 8`.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn fmadd_tile_half<H: Half, const R: usize>(
-    acc: &mut [[__m256; TOKENS]; R],
-    w: [*const u8; R],
-    wj: usize,
-    x: [*const H::Act; TOKENS],
-    xj: usize,
-    n: usize,
-) {
-    let mut xv = [_mm256_setzero_ps(); TOKENS];
-    for (xv, x) in xv.iter_mut().zip(x) {
-        *xv = H::load_act8(x.add(xj));
-    }
-    for (acc, w) in acc.iter_mut().zip(w) {
-        let w = H::load8(w.add(2 * wj), n);
-        for (acc, x) in acc.iter_mut().zip(xv) {
-            *acc = _mm256_fmadd_ps(w, x, *acc);
         }
     }
 }
@@ -704,10 +718,5 @@ impl Kernels for Avx512Bf16 {
             }
         });
         store_partial(partial, acc);
-    }
-
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn sums(partial: &Partial) -> [[f32; ROWS]; TOKENS] {
-        Avx512::<Bf16>::sums(partial)
     }
 }
