@@ -4,7 +4,6 @@ mod generate;
 mod pool;
 pub mod sample;
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 pub use generate::Generator;
@@ -48,15 +47,22 @@ enum Logits {
 /// Adapters applied to one sequence (empty: the base model).
 pub type Adapters<'a> = &'a [&'a LoraAdapter];
 
-/// Each sequence's adapters at their own scale, read once per adapter for the whole call: an
+/// `lora` with each adapter at its own scale.
+fn at_own_scale<'a>(lora: Adapters<'a>) -> Vec<Scaled<'a>> {
+    lora.iter().map(|&a| (a, a.scale())).collect()
+}
+
+/// Each sequence's adapters at their own scale, read once per adapter for the whole batch: an
 /// adapter on several sequences applies one scale to all of them while another thread changes
 /// it.
 fn at_own_scales<'a>(lora: &[Adapters<'a>]) -> Vec<Vec<Scaled<'a>>> {
-    let mut read: HashMap<*const LoraAdapter, f32> = HashMap::new();
-    let mut scale = |a: &LoraAdapter| {
-        *read
-            .entry(std::ptr::from_ref(a))
-            .or_insert_with(|| a.scale())
+    let mut read: Vec<Scaled<'a>> = Vec::new();
+    let mut scale = |a: &'a LoraAdapter| match read.iter().find(|(b, _)| std::ptr::eq(*b, a)) {
+        Some(&(_, s)) => s,
+        None => {
+            read.push((a, a.scale()));
+            read[read.len() - 1].1
+        }
     };
     lora.iter()
         .map(|l| l.iter().map(|&a| (a, scale(a))).collect())
@@ -228,8 +234,13 @@ impl Inference {
     pub fn forward_all(&self, tokens: &[u32], lora: Adapters) -> Result<Vec<f32>> {
         let mut pool = self.create_memory_pool();
         let (ws, cache) = pool.parts();
-        let lora = at_own_scales(&[lora]);
-        self.run(&[tokens], &mut [cache], &[&lora[0]], ws, Logits::All)
+        self.run(
+            &[tokens],
+            &mut [cache],
+            &[&at_own_scale(lora)],
+            ws,
+            Logits::All,
+        )
     }
 
     /// Continues `cache` with `tokens`: logits `[n_vocab]` of the last one.
@@ -240,8 +251,13 @@ impl Inference {
         lora: Adapters,
     ) -> Result<Vec<f32>> {
         let mut ws = Workspace::default();
-        let lora = at_own_scales(&[lora]);
-        self.run(&[tokens], &mut [cache], &[&lora[0]], &mut ws, Logits::Last)
+        self.run(
+            &[tokens],
+            &mut [cache],
+            &[&at_own_scale(lora)],
+            &mut ws,
+            Logits::Last,
+        )
     }
 
     /// `forward` with the buffers of `pool`: once warm, allocates only the returned logits.
@@ -254,8 +270,13 @@ impl Inference {
         pool.check_fits(self.config(), self.device())?;
         let (ws, cache) = pool.parts();
         cache.clear();
-        let lora = at_own_scales(&[lora]);
-        self.run(&[tokens], &mut [cache], &[&lora[0]], ws, Logits::Last)
+        self.run(
+            &[tokens],
+            &mut [cache],
+            &[&at_own_scale(lora)],
+            ws,
+            Logits::Last,
+        )
     }
 
     /// Several sequences in one batched computation: every projection runs once over all
