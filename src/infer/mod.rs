@@ -60,8 +60,9 @@ fn at_own_scales<'a>(lora: &[Adapters<'a>]) -> Vec<Vec<Scaled<'a>>> {
     let mut scale = |a: &'a LoraAdapter| match read.iter().find(|(b, _)| std::ptr::eq(*b, a)) {
         Some(&(_, s)) => s,
         None => {
-            read.push((a, a.scale()));
-            read[read.len() - 1].1
+            let s = a.scale();
+            read.push((a, s));
+            s
         }
     };
     lora.iter()

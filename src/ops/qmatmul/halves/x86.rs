@@ -205,7 +205,7 @@ fn tiles<K: Kernels>(w: &Weights, xs: &[K::X], scratch: &mut [u8], m: usize, y: 
             // k in chunks: a chunk of the rows stays in L1 while every token passes over it.
             for k0 in (0..k_steps).step_by(K::K_CHUNK) {
                 let ks = k0..(k0 + K::K_CHUNK).min(k_steps);
-                // The chunk of the rows, copied next to each other: rows a power of two bytes
+                // The chunk of the rows, packed next to each other: rows a power of two bytes
                 // apart fall in the same L1 sets, where 8 of them fill every way and evict one
                 // another and the tokens between the passes over them. Rows past the task's
                 // end belong to the next task: read, never stored here.
@@ -577,8 +577,9 @@ impl<H: Half> Kernels for Avx2<H> {
         partial: &mut Partial,
     ) {
         let x: [*const f32; TOKENS] = std::array::from_fn(|i| xs.as_ptr().add(t[i] * padded(k)));
-        // Each half of the 16 lanes sums on its own: one half of 3 rows at a time, 9 chains
-        // of fused multiply-adds that hide their latency, in registers (4 rows spilled one).
+        // Each half of the 16 lanes sums on its own: one half of 4 rows at a time, 12 chains
+        // of fused multiply-adds that hide their latency, in registers with the 3 tokens'
+        // values (the rows, widened, are loaded from L1 as they are multiplied).
         for h in 0..2 {
             tile_half::<4>(w, 0, h, x, ks.clone(), partial);
             tile_half::<4>(w, 4, h, x, ks.clone(), partial);
