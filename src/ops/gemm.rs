@@ -58,6 +58,14 @@ pub struct MatMut<'a> {
 }
 
 impl<'a> MatMut<'a> {
+    /// The same view, borrowed again for one product.
+    pub fn reborrow(&mut self) -> MatMut<'_> {
+        MatMut {
+            data: self.data,
+            ..*self
+        }
+    }
+
     pub fn new(data: &'a mut [f32], rows: usize, cols: usize) -> MatMut<'a> {
         MatMut::with_stride(data, rows, cols, cols)
     }

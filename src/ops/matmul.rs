@@ -17,13 +17,24 @@ use super::scratch::{self, Pod};
 use crate::error::{Error, Result};
 use crate::gguf::{ByteView, TensorType};
 
-/// Weight rows dequantized at a time by the exact products: 64 rows of a 2048-wide matrix are
-/// 512 KiB of f32, enough for an efficient GEMM and small enough to stay in L2.
+/// Fewest weight rows dequantized at a time by the exact products: 64 rows of a 2048-wide
+/// matrix are 512 KiB of f32, enough for an efficient GEMM.
 const DEQUANT_ROWS: usize = 64;
 
-/// Weight rows per block of the backward products, which run one block after another (each
-/// across all threads): 256 rows of a 2048-wide matrix are 2 MiB of f32.
-const BACKWARD_ROWS: usize = 4 * DEQUANT_ROWS;
+/// Most weight rows dequantized at a time by the exact forward products.
+const MAX_DEQUANT_ROWS: usize = 4 * DEQUANT_ROWS;
+
+/// Most weight columns per task of the backward products (`dx += dy W`): each task's columns
+/// of `dx` (1 MiB for 1024 tokens) stay in its core's cache while the reduction runs over all
+/// the weight's rows.
+const BACKWARD_COLS: usize = 256;
+
+/// Weight rows a backward task dequantizes at a time: 2 MiB of f32.
+const BACKWARD_ROWS: usize = 2048;
+
+/// Weight rows per block of the bf16 backward products, which run one block after another
+/// (each across all threads): 256 rows of a 2048-wide matrix are 2 MiB of f32.
+const BF16_BACKWARD_ROWS: usize = 4 * DEQUANT_ROWS;
 
 /// A frozen matrix `[n_rows, n_cols]` (a weight `[n_out, n_in]`) of any tensor type.
 #[derive(Clone, Debug)]
@@ -163,7 +174,14 @@ impl Weight {
             let w = MatRef::new(as_blocks::<f32>(&self.data), self.n_rows, self.n_cols);
             return gemm(x, w.t(), MatMut::new(y, m, self.n_rows), false, true);
         }
-        self.for_dequantized_blocks(DEQUANT_ROWS, y, |rows, w, y| {
+        // The most rows that still give every thread two tasks: each task's product packs
+        // x anew.
+        let block_rows = self
+            .n_rows
+            .div_ceil(2 * rayon::current_num_threads())
+            .next_multiple_of(16)
+            .clamp(DEQUANT_ROWS, MAX_DEQUANT_ROWS);
+        self.for_dequantized_blocks(block_rows, y, |rows, w, y| {
             if round {
                 w.iter_mut().for_each(|v| *v = bf16::round(*v));
             }
@@ -262,20 +280,55 @@ impl Weight {
             let dy = MatRef::new(dy, m, self.n_rows);
             return gemm(dy, w, MatMut::new(dx, m, self.n_cols), true, true);
         }
-        self.for_row_blocks(|rows, w| {
-            if round {
-                w.par_iter_mut().for_each(|v| *v = bf16::round(*v));
-            }
-            let dy = MatRef::with_stride(&dy[rows.start..], m, rows.len(), self.n_rows);
-            let w = MatRef::new(w, rows.len(), self.n_cols);
-            gemm(dy, w, MatMut::new(dx, m, self.n_cols), true, true);
-        })
+        if m == 0 {
+            return;
+        }
+        let (n, k) = (self.n_rows, self.n_cols);
+        // Whole blocks per task, at most BACKWARD_COLS, fewer where that gives every thread
+        // two tasks.
+        let block = self.dtype.block_size();
+        let width = k
+            .div_ceil(2 * rayon::current_num_threads())
+            .next_multiple_of(block)
+            .clamp(block, BACKWARD_COLS.next_multiple_of(block));
+        let dx_ptr = SyncPtr(dx.as_mut_ptr());
+        (0..k.div_ceil(width)).into_par_iter().for_each(|task| {
+            let cols = task * width..((task + 1) * width).min(k);
+            // SAFETY: each task writes only columns `cols` of dx, disjoint across tasks.
+            let dx = unsafe { dx_ptr.slice(cols.start, (m - 1) * k + cols.len()) };
+            let mut dx = MatMut::with_stride(dx, m, cols.len(), k);
+            scratch::with_f32(|w| {
+                for start in (0..n).step_by(BACKWARD_ROWS) {
+                    let rows = start..(start + BACKWARD_ROWS).min(n);
+                    w.resize(rows.len() * cols.len(), 0.0);
+                    self.dequantize_block(rows.clone(), cols.clone(), w);
+                    if round {
+                        w.iter_mut().for_each(|v| *v = bf16::round(*v));
+                    }
+                    let dy = MatRef::with_stride(&dy[rows.start..], m, rows.len(), n);
+                    let w = MatRef::new(w, rows.len(), cols.len());
+                    gemm(dy, w, dx.reborrow(), true, false);
+                }
+            })
+        });
     }
 
-    /// Runs `f` on consecutive blocks of `BACKWARD_ROWS` rows (an even number), each
+    /// `W[rows, cols]` as f32 into `out` (`[rows.len(), cols.len()]`); `cols` must start and
+    /// end on block boundaries (or at the row's end).
+    fn dequantize_block(&self, rows: Range<usize>, cols: Range<usize>, out: &mut [f32]) {
+        let row_bytes = self.row_bytes();
+        let byte_at = |col: usize| self.dtype.row_bytes(col).expect("block-aligned columns");
+        let (first, end) = (byte_at(cols.start), byte_at(cols.end));
+        for (r, out) in rows.zip(out.chunks_exact_mut(cols.len())) {
+            let row = &self.data[r * row_bytes..];
+            dequantize_into(self.dtype, &row[first..end], out);
+        }
+    }
+
+    /// Runs `f` on consecutive blocks of `BF16_BACKWARD_ROWS` rows (an even number), each
     /// dequantized to f32 (`[rows.len(), n_cols]`) by all threads.
     fn for_row_blocks(&self, mut f: impl FnMut(Range<usize>, &mut [f32])) {
-        let block_rows = BACKWARD_ROWS.min(self.n_rows);
+        let block_rows = BF16_BACKWARD_ROWS.min(self.n_rows);
         scratch::with_f32(|w| {
             w.resize(block_rows * self.n_cols, 0.0);
             for start in (0..self.n_rows).step_by(block_rows) {
@@ -434,6 +487,29 @@ mod tests {
                         "{dtype} dx: {a} vs {b}"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn backward_sums_every_row_chunk_into_every_column_task() {
+        // More rows than one chunk of BACKWARD_ROWS, and column tasks of whole blocks with a
+        // ragged last one.
+        let (n_rows, n_cols, m) = (BACKWARD_ROWS + 37, 96, 3);
+        for dtype in [TensorType::F16, TensorType::Q8_0] {
+            let w = weight(dtype, &values(n_rows * n_cols, 8), n_rows, n_cols);
+            let dense = w.to_f32();
+            let dy = values(m * n_rows, 9);
+            let mut dx = vec![1f32; m * n_cols];
+            w.matmul_backward_input(&dy, &mut dx);
+            for (i, got) in dx.iter().enumerate() {
+                let (t, c) = (i / n_cols, i % n_cols);
+                let want: f64 = 1.0
+                    + (0..n_rows)
+                        .map(|j| dy[t * n_rows + j] as f64 * dense[j * n_cols + c] as f64)
+                        .sum::<f64>();
+                let tol = 4.0 * n_rows as f64 * f32::EPSILON as f64;
+                assert!((*got as f64 - want).abs() < tol, "{dtype} dx[{t}, {c}]");
             }
         }
     }
