@@ -25,6 +25,7 @@ use super::simd::{
     add_block, bcast4, f16_at, halves4, hsum4_avx2, iq4_table, prefetch_l2, tile_values, Ahead,
     PREFETCH_Q8_0,
 };
+use crate::ops::iq4::KVALUES;
 
 pub(crate) struct Q8_0;
 pub(crate) struct Q4_0;
@@ -73,6 +74,18 @@ pub(crate) trait Block32 {
             _mm256_permute2x128_si256::<0x20>(a, b),
             _mm256_permute2x128_si256::<0x31>(a, b),
         ]
+    }
+
+    /// `pair_avx2`'s values less `OFF`, as signed bytes (the AVX2 row kernel's operands when
+    /// `OFF` is 128).
+    ///
+    /// # Safety
+    /// `p` points to two whole blocks; AVX2.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn signed_pair_avx2(p: *const u8) -> [__m256i; 2] {
+        let off = _mm256_set1_epi8(Self::OFF as i8);
+        Self::pair_avx2(p).map(|u| _mm256_sub_epi8(u, off))
     }
 }
 
@@ -135,6 +148,16 @@ impl Block32 for Q8_0 {
     #[target_feature(enable = "avx2")]
     unsafe fn values(p: *const u8) -> __m256i {
         _mm256_xor_si256(_mm256_loadu_si256(p.add(2).cast()), _mm256_set1_epi8(-128))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn signed_pair_avx2(p: *const u8) -> [__m256i; 2] {
+        let qs = |b: usize| p.add(b * Self::BYTES + 2).cast::<__m128i>();
+        [
+            _mm256_loadu2_m128i(qs(1), qs(0)),
+            _mm256_loadu2_m128i(qs(1).add(1), qs(0).add(1)),
+        ]
     }
 }
 
@@ -231,6 +254,13 @@ impl Block32 for IQ4NL {
     #[target_feature(enable = "avx2")]
     unsafe fn pair_avx2(p: *const u8) -> [__m256i; 2] {
         let table = _mm256_broadcastsi128_si256(iq4_table());
+        nibble_pair_avx2(p, 2, Self::BYTES).map(|n| _mm256_shuffle_epi8(table, n))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn signed_pair_avx2(p: *const u8) -> [__m256i; 2] {
+        let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(KVALUES.as_ptr().cast()));
         nibble_pair_avx2(p, 2, Self::BYTES).map(|n| _mm256_shuffle_epi8(table, n))
     }
 }
@@ -728,16 +758,17 @@ unsafe fn rows4_avx2<B: Block32>(w: [*const u8; 4], nb: usize, act: &Rows, t: us
     );
     let (off, ones) = (_mm256_set1_epi8(B::OFF as i8), _mm256_set1_epi16(1));
     let small = B::OFF < 128;
-    // `u · x` summed in i32 pairs, exact.
+    // `q · x` for signed `q`, summed in i32 pairs, exact.
+    let signed_dot = |q: __m256i, x: __m256i| {
+        _mm256_madd_epi16(
+            _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q)),
+            ones,
+        )
+    };
+    // `u · x`: in i16 pairs for small `u`, else in i32 pairs; exact.
     let dot = |u: __m256i, x: __m256i| match small {
         true => _mm256_maddubs_epi16(u, x),
-        false => {
-            let q = _mm256_sub_epi8(u, off);
-            _mm256_madd_epi16(
-                _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q)),
-                ones,
-            )
-        }
+        false => signed_dot(_mm256_sub_epi8(u, off), x),
     };
     let ahead = Ahead::new(nb, B::BYTES, PREFETCH_Q8_0);
     let mut acc = _mm_setzero_ps();
@@ -751,11 +782,17 @@ unsafe fn rows4_avx2<B: Block32>(w: [*const u8; 4], nb: usize, act: &Rows, t: us
         ];
         let z: [__m256i; 4] = std::array::from_fn(|r| {
             prefetch_l2(ahead.of(w[r], b), 2 * B::BYTES);
-            let u = B::pair_avx2(w[r].add(b * B::BYTES));
-            let (lo, hi) = (dot(u[0], x[0]), dot(u[1], x[1]));
+            let p = w[r].add(b * B::BYTES);
             match small {
-                true => _mm256_madd_epi16(_mm256_add_epi16(lo, hi), ones),
-                false => _mm256_add_epi32(lo, hi),
+                true => {
+                    let u = B::pair_avx2(p);
+                    let (lo, hi) = (dot(u[0], x[0]), dot(u[1], x[1]));
+                    _mm256_madd_epi16(_mm256_add_epi16(lo, hi), ones)
+                }
+                false => {
+                    let q = B::signed_pair_avx2(p);
+                    _mm256_add_epi32(signed_dot(q[0], x[0]), signed_dot(q[1], x[1]))
+                }
             }
         });
         // Block b's 4 rows, then block b + 1's.
