@@ -294,17 +294,65 @@ pub fn attention_forward_seqs<'a>(
             let pos = seq.pos0 + (row - seq.rows.start);
             let q = &q[row * q_dim + g * group * hd..][..group * hd];
             let visible = shape.first_key(pos)..pos + 1;
-            scratch::with_f32(|buf| match seq.kv {
+            match seq.kv {
                 KvRows::F32 { keys, values } => {
                     let task = HeadGroup::new(q, keys, values, g, kv_dim, visible);
-                    attend(&shape, &task, out, lse, buf)
+                    attend_in_chunks(&shape, &task, out, lse)
                 }
                 KvRows::F16 { keys, values } => {
                     let task = HeadGroup::new(q, keys, values, g, kv_dim, visible);
-                    attend(&shape, &task, out, lse, buf)
+                    attend_in_chunks(&shape, &task, out, lse)
                 }
-            })
+            }
         });
+}
+
+/// Keys a task attends to at once. A row that sees more is split into chunks of this many
+/// keys, attended in parallel and combined, so that a decoded token's few key/value heads
+/// still spread over the cores; the split depends on the number of keys only, so a row's
+/// bits do not depend on its batch.
+const KEY_CHUNK: usize = 512;
+
+/// `attend` over `task`'s keys, `KEY_CHUNK` at a time: each chunk's softmax and weighted
+/// values, then the chunks combined in order by their log-sum-exps.
+fn attend_in_chunks<T: KvElem + Sync>(
+    shape: &AttentionShape,
+    task: &HeadGroup<T>,
+    out: &mut [f32],
+    lse: &mut [f32],
+) {
+    let visible = &task.visible;
+    if visible.len() <= KEY_CHUNK {
+        return scratch::with_f32(|buf| attend(shape, task, out, lse, buf));
+    }
+    let (hd, heads, chunks) = (shape.head_dim, lse.len(), visible.len().div_ceil(KEY_CHUNK));
+    scratch::with_f32(|parts| {
+        parts.resize(chunks * heads * (hd + 1), 0.0);
+        let (part_outs, part_lses) = parts.split_at_mut(chunks * heads * hd);
+        part_outs
+            .par_chunks_mut(heads * hd)
+            .zip(part_lses.par_chunks_mut(heads))
+            .enumerate()
+            .for_each(|(c, (out, lse))| {
+                let start = visible.start + c * KEY_CHUNK;
+                let keys = start..(start + KEY_CHUNK).min(visible.end);
+                let (q, kv_head, kv_dim) = (task.q, task.kv_head, task.kv_dim);
+                let chunk = HeadGroup::new(q, task.keys, task.values, kv_head, kv_dim, keys);
+                scratch::with_f32(|buf| attend(shape, &chunk, out, lse, buf))
+            });
+        for (h, (out, lse)) in out.chunks_exact_mut(hd).zip(lse.iter_mut()).enumerate() {
+            let part_lse = |c: usize| part_lses[c * heads + h];
+            let max = (0..chunks).map(part_lse).fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = (0..chunks).map(|c| exp(part_lse(c) - max)).sum();
+            *lse = max + sum.ln();
+            out.fill(0.0);
+            for c in 0..chunks {
+                let weight = exp(part_lse(c) - *lse);
+                let part = &part_outs[(c * heads + h) * hd..][..hd];
+                out.iter_mut().zip(part).for_each(|(o, p)| *o += weight * p);
+            }
+        }
+    })
 }
 
 /// One task of `attention_forward_seqs`: a row's query heads that share one key/value head,
@@ -851,6 +899,13 @@ mod tests {
         // Several blocks of keys, the last one ending inside a group of 8.
         forwards_match_the_definition(WIDE, 150);
         forwards_match_the_definition(GROUPS_OF_3, 150);
+        // Rows that see more than one chunk of keys: two whole chunks and a partial one.
+        forwards_match_the_definition(GROUPS_OF_3, 2 * KEY_CHUNK + 100);
+        let capped = AttentionShape {
+            softcap: Some(0.7),
+            ..GROUPS_OF_3
+        };
+        forwards_match_the_definition(capped, 2 * KEY_CHUNK + 100);
     }
 
     fn forwards_match_the_definition(shape: AttentionShape, pos0: usize) {
@@ -881,12 +936,13 @@ mod tests {
     #[test]
     fn a_token_alone_has_the_same_bits_as_in_a_batch() {
         for shape in [SHAPE, WIDE] {
-            a_token_alone_has_the_same_bits_as_in_a_batch_with(shape);
+            a_token_alone_has_the_same_bits_as_in_a_batch_with(shape, 70);
         }
+        // Past one chunk of keys.
+        a_token_alone_has_the_same_bits_as_in_a_batch_with(GROUPS_OF_3, KEY_CHUNK + 40);
     }
 
-    fn a_token_alone_has_the_same_bits_as_in_a_batch_with(shape: AttentionShape) {
-        let n = 70;
+    fn a_token_alone_has_the_same_bits_as_in_a_batch_with(shape: AttentionShape, n: usize) {
         let (q_dim, kv_dim, n_head) = (shape.q_dim(), shape.kv_dim(), shape.n_head);
         let q = values(n * q_dim, 11);
         let k = values(n * kv_dim, 12);
