@@ -36,6 +36,14 @@ const BACKWARD_ROWS: usize = 2048;
 /// (each across all threads): 256 rows of a 2048-wide matrix are 2 MiB of f32.
 const BF16_BACKWARD_ROWS: usize = 4 * DEQUANT_ROWS;
 
+/// The share of `len` rows or columns per task that gives every thread two tasks, a multiple
+/// of `step` within `min..=max`.
+fn task_size(len: usize, step: usize, min: usize, max: usize) -> usize {
+    len.div_ceil(2 * rayon::current_num_threads())
+        .next_multiple_of(step)
+        .clamp(min, max)
+}
+
 /// A frozen matrix `[n_rows, n_cols]` (a weight `[n_out, n_in]`) of any tensor type.
 #[derive(Clone, Debug)]
 pub struct Weight {
@@ -174,13 +182,8 @@ impl Weight {
             let w = MatRef::new(as_blocks::<f32>(&self.data), self.n_rows, self.n_cols);
             return gemm(x, w.t(), MatMut::new(y, m, self.n_rows), false, true);
         }
-        // The most rows that still give every thread two tasks: each task's product packs
-        // x anew.
-        let block_rows = self
-            .n_rows
-            .div_ceil(2 * rayon::current_num_threads())
-            .next_multiple_of(16)
-            .clamp(DEQUANT_ROWS, MAX_DEQUANT_ROWS);
+        // Each task's product packs x anew: as few tasks as keep every thread busy.
+        let block_rows = task_size(self.n_rows, 16, DEQUANT_ROWS, MAX_DEQUANT_ROWS);
         self.for_dequantized_blocks(block_rows, y, |rows, w, y| {
             if round {
                 w.iter_mut().for_each(|v| *v = bf16::round(*v));
@@ -284,13 +287,9 @@ impl Weight {
             return;
         }
         let (n, k) = (self.n_rows, self.n_cols);
-        // Whole blocks per task, at most BACKWARD_COLS, fewer where that gives every thread
-        // two tasks.
+        // Whole blocks per task.
         let block = self.dtype.block_size();
-        let width = k
-            .div_ceil(2 * rayon::current_num_threads())
-            .next_multiple_of(block)
-            .clamp(block, BACKWARD_COLS.next_multiple_of(block));
+        let width = task_size(k, block, block, BACKWARD_COLS.next_multiple_of(block));
         let dx_ptr = SyncPtr(dx.as_mut_ptr());
         (0..k.div_ceil(width)).into_par_iter().for_each(|task| {
             let cols = task * width..((task + 1) * width).min(k);

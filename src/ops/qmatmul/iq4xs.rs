@@ -15,8 +15,8 @@ use core::arch::x86_64::*;
 use super::act::{Groups, Rows, QK_K};
 use super::driver::{Avx2, Avx2Rows, Format, RowKernel};
 use super::simd::{
-    block_steps, f16_at, headers, hsum4, hsum4_avx2, iq4_table, prefetch_l2, tile_avx2,
-    tile_with_starts, Ahead, Pairs, Unpacked, PREFETCH_K_QUANTS,
+    block_steps, f16_at, headers, hsum4, hsum4_avx2, iq4_signed_table_avx2, iq4_table, prefetch_l2,
+    tile_avx2, tile_with_starts, Ahead, Pairs, Unpacked, PREFETCH_K_QUANTS,
 };
 use crate::ops::iq4::{xs_scales, KVALUES};
 
@@ -184,7 +184,7 @@ impl RowKernel for IQ4XS {
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn subblock_avx2(p: *const u8, sb: usize) -> __m256i {
-    let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(KVALUES.as_ptr().cast()));
+    let table = iq4_signed_table_avx2();
     let q = _mm_loadu_si128(p.add(QS + 16 * sb).cast());
     let nibbles = _mm256_set_m128i(_mm_srli_epi16::<4>(q), q);
     _mm256_shuffle_epi8(table, _mm256_and_si256(nibbles, _mm256_set1_epi8(0x0f)))
@@ -234,7 +234,7 @@ unsafe fn rows4_avx2(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32
         let j = 2 * j as i16;
         _mm256_set_m128i(_mm_set1_epi16(word(j + 1)), _mm_set1_epi16(word(j)))
     });
-    let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(KVALUES.as_ptr().cast()));
+    let table = iq4_signed_table_avx2();
     let m4 = _mm256_set1_epi8(0x0f);
     let ahead = Ahead::new(nb, BLOCK_BYTES, PREFETCH_K_QUANTS);
     let mut acc = _mm_setzero_ps();

@@ -22,10 +22,9 @@ use core::arch::x86_64::*;
 use super::act::{Groups, Rows, QK8_0};
 use super::driver::{Avx2, Avx2Rows, Format, RowKernel};
 use super::simd::{
-    add_block, bcast4, f16_at, halves4, hsum4_avx2, iq4_table, prefetch_l2, tile_values, Ahead,
-    PREFETCH_Q8_0,
+    add_block, bcast4, f16_at, halves4, hsum4_avx2, iq4_signed_table_avx2, iq4_table, prefetch_l2,
+    tile_values, Ahead, PREFETCH_Q8_0,
 };
-use crate::ops::iq4::KVALUES;
 
 pub(crate) struct Q8_0;
 pub(crate) struct Q4_0;
@@ -260,7 +259,7 @@ impl Block32 for IQ4NL {
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn signed_pair_avx2(p: *const u8) -> [__m256i; 2] {
-        let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(KVALUES.as_ptr().cast()));
+        let table = iq4_signed_table_avx2();
         nibble_pair_avx2(p, 2, Self::BYTES).map(|n| _mm256_shuffle_epi8(table, n))
     }
 }

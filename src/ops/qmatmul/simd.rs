@@ -251,6 +251,16 @@ pub(crate) fn iq4_table() -> __m128i {
     unsafe { _mm_loadu_si128(IQ4_UNSIGNED.as_ptr().cast()) }
 }
 
+/// `KVALUES`: a `vpshufb` table from nibbles to the values as signed bytes, in both lanes.
+///
+/// # Safety
+/// AVX2.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn iq4_signed_table_avx2() -> __m256i {
+    _mm256_broadcastsi128_si256(_mm_loadu_si128(crate::ops::iq4::KVALUES.as_ptr().cast()))
+}
+
 /// A tile's integer sums over one block of 256 unpacked values in `N_SUB` scaled sub-blocks:
 /// `s[r][i] = Σ_sb sc_r[sb] · (start(sb)[i] + Σ_{k∈sb} u_r[k] x_i[k])`, where `u[r]` holds the
 /// block's values as bytes, `sc[r]` its scales as i32, and `xq[i]` the block's activations in
