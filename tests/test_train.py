@@ -169,6 +169,63 @@ def test_fused_step_checkpointing_and_accumulation_give_the_same_gradients(
     assert all(p.grad is None for p in t.trainable_parameters())
 
 
+def peft_subset(fixture_dir, out, keep) -> str:
+    """lora-all-peft with only the pairs for which `keep(layer, module, top)` holds (`top`: the
+    adapter's last layer, `module` such as `self_attn.q_proj`)."""
+    from safetensors.numpy import load_file, save_file
+
+    src = fixture_dir / "lora-all-peft"
+    out.mkdir()
+    (out / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
+    tensors = load_file(src / "adapter_model.safetensors")
+    where = {k: k.split("layers.")[1].split(".lora_")[0].split(".", 1) for k in tensors}
+    top = max(int(layer) for layer, _ in where.values())
+    kept = {k: v for k, v in tensors.items() if keep(int(where[k][0]), where[k][1], top)}
+    assert kept, "the case keeps some pair"
+    save_file(kept, out / "adapter_model.safetensors")
+    return str(out)
+
+
+# Which pairs of lora-all an adapter keeps (fused projections count as their parts).
+SUBSETS = {
+    "top-layer": lambda il, m, top: il == top,
+    "down": lambda il, m, top: il == top and m.endswith("down_proj"),
+    "up-o": lambda il, m, top: il == top and m.endswith(("up_proj", "o_proj")),
+    "k": lambda il, m, top: il == top and m.endswith(("k_proj", "qkv_proj")),
+    "v-gate": lambda il, m, top: (
+        (il == top - 1 and m.endswith(("v_proj", "qkv_proj")))
+        or (il == top and m.endswith(("gate_proj", "gate_up_proj")))
+    ),
+}
+
+
+@pytest.mark.parametrize("subset", SUBSETS)
+def test_an_adapter_on_some_layers_gets_the_gradients_of_a_full_one(
+    f32_inference, ref, fixture_dir, tmp_path, subset
+):
+    """Nothing below an adapter's lowest trainable term is back-propagated (as with autograd);
+    its gradients are those it has inside lora-all with every other B zero, which runs the
+    whole backward."""
+    tokens = ref["tokens"].tolist()
+    path = peft_subset(fixture_dir, tmp_path / "subset", SUBSETS[subset])
+    part = lugh.LoRA(path, f32_inference.model).trainable_copy()
+    kept = {repr(p).split("'")[1] for p in part.trainable_parameters()}
+    full = copy_of_lora_all(f32_inference, fixture_dir)
+    for p in full.trainable_parameters():
+        name = repr(p).split("'")[1]
+        if name.endswith(".lora_b") and name not in kept:
+            full.get_weight_tensor(name.removesuffix(".lora_b"), "b").set_data(
+                np.zeros_like(p.numpy())
+            )
+    for adapter in (full, part):
+        lugh.train.train_step(f32_inference, [tokens], adapter)
+    expected = {repr(p).split("'")[1]: p.grad for p in full.trainable_parameters()}
+    for p in part.trainable_parameters():
+        name = repr(p).split("'")[1]
+        assert np.abs(p.grad).max() > 0, f"dL/d{name} is zero"
+        assert_close(p.grad, expected[name], 1e-6, f"dL/d{name}")
+
+
 # precision="bf16" against the exact float64 references. PyTorch's bf16 autocast (transformers +
 # PEFT on tiny-llama) is 2.5e-2 from them in the logits and 4.9e-2 in the adapter gradients;
 # lugh's mode, which keeps the products' sums in f32, must be as close.

@@ -259,11 +259,12 @@ impl Backend for CpuBackend<'_> {
         x: &Vec<f32>,
         lora: &LoraPlan,
         numerics: Numerics,
-        dx: &mut Vec<f32>,
+        dx: Option<&mut Vec<f32>>,
         grads: &mut LoraGrads,
     ) -> Result<()> {
         let weight = self.weights.layers[il].weight(proj);
         let slot = Slot { layer: il, proj };
+        let dx = dx.map(|dx| &mut dx[..]);
         scratch::with_f32(|buf| {
             linear_backward(dy, x, weight, slot, lora, numerics, dx, grads, buf)
         });

@@ -136,8 +136,9 @@ pub trait Backend: Sync {
         numerics: Numerics,
     ) -> Result<()>;
 
-    /// Backward of `linear` for one projection: `dx += dy W + Σ s (dy B) A`, and the
-    /// trainable adapters' dA, dB into `grads`; `dy W` with the forward's `numerics`.
+    /// Backward of `linear` for one projection: `dx += dy W + Σ s (dy B) A` where `dx` is
+    /// given, and the trainable adapters' dA, dB into `grads`; `dy W` with the forward's
+    /// `numerics`.
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(
         &self,
@@ -147,7 +148,7 @@ pub trait Backend: Sync {
         x: &Self::Tensor,
         lora: &LoraPlan,
         numerics: Numerics,
-        dx: &mut Self::Tensor,
+        dx: Option<&mut Self::Tensor>,
         grads: &mut Self::Grads,
     ) -> Result<()>;
 

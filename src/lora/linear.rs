@@ -140,6 +140,12 @@ impl<'a> LoraPlan<'a> {
         self.adapters.len()
     }
 
+    /// Whether a trainable adapter has a term on `slot`.
+    pub fn trains(&self, slot: Slot) -> bool {
+        self.terms(slot)
+            .any(|term| self.adapter(term.adapter).trainable())
+    }
+
     /// Every adapter term on `slot`.
     pub fn terms(&self, slot: Slot) -> impl Iterator<Item = Term<'_>> {
         self.segments.iter().flat_map(move |(rows, applied)| {
@@ -267,7 +273,7 @@ pub struct LoraGrads {
 
 /// Backward of `linear` (frozen `W` and `b`). With `u = s · A x`, `g = dy B`:
 ///   dB += dyᵀ u,   dA += s · gᵀ x,   dx += dy W + s · g A.
-/// Gradients go only to trainable adapters; `dx` accumulates.
+/// Gradients go only to trainable adapters; `dx` accumulates, where one is asked for.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_backward(
     dy: &[f32],
@@ -276,13 +282,19 @@ pub fn linear_backward(
     slot: Slot,
     lora: &LoraPlan,
     numerics: Numerics,
-    dx: &mut [f32],
+    mut dx: Option<&mut [f32]>,
     grads: &mut LoraGrads,
     scratch: &mut Vec<f32>,
 ) {
-    backward_input(weight, numerics, dy, dx);
+    if let Some(dx) = dx.as_deref_mut() {
+        backward_input(weight, numerics, dy, dx);
+    }
     let mut g = Vec::new();
     for term in lora.terms(slot) {
+        let trainable = lora.adapter(term.adapter).trainable();
+        if !trainable && dx.is_none() {
+            continue;
+        }
         let (rows, pair, n_out) = (term.rows.clone(), term.pair, term.n_out());
         let n = rows.len();
         let dy_rows = rows_of(dy, &rows, n_out);
@@ -296,7 +308,7 @@ pub fn linear_backward(
             false,
         );
         g.iter_mut().for_each(|v| *v *= term.scaling);
-        if lora.adapter(term.adapter).trainable() {
+        if trainable {
             let u = lora_hidden(x, &term, scratch);
             let (d_a, d_b) = grads
                 .grads
@@ -321,6 +333,9 @@ pub fn linear_backward(
             );
         }
         // dx[rows] += g A
+        let Some(dx) = dx.as_deref_mut() else {
+            continue;
+        };
         let dx_rows = &mut dx[rows.start * pair.n_in..rows.end * pair.n_in];
         gemm(
             MatRef::new(&g, n, pair.rank),

@@ -12,7 +12,7 @@
 use std::ops::Range;
 
 use super::kv_cache::KvCache;
-use super::weights::Proj;
+use super::weights::{Proj, Slot};
 use crate::backend::{Backend, Norm};
 use crate::error::Result;
 use crate::lora::{LoraPlan, Numerics};
@@ -256,7 +256,9 @@ fn branch_grad<'a, B: Backend>(
 }
 
 /// Backward of `block_forward` for whole sequences (`pos0 = 0`). `dx` holds dL/d(block
-/// output) and is replaced by dL/d(block input); adapter gradients accumulate in `grads`.
+/// output); adapter gradients accumulate in `grads`. With `input_grad`, `dx` is replaced by
+/// dL/d(block input). Without it (nothing trainable lies below), as with autograd, only what
+/// this block's own trainable terms need is computed, and `dx` is left partly updated.
 #[allow(clippy::too_many_arguments)]
 pub fn block_backward<B: Backend>(
     b: &B,
@@ -267,10 +269,24 @@ pub fn block_backward<B: Backend>(
     acts: &BlockActs<B::Tensor>,
     grads: &mut B::Grads,
     scratch: &mut BlockScratch<B::Tensor>,
+    input_grad: bool,
 ) -> Result<()> {
     let c = b.config();
     let n_tokens = ctx.seqs.last().map_or(0, |s| s.rows.end);
     let (lora, numerics) = (ctx.lora, ctx.numerics);
+    let trains = |projs: &[Proj]| {
+        projs
+            .iter()
+            .any(|&proj| lora.trains(Slot { layer: il, proj }))
+    };
+    // The gradients each part needs, from the block's input up: a part runs where it or
+    // something below it trains.
+    let qkv = input_grad || trains(&[Proj::AttnQ, Proj::AttnK, Proj::AttnV]);
+    let attn = qkv || trains(&[Proj::AttnOutput]);
+    let gate_up = attn || trains(&[Proj::FfnGate, Proj::FfnUp]);
+    if !gate_up && !trains(&[Proj::FfnDown]) {
+        return Ok(());
+    }
 
     let act = saved_or::<B>(&acts.act, &mut scratch.act, |out| {
         b.glu(&acts.gate, &acts.up, out)
@@ -290,17 +306,14 @@ pub fn block_backward<B: Backend>(
         inv,
         &mut scratch.d_post,
     )?;
-    b.zeros(n_tokens, c.n_ff, &mut scratch.d_a)?;
-    b.linear_backward(
-        il,
-        Proj::FfnDown,
-        d_down,
-        act,
-        lora,
-        numerics,
-        &mut scratch.d_a,
-        grads,
-    )?;
+    if gate_up {
+        b.zeros(n_tokens, c.n_ff, &mut scratch.d_a)?;
+    }
+    let d_act = gate_up.then_some(&mut scratch.d_a);
+    b.linear_backward(il, Proj::FfnDown, d_down, act, lora, numerics, d_act, grads)?;
+    if !gate_up {
+        return Ok(());
+    }
     b.glu_backward(
         &scratch.d_a,
         &acts.gate,
@@ -308,29 +321,23 @@ pub fn block_backward<B: Backend>(
         &mut scratch.d_b,
         &mut scratch.d_c,
     )?;
-    b.zeros(n_tokens, c.n_embd, &mut scratch.d_in)?;
-    let d_in = &mut scratch.d_in;
-    b.linear_backward(
-        il,
-        Proj::FfnGate,
-        &scratch.d_b,
-        ffn_in,
-        lora,
-        numerics,
-        d_in,
-        grads,
+    if attn {
+        b.zeros(n_tokens, c.n_embd, &mut scratch.d_in)?;
+    }
+    for (proj, dy) in [(Proj::FfnGate, &scratch.d_b), (Proj::FfnUp, &scratch.d_c)] {
+        let d_in = attn.then_some(&mut scratch.d_in);
+        b.linear_backward(il, proj, dy, ffn_in, lora, numerics, d_in, grads)?;
+    }
+    if !attn {
+        return Ok(());
+    }
+    b.rms_norm_backward(
+        Norm::Ffn(il),
+        &scratch.d_in,
+        &acts.x_mid,
+        &acts.ffn_inv_rms,
+        dx,
     )?;
-    b.linear_backward(
-        il,
-        Proj::FfnUp,
-        &scratch.d_c,
-        ffn_in,
-        lora,
-        numerics,
-        d_in,
-        grads,
-    )?;
-    b.rms_norm_backward(Norm::Ffn(il), d_in, &acts.x_mid, &acts.ffn_inv_rms, dx)?;
 
     // x_mid = x_in + W_o · attention(...) (its post norm between, with Gemma)
     let (raw, inv) = (&acts.attn_proj, &acts.post_attn_inv_rms);
@@ -343,18 +350,24 @@ pub fn block_backward<B: Backend>(
         inv,
         &mut scratch.d_post,
     )?;
-    b.zeros(n_tokens, c.q_dim(), &mut scratch.d_a)?;
-    let d_attn_out = &mut scratch.d_a;
+    if qkv {
+        b.zeros(n_tokens, c.q_dim(), &mut scratch.d_a)?;
+    }
+    let d_attn_out = qkv.then_some(&mut scratch.d_a);
+    let attn_out = &acts.attn_out;
     b.linear_backward(
         il,
         Proj::AttnOutput,
         d_o,
-        &acts.attn_out,
+        attn_out,
         lora,
         numerics,
         d_attn_out,
         grads,
     )?;
+    if !qkv {
+        return Ok(());
+    }
     b.attention_backward(
         il,
         ctx.seqs,
@@ -396,19 +409,25 @@ pub fn block_backward<B: Backend>(
     let attn_in = saved_or::<B>(&acts.attn_in, &mut scratch.norm_in, |out| {
         b.rms_norm_apply(Norm::Attn(il), &acts.x_in, &acts.attn_inv_rms, out)
     })?;
-    b.zeros(n_tokens, c.n_embd, &mut scratch.d_in)?;
-    let d_in = &mut scratch.d_in;
-    b.linear_backward(il, Proj::AttnQ, dq, attn_in, lora, numerics, d_in, grads)?;
-    b.linear_backward(il, Proj::AttnK, dk, attn_in, lora, numerics, d_in, grads)?;
-    b.linear_backward(
-        il,
-        Proj::AttnV,
-        &scratch.v,
-        attn_in,
-        lora,
-        numerics,
-        d_in,
-        grads,
-    )?;
-    b.rms_norm_backward(Norm::Attn(il), d_in, &acts.x_in, &acts.attn_inv_rms, dx)
+    if input_grad {
+        b.zeros(n_tokens, c.n_embd, &mut scratch.d_in)?;
+    }
+    for (proj, dy) in [
+        (Proj::AttnQ, dq),
+        (Proj::AttnK, dk),
+        (Proj::AttnV, &scratch.v),
+    ] {
+        let d_in = input_grad.then_some(&mut scratch.d_in);
+        b.linear_backward(il, proj, dy, attn_in, lora, numerics, d_in, grads)?;
+    }
+    if !input_grad {
+        return Ok(());
+    }
+    b.rms_norm_backward(
+        Norm::Attn(il),
+        &scratch.d_in,
+        &acts.x_in,
+        &acts.attn_inv_rms,
+        dx,
+    )
 }

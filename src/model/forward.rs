@@ -9,6 +9,7 @@ use super::block::{
     SeqSpan,
 };
 use super::kv_cache::KvCache;
+use super::weights::{Proj, Slot};
 use crate::backend::{Backend, Norm};
 use crate::error::Result;
 use crate::lora::{LoraPlan, Numerics};
@@ -219,6 +220,15 @@ pub fn backward<B: Backend>(
         lora,
         numerics: saved.numerics,
     };
+    // As autograd does, no gradient flows below the lowest layer that trains something.
+    let trains = |il: usize| {
+        Proj::ALL
+            .iter()
+            .any(|&proj| lora.trains(Slot { layer: il, proj }))
+    };
+    let Some(lowest) = (0..config.n_layer).find(|&il| trains(il)) else {
+        return Ok(());
+    };
     let mut dx = B::Tensor::default();
     b.zeros(batch.tokens.len(), config.n_embd, &mut dx)?;
     b.rms_norm_backward(
@@ -230,7 +240,7 @@ pub fn backward<B: Backend>(
     )?;
     let mut scratch = BlockScratch::default();
     let mut recomputed = BlockActs::default();
-    for il in (0..config.n_layer).rev() {
+    for il in (lowest..config.n_layer).rev() {
         let acts = if saved.checkpoint {
             let mut x = B::Tensor::default();
             b.copy(&saved.blocks[il].x_in, &mut x)?;
@@ -239,7 +249,18 @@ pub fn backward<B: Backend>(
         } else {
             &saved.blocks[il]
         };
-        block_backward(b, &ctx, il, &mut dx, caches, acts, grads, &mut scratch)?;
+        let input_grad = il > lowest;
+        block_backward(
+            b,
+            &ctx,
+            il,
+            &mut dx,
+            caches,
+            acts,
+            grads,
+            &mut scratch,
+            input_grad,
+        )?;
     }
     Ok(())
 }

@@ -330,15 +330,21 @@ impl Backend for CandleModel {
         x: &Act,
         lora: &LoraPlan,
         numerics: Numerics,
-        dx: &mut Act,
+        dx: Option<&mut Act>,
         grads: &mut DeviceGrads,
     ) -> Result<()> {
         let (dy, x) = (get(dy)?, get(x)?);
         let n_rows = x.dims()[0];
         let weight = self.weights.layers[il].weight(proj);
-        let mut d = weight.backward_input(dy, numerics)?;
+        let mut d = match dx {
+            Some(_) => Some(weight.backward_input(dy, numerics)?),
+            None => None,
+        };
         for term in lora.terms(Slot { layer: il, proj }) {
             let adapter = lora.adapter(term.adapter);
+            if !adapter.trainable() && d.is_none() {
+                continue;
+            }
             let (a, b) = adapter.pair_on(term.pair_index, term.pair, &self.dev)?;
             let b = b.narrow(0, term.b_rows.start, term.b_rows.len())?;
             let (start, len) = (term.rows.start, term.rows.len());
@@ -355,9 +361,13 @@ impl Backend for CandleModel {
                 };
                 grads.insert((term.adapter, term.pair_index), (d_a, d_b));
             }
-            d = (d + pad_rows(g.matmul(&a)?, &term.rows, n_rows)?)?;
+            if let Some(d) = &mut d {
+                *d = (&*d + pad_rows(g.matmul(&a)?, &term.rows, n_rows)?)?;
+            }
         }
-        *dx = Some((get(dx)? + d)?);
+        if let (Some(dx), Some(d)) = (dx, d) {
+            *dx = Some((get(dx)? + d)?);
+        }
         Ok(())
     }
 
