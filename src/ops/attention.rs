@@ -179,12 +179,15 @@ fn weighted_rows<'o, 'p, 'v, T: KvElem, const AVX: bool, const H: usize, const C
 ) {
     let mut out: [&mut [f32]; H] = std::array::from_fn(|_| outs.next().unwrap());
     let p: [&[f32]; H] = std::array::from_fn(|_| probs.next().unwrap());
+    // All of one length, so that the loops index them unchecked.
+    let n = p[0].len();
+    let p = p.map(|p| &p[..n]);
     let width = out[0].len();
     let whole = width / COLS * COLS;
     for c0 in (0..whole).step_by(COLS) {
         let mut acc: [[f32; COLS]; H] =
             std::array::from_fn(|h| out[h][c0..c0 + COLS].try_into().unwrap());
-        for j in 0..p[0].len() {
+        for j in 0..n {
             let v: [f32; COLS] = T::widen_n::<AVX, COLS>(&row(j)[c0..]);
             for (acc, p) in acc.iter_mut().zip(&p) {
                 let pj = p[j];
@@ -280,31 +283,153 @@ pub fn attention_forward_seqs<'a>(
     let hd = shape.head_dim;
     let (q_dim, kv_dim) = (shape.q_dim(), shape.kv_dim());
     let group = shape.n_head / shape.n_head_kv;
-    // One task per row and key/value head (its query heads are adjacent in the row), so that
-    // a single decoded token still spreads over the cores.
-    out.par_chunks_mut(group * hd)
-        .zip(lse.par_chunks_mut(group))
-        .enumerate()
-        .for_each(|(i, (out, lse))| {
-            let (row, g) = (i / shape.n_head_kv, i % shape.n_head_kv);
+    let n_rows = lse.len() / shape.n_head;
+    assert!(out.len() == n_rows * q_dim && lse.len() == n_rows * shape.n_head);
+    let (out_ptr, lse_ptr) = (SyncPtr(out.as_mut_ptr()), SyncPtr(lse.as_mut_ptr()));
+    // A sequence of several rows has its keys transposed once, for all of them.
+    let transposed = (0..n_seqs).map(|s| transposed_len(&shape, &seq(s))).sum();
+    scratch::with_f32(|keys_t| {
+        keys_t.resize(transposed, 0.0);
+        let mut rest = &mut keys_t[..];
+        for s in 0..n_seqs {
+            let seq = seq(s);
+            let (this, after) = rest.split_at_mut(transposed_len(&shape, &seq));
+            transpose_keys(&shape, &seq, this);
+            rest = after;
+        }
+        let keys_t = &keys_t[..];
+        // One task per row and key/value head (its query heads are adjacent in the row), so
+        // that a single decoded token still spreads over the cores. Head-major: the rows a
+        // core takes in turn read the same head's keys and values, which stay in its cache.
+        (0..shape.n_head_kv * n_rows).into_par_iter().for_each(|i| {
+            let (g, row) = (i / n_rows, i % n_rows);
+            let at = row * shape.n_head_kv + g;
+            // SAFETY: task (g, row) writes only head group `g` of row `row`, inside the
+            // buffers (asserted above).
+            let (out, lse) = unsafe {
+                (
+                    out_ptr.slice(at * group * hd, group * hd),
+                    lse_ptr.slice(at * group, group),
+                )
+            };
+            // The row's sequence, and where its transposed keys start.
+            let mut start = 0;
             let seq = (0..n_seqs)
                 .map(&seq)
-                .find(|s| s.rows.contains(&row))
+                .find(|s| {
+                    let found = s.rows.contains(&row);
+                    start += if found { 0 } else { transposed_len(&shape, s) };
+                    found
+                })
                 .expect("every row of the batch belongs to a sequence");
+            let head_t = match transposed_len(&shape, &seq) / shape.n_head_kv {
+                0 => None,
+                len => Some(&keys_t[start + g * len..][..len]),
+            };
             let pos = seq.pos0 + (row - seq.rows.start);
             let q = &q[row * q_dim + g * group * hd..][..group * hd];
             let visible = shape.first_key(pos)..pos + 1;
             match seq.kv {
                 KvRows::F32 { keys, values } => {
                     let task = HeadGroup::new(q, keys, values, g, kv_dim, visible);
-                    attend_in_chunks(&shape, &task, out, lse)
+                    attend_in_chunks(&shape, &task.transposed(head_t), out, lse)
                 }
                 KvRows::F16 { keys, values } => {
                     let task = HeadGroup::new(q, keys, values, g, kv_dim, visible);
-                    attend_in_chunks(&shape, &task, out, lse)
+                    attend_in_chunks(&shape, &task.transposed(head_t), out, lse)
                 }
             }
         });
+    })
+}
+
+/// Values of `seq`'s keys transposed for its rows to share: `[n_head_kv][blocks][head_dim]
+/// [BLOCK]`, blocks from key 0, as `attend_group` reads them. None for a single row, which
+/// transposes the keys it reads itself.
+fn transposed_len(shape: &AttentionShape, seq: &SeqKv) -> usize {
+    match seq.rows.len() {
+        0 | 1 => 0,
+        n => shape.n_head_kv * (seq.pos0 + n).div_ceil(BLOCK) * shape.head_dim * BLOCK,
+    }
+}
+
+/// `seq`'s keys transposed into `out` (`transposed_len` values), in parallel.
+fn transpose_keys(shape: &AttentionShape, seq: &SeqKv, out: &mut [f32]) {
+    let (hd, kv_dim) = (shape.head_dim, shape.kv_dim());
+    let n_keys = seq.pos0 + seq.rows.len();
+    let n_blocks = n_keys.div_ceil(BLOCK);
+    out.par_chunks_mut(hd * BLOCK)
+        .enumerate()
+        .for_each(|(i, out)| {
+            let (g, b) = (i / n_blocks, i % n_blocks);
+            let block = b * BLOCK..n_keys.min((b + 1) * BLOCK);
+            match seq.kv {
+                KvRows::F32 { keys, .. } => transpose_block(keys, g, kv_dim, hd, block, out),
+                KvRows::F16 { keys, .. } => transpose_block(keys, g, kv_dim, hd, block, out),
+            }
+        });
+}
+
+/// Keys `block` of kv head `g` (`[n, kv_dim]` rows) transposed into `out[d * BLOCK + k]`.
+fn transpose_block<T: KvElem>(
+    keys: &[T],
+    g: usize,
+    kv_dim: usize,
+    hd: usize,
+    block: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    let n = keys.len() / kv_dim;
+    let rows = prefetched(block.clone(), n, |j| head_row(keys, j, g, kv_dim, hd));
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::qmatmul::{isa, Isa};
+        if isa() != Isa::Portable {
+            // SAFETY: every level above portable has AVX2 and F16C.
+            return unsafe { transpose_rows_avx(rows, hd, out) };
+        }
+    }
+    transpose_rows::<T, false>(rows, hd, out)
+}
+
+/// `transpose_rows` with AVX shuffles.
+///
+/// # Safety
+/// The CPU has AVX2 and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn transpose_rows_avx<'a, T: KvElem + 'a>(
+    rows: impl Iterator<Item = &'a [T]>,
+    hd: usize,
+    out: &mut [f32],
+) {
+    transpose_rows::<T, true>(rows, hd, out)
+}
+
+/// Up to `BLOCK` rows of `hd` values into columns of `out` (`out[d * BLOCK + k]`), 8 at a
+/// time. `AVX`: the CPU has AVX and F16C (the caller's target features).
+#[inline(always)]
+fn transpose_rows<'a, T: KvElem + 'a, const AVX: bool>(
+    mut rows: impl Iterator<Item = &'a [T]>,
+    hd: usize,
+    out: &mut [f32],
+) {
+    for k0 in (0..BLOCK).step_by(8) {
+        let mut eight: [&[T]; 8] = [&[]; 8];
+        for (slot, row) in eight.iter_mut().zip(&mut rows) {
+            *slot = row;
+        }
+        if eight[0].is_empty() {
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if AVX {
+            // SAFETY: `AVX` says the CPU has AVX and F16C.
+            unsafe { transpose8_avx(eight, hd, &mut out[k0..]) };
+            continue;
+        }
+        transpose8(eight, hd, &mut out[k0..]);
+    }
 }
 
 /// Keys a task attends to at once. A row that sees more is split into chunks of this many
@@ -337,7 +462,8 @@ fn attend_in_chunks<T: KvElem + Sync>(
                 let start = visible.start + c * KEY_CHUNK;
                 let keys = start..(start + KEY_CHUNK).min(visible.end);
                 let (q, kv_head, kv_dim) = (task.q, task.kv_head, task.kv_dim);
-                let chunk = HeadGroup::new(q, task.keys, task.values, kv_head, kv_dim, keys);
+                let chunk = HeadGroup::new(q, task.keys, task.values, kv_head, kv_dim, keys)
+                    .transposed(task.keys_t);
                 scratch::with_f32(|buf| attend(shape, &chunk, out, lse, buf))
             });
         for (h, (out, lse)) in out.chunks_exact_mut(hd).zip(lse.iter_mut()).enumerate() {
@@ -365,6 +491,9 @@ struct HeadGroup<'a, T> {
     kv_head: usize,
     kv_dim: usize,
     visible: std::ops::Range<usize>,
+    /// The head's keys transposed in blocks from key 0 (`transposed_len`), where the row's
+    /// sequence has them.
+    keys_t: Option<&'a [f32]>,
 }
 
 impl<'a, T> HeadGroup<'a, T> {
@@ -383,7 +512,13 @@ impl<'a, T> HeadGroup<'a, T> {
             kv_head,
             kv_dim,
             visible,
+            keys_t: None,
         }
+    }
+
+    /// The same task, reading its keys from `keys_t` where its blocks line up with them.
+    fn transposed(self, keys_t: Option<&'a [f32]>) -> Self {
+        HeadGroup { keys_t, ..self }
     }
 }
 
@@ -407,7 +542,7 @@ fn attend<T: KvElem>(
             Isa::Portable => {}
         }
     }
-    attend_group::<T, false>(shape, task, out, lse, scratch)
+    attend_group::<T, false, false>(shape, task, out, lse, scratch)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -419,7 +554,7 @@ unsafe fn attend_avx2<T: KvElem>(
     lse: &mut [f32],
     scratch: &mut Vec<f32>,
 ) {
-    attend_group::<T, true>(shape, task, out, lse, scratch)
+    attend_group::<T, true, false>(shape, task, out, lse, scratch)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -431,7 +566,7 @@ unsafe fn attend_avx512<T: KvElem>(
     lse: &mut [f32],
     scratch: &mut Vec<f32>,
 ) {
-    attend_group::<T, true>(shape, task, out, lse, scratch)
+    attend_group::<T, true, true>(shape, task, out, lse, scratch)
 }
 
 /// Query heads at a time in the weighted sum: one value row serves all of them while it is
@@ -449,9 +584,10 @@ const AHEAD: usize = 32;
 
 /// The task's scores, softmax and weighted values, head `h` into `out[h * head_dim..]` and
 /// `lse[h]`. `AVX`: the CPU has AVX2 and F16C (the caller's target features), for the keys'
-/// transposes and the widening of f16 values.
+/// transposes and the widening of f16 values; `AVX512`: it has AVX-512 F too, twice the
+/// registers and their width.
 #[inline(always)]
-fn attend_group<T: KvElem, const AVX: bool>(
+fn attend_group<T: KvElem, const AVX: bool, const AVX512: bool>(
     shape: &AttentionShape,
     task: &HeadGroup<T>,
     out: &mut [f32],
@@ -466,22 +602,31 @@ fn attend_group<T: KvElem, const AVX: bool>(
     let (scores, rows) = scratch.split_at_mut(lse.len() * n);
     for b0 in (0..n).step_by(BLOCK) {
         let block = b0..n.min(b0 + BLOCK);
-        let mut keys = prefetched(block.clone(), n, key);
-        for k0 in (0..block.len()).step_by(8) {
-            let mut eight: [&[T]; 8] = [&[]; 8];
-            for (slot, key) in eight.iter_mut().zip(&mut keys) {
-                *slot = key;
+        let first = task.visible.start + b0;
+        let keys_t = match task.keys_t {
+            Some(t) if first.is_multiple_of(BLOCK) => {
+                &t[first / BLOCK * hd * BLOCK..][..hd * BLOCK]
+            }
+            _ => {
+                transpose_rows::<T, AVX>(prefetched(block.clone(), n, key), hd, rows);
+                &*rows
+            }
+        };
+        for (q, scores) in task.q.chunks_exact(hd).zip(scores.chunks_exact_mut(n)) {
+            let scores = &mut scores[block.clone()];
+            #[cfg(target_arch = "x86_64")]
+            if AVX512 {
+                // SAFETY: `AVX512` says the CPU has AVX-512 F.
+                unsafe { block_scores_avx512(q, keys_t, scores) };
+                continue;
             }
             #[cfg(target_arch = "x86_64")]
             if AVX {
-                // SAFETY: `AVX` says the CPU has AVX and F16C.
-                unsafe { transpose8_avx(eight, hd, &mut rows[k0..]) };
+                // SAFETY: `AVX` says the CPU has AVX.
+                unsafe { block_scores_avx(q, keys_t, scores) };
                 continue;
             }
-            transpose8(eight, hd, &mut rows[k0..]);
-        }
-        for (q, scores) in task.q.chunks_exact(hd).zip(scores.chunks_exact_mut(n)) {
-            block_scores(q, rows, &mut scores[block.clone()]);
+            block_scores(q, keys_t, scores);
         }
     }
     for (scores, lse) in scores.chunks_exact_mut(n).zip(lse.iter_mut()) {
@@ -496,14 +641,20 @@ fn attend_group<T: KvElem, const AVX: bool>(
         let value = |j| value(b0 + j);
         let mut outs = out.chunks_exact_mut(hd);
         let mut probs = scores.chunks_exact(n).map(|p| &p[block.clone()]);
+        // `H · COLS / lanes` sums in registers: at least 8 (2 additions a cycle, 4 cycles
+        // each), at most what the registers hold.
         while outs.len() >= HEADS {
-            weighted_rows::<T, AVX, HEADS, 16>(&mut outs, &mut probs, value);
+            match AVX512 {
+                true => weighted_rows::<T, AVX, HEADS, 32>(&mut outs, &mut probs, value),
+                false => weighted_rows::<T, AVX, HEADS, 16>(&mut outs, &mut probs, value),
+            }
         }
         // The remaining heads (fewer than `HEADS`) together, their columns wider.
-        match outs.len() {
-            1 => weighted_rows::<T, AVX, 1, 64>(&mut outs, &mut probs, value),
-            2 => weighted_rows::<T, AVX, 2, 32>(&mut outs, &mut probs, value),
-            3 => weighted_rows::<T, AVX, 3, 16>(&mut outs, &mut probs, value),
+        match (outs.len(), AVX512) {
+            (1, _) => weighted_rows::<T, AVX, 1, 64>(&mut outs, &mut probs, value),
+            (2, _) => weighted_rows::<T, AVX, 2, 32>(&mut outs, &mut probs, value),
+            (3, true) => weighted_rows::<T, AVX, 3, 32>(&mut outs, &mut probs, value),
+            (3, false) => weighted_rows::<T, AVX, 3, 16>(&mut outs, &mut probs, value),
             _ => {}
         }
     }
@@ -618,6 +769,60 @@ fn block_scores(q: &[f32], keys_t: &[f32], scores: &mut [f32]) {
                 *s += x * y;
             }
         }
+    }
+}
+
+/// `block_scores_avx` in 16-lane registers.
+///
+/// # Safety
+/// The CPU has AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn block_scores_avx512(q: &[f32], keys_t: &[f32], scores: &mut [f32]) {
+    use core::arch::x86_64::*;
+    if scores.len() != BLOCK {
+        return block_scores(q, keys_t, scores);
+    }
+    assert!(keys_t.len() >= q.len() * BLOCK);
+    let mut acc = [_mm512_setzero_ps(); BLOCK / 16];
+    for (d, &x) in q.iter().enumerate() {
+        let x = _mm512_set1_ps(x);
+        let keys = keys_t[d * BLOCK..].as_ptr();
+        for (k, acc) in acc.iter_mut().enumerate() {
+            *acc = _mm512_add_ps(*acc, _mm512_mul_ps(x, _mm512_loadu_ps(keys.add(16 * k))));
+        }
+    }
+    for (k, acc) in acc.iter().enumerate() {
+        _mm512_storeu_ps(scores[16 * k..].as_mut_ptr(), *acc);
+    }
+}
+
+/// `block_scores` of a whole block with AVX, its sums in registers (the compiler keeps the
+/// plain one's array in memory, each step waiting for the last one's store); the same
+/// products and additions, so the same bits.
+///
+/// # Safety
+/// The CPU has AVX.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx")]
+unsafe fn block_scores_avx(q: &[f32], keys_t: &[f32], scores: &mut [f32]) {
+    use core::arch::x86_64::*;
+    if scores.len() != BLOCK {
+        return block_scores(q, keys_t, scores);
+    }
+    assert!(keys_t.len() >= q.len() * BLOCK);
+    let mut acc = [_mm256_setzero_ps(); BLOCK / 8];
+    for (d, &x) in q.iter().enumerate() {
+        let x = _mm256_set1_ps(x);
+        let keys = keys_t[d * BLOCK..].as_ptr();
+        for (k, acc) in acc.iter_mut().enumerate() {
+            *acc = _mm256_add_ps(*acc, _mm256_mul_ps(x, _mm256_loadu_ps(keys.add(8 * k))));
+        }
+    }
+    for (k, acc) in acc.iter().enumerate() {
+        _mm256_storeu_ps(scores[8 * k..].as_mut_ptr(), *acc);
     }
 }
 
@@ -940,6 +1145,12 @@ mod tests {
         }
         // Past one chunk of keys.
         a_token_alone_has_the_same_bits_as_in_a_batch_with(GROUPS_OF_3, KEY_CHUNK + 40);
+        // In a batch, rows whose first key is not on a block boundary transpose their own.
+        let window = AttentionShape {
+            window: Some(100),
+            ..GROUPS_OF_3
+        };
+        a_token_alone_has_the_same_bits_as_in_a_batch_with(window, 230);
     }
 
     fn a_token_alone_has_the_same_bits_as_in_a_batch_with(shape: AttentionShape, n: usize) {
@@ -1020,14 +1231,14 @@ mod tests {
             halves(n * shape.kv_dim(), 15),
             halves(n * shape.kv_dim(), 16),
         );
-        let expected = run_kernel(attend_group::<f32, false>, &shape, &q, &k, &v);
+        let expected = run_kernel(attend_group::<f32, false, false>, &shape, &q, &k, &v);
         let kernels_f32: [(Isa, Kernel<f32>); 3] = [
-            (Isa::Portable, attend_group::<f32, false>),
+            (Isa::Portable, attend_group::<f32, false, false>),
             (Isa::Avx2, attend_avx2::<f32>),
             (Isa::Avx512, attend_avx512::<f32>),
         ];
         let kernels_f16: [(Isa, Kernel<f16>); 3] = [
-            (Isa::Portable, attend_group::<f16, false>),
+            (Isa::Portable, attend_group::<f16, false, false>),
             (Isa::Avx2, attend_avx2::<f16>),
             (Isa::Avx512, attend_avx512::<f16>),
         ];
