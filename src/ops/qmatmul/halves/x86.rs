@@ -162,7 +162,7 @@ fn product<K: Kernels, const N: usize>(w: &Weights, x: &[f32], y: &mut [f32]) {
     let m = x.len() / w.nb;
     let tiled = m >= MIN_TILED;
     let tasks_bytes = if tiled {
-        n_tasks(w.n_rows) * task_bytes::<K>(m)
+        n_tasks(w.n_rows) * task_bytes::<K>(m, w.nb)
     } else {
         0
     };
@@ -172,10 +172,18 @@ fn product<K: Kernels, const N: usize>(w: &Weights, x: &[f32], y: &mut [f32]) {
     })
 }
 
-/// Scratch bytes of one tiled task: the partial sums of every token tile, then the chunk of
-/// the rows.
-fn task_bytes<K: Kernels>(m: usize) -> usize {
-    std::mem::size_of::<Partial>() * m.div_ceil(TOKENS) + ROWS * K::PACKED * K::K_CHUNK
+/// Scratch bytes of one tiled task: the partial sums of a block of token tiles, then the
+/// chunk of the rows.
+fn task_bytes<K: Kernels>(m: usize, k: usize) -> usize {
+    let tiles = m.min(token_block(k)).div_ceil(TOKENS);
+    std::mem::size_of::<Partial>() * tiles + ROWS * K::PACKED * K::K_CHUNK
+}
+
+/// Tokens whose activations (1 MiB of f32 at most, whole tiles, at least 32 of them) stay in
+/// the L2 cache while all of a task's rows pass over them: past them, every group of rows
+/// would read the batch's activations and partial sums from L3 again.
+fn token_block(k: usize) -> usize {
+    ((1 << 20) / (4 * k.max(1)) / TOKENS).max(32) * TOKENS
 }
 
 fn tiles<K: Kernels>(w: &Weights, xs: &[K::X], scratch: &mut [u8], m: usize, y: &mut [f32]) {
@@ -183,7 +191,8 @@ fn tiles<K: Kernels>(w: &Weights, xs: &[K::X], scratch: &mut [u8], m: usize, y: 
     let k_steps = w.nb.next_multiple_of(K::STEP);
     let y_ptr = SyncPtr(y.as_mut_ptr());
     let chunk_row = K::PACKED * K::K_CHUNK;
-    let scratch = scratch.par_chunks_mut(task_bytes::<K>(m));
+    let scratch = scratch.par_chunks_mut(task_bytes::<K>(m, w.nb));
+    let token_block = token_block(w.nb);
     row_tasks(n_rows).zip(scratch).for_each(|(rows, scratch)| {
         let (partial, chunk) = scratch.split_at_mut(scratch.len() - ROWS * chunk_row);
         // SAFETY: the scratch is 64-byte aligned (`Partial` is a multiple of 64 bytes long)
@@ -191,58 +200,63 @@ fn tiles<K: Kernels>(w: &Weights, xs: &[K::X], scratch: &mut [u8], m: usize, y: 
         let partial = unsafe {
             std::slice::from_raw_parts_mut(
                 partial.as_mut_ptr().cast::<Partial>(),
-                m.div_ceil(TOKENS),
+                partial.len() / std::mem::size_of::<Partial>(),
             )
         };
-        let n_tiles = k_steps.div_ceil(K::K_CHUNK) * m.div_ceil(TOKENS);
-        let prefetch_step = (ROWS * row_bytes).div_ceil(n_tiles).next_multiple_of(64);
-        for r0 in rows.clone().step_by(ROWS) {
-            // The next rows arrive while these are multiplied, a few lines per tile: 1B-class
-            // prefill 177 tok/s, against 173 with all of them prefetched here at once.
-            let next_rows = (r0 + ROWS).min(rows.end)..(r0 + 2 * ROWS).min(rows.end);
-            let mut next =
-                w.data[next_rows.start * row_bytes..next_rows.end * row_bytes].as_ptr_range();
-            // k in chunks: a chunk of the rows stays in L1 while every token passes over it.
-            for k0 in (0..k_steps).step_by(K::K_CHUNK) {
-                let ks = k0..(k0 + K::K_CHUNK).min(k_steps);
-                // The chunk of the rows, packed next to each other: rows a power of two bytes
-                // apart fall in the same L1 sets, where 8 of them fill every way and evict one
-                // another and the tokens between the passes over them. Rows past the task's
-                // end belong to the next task: read, never stored here.
-                let bytes = 2 * (ks.end.min(w.nb) - k0);
-                for (r, packed) in chunk.chunks_exact_mut(chunk_row).enumerate() {
-                    let row = (r0 + r).min(n_rows - 1) * row_bytes + 2 * k0;
+        for tokens in (0..m).step_by(token_block) {
+            let tokens = tokens..(tokens + token_block).min(m);
+            let n_tiles = k_steps.div_ceil(K::K_CHUNK) * tokens.len().div_ceil(TOKENS);
+            let prefetch_step = (ROWS * row_bytes).div_ceil(n_tiles).next_multiple_of(64);
+            for r0 in rows.clone().step_by(ROWS) {
+                // The next rows arrive while these are multiplied, a few lines per tile:
+                // 1B-class prefill 177 tok/s, against 173 with all of them prefetched here at
+                // once.
+                let next_rows = (r0 + ROWS).min(rows.end)..(r0 + 2 * ROWS).min(rows.end);
+                let mut next =
+                    w.data[next_rows.start * row_bytes..next_rows.end * row_bytes].as_ptr_range();
+                // k in chunks: a chunk of the rows stays in L1 while every token passes over it.
+                for k0 in (0..k_steps).step_by(K::K_CHUNK) {
+                    let ks = k0..(k0 + K::K_CHUNK).min(k_steps);
+                    // The chunk of the rows, packed next to each other: rows a power of two
+                    // bytes apart fall in the same L1 sets, where 8 of them fill every way and
+                    // evict one another and the tokens between the passes over them. Rows past
+                    // the task's end belong to the next task: read, never stored here.
+                    let bytes = 2 * (ks.end.min(w.nb) - k0);
+                    for (r, packed) in chunk.chunks_exact_mut(chunk_row).enumerate() {
+                        let row = (r0 + r).min(n_rows - 1) * row_bytes + 2 * k0;
+                        // SAFETY: `supports` checked the CPU.
+                        unsafe {
+                            K::pack(
+                                &w.data[row..row + bytes],
+                                &mut packed[..K::PACKED * ks.len()],
+                            )
+                        };
+                    }
+                    let block: [*const u8; ROWS] =
+                        std::array::from_fn(|r| chunk[r * chunk_row..].as_ptr());
+                    let tiles = tokens.clone().step_by(TOKENS).zip(partial.iter_mut());
+                    for (t0, partial) in tiles {
+                        let t: [usize; TOKENS] = std::array::from_fn(|i| (t0 + i).min(m - 1));
+                        assert!(t.iter().all(|&t| xs.len() >= (t + 1) * stride));
+                        assert!(ks.end <= stride && ks.start.is_multiple_of(K::STEP));
+                        // SAFETY: `supports` checked the CPU; each `block` row holds the
+                        // columns `ks` within k; every t[i] < m and ks lies within the padded
+                        // rows (the asserts).
+                        unsafe { K::tile(block, w.nb, xs, t, ks.clone(), partial) };
+                        let len = prefetch_step.min(next.end as usize - next.start as usize);
+                        simd::prefetch_l2(next.start, len);
+                        next.start = next.start.wrapping_add(len);
+                    }
+                }
+                let n = (rows.end - r0).min(ROWS);
+                for (t0, partial) in tokens.clone().step_by(TOKENS).zip(partial.iter()) {
                     // SAFETY: `supports` checked the CPU.
-                    unsafe {
-                        K::pack(
-                            &w.data[row..row + bytes],
-                            &mut packed[..K::PACKED * ks.len()],
-                        )
-                    };
-                }
-                let block: [*const u8; ROWS] =
-                    std::array::from_fn(|r| chunk[r * chunk_row..].as_ptr());
-                for (t0, partial) in (0..m).step_by(TOKENS).zip(partial.iter_mut()) {
-                    let t: [usize; TOKENS] = std::array::from_fn(|i| (t0 + i).min(m - 1));
-                    assert!(t.iter().all(|&t| xs.len() >= (t + 1) * stride));
-                    assert!(ks.end <= stride && ks.start.is_multiple_of(K::STEP));
-                    // SAFETY: `supports` checked the CPU; each `block` row holds the columns
-                    // `ks` within k; every t[i] < m and ks lies within the padded rows (the
-                    // asserts).
-                    unsafe { K::tile(block, w.nb, xs, t, ks.clone(), partial) };
-                    let len = prefetch_step.min(next.end as usize - next.start as usize);
-                    simd::prefetch_l2(next.start, len);
-                    next.start = next.start.wrapping_add(len);
-                }
-            }
-            let n = (rows.end - r0).min(ROWS);
-            for (t0, partial) in (0..m).step_by(TOKENS).zip(partial.iter()) {
-                // SAFETY: `supports` checked the CPU.
-                let out = unsafe { sums(partial) };
-                for (i, out) in out.iter().enumerate().take(m - t0) {
-                    // SAFETY: this task alone writes columns `rows` of y; t0 + i < m.
-                    let y = unsafe { y_ptr.slice((t0 + i) * n_rows + r0, n) };
-                    y.copy_from_slice(&out[..n]);
+                    let out = unsafe { sums(partial) };
+                    for (i, out) in out.iter().enumerate().take(m - t0) {
+                        // SAFETY: this task alone writes columns `rows` of y; t0 + i < m.
+                        let y = unsafe { y_ptr.slice((t0 + i) * n_rows + r0, n) };
+                        y.copy_from_slice(&out[..n]);
+                    }
                 }
             }
         }
