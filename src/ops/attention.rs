@@ -585,7 +585,7 @@ const AHEAD: usize = 32;
 /// The task's scores, softmax and weighted values, head `h` into `out[h * head_dim..]` and
 /// `lse[h]`. `AVX`: the CPU has AVX2 and F16C (the caller's target features), for the keys'
 /// transposes and the widening of f16 values; `AVX512`: it has AVX-512 F too, twice the
-/// registers and their width.
+/// registers and their width for the weighted sums.
 #[inline(always)]
 fn attend_group<T: KvElem, const AVX: bool, const AVX512: bool>(
     shape: &AttentionShape,
@@ -614,12 +614,6 @@ fn attend_group<T: KvElem, const AVX: bool, const AVX512: bool>(
         };
         for (q, scores) in task.q.chunks_exact(hd).zip(scores.chunks_exact_mut(n)) {
             let scores = &mut scores[block.clone()];
-            #[cfg(target_arch = "x86_64")]
-            if AVX512 {
-                // SAFETY: `AVX512` says the CPU has AVX-512 F.
-                unsafe { block_scores_avx512(q, keys_t, scores) };
-                continue;
-            }
             #[cfg(target_arch = "x86_64")]
             if AVX {
                 // SAFETY: `AVX` says the CPU has AVX.
@@ -769,32 +763,6 @@ fn block_scores(q: &[f32], keys_t: &[f32], scores: &mut [f32]) {
                 *s += x * y;
             }
         }
-    }
-}
-
-/// `block_scores_avx` in 16-lane registers.
-///
-/// # Safety
-/// The CPU has AVX-512 F.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn block_scores_avx512(q: &[f32], keys_t: &[f32], scores: &mut [f32]) {
-    use core::arch::x86_64::*;
-    if scores.len() != BLOCK {
-        return block_scores(q, keys_t, scores);
-    }
-    assert!(keys_t.len() >= q.len() * BLOCK);
-    let mut acc = [_mm512_setzero_ps(); BLOCK / 16];
-    for (d, &x) in q.iter().enumerate() {
-        let x = _mm512_set1_ps(x);
-        let keys = keys_t[d * BLOCK..].as_ptr();
-        for (k, acc) in acc.iter_mut().enumerate() {
-            *acc = _mm512_add_ps(*acc, _mm512_mul_ps(x, _mm512_loadu_ps(keys.add(16 * k))));
-        }
-    }
-    for (k, acc) in acc.iter().enumerate() {
-        _mm512_storeu_ps(scores[16 * k..].as_mut_ptr(), *acc);
     }
 }
 
