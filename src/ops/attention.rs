@@ -635,8 +635,8 @@ fn attend_group<T: KvElem, const AVX: bool, const AVX512: bool>(
         let value = |j| value(b0 + j);
         let mut outs = out.chunks_exact_mut(hd);
         let mut probs = scores.chunks_exact(n).map(|p| &p[block.clone()]);
-        // `H · COLS / lanes` sums in registers: at least 8 (2 additions a cycle, 4 cycles
-        // each), at most what the registers hold.
+        // `H · COLS / lanes` sums in registers, as many as they hold: 8 would hide the
+        // additions' latency (2 a cycle, 4 cycles each).
         while outs.len() >= HEADS {
             match AVX512 {
                 true => weighted_rows::<T, AVX, HEADS, 32>(&mut outs, &mut probs, value),
