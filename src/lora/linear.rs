@@ -7,7 +7,7 @@ use std::ops::Range;
 use std::sync::RwLockReadGuard;
 
 use super::adapter::{LoraAdapter, LoraPair};
-use crate::model::Slot;
+use crate::model::{Proj, Slot};
 use crate::ops::gemm::{dot, gemm, MatMut, MatRef};
 use crate::ops::Weight;
 
@@ -140,10 +140,12 @@ impl<'a> LoraPlan<'a> {
         self.adapters.len()
     }
 
-    /// Whether a trainable adapter has a term on `slot`.
-    pub fn trains(&self, slot: Slot) -> bool {
-        self.terms(slot)
-            .any(|term| self.adapter(term.adapter).trainable())
+    /// Whether a trainable adapter has a term on one of `projs` of layer `layer`.
+    pub fn trains(&self, layer: usize, projs: &[Proj]) -> bool {
+        projs.iter().any(|&proj| {
+            self.terms(Slot { layer, proj })
+                .any(|term| self.adapter(term.adapter).trainable())
+        })
     }
 
     /// Every adapter term on `slot`.

@@ -12,7 +12,7 @@
 use std::ops::Range;
 
 use super::kv_cache::KvCache;
-use super::weights::{Proj, Slot};
+use super::weights::Proj;
 use crate::backend::{Backend, Norm};
 use crate::error::Result;
 use crate::lora::{LoraPlan, Numerics};
@@ -274,17 +274,12 @@ pub fn block_backward<B: Backend>(
     let c = b.config();
     let n_tokens = ctx.seqs.last().map_or(0, |s| s.rows.end);
     let (lora, numerics) = (ctx.lora, ctx.numerics);
-    let trains = |projs: &[Proj]| {
-        projs
-            .iter()
-            .any(|&proj| lora.trains(Slot { layer: il, proj }))
-    };
     // The gradients each part needs, from the block's input up: a part runs where it or
     // something below it trains.
-    let qkv = input_grad || trains(&[Proj::AttnQ, Proj::AttnK, Proj::AttnV]);
-    let attn = qkv || trains(&[Proj::AttnOutput]);
-    let gate_up = attn || trains(&[Proj::FfnGate, Proj::FfnUp]);
-    if !gate_up && !trains(&[Proj::FfnDown]) {
+    let qkv = input_grad || lora.trains(il, &[Proj::AttnQ, Proj::AttnK, Proj::AttnV]);
+    let attn = qkv || lora.trains(il, &[Proj::AttnOutput]);
+    let gate_up = attn || lora.trains(il, &[Proj::FfnGate, Proj::FfnUp]);
+    if !gate_up && !lora.trains(il, &[Proj::FfnDown]) {
         return Ok(());
     }
 
@@ -354,12 +349,11 @@ pub fn block_backward<B: Backend>(
         b.zeros(n_tokens, c.q_dim(), &mut scratch.d_a)?;
     }
     let d_attn_out = qkv.then_some(&mut scratch.d_a);
-    let attn_out = &acts.attn_out;
     b.linear_backward(
         il,
         Proj::AttnOutput,
         d_o,
-        attn_out,
+        &acts.attn_out,
         lora,
         numerics,
         d_attn_out,

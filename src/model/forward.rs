@@ -9,7 +9,7 @@ use super::block::{
     SeqSpan,
 };
 use super::kv_cache::KvCache;
-use super::weights::{Proj, Slot};
+use super::weights::Proj;
 use crate::backend::{Backend, Norm};
 use crate::error::Result;
 use crate::lora::{LoraPlan, Numerics};
@@ -221,12 +221,7 @@ pub fn backward<B: Backend>(
         numerics: saved.numerics,
     };
     // As autograd does, no gradient flows below the lowest layer that trains something.
-    let trains = |il: usize| {
-        Proj::ALL
-            .iter()
-            .any(|&proj| lora.trains(Slot { layer: il, proj }))
-    };
-    let Some(lowest) = (0..config.n_layer).find(|&il| trains(il)) else {
+    let Some(lowest) = (0..config.n_layer).find(|&il| lora.trains(il, &Proj::ALL)) else {
         return Ok(());
     };
     let mut dx = B::Tensor::default();

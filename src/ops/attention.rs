@@ -312,16 +312,12 @@ pub fn attention_forward_seqs<'a>(
                     lse_ptr.slice(at * group, group),
                 )
             };
-            // The row's sequence, and where its transposed keys start.
-            let mut start = 0;
-            let seq = (0..n_seqs)
-                .map(&seq)
-                .find(|s| {
-                    let found = s.rows.contains(&row);
-                    start += if found { 0 } else { transposed_len(&shape, s) };
-                    found
-                })
+            let s = (0..n_seqs)
+                .find(|&s| seq(s).rows.contains(&row))
                 .expect("every row of the batch belongs to a sequence");
+            // Where the sequence's transposed keys start: after the earlier sequences'.
+            let start: usize = (0..s).map(|s| transposed_len(&shape, &seq(s))).sum();
+            let seq = seq(s);
             let head_t = match transposed_len(&shape, &seq) / shape.n_head_kv {
                 0 => None,
                 len => Some(&keys_t[start + g * len..][..len]),
