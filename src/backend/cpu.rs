@@ -5,15 +5,14 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::{Backend, Norm, HEAD_NORMS, POST_NORMS};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::lora::linear::{backward_input, linear, linear_backward, product};
 use crate::lora::{LoraGrads, LoraPlan, Numerics};
 use crate::model::{Config, Glu, KvCache, Layer, Model, Proj, SeqSpan, Slot, Weights};
 use crate::ops::activation::{geglu_backward, geglu_forward, swiglu_backward, swiglu_forward};
 use crate::ops::activation::{softcap, softcap_backward};
 use crate::ops::attention::{
-    attention_backward, attention_forward_batched, attention_forward_seqs, AttentionShape, KvRows,
-    SeqKv,
+    attention_backward, attention_forward_batched, attention_forward_seqs, AttentionShape, SeqKv,
 };
 use crate::ops::norm::{rms_norm_apply, rms_norm_backward, rms_norm_forward};
 use crate::ops::rope::{Rope, RopeTable};
@@ -301,7 +300,7 @@ impl Backend for CpuBackend<'_> {
             // Training: whole sequences, by GEMMs.
             Numerics::Exact | Numerics::Bf16 => {
                 for (span, cache) in seqs.iter().zip(caches.iter()) {
-                    let (keys, values) = exact_rows(il, cache, span.pos0 + span.rows.len())?;
+                    let (keys, values) = cache.exact_rows(il, span.pos0 + span.rows.len())?;
                     attention_forward_batched(
                         self.shape(il),
                         span.pos0,
@@ -339,7 +338,7 @@ impl Backend for CpuBackend<'_> {
             debug_assert_eq!(span.pos0, 0, "training runs whole sequences");
             let n = span.rows.len();
             let (q_rows, kv_rows) = (rows_of(span, c.q_dim()), rows_of(span, c.kv_dim()));
-            let (keys, values) = exact_rows(il, cache, n)?;
+            let (keys, values) = cache.exact_rows(il, n)?;
             attention_backward(
                 self.shape(il),
                 &q[q_rows.clone()],
@@ -431,18 +430,6 @@ fn seq_kv<'a>(il: usize, span: &SeqSpan, cache: &'a KvCache) -> SeqKv<'a> {
     SeqKv {
         rows: span.rows.clone(),
         pos0: span.pos0,
-        kv: cache.rows(il, n_keys),
-    }
-}
-
-/// Training's keys and values of layer `il`, positions `0 .. n`: exact gradients need
-/// f32 ones, which `TrainGraph`'s caches hold.
-fn exact_rows(il: usize, cache: &KvCache, n: usize) -> Result<(&[f32], &[f32])> {
-    match cache.rows(il, n) {
-        KvRows::F32 { keys, values } => Ok((keys, values)),
-        KvRows::F16 { .. } => Err(Error::invalid(
-            "cache",
-            "training reads an f32 KV cache, not an f16 one",
-        )),
+        kv: cache.cached(il, n_keys),
     }
 }

@@ -7,7 +7,7 @@ use half::f16;
 use super::config::Config;
 use crate::backend::Device;
 use crate::error::{Error, Result};
-use crate::ops::attention::{KvElem, KvRows};
+use crate::ops::attention::{key_blocks_len, store_key_blocks, CachedKv, KvElem};
 
 /// What a host cache stores keys and values as (llama.cpp's `type_k`/`type_v`, vLLM's
 /// `kv_cache_dtype`). Device caches keep their tensors' dtype.
@@ -41,7 +41,7 @@ impl KvDtype {
     }
 }
 
-/// Per layer, the keys (after RoPE) and values of positions `0 .. n_cached`, each row
+/// Per layer, the keys (after RoPE) and values of positions `0 .. n_cached`, each
 /// `[n_head_kv * head_dim]`. Memory grows with use, never beyond `n_ctx` positions.
 #[derive(Debug)]
 pub struct KvCache {
@@ -50,6 +50,15 @@ pub struct KvCache {
     n_cached: usize,
     device: Device,
     store: Store,
+}
+
+/// How a host cache lays out its keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyLayout {
+    /// In blocks, as inference's attention reads them (`store_key_blocks`).
+    Blocks,
+    /// Rows `[n, kv_dim]`, as training's products read them.
+    Rows,
 }
 
 #[derive(Debug)]
@@ -66,39 +75,78 @@ enum HostRows {
     F16(Layers<f16>),
 }
 
-/// `[n_layer][n_cached * kv_dim]` each.
+/// Per layer, values `[n_cached * kv_dim]` and keys as `layout` says.
 #[derive(Debug, Clone)]
 struct Layers<T> {
+    layout: KeyLayout,
+    kv_dim: usize,
     keys: Vec<Vec<T>>,
     values: Vec<Vec<T>>,
 }
 
 impl<T: KvElem> Layers<T> {
-    fn new(n_layer: usize) -> Layers<T> {
+    fn new(n_layer: usize, kv_dim: usize, layout: KeyLayout) -> Layers<T> {
         Layers {
+            layout,
+            kv_dim,
             keys: vec![Vec::new(); n_layer],
             values: vec![Vec::new(); n_layer],
         }
     }
 
-    fn buffers(&mut self) -> impl Iterator<Item = &mut Vec<T>> {
-        self.keys.iter_mut().chain(self.values.iter_mut())
+    /// Values a layer's keys take for `n` positions.
+    fn keys_len(&self, n: usize) -> usize {
+        match self.layout {
+            KeyLayout::Blocks => key_blocks_len(n, self.kv_dim),
+            KeyLayout::Rows => n.saturating_mul(self.kv_dim),
+        }
     }
 
-    /// Rows from `start` (a value index) on, rounded to `T`, never growing past `max_len`.
-    fn store(&mut self, il: usize, start: usize, max_len: usize, keys: &[f32], values: &[f32]) {
-        let end = start + keys.len();
-        debug_assert!(end <= max_len);
-        for (buf, rows) in [(&mut self.keys[il], keys), (&mut self.values[il], values)] {
-            buf.truncate(start);
-            if buf.capacity() < end {
-                // Grow geometrically, never past the context.
-                let target = (2 * buf.capacity()).clamp(end, max_len);
-                buf.reserve_exact(target - buf.len());
+    /// Positions `pos0 ..` of layer `il`, rounded to `T`, never growing past `n_ctx`.
+    fn store(&mut self, il: usize, pos0: usize, n_ctx: usize, keys: &[f32], values: &[f32]) {
+        let n = keys.len() / self.kv_dim;
+        let (start, end) = (pos0 * self.kv_dim, (pos0 + n) * self.kv_dim);
+        let (rows_max, keys_max) = (n_ctx.saturating_mul(self.kv_dim), self.keys_len(n_ctx));
+        let buf = &mut self.values[il];
+        buf.truncate(start);
+        grow(buf, end, rows_max);
+        T::round_from(&mut buf[start..], values);
+        let buf = &mut self.keys[il];
+        match self.layout {
+            KeyLayout::Rows => {
+                buf.truncate(start);
+                grow(buf, end, rows_max);
+                T::round_from(&mut buf[start..], keys);
             }
-            buf.resize(end, T::default());
-            T::round_from(&mut buf[start..], rows);
+            KeyLayout::Blocks => {
+                grow(buf, key_blocks_len(pos0 + n, self.kv_dim), keys_max);
+                store_key_blocks(buf, self.kv_dim, pos0, keys);
+            }
         }
+    }
+
+    /// Drops positions beyond `n_ctx` and the memory that held them.
+    fn shrink(&mut self, n_ctx: usize) {
+        let (rows_max, keys_max) = (n_ctx.saturating_mul(self.kv_dim), self.keys_len(n_ctx));
+        let buffers = (self.keys.iter_mut().map(|b| (b, keys_max)))
+            .chain(self.values.iter_mut().map(|b| (b, rows_max)));
+        for (buf, max_len) in buffers {
+            buf.truncate(max_len);
+            buf.shrink_to(max_len);
+        }
+    }
+}
+
+/// `buf` at least `len` long (new values default), its capacity grown geometrically but
+/// never past `max_len`.
+fn grow<T: KvElem>(buf: &mut Vec<T>, len: usize, max_len: usize) {
+    debug_assert!(len <= max_len);
+    if buf.capacity() < len {
+        let target = (2 * buf.capacity()).clamp(len, max_len);
+        buf.reserve_exact(target - buf.len());
+    }
+    if buf.len() < len {
+        buf.resize(len, T::default());
     }
 }
 
@@ -132,13 +180,32 @@ impl KvCache {
         Self::on(config, n_ctx, Device::Cpu, KvDtype::F32)
     }
 
-    /// A cache for `device`: host memory of `dtype` for `Cpu`, device tensors otherwise
-    /// (their dtype is the forward's; `Inference` refuses other than f32 there).
+    /// An inference cache for `device`: host memory of `dtype` for `Cpu`, device tensors
+    /// otherwise (their dtype is the forward's; `Inference` refuses other than f32 there).
     pub fn on(config: &Config, n_ctx: usize, device: Device, dtype: KvDtype) -> KvCache {
-        let n_layer = config.n_layer;
+        Self::with_layout(config, n_ctx, device, dtype, KeyLayout::Blocks)
+    }
+
+    /// An exact cache for a training forward on `device`, read back by its backward.
+    pub(crate) fn for_training(config: &Config, n_ctx: usize, device: Device) -> KvCache {
+        Self::with_layout(config, n_ctx, device, KvDtype::F32, KeyLayout::Rows)
+    }
+
+    fn with_layout(
+        config: &Config,
+        n_ctx: usize,
+        device: Device,
+        dtype: KvDtype,
+        layout: KeyLayout,
+    ) -> KvCache {
+        let (n_layer, kv_dim) = (config.n_layer, config.kv_dim());
         let store = match (device.is_candle(), dtype) {
-            (false, KvDtype::F32) => Store::Host(HostRows::F32(Layers::new(n_layer))),
-            (false, KvDtype::F16) => Store::Host(HostRows::F16(Layers::new(n_layer))),
+            (false, KvDtype::F32) => {
+                Store::Host(HostRows::F32(Layers::new(n_layer, kv_dim, layout)))
+            }
+            (false, KvDtype::F16) => {
+                Store::Host(HostRows::F16(Layers::new(n_layer, kv_dim, layout)))
+            }
             (true, _) => Store::Tensors(vec![None; n_layer]),
         };
         KvCache {
@@ -192,10 +259,9 @@ impl KvCache {
     pub fn resize(&mut self, n_ctx: usize) {
         self.n_ctx = n_ctx;
         self.n_cached = self.n_cached.min(n_ctx);
-        let max_len = self.max_len();
         match &mut self.store {
-            Store::Host(HostRows::F32(layers)) => shrink(layers.buffers(), max_len),
-            Store::Host(HostRows::F16(layers)) => shrink(layers.buffers(), max_len),
+            Store::Host(HostRows::F32(layers)) => layers.shrink(n_ctx),
+            Store::Host(HostRows::F16(layers)) => layers.shrink(n_ctx),
             Store::Tensors(layers) => {
                 let mut lost = false;
                 for layer in layers.iter_mut().filter(|l| l.is_some()) {
@@ -213,12 +279,6 @@ impl KvCache {
                 }
             }
         }
-    }
-
-    /// Values per layer at full context. `n_ctx` may be any size the caller or the file
-    /// asked for (the memory is only taken as positions are stored): saturate, never wrap.
-    fn max_len(&self) -> usize {
-        self.n_ctx.saturating_mul(self.kv_dim)
     }
 
     /// Checks that this cache was made for a model of `config`'s shape on `device`.
@@ -262,29 +322,51 @@ impl KvCache {
     /// Writes keys and values for positions `pos0 ..` of layer `il` (host cache), rounded to
     /// the cache's dtype.
     pub(crate) fn store(&mut self, il: usize, pos0: usize, keys: &[f32], values: &[f32]) {
-        let (start, max_len) = (pos0 * self.kv_dim, self.max_len());
+        // `n_ctx` may be any size the caller or the file asked for: the memory is only taken
+        // as positions are stored.
+        let n_ctx = self.n_ctx;
         match &mut self.store {
-            Store::Host(HostRows::F32(layers)) => layers.store(il, start, max_len, keys, values),
-            Store::Host(HostRows::F16(layers)) => layers.store(il, start, max_len, keys, values),
+            Store::Host(HostRows::F32(layers)) => layers.store(il, pos0, n_ctx, keys, values),
+            Store::Host(HostRows::F16(layers)) => layers.store(il, pos0, n_ctx, keys, values),
             Store::Tensors(_) => {
                 unreachable!("Inference checks the cache's device before a forward")
             }
         }
     }
 
-    /// Keys and values of layer `il` for positions `0 .. n` (host cache).
-    pub(crate) fn rows(&self, il: usize, n: usize) -> KvRows<'_> {
-        let len = n * self.kv_dim;
+    /// Keys and values of layer `il` for positions `0 .. n`, as inference's attention reads
+    /// them (host inference cache).
+    pub(crate) fn cached(&self, il: usize, n: usize) -> CachedKv<'_> {
+        fn parts<T: KvElem>(layers: &Layers<T>, il: usize, n: usize) -> (&[T], &[T]) {
+            assert_eq!(layers.layout, KeyLayout::Blocks, "an inference cache");
+            let key_blocks = &layers.keys[il][..layers.keys_len(n)];
+            (key_blocks, &layers.values[il][..n * layers.kv_dim])
+        }
         match &self.store {
-            Store::Host(HostRows::F32(layers)) => KvRows::F32 {
-                keys: &layers.keys[il][..len],
-                values: &layers.values[il][..len],
-            },
-            Store::Host(HostRows::F16(layers)) => KvRows::F16 {
-                keys: &layers.keys[il][..len],
-                values: &layers.values[il][..len],
-            },
+            Store::Host(HostRows::F32(layers)) => {
+                let (key_blocks, values) = parts(layers, il, n);
+                CachedKv::F32 { key_blocks, values }
+            }
+            Store::Host(HostRows::F16(layers)) => {
+                let (key_blocks, values) = parts(layers, il, n);
+                CachedKv::F16 { key_blocks, values }
+            }
             Store::Tensors(_) => unreachable!("Inference checks the cache's device"),
+        }
+    }
+
+    /// Keys and values `[n, kv_dim]` of layer `il` for positions `0 .. n` (host training
+    /// cache): exact gradients need the f32 rows.
+    pub(crate) fn exact_rows(&self, il: usize, n: usize) -> Result<(&[f32], &[f32])> {
+        match &self.store {
+            Store::Host(HostRows::F32(layers)) if layers.layout == KeyLayout::Rows => {
+                let len = n * self.kv_dim;
+                Ok((&layers.keys[il][..len], &layers.values[il][..len]))
+            }
+            _ => Err(Error::invalid(
+                "cache",
+                "training reads the f32 rows of a training graph's KV cache",
+            )),
         }
     }
 
@@ -343,14 +425,6 @@ impl KvCache {
     }
 }
 
-/// Drops values beyond `max_len` and the memory that held them.
-fn shrink<'a, T: 'a>(buffers: impl Iterator<Item = &'a mut Vec<T>>, max_len: usize) {
-    for buf in buffers {
-        buf.truncate(max_len);
-        buf.shrink_to(max_len);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -372,12 +446,19 @@ mod tests {
             let mut cache = KvCache::on(config, 4, Device::Cpu, dtype);
             assert_eq!(cache.dtype(), dtype);
             cache.store(0, 0, &keys, &values);
-            match cache.rows(0, 1) {
-                KvRows::F32 { keys: k, values: v } => {
-                    assert_eq!((k, v), (&keys[..], &values[..]), "f32 keeps every bit");
+            match cache.cached(0, 1) {
+                CachedKv::F32 {
+                    key_blocks: k,
+                    values: v,
+                } => {
+                    let k: Vec<f32> = k.iter().step_by(64).copied().collect();
+                    assert_eq!((&k[..], v), (&keys[..], &values[..]), "f32 keeps every bit");
                 }
-                KvRows::F16 { keys: k, values: v } => {
-                    let k: Vec<f32> = k.iter().map(|x| x.to_f32()).collect();
+                CachedKv::F16 {
+                    key_blocks: k,
+                    values: v,
+                } => {
+                    let k: Vec<f32> = k.iter().step_by(64).map(|x| x.to_f32()).collect();
                     assert_eq!(&k[..2], &[1.0, 1.0 + 2f32.powi(-9)]);
                     assert!(
                         v.iter().all(|x| x.to_f32() == f32::INFINITY),
@@ -386,5 +467,35 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Keys stored a few positions at a time, over a rewound tail, and after a shrink, are
+    /// the blocks of all of them stored at once.
+    #[test]
+    fn keys_stored_in_steps_are_the_blocks_of_all_of_them() {
+        let model = Model::from_gguf(GgufFile::from_bytes(&tiny_model_with(&[])).unwrap()).unwrap();
+        let config = model.config().unwrap();
+        let kv_dim = config.kv_dim();
+        let row = |j: usize| (0..kv_dim).map(move |i| (j * kv_dim + i) as f32);
+        let rows = |r: std::ops::Range<usize>| -> Vec<f32> { r.flat_map(row).collect() };
+        let mut cache = KvCache::on(config, 200, Device::Cpu, KvDtype::F32);
+        cache.store(0, 0, &rows(0..50), &rows(0..50));
+        cache.store(0, 50, &vec![-1.0; 30 * kv_dim], &rows(50..80));
+        cache.truncate(50);
+        for j in 50..130 {
+            cache.store(0, j, &rows(j..j + 1), &rows(j..j + 1));
+        }
+        cache.resize(130);
+        let mut expected = vec![0f32; key_blocks_len(130, kv_dim)];
+        store_key_blocks(&mut expected, kv_dim, 0, &rows(0..130));
+        let CachedKv::F32 { key_blocks, values } = cache.cached(0, 130) else {
+            unreachable!("an f32 cache")
+        };
+        assert_eq!(key_blocks, &expected[..]);
+        assert_eq!(values, &rows(0..130)[..]);
+        assert!(
+            cache.exact_rows(0, 130).is_err(),
+            "an inference cache holds no key rows"
+        );
     }
 }

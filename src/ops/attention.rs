@@ -75,6 +75,9 @@ pub trait KvElem: Copy + Default + Send + Sync + 'static {
     /// `src` rounded into `dst` (f16: to nearest, ties to even, as llama.cpp stores them).
     fn round_from(dst: &mut [Self], src: &[f32]);
 
+    /// `x` rounded as `round_from` rounds it.
+    fn round(x: f32) -> Self;
+
     fn widen(self) -> f32;
 
     /// The first `N` values of `src`, widened. `AVX`: the caller's target features include
@@ -92,6 +95,11 @@ pub trait KvElem: Copy + Default + Send + Sync + 'static {
 impl KvElem for f32 {
     fn round_from(dst: &mut [f32], src: &[f32]) {
         dst.copy_from_slice(src);
+    }
+
+    #[inline(always)]
+    fn round(x: f32) -> f32 {
+        x
     }
 
     #[inline(always)]
@@ -117,6 +125,11 @@ impl KvElem for f16 {
     fn round_from(dst: &mut [f16], src: &[f32]) {
         use half::slice::HalfFloatSliceExt;
         dst.convert_from_f32_slice(src);
+    }
+
+    #[inline(always)]
+    fn round(x: f32) -> f16 {
+        f16::from_f32(x)
     }
 
     #[inline(always)]
@@ -239,18 +252,55 @@ fn head_row<T>(data: &[T], row: usize, head: usize, width: usize, head_dim: usiz
 pub struct SeqKv<'a> {
     pub rows: std::ops::Range<usize>,
     pub pos0: usize,
-    pub kv: KvRows<'a>,
+    pub kv: CachedKv<'a>,
 }
 
-/// Keys and values `[n_keys, n_head_kv * head_dim]`, as a cache stores them.
+/// Keys and values of positions `0 .. n_keys` as an inference cache stores them: the keys
+/// in blocks (`store_key_blocks`, `key_blocks_len(n_keys, kv_dim)` values), the values as
+/// rows `[n_keys, kv_dim]`.
 #[derive(Debug, Clone, Copy)]
-pub enum KvRows<'a> {
-    F32 { keys: &'a [f32], values: &'a [f32] },
-    F16 { keys: &'a [f16], values: &'a [f16] },
+pub enum CachedKv<'a> {
+    F32 {
+        key_blocks: &'a [f32],
+        values: &'a [f32],
+    },
+    F16 {
+        key_blocks: &'a [f16],
+        values: &'a [f16],
+    },
+}
+
+/// Keys (and values) at a time: a block of them, read from memory once, serves every query
+/// head of a group from the L1 cache.
+const BLOCK: usize = 64;
+
+/// Values that key blocks holding positions `0 .. n_keys` take (whole blocks; saturating,
+/// for a context of any size).
+pub fn key_blocks_len(n_keys: usize, kv_dim: usize) -> usize {
+    n_keys
+        .div_ceil(BLOCK)
+        .saturating_mul(BLOCK)
+        .saturating_mul(kv_dim)
+}
+
+/// Writes keys `[n, kv_dim]` for positions `pos0 ..` into `blocks`, rounded to `T`. Keys
+/// are kept transposed in blocks of `BLOCK` positions — block `b` is `[kv_dim][BLOCK]`,
+/// value `i` of key `b · BLOCK + c` at `(b · kv_dim + i) · BLOCK + c` — so that a block's
+/// scores come a vector of keys at a time, with no horizontal sums and no transposes per
+/// query.
+pub fn store_key_blocks<T: KvElem>(blocks: &mut [T], kv_dim: usize, pos0: usize, keys: &[f32]) {
+    for (j, key) in (pos0..).zip(keys.chunks_exact(kv_dim)) {
+        let (b, c) = (j / BLOCK, j % BLOCK);
+        let block = &mut blocks[b * kv_dim * BLOCK..][..kv_dim * BLOCK];
+        for (i, &x) in key.iter().enumerate() {
+            block[i * BLOCK + c] = T::round(x);
+        }
+    }
 }
 
 /// `out = softmax(q kᵀ / sqrt(head_dim) + causal mask) v` for each head; `lse[t, h]` receives
 /// the log-sum-exp of the scaled scores, which is all the backward needs to rebuild them.
+/// Keys as rows: they are put in blocks first (`attention_forward_seqs` reads a cache's).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
     shape: AttentionShape,
@@ -261,10 +311,16 @@ pub fn attention_forward(
     out: &mut [f32],
     lse: &mut [f32],
 ) {
+    let kv_dim = shape.kv_dim();
+    let mut key_blocks = vec![0f32; key_blocks_len(k.len() / kv_dim, kv_dim)];
+    store_key_blocks(&mut key_blocks, kv_dim, 0, k);
     let seq = |_| SeqKv {
         rows: 0..q.len() / shape.q_dim(),
         pos0,
-        kv: KvRows::F32 { keys: k, values: v },
+        kv: CachedKv::F32 {
+            key_blocks: &key_blocks,
+            values: v,
+        },
     };
     attention_forward_seqs(shape, 1, seq, q, out, lse)
 }
@@ -286,146 +342,38 @@ pub fn attention_forward_seqs<'a>(
     let n_rows = lse.len() / shape.n_head;
     assert!(out.len() == n_rows * q_dim && lse.len() == n_rows * shape.n_head);
     let (out_ptr, lse_ptr) = (SyncPtr(out.as_mut_ptr()), SyncPtr(lse.as_mut_ptr()));
-    // A sequence of several rows has its keys transposed once, for all of them.
-    let transposed = (0..n_seqs).map(|s| transposed_len(&shape, &seq(s))).sum();
-    scratch::with_f32(|keys_t| {
-        keys_t.resize(transposed, 0.0);
-        let mut rest = &mut keys_t[..];
-        for s in 0..n_seqs {
-            let seq = seq(s);
-            let (this, after) = rest.split_at_mut(transposed_len(&shape, &seq));
-            transpose_keys(&shape, &seq, this);
-            rest = after;
-        }
-        let keys_t = &keys_t[..];
-        // One task per row and key/value head (its query heads are adjacent in the row), so
-        // that a single decoded token still spreads over the cores. Head-major: the rows a
-        // core takes in turn read the same head's keys and values, which stay in its cache.
-        (0..shape.n_head_kv * n_rows).into_par_iter().for_each(|i| {
-            let (g, row) = (i / n_rows, i % n_rows);
-            let at = row * shape.n_head_kv + g;
-            // SAFETY: task (g, row) writes only head group `g` of row `row`, inside the
-            // buffers (asserted above).
-            let (out, lse) = unsafe {
-                (
-                    out_ptr.slice(at * group * hd, group * hd),
-                    lse_ptr.slice(at * group, group),
-                )
-            };
-            let s = (0..n_seqs)
-                .find(|&s| seq(s).rows.contains(&row))
-                .expect("every row of the batch belongs to a sequence");
-            // Where the sequence's transposed keys start: after the earlier sequences'.
-            let start: usize = (0..s).map(|s| transposed_len(&shape, &seq(s))).sum();
-            let seq = seq(s);
-            let head_t = match transposed_len(&shape, &seq) / shape.n_head_kv {
-                0 => None,
-                len => Some(&keys_t[start + g * len..][..len]),
-            };
-            let pos = seq.pos0 + (row - seq.rows.start);
-            let q = &q[row * q_dim + g * group * hd..][..group * hd];
-            let visible = shape.first_key(pos)..pos + 1;
-            match seq.kv {
-                KvRows::F32 { keys, values } => {
-                    let task = HeadGroup::new(q, keys, values, g, kv_dim, visible);
-                    attend_in_chunks(&shape, &task.transposed(head_t), out, lse)
-                }
-                KvRows::F16 { keys, values } => {
-                    let task = HeadGroup::new(q, keys, values, g, kv_dim, visible);
-                    attend_in_chunks(&shape, &task.transposed(head_t), out, lse)
-                }
+    // One task per row and key/value head (its query heads are adjacent in the row), so that
+    // a single decoded token still spreads over the cores. Head-major: the rows a core takes
+    // in turn read the same head's keys and values, which stay in its cache.
+    (0..shape.n_head_kv * n_rows).into_par_iter().for_each(|i| {
+        let (g, row) = (i / n_rows, i % n_rows);
+        let at = row * shape.n_head_kv + g;
+        // SAFETY: task (g, row) writes only head group `g` of row `row`, inside the buffers
+        // (asserted above).
+        let (out, lse) = unsafe {
+            (
+                out_ptr.slice(at * group * hd, group * hd),
+                lse_ptr.slice(at * group, group),
+            )
+        };
+        let seq = (0..n_seqs)
+            .map(&seq)
+            .find(|seq| seq.rows.contains(&row))
+            .expect("every row of the batch belongs to a sequence");
+        let pos = seq.pos0 + (row - seq.rows.start);
+        let q = &q[row * q_dim + g * group * hd..][..group * hd];
+        let visible = shape.first_key(pos)..pos + 1;
+        match seq.kv {
+            CachedKv::F32 { key_blocks, values } => {
+                let task = HeadGroup::new(q, key_blocks, values, g, kv_dim, visible);
+                attend_in_chunks(&shape, &task, out, lse)
             }
-        });
-    })
-}
-
-/// Values of `seq`'s keys transposed for its rows to share: `[n_head_kv][blocks][head_dim]
-/// [BLOCK]`, blocks from key 0, as `attend_group` reads them. None for a single row, which
-/// transposes the keys it reads itself.
-fn transposed_len(shape: &AttentionShape, seq: &SeqKv) -> usize {
-    match seq.rows.len() {
-        0 | 1 => 0,
-        n => shape.n_head_kv * (seq.pos0 + n).div_ceil(BLOCK) * shape.head_dim * BLOCK,
-    }
-}
-
-/// `seq`'s keys transposed into `out` (`transposed_len` values), in parallel.
-fn transpose_keys(shape: &AttentionShape, seq: &SeqKv, out: &mut [f32]) {
-    let (hd, kv_dim) = (shape.head_dim, shape.kv_dim());
-    let n_keys = seq.pos0 + seq.rows.len();
-    let n_blocks = n_keys.div_ceil(BLOCK);
-    out.par_chunks_mut(hd * BLOCK)
-        .enumerate()
-        .for_each(|(i, out)| {
-            let (g, b) = (i / n_blocks, i % n_blocks);
-            let block = b * BLOCK..n_keys.min((b + 1) * BLOCK);
-            match seq.kv {
-                KvRows::F32 { keys, .. } => transpose_block(keys, g, kv_dim, hd, block, out),
-                KvRows::F16 { keys, .. } => transpose_block(keys, g, kv_dim, hd, block, out),
+            CachedKv::F16 { key_blocks, values } => {
+                let task = HeadGroup::new(q, key_blocks, values, g, kv_dim, visible);
+                attend_in_chunks(&shape, &task, out, lse)
             }
-        });
-}
-
-/// Keys `block` of kv head `g` (`[n, kv_dim]` rows) transposed into `out[d * BLOCK + k]`.
-fn transpose_block<T: KvElem>(
-    keys: &[T],
-    g: usize,
-    kv_dim: usize,
-    hd: usize,
-    block: std::ops::Range<usize>,
-    out: &mut [f32],
-) {
-    let n = keys.len() / kv_dim;
-    let rows = prefetched(block.clone(), n, |j| head_row(keys, j, g, kv_dim, hd));
-    #[cfg(target_arch = "x86_64")]
-    {
-        use super::qmatmul::{isa, Isa};
-        if isa() != Isa::Portable {
-            // SAFETY: every level above portable has AVX2 and F16C.
-            return unsafe { transpose_rows_avx(rows, hd, out) };
         }
-    }
-    transpose_rows::<T, false>(rows, hd, out)
-}
-
-/// `transpose_rows` with AVX shuffles.
-///
-/// # Safety
-/// The CPU has AVX2 and F16C.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,f16c")]
-unsafe fn transpose_rows_avx<'a, T: KvElem + 'a>(
-    rows: impl Iterator<Item = &'a [T]>,
-    hd: usize,
-    out: &mut [f32],
-) {
-    transpose_rows::<T, true>(rows, hd, out)
-}
-
-/// Up to `BLOCK` rows of `hd` values into columns of `out` (`out[d * BLOCK + k]`), 8 at a
-/// time. `AVX`: the CPU has AVX and F16C (the caller's target features).
-#[inline(always)]
-fn transpose_rows<'a, T: KvElem + 'a, const AVX: bool>(
-    mut rows: impl Iterator<Item = &'a [T]>,
-    hd: usize,
-    out: &mut [f32],
-) {
-    for k0 in (0..BLOCK).step_by(8) {
-        let mut eight: [&[T]; 8] = [&[]; 8];
-        for (slot, row) in eight.iter_mut().zip(&mut rows) {
-            *slot = row;
-        }
-        if eight[0].is_empty() {
-            return;
-        }
-        #[cfg(target_arch = "x86_64")]
-        if AVX {
-            // SAFETY: `AVX` says the CPU has AVX and F16C.
-            unsafe { transpose8_avx(eight, hd, &mut out[k0..]) };
-            continue;
-        }
-        transpose8(eight, hd, &mut out[k0..]);
-    }
+    });
 }
 
 /// Keys a task attends to at once. A row that sees more is split into chunks of this many
@@ -457,9 +405,10 @@ fn attend_in_chunks<T: KvElem + Sync>(
             .for_each(|(c, (out, lse))| {
                 let start = visible.start + c * KEY_CHUNK;
                 let keys = start..(start + KEY_CHUNK).min(visible.end);
-                let (q, kv_head, kv_dim) = (task.q, task.kv_head, task.kv_dim);
-                let chunk = HeadGroup::new(q, task.keys, task.values, kv_head, kv_dim, keys)
-                    .transposed(task.keys_t);
+                let chunk = HeadGroup {
+                    visible: keys,
+                    ..*task
+                };
                 scratch::with_f32(|buf| attend(shape, &chunk, out, lse, buf))
             });
         for (h, (out, lse)) in out.chunks_exact_mut(hd).zip(lse.iter_mut()).enumerate() {
@@ -482,20 +431,18 @@ fn attend_in_chunks<T: KvElem + Sync>(
 struct HeadGroup<'a, T> {
     /// The query heads, one after the other.
     q: &'a [f32],
-    keys: &'a [T],
+    /// Every key/value head's keys, in blocks (`store_key_blocks`).
+    key_blocks: &'a [T],
     values: &'a [T],
     kv_head: usize,
     kv_dim: usize,
     visible: std::ops::Range<usize>,
-    /// The head's keys transposed in blocks from key 0 (`transposed_len`), where the row's
-    /// sequence has them.
-    keys_t: Option<&'a [f32]>,
 }
 
 impl<'a, T> HeadGroup<'a, T> {
     fn new(
         q: &'a [f32],
-        keys: &'a [T],
+        key_blocks: &'a [T],
         values: &'a [T],
         kv_head: usize,
         kv_dim: usize,
@@ -503,18 +450,17 @@ impl<'a, T> HeadGroup<'a, T> {
     ) -> Self {
         HeadGroup {
             q,
-            keys,
+            key_blocks,
             values,
             kv_head,
             kv_dim,
             visible,
-            keys_t: None,
         }
     }
 
-    /// The same task, reading its keys from `keys_t` where its blocks line up with them.
-    fn transposed(self, keys_t: Option<&'a [f32]>) -> Self {
-        HeadGroup { keys_t, ..self }
+    /// The head's keys of block `b`, transposed: `[head_dim][BLOCK]`.
+    fn key_block(&self, b: usize, hd: usize) -> &'a [T] {
+        &self.key_blocks[(b * self.kv_dim + self.kv_head * hd) * BLOCK..][..hd * BLOCK]
     }
 }
 
@@ -569,18 +515,9 @@ unsafe fn attend_avx512<T: KvElem>(
 /// in registers.
 const HEADS: usize = 4;
 
-/// Keys (and values) at a time: a block of rows, read from memory once, serves every query
-/// head of the group from the L1 cache. Keys are copied transposed into scratch, so that the
-/// scores of a block come a vector of keys at a time, with no horizontal sums.
-const BLOCK: usize = 64;
-
-/// Rows ahead of the one being read that the keys' copy prefetches: a task's rows of the
-/// cache are `kv_dim` apart, a stride the hardware prefetchers do not run far enough ahead on.
-const AHEAD: usize = 32;
-
 /// The task's scores, softmax and weighted values, head `h` into `out[h * head_dim..]` and
-/// `lse[h]`. `AVX`: the CPU has AVX2 and F16C (the caller's target features), for the keys'
-/// transposes and the widening of f16 values; `AVX512`: it has AVX-512 F too, twice the
+/// `lse[h]`. `AVX`: the CPU has AVX2 and F16C (the caller's target features), for the scores
+/// and the widening of f16 keys and values; `AVX512`: it has AVX-512 F too, twice the
 /// registers and their width for the weighted sums.
 #[inline(always)]
 fn attend_group<T: KvElem, const AVX: bool, const AVX512: bool>(
@@ -591,28 +528,21 @@ fn attend_group<T: KvElem, const AVX: bool, const AVX512: bool>(
     scratch: &mut Vec<f32>,
 ) {
     let hd = shape.head_dim;
-    let n = task.visible.len();
-    let at = |cache, j| head_row(cache, task.visible.start + j, task.kv_head, task.kv_dim, hd);
-    let (key, value) = (|j| at(task.keys, j), |j| at(task.values, j));
-    scratch.resize(lse.len() * n + hd * BLOCK, 0.0);
-    let (scores, rows) = scratch.split_at_mut(lse.len() * n);
-    for b0 in (0..n).step_by(BLOCK) {
-        let block = b0..n.min(b0 + BLOCK);
-        let first = task.visible.start + b0;
-        let keys_t = match task.keys_t {
-            Some(t) if first.is_multiple_of(BLOCK) => {
-                &t[first / BLOCK * hd * BLOCK..][..hd * BLOCK]
-            }
-            _ => {
-                transpose_rows::<T, AVX>(prefetched(block.clone(), n, key), hd, rows);
-                &*rows
-            }
-        };
+    let visible = task.visible.clone();
+    let n = visible.len();
+    scratch.resize(lse.len() * n, 0.0);
+    let scores = &mut scratch[..];
+    // The cache's blocks that hold visible keys, the first and the last cut to them.
+    let blocks = visible.start / BLOCK..visible.end.div_ceil(BLOCK);
+    for b in blocks.clone() {
+        let keys = visible.start.max(b * BLOCK)..visible.end.min((b + 1) * BLOCK);
+        let keys_t = &task.key_block(b, hd)[keys.start - b * BLOCK..];
+        let at = keys.start - visible.start..keys.end - visible.start;
         for (q, scores) in task.q.chunks_exact(hd).zip(scores.chunks_exact_mut(n)) {
-            let scores = &mut scores[block.clone()];
+            let scores = &mut scores[at.clone()];
             #[cfg(target_arch = "x86_64")]
             if AVX {
-                // SAFETY: `AVX` says the CPU has AVX.
+                // SAFETY: `AVX` says the CPU has AVX and F16C.
                 unsafe { block_scores_avx(q, keys_t, scores) };
                 continue;
             }
@@ -623,6 +553,15 @@ fn attend_group<T: KvElem, const AVX: bool, const AVX512: bool>(
         *lse = softmax(scores, shape);
     }
     out.fill(0.0);
+    let value = |j| {
+        head_row(
+            task.values,
+            visible.start + j,
+            task.kv_head,
+            task.kv_dim,
+            hd,
+        )
+    };
     for b0 in (0..n).step_by(BLOCK) {
         let block = b0..n.min(b0 + BLOCK);
         // The weighted sums pass over a block's values several times (column blocks, heads),
@@ -650,103 +589,15 @@ fn attend_group<T: KvElem, const AVX: bool, const AVX512: bool>(
     }
 }
 
-/// Up to 8 rows of `hd` values (the missing ones empty) into columns `0..8` of `out`
-/// (`out[d * BLOCK + r] = rows[r][d]`), 8 × 8 at a time so that the compiler can transpose in
-/// registers.
+/// `scores[k] = q · key k` for keys stored transposed (`keys_t[d * BLOCK + k]`, widened as
+/// they are read): a vector of keys at a time, each one's products summed in order of `d`.
 #[inline(always)]
-fn transpose8<T: KvElem>(rows: [&[T]; 8], hd: usize, out: &mut [f32]) {
-    let whole = match rows.iter().all(|r| r.len() == hd) {
-        true => hd / 8 * 8,
-        false => 0,
-    };
-    for d0 in (0..whole).step_by(8) {
-        let mut tile = [[0f32; 8]; 8];
-        for (tile, row) in tile.iter_mut().zip(&rows) {
-            *tile = T::widen_n::<false, 8>(&row[d0..]);
-        }
-        for d in 0..8 {
-            for (r, out) in out[(d0 + d) * BLOCK..][..8].iter_mut().enumerate() {
-                *out = tile[r][d];
-            }
-        }
-    }
-    for d in whole..hd {
-        for (r, row) in rows.iter().enumerate().filter(|(_, row)| !row.is_empty()) {
-            out[d * BLOCK + r] = row[d].widen();
-        }
-    }
-}
-
-/// `transpose8` by AVX shuffles, 8 × 8 values at a time in registers (the compiler makes
-/// scalar moves of the plain one).
-///
-/// # Safety
-/// The CPU has AVX and F16C.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx,f16c")]
-unsafe fn transpose8_avx<T: KvElem>(rows: [&[T]; 8], hd: usize, out: &mut [f32]) {
-    use core::arch::x86_64::*;
-    if !hd.is_multiple_of(8) || rows.iter().any(|r| r.len() != hd) {
-        return transpose8(rows, hd, out);
-    }
-    assert!(out.len() >= (hd - 1) * BLOCK + 8);
-    for d0 in (0..hd).step_by(8) {
-        let mut r = [_mm256_setzero_ps(); 8];
-        for (r, row) in r.iter_mut().zip(&rows) {
-            *r = T::load8(&row[d0..]);
-        }
-        // Rows 4q..4q + 4 interleaved by pairs, then by quads: u[4q + c] holds rows
-        // 4q..4q + 4 of column c in its low half and of column c + 4 in its high half.
-        // Loops, not closures: a closure would not inherit the target feature.
-        let mut u = [_mm256_setzero_ps(); 8];
-        for q in [0, 4] {
-            let (lo01, hi01) = (
-                _mm256_unpacklo_ps(r[q], r[q + 1]),
-                _mm256_unpackhi_ps(r[q], r[q + 1]),
-            );
-            let (lo23, hi23) = (
-                _mm256_unpacklo_ps(r[q + 2], r[q + 3]),
-                _mm256_unpackhi_ps(r[q + 2], r[q + 3]),
-            );
-            u[q] = _mm256_shuffle_ps::<0x44>(lo01, lo23);
-            u[q + 1] = _mm256_shuffle_ps::<0xee>(lo01, lo23);
-            u[q + 2] = _mm256_shuffle_ps::<0x44>(hi01, hi23);
-            u[q + 3] = _mm256_shuffle_ps::<0xee>(hi01, hi23);
-        }
-        for c in 0..4 {
-            let (low, high) = (
-                _mm256_permute2f128_ps::<0x20>(u[c], u[c + 4]),
-                _mm256_permute2f128_ps::<0x31>(u[c], u[c + 4]),
-            );
-            _mm256_storeu_ps(out[(d0 + c) * BLOCK..].as_mut_ptr(), low);
-            _mm256_storeu_ps(out[(d0 + c + 4) * BLOCK..].as_mut_ptr(), high);
-        }
-    }
-}
-
-/// Rows `block` of `n`, each prefetched `AHEAD` rows before it is read.
-#[inline(always)]
-fn prefetched<'a, T: 'a>(
-    block: std::ops::Range<usize>,
-    n: usize,
-    row: impl Fn(usize) -> &'a [T],
-) -> impl Iterator<Item = &'a [T]> {
-    block.map(move |j| {
-        if j + AHEAD < n {
-            prefetch(row(j + AHEAD));
-        }
-        row(j)
-    })
-}
-
-/// `scores[k] = q · key k` for a block of keys stored transposed (`keys_t[d * BLOCK + k]`):
-/// a vector of keys at a time, each one's products summed in order of `d`.
-#[inline(always)]
-fn block_scores(q: &[f32], keys_t: &[f32], scores: &mut [f32]) {
-    if scores.len() == BLOCK {
+fn block_scores<T: KvElem>(q: &[f32], keys_t: &[T], scores: &mut [f32]) {
+    let n = scores.len();
+    if n == BLOCK {
         let mut acc = [0f32; BLOCK];
-        for (&x, keys) in q.iter().zip(keys_t.chunks_exact(BLOCK)) {
+        for (d, &x) in q.iter().enumerate() {
+            let keys = T::widen_n::<false, BLOCK>(&keys_t[d * BLOCK..]);
             for k in 0..BLOCK {
                 acc[k] += x * keys[k];
             }
@@ -754,9 +605,9 @@ fn block_scores(q: &[f32], keys_t: &[f32], scores: &mut [f32]) {
         scores.copy_from_slice(&acc);
     } else {
         scores.fill(0.0);
-        for (&x, keys) in q.iter().zip(keys_t.chunks_exact(BLOCK)) {
-            for (s, &y) in scores.iter_mut().zip(keys) {
-                *s += x * y;
+        for (d, &x) in q.iter().enumerate() {
+            for (s, y) in scores.iter_mut().zip(&keys_t[d * BLOCK..][..n]) {
+                *s += x * y.widen();
             }
         }
     }
@@ -767,22 +618,21 @@ fn block_scores(q: &[f32], keys_t: &[f32], scores: &mut [f32]) {
 /// products and additions, so the same bits.
 ///
 /// # Safety
-/// The CPU has AVX.
+/// The CPU has AVX and F16C.
 #[cfg(target_arch = "x86_64")]
 #[inline]
-#[target_feature(enable = "avx")]
-unsafe fn block_scores_avx(q: &[f32], keys_t: &[f32], scores: &mut [f32]) {
+#[target_feature(enable = "avx,f16c")]
+unsafe fn block_scores_avx<T: KvElem>(q: &[f32], keys_t: &[T], scores: &mut [f32]) {
     use core::arch::x86_64::*;
     if scores.len() != BLOCK {
         return block_scores(q, keys_t, scores);
     }
-    assert!(keys_t.len() >= q.len() * BLOCK);
     let mut acc = [_mm256_setzero_ps(); BLOCK / 8];
     for (d, &x) in q.iter().enumerate() {
         let x = _mm256_set1_ps(x);
-        let keys = keys_t[d * BLOCK..].as_ptr();
+        let keys = &keys_t[d * BLOCK..][..BLOCK];
         for (k, acc) in acc.iter_mut().enumerate() {
-            *acc = _mm256_add_ps(*acc, _mm256_mul_ps(x, _mm256_loadu_ps(keys.add(8 * k))));
+            *acc = _mm256_add_ps(*acc, _mm256_mul_ps(x, T::load8(&keys[8 * k..])));
         }
     }
     for (k, acc) in acc.iter().enumerate() {
@@ -1050,7 +900,7 @@ mod tests {
         window: None,
     };
 
-    /// Groups of 3 query heads (the 135M class's), heads a whole number of 8 × 8 transposes.
+    /// Groups of 3 query heads (the 135M class's), heads a whole number of vectors.
     const GROUPS_OF_3: AttentionShape = AttentionShape {
         n_head: 6,
         n_head_kv: 2,
@@ -1109,7 +959,7 @@ mod tests {
         }
         // Past one chunk of keys.
         a_token_alone_has_the_same_bits_as_in_a_batch_with(GROUPS_OF_3, KEY_CHUNK + 40);
-        // In a batch, rows whose first key is not on a block boundary transpose their own.
+        // Rows whose first key (under a window) lies inside a block of the cache.
         let window = AttentionShape {
             window: Some(100),
             ..GROUPS_OF_3
@@ -1142,17 +992,24 @@ mod tests {
         (h, f)
     }
 
+    /// Keys `[n, kv_dim]` as a cache of `T` stores them.
+    fn blocks<T: KvElem>(keys: &[f32], kv_dim: usize) -> Vec<T> {
+        let mut blocks = vec![T::default(); key_blocks_len(keys.len() / kv_dim, kv_dim)];
+        store_key_blocks(&mut blocks, kv_dim, 0, keys);
+        blocks
+    }
+
     /// Widening is exact and the sums run in the same order, so f16 rows give the bits of
     /// f32 rows of the same values (on whatever instruction set `isa` picks).
     #[test]
     fn f16_rows_give_the_bits_of_f32_rows_of_the_same_values() {
-        // SHAPE: heads narrower than a transpose; WIDE: remainder heads and columns.
+        // SHAPE: heads narrower than a vector; WIDE: remainder heads and columns.
         for shape in [SHAPE, CAPPED_WINDOW, WIDE, GROUPS_OF_3] {
             let (n, pos0) = (4, 150);
             let (q_dim, kv_dim, n_keys) = (shape.q_dim(), shape.kv_dim(), pos0 + 4);
             let q = values(n * q_dim, 17);
-            let ((k16, k), (v16, v)) = (halves(n_keys * kv_dim, 18), halves(n_keys * kv_dim, 19));
-            let run = |kv: KvRows| {
+            let ((_, k), (v16, v)) = (halves(n_keys * kv_dim, 18), halves(n_keys * kv_dim, 19));
+            let run = |kv: CachedKv| {
                 let (mut out, mut lse) = (vec![0f32; n * q_dim], vec![0f32; n * shape.n_head]);
                 let seq = |_| SeqKv {
                     rows: 0..n,
@@ -1162,13 +1019,13 @@ mod tests {
                 attention_forward_seqs(shape, 1, seq, &q, &mut out, &mut lse);
                 (out, lse)
             };
-            let exact = run(KvRows::F32 {
-                keys: &k,
+            let exact = run(CachedKv::F32 {
+                key_blocks: &blocks(&k, kv_dim),
                 values: &v,
             });
             assert_eq!(
-                run(KvRows::F16 {
-                    keys: &k16,
+                run(CachedKv::F16 {
+                    key_blocks: &blocks(&k, kv_dim),
                     values: &v16
                 }),
                 exact
@@ -1189,32 +1046,31 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     fn every_instruction_set_gives_the_same_bits_with(shape: AttentionShape) {
         use crate::ops::qmatmul::{isa, Isa};
-        let (group, n) = (shape.n_head / shape.n_head_kv, 37);
+        let (group, n, kv_dim) = (shape.n_head / shape.n_head_kv, 150, shape.kv_dim());
         let q = values(group * shape.head_dim, 14);
-        let ((k16, k), (v16, v)) = (
-            halves(n * shape.kv_dim(), 15),
-            halves(n * shape.kv_dim(), 16),
-        );
-        let expected = run_kernel(attend_group::<f32, false, false>, &shape, &q, &k, &v);
-        let kernels_f32: [(Isa, Kernel<f32>); 3] = [
-            (Isa::Portable, attend_group::<f32, false, false>),
-            (Isa::Avx2, attend_avx2::<f32>),
-            (Isa::Avx512, attend_avx512::<f32>),
-        ];
-        let kernels_f16: [(Isa, Kernel<f16>); 3] = [
-            (Isa::Portable, attend_group::<f16, false, false>),
-            (Isa::Avx2, attend_avx2::<f16>),
-            (Isa::Avx512, attend_avx512::<f16>),
-        ];
-        for ((needs, f32_rows), (_, f16_rows)) in kernels_f32.into_iter().zip(kernels_f16) {
-            if isa() >= needs {
-                assert_eq!(
-                    run_kernel(f32_rows, &shape, &q, &k, &v),
-                    expected,
-                    "{needs:?}"
-                );
-                let f16_out = run_kernel(f16_rows, &shape, &q, &k16, &v16);
-                assert_eq!(f16_out, expected, "{needs:?}, f16 rows");
+        let ((_, k), (v16, v)) = (halves(n * kv_dim, 15), halves(n * kv_dim, 16));
+        let (k32, k16) = (blocks::<f32>(&k, kv_dim), blocks::<f16>(&k, kv_dim));
+        // Whole blocks and cut ones, the first key on a block boundary and inside a block.
+        for visible in [0..n, 37..n, 70..100] {
+            let kernel =
+                |attend, keys, values| run_kernel(attend, &shape, &q, keys, values, &visible);
+            let expected = kernel(attend_group::<f32, false, false>, &k32[..], &v[..]);
+            let kernels_f32: [(Isa, Kernel<f32>); 3] = [
+                (Isa::Portable, attend_group::<f32, false, false>),
+                (Isa::Avx2, attend_avx2::<f32>),
+                (Isa::Avx512, attend_avx512::<f32>),
+            ];
+            let kernels_f16: [(Isa, Kernel<f16>); 3] = [
+                (Isa::Portable, attend_group::<f16, false, false>),
+                (Isa::Avx2, attend_avx2::<f16>),
+                (Isa::Avx512, attend_avx512::<f16>),
+            ];
+            for ((needs, f32_rows), (_, f16_rows)) in kernels_f32.into_iter().zip(kernels_f16) {
+                if isa() >= needs {
+                    assert_eq!(kernel(f32_rows, &k32, &v), expected, "{needs:?}");
+                    let f16_out = run_kernel(f16_rows, &shape, &q, &k16, &v16, &visible);
+                    assert_eq!(f16_out, expected, "{needs:?}, f16 rows");
+                }
             }
         }
     }
@@ -1223,18 +1079,20 @@ mod tests {
     type Kernel<T> =
         unsafe fn(&AttentionShape, &HeadGroup<T>, &mut [f32], &mut [f32], &mut Vec<f32>);
 
-    /// `attend` on query heads `q` of kv head 1 against every row of `keys` and `values`.
+    /// `attend` on query heads `q` of kv head 1 against keys (in blocks) and values
+    /// `visible`.
     #[cfg(target_arch = "x86_64")]
     fn run_kernel<T: KvElem>(
         attend: Kernel<T>,
         shape: &AttentionShape,
         q: &[f32],
-        keys: &[T],
+        key_blocks: &[T],
         values: &[T],
+        visible: &std::ops::Range<usize>,
     ) -> (Vec<f32>, Vec<f32>) {
         let group = shape.n_head / shape.n_head_kv;
-        let visible = 0..keys.len() / shape.kv_dim();
-        let task = HeadGroup::new(q, keys, values, 1, shape.kv_dim(), visible);
+        let (kv_dim, visible) = (shape.kv_dim(), visible.clone());
+        let task = HeadGroup::new(q, key_blocks, values, 1, kv_dim, visible);
         let (mut out, mut lse) = (vec![0f32; q.len()], vec![0f32; group]);
         // SAFETY: each kernel runs only where `isa` reports its features.
         unsafe { attend(shape, &task, &mut out, &mut lse, &mut Vec::new()) };
@@ -1248,19 +1106,20 @@ mod tests {
         let (mut caches, mut q) = (Vec::new(), Vec::new());
         for (i, &(n, pos0)) in shapes.iter().enumerate() {
             let n_keys = pos0 + n;
-            caches.push((values(n_keys * 6, 20 + i), values(n_keys * 6, 30 + i)));
+            let k = values(n_keys * 6, 20 + i);
+            caches.push((blocks::<f32>(&k, 6), k, values(n_keys * 6, 30 + i)));
             q.extend(values(n * 12, 40 + i));
         }
         let mut start = 0;
         let seqs: Vec<SeqKv> = shapes
             .iter()
             .zip(&caches)
-            .map(|(&(n, pos0), (k, v))| {
+            .map(|(&(n, pos0), (key_blocks, _, values))| {
                 start += n;
                 SeqKv {
                     rows: start - n..start,
                     pos0,
-                    kv: KvRows::F32 { keys: k, values: v },
+                    kv: CachedKv::F32 { key_blocks, values },
                 }
             })
             .collect();
@@ -1271,7 +1130,7 @@ mod tests {
             ..seqs[i]
         };
         attention_forward_seqs(SHAPE, seqs.len(), seq, &q, &mut out, &mut lse);
-        for (seq, (k, v)) in seqs.iter().zip(&caches) {
+        for (seq, (_, k, v)) in seqs.iter().zip(&caches) {
             let (mut out_s, mut lse_s) = (
                 vec![0f32; seq.rows.len() * 12],
                 vec![0f32; seq.rows.len() * 4],

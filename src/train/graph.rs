@@ -9,7 +9,7 @@ use crate::backend::{AnyState, Backend};
 use crate::error::{Error, Result};
 use crate::infer::{with_backend, Inference, SpareActivations};
 use crate::lora::{LoraAdapter, LoraGrads, LoraPlan, Numerics, PairGrad};
-use crate::model::{self, Batch, KvCache, KvDtype, Saved, SeqSpan};
+use crate::model::{self, Batch, KvCache, Saved, SeqSpan};
 use crate::ops::activation::softcap_backward;
 
 /// Logits materialised at a time by the fused loss: 128 MiB (1024 rows of a 32k vocabulary),
@@ -99,12 +99,7 @@ impl TrainGraph {
             });
             // Exact gradients need the exact keys and values, whatever the inference's
             // cache type.
-            caches.push(KvCache::on(
-                config,
-                tokens.len(),
-                inf.device(),
-                KvDtype::F32,
-            ));
+            caches.push(KvCache::for_training(config, tokens.len(), inf.device()));
             row += tokens.len();
         }
         let mut unique: Vec<Arc<LoraAdapter>> = Vec::new();
