@@ -1,5 +1,6 @@
 //! Inference: forwards over a model with adapters, on a thread pool of its own.
 
+mod awake;
 mod generate;
 mod pool;
 pub mod sample;
@@ -377,7 +378,7 @@ impl Inference {
         }
         ws.lay_out(sequences, caches, logits == Logits::All);
         let (batch, rows, buffers) = ws.parts();
-        self.pool.install(|| {
+        let forward = || {
             // Made on the pool's thread: the plan holds the adapters' read locks, which stay
             // on the thread that took them.
             let plan = LoraPlan::scaled(
@@ -390,7 +391,11 @@ impl Inference {
                     .collect(),
             );
             with_backend!(self, b => run_on(b, &batch, caches, plan, buffers, rows))
-        })
+        };
+        match self.engine {
+            Engine::Cpu => awake::install_awake(&self.pool, forward),
+            Engine::Candle(_) => self.pool.install(forward),
+        }
     }
 
     /// Refuses an empty token list or ids outside the vocabulary.
