@@ -8,7 +8,7 @@ use std::sync::RwLockReadGuard;
 
 use super::adapter::{LoraAdapter, LoraPair};
 use crate::model::{Proj, Slot};
-use crate::ops::gemm::{dot, gemm, MatMut, MatRef};
+use crate::ops::gemm::{add_row_dots, gemm, MatMut, MatRef};
 use crate::ops::Weight;
 
 /// How base weights multiply activations.
@@ -202,14 +202,10 @@ fn lora_hidden<'s>(x: &[f32], term: &Term, scratch: &'s mut Vec<f32>) -> &'s mut
 fn add_term_of_one_token(x: &[f32], term: &Term, u: &mut Vec<f32>, y: &mut [f32]) {
     let pair = term.pair;
     u.clear();
-    u.extend(
-        pair.lora_a
-            .chunks_exact(pair.n_in)
-            .map(|a| dot(a, x) * term.scaling),
-    );
-    for (y, b) in y.iter_mut().zip(term.b().chunks_exact(pair.rank)) {
-        *y += dot(b, u);
-    }
+    u.resize(pair.rank, 0.0);
+    add_row_dots(&pair.lora_a, x, u);
+    u.iter_mut().for_each(|u| *u *= term.scaling);
+    add_row_dots(term.b(), u, y);
 }
 
 /// `y = x Wᵀ + b + Σ s B (A x)` for the rows of `x` (`[n_tokens, n_in]`), `y` `[n_tokens, n_out]`.
