@@ -533,8 +533,7 @@ fn attend_group<T: KvElem, const AVX: bool, const AVX512: bool>(
     scratch.resize(lse.len() * n, 0.0);
     let scores = &mut scratch[..];
     // The cache's blocks that hold visible keys, the first and the last cut to them.
-    let blocks = visible.start / BLOCK..visible.end.div_ceil(BLOCK);
-    for b in blocks.clone() {
+    for b in visible.start / BLOCK..visible.end.div_ceil(BLOCK) {
         let keys = visible.start.max(b * BLOCK)..visible.end.min((b + 1) * BLOCK);
         let keys_t = &task.key_block(b, hd)[keys.start - b * BLOCK..];
         let at = keys.start - visible.start..keys.end - visible.start;
