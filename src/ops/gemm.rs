@@ -166,12 +166,14 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 pub fn add_row_dots(m: &[f32], x: &[f32], y: &mut [f32]) {
     let k = x.len();
     assert_eq!(m.len(), y.len() * k);
-    let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if k.is_multiple_of(8) && super::qmatmul::isa() != super::qmatmul::Isa::Portable {
+    let done = match k.is_multiple_of(8) && super::qmatmul::isa() != super::qmatmul::Isa::Portable {
         // SAFETY: every level above portable has AVX2 and FMA.
-        done = unsafe { add_row_dots_avx2(m, x, y) };
-    }
+        true => unsafe { add_row_dots_avx2(m, x, y) },
+        false => 0,
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
     for (y, row) in y[done..]
         .iter_mut()
         .zip(m[done * k..].chunks_exact(k.max(1)))
