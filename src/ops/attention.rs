@@ -40,6 +40,15 @@ impl AttentionShape {
         }
     }
 
+    /// Raw products become scores, in place; without a soft cap the loop vectorizes.
+    #[inline(always)]
+    fn score_all(&self, s: &mut [f32]) {
+        match self.softcap {
+            Some(_) => s.iter_mut().for_each(|x| *x = self.score(*x)),
+            None => s.iter_mut().for_each(|x| *x *= self.scale),
+        }
+    }
+
     /// d(score)/d(dot), from the score.
     #[inline]
     fn score_slope(&self, score: f32) -> f32 {
@@ -703,7 +712,7 @@ pub fn attention_forward_batched(
 /// The maximum and the sum run in eight lanes, so that they vectorize.
 #[inline(always)]
 fn softmax(s: &mut [f32], shape: &AttentionShape) -> f32 {
-    s.iter_mut().for_each(|x| *x = shape.score(*x));
+    shape.score_all(s);
     let max = lanes_fold(s, f32::NEG_INFINITY, f32::max);
     s.iter_mut().for_each(|x| *x = exp(*x - max));
     let sum = lanes_fold(s, 0.0, |a, b| a + b);
@@ -724,6 +733,25 @@ fn lanes_fold(s: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
     }
     let lanes = lanes.into_iter().fold(init, &f);
     chunks.remainder().iter().fold(lanes, |a, &b| f(a, b))
+}
+
+/// One query row of the backward: raw products `p` become probabilities
+/// `exp(score − lse)`, and `ds` (`dO · v` in) becomes `p ⊙ (ds − D) · score′`. The score
+/// functions come in as closures so that the row without a soft cap vectorizes.
+#[inline(always)]
+fn probs_and_score_grads(
+    p: &mut [f32],
+    ds: &mut [f32],
+    row_lse: f32,
+    big_d: f32,
+    score: impl Fn(f32) -> f32,
+    slope: impl Fn(f32) -> f32,
+) {
+    for (p, ds) in p.iter_mut().zip(ds) {
+        let score = score(*p);
+        *p = exp(score - row_lse);
+        *ds = *p * (*ds - big_d) * slope(score);
+    }
 }
 
 /// A head's columns of an `[n, width]` matrix.
@@ -780,10 +808,24 @@ pub fn attention_backward(
                     let row_lse = lse[t * shape.n_head + head];
                     let (p_t, ds_t) = (&mut p[t * n..(t + 1) * n], &mut ds[t * n..(t + 1) * n]);
                     let first = shape.first_key(t);
-                    for (p, ds) in p_t[first..=t].iter_mut().zip(&mut ds_t[first..=t]) {
-                        let score = shape.score(*p);
-                        *p = exp(score - row_lse);
-                        *ds = *p * (*ds - big_d) * shape.score_slope(score);
+                    let (p_seen, ds_seen) = (&mut p_t[first..=t], &mut ds_t[first..=t]);
+                    match shape.softcap {
+                        Some(_) => probs_and_score_grads(
+                            p_seen,
+                            ds_seen,
+                            row_lse,
+                            big_d,
+                            |dot| shape.score(dot),
+                            |score| shape.score_slope(score),
+                        ),
+                        None => probs_and_score_grads(
+                            p_seen,
+                            ds_seen,
+                            row_lse,
+                            big_d,
+                            |dot| shape.scale * dot,
+                            |_| shape.scale,
+                        ),
                     }
                     for row in [&mut *p_t, &mut *ds_t] {
                         row[..first].fill(0.0);
