@@ -162,24 +162,31 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// `y[i] += m[i] · x` for the rows `m[i]` of `m` (`[y.len(), x.len()]`): one token's LoRA
 /// terms, short rows whose sums a `dot` each would spend most of its time reducing. With
-/// AVX2, 8 rows' sums are reduced together.
+/// AVX2 or NEON, 8 rows' sums are reduced together.
 pub fn add_row_dots(m: &[f32], x: &[f32], y: &mut [f32]) {
     let k = x.len();
     assert_eq!(m.len(), y.len() * k);
-    #[cfg(target_arch = "x86_64")]
-    let done = match k.is_multiple_of(8) && super::qmatmul::isa() != super::qmatmul::Isa::Portable {
-        // SAFETY: every level above portable has AVX2 and FMA.
-        true => unsafe { add_row_dots_avx2(m, x, y) },
-        false => 0,
+    let done = match super::qmatmul::isa() {
+        super::qmatmul::Isa::Portable => 0,
+        _ => add_row_dots_simd(m, x, y),
     };
-    #[cfg(not(target_arch = "x86_64"))]
-    let done = 0;
     for (y, row) in y[done..]
         .iter_mut()
         .zip(m[done * k..].chunks_exact(k.max(1)))
     {
         *y += dot(row, x);
     }
+}
+
+/// `add_row_dots` on whole groups of 8 rows, where the width suits the vectors; returns how
+/// many rows it did.
+#[cfg(target_arch = "x86_64")]
+fn add_row_dots_simd(m: &[f32], x: &[f32], y: &mut [f32]) -> usize {
+    if !x.len().is_multiple_of(8) {
+        return 0;
+    }
+    // SAFETY: every level above portable has AVX2 and FMA.
+    unsafe { add_row_dots_avx2(m, x, y) }
 }
 
 /// `add_row_dots` on whole groups of 8 rows (`x.len()` a multiple of 8); returns how many
@@ -217,6 +224,47 @@ unsafe fn add_row_dots_avx2(m: &[f32], x: &[f32], y: &mut [f32]) -> usize {
         _mm256_storeu_ps(y, _mm256_add_ps(_mm256_loadu_ps(y), sums));
     }
     groups * 8
+}
+
+/// `add_row_dots` on whole groups of 8 rows, where the width is a multiple of 4; returns
+/// how many rows it did.
+#[cfg(target_arch = "aarch64")]
+fn add_row_dots_simd(m: &[f32], x: &[f32], y: &mut [f32]) -> usize {
+    use core::arch::aarch64::*;
+    let k = x.len();
+    if !k.is_multiple_of(4) {
+        return 0;
+    }
+    for (g, y) in y.chunks_exact_mut(8).enumerate() {
+        let rows = &m[g * 8 * k..][..8 * k];
+        // SAFETY: NEON is part of every aarch64 CPU; each load reads 4 floats inside `x`,
+        // `rows` or `y` (`k` a multiple of 4, `y` 8 long).
+        unsafe {
+            let mut acc = [vdupq_n_f32(0.0); 8];
+            for c in (0..k).step_by(4) {
+                let x = vld1q_f32(x.as_ptr().add(c));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    *acc = vfmaq_f32(*acc, vld1q_f32(rows.as_ptr().add(r * k + c)), x);
+                }
+            }
+            // Pairwise adds: lane i of `quad(r)` is row r + i's sum.
+            let quad = |r: usize| {
+                vpaddq_f32(
+                    vpaddq_f32(acc[r], acc[r + 1]),
+                    vpaddq_f32(acc[r + 2], acc[r + 3]),
+                )
+            };
+            let y = y.as_mut_ptr();
+            vst1q_f32(y, vaddq_f32(vld1q_f32(y), quad(0)));
+            vst1q_f32(y.add(4), vaddq_f32(vld1q_f32(y.add(4)), quad(4)));
+        }
+    }
+    y.len() / 8 * 8
+}
+
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+fn add_row_dots_simd(_: &[f32], _: &[f32], _: &mut [f32]) -> usize {
+    0
 }
 
 #[cfg(test)]
@@ -257,11 +305,20 @@ mod tests {
         assert_eq!(g, [17.0, 22.0, 27.0, 22.0, 29.0, 36.0, 27.0, 36.0, 45.0]);
     }
 
-    /// Every row count around the groups of 8, widths that take the AVX2 path and others,
-    /// against sums in f64.
+    /// Every row count around the groups of 8, widths that take the AVX2 or NEON path and
+    /// others, against sums in f64.
     #[test]
     fn row_dots_add_each_rows_product() {
-        for (n, k) in [(0, 8), (1, 16), (8, 16), (13, 24), (17, 8), (9, 5), (3, 0)] {
+        for (n, k) in [
+            (0, 8),
+            (1, 16),
+            (8, 16),
+            (13, 24),
+            (17, 8),
+            (11, 12),
+            (9, 5),
+            (3, 0),
+        ] {
             let m: Vec<f32> = (0..n * k)
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
                 .collect();
