@@ -209,21 +209,6 @@ def run_engine(args: argparse.Namespace) -> dict:
     } | runner.info
 
 
-def merge_rounds(done: dict | None, new: dict) -> dict:
-    """One case's results over rounds: the repetitions of every round pooled, the peak RSS and
-    other load the largest seen, each round's result kept under `rounds`."""
-    if done is None:
-        return new | {"rounds": [new]}
-    rounds = [*done["rounds"], new]
-    merged = new | {"rounds": rounds}
-    for phase in ("prefill", "decode"):
-        samples = [s for r in rounds for s in zip(r[phase]["all_s"], r[phase]["foreign_cores"])]
-        merged[phase] = bl.summarize(samples)
-    for field in ("peak_rss_mib", "foreign_load_cores"):
-        merged[field] = max(r.get(field) or 0.0 for r in rounds)
-    return merged
-
-
 def make_adapter(args: argparse.Namespace) -> dict:
     """The rank-16 attn_q/attn_v adapter both engines load, B non-zero, saved as GGUF."""
     import lugh
@@ -370,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"decode {args.decode / case['decode']['median_s']:.2f} tok/s",
                     flush=True,
                 )
-                cases[key] = merge_rounds(cases.get(key), case)
+                cases[key] = bl.merge_rounds(cases.get(key), case, ("prefill", "decode"))
                 logits[key] = np.load(out).astype(np.float64)
     for (quant, with_lora, engine), case in cases.items():
         case |= {

@@ -2,6 +2,7 @@
 
     python benches/bench_train.py                       # 22 layers, seq 256, batch 4, rank 16
     python benches/bench_train.py --layers 4 --steps 2  # a quick run
+    python benches/bench_train.py --layers 4 --rounds 3 # engines in turn, steps pooled
 
 One step = forward, mean next-token cross-entropy over the batch, backward into the adapter,
 AdamW update (weight decay 0). lugh: `lugh.train.train_step` on the F16 GGUF + `lugh.optim.AdamW`
@@ -121,6 +122,16 @@ def make_adapter(args: argparse.Namespace) -> dict:
     return {"path": str(args.adapter)}
 
 
+def step_rates(args: argparse.Namespace, steps: dict) -> dict:
+    """Median step time and tokens/s (median and best) of `summarize`d steps."""
+    tokens = args.batch * args.seq
+    return {
+        "step_s": steps["median_s"],
+        "tok_s": tokens / steps["median_s"],
+        "best_tok_s": tokens / steps["best_s"],
+    }
+
+
 def run_engine(args: argparse.Namespace) -> dict:
     bl.pin_threads(args.threads)
     started = time.perf_counter()
@@ -131,9 +142,7 @@ def run_engine(args: argparse.Namespace) -> dict:
         "losses": losses,
         "warmup_s": [t for t, _ in samples[: args.warmup]],
         "steps": steps,
-        "step_s": steps["median_s"],
-        "tok_s": args.batch * args.seq / steps["median_s"],
-        "best_tok_s": args.batch * args.seq / steps["best_s"],
+        **step_rates(args, steps),
         "total_s": time.perf_counter() - started,
         "peak_rss_mib": bl.peak_rss_mib(),
     }
@@ -150,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         bl.emit(run_engine(args))
         return 0
-    if args.steps < 1:
-        raise SystemExit("--steps must be at least 1")
+    if args.steps < 1 or args.rounds < 1:
+        raise SystemExit("--steps and --rounds must be at least 1")
 
     script = Path(__file__)
     needed = [bl.gguf_path(args.layers, "f16"), bl.hf_dir(args.layers) / "model.safetensors"]
@@ -177,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                 "warmup",
                 "lr",
                 "checkpoint",
+                "rounds",
             )
         }
         | {"targets": list(TARGETS), "alpha": LORA_ALPHA},
@@ -192,21 +202,24 @@ def main(argv: list[str] | None = None) -> int:
         lr=args.lr,
         checkpoint=args.checkpoint,
     )
-    for engine in engines:
-        print(f"running {engine} ...", flush=True)
-        out = bl.run_case(
-            script,
-            ["--child", engine, *forwarded],
-            args.wait_idle,
-            args.retries,
-            lambda r: r["steps"]["clean_reps"] * 2 < args.steps,
-        )
-        print(
-            f"  {out['tok_s']:.1f} tok/s, step {out['step_s']:.2f} s, losses "
-            f"{[round(v, 4) for v in out['losses']]}",
-            flush=True,
-        )
-        result["engines"][engine] = out
+    for round_ in range(1, args.rounds + 1):
+        for engine in engines:
+            label = engine + (f" (round {round_}/{args.rounds})" if args.rounds > 1 else "")
+            print(f"running {label} ...", flush=True)
+            out = bl.run_case(
+                script,
+                ["--child", engine, *forwarded],
+                args.wait_idle,
+                args.retries,
+                lambda r: r["steps"]["clean_reps"] * 2 < args.steps,
+            )
+            print(
+                f"  {out['tok_s']:.1f} tok/s, step {out['step_s']:.2f} s, losses "
+                f"{[round(v, 4) for v in out['losses']]}",
+                flush=True,
+            )
+            merged = bl.merge_rounds(result["engines"].get(engine), out, ("steps",))
+            result["engines"][engine] = merged | step_rates(args, merged["steps"])
 
     ok = report(result)
     bl.write_json(args.json, result)
@@ -220,7 +233,7 @@ def report(result: dict) -> bool:
         f"\n## LoRA training: {s['layers']} layers, {s['threads']} threads, batch {s['batch']} "
         f"x seq {s['seq']}, rank {s['rank']} on q,k,v,o, AdamW lr {s['lr']:g}, "
         f"checkpointing {'on' if s['checkpoint'] else 'off'}, median of {s['steps']} steps "
-        f"after {s['warmup']} warm-up\n"
+        f"after {s['warmup']} warm-up x {s.get('rounds', 1)} rounds\n"
     )
     rows = [
         [
@@ -229,7 +242,7 @@ def report(result: dict) -> bool:
             r["best_tok_s"],
             r["step_s"],
             r["peak_rss_mib"] / 1024,
-            *(f"{v:.6f}" for v in r["losses"][:2]),
+            *(f"{r['losses'][i]:.6f}" if i < len(r["losses"]) else "-" for i in range(2)),
             r.get("foreign_load_cores"),
         ]
         for e, r in engines.items()
@@ -287,6 +300,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument(
         "--checkpoint", action="store_true", help="activation checkpointing in both engines"
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every engine this many times, in turn, pooling the steps: slow drifts of "
+        "the machine then weigh on all engines alike",
     )
     p.add_argument("--remake-lora", action="store_true", help="rewrite the adapter")
     p.add_argument("--json", type=Path, help="also write the results here")

@@ -216,6 +216,22 @@ def summarize(samples: Sequence[Sample]) -> dict:
     }
 
 
+def merge_rounds(done: dict | None, new: dict, phases: Sequence[str]) -> dict:
+    """One case's results over rounds: the timed repetitions of each of `phases` (`summarize`
+    outputs) pooled across rounds, the peak RSS and other load the largest seen, each round's
+    result kept under `rounds`."""
+    if done is None:
+        return new | {"rounds": [new]}
+    rounds = [*done["rounds"], new]
+    merged = new | {"rounds": rounds}
+    for phase in phases:
+        samples = [s for r in rounds for s in zip(r[phase]["all_s"], r[phase]["foreign_cores"])]
+        merged[phase] = summarize(samples)
+    for field in ("peak_rss_mib", "foreign_load_cores"):
+        merged[field] = max(r.get(field) or 0.0 for r in rounds)
+    return merged
+
+
 def cpu_busy_s() -> float | None:
     """CPU seconds the whole machine has spent busy since boot (every core, /proc/stat)."""
     try:
