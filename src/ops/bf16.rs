@@ -65,10 +65,25 @@ pub(crate) fn pack_rows(x: &[f32], n: usize, out: &mut [u32]) {
     let np = pairs(n);
     let rows = x.par_chunks_exact(n).zip(out.par_chunks_exact_mut(np));
     rows.for_each(|(row, out)| {
-        for (o, w) in out.iter_mut().zip(row_pairs(row)) {
+        let done = pack_row_simd(row, out);
+        for (o, w) in out[done..].iter_mut().zip(row_pairs(&row[2 * done..])) {
             *o = w;
         }
     });
+}
+
+/// The words of `row`'s first pairs that a vector path writes into `out`, 16 at a time:
+/// how many (0 without one).
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+fn pack_row_simd(row: &[f32], out: &mut [u32]) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        let done = row.len() / 32 * 16;
+        // SAFETY: AVX-512 is there (`available`); the slices bound the reads and writes.
+        unsafe { avx512::pack_row(&row[..2 * done], &mut out[..done]) };
+        return done;
+    }
+    0
 }
 
 /// The words of `row`'s pairs in order, an odd last value paired with zero.
@@ -93,7 +108,8 @@ impl Panel<'_> {
         assert!(self.pairs == pairs(n) && rows.len() >= self.cols * n);
         // A block of pairs at a time, so that the words written down each column stay in L1.
         const BLOCK: usize = 16;
-        for p0 in (0..self.pairs).step_by(BLOCK) {
+        let done = self.fill_from_rows_simd(rows, n);
+        for p0 in (done..self.pairs).step_by(BLOCK) {
             let values = 2 * p0..(2 * (p0 + BLOCK)).min(n);
             for (c, row) in rows.chunks_exact(n).take(self.cols).enumerate() {
                 for (p, w) in row_pairs(&row[values.clone()]).enumerate() {
@@ -104,20 +120,40 @@ impl Panel<'_> {
         self.zero_columns_past_cols();
     }
 
-    /// The panel of columns `c0..c0 + cols` of the `n` rows of `matrix` (`stride` values a
-    /// row; the backward's weight, whose rows are the reduction), paired down each column.
-    pub fn fill_from_columns(&mut self, matrix: &[f32], n: usize, stride: usize, c0: usize) {
+    /// The panel's first pairs from `rows` by a vector path, 16 at a time: how many (0
+    /// without one).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+    fn fill_from_rows_simd(&mut self, rows: &[f32], n: usize) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        if available() {
+            let done = n / 32 * 16;
+            // SAFETY: AVX-512 is there (`available`); the caller's assert bounds the reads
+            // of `cols` rows of `n` values, and `words` holds `pairs * COLS ≥ done * COLS`.
+            unsafe { avx512::fill_from_rows(self.words, rows, n, self.cols, done) };
+            return done;
+        }
+        0
+    }
+
+    /// Pairs `p0..p0 + pairs(n)` of the panel from columns `c0..c0 + cols` of the `n` rows
+    /// of `matrix` (`stride` values a row; the backward's weight, whose rows are the
+    /// reduction), paired down each column.
+    pub fn fill_from_columns(
+        &mut self,
+        p0: usize,
+        matrix: &[f32],
+        n: usize,
+        stride: usize,
+        c0: usize,
+    ) {
         assert!(
-            self.pairs == pairs(n) && (n == 0 || (n - 1) * stride + c0 + self.cols <= matrix.len())
+            p0 + pairs(n) <= self.pairs
+                && (n == 0 || (n - 1) * stride + c0 + self.cols <= matrix.len())
         );
         let cols = self.cols;
         let row = |i: usize| &matrix[i * stride + c0..i * stride + c0 + cols];
-        for (p, words) in self
-            .words
-            .chunks_exact_mut(COLS)
-            .take(self.pairs)
-            .enumerate()
-        {
+        let words = self.words.chunks_exact_mut(COLS).skip(p0);
+        for (p, words) in words.take(pairs(n)).enumerate() {
             let lo = row(2 * p);
             match 2 * p + 1 < n {
                 true => {
@@ -132,8 +168,8 @@ impl Panel<'_> {
                     }
                 }
             }
+            words[cols..].fill(0);
         }
-        self.zero_columns_past_cols();
     }
 
     fn zero_columns_past_cols(&mut self) {
@@ -188,6 +224,99 @@ mod avx512 {
     /// Rows of the left operand one call multiplies (6 × 4 accumulators in registers).
     pub(super) const ROWS: usize = 6;
 
+    /// Pairs `0..pairs` (a multiple of 16) of the panel of `cols` rows of `n` values into
+    /// `words` (`[pairs][COLS]`): 16 rows × 16 pairs are rounded and paired a row a vector,
+    /// then transposed in registers.
+    ///
+    /// # Safety
+    /// AVX-512 F; `rows` holds `cols ≤ COLS` rows of `n ≥ 2 * pairs` values and `words` at
+    /// least `pairs * COLS` words.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn fill_from_rows(
+        words: &mut [u32],
+        rows: &[f32],
+        n: usize,
+        cols: usize,
+        pairs: usize,
+    ) {
+        debug_assert!(pairs.is_multiple_of(16) && 2 * pairs <= n && cols <= COLS);
+        debug_assert!(rows.len() >= cols * n && words.len() >= pairs * COLS);
+        for c0 in (0..cols).step_by(16) {
+            for p0 in (0..pairs).step_by(16) {
+                let mut v: [__m512i; 16] = std::array::from_fn(|r| match c0 + r < cols {
+                    true => round_pairs(rows.as_ptr().add((c0 + r) * n + 2 * p0)),
+                    false => _mm512_setzero_si512(),
+                });
+                transpose16(&mut v);
+                for (i, v) in v.iter().enumerate() {
+                    _mm512_storeu_si512(words.as_mut_ptr().add((p0 + i) * COLS + c0).cast(), *v);
+                }
+            }
+        }
+    }
+
+    /// `row` (a multiple of 32 values) as bf16 pairs into `out` (half as many words).
+    ///
+    /// # Safety
+    /// AVX-512 F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn pack_row(row: &[f32], out: &mut [u32]) {
+        assert!(row.len() == 2 * out.len() && out.len().is_multiple_of(16));
+        for (src, dst) in row.chunks_exact(32).zip(out.chunks_exact_mut(16)) {
+            _mm512_storeu_si512(dst.as_mut_ptr().cast(), round_pairs(src.as_ptr()));
+        }
+    }
+
+    /// The 32 values at `src` as 16 words of bf16 pairs, rounded as `super::bits` does.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn round_pairs(src: *const f32) -> __m512i {
+        let half = |v: __m512| {
+            let b = _mm512_castps_si512(v);
+            let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+            let bias = _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff));
+            let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(b, bias));
+            let quiet = _mm512_or_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(0x40));
+            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+            _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet))
+        };
+        let lo = half(_mm512_loadu_ps(src));
+        let hi = half(_mm512_loadu_ps(src.add(16)));
+        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+    }
+
+    /// `v[r]` lane `c` becomes `v[c]` lane `r`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn transpose16(v: &mut [__m512i; 16]) {
+        // Pairs of rows interleaved, then pairs of pairs: each 128-bit lane holds a 4 × 4
+        // block transposed, `u[4i + j]` lane `l` = rows `4i..4i + 4` of column `4l + j`.
+        let t: [__m512i; 16] = std::array::from_fn(|i| match i % 2 {
+            0 => _mm512_unpacklo_epi32(v[i], v[i + 1]),
+            _ => _mm512_unpackhi_epi32(v[i - 1], v[i]),
+        });
+        let u: [__m512i; 16] = std::array::from_fn(|i| {
+            let (base, j) = (i - i % 4, i % 4);
+            let (a, b) = (t[base + j / 2], t[base + j / 2 + 2]);
+            match j % 2 {
+                0 => _mm512_unpacklo_epi64(a, b),
+                _ => _mm512_unpackhi_epi64(a, b),
+            }
+        });
+        // Then the 128-bit lanes gathered: column `4l + j` takes lane `l` of u[j], u[4 + j],
+        // u[8 + j] and u[12 + j].
+        for j in 0..4 {
+            let x0 = _mm512_shuffle_i32x4::<0x44>(u[j], u[4 + j]);
+            let x1 = _mm512_shuffle_i32x4::<0xee>(u[j], u[4 + j]);
+            let y0 = _mm512_shuffle_i32x4::<0x44>(u[8 + j], u[12 + j]);
+            let y1 = _mm512_shuffle_i32x4::<0xee>(u[8 + j], u[12 + j]);
+            v[j] = _mm512_shuffle_i32x4::<0x88>(x0, y0);
+            v[4 + j] = _mm512_shuffle_i32x4::<0xdd>(x0, y0);
+            v[8 + j] = _mm512_shuffle_i32x4::<0x88>(x1, y1);
+            v[12 + j] = _mm512_shuffle_i32x4::<0xdd>(x1, y1);
+        }
+    }
+
     /// `R` rows of `a` (`stride` words apart) times the panel `(words, pairs, cols)`, into
     /// `R` rows of `c` (`stride` values apart).
     ///
@@ -226,6 +355,54 @@ mod avx512 {
                     false => v,
                 };
                 _mm512_mask_storeu_ps(out, mask, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packed_rows_and_panels_hold_each_pair_rounded_as_bits_rounds() {
+        // Arbitrary bit patterns (NaNs, ties, subnormals among them); widths with whole
+        // blocks of 16 pairs, a tail of pairs and an odd last value; 1 to 64 columns.
+        let value = |i: usize| {
+            let b = (i as u32).wrapping_mul(2654435761);
+            f32::from_bits(if i.is_multiple_of(5) {
+                b & 0xffff_0000 | 0x8000
+            } else {
+                b
+            })
+        };
+        for (n, cols) in [(64, 64), (96, 37), (75, 16), (33, 1), (7, 20)] {
+            let rows: Vec<f32> = (0..cols * n).map(value).collect();
+            let mut words = vec![u32::MAX; pairs(n) * COLS];
+            let mut panel = Panel {
+                words: &mut words,
+                pairs: pairs(n),
+                cols,
+            };
+            panel.fill_from_rows(&rows, n);
+            let mut packed = vec![u32::MAX; cols * pairs(n)];
+            pack_rows(&rows, n, &mut packed);
+            for p in 0..pairs(n) {
+                for c in 0..COLS {
+                    let at = |i: usize| match c < cols && i < n {
+                        true => rows[c * n + i],
+                        false => 0.0,
+                    };
+                    let want = pair(at(2 * p), at(2 * p + 1));
+                    assert_eq!(
+                        words[p * COLS + c],
+                        want,
+                        "n {n} cols {cols} pair {p} col {c}"
+                    );
+                    if c < cols {
+                        assert_eq!(packed[c * pairs(n) + p], want, "n {n} row {c} pair {p}");
+                    }
+                }
             }
         }
     }

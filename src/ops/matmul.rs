@@ -32,9 +32,11 @@ const BACKWARD_COLS: usize = 256;
 /// Weight rows a backward task dequantizes at a time: 2 MiB of f32.
 const BACKWARD_ROWS: usize = 2048;
 
-/// Weight rows per block of the bf16 backward products, which run one block after another
-/// (each across all threads): 256 rows of a 2048-wide matrix are 2 MiB of f32.
-const BF16_BACKWARD_ROWS: usize = 4 * DEQUANT_ROWS;
+/// Words of bf16 panels a backward task holds at a time (512 KiB).
+const BF16_PANEL_WORDS: usize = 1 << 17;
+
+/// Fewest tokens a bf16 backward task takes when tokens are split.
+const MIN_BF16_TASK_TOKENS: usize = 64;
 
 /// The share of `len` rows or columns per task that gives every thread two tasks, a multiple
 /// of `step` within `min..=max`.
@@ -246,30 +248,78 @@ impl Weight {
             return;
         }
         let (n, k, np) = (self.n_rows, self.n_cols, bf16::pairs(self.n_rows));
+        // A task's columns of dx: whole panels, and whole blocks to dequantize.
+        let width = bf16::COLS.max(self.dtype.block_size());
+        let col_tasks = k.div_ceil(width);
+        // Tokens split too where the columns alone leave threads idle (each such task fills
+        // the same panels again).
+        let splits = (2 * rayon::current_num_threads())
+            .div_ceil(col_tasks)
+            .min(m.div_ceil(MIN_BF16_TASK_TOKENS));
+        let tokens = m.div_ceil(splits);
+        // Weight rows turned into panels at a time: the task's panels stay in its cache while
+        // every token multiplies them.
+        let pass_rows = 2 * (BF16_PANEL_WORDS / width);
+        let dx_ptr = SyncPtr(dx.as_mut_ptr());
         scratch::with_pod::<u32, _>(m * np, |dyb| {
             bf16::pack_rows(dy, n, dyb);
-            self.for_row_blocks(|rows, w| {
-                let dx_ptr = SyncPtr(dx.as_mut_ptr());
-                let block_pairs = bf16::pairs(rows.len());
-                (0..k.div_ceil(bf16::COLS))
-                    .into_par_iter()
-                    .for_each(|chunk| {
-                        let cols = chunk * bf16::COLS..((chunk + 1) * bf16::COLS).min(k);
-                        scratch::with_pod::<u32, _>(block_pairs * bf16::COLS, |words| {
-                            let mut panel = Panel {
-                                words,
-                                pairs: block_pairs,
-                                cols: cols.len(),
-                            };
-                            panel.fill_from_columns(w, rows.len(), k, cols.start);
-                            // SAFETY: each task writes only columns `cols` of dx, disjoint across
-                            // tasks.
-                            let dx = unsafe { dx_ptr.slice(cols.start, (m - 1) * k + cols.len()) };
-                            let dy = &dyb[rows.start / 2..];
-                            bf16::multiply(dy, np, m, &panel, dx, k, true);
+            let token_tasks = m.div_ceil(tokens);
+            (0..col_tasks * token_tasks)
+                .into_par_iter()
+                .for_each(|task| {
+                    let (c, t) = (task / token_tasks, task % token_tasks);
+                    let cols = c * width..((c + 1) * width).min(k);
+                    let t = t * tokens..((t + 1) * tokens).min(m);
+                    // SAFETY: each task writes only tokens `t`, columns `cols` of dx, disjoint
+                    // across tasks.
+                    let dx = unsafe {
+                        dx_ptr.slice(t.start * k + cols.start, (t.len() - 1) * k + cols.len())
+                    };
+                    for start in (0..n).step_by(pass_rows) {
+                        let rows = start..(start + pass_rows).min(n);
+                        let pairs = bf16::pairs(rows.len());
+                        let n_panels = cols.len().div_ceil(bf16::COLS);
+                        scratch::with_pod::<u32, _>(n_panels * pairs * bf16::COLS, |words| {
+                            let mut panels: Vec<Panel> = words
+                                .chunks_exact_mut(pairs * bf16::COLS)
+                                .enumerate()
+                                .map(|(i, words)| Panel {
+                                    words,
+                                    pairs,
+                                    cols: (cols.len() - i * bf16::COLS).min(bf16::COLS),
+                                })
+                                .collect();
+                            self.fill_panels_from_columns(rows.clone(), cols.clone(), &mut panels);
+                            let dy = &dyb[t.start * np + rows.start / 2..];
+                            for (i, panel) in panels.iter().enumerate() {
+                                let dx = &mut dx[i * bf16::COLS..];
+                                bf16::multiply(dy, np, t.len(), panel, dx, k, true);
+                            }
                         })
-                    });
-            })
+                    }
+                })
+        })
+    }
+
+    /// The panels of `W[rows, cols]` (one per `bf16::COLS` columns), paired down each column,
+    /// dequantized a few rows at a time.
+    fn fill_panels_from_columns(
+        &self,
+        rows: Range<usize>,
+        cols: Range<usize>,
+        panels: &mut [Panel],
+    ) {
+        const ROWS: usize = 32;
+        scratch::with_f32(|w| {
+            for start in rows.clone().step_by(ROWS) {
+                let sub = start..(start + ROWS).min(rows.end);
+                w.resize(sub.len() * cols.len(), 0.0);
+                self.dequantize_block(sub.clone(), cols.clone(), w);
+                for (i, panel) in panels.iter_mut().enumerate() {
+                    let p0 = (start - rows.start) / 2;
+                    panel.fill_from_columns(p0, w, sub.len(), cols.len(), i * bf16::COLS);
+                }
+            }
         })
     }
 
@@ -322,23 +372,6 @@ impl Weight {
             let row = &self.data[r * row_bytes..];
             dequantize_into(self.dtype, &row[first..end], out);
         }
-    }
-
-    /// Runs `f` on consecutive blocks of `BF16_BACKWARD_ROWS` rows (an even number), each
-    /// dequantized to f32 (`[rows.len(), n_cols]`) by all threads.
-    fn for_row_blocks(&self, mut f: impl FnMut(Range<usize>, &mut [f32])) {
-        let block_rows = BF16_BACKWARD_ROWS.min(self.n_rows);
-        scratch::with_f32(|w| {
-            w.resize(block_rows * self.n_cols, 0.0);
-            for start in (0..self.n_rows).step_by(block_rows) {
-                let rows = start..(start + block_rows).min(self.n_rows);
-                let w = &mut w[..rows.len() * self.n_cols];
-                w.par_chunks_mut(self.n_cols)
-                    .enumerate()
-                    .for_each(|(i, row)| self.dequantize_rows(start + i..start + i + 1, row));
-                f(rows, w);
-            }
-        })
     }
 }
 
@@ -458,6 +491,8 @@ mod tests {
             (TensorType::F16, 130, 64, 13),
             (TensorType::Q4K, 300, 256, 6),
             (TensorType::Q8_0, 65, 96, 1),
+            // The backward in two passes of rows (the last one odd), tokens split in tasks.
+            (TensorType::Q4K, 2 * BF16_PANEL_WORDS / 256 + 7, 256, 130),
         ];
         for (dtype, n_rows, n_cols, m) in cases {
             let w = weight(dtype, &values(n_rows * n_cols, 5), n_rows, n_cols);
