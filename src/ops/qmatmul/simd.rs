@@ -131,6 +131,16 @@ pub(crate) fn prefetch_l2(p: *const u8, len: usize) {
     }
 }
 
+/// Prefetches the lines of `p..p + len` into the L1 cache.
+#[inline(always)]
+pub(crate) fn prefetch_l1(p: *const u8, len: usize) {
+    let first = p as usize & !63;
+    for line in (first..p as usize + len).step_by(64) {
+        // SAFETY: prefetching never faults, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(line as *const i8) };
+    }
+}
+
 /// Stores `tile[r][t]` at `y[t · stride + r]`: 4 rows of 16 tokens, transposed.
 ///
 /// # Safety

@@ -205,12 +205,14 @@ fn tiles<K: Kernels>(w: &Weights, xs: &[K::X], scratch: &mut [u8], m: usize, y: 
         };
         for tokens in (0..m).step_by(token_block) {
             let tokens = tokens..(tokens + token_block).min(m);
-            let n_tiles = k_steps.div_ceil(K::K_CHUNK) * tokens.len().div_ceil(TOKENS);
-            let prefetch_step = (ROWS * row_bytes).div_ceil(n_tiles).next_multiple_of(64);
+            let n_tiles = tokens.len().div_ceil(TOKENS);
+            let prefetch_step = (ROWS * row_bytes)
+                .div_ceil(n_tiles * k_steps.div_ceil(K::K_CHUNK))
+                .next_multiple_of(64);
             for r0 in rows.clone().step_by(ROWS) {
-                // The next rows arrive while these are multiplied, a few lines per tile:
-                // 1B-class prefill 177 tok/s, against 173 with all of them prefetched here at
-                // once.
+                // The next rows come from memory into L2 while these are multiplied, a few
+                // lines per tile (1B-class prefill 177 tok/s, against 173 with all of them
+                // prefetched here at once) ...
                 let next_rows = (r0 + ROWS).min(rows.end)..(r0 + 2 * ROWS).min(rows.end);
                 let mut next =
                     w.data[next_rows.start * row_bytes..next_rows.end * row_bytes].as_ptr_range();
@@ -234,8 +236,28 @@ fn tiles<K: Kernels>(w: &Weights, xs: &[K::X], scratch: &mut [u8], m: usize, y: 
                     }
                     let block: [*const u8; ROWS] =
                         std::array::from_fn(|r| chunk[r * chunk_row..].as_ptr());
+                    // ... and the next chunk to pack (the same rows further along k, or the
+                    // next rows from k = 0) into L1 over the last tiles: any earlier, the
+                    // tokens streaming through would evict it first.
+                    let (next_r0, next_k0) = match ks.end < k_steps {
+                        true => (r0, ks.end),
+                        false => (r0 + ROWS, 0),
+                    };
+                    let next_bytes = 2 * ((next_k0 + K::K_CHUNK).min(w.nb) - next_k0.min(w.nb));
+                    let next_chunk_rows = next_r0.min(rows.end)..(next_r0 + ROWS).min(rows.end);
+                    let last_tiles = n_tiles.min(ROWS);
                     let tiles = tokens.clone().step_by(TOKENS).zip(partial.iter_mut());
-                    for (t0, partial) in tiles {
+                    for (i, (t0, partial)) in tiles.enumerate() {
+                        if let Some(j) = (i + last_tiles).checked_sub(n_tiles) {
+                            let share = j * ROWS / last_tiles..(j + 1) * ROWS / last_tiles;
+                            for r in share
+                                .map(|r| next_r0 + r)
+                                .filter(|r| next_chunk_rows.contains(r))
+                            {
+                                let at = r * row_bytes + 2 * next_k0;
+                                simd::prefetch_l1(w.data[at..at + next_bytes].as_ptr(), next_bytes);
+                            }
+                        }
                         let t: [usize; TOKENS] = std::array::from_fn(|i| (t0 + i).min(m - 1));
                         assert!(t.iter().all(|&t| xs.len() >= (t + 1) * stride));
                         assert!(ks.end <= stride && ks.start.is_multiple_of(K::STEP));
@@ -457,7 +479,7 @@ impl<H: Half> Kernels for Avx512<H> {
     const PACKED: usize = 4;
 
     unsafe fn pack(row: &[u8], chunk: &mut [u8]) {
-        widen::<H>(row, chunk)
+        widen16::<H>(row, chunk)
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
@@ -500,9 +522,34 @@ const WIDENED_K_CHUNK: usize = 512;
 unsafe fn widen<H: Half>(row: &[u8], chunk: &mut [u8]) {
     let n = row.len() / 2;
     assert!(chunk.len() >= 4 * n.next_multiple_of(8) && chunk.len().is_multiple_of(32));
-    for j in (0..chunk.len() / 4).step_by(8) {
-        let v = H::load8(row.as_ptr().add(2 * j), n.saturating_sub(j).min(8));
-        _mm256_storeu_ps(chunk.as_mut_ptr().add(4 * j).cast(), v);
+    let (src, dst) = (row.as_ptr(), chunk.as_mut_ptr());
+    // Whole vectors without the tail's lane count (a third of the instructions).
+    let whole = n / 8 * 8;
+    for j in (0..whole).step_by(8) {
+        _mm256_storeu_ps(dst.add(4 * j).cast(), H::load8(src.add(2 * j), 8));
+    }
+    for j in (whole..chunk.len() / 4).step_by(8) {
+        let v = H::load8(src.add(2 * j), n.saturating_sub(j).min(8));
+        _mm256_storeu_ps(dst.add(4 * j).cast(), v);
+    }
+}
+
+/// `widen` 16 values a vector, for the AVX-512 tiles.
+///
+/// # Safety
+/// AVX-512 F/BW/VL; `chunk` holds 4 bytes per value of `row` rounded up to 16 values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn widen16<H: Half>(row: &[u8], chunk: &mut [u8]) {
+    let n = row.len() / 2;
+    assert!(chunk.len() >= 4 * n.next_multiple_of(16) && chunk.len().is_multiple_of(64));
+    let (src, dst) = (row.as_ptr(), chunk.as_mut_ptr());
+    let whole = n / 16 * 16;
+    for j in (0..whole).step_by(16) {
+        _mm512_storeu_ps(dst.add(4 * j).cast(), H::load16(src.add(2 * j), 16));
+    }
+    for j in (whole..chunk.len() / 4).step_by(16) {
+        let v = H::load16(src.add(2 * j), n.saturating_sub(j).min(16));
+        _mm512_storeu_ps(dst.add(4 * j).cast(), v);
     }
 }
 
