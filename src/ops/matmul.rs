@@ -275,10 +275,10 @@ impl Weight {
                     let dx = unsafe {
                         dx_ptr.slice(t.start * k + cols.start, (t.len() - 1) * k + cols.len())
                     };
+                    let n_panels = cols.len().div_ceil(bf16::COLS);
                     for start in (0..n).step_by(pass_rows) {
                         let rows = start..(start + pass_rows).min(n);
                         let pairs = bf16::pairs(rows.len());
-                        let n_panels = cols.len().div_ceil(bf16::COLS);
                         scratch::with_pod::<u32, _>(n_panels * pairs * bf16::COLS, |words| {
                             let mut panels: Vec<Panel> = words
                                 .chunks_exact_mut(pairs * bf16::COLS)
@@ -315,8 +315,8 @@ impl Weight {
                 let sub = start..(start + ROWS).min(rows.end);
                 w.resize(sub.len() * cols.len(), 0.0);
                 self.dequantize_block(sub.clone(), cols.clone(), w);
+                let p0 = (start - rows.start) / 2;
                 for (i, panel) in panels.iter_mut().enumerate() {
-                    let p0 = (start - rows.start) / 2;
                     panel.fill_from_columns(p0, w, sub.len(), cols.len(), i * bf16::COLS);
                 }
             }

@@ -244,16 +244,12 @@ fn tiles<K: Kernels>(w: &Weights, xs: &[K::X], scratch: &mut [u8], m: usize, y: 
                         false => (r0 + ROWS, 0),
                     };
                     let next_bytes = 2 * ((next_k0 + K::K_CHUNK).min(w.nb) - next_k0.min(w.nb));
-                    let next_chunk_rows = next_r0.min(rows.end)..(next_r0 + ROWS).min(rows.end);
                     let last_tiles = n_tiles.min(ROWS);
                     let tiles = tokens.clone().step_by(TOKENS).zip(partial.iter_mut());
                     for (i, (t0, partial)) in tiles.enumerate() {
                         if let Some(j) = (i + last_tiles).checked_sub(n_tiles) {
                             let share = j * ROWS / last_tiles..(j + 1) * ROWS / last_tiles;
-                            for r in share
-                                .map(|r| next_r0 + r)
-                                .filter(|r| next_chunk_rows.contains(r))
-                            {
+                            for r in share.map(|r| next_r0 + r).filter(|&r| r < rows.end) {
                                 let at = r * row_bytes + 2 * next_k0;
                                 simd::prefetch_l1(w.data[at..at + next_bytes].as_ptr(), next_bytes);
                             }
