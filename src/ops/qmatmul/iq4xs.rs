@@ -15,8 +15,8 @@ use core::arch::x86_64::*;
 use super::act::{Groups, Rows, QK_K};
 use super::driver::{Avx2, Avx2Rows, Format, RowKernel};
 use super::simd::{
-    block_steps, f16_at, headers, hsum4, hsum4_avx2, iq4_signed_table_avx2, iq4_table, prefetch_l2,
-    tile_avx2, tile_with_starts, Ahead, Pairs, Unpacked, PREFETCH_K_QUANTS,
+    block_steps, f16_at, headers, hsum4, hsum4_avx2, iq4_signed_table_avx2, iq4_table, tile_avx2,
+    tile_with_starts, NextRows, Pairs, Unpacked,
 };
 use crate::ops::iq4::{xs_scales, KVALUES};
 
@@ -144,7 +144,7 @@ impl RowKernel for IQ4XS {
                 _mm256_set1_epi32(word(j + 1)),
             )
         });
-        let ahead = Ahead::new(nb, BLOCK_BYTES, PREFETCH_K_QUANTS);
+        let next = NextRows::new(nb * BLOCK_BYTES, 4, BLOCK_BYTES);
         let mut acc = _mm_setzero_ps();
         for b in 0..nb {
             let x: [__m512i; 4] =
@@ -154,7 +154,7 @@ impl RowKernel for IQ4XS {
             // A plain loop: as a closure passed to `from_fn`, this body was not inlined.
             let mut s = [_mm512_setzero_si512(); 4];
             for r in 0..4 {
-                prefetch_l2(ahead.of(w[r], b), BLOCK_BYTES);
+                next.fetch(w[0], r, b);
                 // Lane r (this row's scales) in every lane.
                 let r4 = 4 * r as i32;
                 let lane = _mm512_broadcast_i32x4(_mm_setr_epi32(r4, r4 + 1, r4 + 2, r4 + 3));
@@ -236,7 +236,7 @@ unsafe fn rows4_avx2(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32
     });
     let table = iq4_signed_table_avx2();
     let m4 = _mm256_set1_epi8(0x0f);
-    let ahead = Ahead::new(nb, BLOCK_BYTES, PREFETCH_K_QUANTS);
+    let next = NextRows::new(nb * BLOCK_BYTES, 4, BLOCK_BYTES);
     let mut acc = _mm_setzero_ps();
     for b in 0..nb {
         // Per pair of sub-blocks, their values 0..16, then 16..32, as `nibbles` gives them.
@@ -250,7 +250,7 @@ unsafe fn rows4_avx2(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32
         });
         let s: [__m256i; 4] = std::array::from_fn(|r| {
             let p = w[r].add(b * BLOCK_BYTES);
-            prefetch_l2(ahead.of(w[r], b), BLOCK_BYTES);
+            next.fetch(w[0], r, b);
             let sc = _mm256_broadcastsi128_si256(scales_avx2(p));
             let mut sum = _mm256_setzero_si256();
             for (j, x) in x.iter().enumerate() {

@@ -19,8 +19,8 @@ use core::arch::x86_64::*;
 use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
 use super::driver::{Avx2, Avx2Rows, Format, RowKernel};
 use super::simd::{
-    block_steps, f16_at, hsum4, hsum4_avx2, i16_pair, prefetch_l2, tile_avx2, tile_with_mins,
-    tile_with_starts, Ahead, Pairs, Unpacked, PREFETCH_K_QUANTS,
+    block_steps, f16_at, hsum4, hsum4_avx2, i16_pair, tile_avx2, tile_with_mins, tile_with_starts,
+    NextRows, Pairs, Unpacked,
 };
 
 /// Q2_K (`Q3 = false`) or Q3_K (`Q3 = true`).
@@ -132,7 +132,7 @@ unsafe fn rows4<const Q3: bool>(w: [*const u8; 4], nb: usize, act: &Rows, t: usi
     let hbits: [__m512i; 4] = std::array::from_fn(|j| halves8(1 << j, 1 << (4 + j)));
     let m3 = _mm512_set1_epi8(3);
     let xq = act.qs[t * act.k..].as_ptr();
-    let ahead = Ahead::new(nb, block_bytes, PREFETCH_K_QUANTS);
+    let next = NextRows::new(nb * block_bytes, 4, block_bytes);
     let mut acc = _mm_setzero_ps();
     for b in 0..nb {
         let x: [__m512i; 4] =
@@ -148,7 +148,7 @@ unsafe fn rows4<const Q3: bool>(w: [*const u8; 4], nb: usize, act: &Rows, t: usi
         let mut m = [_mm256_setzero_si256(); 4];
         for r in 0..4 {
             let p = w[r].add(b * block_bytes);
-            prefetch_l2(ahead.of(w[r], b), block_bytes);
+            next.fetch(w[0], r, b);
             let qs = _mm512_loadu_si512(p.add(qs_at(Q3)).cast());
             let (sc16, mn16) = scales_mins::<Q3>(p);
             let sc = _mm512_castsi256_si512(sc16);
@@ -240,14 +240,14 @@ unsafe fn rows4_avx2<const Q3: bool>(
         _mm256_set_m128i(i16_at(2 * j as i16 + 1), i16_at(2 * j as i16))
     });
     let xq = act.qs[t * act.k..].as_ptr();
-    let ahead = Ahead::new(nb, block_bytes, PREFETCH_K_QUANTS);
+    let next = NextRows::new(nb * block_bytes, 4, block_bytes);
     let mut acc = _mm_setzero_ps();
     for b in 0..nb {
         let x16 = _mm256_loadu_si256(act.sums[(t * nb + b) * Q8K_SUMS + 8..].as_ptr().cast());
         let mut m = [_mm256_setzero_si256(); 4];
         let s: [__m256i; 4] = std::array::from_fn(|r| {
             let p = w[r].add(b * block_bytes);
-            prefetch_l2(ahead.of(w[r], b), block_bytes);
+            next.fetch(w[0], r, b);
             let (sc16, mn16) = scales_mins::<Q3>(p);
             let mut sum = match Q3 {
                 true => {

@@ -15,8 +15,8 @@ use core::arch::x86_64::*;
 use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
 use super::driver::{Avx2, Avx2Rows, Format, RowKernel};
 use super::simd::{
-    block_steps, f16_at, headers, hsum4, hsum4_avx2, i16_pair, lane_sums, prefetch_l2, tile_avx2,
-    tile_with_mins, Ahead, Pairs, Unpacked, PREFETCH_K_QUANTS,
+    block_steps, f16_at, headers, hsum4, hsum4_avx2, i16_pair, lane_sums, tile_avx2,
+    tile_with_mins, NextRows, Pairs, Unpacked,
 };
 
 /// Q4_K (`HIGH = false`) or Q5_K (`HIGH = true`, the fifth bits merged in).
@@ -181,7 +181,7 @@ unsafe fn rows4<const HIGH: bool>(w: [*const u8; 4], nb: usize, act: &Rows, t: u
     ));
     let d_dmin = _mm512_castsi128_si512(_mm_setr_epi16(0, 8, 16, 24, 1, 9, 17, 25));
     let xq = act.qs[t * act.k..].as_ptr();
-    let ahead = Ahead::new(nb, block_bytes, PREFETCH_K_QUANTS);
+    let next = NextRows::new(nb * block_bytes, 4, block_bytes);
     let mut acc = _mm_setzero_ps();
     for b in 0..nb {
         // The activations regrouped as the nibbles give the values.
@@ -199,7 +199,7 @@ unsafe fn rows4<const HIGH: bool>(w: [*const u8; 4], nb: usize, act: &Rows, t: u
         let scmn = unpack_scales(hdr);
         let mut s = [_mm512_setzero_si512(); 4];
         for r in 0..4 {
-            prefetch_l2(ahead.of(w[r], b), block_bytes);
+            next.fetch(w[0], r, b);
             // Lane r (this row's scales) in every lane.
             let r4 = 4 * r as i32;
             let lane = _mm512_broadcast_i32x4(_mm_setr_epi32(r4, r4 + 1, r4 + 2, r4 + 3));
@@ -304,7 +304,7 @@ unsafe fn rows4_avx2<const HIGH: bool>(
     let pick: [__m256i; 8] =
         std::array::from_fn(|i| _mm256_set1_epi16(0x0100 * (2 * i as i16 + 1) + 2 * i as i16));
     let xq = act.qs[t * act.k..].as_ptr();
-    let ahead = Ahead::new(nb, block_bytes, PREFETCH_K_QUANTS);
+    let next = NextRows::new(nb * block_bytes, 4, block_bytes);
     let mut acc = _mm_setzero_ps();
     for b in 0..nb {
         let x = |i: usize| _mm256_loadu_si256(xq.add(QK_K * b + 32 * i).cast());
@@ -312,7 +312,7 @@ unsafe fn rows4_avx2<const HIGH: bool>(
         let mut mins = [_mm_setzero_si128(); 4];
         let s: [__m256i; 4] = std::array::from_fn(|r| {
             let p = w[r].add(b * block_bytes);
-            prefetch_l2(ahead.of(w[r], b), block_bytes);
+            next.fetch(w[0], r, b);
             let (sc, mn) = scales_mins(p.add(4));
             let widen = |v: u64| _mm_cvtepu8_epi16(_mm_cvtsi64_si128(v as i64));
             mins[r] = _mm_madd_epi16(widen(mn), x32);

@@ -14,8 +14,8 @@ use core::arch::x86_64::*;
 use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
 use super::driver::{Avx2, Avx2Rows, Format, RowKernel};
 use super::simd::{
-    block_steps, f16_at, hsum4, hsum4_avx2, i16_pair, prefetch_l2, tile_avx2, tile_with_starts,
-    Ahead, Pairs, Unpacked, PREFETCH_K_QUANTS,
+    block_steps, f16_at, hsum4, hsum4_avx2, i16_pair, tile_avx2, tile_with_starts, NextRows, Pairs,
+    Unpacked,
 };
 
 pub(crate) struct Q6K;
@@ -105,7 +105,7 @@ impl RowKernel for Q6K {
         });
         let (m4, top) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(0x30));
         let xq = act.qs[t * act.k..].as_ptr();
-        let ahead = Ahead::new(nb, BLOCK_BYTES, PREFETCH_K_QUANTS);
+        let next = NextRows::new(nb * BLOCK_BYTES, 4, BLOCK_BYTES);
         let mut acc = _mm_setzero_ps();
         for b in 0..nb {
             let x: [__m512i; 4] =
@@ -121,7 +121,7 @@ impl RowKernel for Q6K {
             let mut s = [_mm512_setzero_si512(); 4];
             for r in 0..4 {
                 let p = w[r].add(b * BLOCK_BYTES);
-                prefetch_l2(ahead.of(w[r], b), BLOCK_BYTES);
+                next.fetch(w[0], r, b);
                 let (l0, l1) = (
                     _mm512_loadu_si512(p.cast()),
                     _mm512_loadu_si512(p.add(64).cast()),
@@ -199,13 +199,13 @@ unsafe fn rows4_avx2(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32
         _mm256_set_m128i(i16_at(2 * j as i16 + 1), i16_at(2 * j as i16))
     });
     let xq = act.qs[t * act.k..].as_ptr();
-    let ahead = Ahead::new(nb, BLOCK_BYTES, PREFETCH_K_QUANTS);
+    let next = NextRows::new(nb * BLOCK_BYTES, 4, BLOCK_BYTES);
     let mut acc = _mm_setzero_ps();
     for b in 0..nb {
         let x16 = _mm256_loadu_si256(act.sums[(t * nb + b) * Q8K_SUMS + 8..].as_ptr().cast());
         let s: [__m256i; 4] = std::array::from_fn(|r| {
             let p = w[r].add(b * BLOCK_BYTES);
-            prefetch_l2(ahead.of(w[r], b), BLOCK_BYTES);
+            next.fetch(w[0], r, b);
             let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(SCALES).cast()));
             // `32 Σ_s sc_s X_s`, subtracted from the lanes' sums.
             let offset = _mm256_slli_epi32::<5>(_mm256_madd_epi16(sc16, x16));

@@ -22,8 +22,8 @@ use core::arch::x86_64::*;
 use super::act::{Groups, Rows, QK8_0};
 use super::driver::{Avx2, Avx2Rows, Format, RowKernel};
 use super::simd::{
-    add_block, bcast4, f16_at, halves4, hsum4_avx2, iq4_signed_table_avx2, iq4_table, prefetch_l2,
-    tile_values, Ahead, PREFETCH_Q8_0,
+    add_block, bcast4, f16_at, halves4, hsum4_avx2, iq4_signed_table_avx2, iq4_table, tile_values,
+    NextRows,
 };
 
 pub(crate) struct Q8_0;
@@ -469,7 +469,7 @@ unsafe fn rows4<B: Block32>(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) 
         act.d[i0..].as_ptr(),
         act.s[i0..].as_ptr(),
     );
-    let ahead = Ahead::new(nb, B::BYTES, PREFETCH_Q8_0);
+    let next = NextRows::new(nb * B::BYTES, 4, 2 * B::BYTES);
     let pair_mask = u64::MAX >> 64usize.saturating_sub(2 * B::BYTES);
     // Dword 0 from lane 0, dword 8 from lane 1: the starts of the two blocks' products.
     let to_starts = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0);
@@ -488,7 +488,7 @@ unsafe fn rows4<B: Block32>(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) 
             false => _mm512_setzero_si512(),
         });
         let z: [__m512i; 4] = std::array::from_fn(|r| {
-            prefetch_l2(ahead.of(w[r], b), 2 * B::BYTES);
+            next.fetch(w[0], r, b / 2);
             _mm512_dpbusd_epi32(start, B::pair(p[r], raw[r]), x)
         });
         let m = match B::MIN {
@@ -769,7 +769,7 @@ unsafe fn rows4_avx2<B: Block32>(w: [*const u8; 4], nb: usize, act: &Rows, t: us
         true => _mm256_maddubs_epi16(u, x),
         false => signed_dot(_mm256_sub_epi8(u, off), x),
     };
-    let ahead = Ahead::new(nb, B::BYTES, PREFETCH_Q8_0);
+    let next = NextRows::new(nb * B::BYTES, 4, 2 * B::BYTES);
     let mut acc = _mm_setzero_ps();
     let mut b = 0;
     while b + 2 <= nb {
@@ -780,7 +780,7 @@ unsafe fn rows4_avx2<B: Block32>(w: [*const u8; 4], nb: usize, act: &Rows, t: us
             _mm256_permute2x128_si256::<0x31>(x[0], x[1]),
         ];
         let z: [__m256i; 4] = std::array::from_fn(|r| {
-            prefetch_l2(ahead.of(w[r], b), 2 * B::BYTES);
+            next.fetch(w[0], r, b / 2);
             let p = w[r].add(b * B::BYTES);
             match small {
                 true => {

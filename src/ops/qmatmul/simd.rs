@@ -65,69 +65,61 @@ pub(crate) unsafe fn bcast4(p: *const u8) -> __m512i {
     _mm512_set1_epi32(p.cast::<i32>().read_unaligned())
 }
 
-/// Bytes ahead of the current block that the row kernels prefetch in each of their 4 row
-/// streams (a stream continues past a row's end into the same row of the next 4): enough
-/// bytes in flight to cover DRAM latency at full bandwidth, which the hardware prefetchers
-/// alone do not keep, and not so many that lines leave L1 before they are read. The best
-/// distance depends on the format; measured on 2 Zen 5 cores, 16 gate-sized matrices in turn
-/// (mean GB/s, configurations alternated in one process):
-/// - K-quants, 6 KiB: a 1B-class Q4_K_M decode at 62 GB/s (1.5 KiB: 50, 3 KiB: 58);
-/// - Q8_0, 3 KiB: 63-67 (6 KiB: 53-55);
-/// - F16, 2 KiB (its rows are the longest): 60-62 (6 KiB: 45-46, 3 KiB: 46-52, 1 KiB: 50).
-pub(crate) const PREFETCH_K_QUANTS: usize = 6144;
-pub(crate) const PREFETCH_Q8_0: usize = 3072;
-pub(crate) const PREFETCH_F16: usize = 2048;
+/// Bytes, at least, by which the row kernels' prefetches run ahead of their reads: enough in
+/// flight to cover DRAM latency at full bandwidth, which the hardware prefetchers alone do
+/// not keep (measurements in benches/README, "sixteenth session").
+const PREFETCH_DISTANCE: usize = 8192;
 
-/// Where the row kernels prefetch: `distance` bytes ahead in a row stream of `nb` blocks of
-/// `bytes` that continues, past the row's end, into the same row of the next group (rows are
-/// consecutive 4 at a time, or `group` at a time: `in_groups`).
+/// Where a row kernel prefetches. It takes `group` consecutive rows at a time, a step of each
+/// in turn: as many streams through memory as rows, which the hardware prefetchers follow
+/// badly. So while it reads step `i` of row `r`, it asks for the matching share of the rows
+/// whole groups further on, in address order: one stream, at least `PREFETCH_DISTANCE` ahead,
+/// that covers the next rows as fast as the kernel reads them.
 #[derive(Clone, Copy)]
-pub(crate) struct Ahead {
-    /// The distance from block 0, in bytes.
-    start: usize,
-    /// From this block on the distance reaches past the row's end, into the next group ...
-    wrap: usize,
-    /// ... and is longer by the group's other rows.
-    far: usize,
-    bytes: usize,
+pub(crate) struct NextRows {
+    /// Whole groups, in bytes.
+    distance: usize,
+    group: usize,
+    /// Bytes read from a row per step.
+    step: usize,
 }
 
-impl Ahead {
-    pub(crate) fn new(nb: usize, bytes: usize, distance: usize) -> Ahead {
-        Self::in_groups(nb, bytes, distance, 4)
-    }
-
-    /// `new` for a kernel that takes rows `group` at a time.
-    pub(crate) fn in_groups(nb: usize, bytes: usize, distance: usize, group: usize) -> Ahead {
-        let d = distance.div_ceil(bytes);
-        let (rows, blocks) = (d / nb.max(1), d % nb.max(1));
-        Ahead {
-            start: (group * rows * nb + blocks) * bytes,
-            wrap: nb - blocks,
-            far: (group - 1) * nb * bytes,
-            bytes,
+impl NextRows {
+    /// For rows of `row_bytes`, taken `group` at a time, `step` bytes of each per step.
+    pub(crate) fn new(row_bytes: usize, group: usize, step: usize) -> NextRows {
+        let group_bytes = group * row_bytes;
+        NextRows {
+            distance: PREFETCH_DISTANCE.div_ceil(group_bytes) * group_bytes,
+            group,
+            step,
         }
     }
 
-    /// The address to prefetch while block `b` of row `w` is read.
+    /// Prefetches the share of step `i` of row `r` in the group from `rows`, into L1 (faster
+    /// than into L2 on Zen 5).
     #[inline(always)]
-    pub(crate) fn of(self, w: *const u8, b: usize) -> *const u8 {
-        let far = if b >= self.wrap { self.far } else { 0 };
-        w.wrapping_add(self.start + b * self.bytes + far)
+    pub(crate) fn fetch(self, rows: *const u8, r: usize, i: usize) {
+        let p = rows.wrapping_add(self.distance + (i * self.group + r) * self.step);
+        prefetch::<_MM_HINT_T0>(p, self.step);
     }
 }
 
-/// Prefetches `len` bytes from `p` into the L2 cache: the row kernels' weight streams (the
-/// non-temporal hint, into L1, lost a quarter of the decode speed on Zen 4) and the tiles'
-/// next rows. One prefetch per 64 bytes from `p`: where `p` does not start a line, the line
-/// the range ends in is left to the stream's next call (counting lines from the one holding
-/// `p` cost the 4-bit decode rows about 10 %); a one-off range, as the attention's, widens
-/// itself.
+/// Prefetches `len` bytes from `p` into the L2 cache (as `prefetch`): the tiles' next rows,
+/// the attention's keys.
 #[inline(always)]
 pub(crate) fn prefetch_l2(p: *const u8, len: usize) {
+    prefetch::<_MM_HINT_T1>(p, len)
+}
+
+/// Prefetches `len` bytes from `p` with the hint `HINT`, one prefetch per 64 bytes from `p`:
+/// where `p` does not start a line, the line the range ends in is left to the stream's next
+/// call (counting lines from the one holding `p` cost the 4-bit decode rows about 10 %); a
+/// one-off range, as the attention's, widens itself.
+#[inline(always)]
+fn prefetch<const HINT: i32>(p: *const u8, len: usize) {
     for off in (0..len).step_by(64) {
         // SAFETY: prefetching never faults, whatever the address.
-        unsafe { _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(off).cast()) };
+        unsafe { _mm_prefetch::<HINT>(p.wrapping_add(off).cast()) };
     }
 }
 

@@ -18,7 +18,7 @@ use super::{chunks, padded, rounded, row_products, with_prepared, Bf16, Half, Ro
 use crate::ops::bf16;
 use crate::ops::disjoint::SyncPtr;
 use crate::ops::qmatmul::driver::{n_tasks, row_tasks, Weights, MIN_TILED};
-use crate::ops::qmatmul::simd::{self, prefetch_l2, Ahead};
+use crate::ops::qmatmul::simd::{self, NextRows};
 use crate::ops::qmatmul::{isa, Isa};
 
 /// A half format's values widened to f32 as they are loaded.
@@ -137,9 +137,9 @@ pub(crate) fn run<H: Half>(
         n_rows,
         nb: k,
     };
-    // The row kernels take 8 rows at a time where the registers hold their accumulators and
-    // the rows are long: 8 streams from memory, which the hardware prefetchers keep fuller
-    // than 4 when each row is a page or more; shorter rows went faster 4 at a time.
+    // The row kernels take 8 rows at a time (8 independent sums in flight) where the
+    // registers hold their accumulators and the rows are long; shorter rows went faster 4 at
+    // a time.
     let long = 2 * k >= 4096;
     match level {
         Level::Avx512 if long => product::<Avx512<H>, 8>(&w, x, y),
@@ -449,7 +449,7 @@ impl<H: Half> RowKernel for Avx512<H> {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     unsafe fn rows<const N: usize>(w: [*const u8; N], k: usize, x: &[f32]) -> [f32; N] {
-        let ahead = Ahead::in_groups(k.div_ceil(16), 32, simd::PREFETCH_F16, N);
+        let next = NextRows::new(2 * k, N, 64);
         let mut acc = [_mm512_setzero_ps(); N];
         // A plain loop: as a closure passed to `chunks`, this body was not inlined (a call
         // per chunk of 16).
@@ -459,7 +459,7 @@ impl<H: Half> RowKernel for Avx512<H> {
             for r in 0..N {
                 // One prefetch per 64 bytes of the row: every other chunk.
                 if j % 2 == 0 {
-                    prefetch_l2(ahead.of(w[r], j), 64);
+                    next.fetch(w[0], r, j / 2);
                 }
                 acc[r] = _mm512_fmadd_ps(H::load16(w[r].add(32 * j), n), x, acc[r]);
             }
@@ -595,15 +595,15 @@ impl<H: Half> RowKernel for Avx2<H> {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn rows<const N: usize>(w: [*const u8; N], k: usize, x: &[f32]) -> [f32; N] {
-        let ahead = Ahead::in_groups(k.div_ceil(16), 32, simd::PREFETCH_F16, N);
+        let next = NextRows::new(2 * k, N, 64);
         let mut acc = [[_mm256_setzero_ps(); 2]; N];
         // Plain loops: as a closure passed to `chunks`, this body was not inlined (a call
         // per chunk of 16, the accumulators in memory).
         for j in (0..k / 16 * 16).step_by(16) {
             // One prefetch per 64 bytes of the row: every other chunk.
             if j % 32 == 0 {
-                for w in w {
-                    prefetch_l2(ahead.of(w, j / 16), 64);
+                for r in 0..N {
+                    next.fetch(w[0], r, j / 32);
                 }
             }
             fmadd_rows16::<H, N>(&mut acc, w, j, 16, x);
@@ -713,12 +713,12 @@ impl RowKernel for Avx512Bf16 {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     unsafe fn rows<const N: usize>(w: [*const u8; N], k: usize, x: &[u16]) -> [f32; N] {
-        let ahead = Ahead::in_groups(k.div_ceil(32), 64, simd::PREFETCH_F16, N);
+        let next = NextRows::new(2 * k, N, 64);
         let mut acc = [_mm512_setzero_ps(); N];
         // Plain loops: the body of a closure would not inherit the target features.
         for j in (0..k / 32 * 32).step_by(32) {
-            for w in w {
-                prefetch_l2(ahead.of(w, j / 32), 64);
+            for r in 0..N {
+                next.fetch(w[0], r, j / 32);
             }
             dpbf16_rows32(&mut acc, w, j, 32, x);
         }
