@@ -439,6 +439,26 @@ fn store_partial(partial: &mut Partial, acc: [[__m512; ROWS]; TOKENS]) {
     }
 }
 
+/// Adds the chunk of 16 values from `j` of rows `w` (the first `n` of them) times `x` to
+/// `acc`.
+///
+/// # Safety
+/// AVX-512 F/BW/VL; each `w[r]` points to `j + n` values; `x` holds `j + 16`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn fmadd_rows16_avx512<H: Half, const N: usize>(
+    acc: &mut [__m512; N],
+    w: [*const u8; N],
+    j: usize,
+    n: usize,
+    x: &[f32],
+) {
+    let x = _mm512_loadu_ps(x[j..j + 16].as_ptr());
+    for r in 0..N {
+        acc[r] = _mm512_fmadd_ps(H::load16(w[r].add(2 * j), n), x, acc[r]);
+    }
+}
+
 impl<H: Half> RowKernel for Avx512<H> {
     type X = f32;
 
@@ -451,18 +471,17 @@ impl<H: Half> RowKernel for Avx512<H> {
     unsafe fn rows<const N: usize>(w: [*const u8; N], k: usize, x: &[f32]) -> [f32; N] {
         let next = NextRows::new(2 * k, N, 64);
         let mut acc = [_mm512_setzero_ps(); N];
-        // A plain loop: as a closure passed to `chunks`, this body was not inlined (a call
-        // per chunk of 16).
-        for j in 0..k.div_ceil(16) {
-            let x = _mm512_loadu_ps(x[16 * j..].as_ptr());
-            let n = (k - 16 * j).min(16);
+        // Plain loops (a closure passed to `chunks` was not inlined): whole pairs of chunks,
+        // a line of each row and a prefetch for each, then what is left.
+        for j in (0..k / 32 * 32).step_by(32) {
             for r in 0..N {
-                // One prefetch per 64 bytes of the row: every other chunk.
-                if j % 2 == 0 {
-                    next.fetch(w[0], r, j / 2);
-                }
-                acc[r] = _mm512_fmadd_ps(H::load16(w[r].add(32 * j), n), x, acc[r]);
+                next.fetch(w[0], r, j / 32);
             }
+            fmadd_rows16_avx512::<H, N>(&mut acc, w, j, 16, x);
+            fmadd_rows16_avx512::<H, N>(&mut acc, w, j + 16, 16, x);
+        }
+        for j in (k / 32 * 32..k).step_by(16) {
+            fmadd_rows16_avx512::<H, N>(&mut acc, w, j, (k - j).min(16), x);
         }
         acc.map(|a| reduce(a))
     }
@@ -597,19 +616,16 @@ impl<H: Half> RowKernel for Avx2<H> {
     unsafe fn rows<const N: usize>(w: [*const u8; N], k: usize, x: &[f32]) -> [f32; N] {
         let next = NextRows::new(2 * k, N, 64);
         let mut acc = [[_mm256_setzero_ps(); 2]; N];
-        // Plain loops: as a closure passed to `chunks`, this body was not inlined (a call
-        // per chunk of 16, the accumulators in memory).
-        for j in (0..k / 16 * 16).step_by(16) {
-            // One prefetch per 64 bytes of the row: every other chunk.
-            if j % 32 == 0 {
-                for r in 0..N {
-                    next.fetch(w[0], r, j / 32);
-                }
+        // Plain loops as for AVX-512 (through a closure, the accumulators stayed in memory).
+        for j in (0..k / 32 * 32).step_by(32) {
+            for r in 0..N {
+                next.fetch(w[0], r, j / 32);
             }
             fmadd_rows16::<H, N>(&mut acc, w, j, 16, x);
+            fmadd_rows16::<H, N>(&mut acc, w, j + 16, 16, x);
         }
-        if !k.is_multiple_of(16) {
-            fmadd_rows16::<H, N>(&mut acc, w, k / 16 * 16, k % 16, x);
+        for j in (k / 32 * 32..k).step_by(16) {
+            fmadd_rows16::<H, N>(&mut acc, w, j, (k - j).min(16), x);
         }
         acc.map(|[lo, hi]| reduce_halves(lo, hi))
     }
