@@ -137,28 +137,22 @@ pub(crate) fn run<H: Half>(
         n_rows,
         nb: k,
     };
-    // The row kernels take 8 rows at a time (8 independent sums in flight) where the
-    // registers hold their accumulators and the rows are long; shorter rows went faster 4 at
-    // a time.
-    let long = 2 * k >= 4096;
     match level {
-        Level::Avx512 if long => product::<Avx512<H>, 8>(&w, x, y),
-        Level::Avx512 => product::<Avx512<H>, 4>(&w, x, y),
-        // 8 rows' 16 accumulators would fill the 16 registers (spilled).
-        Level::Avx2 => product::<Avx2<H>, 4>(&w, x, y),
+        Level::Avx512 => product::<Avx512<H>>(&w, x, y),
+        Level::Avx2 => product::<Avx2<H>>(&w, x, y),
         Level::Avx512Bf16 => {
             assert!(H::PAIRS);
-            match long {
-                true => product::<Avx512Bf16, 8>(&w, x, y),
-                false => product::<Avx512Bf16, 4>(&w, x, y),
-            }
+            product::<Avx512Bf16>(&w, x, y)
         }
     }
 }
 
-/// `y = x Wᵀ` by the kernels `K`: the activations prepared for them, then rows (`N` at a
-/// time) or tiles.
-fn product<K: Kernels, const N: usize>(w: &Weights, x: &[f32], y: &mut [f32]) {
+/// Rows the row kernels take at a time: 8 went no faster from memory (with `NextRows`) or
+/// from L2 (slower on AVX-512 F16), and on AVX2 their 16 accumulators would spill.
+const ROW_KERNEL_ROWS: usize = 4;
+
+/// `y = x Wᵀ` by the kernels `K`: the activations prepared for them, then rows or tiles.
+fn product<K: Kernels>(w: &Weights, x: &[f32], y: &mut [f32]) {
     let m = x.len() / w.nb;
     let tiled = m >= MIN_TILED;
     let tasks_bytes = if tiled {
@@ -168,7 +162,7 @@ fn product<K: Kernels, const N: usize>(w: &Weights, x: &[f32], y: &mut [f32]) {
     };
     with_prepared::<K, _>(w.nb, x, tasks_bytes, |xs, rest| match tiled {
         true => tiles::<K>(w, xs, rest, m, y),
-        false => row_products::<K, N, 1>(w, xs, y),
+        false => row_products::<K, ROW_KERNEL_ROWS, 1>(w, xs, y),
     })
 }
 
