@@ -12,6 +12,11 @@ import pytest
 import lugh
 
 FIXTURES = Path(__file__).parent / "fixtures"
+# Every quantized base a fixture may hold (base-{q}.gguf), with its llama.cpp references.
+QUANTS = [
+    *("q8_0", "q4_0", "q4_1", "q5_1", "q2_k", "q3_k_m", "q4_k_m", "q6_k", "iq4_nl", "iq4_xs"),
+    *("iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s", "iq1_s", "iq1_m"),
+]
 ARCHS = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-phi3", "tiny-gemma2", "tiny-gemma3"]
 # Where the reference tests run; a GPU run sets LUGH_TEST_DEVICES=cuda (benches/gpu/).
 DEVICES = os.environ.get("LUGH_TEST_DEVICES", "cpu,candle-cpu").split(",")

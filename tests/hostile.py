@@ -41,7 +41,7 @@ SCALAR_FORMATS = {
     F64: "<d",
 }
 # ggml tensor type ids used below.
-GGML_Q4_0, GGML_IQ3_S = 2, 21
+GGML_Q4_0, GGML_TQ1_0 = 2, 34
 
 
 # --- GGUF, byte by byte ---------------------------------------------------------------------
@@ -365,7 +365,7 @@ def gguf_structure_cases(corpus: Corpus, src: Path, prefix: str, opens: list, mo
     for type_id, match in (
         (99, rf"tensor '{re.escape(first)}' has type unknown type id 99"),
         (0xFFFFFFFF, "unknown type id 4294967295"),
-        (GGML_IQ3_S, "has type iq3_s, which lugh does not support"),
+        (GGML_TQ1_0, "has type tq1_0, which lugh does not support"),
     ):
         t = g.copy()
         t.tensors[0].type_id = type_id

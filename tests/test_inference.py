@@ -10,9 +10,7 @@ import numpy as np
 import pytest
 
 import lugh
-from conftest import FIXTURES, assert_close, assert_quantized_close, model, rel_err
-
-QUANTS = ["q8_0", "q4_0", "q4_1", "q5_1", "q2_k", "q3_k_m", "q4_k_m", "q6_k", "iq4_nl", "iq4_xs"]
+from conftest import FIXTURES, QUANTS, assert_close, assert_quantized_close, model, rel_err
 
 
 def test_f32_base_matches_transformers(f32_inference, ref):

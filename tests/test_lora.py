@@ -15,6 +15,7 @@ import gguf
 import lugh
 from conftest import (
     FIXTURES,
+    QUANTS,
     adapter_weights,
     assert_close,
     assert_quantized_close,
@@ -77,10 +78,7 @@ def test_accessors(f32_inference, fixture_dir):
     assert same.n_weights == len(names)
 
 
-@pytest.mark.parametrize(
-    "quant",
-    ["q8_0", "q4_0", "q4_1", "q5_1", "q2_k", "q3_k_m", "q4_k_m", "q6_k", "iq4_nl", "iq4_xs"],
-)
+@pytest.mark.parametrize("quant", QUANTS)
 def test_adapter_on_quantized_bases_matches_llama_cpp(fixture_dir, ref, quant, device):
     """Path checked: ggml numerics (8-bit activations in the base matmuls), reference
     llama.cpp with the same adapter, tolerance 2e-2."""
@@ -147,38 +145,62 @@ def test_merge_equals_the_unmerged_forward(tmp_path, f32_inference, ref, fixture
     assert list(tmp_path.glob("*.tmp")) == []
 
 
-def test_merge_requantizes_to_the_base_type(tmp_path, fixture_dir):
-    """Merged q8_0 weights equal dequant(W) + s·B·A to within one q8_0 rounding."""
-    m = model(fixture_dir / "base-q8_0.gguf")
-    lora = lugh.LoRA(fixture_dir / "lora-qv.gguf", m)
-    path = tmp_path / "merged.gguf"
-    lugh.merge(m, lora, path)
-    names = adapter_weights(fixture_dir / "lora-qv.gguf")
-    assert lugh.Model(path).tensor_info(names[0])["type"] == "q8_0"
+def gguf_weight(file, name: str) -> np.ndarray:
+    """Tensor `name` of a GGUF file, decoded by gguf-py."""
+    t = next(t for t in gguf.GGUFReader(file).tensors if t.name == name)
+    return gguf.quants.dequantize(t.data, t.tensor_type).reshape(t.data.shape[0], -1)
 
-    def weights(file, name):
-        t = next(t for t in gguf.GGUFReader(file).tensors if t.name == name)
-        return gguf.quants.dequantize(t.data, t.tensor_type).reshape(t.data.shape[0], -1)
 
-    adapter = {
-        t.name: np.array(t.data) for t in gguf.GGUFReader(fixture_dir / "lora-qv.gguf").tensors
-    }
-    for name in (names[0], names[-1]):
-        a, b = adapter[f"{name}.lora_a"], adapter[f"{name}.lora_b"]
-        expected = weights(fixture_dir / "base-q8_0.gguf", name) + (16.0 / 8) * b @ a
-        merged = weights(path, name)
+def assert_merged_to_one_q8_0_rounding(merged, base, adapter, names, scaling) -> None:
+    """Merged Q8_0 weights `names` equal dequant(W) + scaling·B·A to one q8_0 rounding."""
+    tensors = {t.name: np.array(t.data) for t in gguf.GGUFReader(adapter).tensors}
+    for name in names:
+        a, b = tensors[f"{name}.lora_a"], tensors[f"{name}.lora_b"]
+        expected = gguf_weight(base, name) + scaling * b @ a
         step = np.abs(expected).reshape(-1, 32).max(axis=1) / 127  # one q8_0 step per block
-        err = np.abs(merged - expected).reshape(-1, 32).max(axis=1)
+        err = np.abs(gguf_weight(merged, name) - expected).reshape(-1, 32).max(axis=1)
         # Half a step, plus the f16 rounding of the block scale (127 × 2^-11 of a step).
         assert (err <= step * (0.5 + 127 / 2048)).all(), (
             f"{name}: rounding beyond one q8_0 rounding"
         )
+
+
+def test_merge_requantizes_to_the_base_type(tmp_path, fixture_dir):
+    """Merged q8_0 weights equal dequant(W) + s·B·A to within one q8_0 rounding."""
+    base, adapter = fixture_dir / "base-q8_0.gguf", fixture_dir / "lora-qv.gguf"
+    m = model(base)
+    lora = lugh.LoRA(adapter, m)
+    path = tmp_path / "merged.gguf"
+    lugh.merge(m, lora, path)
+    names = adapter_weights(adapter)
+    assert lugh.Model(path).tensor_info(names[0])["type"] == "q8_0"
+    assert_merged_to_one_q8_0_rounding(path, base, adapter, (names[0], names[-1]), 16.0 / 8)
     untouched = "blk.0.ffn_down.weight"
-    assert np.array_equal(
-        weights(path, untouched), weights(fixture_dir / "base-q8_0.gguf", untouched)
-    )
+    assert np.array_equal(gguf_weight(path, untouched), gguf_weight(base, untouched))
     with pytest.raises(ValueError, match="out_type"):
         lugh.merge(m, lora, tmp_path / "x.gguf", out_type="q9_9")
+
+
+def test_merge_writes_codebook_weights_it_adapts_as_q8_0(tmp_path):
+    """lugh has no encoder for the codebook formats (llama.cpp's needs an importance matrix):
+    adapted weights of an IQ2_S base are written as Q8_0, the others copied; an IQ2_S
+    `out_type` is refused."""
+    fixture_dir = FIXTURES / "tiny-qwen3"
+    base, adapter = fixture_dir / "base-iq2_s.gguf", fixture_dir / "lora-qv.gguf"
+    m = model(base)
+    lora = lugh.LoRA(adapter, m)
+    path = tmp_path / "merged.gguf"
+    lugh.merge(m, lora, path)
+    merged = lugh.Model(path)
+    names = adapter_weights(adapter)
+    assert {merged.tensor_info(n)["type"] for n in names} == {"q8_0"}
+    assert_merged_to_one_q8_0_rounding(path, base, adapter, names, 16.0 / 8)
+    untouched = "blk.0.ffn_down.weight"
+    assert merged.tensor_info(untouched)["type"] == "iq2_s"
+    assert np.array_equal(gguf_weight(path, untouched), gguf_weight(base, untouched))
+    with pytest.raises(ValueError, match="cannot encode iq2_s"):
+        lugh.merge(m, lora, tmp_path / "x.gguf", out_type="iq2_s")
+    assert not (tmp_path / "x.gguf").exists()
 
 
 def test_save_round_trips(tmp_path, f32_inference, ref, fixture_dir):

@@ -18,10 +18,17 @@ pub enum TensorType {
     Q6K,
     IQ4NL,
     IQ4XS,
+    IQ2XXS,
+    IQ2XS,
+    IQ2S,
+    IQ3XXS,
+    IQ3S,
+    IQ1S,
+    IQ1M,
 }
 
 /// (type, ggml id, name, elements per block, bytes per block)
-const TABLE: [(TensorType, u32, &str, usize, usize); 15] = [
+const TABLE: [(TensorType, u32, &str, usize, usize); 22] = [
     (TensorType::F32, 0, "f32", 1, 4),
     (TensorType::F16, 1, "f16", 1, 2),
     (TensorType::Q4_0, 2, "q4_0", 32, 18),
@@ -36,6 +43,13 @@ const TABLE: [(TensorType, u32, &str, usize, usize); 15] = [
     (TensorType::Q6K, 14, "q6_k", 256, 210),
     (TensorType::IQ4NL, 20, "iq4_nl", 32, 18),
     (TensorType::IQ4XS, 23, "iq4_xs", 256, 136),
+    (TensorType::IQ2XXS, 16, "iq2_xxs", 256, 66),
+    (TensorType::IQ2XS, 17, "iq2_xs", 256, 74),
+    (TensorType::IQ3XXS, 18, "iq3_xxs", 256, 98),
+    (TensorType::IQ1S, 19, "iq1_s", 256, 50),
+    (TensorType::IQ3S, 21, "iq3_s", 256, 110),
+    (TensorType::IQ2S, 22, "iq2_s", 256, 82),
+    (TensorType::IQ1M, 29, "iq1_m", 256, 56),
     (TensorType::BF16, 30, "bf16", 1, 2),
 ];
 
@@ -44,18 +58,11 @@ fn unsupported_name(id: u32) -> Option<&'static str> {
     Some(match id {
         9 => "q8_1",
         15 => "q8_k",
-        16 => "iq2_xxs",
-        17 => "iq2_xs",
-        18 => "iq3_xxs",
-        19 => "iq1_s",
-        21 => "iq3_s",
-        22 => "iq2_s",
         24 => "i8",
         25 => "i16",
         26 => "i32",
         27 => "i64",
         28 => "f64",
-        29 => "iq1_m",
         34 => "tq1_0",
         35 => "tq2_0",
         39 => "mxfp4",
@@ -147,6 +154,7 @@ mod tests {
         }
         assert_eq!(TensorType::describe_id(23), "iq4_xs");
         assert_eq!(TensorType::describe_id(21), "iq3_s");
+        assert_eq!(TensorType::describe_id(34), "tq1_0");
         assert_eq!(TensorType::describe_id(999), "unknown type id 999");
     }
 

@@ -215,8 +215,8 @@ fn hostile_metadata_is_refused_before_allocating() {
 #[test]
 fn hostile_tensor_infos_are_refused() {
     assert!(matches!(
-        open_bytes(&one_tensor(&[32], 21, 0, 64)).unwrap_err().root(),
-        Error::UnsupportedTensorType { type_name, .. } if type_name == "iq3_s"
+        open_bytes(&one_tensor(&[32], 34, 0, 64)).unwrap_err().root(),
+        Error::UnsupportedTensorType { type_name, .. } if type_name == "tq1_0"
     ));
     assert!(matches!(
         open_bytes(&one_tensor(&[32], 1234, 0, 64)).unwrap_err().root(),

@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::gguf::{GgufWriter, TensorBytes, TensorType, Value};
 use crate::model::{Model, Slot, Target};
 use crate::ops::gemm::{gemm, MatMut, MatRef};
-use crate::ops::quant::{dequantize, quantize};
+use crate::ops::quant::{dequantize, encodes, quantize};
 
 /// llama.cpp's `general.file_type` for files whose weights are all of one type.
 fn file_type(dtype: TensorType) -> Option<u32> {
@@ -28,8 +28,9 @@ fn file_type(dtype: TensorType) -> Option<u32> {
 }
 
 /// Writes `path` (atomically): the model's metadata and tensors, with every adapted weight
-/// replaced by its merged value. Weights keep their type (adapted ones are re-encoded in it)
-/// unless `out_type` is given, which then applies to every weight matrix.
+/// replaced by its merged value. Weights keep their type (adapted ones are re-encoded in it;
+/// in Q8_0 where lugh has no encoder for it, the codebook formats) unless `out_type` is given,
+/// which then applies to every weight matrix.
 pub fn merge(
     model: &Model,
     adapters: &[&LoraAdapter],
@@ -37,6 +38,12 @@ pub fn merge(
     out_type: Option<TensorType>,
 ) -> Result<()> {
     let (config, _) = model.runnable()?;
+    if let Some(t) = out_type.filter(|&t| !encodes(t)) {
+        return Err(Error::invalid(
+            "out_type",
+            format!("lugh cannot encode {t} (its encoder needs an importance matrix)"),
+        ));
+    }
     for adapter in adapters {
         adapter.check_fits(config)?;
     }
@@ -76,6 +83,7 @@ pub fn merge(
             )?;
             continue;
         }
+        let out = if encodes(out) { out } else { TensorType::Q8_0 };
         if out.row_bytes(*info.shape.last().unwrap_or(&1)).is_none() {
             return Err(Error::invalid(
                 "out_type",

@@ -4,6 +4,7 @@
 pub mod activation;
 pub mod attention;
 mod bf16;
+mod codebook;
 mod disjoint;
 pub(crate) mod exp;
 mod f16;

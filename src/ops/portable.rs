@@ -1,7 +1,7 @@
 //! The portable `y = x Wᵀ` with the integer kernels' numerics (see `qmatmul`), for the twelve
-//! formats those kernels read. `Weight::matmul` takes it for the formats whose products candle
-//! does not compute as ggml does, or not on every CPU (`supports`): IQ4_NL and IQ4_XS (candle
-//! does not read them), Q4_1 and Q5_1 (candle multiplies Q8_1's sums in f16 arithmetic), Q2_K
+//! formats those kernels read and the codebook formats (`codebook`). `Weight::matmul` takes it
+//! for the formats whose products candle does not compute as ggml does, or not on every CPU
+//! (`supports`): IQ4_NL, IQ4_XS and the codebook formats (candle does not read them), Q4_1 and Q5_1 (candle multiplies Q8_1's sums in f16 arithmetic), Q2_K
 //! and Q3_K (candle's aarch64 kernels use `sdot` without checking that the CPU has it); for the
 //! others it is the scalar model the SIMD kernels are tested against, bit for bit. Activations
 //! are rounded as candle's `from_float` rounds them (Q8_0 for the 32-value formats, Q8_K for
@@ -10,6 +10,7 @@
 
 use rayon::prelude::*;
 
+use super::codebook::{self, with_codebook};
 use super::disjoint::SyncPtr;
 use super::iq4::{abs_max, f16_at, inverse, nibbles, xs_scales, KVALUES};
 use super::scratch::{self, Pod};
@@ -22,7 +23,7 @@ const QK_K: usize = 256;
 /// matches ggml's and runs on every CPU).
 pub fn supports(dtype: TensorType) -> bool {
     use TensorType::*;
-    matches!(dtype, IQ4NL | IQ4XS | Q4_1 | Q5_1 | Q2K | Q3K)
+    matches!(dtype, IQ4NL | IQ4XS | Q4_1 | Q5_1 | Q2K | Q3K) || codebook::reads(dtype)
 }
 
 /// What a weight block adds after its first step `y = fma(S_b, d_w·d_x, y)`.
@@ -36,6 +37,10 @@ pub(crate) enum Min {
     /// Q2_K: 16 of 16).
     SubBlocks,
 }
+
+/// A block's exact sum `S_b` straight from its bytes `w` and activations `x`, on an
+/// instruction set the CPU has been checked for.
+pub(crate) type DirectSum = unsafe fn(w: &[u8], x: &[i8]) -> i32;
 
 /// A weight format as every kernel reads it: its blocks' values (as signed bytes, in order,
 /// 32 at a time), their scales (and mins) per run of `RUN` values, and the float steps of the
@@ -51,6 +56,11 @@ pub(crate) trait Format: Sync {
     const DMIN_AT: usize = 2;
     const MIN: Min = Min::None;
 
+    /// The block's scale `d` (codebook formats fold in their constant factor).
+    fn d(w: &[u8]) -> f32 {
+        f16_at(w, Self::D_AT)
+    }
+
     /// Values `32c..32c + 32` of the block `w`.
     fn values(w: &[u8], c: usize) -> [i8; 32];
 
@@ -64,12 +74,17 @@ pub(crate) trait Format: Sync {
         [0; 16]
     }
 
+    /// A faster `S_b` than decoding the block on this CPU, for a format without mins.
+    fn direct_sum() -> Option<DirectSum> {
+        None
+    }
+
     /// The block's float steps on `acc`, its exact sums `s` (`S_b`) and `m` (`M_b`) in hand,
     /// against an activation block of scale `d_x` (and Q8_1 sum `s_x`): the same on every
     /// instruction set.
     #[inline(always)]
     fn steps(acc: f32, s: i32, m: i32, w: &[u8], d_x: f32, s_x: f32) -> f32 {
-        let acc = (s as f32).mul_add(f16_at(w, Self::D_AT) * d_x, acc);
+        let acc = (s as f32).mul_add(Self::d(w) * d_x, acc);
         match Self::MIN {
             Min::None => acc,
             Min::Block => f16_at(w, Self::DMIN_AT).mul_add(s_x, acc),
@@ -308,23 +323,31 @@ impl Format for Q3K {
     }
 }
 
-/// The exact sums `(S_b, M_b)` of block `w` against the activations `x` of its values.
-fn sums<F: Format>(w: &[u8], x: &[i8]) -> (i32, i32) {
-    let scales = F::scales(w);
-    let mut s = 0;
-    for c in 0..F::VALUES / 32 {
-        let v = F::values(w, c);
-        for (j, (v, x)) in v.chunks(F::RUN).zip(x[32 * c..].chunks(F::RUN)).enumerate() {
-            let dot: i32 = v.iter().zip(x).map(|(&v, &x)| v as i32 * x as i32).sum();
-            s += scales[32 * c / F::RUN + j] * dot;
-        }
+/// Decodes block `w` for its products with every token: its values, and the scale and min of
+/// each run of `RUN` values (`scales` and `mins` hold `VALUES / RUN` each).
+fn decode<F: Format>(w: &[u8], values: &mut [i8], scales: &mut [i32], mins: &mut [i32]) {
+    for (c, values) in values.chunks_exact_mut(32).enumerate() {
+        values.copy_from_slice(&F::values(w, c));
     }
+    scales.copy_from_slice(&F::scales(w)[..scales.len()]);
+    if let Min::SubBlocks = F::MIN {
+        mins.copy_from_slice(&F::mins(w)[..mins.len()]);
+    }
+}
+
+/// The exact sums `(S_b, M_b)` of a decoded block against the activations `x` of its values.
+fn sums<F: Format>(values: &[i8], scales: &[i32], mins: &[i32], x: &[i8]) -> (i32, i32) {
+    let runs = values.chunks_exact(F::RUN).zip(x.chunks_exact(F::RUN));
+    let s = runs.zip(scales).fold(0, |s, ((v, x), scale)| {
+        let dot: i32 = v.iter().zip(x).map(|(&v, &x)| v as i32 * x as i32).sum();
+        s + scale * dot
+    });
     let m = match F::MIN {
         Min::SubBlocks => {
             let x_sums = x
-                .chunks(F::RUN)
+                .chunks_exact(F::RUN)
                 .map(|x| x.iter().map(|&x| x as i32).sum::<i32>());
-            F::mins(w).iter().zip(x_sums).map(|(m, x)| m * x).sum()
+            mins.iter().zip(x_sums).map(|(m, x)| m * x).sum()
         }
         _ => 0,
     };
@@ -386,7 +409,7 @@ impl<const N: usize> Act<N> {
     }
 }
 
-/// `y[m, n_rows] = x[m, k] · Wᵀ` for `W` stored as `dtype`, one of the twelve formats of
+/// `y[m, n_rows] = x[m, k] · Wᵀ` for `W` stored as `dtype`, one of the formats of
 /// `Format` (`supports(dtype)` for `Weight::matmul`).
 pub fn matmul(dtype: TensorType, data: &[u8], n_rows: usize, k: usize, x: &[f32], y: &mut [f32]) {
     match dtype {
@@ -402,14 +425,15 @@ pub fn matmul(dtype: TensorType, data: &[u8], n_rows: usize, k: usize, x: &[f32]
         TensorType::IQ4XS => products::<IQ4XS, QK_K>(data, n_rows, k, x, y),
         TensorType::Q2K => products::<Q2K, QK_K>(data, n_rows, k, x, y),
         TensorType::Q3K => products::<Q3K, QK_K>(data, n_rows, k, x, y),
-        _ => unreachable!("portable::matmul takes the formats of `Format`"),
+        _ => with_codebook!(dtype, F => products::<F, QK_K>(data, n_rows, k, x, y)),
     }
 }
 
 /// Weight rows per task: enough to amortise scheduling, few enough to share work evenly.
 const ROWS_PER_TASK: usize = 16;
 
-/// Quantizes the activations, then folds each row's blocks into its outputs, blocks in order.
+/// Quantizes the activations, then decodes each weight row once and folds its blocks into each
+/// token's output, blocks in order.
 fn products<F: Format, const N: usize>(
     data: &[u8],
     n_rows: usize,
@@ -431,19 +455,47 @@ fn products<F: Format, const N: usize>(
                 }
             });
         let y_ptr = SyncPtr(y.as_mut_ptr());
+        let runs = N / F::RUN;
         (0..n_rows.div_ceil(ROWS_PER_TASK))
             .into_par_iter()
             .for_each(|task| {
-                let rows = task * ROWS_PER_TASK..((task + 1) * ROWS_PER_TASK).min(n_rows);
-                for t in 0..m {
-                    let xt = &act[t * nb..(t + 1) * nb];
-                    for r in rows.clone() {
-                        let w = &data[r * row_bytes..(r + 1) * row_bytes];
-                        let blocks = w.chunks_exact(F::BYTES).zip(xt);
-                        let acc = blocks.fold(0f32, |acc, (w, x)| {
-                            let (s, m) = sums::<F>(w, &x.qs);
-                            F::steps(acc, s, m, w, x.d, x.s)
-                        });
+                let (mut values, mut scales, mut mins) =
+                    (vec![0i8; k], vec![0i32; nb * runs], vec![0i32; nb * runs]);
+                for r in task * ROWS_PER_TASK..((task + 1) * ROWS_PER_TASK).min(n_rows) {
+                    let w = &data[r * row_bytes..(r + 1) * row_bytes];
+                    let direct = F::direct_sum();
+                    if direct.is_none() {
+                        let decoded = values
+                            .chunks_exact_mut(N)
+                            .zip(scales.chunks_exact_mut(runs))
+                            .zip(mins.chunks_exact_mut(runs));
+                        for (w, ((values, scales), mins)) in w.chunks_exact(F::BYTES).zip(decoded) {
+                            decode::<F>(w, values, scales, mins);
+                        }
+                    }
+                    for t in 0..m {
+                        let blocks = w.chunks_exact(F::BYTES).enumerate();
+                        let acc = blocks.zip(&act[t * nb..(t + 1) * nb]).fold(
+                            0f32,
+                            |acc, ((b, w), x)| {
+                                let (s, m) = match direct {
+                                    // SAFETY: `direct_sum` checked the CPU; w is a whole block
+                                    // and x its activations.
+                                    Some(sum) => (unsafe { sum(w, &x.qs) }, 0),
+                                    None => {
+                                        let block = b * runs..(b + 1) * runs;
+                                        let values = &values[b * N..(b + 1) * N];
+                                        sums::<F>(
+                                            values,
+                                            &scales[block.clone()],
+                                            &mins[block],
+                                            &x.qs,
+                                        )
+                                    }
+                                };
+                                F::steps(acc, s, m, w, x.d, x.s)
+                            },
+                        );
                         // SAFETY: this task alone writes y[t, rows], and t < m, r < n_rows.
                         unsafe { y_ptr.slice(t * n_rows + r, 1)[0] = acc };
                     }

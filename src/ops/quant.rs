@@ -6,11 +6,11 @@ use candle_core::quantized::k_quants::{
 };
 use half::{bf16, f16};
 
-use super::iq4;
+use super::{codebook, iq4};
 use crate::gguf::TensorType;
 
 /// Runs `$body` with `$T` bound to the candle block type that stores `$dtype`, or `$other`
-/// for the types candle does not read (IQ4_NL, IQ4_XS).
+/// for the types candle does not read (IQ4_NL, IQ4_XS, the codebook formats).
 macro_rules! with_block_type {
     ($dtype:expr, $T:ident => $body:expr, else $other:expr) => {
         match $dtype {
@@ -66,7 +66,15 @@ macro_rules! with_block_type {
                 type $T = candle_core::quantized::k_quants::BlockQ6K;
                 $body
             }
-            TensorType::IQ4NL | TensorType::IQ4XS => $other,
+            TensorType::IQ4NL
+            | TensorType::IQ4XS
+            | TensorType::IQ2XXS
+            | TensorType::IQ2XS
+            | TensorType::IQ2S
+            | TensorType::IQ3XXS
+            | TensorType::IQ3S
+            | TensorType::IQ1S
+            | TensorType::IQ1M => $other,
         }
     };
 }
@@ -109,7 +117,10 @@ pub fn dequantize_into(dtype: TensorType, bytes: &[u8], out: &mut [f32]) {
         TensorType::BF16 => as_blocks::<half::bf16>(bytes).convert_to_f32_slice(out),
         _ => with_block_type!(
             dtype, T => T::to_float(as_blocks::<T>(bytes), out),
-            else iq4::dequantize_into(dtype, bytes, out)
+            else match codebook::reads(dtype) {
+                true => codebook::dequantize_into(dtype, bytes, out),
+                false => iq4::dequantize_into(dtype, bytes, out),
+            }
         ),
     }
 }
@@ -120,8 +131,16 @@ pub fn dequantize(dtype: TensorType, bytes: &[u8], n: usize) -> Vec<f32> {
     out
 }
 
-/// Encodes f32 values as `dtype` (rows must be whole blocks). Used to write merged models.
+/// Whether `quantize` can encode `dtype`: every type but the codebook formats, whose encoders
+/// search their grids with an importance matrix.
+pub fn encodes(dtype: TensorType) -> bool {
+    !codebook::reads(dtype)
+}
+
+/// Encodes f32 values as `dtype` (rows must be whole blocks; `encodes(dtype)`). Used to write
+/// merged models.
 pub fn quantize(dtype: TensorType, values: &[f32]) -> Vec<u8> {
+    assert!(encodes(dtype), "quantize: lugh does not encode {dtype}");
     let n_bytes = dtype
         .row_bytes(values.len())
         .expect("quantize: length must be a whole number of blocks");

@@ -27,7 +27,8 @@ pub enum DeviceWeight {
     Host(Weight),
 }
 
-/// Candle's name for `dtype`; None for the types candle does not read (IQ4_NL, IQ4_XS).
+/// Candle's name for `dtype`; None for the types candle does not read (IQ4_NL, IQ4_XS, the
+/// codebook formats).
 fn ggml_dtype(dtype: TensorType) -> Option<GgmlDType> {
     Some(match dtype {
         TensorType::F32 => GgmlDType::F32,
@@ -43,7 +44,15 @@ fn ggml_dtype(dtype: TensorType) -> Option<GgmlDType> {
         TensorType::Q4K => GgmlDType::Q4K,
         TensorType::Q5K => GgmlDType::Q5K,
         TensorType::Q6K => GgmlDType::Q6K,
-        TensorType::IQ4NL | TensorType::IQ4XS => return None,
+        TensorType::IQ4NL
+        | TensorType::IQ4XS
+        | TensorType::IQ2XXS
+        | TensorType::IQ2XS
+        | TensorType::IQ2S
+        | TensorType::IQ3XXS
+        | TensorType::IQ3S
+        | TensorType::IQ1S
+        | TensorType::IQ1M => return None,
     })
 }
 

@@ -1,0 +1,568 @@
+//! ggml's codebook formats, which candle does not read: blocks of 256 values whose groups of
+//! 8 (or 4) are entries of a fixed grid, with signs and a scale per run of 32 (or 16) values.
+//! A value is `d · FACTOR · scale · v`, `v` the signed grid value:
+//!
+//! | type | bytes | grid | scale | FACTOR |
+//! |---|---|---|---|---|
+//! | IQ2_XXS | 66: `d`, per 32 values a u32 of 4 grid indices, a u32 of 4 × 7 sign bits and 4 bits `ls` | 256 × 8 | `2 ls + 1` per 32 | 1/8 |
+//! | IQ2_XS | 74: `d`, per 8 values a u16 (9-bit index, 7 sign bits), 8 bytes of 4-bit `ls` | 512 × 8 | `2 ls + 1` per 16 | 1/8 |
+//! | IQ2_S | 82: `d`, 32 index bytes, 32 sign bytes, 8 bytes of 2 high index bits each, 8 bytes of `ls` | 1024 × 8 | `2 ls + 1` per 16 | 1/8 |
+//! | IQ3_XXS | 98: `d`, 64 index bytes (4 values each), per 32 values a u32 of 4 × 7 sign bits and `ls` | 256 × 4 | `2 ls + 1` per 32 | 1/4 |
+//! | IQ3_S | 110: `d`, 64 index bytes, 8 bytes of high index bits, 32 sign bytes, 4 bytes of `ls` | 512 × 4 | `2 ls + 1` per 32 | 1 |
+//! | IQ1_S | 50: `d`, 32 index bytes, per 32 values a u16 (4 × 3 high index bits, `ls`, δ's sign) | 2048 × 8 | `2 ls + 1` per 32 | 1/8 |
+//! | IQ1_M | 56: 32 index bytes, per 16 values a byte (per 8: 3 high index bits, δ's sign), 4 u16 of 3-bit `ls` whose top nibbles hold `d` | 2048 × 8 | `2 ls + 1` per 16 | 1/8 |
+//!
+//! The 7 sign bits of IQ2_XXS, IQ2_XS and IQ3_XXS stand for 8 (`ksign`: the eighth makes the
+//! count even). IQ1's values are grid values (−1, 0, 1) plus δ = ±1/8, taken here as
+//! `8 g ± 1` with FACTOR 1/8, so that every format's block sum is an exact integer sum.
+//!
+//! Here: decoding, and each format's `Format` for the portable products.
+
+mod grids;
+
+use super::iq4::f16_at;
+use super::portable::{DirectSum, Format};
+use crate::gguf::TensorType;
+
+const QK_K: usize = 256;
+
+/// A grid of `N` entries of `width` values, from its packed form (`grids`): entry `i`'s
+/// values as the little-endian bytes of `out[i]`.
+const fn expand<const N: usize>(packed: &[u16; N], map: &[i8], slot: u32, width: u32) -> [u64; N] {
+    let mut out = [0u64; N];
+    let mut i = 0;
+    while i < N {
+        let mut j = 0;
+        while j < width {
+            let value = map[((packed[i] >> (slot * j)) & ((1 << slot) - 1)) as usize];
+            out[i] |= (value as u8 as u64) << (8 * j);
+            j += 1;
+        }
+        i += 1;
+    }
+    out
+}
+
+static IQ2XXS_GRID: [u64; 256] = expand(
+    &grids::IQ2XXS_PACKED,
+    &grids::IQ2XXS_MAP,
+    grids::IQ2XXS_SLOT,
+    8,
+);
+static IQ2XS_GRID: [u64; 512] = expand(
+    &grids::IQ2XS_PACKED,
+    &grids::IQ2XS_MAP,
+    grids::IQ2XS_SLOT,
+    8,
+);
+static IQ2S_GRID: [u64; 1024] = expand(&grids::IQ2S_PACKED, &grids::IQ2S_MAP, grids::IQ2S_SLOT, 8);
+static IQ3XXS_GRID: [u64; 256] = expand(
+    &grids::IQ3XXS_PACKED,
+    &grids::IQ3XXS_MAP,
+    grids::IQ3XXS_SLOT,
+    4,
+);
+static IQ3S_GRID: [u64; 512] = expand(&grids::IQ3S_PACKED, &grids::IQ3S_MAP, grids::IQ3S_SLOT, 4);
+static IQ1S_GRID: [u64; 2048] = expand(&grids::IQ1S_PACKED, &grids::IQ1S_MAP, grids::IQ1S_SLOT, 8);
+
+/// Byte `j` of `SIGN_MASKS[s]` is 0xff where bit `j` of `s` is set.
+static SIGN_MASKS: [u64; 256] = {
+    let mut masks = [0u64; 256];
+    let mut s = 0;
+    while s < 256 {
+        let mut j = 0;
+        while j < 8 {
+            if (s >> j) & 1 == 1 {
+                masks[s] |= 0xff << (8 * j);
+            }
+            j += 1;
+        }
+        s += 1;
+    }
+    masks
+};
+
+/// The sign mask of the 8 sign bits that 7 bits stand for (the eighth is their parity).
+static KSIGN_MASKS: [u64; 128] = {
+    let mut masks = [0u64; 128];
+    let mut bits = 0;
+    while bits < 128 {
+        masks[bits] = SIGN_MASKS[bits | (bits.count_ones() as usize & 1) << 7];
+        bits += 1;
+    }
+    masks
+};
+
+/// The sign mask of the 7 bits at `shift` in `bits`.
+#[inline(always)]
+fn ksign(bits: u32, shift: usize) -> u64 {
+    KSIGN_MASKS[((bits >> shift) & 127) as usize]
+}
+
+/// The 8 byte values of `magnitudes` (none 0, as no grid holds 0), negated where `mask` is
+/// 0xff: `(v ^ 0xff) + 1` per byte, which never carries into the next.
+#[inline(always)]
+fn signed(magnitudes: u64, mask: u64) -> u64 {
+    (magnitudes ^ mask).wrapping_add(mask & 0x0101_0101_0101_0101)
+}
+
+/// Two 4-value grid entries as one group of 8.
+#[inline(always)]
+fn pair(grid: &[u64], first: usize, second: usize) -> u64 {
+    grid[first] | grid[second] << 32
+}
+
+fn u16_at(w: &[u8], at: usize) -> u32 {
+    u16::from_le_bytes([w[at], w[at + 1]]) as u32
+}
+
+fn u32_at(w: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([w[at], w[at + 1], w[at + 2], w[at + 3]])
+}
+
+/// 32 values from 4 groups of 8 (little-endian bytes).
+#[inline(always)]
+fn join(group: impl Fn(usize) -> u64) -> [i8; 32] {
+    let mut out = [0; 32];
+    for (g, out) in out.chunks_exact_mut(8).enumerate() {
+        for (o, b) in out.iter_mut().zip(group(g).to_le_bytes()) {
+            *o = b as i8;
+        }
+    }
+    out
+}
+
+/// The scales `2 ls + 1` of 4-bit `ls`, two per byte (low nibble first), from `bytes`.
+fn nibble_scales(bytes: &[u8]) -> [i32; 16] {
+    std::array::from_fn(|j| match bytes.get(j / 2) {
+        Some(b) => 2 * ((b >> (4 * (j % 2))) & 0xf) as i32 + 1,
+        None => 0,
+    })
+}
+
+pub(crate) struct IQ2XXS;
+pub(crate) struct IQ2XS;
+pub(crate) struct IQ2S;
+pub(crate) struct IQ3XXS;
+pub(crate) struct IQ3S;
+pub(crate) struct IQ1S;
+pub(crate) struct IQ1M;
+
+/// A codebook format whose values are grid magnitudes with sign bits (all but IQ1): values
+/// `32c..32c + 32` as 4 groups of 8, each its magnitudes and sign mask (`SIGN_MASKS`), as
+/// little-endian bytes.
+pub(crate) trait Signed: Format {
+    fn groups(w: &[u8], c: usize) -> ([u64; 4], [u64; 4]);
+}
+
+/// `Format` for a `Signed` format: its values from its groups.
+macro_rules! signed_format {
+    ($F:ty, bytes: $bytes:expr, run: $run:expr, factor: $factor:expr, scales: $scales:expr) => {
+        impl Format for $F {
+            const VALUES: usize = QK_K;
+            const BYTES: usize = $bytes;
+            const RUN: usize = $run;
+
+            fn d(w: &[u8]) -> f32 {
+                f16_at(w, 0) * $factor
+            }
+
+            fn values(w: &[u8], c: usize) -> [i8; 32] {
+                let (magnitudes, masks) = Self::groups(w, c);
+                join(|l| signed(magnitudes[l], masks[l]))
+            }
+
+            fn scales(w: &[u8]) -> [i32; 16] {
+                $scales(w)
+            }
+
+            fn direct_sum() -> Option<DirectSum> {
+                direct_sum::<$F>()
+            }
+        }
+    };
+}
+
+/// The scales `2 ls + 1` of the 4-bit `ls` in the top bits of the u32 at `AT + STRIDE · c`,
+/// one per 32 values.
+fn top_scales<const AT: usize, const STRIDE: usize>(w: &[u8]) -> [i32; 16] {
+    std::array::from_fn(|c| match c < 8 {
+        true => 2 * (u32_at(w, AT + STRIDE * c) >> 28) as i32 + 1,
+        false => 0,
+    })
+}
+
+impl Signed for IQ2XXS {
+    #[inline(always)]
+    fn groups(w: &[u8], c: usize) -> ([u64; 4], [u64; 4]) {
+        let q = &w[2 + 8 * c..][..8];
+        let signs = u32_at(q, 4);
+        (
+            std::array::from_fn(|l| IQ2XXS_GRID[q[l] as usize]),
+            std::array::from_fn(|l| ksign(signs, 7 * l)),
+        )
+    }
+}
+signed_format!(IQ2XXS, bytes: 66, run: 32, factor: 0.125, scales: top_scales::<6, 8>);
+
+impl Signed for IQ2XS {
+    #[inline(always)]
+    fn groups(w: &[u8], c: usize) -> ([u64; 4], [u64; 4]) {
+        let q: [u32; 4] = std::array::from_fn(|l| u16_at(w, 2 + 2 * (4 * c + l)));
+        (
+            q.map(|q| IQ2XS_GRID[(q & 511) as usize]),
+            q.map(|q| ksign(q, 9)),
+        )
+    }
+}
+signed_format!(IQ2XS, bytes: 74, run: 16, factor: 0.125, scales: |w: &[u8]| nibble_scales(&w[66..74]));
+
+impl Signed for IQ2S {
+    #[inline(always)]
+    fn groups(w: &[u8], c: usize) -> ([u64; 4], [u64; 4]) {
+        let high = w[66 + c] as usize;
+        let index = |l: usize| w[2 + 4 * c + l] as usize | ((high >> (2 * l)) & 3) << 8;
+        (
+            std::array::from_fn(|l| IQ2S_GRID[index(l)]),
+            std::array::from_fn(|l| SIGN_MASKS[w[34 + 4 * c + l] as usize]),
+        )
+    }
+}
+signed_format!(IQ2S, bytes: 82, run: 16, factor: 0.125, scales: |w: &[u8]| nibble_scales(&w[74..82]));
+
+impl Signed for IQ3XXS {
+    #[inline(always)]
+    fn groups(w: &[u8], c: usize) -> ([u64; 4], [u64; 4]) {
+        let (q, signs) = (&w[2 + 8 * c..][..8], u32_at(w, 66 + 4 * c));
+        (
+            std::array::from_fn(|l| pair(&IQ3XXS_GRID, q[2 * l] as usize, q[2 * l + 1] as usize)),
+            std::array::from_fn(|l| ksign(signs, 7 * l)),
+        )
+    }
+}
+signed_format!(IQ3XXS, bytes: 98, run: 32, factor: 0.25, scales: top_scales::<66, 4>);
+
+impl Signed for IQ3S {
+    #[inline(always)]
+    fn groups(w: &[u8], c: usize) -> ([u64; 4], [u64; 4]) {
+        let (q, high) = (&w[2 + 8 * c..][..8], w[66 + c] as usize);
+        let index = |e: usize| q[e] as usize | ((high >> e) & 1) << 8;
+        (
+            std::array::from_fn(|l| pair(&IQ3S_GRID, index(2 * l), index(2 * l + 1))),
+            std::array::from_fn(|l| SIGN_MASKS[w[74 + 4 * c + l] as usize]),
+        )
+    }
+}
+signed_format!(IQ3S, bytes: 110, run: 32, factor: 1.0, scales: |w: &[u8]| nibble_scales(&w[106..110]));
+
+/// A faster block sum than decoding, where this CPU has one.
+fn direct_sum<F: Signed>() -> Option<DirectSum> {
+    #[cfg(target_arch = "x86_64")]
+    if super::qmatmul::isa() != super::qmatmul::Isa::Portable {
+        return Some(x86::block_sum::<F>);
+    }
+    None
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::Signed;
+
+    #[inline(always)]
+    fn vector(q: [u64; 4]) -> __m256i {
+        // SAFETY: AVX (the caller's AVX2).
+        unsafe { _mm256_setr_epi64x(q[0] as i64, q[1] as i64, q[2] as i64, q[3] as i64) }
+    }
+
+    /// The exact sum `S_b` of block `w` against its Q8_K activations `x`: per 32 values the
+    /// magnitudes times the activations negated where the sign bits are set (`maddubs`: no
+    /// pair exceeds 2 · 62 · 127), times the run scales (`madd`), summed in i32 lanes.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; `w` is a whole block of `F` and `x` its 256 activations, none −128
+    /// (Q8_K's lie in −127..=127).
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn block_sum<F: Signed>(w: &[u8], x: &[i8]) -> i32 {
+        let scales = F::scales(w);
+        let mut acc = _mm256_setzero_si256();
+        for (c, x) in x.chunks_exact(32).enumerate() {
+            let (magnitudes, masks) = F::groups(w, c);
+            let (v, mask) = (vector(magnitudes), vector(masks));
+            // SAFETY: `x` holds 32 values.
+            let x = unsafe { _mm256_loadu_si256(x.as_ptr().cast()) };
+            let pairs = _mm256_maddubs_epi16(v, _mm256_sub_epi8(_mm256_xor_si256(x, mask), mask));
+            let scale = match F::RUN {
+                32 => _mm256_set1_epi16(scales[c] as i16),
+                _ => _mm256_setr_m128i(
+                    _mm_set1_epi16(scales[2 * c] as i16),
+                    _mm_set1_epi16(scales[2 * c + 1] as i16),
+                ),
+            };
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, scale));
+        }
+        let half = _mm_add_epi32(
+            _mm256_castsi256_si128(acc),
+            _mm256_extracti128_si256::<1>(acc),
+        );
+        let quad = _mm_add_epi32(half, _mm_shuffle_epi32::<0b01_00_11_10>(half));
+        _mm_cvtsi128_si32(_mm_add_epi32(
+            quad,
+            _mm_shuffle_epi32::<0b10_11_00_01>(quad),
+        ))
+    }
+}
+
+/// 8 values of an IQ1 grid entry plus δ of sign `negative`, times 8.
+#[inline(always)]
+fn iq1_values(index: usize, negative: bool) -> u64 {
+    let delta = if negative { -1 } else { 1 };
+    let values = IQ1S_GRID[index]
+        .to_le_bytes()
+        .map(|g| (8 * g as i8 + delta) as u8);
+    u64::from_le_bytes(values)
+}
+
+impl Format for IQ1S {
+    const VALUES: usize = QK_K;
+    const BYTES: usize = 50;
+
+    fn d(w: &[u8]) -> f32 {
+        f16_at(w, 0) * 0.125
+    }
+
+    fn values(w: &[u8], c: usize) -> [i8; 32] {
+        let qh = u16_at(w, 34 + 2 * c);
+        join(|l| {
+            let index = w[2 + 4 * c + l] as usize | (((qh >> (3 * l)) & 7) as usize) << 8;
+            iq1_values(index, qh & 0x8000 != 0)
+        })
+    }
+
+    fn scales(w: &[u8]) -> [i32; 16] {
+        std::array::from_fn(|c| match c < 8 {
+            true => 2 * ((u16_at(w, 34 + 2 * c) >> 12) & 7) as i32 + 1,
+            false => 0,
+        })
+    }
+}
+
+impl Format for IQ1M {
+    const VALUES: usize = QK_K;
+    const BYTES: usize = 56;
+    const RUN: usize = 16;
+
+    /// `d`'s 16 bits are the top nibbles of the 4 u16 of scales, first to last.
+    fn d(w: &[u8]) -> f32 {
+        let bits = (0..4).fold(0, |d, i| d | (u16_at(w, 48 + 2 * i) >> 12) << (4 * i));
+        super::f16::to_f32(bits as u16) * 0.125
+    }
+
+    fn values(w: &[u8], c: usize) -> [i8; 32] {
+        join(|l| {
+            let g = 4 * c + l;
+            let qh = (w[32 + g / 2] >> (4 * (g % 2))) as usize;
+            iq1_values(w[g] as usize | (qh & 7) << 8, qh & 8 != 0)
+        })
+    }
+
+    fn scales(w: &[u8]) -> [i32; 16] {
+        std::array::from_fn(|j| 2 * ((u16_at(w, 48 + 2 * (j / 4)) >> (3 * (j % 4))) & 7) as i32 + 1)
+    }
+}
+
+/// Whether `dtype` is a codebook format.
+pub fn reads(dtype: TensorType) -> bool {
+    use TensorType::*;
+    matches!(dtype, IQ2XXS | IQ2XS | IQ2S | IQ3XXS | IQ3S | IQ1S | IQ1M)
+}
+
+/// Runs `$body` with `$F` bound to the `Format` of codebook type `$dtype`.
+macro_rules! with_codebook {
+    ($dtype:expr, $F:ident => $body:expr) => {
+        match $dtype {
+            TensorType::IQ2XXS => {
+                type $F = $crate::ops::codebook::IQ2XXS;
+                $body
+            }
+            TensorType::IQ2XS => {
+                type $F = $crate::ops::codebook::IQ2XS;
+                $body
+            }
+            TensorType::IQ2S => {
+                type $F = $crate::ops::codebook::IQ2S;
+                $body
+            }
+            TensorType::IQ3XXS => {
+                type $F = $crate::ops::codebook::IQ3XXS;
+                $body
+            }
+            TensorType::IQ3S => {
+                type $F = $crate::ops::codebook::IQ3S;
+                $body
+            }
+            TensorType::IQ1S => {
+                type $F = $crate::ops::codebook::IQ1S;
+                $body
+            }
+            TensorType::IQ1M => {
+                type $F = $crate::ops::codebook::IQ1M;
+                $body
+            }
+            _ => unreachable!("{} is not a codebook format", $dtype),
+        }
+    };
+}
+pub(crate) use with_codebook;
+
+/// Decodes `out.len()` values stored as codebook type `dtype`: `(d · scale) · v`, the order
+/// in which ggml rounds them.
+pub fn dequantize_into(dtype: TensorType, bytes: &[u8], out: &mut [f32]) {
+    with_codebook!(dtype, F => decode::<F>(bytes, out))
+}
+
+fn decode<F: Format>(bytes: &[u8], out: &mut [f32]) {
+    for (w, out) in bytes.chunks_exact(F::BYTES).zip(out.chunks_exact_mut(QK_K)) {
+        let (d, scales) = (F::d(w), F::scales(w));
+        for (c, out) in out.chunks_exact_mut(32).enumerate() {
+            for (i, (o, v)) in out.iter_mut().zip(F::values(w, c)).enumerate() {
+                *o = d * scales[(32 * c + i) / F::RUN] as f32 * v as f32;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::portable::{self, quantize_q8k_block};
+
+    const TYPES: [TensorType; 7] = [
+        TensorType::IQ2XXS,
+        TensorType::IQ2XS,
+        TensorType::IQ2S,
+        TensorType::IQ3XXS,
+        TensorType::IQ3S,
+        TensorType::IQ1S,
+        TensorType::IQ1M,
+    ];
+
+    /// Random blocks of `dtype` with a finite scale `d` of about 1e-2.
+    fn blocks(dtype: TensorType, n_blocks: usize, seed: u64) -> Vec<u8> {
+        let mut state = seed;
+        let mut bytes: Vec<u8> = (0..n_blocks * dtype.type_size())
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (state >> 33) as u8
+            })
+            .collect();
+        for block in bytes.chunks_exact_mut(dtype.type_size()) {
+            let d = half::f16::from_f32(0.01 + block[7] as f32 * 1e-4).to_bits();
+            if dtype == TensorType::IQ1M {
+                for i in 0..4 {
+                    let top = &mut block[48 + 2 * i + 1];
+                    *top = (*top & 0x0f) | (((d >> (4 * i)) & 0xf) << 4) as u8;
+                }
+            } else {
+                block[..2].copy_from_slice(&d.to_le_bytes());
+            }
+        }
+        bytes
+    }
+
+    #[test]
+    fn grids_hold_ggml_values() {
+        assert_eq!(IQ2XXS_GRID[0], 0x0808_0808_0808_0808);
+        assert_eq!(IQ1S_GRID[0], u64::MAX);
+        for g in IQ2S_GRID.iter().chain(&IQ2XS_GRID) {
+            assert!(g.to_le_bytes().iter().all(|b| [8, 25, 43].contains(b)));
+        }
+        for g in IQ3S_GRID {
+            let bytes = g.to_le_bytes();
+            let (values, rest) = bytes.split_at(4);
+            assert!(values.iter().all(|b| b % 2 == 1 && (1..=15).contains(b)));
+            assert_eq!(rest, [0; 4]);
+        }
+        let v = 0x2b19_0808_2b2b_1908;
+        assert_eq!(signed(v, SIGN_MASKS[0b1010_0001]), 0xd519_f808_2b2b_19f8);
+        // Grid entries are distinct: an index stands for one group of values.
+        let mut entries = IQ1S_GRID.to_vec();
+        entries.sort();
+        entries.dedup();
+        assert_eq!(entries.len(), 2048);
+        assert_eq!(KSIGN_MASKS[1], 0xff00_0000_0000_00ff);
+        assert_eq!(KSIGN_MASKS[3], 0xffff);
+    }
+
+    /// The AVX2 block sums equal the sums of the decoded values (every sign and index bit
+    /// pattern comes up in random blocks).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_block_sums_equal_the_decoded_sums() {
+        fn check<F: Signed>(dtype: TensorType) {
+            let data = blocks(dtype, 64, 3 + dtype.id() as u64);
+            let x: Vec<i8> = (0..QK_K)
+                .map(|i| ((i * 37) % 255) as i32 - 127)
+                .map(|v| v as i8)
+                .collect();
+            for w in data.chunks_exact(F::BYTES) {
+                let scales = F::scales(w);
+                let want: i32 = (0..QK_K)
+                    .map(|i| scales[i / F::RUN] * F::values(w, i / 32)[i % 32] as i32 * x[i] as i32)
+                    .sum();
+                // SAFETY: checked just below that the CPU has AVX2; x is in −127..=127.
+                assert_eq!(unsafe { x86::block_sum::<F>(w, &x) }, want, "{dtype}");
+            }
+        }
+        if !is_x86_feature_detected!("avx2") {
+            return;
+        }
+        check::<IQ2XXS>(TensorType::IQ2XXS);
+        check::<IQ2XS>(TensorType::IQ2XS);
+        check::<IQ2S>(TensorType::IQ2S);
+        check::<IQ3XXS>(TensorType::IQ3XXS);
+        check::<IQ3S>(TensorType::IQ3S);
+    }
+
+    /// The products (activations rounded to Q8_K, exact integer sums) equal the decoded
+    /// weights times the rounded activations in f64: `values`, `scales` and `d` agree with
+    /// `dequantize_into`, the activations' rounding aside.
+    #[test]
+    fn products_equal_decoded_weights_times_rounded_activations() {
+        let (n_rows, k, m) = (5, 512, 3);
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7919) % 997) as f32 / 500.0 - 1.0)
+            .collect();
+        let mut rounded = x.clone();
+        for block in rounded.chunks_exact_mut(QK_K) {
+            let mut qs = [0i8; QK_K];
+            let d = quantize_q8k_block(block, &mut qs);
+            block
+                .iter_mut()
+                .zip(qs)
+                .for_each(|(v, q)| *v = d * q as f32);
+        }
+        for dtype in TYPES {
+            let data = blocks(dtype, n_rows * k / QK_K, dtype.id() as u64);
+            let mut w = vec![0f32; n_rows * k];
+            dequantize_into(dtype, &data, &mut w);
+            assert!(w.iter().all(|v| v.is_finite()) && w.iter().any(|&v| v != 0.0));
+            let mut y = vec![0f32; m * n_rows];
+            portable::matmul(dtype, &data, n_rows, k, &x, &mut y);
+            for (i, got) in y.iter().enumerate() {
+                let (t, r) = (i / n_rows, i % n_rows);
+                let terms = w[r * k..][..k].iter().zip(&rounded[t * k..][..k]);
+                let (want, size) = terms.fold((0f64, 0f64), |(s, a), (&w, &x)| {
+                    (s + w as f64 * x as f64, a + (w as f64 * x as f64).abs())
+                });
+                assert!(
+                    (*got as f64 - want).abs() <= 1e-5 * size,
+                    "{dtype} y[{t}, {r}]: {got} vs {want}"
+                );
+            }
+        }
+    }
+}
