@@ -21,7 +21,7 @@
 mod grids;
 
 use super::iq4::f16_at;
-use super::portable::{DirectSum, Format};
+use super::portable::Format;
 use crate::gguf::TensorType;
 
 const QK_K: usize = 256;
@@ -175,10 +175,6 @@ macro_rules! signed_format {
             fn scales(w: &[u8]) -> [i32; 16] {
                 $scales(w)
             }
-
-            fn direct_sum() -> Option<DirectSum> {
-                direct_sum::<$F>()
-            }
         }
     };
 }
@@ -254,65 +250,6 @@ impl Signed for IQ3S {
     }
 }
 signed_format!(IQ3S, bytes: 110, run: 32, factor: 1.0, scales: |w: &[u8]| nibble_scales(&w[106..110]));
-
-/// A faster block sum than decoding, where this CPU has one.
-fn direct_sum<F: Signed>() -> Option<DirectSum> {
-    #[cfg(target_arch = "x86_64")]
-    if super::qmatmul::isa() != super::qmatmul::Isa::Portable {
-        return Some(x86::block_sum::<F>);
-    }
-    None
-}
-
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use std::arch::x86_64::*;
-
-    use super::Signed;
-
-    #[inline(always)]
-    fn vector(q: [u64; 4]) -> __m256i {
-        // SAFETY: AVX (the caller's AVX2).
-        unsafe { _mm256_setr_epi64x(q[0] as i64, q[1] as i64, q[2] as i64, q[3] as i64) }
-    }
-
-    /// The exact sum `S_b` of block `w` against its Q8_K activations `x`: per 32 values the
-    /// magnitudes times the activations negated where the sign bits are set (`maddubs`: no
-    /// pair exceeds 2 · 62 · 127), times the run scales (`madd`), summed in i32 lanes.
-    ///
-    /// # Safety
-    /// The CPU has AVX2; `w` is a whole block of `F` and `x` its 256 activations, none −128
-    /// (Q8_K's lie in −127..=127).
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn block_sum<F: Signed>(w: &[u8], x: &[i8]) -> i32 {
-        let scales = F::scales(w);
-        let mut acc = _mm256_setzero_si256();
-        for (c, x) in x.chunks_exact(32).enumerate() {
-            let (magnitudes, masks) = F::groups(w, c);
-            let (v, mask) = (vector(magnitudes), vector(masks));
-            // SAFETY: `x` holds 32 values.
-            let x = unsafe { _mm256_loadu_si256(x.as_ptr().cast()) };
-            let pairs = _mm256_maddubs_epi16(v, _mm256_sub_epi8(_mm256_xor_si256(x, mask), mask));
-            let scale = match F::RUN {
-                32 => _mm256_set1_epi16(scales[c] as i16),
-                _ => _mm256_setr_m128i(
-                    _mm_set1_epi16(scales[2 * c] as i16),
-                    _mm_set1_epi16(scales[2 * c + 1] as i16),
-                ),
-            };
-            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, scale));
-        }
-        let half = _mm_add_epi32(
-            _mm256_castsi256_si128(acc),
-            _mm256_extracti128_si256::<1>(acc),
-        );
-        let quad = _mm_add_epi32(half, _mm_shuffle_epi32::<0b01_00_11_10>(half));
-        _mm_cvtsi128_si32(_mm_add_epi32(
-            quad,
-            _mm_shuffle_epi32::<0b10_11_00_01>(quad),
-        ))
-    }
-}
 
 /// 8 values of an IQ1 grid entry plus δ of sign `negative`, times 8.
 #[inline(always)]
@@ -495,36 +432,6 @@ mod tests {
         assert_eq!(entries.len(), 2048);
         assert_eq!(KSIGN_MASKS[1], 0xff00_0000_0000_00ff);
         assert_eq!(KSIGN_MASKS[3], 0xffff);
-    }
-
-    /// The AVX2 block sums equal the sums of the decoded values (every sign and index bit
-    /// pattern comes up in random blocks).
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn avx2_block_sums_equal_the_decoded_sums() {
-        fn check<F: Signed>(dtype: TensorType) {
-            let data = blocks(dtype, 64, 3 + dtype.id() as u64);
-            let x: Vec<i8> = (0..QK_K)
-                .map(|i| ((i * 37) % 255) as i32 - 127)
-                .map(|v| v as i8)
-                .collect();
-            for w in data.chunks_exact(F::BYTES) {
-                let scales = F::scales(w);
-                let want: i32 = (0..QK_K)
-                    .map(|i| scales[i / F::RUN] * F::values(w, i / 32)[i % 32] as i32 * x[i] as i32)
-                    .sum();
-                // SAFETY: checked just below that the CPU has AVX2; x is in −127..=127.
-                assert_eq!(unsafe { x86::block_sum::<F>(w, &x) }, want, "{dtype}");
-            }
-        }
-        if !is_x86_feature_detected!("avx2") {
-            return;
-        }
-        check::<IQ2XXS>(TensorType::IQ2XXS);
-        check::<IQ2XS>(TensorType::IQ2XS);
-        check::<IQ2S>(TensorType::IQ2S);
-        check::<IQ3XXS>(TensorType::IQ3XXS);
-        check::<IQ3S>(TensorType::IQ3S);
     }
 
     /// The products (activations rounded to Q8_K, exact integer sums) equal the decoded

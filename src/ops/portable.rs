@@ -38,10 +38,6 @@ pub(crate) enum Min {
     SubBlocks,
 }
 
-/// A block's exact sum `S_b` straight from its bytes `w` and activations `x`, on an
-/// instruction set the CPU has been checked for.
-pub(crate) type DirectSum = unsafe fn(w: &[u8], x: &[i8]) -> i32;
-
 /// A weight format as every kernel reads it: its blocks' values (as signed bytes, in order,
 /// 32 at a time), their scales (and mins) per run of `RUN` values, and the float steps of the
 /// module comment. The exact integer sum of a block is `S_b = Σ_j scale_j Σ_{i∈run j} v_i x_i`.
@@ -72,11 +68,6 @@ pub(crate) trait Format: Sync {
     /// The min of each run of `RUN` values (`Min::SubBlocks`).
     fn mins(_w: &[u8]) -> [i32; 16] {
         [0; 16]
-    }
-
-    /// A faster `S_b` than decoding the block on this CPU, for a format without mins.
-    fn direct_sum() -> Option<DirectSum> {
-        None
     }
 
     /// The block's float steps on `acc`, its exact sums `s` (`S_b`) and `m` (`M_b`) in hand,
@@ -432,8 +423,8 @@ pub fn matmul(dtype: TensorType, data: &[u8], n_rows: usize, k: usize, x: &[f32]
 /// Weight rows per task: enough to amortise scheduling, few enough to share work evenly.
 const ROWS_PER_TASK: usize = 16;
 
-/// Quantizes the activations, then decodes each weight row once and folds its blocks into each
-/// token's output, blocks in order.
+/// Quantizes the activations, then for each weight row folds its blocks, in order, into each
+/// token's output, each block decoded once for all the tokens.
 fn products<F: Format, const N: usize>(
     data: &[u8],
     n_rows: usize,
@@ -460,42 +451,20 @@ fn products<F: Format, const N: usize>(
             .into_par_iter()
             .for_each(|task| {
                 let (mut values, mut scales, mut mins) =
-                    (vec![0i8; k], vec![0i32; nb * runs], vec![0i32; nb * runs]);
+                    (vec![0i8; N], vec![0i32; runs], vec![0i32; runs]);
+                let mut accs = vec![0f32; m];
                 for r in task * ROWS_PER_TASK..((task + 1) * ROWS_PER_TASK).min(n_rows) {
+                    accs.fill(0.0);
                     let w = &data[r * row_bytes..(r + 1) * row_bytes];
-                    let direct = F::direct_sum();
-                    if direct.is_none() {
-                        let decoded = values
-                            .chunks_exact_mut(N)
-                            .zip(scales.chunks_exact_mut(runs))
-                            .zip(mins.chunks_exact_mut(runs));
-                        for (w, ((values, scales), mins)) in w.chunks_exact(F::BYTES).zip(decoded) {
-                            decode::<F>(w, values, scales, mins);
+                    for (b, w) in w.chunks_exact(F::BYTES).enumerate() {
+                        decode::<F>(w, &mut values, &mut scales, &mut mins);
+                        let tokens = act.iter().skip(b).step_by(nb.max(1));
+                        for (acc, x) in accs.iter_mut().zip(tokens) {
+                            let (s, m) = sums::<F>(&values, &scales, &mins, &x.qs);
+                            *acc = F::steps(*acc, s, m, w, x.d, x.s);
                         }
                     }
-                    for t in 0..m {
-                        let blocks = w.chunks_exact(F::BYTES).enumerate();
-                        let acc = blocks.zip(&act[t * nb..(t + 1) * nb]).fold(
-                            0f32,
-                            |acc, ((b, w), x)| {
-                                let (s, m) = match direct {
-                                    // SAFETY: `direct_sum` checked the CPU; w is a whole block
-                                    // and x its activations.
-                                    Some(sum) => (unsafe { sum(w, &x.qs) }, 0),
-                                    None => {
-                                        let block = b * runs..(b + 1) * runs;
-                                        let values = &values[b * N..(b + 1) * N];
-                                        sums::<F>(
-                                            values,
-                                            &scales[block.clone()],
-                                            &mins[block],
-                                            &x.qs,
-                                        )
-                                    }
-                                };
-                                F::steps(acc, s, m, w, x.d, x.s)
-                            },
-                        );
+                    for (t, &acc) in accs.iter().enumerate() {
                         // SAFETY: this task alone writes y[t, rows], and t < m, r < n_rows.
                         unsafe { y_ptr.slice(t * n_rows + r, 1)[0] = acc };
                     }

@@ -30,13 +30,13 @@
 //!   i16 pairs of products of 8 tokens, summed in i16 while they cannot overflow, and
 //!   `vpmaddwd` widens them to i32 (times the sub-block's scale); one 16-token group at a time.
 //!
-//! `ops::portable` performs the same sequence in scalar code, for all twelve integer formats:
-//! the tests hold every kernel to its bits.
+//! `ops::portable` performs the same sequence in scalar code, for all twelve integer formats
+//! and the codebook ones: the tests hold every kernel to its bits.
 //!
 //! Files: `act` quantizes the activations, `driver` splits a product into tasks and runs the
 //! kernels of one format (`q23k` for Q2_K and Q3_K, `q4k` for Q4_K and Q5_K, `q6k`, `iq4xs`,
-//! `q8_0` for Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and IQ4_NL), `simd` holds what they share; those
-//! seven files are x86-64's. `neon` has aarch64's kernels for all twelve integer formats,
+//! `q8_0` for Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and IQ4_NL, `codebook` for IQ2_XXS, IQ2_XS, IQ2_S,
+//! IQ3_XXS and IQ3_S), `simd` holds what they share; those eight files are x86-64's. `neon` has aarch64's kernels for all twelve integer formats,
 //! reading the blocks' values as `portable::Format` describes them. `halves`, for F16 and
 //! BF16, has ggml's numerics for them (activations rounded to the weights' format, one fixed
 //! sum order), its own simpler driver, and the kernels of both architectures: `halves::x86`
@@ -45,6 +45,8 @@
 
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod act;
+#[cfg(target_arch = "x86_64")]
+mod codebook;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod driver;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
@@ -132,7 +134,8 @@ fn best_isa() -> Isa {
 }
 
 /// Whether `matmul` has kernels for `dtype` on this CPU: every type but f32 on AVX-512, AVX2
-/// and NEON alike, none at the portable level.
+/// and NEON alike (the signed codebook formats on x86 only; IQ1_S and IQ1_M nowhere), none
+/// at the portable level.
 pub(crate) fn supports(dtype: TensorType) -> bool {
     use TensorType::*;
     #[rustfmt::skip]
@@ -140,7 +143,7 @@ pub(crate) fn supports(dtype: TensorType) -> bool {
         dtype,
         F16 | BF16 | Q8_0 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | IQ4NL
             | Q2K | Q3K | Q4K | Q5K | Q6K | IQ4XS
-    );
+    ) || (cfg!(target_arch = "x86_64") && matches!(dtype, IQ2XXS | IQ2XS | IQ2S | IQ3XXS | IQ3S));
     kernels && isa() != Isa::Portable
 }
 
@@ -167,6 +170,8 @@ pub(crate) fn matmul(
     }
     #[cfg(target_arch = "x86_64")]
     {
+        use crate::ops::codebook as cb;
+        use codebook::Codebook;
         use driver::{run, Avx2};
         use TensorType::*;
         let avx2 = isa() == Isa::Avx2;
@@ -197,6 +202,16 @@ pub(crate) fn matmul(
             (IQ4XS, false) => run::<iq4xs::IQ4XS>(data, n_rows, k, x, y),
             (Q2K, false) => run::<q23k::Q2K>(data, n_rows, k, x, y),
             (Q3K, false) => run::<q23k::Q3K>(data, n_rows, k, x, y),
+            (IQ2XXS, true) => run::<Avx2<Codebook<cb::IQ2XXS>>>(data, n_rows, k, x, y),
+            (IQ2XS, true) => run::<Avx2<Codebook<cb::IQ2XS>>>(data, n_rows, k, x, y),
+            (IQ2S, true) => run::<Avx2<Codebook<cb::IQ2S>>>(data, n_rows, k, x, y),
+            (IQ3XXS, true) => run::<Avx2<Codebook<cb::IQ3XXS>>>(data, n_rows, k, x, y),
+            (IQ3S, true) => run::<Avx2<Codebook<cb::IQ3S>>>(data, n_rows, k, x, y),
+            (IQ2XXS, false) => run::<Codebook<cb::IQ2XXS>>(data, n_rows, k, x, y),
+            (IQ2XS, false) => run::<Codebook<cb::IQ2XS>>(data, n_rows, k, x, y),
+            (IQ2S, false) => run::<Codebook<cb::IQ2S>>(data, n_rows, k, x, y),
+            (IQ3XXS, false) => run::<Codebook<cb::IQ3XXS>>(data, n_rows, k, x, y),
+            (IQ3S, false) => run::<Codebook<cb::IQ3S>>(data, n_rows, k, x, y),
             _ => unreachable!("supports() lists the types above"),
         }
     }

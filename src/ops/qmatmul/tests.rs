@@ -27,11 +27,17 @@ impl Rng {
 }
 
 /// `[n_rows, k]` weights of `dtype`: rows of quantized random values, and every third row
-/// random bytes but for its f16 scales (any other bit pattern is a valid block).
+/// random bytes but for its f16 scales (any other bit pattern is a valid block); for the
+/// codebook formats, every row random.
 fn weights(dtype: TensorType, n_rows: usize, k: usize, seed: u64) -> Vec<u8> {
     let mut rng = Rng(seed);
     let values: Vec<f32> = (0..n_rows * k).map(|_| rng.float()).collect();
-    let mut bytes = quantize(dtype, &values);
+    // The codebook formats have no encoder: every row random.
+    let encodes = crate::ops::quant::encodes(dtype);
+    let mut bytes = match encodes {
+        true => quantize(dtype, &values),
+        false => vec![0; n_rows * dtype.row_bytes(k).unwrap()],
+    };
     if matches!(dtype, TensorType::F16 | TensorType::BF16) {
         return bytes;
     }
@@ -44,7 +50,10 @@ fn weights(dtype: TensorType, n_rows: usize, k: usize, seed: u64) -> Vec<u8> {
         _ => &[0],
     };
     let (block_bytes, row_bytes) = (dtype.type_size(), dtype.row_bytes(k).unwrap());
-    for row in bytes.chunks_mut(row_bytes).step_by(3) {
+    for row in bytes
+        .chunks_mut(row_bytes)
+        .step_by(if encodes { 3 } else { 1 })
+    {
         for block in row.chunks_mut(block_bytes) {
             block.iter_mut().for_each(|b| *b = rng.next() as u8);
             for &h in halves {
@@ -584,6 +593,29 @@ fn avx2_kernels_equal_the_rows_portable_and_avx512_at_every_batch_size() {
         check_avx2_tiles::<iq4xs::IQ4XS>(TensorType::IQ4XS, 13, k);
         check_avx2_tiles::<q23k::Q2K>(TensorType::Q2K, 13, k);
         check_avx2_tiles::<q23k::Q3K>(TensorType::Q3K, 13, k);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn codebook_kernels_equal_the_portable_product_at_every_batch_size() {
+    use super::codebook::Codebook;
+    use crate::ops::codebook as cb;
+    for k in [256, 768, 2048] {
+        for dtype in [
+            TensorType::IQ2XXS,
+            TensorType::IQ2XS,
+            TensorType::IQ2S,
+            TensorType::IQ3XXS,
+            TensorType::IQ3S,
+        ] {
+            check_portable(dtype, 13, k);
+        }
+        check_avx2_tiles::<Codebook<cb::IQ2XXS>>(TensorType::IQ2XXS, 13, k);
+        check_avx2_tiles::<Codebook<cb::IQ2XS>>(TensorType::IQ2XS, 13, k);
+        check_avx2_tiles::<Codebook<cb::IQ2S>>(TensorType::IQ2S, 13, k);
+        check_avx2_tiles::<Codebook<cb::IQ3XXS>>(TensorType::IQ3XXS, 13, k);
+        check_avx2_tiles::<Codebook<cb::IQ3S>>(TensorType::IQ3S, 13, k);
     }
 }
 

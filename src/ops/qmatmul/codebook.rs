@@ -1,0 +1,208 @@
+//! The signed codebook formats × Q8_K (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S; see
+//! `ops::codebook`): each 32 values are 4 groups of 8 grid magnitudes with a sign mask each
+//! (`Signed::groups`), in runs of `RUN` values with a scale `2 ls + 1`. The row kernels
+//! multiply the magnitudes by the activations negated where the signs are (`maddubs`: no pair
+//! exceeds 2 · 62 · 127), then by the run scales (`madd`); the tiles read the blocks unpacked
+//! as values (unsigned `v + 128` for the AVX-512 tiles, whose sums start at `−128 Σ x` per run;
+//! signed for the AVX2 ones), scales as i32 and `d` with the format's factor. Every sum is
+//! exact and every float step `fma(S_b, d_w · d_x, acc)`, as in `portable`: the same bits.
+
+use core::arch::x86_64::*;
+use std::marker::PhantomData;
+
+use super::act::{Groups, Rows, QK_K};
+use super::driver::{Avx2, Avx2Rows, Format, RowKernel};
+use super::simd::{hsum4_avx2, tile_avx2, tile_with_starts, NextRows, Pairs, Unpacked};
+use crate::ops::codebook::Signed;
+use crate::ops::portable;
+
+/// The kernels of codebook format `F`.
+pub(crate) struct Codebook<F>(PhantomData<F>);
+
+/// One unpacked block: values as bytes, the run scales as i32 (8 or 16), `d` times the factor.
+const U_SC: usize = 256;
+const U_D: usize = 320;
+const U_BYTES: usize = 384;
+const LAYOUT: Unpacked = Unpacked {
+    scales: U_SC,
+    d: U_D,
+    bytes: U_BYTES,
+};
+
+#[inline(always)]
+fn vector(q: [u64; 4]) -> __m256i {
+    // SAFETY: AVX, which every caller has.
+    unsafe { _mm256_setr_epi64x(q[0] as i64, q[1] as i64, q[2] as i64, q[3] as i64) }
+}
+
+/// Values `32c..32c + 32` of the block `w`, signed.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn values<F: Signed>(w: &[u8], c: usize) -> __m256i {
+    let (magnitudes, masks) = F::groups(w, c);
+    let (v, mask) = (vector(magnitudes), vector(masks));
+    _mm256_sub_epi8(_mm256_xor_si256(v, mask), mask)
+}
+
+/// `S_b` of the block `w` against the Q8_K values at `x`, in 8 i32 lanes.
+///
+/// # Safety
+/// AVX2; `x` is readable for 256 values, none −128 (Q8_K's lie in −127..=127).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn block_sum<F: Signed>(w: &[u8], x: *const i8) -> __m256i {
+    let scales = F::scales(w);
+    let mut acc = _mm256_setzero_si256();
+    for c in 0..QK_K / 32 {
+        let (magnitudes, masks) = F::groups(w, c);
+        let (v, mask) = (vector(magnitudes), vector(masks));
+        let x = _mm256_loadu_si256(x.add(32 * c).cast());
+        let pairs = _mm256_maddubs_epi16(v, _mm256_sub_epi8(_mm256_xor_si256(x, mask), mask));
+        let scale = match F::RUN {
+            32 => _mm256_set1_epi16(scales[c] as i16),
+            _ => _mm256_setr_m128i(
+                _mm_set1_epi16(scales[2 * c] as i16),
+                _mm_set1_epi16(scales[2 * c + 1] as i16),
+            ),
+        };
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, scale));
+    }
+    acc
+}
+
+/// 4 rows times token `t`: each block's exact sums, then `fma(S_b, d_w · d_x, acc)`.
+///
+/// # Safety
+/// As `RowKernel::rows4`, on a CPU with AVX2, FMA and F16C.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows4<F: Signed>(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
+    let xq = act.qs[t * act.k..].as_ptr();
+    let next = NextRows::new(nb * F::BYTES, 4, F::BYTES);
+    let mut acc = _mm_setzero_ps();
+    for b in 0..nb {
+        let block = |r: usize| std::slice::from_raw_parts(w[r].add(b * F::BYTES), F::BYTES);
+        let s: [__m256i; 4] = std::array::from_fn(|r| {
+            next.fetch(w[0], r, b);
+            block_sum::<F>(block(r), xq.add(QK_K * b))
+        });
+        let d_w = _mm_setr_ps(
+            F::d(block(0)),
+            F::d(block(1)),
+            F::d(block(2)),
+            F::d(block(3)),
+        );
+        let d = _mm_mul_ps(d_w, _mm_set1_ps(act.d[t * nb + b]));
+        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(hsum4_avx2(s)), d, acc);
+    }
+    let mut out = [0f32; 4];
+    _mm_storeu_ps(out.as_mut_ptr(), acc);
+    out
+}
+
+/// Writes the unpacked blocks of the row `w`: values (plus `offset`), scales, `d`.
+///
+/// # Safety
+/// AVX2; `w` points to `nb` whole blocks, `out` to `nb · U_BYTES` writable bytes.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn unpack<F: Signed>(w: *const u8, nb: usize, out: *mut u8, offset: i8) {
+    for b in 0..nb {
+        let (w, o) = (
+            std::slice::from_raw_parts(w.add(b * F::BYTES), F::BYTES),
+            out.add(b * U_BYTES),
+        );
+        for c in 0..QK_K / 32 {
+            let v = _mm256_add_epi8(values::<F>(w, c), _mm256_set1_epi8(offset));
+            _mm256_storeu_si256(o.add(32 * c).cast(), v);
+        }
+        o.add(U_SC)
+            .cast::<[i32; 16]>()
+            .write_unaligned(F::scales(w));
+        o.add(U_D).cast::<f32>().write(F::d(w));
+    }
+}
+
+impl<F: Signed> RowKernel for Codebook<F> {
+    const BLOCK: usize = QK_K;
+    const BLOCK_BYTES: usize = <F as portable::Format>::BYTES;
+    const Q8K: bool = true;
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn rows4(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
+        rows4::<F>(w, nb, act, t)
+    }
+}
+
+impl<F: Signed> Avx2Rows for Codebook<F> {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn rows4_avx2(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
+        rows4::<F>(w, nb, act, t)
+    }
+}
+
+impl<F: Signed> Format for Codebook<F> {
+    /// `−128 × (sum of the run)` per run: the accumulators' starting values.
+    const N_EXTRA: usize = QK_K / F::RUN;
+
+    fn extra(sums: &[i16], j: usize) -> i32 {
+        // `Rows::sums`: the 8 sums of 32, then the 16 of 16.
+        let at = if F::RUN == 32 { j } else { 8 + j };
+        -128 * sums[at] as i32
+    }
+
+    fn unpacked_bytes(nb: usize) -> usize {
+        nb * U_BYTES
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn unpack(w: *const u8, nb: usize, out: *mut u8) {
+        // Values in −62..=62: unsigned `v + 128` for `vpdpbusd`.
+        unpack::<F>(w, nb, out, -128)
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn tile<const T: usize>(
+        w: [*const u8; 4],
+        nb: usize,
+        act: &Groups,
+        g: [usize; T],
+    ) -> [[[f32; 16]; T]; 4] {
+        match F::RUN {
+            32 => tile_with_starts::<T, 8>(w, nb, act, g, LAYOUT),
+            _ => tile_with_starts::<T, 16>(w, nb, act, g, LAYOUT),
+        }
+    }
+}
+
+/// The AVX2 tiles: values unpacked signed.
+impl<F: Signed> Format for Avx2<Codebook<F>> {
+    /// None used: `Groups` has at least one.
+    const N_EXTRA: usize = 1;
+
+    fn extra(_: &[i16], _: usize) -> i32 {
+        0
+    }
+
+    fn unpacked_bytes(nb: usize) -> usize {
+        nb * U_BYTES
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn unpack(w: *const u8, nb: usize, out: *mut u8) {
+        unpack::<F>(w, nb, out, 0)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile<const T: usize>(
+        w: [*const u8; 4],
+        nb: usize,
+        act: &Groups,
+        g: [usize; T],
+    ) -> [[[f32; 16]; T]; 4] {
+        match F::RUN {
+            32 => tile_avx2::<T, 8, 127, true>(w, nb, act, g, LAYOUT, Pairs::None),
+            _ => tile_avx2::<T, 16, 127, true>(w, nb, act, g, LAYOUT, Pairs::None),
+        }
+    }
+}
