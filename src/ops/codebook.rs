@@ -100,7 +100,8 @@ fn ksign(bits: u32, shift: usize) -> u64 {
 }
 
 /// The 8 byte values of `magnitudes` (none 0, as no grid holds 0), negated where `mask` is
-/// 0xff: `(v ^ 0xff) + 1` per byte, which never carries into the next.
+/// 0xff: `(v ^ 0xff) + 1` per byte, which never carries into the next (as long as no byte
+/// it negates is 0).
 #[inline(always)]
 fn signed(magnitudes: u64, mask: u64) -> u64 {
     (magnitudes ^ mask).wrapping_add(mask & 0x0101_0101_0101_0101)
@@ -148,23 +149,22 @@ pub(crate) struct IQ3S;
 pub(crate) struct IQ1S;
 pub(crate) struct IQ1M;
 
-/// A codebook format whose values are grid magnitudes with sign bits (all but IQ1): values
-/// `32c..32c + 32` as 4 groups of 8, each its magnitudes and sign mask (`SIGN_MASKS`), as
-/// little-endian bytes.
+/// A codebook format as its values' magnitudes (none 0) and signs: values `32c..32c + 32` as
+/// 4 groups of 8, each its magnitudes and sign mask (`SIGN_MASKS`), as little-endian bytes.
 pub(crate) trait Signed: Format {
     fn groups(w: &[u8], c: usize) -> ([u64; 4], [u64; 4]);
 }
 
 /// `Format` for a `Signed` format: its values from its groups.
 macro_rules! signed_format {
-    ($F:ty, bytes: $bytes:expr, run: $run:expr, factor: $factor:expr, scales: $scales:expr) => {
+    ($F:ty, bytes: $bytes:expr, run: $run:expr, d: $d:expr, scales: $scales:expr) => {
         impl Format for $F {
             const VALUES: usize = QK_K;
             const BYTES: usize = $bytes;
             const RUN: usize = $run;
 
             fn d(w: &[u8]) -> f32 {
-                f16_at(w, 0) * $factor
+                $d(w)
             }
 
             fn values(w: &[u8], c: usize) -> [i8; 32] {
@@ -177,6 +177,11 @@ macro_rules! signed_format {
             }
         }
     };
+}
+
+/// The f16 `d` at the block's start times `FACTOR`: 1/8, 1/4 or 1 (exact).
+fn scaled_d<const EIGHTHS: u8>(w: &[u8]) -> f32 {
+    f16_at(w, 0) * (EIGHTHS as f32 / 8.0)
 }
 
 /// The scales `2 ls + 1` of the 4-bit `ls` in the top bits of the u32 at `AT + STRIDE · c`,
@@ -199,7 +204,7 @@ impl Signed for IQ2XXS {
         )
     }
 }
-signed_format!(IQ2XXS, bytes: 66, run: 32, factor: 0.125, scales: top_scales::<6, 8>);
+signed_format!(IQ2XXS, bytes: 66, run: 32, d: scaled_d::<1>, scales: top_scales::<6, 8>);
 
 impl Signed for IQ2XS {
     #[inline(always)]
@@ -211,7 +216,7 @@ impl Signed for IQ2XS {
         )
     }
 }
-signed_format!(IQ2XS, bytes: 74, run: 16, factor: 0.125, scales: |w: &[u8]| nibble_scales(&w[66..74]));
+signed_format!(IQ2XS, bytes: 74, run: 16, d: scaled_d::<1>, scales: |w: &[u8]| nibble_scales(&w[66..74]));
 
 impl Signed for IQ2S {
     #[inline(always)]
@@ -224,7 +229,7 @@ impl Signed for IQ2S {
         )
     }
 }
-signed_format!(IQ2S, bytes: 82, run: 16, factor: 0.125, scales: |w: &[u8]| nibble_scales(&w[74..82]));
+signed_format!(IQ2S, bytes: 82, run: 16, d: scaled_d::<1>, scales: |w: &[u8]| nibble_scales(&w[74..82]));
 
 impl Signed for IQ3XXS {
     #[inline(always)]
@@ -236,7 +241,7 @@ impl Signed for IQ3XXS {
         )
     }
 }
-signed_format!(IQ3XXS, bytes: 98, run: 32, factor: 0.25, scales: top_scales::<66, 4>);
+signed_format!(IQ3XXS, bytes: 98, run: 32, d: scaled_d::<2>, scales: top_scales::<66, 4>);
 
 impl Signed for IQ3S {
     #[inline(always)]
@@ -249,65 +254,62 @@ impl Signed for IQ3S {
         )
     }
 }
-signed_format!(IQ3S, bytes: 110, run: 32, factor: 1.0, scales: |w: &[u8]| nibble_scales(&w[106..110]));
+signed_format!(IQ3S, bytes: 110, run: 32, d: scaled_d::<8>, scales: |w: &[u8]| nibble_scales(&w[106..110]));
 
-/// 8 values of an IQ1 grid entry plus δ of sign `negative`, times 8.
+/// The top bit of each byte.
+const HIGH: u64 = 0x8080_8080_8080_8080;
+const ONES: u64 = 0x0101_0101_0101_0101;
+
+/// An IQ1 grid entry plus δ of sign `negative`, times 8 (`8 g ± 1`: −9, −7, −1, 1, 7 or 9 per
+/// byte), as magnitudes and a sign mask.
 #[inline(always)]
-fn iq1_values(index: usize, negative: bool) -> u64 {
-    let delta = if negative { -1 } else { 1 };
-    let values = IQ1S_GRID[index]
-        .to_le_bytes()
-        .map(|g| (8 * g as i8 + delta) as u8);
-    u64::from_le_bytes(values)
+fn iq1_group(index: usize, negative: bool) -> (u64, u64) {
+    let eight_g = (IQ1S_GRID[index] << 3) & 0xf8f8_f8f8_f8f8_f8f8;
+    let delta = if negative { u64::MAX } else { ONES };
+    // Byte-wise `8g + δ`: the low 7 bits of each byte summed apart, the top ones xor'ed in.
+    let v = ((eight_g & !HIGH) + (delta & !HIGH)) ^ ((eight_g ^ delta) & HIGH);
+    let mask = ((v >> 7) & ONES) * 0xff;
+    (signed(v, mask), mask)
 }
 
-impl Format for IQ1S {
-    const VALUES: usize = QK_K;
-    const BYTES: usize = 50;
-
-    fn d(w: &[u8]) -> f32 {
-        f16_at(w, 0) * 0.125
-    }
-
-    fn values(w: &[u8], c: usize) -> [i8; 32] {
+impl Signed for IQ1S {
+    #[inline(always)]
+    fn groups(w: &[u8], c: usize) -> ([u64; 4], [u64; 4]) {
         let qh = u16_at(w, 34 + 2 * c);
-        join(|l| {
+        let groups: [(u64, u64); 4] = std::array::from_fn(|l| {
             let index = w[2 + 4 * c + l] as usize | (((qh >> (3 * l)) & 7) as usize) << 8;
-            iq1_values(index, qh & 0x8000 != 0)
-        })
-    }
-
-    fn scales(w: &[u8]) -> [i32; 16] {
-        std::array::from_fn(|c| match c < 8 {
-            true => 2 * ((u16_at(w, 34 + 2 * c) >> 12) & 7) as i32 + 1,
-            false => 0,
-        })
+            iq1_group(index, qh & 0x8000 != 0)
+        });
+        (groups.map(|g| g.0), groups.map(|g| g.1))
     }
 }
+signed_format!(IQ1S, bytes: 50, run: 32, d: scaled_d::<1>, scales: |w: &[u8]| {
+    std::array::from_fn(|c| match c < 8 {
+        true => 2 * ((u16_at(w, 34 + 2 * c) >> 12) & 7) as i32 + 1,
+        false => 0,
+    })
+});
 
-impl Format for IQ1M {
-    const VALUES: usize = QK_K;
-    const BYTES: usize = 56;
-    const RUN: usize = 16;
+/// IQ1_M's `d`: its 16 bits are the top nibbles of the 4 u16 of scales, first to last.
+fn iq1m_d(w: &[u8]) -> f32 {
+    let bits = (0..4).fold(0, |d, i| d | (u16_at(w, 48 + 2 * i) >> 12) << (4 * i));
+    super::f16::to_f32(bits as u16) * 0.125
+}
 
-    /// `d`'s 16 bits are the top nibbles of the 4 u16 of scales, first to last.
-    fn d(w: &[u8]) -> f32 {
-        let bits = (0..4).fold(0, |d, i| d | (u16_at(w, 48 + 2 * i) >> 12) << (4 * i));
-        super::f16::to_f32(bits as u16) * 0.125
-    }
-
-    fn values(w: &[u8], c: usize) -> [i8; 32] {
-        join(|l| {
+impl Signed for IQ1M {
+    #[inline(always)]
+    fn groups(w: &[u8], c: usize) -> ([u64; 4], [u64; 4]) {
+        let groups: [(u64, u64); 4] = std::array::from_fn(|l| {
             let g = 4 * c + l;
             let qh = (w[32 + g / 2] >> (4 * (g % 2))) as usize;
-            iq1_values(w[g] as usize | (qh & 7) << 8, qh & 8 != 0)
-        })
-    }
-
-    fn scales(w: &[u8]) -> [i32; 16] {
-        std::array::from_fn(|j| 2 * ((u16_at(w, 48 + 2 * (j / 4)) >> (3 * (j % 4))) & 7) as i32 + 1)
+            iq1_group(w[g] as usize | (qh & 7) << 8, qh & 8 != 0)
+        });
+        (groups.map(|g| g.0), groups.map(|g| g.1))
     }
 }
+signed_format!(IQ1M, bytes: 56, run: 16, d: iq1m_d, scales: |w: &[u8]| {
+    std::array::from_fn(|j| 2 * ((u16_at(w, 48 + 2 * (j / 4)) >> (3 * (j % 4))) & 7) as i32 + 1)
+});
 
 /// Whether `dtype` is a codebook format.
 pub fn reads(dtype: TensorType) -> bool {

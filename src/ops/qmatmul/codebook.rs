@@ -1,5 +1,5 @@
-//! The signed codebook formats × Q8_K (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S; see
-//! `ops::codebook`): each 32 values are 4 groups of 8 grid magnitudes with a sign mask each
+//! The codebook formats × Q8_K (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M; see
+//! `ops::codebook`): each 32 values are 4 groups of 8 magnitudes with a sign mask each
 //! (`Signed::groups`), in runs of `RUN` values with a scale `2 ls + 1`. The row kernels
 //! multiply the magnitudes by the activations negated where the signs are (`maddubs`: no pair
 //! exceeds 2 · 62 · 127), then by the run scales (`madd`); the tiles read the blocks unpacked

@@ -36,8 +36,10 @@
 //! Files: `act` quantizes the activations, `driver` splits a product into tasks and runs the
 //! kernels of one format (`q23k` for Q2_K and Q3_K, `q4k` for Q4_K and Q5_K, `q6k`, `iq4xs`,
 //! `q8_0` for Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and IQ4_NL, `codebook` for IQ2_XXS, IQ2_XS, IQ2_S,
-//! IQ3_XXS and IQ3_S), `simd` holds what they share; those eight files are x86-64's. `neon` has aarch64's kernels for all twelve integer formats,
-//! reading the blocks' values as `portable::Format` describes them. `halves`, for F16 and
+//! IQ3_XXS, IQ3_S, IQ1_S and IQ1_M), `simd` holds what they share; those eight files are
+//! x86-64's. `neon` has aarch64's kernels for the twelve integer formats, reading the blocks'
+//! values as `portable::Format` describes them (the codebook formats run `ops::portable`
+//! there). `halves`, for F16 and
 //! BF16, has ggml's numerics for them (activations rounded to the weights' format, one fixed
 //! sum order), its own simpler driver, and the kernels of both architectures: `halves::x86`
 //! (rows and tiles, AVX-512 and AVX2) and `halves::neon` (rows, every batch size), the same
@@ -134,8 +136,7 @@ fn best_isa() -> Isa {
 }
 
 /// Whether `matmul` has kernels for `dtype` on this CPU: every type but f32 on AVX-512, AVX2
-/// and NEON alike (the signed codebook formats on x86 only; IQ1_S and IQ1_M nowhere), none
-/// at the portable level.
+/// and NEON alike (the codebook formats on x86 only), none at the portable level.
 pub(crate) fn supports(dtype: TensorType) -> bool {
     use TensorType::*;
     #[rustfmt::skip]
@@ -143,7 +144,7 @@ pub(crate) fn supports(dtype: TensorType) -> bool {
         dtype,
         F16 | BF16 | Q8_0 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | IQ4NL
             | Q2K | Q3K | Q4K | Q5K | Q6K | IQ4XS
-    ) || (cfg!(target_arch = "x86_64") && matches!(dtype, IQ2XXS | IQ2XS | IQ2S | IQ3XXS | IQ3S));
+    ) || (cfg!(target_arch = "x86_64") && crate::ops::codebook::reads(dtype));
     kernels && isa() != Isa::Portable
 }
 
@@ -207,11 +208,15 @@ pub(crate) fn matmul(
             (IQ2S, true) => run::<Avx2<Codebook<cb::IQ2S>>>(data, n_rows, k, x, y),
             (IQ3XXS, true) => run::<Avx2<Codebook<cb::IQ3XXS>>>(data, n_rows, k, x, y),
             (IQ3S, true) => run::<Avx2<Codebook<cb::IQ3S>>>(data, n_rows, k, x, y),
+            (IQ1S, true) => run::<Avx2<Codebook<cb::IQ1S>>>(data, n_rows, k, x, y),
+            (IQ1M, true) => run::<Avx2<Codebook<cb::IQ1M>>>(data, n_rows, k, x, y),
             (IQ2XXS, false) => run::<Codebook<cb::IQ2XXS>>(data, n_rows, k, x, y),
             (IQ2XS, false) => run::<Codebook<cb::IQ2XS>>(data, n_rows, k, x, y),
             (IQ2S, false) => run::<Codebook<cb::IQ2S>>(data, n_rows, k, x, y),
             (IQ3XXS, false) => run::<Codebook<cb::IQ3XXS>>(data, n_rows, k, x, y),
             (IQ3S, false) => run::<Codebook<cb::IQ3S>>(data, n_rows, k, x, y),
+            (IQ1S, false) => run::<Codebook<cb::IQ1S>>(data, n_rows, k, x, y),
+            (IQ1M, false) => run::<Codebook<cb::IQ1M>>(data, n_rows, k, x, y),
             _ => unreachable!("supports() lists the types above"),
         }
     }

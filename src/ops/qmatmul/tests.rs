@@ -608,6 +608,8 @@ fn codebook_kernels_equal_the_portable_product_at_every_batch_size() {
             TensorType::IQ2S,
             TensorType::IQ3XXS,
             TensorType::IQ3S,
+            TensorType::IQ1S,
+            TensorType::IQ1M,
         ] {
             check_portable(dtype, 13, k);
         }
@@ -616,6 +618,8 @@ fn codebook_kernels_equal_the_portable_product_at_every_batch_size() {
         check_avx2_tiles::<Codebook<cb::IQ2S>>(TensorType::IQ2S, 13, k);
         check_avx2_tiles::<Codebook<cb::IQ3XXS>>(TensorType::IQ3XXS, 13, k);
         check_avx2_tiles::<Codebook<cb::IQ3S>>(TensorType::IQ3S, 13, k);
+        check_avx2_tiles::<Codebook<cb::IQ1S>>(TensorType::IQ1S, 13, k);
+        check_avx2_tiles::<Codebook<cb::IQ1M>>(TensorType::IQ1M, 13, k);
     }
 }
 
