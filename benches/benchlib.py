@@ -43,6 +43,17 @@ QUANTS = {
     "q3_k_m": 12,
     "iq4_nl": 25,
     "iq4_xs": 30,
+    "iq3_xxs": 23,
+    "iq3_s": 26,
+    "iq3_m": 27,
+    # llama.cpp's quantizer refuses these without an importance matrix, which it takes only as
+    # a C++ map: make_model.py writes every matrix through ggml_quantize_chunk (ggml type ids)
+    # with an importance matrix of ones.
+    "iq2_xxs": ("chunks", 16),
+    "iq2_xs": ("chunks", 17),
+    "iq2_s": ("chunks", 22),
+    "iq1_s": ("chunks", 19),
+    "iq1_m": ("chunks", 29),
 }
 
 PEERS = (

@@ -15,7 +15,10 @@ Into `bench-models/llama-{1b,135m}-class-{L}L/`:
   here.) Hidden 576 is no multiple of 256, so llama.cpp's quantizer falls back from K-quants
   to Q5_0 / Q8_0 for the matrices of that input width, as for the real 135M models.
 - `model-q8_0.gguf`, `model-q4_k_m.gguf`: made from the F16 file by llama.cpp's own quantizer
-  (`llama_model_quantize` through llama-cpp-python), so lugh and llama.cpp read the same bytes.
+  (`llama_model_quantize` through llama-cpp-python), so lugh and llama.cpp read the same bytes;
+  `--quants` names others (benchlib's `QUANTS`). IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S and IQ1_M, which
+  that quantizer refuses without an importance matrix, are written matrix by matrix through
+  llama.cpp's `ggml_quantize_chunk` with one of ones.
 - `hf/`: the same F16 values as a transformers `LlamaForCausalLM` (`config.json` +
   `model.safetensors`), q/k rows back in HF order, for the PyTorch + PEFT training comparison.
 
@@ -214,6 +217,47 @@ def quantize(src: Path, dst: Path, ftype: int, n_threads: int) -> None:
         raise SystemExit(f"llama_model_quantize {src} -> {dst} failed ({rc}): see {log}")
 
 
+def quantize_chunks(src: Path, dst: Path, ggml_type: int) -> None:
+    """Every matrix whose rows are whole blocks of `ggml_type` through llama.cpp's
+    `ggml_quantize_chunk` (from llama-cpp-python's libggml), with an importance matrix of ones;
+    the other tensors as in `src` (as tests/fixtures/make_tiny.py makes its codebook bases)."""
+    import llama_cpp
+
+    import gguf
+
+    lib = Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"
+    ggml = ctypes.CDLL(str(lib))
+    ggml.ggml_quantize_chunk.restype = ctypes.c_size_t
+    ggml.ggml_quantize_chunk.argtypes = (
+        [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
+    )
+    qtype = gguf.GGMLQuantizationType(ggml_type)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(dst, reader.fields["general.architecture"].contents())
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
+    for t in reader.tensors:
+        a = np.ascontiguousarray(t.data).astype(np.float32)
+        if a.ndim != 2 or a.shape[1] % block:
+            writer.add_tensor(t.name, a)
+            continue
+        q = np.zeros((a.shape[0], a.shape[1] // block * size), dtype=np.uint8)
+        ones = np.ones(a.shape[1], dtype=np.float32)
+        n = ggml.ggml_quantize_chunk(
+            ggml_type, a.ctypes.data, q.ctypes.data, 0, a.shape[0], a.shape[1], ones.ctypes.data
+        )
+        assert n == q.size, (t.name, n, q.size)
+        writer.add_tensor(t.name, q, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def verify(n_layer: int, shape: str, n_threads: int, n_tokens: int = 12) -> float:
     """Largest |logit difference| / largest |logit| between lugh on the F16 GGUF and
     transformers (float32) on the HF copy, over every position of a few tokens.
@@ -293,7 +337,11 @@ def main(argv: list[str] | None = None) -> int:
         dst = gguf_path(s.n_layer, quant, args.shape)
         if need_f16 or not dst.exists():
             started = time.perf_counter()
-            quantize(f16, dst, QUANTS[quant], args.threads)
+            how = QUANTS[quant]
+            if isinstance(how, tuple):
+                quantize_chunks(f16, dst, how[1])
+            else:
+                quantize(f16, dst, how, args.threads)
             took = time.perf_counter() - started
             print(f"wrote {dst} ({dst.stat().st_size / 2**30:.2f} GiB, {took:.0f} s)")
     if not args.no_hf and not args.no_verify:
