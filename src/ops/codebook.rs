@@ -16,7 +16,8 @@
 //! count even). IQ1's values are grid values (−1, 0, 1) plus δ = ±1/8, taken here as
 //! `8 g ± 1` with FACTOR 1/8, so that every format's block sum is an exact integer sum.
 //!
-//! Here: decoding, and each format's `Format` for the portable products.
+//! Here: the formats' values as magnitudes and sign masks (`Signed`, which the x86 kernels
+//! read), decoding, and each format's `Format` for the portable products.
 
 mod grids;
 
@@ -26,44 +27,39 @@ use crate::gguf::TensorType;
 
 const QK_K: usize = 256;
 
-/// A grid of `N` entries of `width` values, from its packed form (`grids`): entry `i`'s
-/// values as the little-endian bytes of `out[i]`.
-const fn expand<const N: usize>(packed: &[u16; N], map: &[i8], slot: u32, width: u32) -> [u64; N] {
-    let mut out = [0u64; N];
-    let mut i = 0;
-    while i < N {
-        let mut j = 0;
-        while j < width {
-            let value = map[((packed[i] >> (slot * j)) & ((1 << slot) - 1)) as usize];
-            out[i] |= (value as u8 as u64) << (8 * j);
-            j += 1;
-        }
-        i += 1;
-    }
-    out
+/// A grid of `N` entries as `grids` holds it: value `j` of entry `i` is
+/// `map[(entries[i] >> (slot · j)) & (2^slot − 1)]`, for `j < width`.
+struct Packed<const N: usize> {
+    map: &'static [i8],
+    slot: u32,
+    width: u32,
+    entries: [u16; N],
 }
 
-static IQ2XXS_GRID: [u64; 256] = expand(
-    &grids::IQ2XXS_PACKED,
-    &grids::IQ2XXS_MAP,
-    grids::IQ2XXS_SLOT,
-    8,
-);
-static IQ2XS_GRID: [u64; 512] = expand(
-    &grids::IQ2XS_PACKED,
-    &grids::IQ2XS_MAP,
-    grids::IQ2XS_SLOT,
-    8,
-);
-static IQ2S_GRID: [u64; 1024] = expand(&grids::IQ2S_PACKED, &grids::IQ2S_MAP, grids::IQ2S_SLOT, 8);
-static IQ3XXS_GRID: [u64; 256] = expand(
-    &grids::IQ3XXS_PACKED,
-    &grids::IQ3XXS_MAP,
-    grids::IQ3XXS_SLOT,
-    4,
-);
-static IQ3S_GRID: [u64; 512] = expand(&grids::IQ3S_PACKED, &grids::IQ3S_MAP, grids::IQ3S_SLOT, 4);
-static IQ1S_GRID: [u64; 2048] = expand(&grids::IQ1S_PACKED, &grids::IQ1S_MAP, grids::IQ1S_SLOT, 8);
+impl<const N: usize> Packed<N> {
+    /// Entry `i`'s values as the little-endian bytes of `out[i]`.
+    const fn expand(&self) -> [u64; N] {
+        let mut out = [0u64; N];
+        let mut i = 0;
+        while i < N {
+            let mut j = 0;
+            while j < self.width {
+                let index = (self.entries[i] >> (self.slot * j)) & ((1 << self.slot) - 1);
+                out[i] |= (self.map[index as usize] as u8 as u64) << (8 * j);
+                j += 1;
+            }
+            i += 1;
+        }
+        out
+    }
+}
+
+static IQ2XXS_GRID: [u64; 256] = grids::IQ2XXS.expand();
+static IQ2XS_GRID: [u64; 512] = grids::IQ2XS.expand();
+static IQ2S_GRID: [u64; 1024] = grids::IQ2S.expand();
+static IQ3XXS_GRID: [u64; 256] = grids::IQ3XXS.expand();
+static IQ3S_GRID: [u64; 512] = grids::IQ3S.expand();
+static IQ1S_GRID: [u64; 2048] = grids::IQ1S.expand();
 
 /// Byte `j` of `SIGN_MASKS[s]` is 0xff where bit `j` of `s` is set.
 static SIGN_MASKS: [u64; 256] = {
