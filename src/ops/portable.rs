@@ -1,9 +1,10 @@
 //! The portable `y = x Wᵀ` with the integer kernels' numerics (see `qmatmul`), for the twelve
 //! formats those kernels read and the codebook formats (`codebook`). `Weight::matmul` takes it
 //! for the formats whose products candle does not compute as ggml does, or not on every CPU
-//! (`supports`): IQ4_NL, IQ4_XS and the codebook formats (candle does not read them), Q4_1 and Q5_1 (candle multiplies Q8_1's sums in f16 arithmetic), Q2_K
-//! and Q3_K (candle's aarch64 kernels use `sdot` without checking that the CPU has it); for the
-//! others it is the scalar model the SIMD kernels are tested against, bit for bit. Activations
+//! (`supports`): IQ4_NL, IQ4_XS and the codebook formats (candle does not read them), Q4_1
+//! and Q5_1 (candle multiplies Q8_1's sums in f16 arithmetic), Q2_K and Q3_K (candle's
+//! aarch64 kernels use `sdot` without checking that the CPU has it); for the others it is the
+//! scalar model the SIMD kernels are tested against, bit for bit. Activations
 //! are rounded as candle's `from_float` rounds them (Q8_0 for the 32-value formats, Q8_K for
 //! the others); each weight block adds its exact integer sums through `Format::steps`, blocks
 //! in order.
