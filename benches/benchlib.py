@@ -43,12 +43,12 @@ QUANTS = {
     "q3_k_m": 12,
     "iq4_nl": 25,
     "iq4_xs": 30,
-    "iq3_xxs": 23,
-    "iq3_s": 26,
     "iq3_m": 27,
-    # llama.cpp's quantizer refuses these without an importance matrix, which it takes only as
-    # a C++ map: make_model.py writes every matrix through ggml_quantize_chunk (ggml type ids)
-    # with an importance matrix of ones.
+    # The codebook types alone: make_model.py writes every matrix through ggml_quantize_chunk
+    # (ggml type ids) with an importance matrix of ones (llama.cpp's quantizer refuses IQ2 and
+    # IQ1 without one, and takes it only as a C++ map).
+    "iq3_xxs": ("chunks", 18),
+    "iq3_s": ("chunks", 21),
     "iq2_xxs": ("chunks", 16),
     "iq2_xs": ("chunks", 17),
     "iq2_s": ("chunks", 22),

@@ -16,9 +16,10 @@ Into `bench-models/llama-{1b,135m}-class-{L}L/`:
   to Q5_0 / Q8_0 for the matrices of that input width, as for the real 135M models.
 - `model-q8_0.gguf`, `model-q4_k_m.gguf`: made from the F16 file by llama.cpp's own quantizer
   (`llama_model_quantize` through llama-cpp-python), so lugh and llama.cpp read the same bytes;
-  `--quants` names others (benchlib's `QUANTS`). IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S and IQ1_M, which
-  that quantizer refuses without an importance matrix, are written matrix by matrix through
-  llama.cpp's `ggml_quantize_chunk` with one of ones.
+  `--quants` names others (benchlib's `QUANTS`). The codebook types alone (IQ3_XXS, IQ3_S,
+  IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M; that quantizer refuses IQ2 and IQ1 without an
+  importance matrix) are written matrix by matrix through llama.cpp's `ggml_quantize_chunk`
+  with one of ones; `iq3_m` is llama.cpp's mix.
 - `hf/`: the same F16 values as a transformers `LlamaForCausalLM` (`config.json` +
   `model.safetensors`), q/k rows back in HF order, for the PyTorch + PEFT training comparison.
 
