@@ -270,8 +270,8 @@ fn parse_targets(obj: &Bound<'_, PyAny>) -> PyResult<Vec<Proj>> {
 }
 
 /// Writes a GGUF whose weights include the adapters: `W + Σ scale·alpha/rank · B A`.
-/// Weights keep their type (adapted ones requantized to it) unless `out_type` ("f32",
-/// "f16", ...) is given. Written atomically.
+/// Weights keep their type (adapted ones requantized to it; Q8_0 for the codebook types, which
+/// lugh cannot encode) unless `out_type` ("f32", "f16", ...) is given. Written atomically.
 #[pyfunction]
 #[pyo3(signature = (model, loras, path, out_type=None))]
 pub fn merge(
