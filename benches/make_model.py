@@ -221,7 +221,7 @@ def quantize(src: Path, dst: Path, ftype: int, n_threads: int) -> None:
 def quantize_chunks(src: Path, dst: Path, ggml_type: int) -> None:
     """Every matrix whose rows are whole blocks of `ggml_type` through llama.cpp's
     `ggml_quantize_chunk` (from llama-cpp-python's libggml), with an importance matrix of ones;
-    the other tensors as in `src` (as tests/fixtures/make_tiny.py makes its codebook bases)."""
+    the other tensors as in `src` (tests/fixtures/make_tiny.py makes its codebook bases so)."""
     import llama_cpp
 
     import gguf

@@ -44,15 +44,7 @@ fn ggml_dtype(dtype: TensorType) -> Option<GgmlDType> {
         TensorType::Q4K => GgmlDType::Q4K,
         TensorType::Q5K => GgmlDType::Q5K,
         TensorType::Q6K => GgmlDType::Q6K,
-        TensorType::IQ4NL
-        | TensorType::IQ4XS
-        | TensorType::IQ2XXS
-        | TensorType::IQ2XS
-        | TensorType::IQ2S
-        | TensorType::IQ3XXS
-        | TensorType::IQ3S
-        | TensorType::IQ1S
-        | TensorType::IQ1M => return None,
+        _ => return None,
     })
 }
 
