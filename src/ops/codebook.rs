@@ -148,19 +148,18 @@ pub(crate) struct IQ1M;
 /// A codebook format as its values' magnitudes (none 0) and signs: values `32c..32c + 32` as
 /// 4 groups of 8, each its magnitudes and sign mask (`SIGN_MASKS`), as little-endian bytes.
 pub(crate) trait Signed: Format {
-    /// Group `l` of values `32c..32c + 32`.
-    fn group(w: &[u8], c: usize, l: usize) -> (u64, u64);
+    fn groups(w: &[u8], c: usize) -> ([u64; 4], [u64; 4]);
+}
 
-    /// The 4 groups of values `32c..32c + 32`: magnitudes, then sign masks.
-    #[inline(always)]
-    fn groups(w: &[u8], c: usize) -> ([u64; 4], [u64; 4]) {
-        // A plain loop: arrays made by `from_fn` from these calls went through memory.
-        let mut out = ([0; 4], [0; 4]);
-        for l in 0..4 {
-            (out.0[l], out.1[l]) = Self::group(w, c, l);
-        }
-        out
+/// The 4 groups `group(l)` as `Signed::groups` returns them, in a plain loop: for IQ1, arrays
+/// that `from_fn` made of these calls went through memory (store-forwarding stalls).
+#[inline(always)]
+fn four(group: impl Fn(usize) -> (u64, u64)) -> ([u64; 4], [u64; 4]) {
+    let mut out = ([0; 4], [0; 4]);
+    for l in 0..4 {
+        (out.0[l], out.1[l]) = group(l);
     }
+    out
 }
 
 /// `Format` for a `Signed` format: its values from its groups.
@@ -203,47 +202,63 @@ fn top_scales<const AT: usize, const STRIDE: usize>(w: &[u8]) -> [i32; 16] {
 
 impl Signed for IQ2XXS {
     #[inline(always)]
-    fn group(w: &[u8], c: usize, l: usize) -> (u64, u64) {
+    fn groups(w: &[u8], c: usize) -> ([u64; 4], [u64; 4]) {
         let q = &w[2 + 8 * c..][..8];
-        (IQ2XXS_GRID[q[l] as usize], ksign(u32_at(q, 4), 7 * l))
+        let signs = u32_at(q, 4);
+        (
+            std::array::from_fn(|l| IQ2XXS_GRID[q[l] as usize]),
+            std::array::from_fn(|l| ksign(signs, 7 * l)),
+        )
     }
 }
 signed_format!(IQ2XXS, bytes: 66, run: 32, d: scaled_d::<1>, scales: top_scales::<6, 8>);
 
 impl Signed for IQ2XS {
     #[inline(always)]
-    fn group(w: &[u8], c: usize, l: usize) -> (u64, u64) {
-        let q = u16_at(w, 2 + 2 * (4 * c + l));
-        (IQ2XS_GRID[(q & 511) as usize], ksign(q, 9))
+    fn groups(w: &[u8], c: usize) -> ([u64; 4], [u64; 4]) {
+        let q: [u32; 4] = std::array::from_fn(|l| u16_at(w, 2 + 2 * (4 * c + l)));
+        (
+            q.map(|q| IQ2XS_GRID[(q & 511) as usize]),
+            q.map(|q| ksign(q, 9)),
+        )
     }
 }
 signed_format!(IQ2XS, bytes: 74, run: 16, d: scaled_d::<1>, scales: |w: &[u8]| nibble_scales(&w[66..74]));
 
 impl Signed for IQ2S {
     #[inline(always)]
-    fn group(w: &[u8], c: usize, l: usize) -> (u64, u64) {
-        let index = w[2 + 4 * c + l] as usize | ((w[66 + c] as usize >> (2 * l)) & 3) << 8;
-        (IQ2S_GRID[index], SIGN_MASKS[w[34 + 4 * c + l] as usize])
+    fn groups(w: &[u8], c: usize) -> ([u64; 4], [u64; 4]) {
+        let high = w[66 + c] as usize;
+        let index = |l: usize| w[2 + 4 * c + l] as usize | ((high >> (2 * l)) & 3) << 8;
+        (
+            std::array::from_fn(|l| IQ2S_GRID[index(l)]),
+            std::array::from_fn(|l| SIGN_MASKS[w[34 + 4 * c + l] as usize]),
+        )
     }
 }
 signed_format!(IQ2S, bytes: 82, run: 16, d: scaled_d::<1>, scales: |w: &[u8]| nibble_scales(&w[74..82]));
 
 impl Signed for IQ3XXS {
     #[inline(always)]
-    fn group(w: &[u8], c: usize, l: usize) -> (u64, u64) {
-        let q = &w[2 + 8 * c..][..8];
-        let magnitudes = pair(&IQ3XXS_GRID, q[2 * l] as usize, q[2 * l + 1] as usize);
-        (magnitudes, ksign(u32_at(w, 66 + 4 * c), 7 * l))
+    fn groups(w: &[u8], c: usize) -> ([u64; 4], [u64; 4]) {
+        let (q, signs) = (&w[2 + 8 * c..][..8], u32_at(w, 66 + 4 * c));
+        (
+            std::array::from_fn(|l| pair(&IQ3XXS_GRID, q[2 * l] as usize, q[2 * l + 1] as usize)),
+            std::array::from_fn(|l| ksign(signs, 7 * l)),
+        )
     }
 }
 signed_format!(IQ3XXS, bytes: 98, run: 32, d: scaled_d::<2>, scales: top_scales::<66, 4>);
 
 impl Signed for IQ3S {
     #[inline(always)]
-    fn group(w: &[u8], c: usize, l: usize) -> (u64, u64) {
-        let index = |e: usize| w[2 + 8 * c + e] as usize | ((w[66 + c] as usize >> e) & 1) << 8;
-        let magnitudes = pair(&IQ3S_GRID, index(2 * l), index(2 * l + 1));
-        (magnitudes, SIGN_MASKS[w[74 + 4 * c + l] as usize])
+    fn groups(w: &[u8], c: usize) -> ([u64; 4], [u64; 4]) {
+        let (q, high) = (&w[2 + 8 * c..][..8], w[66 + c] as usize);
+        let index = |e: usize| q[e] as usize | ((high >> e) & 1) << 8;
+        (
+            std::array::from_fn(|l| pair(&IQ3S_GRID, index(2 * l), index(2 * l + 1))),
+            std::array::from_fn(|l| SIGN_MASKS[w[74 + 4 * c + l] as usize]),
+        )
     }
 }
 signed_format!(IQ3S, bytes: 110, run: 32, d: scaled_d::<8>, scales: |w: &[u8]| nibble_scales(&w[106..110]));
@@ -266,10 +281,12 @@ fn iq1_group(index: usize, negative: bool) -> (u64, u64) {
 
 impl Signed for IQ1S {
     #[inline(always)]
-    fn group(w: &[u8], c: usize, l: usize) -> (u64, u64) {
-        let qh = u16_at(w, 34 + 2 * c);
-        let index = w[2 + 4 * c + l] as usize | (((qh >> (3 * l)) & 7) as usize) << 8;
-        iq1_group(index, qh & 0x8000 != 0)
+    fn groups(w: &[u8], c: usize) -> ([u64; 4], [u64; 4]) {
+        four(|l| {
+            let qh = u16_at(w, 34 + 2 * c);
+            let index = w[2 + 4 * c + l] as usize | (((qh >> (3 * l)) & 7) as usize) << 8;
+            iq1_group(index, qh & 0x8000 != 0)
+        })
     }
 }
 signed_format!(IQ1S, bytes: 50, run: 32, d: scaled_d::<1>, scales: |w: &[u8]| {
@@ -287,10 +304,12 @@ fn iq1m_d(w: &[u8]) -> f32 {
 
 impl Signed for IQ1M {
     #[inline(always)]
-    fn group(w: &[u8], c: usize, l: usize) -> (u64, u64) {
-        let g = 4 * c + l;
-        let qh = (w[32 + g / 2] >> (4 * (g % 2))) as usize;
-        iq1_group(w[g] as usize | (qh & 7) << 8, qh & 8 != 0)
+    fn groups(w: &[u8], c: usize) -> ([u64; 4], [u64; 4]) {
+        four(|l| {
+            let g = 4 * c + l;
+            let qh = (w[32 + g / 2] >> (4 * (g % 2))) as usize;
+            iq1_group(w[g] as usize | (qh & 7) << 8, qh & 8 != 0)
+        })
     }
 }
 signed_format!(IQ1M, bytes: 56, run: 16, d: iq1m_d, scales: |w: &[u8]| {
