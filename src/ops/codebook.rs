@@ -22,7 +22,7 @@
 mod grids;
 
 use super::iq4::f16_at;
-use super::portable::Format;
+use super::portable::{u32_at, Format};
 use crate::gguf::TensorType;
 
 const QK_K: usize = 256;
@@ -111,10 +111,6 @@ fn pair(grid: &[u64], first: usize, second: usize) -> u64 {
 
 fn u16_at(w: &[u8], at: usize) -> u32 {
     u16::from_le_bytes([w[at], w[at + 1]]) as u32
-}
-
-fn u32_at(w: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([w[at], w[at + 1], w[at + 2], w[at + 3]])
 }
 
 /// 32 values from 4 groups of 8 (little-endian bytes).

@@ -110,7 +110,7 @@ fn nibble_values(qs: &[u8], qh: u32, off: i32) -> [i8; 32] {
     out
 }
 
-fn u32_at(w: &[u8], at: usize) -> u32 {
+pub(crate) fn u32_at(w: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([w[at], w[at + 1], w[at + 2], w[at + 3]])
 }
 

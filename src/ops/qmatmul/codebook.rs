@@ -29,18 +29,20 @@ const LAYOUT: Unpacked = Unpacked {
     bytes: U_BYTES,
 };
 
-#[inline(always)]
-fn vector(q: [u64; 4]) -> __m256i {
-    // SAFETY: AVX, which every caller has.
-    unsafe { _mm256_setr_epi64x(q[0] as i64, q[1] as i64, q[2] as i64, q[3] as i64) }
-}
-
-/// Values `32c..32c + 32` of the block `w`, signed.
+/// Values `32c..32c + 32` of the block `w`: magnitudes and sign mask, as vectors.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn values<F: Signed>(w: &[u8], c: usize) -> __m256i {
+fn groups<F: Signed>(w: &[u8], c: usize) -> (__m256i, __m256i) {
     let (magnitudes, masks) = F::groups(w, c);
-    let (v, mask) = (vector(magnitudes), vector(masks));
+    let vector =
+        |q: [u64; 4]| _mm256_setr_epi64x(q[0] as i64, q[1] as i64, q[2] as i64, q[3] as i64);
+    (vector(magnitudes), vector(masks))
+}
+
+/// `v` negated in the bytes where `mask` is 0xff.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn negated(v: __m256i, mask: __m256i) -> __m256i {
     _mm256_sub_epi8(_mm256_xor_si256(v, mask), mask)
 }
 
@@ -54,10 +56,9 @@ unsafe fn block_sum<F: Signed>(w: &[u8], x: *const i8) -> __m256i {
     let scales = F::scales(w);
     let mut acc = _mm256_setzero_si256();
     for c in 0..QK_K / 32 {
-        let (magnitudes, masks) = F::groups(w, c);
-        let (v, mask) = (vector(magnitudes), vector(masks));
+        let (magnitudes, mask) = groups::<F>(w, c);
         let x = _mm256_loadu_si256(x.add(32 * c).cast());
-        let pairs = _mm256_maddubs_epi16(v, _mm256_sub_epi8(_mm256_xor_si256(x, mask), mask));
+        let pairs = _mm256_maddubs_epi16(magnitudes, negated(x, mask));
         let scale = match F::RUN {
             32 => _mm256_set1_epi16(scales[c] as i16),
             _ => _mm256_setr_m128i(
@@ -113,7 +114,8 @@ unsafe fn unpack<F: Signed>(w: *const u8, nb: usize, out: *mut u8, offset: i8) {
             out.add(b * U_BYTES),
         );
         for c in 0..QK_K / 32 {
-            let v = _mm256_add_epi8(values::<F>(w, c), _mm256_set1_epi8(offset));
+            let (magnitudes, mask) = groups::<F>(w, c);
+            let v = _mm256_add_epi8(negated(magnitudes, mask), _mm256_set1_epi8(offset));
             _mm256_storeu_si256(o.add(32 * c).cast(), v);
         }
         o.add(U_SC)
