@@ -37,10 +37,9 @@
 //! kernels of one format (`q23k` for Q2_K and Q3_K, `q4k` for Q4_K and Q5_K, `q6k`, `iq4xs`,
 //! `q8_0` for Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and IQ4_NL, `codebook` for IQ2_XXS, IQ2_XS, IQ2_S,
 //! IQ3_XXS, IQ3_S, IQ1_S and IQ1_M), `simd` holds what they share; those eight files are
-//! x86-64's. `neon` has aarch64's kernels for the twelve integer formats, reading the blocks'
-//! values as `portable::Format` describes them (the codebook formats run `ops::portable`
-//! there). `halves`, for F16 and
-//! BF16, has ggml's numerics for them (activations rounded to the weights' format, one fixed
+//! x86-64's. `neon` has aarch64's kernels for the twelve integer formats and the codebook ones,
+//! reading the blocks' values as `portable::Format` (and `codebook::Signed`) describes them.
+//! `halves`, for F16 and BF16, has ggml's numerics for them (activations rounded to the weights' format, one fixed
 //! sum order), its own simpler driver, and the kernels of both architectures: `halves::x86`
 //! (rows and tiles, AVX-512 and AVX2) and `halves::neon` (rows, every batch size), the same
 //! bits on all three.
@@ -136,7 +135,7 @@ fn best_isa() -> Isa {
 }
 
 /// Whether `matmul` has kernels for `dtype` on this CPU: every type but f32 on AVX-512, AVX2
-/// and NEON alike (the codebook formats on x86 only), none at the portable level.
+/// and NEON alike, none at the portable level.
 pub(crate) fn supports(dtype: TensorType) -> bool {
     use TensorType::*;
     #[rustfmt::skip]
@@ -144,7 +143,7 @@ pub(crate) fn supports(dtype: TensorType) -> bool {
         dtype,
         F16 | BF16 | Q8_0 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | IQ4NL
             | Q2K | Q3K | Q4K | Q5K | Q6K | IQ4XS
-    ) || (cfg!(target_arch = "x86_64") && crate::ops::codebook::reads(dtype));
+    ) || crate::ops::codebook::reads(dtype);
     kernels && isa() != Isa::Portable
 }
 

@@ -13,6 +13,7 @@ use std::marker::PhantomData;
 use super::act::{Rows, Q8K_SUMS, QK8_0, QK_K};
 use super::driver::{run_rows, RowKernel};
 use crate::gguf::TensorType;
+use crate::ops::codebook::{self, with_codebook, Signed};
 use crate::ops::iq4::KVALUES;
 use crate::ops::portable::{
     Format, KQuant, Min, IQ4NL, IQ4XS, Q2K, Q3K, Q4K, Q4_0, Q4_1, Q5K, Q5_0, Q5_1, Q6K, Q8_0,
@@ -56,6 +57,9 @@ fn matmul_with<D: Dot>(
         TensorType::IQ4XS => run_rows::<Neon<IQ4XS, D>>(data, n_rows, k, x, y),
         TensorType::Q2K => run_rows::<Neon<Q2K, D>>(data, n_rows, k, x, y),
         TensorType::Q3K => run_rows::<Neon<Q3K, D>>(data, n_rows, k, x, y),
+        _ if codebook::reads(dtype) => {
+            with_codebook!(dtype, F => run_rows::<Neon<F, D>>(data, n_rows, k, x, y))
+        }
         _ => unreachable!("supports() lists the NEON types"),
     }
 }
@@ -396,3 +400,26 @@ impl Vectors for IQ4XS {
         iq4_values(nibbles(p.add(8 + 16 * c)))
     }
 }
+
+/// The values of a codebook format: its groups' magnitudes negated where the masks are set.
+#[inline(always)]
+unsafe fn signed<F: Signed>(p: *const u8, c: usize) -> [int8x16_t; 2] {
+    let (magnitudes, masks) = F::groups(std::slice::from_raw_parts(p, F::BYTES), c);
+    std::array::from_fn(|h| {
+        let pair = |q: [u64; 4]| vcombine_u8(vcreate_u8(q[2 * h]), vcreate_u8(q[2 * h + 1]));
+        let (v, mask) = (pair(magnitudes), pair(masks));
+        vreinterpretq_s8_u8(vsubq_u8(veorq_u8(v, mask), mask))
+    })
+}
+
+macro_rules! signed_vectors {
+    ($($F:ident),*) => {$(
+        impl Vectors for codebook::$F {
+            #[inline(always)]
+            unsafe fn vectors(p: *const u8, c: usize) -> [int8x16_t; 2] {
+                signed::<Self>(p, c)
+            }
+        }
+    )*};
+}
+signed_vectors!(IQ2XXS, IQ2XS, IQ2S, IQ3XXS, IQ3S, IQ1S, IQ1M);

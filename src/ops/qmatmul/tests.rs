@@ -656,6 +656,7 @@ fn check_neon<F: neon::Vectors>(dtype: TensorType, n_rows: usize, k: usize) {
 #[cfg(target_arch = "aarch64")]
 #[test]
 fn neon_row_kernels_equal_the_portable_product() {
+    use crate::ops::codebook as cb;
     use crate::ops::portable::*;
     for k in [32, 96, 576, 2048] {
         check_neon::<Q8_0>(TensorType::Q8_0, 13, k);
@@ -672,6 +673,13 @@ fn neon_row_kernels_equal_the_portable_product() {
         check_neon::<IQ4XS>(TensorType::IQ4XS, 13, k);
         check_neon::<Q2K>(TensorType::Q2K, 13, k);
         check_neon::<Q3K>(TensorType::Q3K, 13, k);
+        check_neon::<cb::IQ2XXS>(TensorType::IQ2XXS, 13, k);
+        check_neon::<cb::IQ2XS>(TensorType::IQ2XS, 13, k);
+        check_neon::<cb::IQ2S>(TensorType::IQ2S, 13, k);
+        check_neon::<cb::IQ3XXS>(TensorType::IQ3XXS, 13, k);
+        check_neon::<cb::IQ3S>(TensorType::IQ3S, 13, k);
+        check_neon::<cb::IQ1S>(TensorType::IQ1S, 13, k);
+        check_neon::<cb::IQ1M>(TensorType::IQ1M, 13, k);
     }
 }
 
