@@ -263,26 +263,46 @@ signed_format!(IQ3S, bytes: 110, run: 32, d: scaled_d::<8>, scales: |w: &[u8]| n
 const HIGH: u64 = 0x8080_8080_8080_8080;
 const ONES: u64 = 0x0101_0101_0101_0101;
 
-/// An IQ1 grid entry plus δ of sign `negative`, times 8 (`8 g ± 1`: −9, −7, −1, 1, 7 or 9 per
-/// byte), as magnitudes and a sign mask.
+/// IQ1's groups as stored: grid entries `g` (bytes −1, 0, 1) and their δ (bytes ±1).
+pub(crate) trait Iq1 {
+    /// The grid entry and δ of group `l` of values `32c..32c + 32`.
+    fn entry(w: &[u8], c: usize, l: usize) -> (u64, u64);
+}
+
+/// δ's bytes: −1 where `negative`, else 1.
 #[inline(always)]
-fn iq1_group(index: usize, negative: bool) -> (u64, u64) {
-    let eight_g = (IQ1S_GRID[index] << 3) & 0xf8f8_f8f8_f8f8_f8f8;
-    let delta = if negative { u64::MAX } else { ONES };
+fn delta(negative: bool) -> u64 {
+    if negative {
+        u64::MAX
+    } else {
+        ONES
+    }
+}
+
+/// An IQ1 grid entry plus its δ, times 8 (`8 g ± 1`: −9, −7, −1, 1, 7 or 9 per byte), as
+/// magnitudes and a sign mask.
+#[inline(always)]
+fn iq1_group((entry, delta): (u64, u64)) -> (u64, u64) {
+    let eight_g = (entry << 3) & 0xf8f8_f8f8_f8f8_f8f8;
     // Byte-wise `8g + δ`: the low 7 bits of each byte summed apart, the top ones xor'ed in.
     let v = ((eight_g & !HIGH) + (delta & !HIGH)) ^ ((eight_g ^ delta) & HIGH);
     let mask = ((v >> 7) & ONES) * 0xff;
     (signed(v, mask), mask)
 }
 
+impl Iq1 for IQ1S {
+    #[inline(always)]
+    fn entry(w: &[u8], c: usize, l: usize) -> (u64, u64) {
+        let qh = u16_at(w, 34 + 2 * c);
+        let index = w[2 + 4 * c + l] as usize | (((qh >> (3 * l)) & 7) as usize) << 8;
+        (IQ1S_GRID[index], delta(qh & 0x8000 != 0))
+    }
+}
+
 impl Signed for IQ1S {
     #[inline(always)]
     fn groups(w: &[u8], c: usize) -> ([u64; 4], [u64; 4]) {
-        four(|l| {
-            let qh = u16_at(w, 34 + 2 * c);
-            let index = w[2 + 4 * c + l] as usize | (((qh >> (3 * l)) & 7) as usize) << 8;
-            iq1_group(index, qh & 0x8000 != 0)
-        })
+        four(|l| iq1_group(Self::entry(w, c, l)))
     }
 }
 signed_format!(IQ1S, bytes: 50, run: 32, d: scaled_d::<1>, scales: |w: &[u8]| {
@@ -298,14 +318,19 @@ fn iq1m_d(w: &[u8]) -> f32 {
     super::f16::to_f32(bits as u16) * 0.125
 }
 
+impl Iq1 for IQ1M {
+    #[inline(always)]
+    fn entry(w: &[u8], c: usize, l: usize) -> (u64, u64) {
+        let g = 4 * c + l;
+        let qh = (w[32 + g / 2] >> (4 * (g % 2))) as usize;
+        (IQ1S_GRID[w[g] as usize | (qh & 7) << 8], delta(qh & 8 != 0))
+    }
+}
+
 impl Signed for IQ1M {
     #[inline(always)]
     fn groups(w: &[u8], c: usize) -> ([u64; 4], [u64; 4]) {
-        four(|l| {
-            let g = 4 * c + l;
-            let qh = (w[32 + g / 2] >> (4 * (g % 2))) as usize;
-            iq1_group(w[g] as usize | (qh & 7) << 8, qh & 8 != 0)
-        })
+        four(|l| iq1_group(Self::entry(w, c, l)))
     }
 }
 signed_format!(IQ1M, bytes: 56, run: 16, d: iq1m_d, scales: |w: &[u8]| {

@@ -13,7 +13,7 @@ use std::marker::PhantomData;
 use super::act::{Groups, Rows, QK_K};
 use super::driver::{Avx2, Avx2Rows, Format, RowKernel};
 use super::simd::{hsum4_avx2, tile_avx2, tile_with_starts, NextRows, Pairs, Unpacked};
-use crate::ops::codebook::Signed;
+use crate::ops::codebook::{self as cb, Iq1, Signed};
 use crate::ops::portable;
 
 /// The kernels of codebook format `F`.
@@ -29,14 +29,104 @@ const LAYOUT: Unpacked = Unpacked {
     bytes: U_BYTES,
 };
 
-/// Values `32c..32c + 32` of the block `w`: magnitudes and sign mask, as vectors.
+/// 4 u64 as a vector, the first in the low lane.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn groups<F: Signed>(w: &[u8], c: usize) -> (__m256i, __m256i) {
-    let (magnitudes, masks) = F::groups(w, c);
-    let vector =
-        |q: [u64; 4]| _mm256_setr_epi64x(q[0] as i64, q[1] as i64, q[2] as i64, q[3] as i64);
-    (vector(magnitudes), vector(masks))
+fn vector(q: [u64; 4]) -> __m256i {
+    _mm256_setr_epi64x(q[0] as i64, q[1] as i64, q[2] as i64, q[3] as i64)
+}
+
+/// A codebook format's values on AVX2.
+pub(crate) trait Avx2Groups: Signed {
+    /// Values `32c..32c + 32` of the block `w`: magnitudes and sign mask, as vectors (by
+    /// default `Signed::groups`, moved into them).
+    ///
+    /// # Safety
+    /// AVX2.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn groups(w: &[u8], c: usize) -> (__m256i, __m256i) {
+        let (magnitudes, masks) = <Self as Signed>::groups(w, c);
+        (vector(magnitudes), vector(masks))
+    }
+}
+
+impl Avx2Groups for cb::IQ2XXS {}
+impl Avx2Groups for cb::IQ2XS {}
+impl Avx2Groups for cb::IQ3XXS {}
+
+/// The sign mask of the 32 sign bits in the 4 bytes at `signs` (bit `j` of byte `l`: value
+/// `8l + j`), made in the vector: each byte spread over its 8 values, then its bits tested.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn sign_bytes(signs: &[u8]) -> __m256i {
+    let bits = _mm256_set1_epi32(i32::from_le_bytes(signs[..4].try_into().unwrap()));
+    let spread = _mm256_setr_epi64x(
+        0,
+        0x0101_0101_0101_0101,
+        0x0202_0202_0202_0202,
+        0x0303_0303_0303_0303,
+    );
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    _mm256_cmpeq_epi8(
+        _mm256_and_si256(_mm256_shuffle_epi8(bits, spread), bit),
+        bit,
+    )
+}
+
+impl Avx2Groups for cb::IQ2S {
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn groups(w: &[u8], c: usize) -> (__m256i, __m256i) {
+        let (magnitudes, _) = <Self as Signed>::groups(w, c);
+        (vector(magnitudes), sign_bytes(&w[34 + 4 * c..]))
+    }
+}
+
+impl Avx2Groups for cb::IQ3S {
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn groups(w: &[u8], c: usize) -> (__m256i, __m256i) {
+        let (magnitudes, _) = <Self as Signed>::groups(w, c);
+        (vector(magnitudes), sign_bytes(&w[74 + 4 * c..]))
+    }
+}
+
+/// IQ1's `8 g + δ` computed in the vector, from the entries as stored: no value of the
+/// groups passes through the general registers.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn iq1_groups<F: Iq1>(w: &[u8], c: usize) -> (__m256i, __m256i) {
+    let (mut entries, mut deltas) = ([0; 4], [0; 4]);
+    for l in 0..4 {
+        (entries[l], deltas[l]) = F::entry(w, c, l);
+    }
+    // Bytes shifted within 16-bit lanes: the bits crossing into the next byte are masked off.
+    let eight_g = _mm256_and_si256(
+        _mm256_slli_epi16::<3>(vector(entries)),
+        _mm256_set1_epi8(0xf8u8 as i8),
+    );
+    let v = _mm256_add_epi8(eight_g, vector(deltas));
+    (
+        _mm256_abs_epi8(v),
+        _mm256_cmpgt_epi8(_mm256_setzero_si256(), v),
+    )
+}
+
+impl Avx2Groups for cb::IQ1S {
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn groups(w: &[u8], c: usize) -> (__m256i, __m256i) {
+        iq1_groups::<Self>(w, c)
+    }
+}
+
+impl Avx2Groups for cb::IQ1M {
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn groups(w: &[u8], c: usize) -> (__m256i, __m256i) {
+        iq1_groups::<Self>(w, c)
+    }
 }
 
 /// `v` negated in the bytes where `mask` is 0xff.
@@ -52,11 +142,11 @@ fn negated(v: __m256i, mask: __m256i) -> __m256i {
 /// AVX2; `x` is readable for 256 values, none −128 (Q8_K's lie in −127..=127).
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn block_sum<F: Signed>(w: &[u8], x: *const i8) -> __m256i {
+unsafe fn block_sum<F: Avx2Groups>(w: &[u8], x: *const i8) -> __m256i {
     let scales = F::scales(w);
     let mut acc = _mm256_setzero_si256();
     for c in 0..QK_K / 32 {
-        let (magnitudes, mask) = groups::<F>(w, c);
+        let (magnitudes, mask) = <F as Avx2Groups>::groups(w, c);
         let x = _mm256_loadu_si256(x.add(32 * c).cast());
         let pairs = _mm256_maddubs_epi16(magnitudes, negated(x, mask));
         let scale = match F::RUN {
@@ -77,7 +167,7 @@ unsafe fn block_sum<F: Signed>(w: &[u8], x: *const i8) -> __m256i {
 /// As `RowKernel::rows4`, on a CPU with AVX2, FMA and F16C.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn rows4<F: Signed>(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
+unsafe fn rows4<F: Avx2Groups>(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
     let xq = act.qs[t * act.k..].as_ptr();
     let next = NextRows::new(nb * F::BYTES, 4, F::BYTES);
     let mut acc = _mm_setzero_ps();
@@ -107,14 +197,14 @@ unsafe fn rows4<F: Signed>(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -
 /// AVX2; `w` points to `nb` whole blocks, `out` to `nb · U_BYTES` writable bytes.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn unpack<F: Signed>(w: *const u8, nb: usize, out: *mut u8, offset: i8) {
+unsafe fn unpack<F: Avx2Groups>(w: *const u8, nb: usize, out: *mut u8, offset: i8) {
     for b in 0..nb {
         let (w, o) = (
             std::slice::from_raw_parts(w.add(b * F::BYTES), F::BYTES),
             out.add(b * U_BYTES),
         );
         for c in 0..QK_K / 32 {
-            let (magnitudes, mask) = groups::<F>(w, c);
+            let (magnitudes, mask) = <F as Avx2Groups>::groups(w, c);
             let v = _mm256_add_epi8(negated(magnitudes, mask), _mm256_set1_epi8(offset));
             _mm256_storeu_si256(o.add(32 * c).cast(), v);
         }
@@ -125,7 +215,7 @@ unsafe fn unpack<F: Signed>(w: *const u8, nb: usize, out: *mut u8, offset: i8) {
     }
 }
 
-impl<F: Signed> RowKernel for Codebook<F> {
+impl<F: Avx2Groups> RowKernel for Codebook<F> {
     const BLOCK: usize = QK_K;
     const BLOCK_BYTES: usize = <F as portable::Format>::BYTES;
     const Q8K: bool = true;
@@ -136,14 +226,14 @@ impl<F: Signed> RowKernel for Codebook<F> {
     }
 }
 
-impl<F: Signed> Avx2Rows for Codebook<F> {
+impl<F: Avx2Groups> Avx2Rows for Codebook<F> {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn rows4_avx2(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
         rows4::<F>(w, nb, act, t)
     }
 }
 
-impl<F: Signed> Format for Codebook<F> {
+impl<F: Avx2Groups> Format for Codebook<F> {
     /// `−128 × (sum of the run)` per run: the accumulators' starting values.
     const N_EXTRA: usize = QK_K / F::RUN;
 
@@ -178,7 +268,7 @@ impl<F: Signed> Format for Codebook<F> {
 }
 
 /// The AVX2 tiles: values unpacked signed.
-impl<F: Signed> Format for Avx2<Codebook<F>> {
+impl<F: Avx2Groups> Format for Avx2<Codebook<F>> {
     /// None used: `Groups` has at least one.
     const N_EXTRA: usize = 1;
 
