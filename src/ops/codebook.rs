@@ -103,10 +103,16 @@ fn signed(magnitudes: u64, mask: u64) -> u64 {
     (magnitudes ^ mask).wrapping_add(mask & 0x0101_0101_0101_0101)
 }
 
-/// Two 4-value grid entries as one group of 8.
+/// The formats whose grid entries hold 4 values (IQ3): each group of 8 is two entries.
+pub(crate) trait Quads {
+    /// The magnitudes of values `32c..32c + 32`: 8 grid entries, 4 little-endian bytes each.
+    fn quads(w: &[u8], c: usize) -> [u32; 8];
+}
+
+/// `Quads::quads` as the magnitudes of 4 groups.
 #[inline(always)]
-fn pair(grid: &[u64], first: usize, second: usize) -> u64 {
-    grid[first] | grid[second] << 32
+fn paired(q: [u32; 8]) -> [u64; 4] {
+    std::array::from_fn(|l| q[2 * l] as u64 | (q[2 * l + 1] as u64) << 32)
 }
 
 fn u16_at(w: &[u8], at: usize) -> u32 {
@@ -234,25 +240,39 @@ impl Signed for IQ2S {
 }
 signed_format!(IQ2S, bytes: 82, run: 16, d: scaled_d::<1>, scales: |w: &[u8]| nibble_scales(&w[74..82]));
 
+impl Quads for IQ3XXS {
+    #[inline(always)]
+    fn quads(w: &[u8], c: usize) -> [u32; 8] {
+        let q = &w[2 + 8 * c..][..8];
+        std::array::from_fn(|e| IQ3XXS_GRID[q[e] as usize] as u32)
+    }
+}
+
 impl Signed for IQ3XXS {
     #[inline(always)]
     fn groups(w: &[u8], c: usize) -> ([u64; 4], [u64; 4]) {
-        let (q, signs) = (&w[2 + 8 * c..][..8], u32_at(w, 66 + 4 * c));
+        let signs = u32_at(w, 66 + 4 * c);
         (
-            std::array::from_fn(|l| pair(&IQ3XXS_GRID, q[2 * l] as usize, q[2 * l + 1] as usize)),
+            paired(Self::quads(w, c)),
             std::array::from_fn(|l| ksign(signs, 7 * l)),
         )
     }
 }
 signed_format!(IQ3XXS, bytes: 98, run: 32, d: scaled_d::<2>, scales: top_scales::<66, 4>);
 
+impl Quads for IQ3S {
+    #[inline(always)]
+    fn quads(w: &[u8], c: usize) -> [u32; 8] {
+        let (q, high) = (&w[2 + 8 * c..][..8], w[66 + c] as usize);
+        std::array::from_fn(|e| IQ3S_GRID[q[e] as usize | ((high >> e) & 1) << 8] as u32)
+    }
+}
+
 impl Signed for IQ3S {
     #[inline(always)]
     fn groups(w: &[u8], c: usize) -> ([u64; 4], [u64; 4]) {
-        let (q, high) = (&w[2 + 8 * c..][..8], w[66 + c] as usize);
-        let index = |e: usize| q[e] as usize | ((high >> e) & 1) << 8;
         (
-            std::array::from_fn(|l| pair(&IQ3S_GRID, index(2 * l), index(2 * l + 1))),
+            paired(Self::quads(w, c)),
             std::array::from_fn(|l| SIGN_MASKS[w[74 + 4 * c + l] as usize]),
         )
     }

@@ -13,7 +13,7 @@ use std::marker::PhantomData;
 use super::act::{Groups, Rows, QK_K};
 use super::driver::{Avx2, Avx2Rows, Format, RowKernel};
 use super::simd::{hsum4_avx2, tile_avx2, tile_with_starts, NextRows, Pairs, Unpacked};
-use crate::ops::codebook::{self as cb, Iq1, Signed};
+use crate::ops::codebook::{self as cb, Iq1, Quads, Signed};
 use crate::ops::portable;
 
 /// The kernels of codebook format `F`.
@@ -53,7 +53,23 @@ pub(crate) trait Avx2Groups: Signed {
 
 impl Avx2Groups for cb::IQ2XXS {}
 impl Avx2Groups for cb::IQ2XS {}
-impl Avx2Groups for cb::IQ3XXS {}
+/// The 8 grid entries of an IQ3 format's 32 values, inserted into the vector as they are
+/// loaded (not paired in general registers first).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn quads<F: Quads>(w: &[u8], c: usize) -> __m256i {
+    let q = F::quads(w, c).map(|q| q as i32);
+    _mm256_setr_epi32(q[0], q[1], q[2], q[3], q[4], q[5], q[6], q[7])
+}
+
+impl Avx2Groups for cb::IQ3XXS {
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn groups(w: &[u8], c: usize) -> (__m256i, __m256i) {
+        let (_, masks) = <Self as Signed>::groups(w, c);
+        (quads::<Self>(w, c), vector(masks))
+    }
+}
 
 /// The sign mask of the 32 sign bits in the 4 bytes at `signs` (bit `j` of byte `l`: value
 /// `8l + j`), made in the vector: each byte spread over its 8 values, then its bits tested.
@@ -87,8 +103,7 @@ impl Avx2Groups for cb::IQ3S {
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn groups(w: &[u8], c: usize) -> (__m256i, __m256i) {
-        let (magnitudes, _) = <Self as Signed>::groups(w, c);
-        (vector(magnitudes), sign_bytes(&w[74 + 4 * c..]))
+        (quads::<Self>(w, c), sign_bytes(&w[74 + 4 * c..]))
     }
 }
 
