@@ -103,6 +103,18 @@ fn signed(magnitudes: u64, mask: u64) -> u64 {
     (magnitudes ^ mask).wrapping_add(mask & 0x0101_0101_0101_0101)
 }
 
+/// The formats that store a sign bit per value, 4 bytes per 32 values (IQ2_S, IQ3_S).
+pub(crate) trait SignBytes {
+    /// The sign bytes of values `32c..32c + 32`: bit `j` of byte `l` is value `8l + j`'s.
+    fn sign_bytes(w: &[u8], c: usize) -> &[u8; 4];
+}
+
+/// The sign masks of the groups from their sign bytes.
+#[inline(always)]
+fn byte_masks(signs: &[u8; 4]) -> [u64; 4] {
+    signs.map(|s| SIGN_MASKS[s as usize])
+}
+
 /// The formats whose grid entries hold 4 values (IQ3): each group of 8 is two entries.
 pub(crate) trait Quads {
     /// The magnitudes of values `32c..32c + 32`: 8 grid entries, 4 little-endian bytes each.
@@ -227,6 +239,13 @@ impl Signed for IQ2XS {
 }
 signed_format!(IQ2XS, bytes: 74, run: 16, d: scaled_d::<1>, scales: |w: &[u8]| nibble_scales(&w[66..74]));
 
+impl SignBytes for IQ2S {
+    #[inline(always)]
+    fn sign_bytes(w: &[u8], c: usize) -> &[u8; 4] {
+        w[34 + 4 * c..][..4].try_into().unwrap()
+    }
+}
+
 impl Signed for IQ2S {
     #[inline(always)]
     fn groups(w: &[u8], c: usize) -> ([u64; 4], [u64; 4]) {
@@ -234,7 +253,7 @@ impl Signed for IQ2S {
         let index = |l: usize| w[2 + 4 * c + l] as usize | ((high >> (2 * l)) & 3) << 8;
         (
             std::array::from_fn(|l| IQ2S_GRID[index(l)]),
-            std::array::from_fn(|l| SIGN_MASKS[w[34 + 4 * c + l] as usize]),
+            byte_masks(Self::sign_bytes(w, c)),
         )
     }
 }
@@ -268,12 +287,19 @@ impl Quads for IQ3S {
     }
 }
 
+impl SignBytes for IQ3S {
+    #[inline(always)]
+    fn sign_bytes(w: &[u8], c: usize) -> &[u8; 4] {
+        w[74 + 4 * c..][..4].try_into().unwrap()
+    }
+}
+
 impl Signed for IQ3S {
     #[inline(always)]
     fn groups(w: &[u8], c: usize) -> ([u64; 4], [u64; 4]) {
         (
             paired(Self::quads(w, c)),
-            std::array::from_fn(|l| SIGN_MASKS[w[74 + 4 * c + l] as usize]),
+            byte_masks(Self::sign_bytes(w, c)),
         )
     }
 }

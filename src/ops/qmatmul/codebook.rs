@@ -13,7 +13,7 @@ use std::marker::PhantomData;
 use super::act::{Groups, Rows, QK_K};
 use super::driver::{Avx2, Avx2Rows, Format, RowKernel};
 use super::simd::{hsum4_avx2, tile_avx2, tile_with_starts, NextRows, Pairs, Unpacked};
-use crate::ops::codebook::{self as cb, Iq1, Quads, Signed};
+use crate::ops::codebook::{self as cb, Iq1, Quads, SignBytes, Signed};
 use crate::ops::portable;
 
 /// The kernels of codebook format `F`.
@@ -53,6 +53,7 @@ pub(crate) trait Avx2Groups: Signed {
 
 impl Avx2Groups for cb::IQ2XXS {}
 impl Avx2Groups for cb::IQ2XS {}
+
 /// The 8 grid entries of an IQ3 format's 32 values, inserted into the vector as they are
 /// loaded (not paired in general registers first).
 #[inline]
@@ -71,12 +72,12 @@ impl Avx2Groups for cb::IQ3XXS {
     }
 }
 
-/// The sign mask of the 32 sign bits in the 4 bytes at `signs` (bit `j` of byte `l`: value
-/// `8l + j`), made in the vector: each byte spread over its 8 values, then its bits tested.
+/// The sign mask of the sign bytes of values `32c..32c + 32`, made in the vector: each byte
+/// spread over its 8 values, then its bits tested.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn sign_bytes(signs: &[u8]) -> __m256i {
-    let bits = _mm256_set1_epi32(i32::from_le_bytes(signs[..4].try_into().unwrap()));
+fn sign_mask<F: SignBytes>(w: &[u8], c: usize) -> __m256i {
+    let bits = _mm256_set1_epi32(i32::from_le_bytes(*F::sign_bytes(w, c)));
     let spread = _mm256_setr_epi64x(
         0,
         0x0101_0101_0101_0101,
@@ -95,7 +96,7 @@ impl Avx2Groups for cb::IQ2S {
     #[target_feature(enable = "avx2")]
     unsafe fn groups(w: &[u8], c: usize) -> (__m256i, __m256i) {
         let (magnitudes, _) = <Self as Signed>::groups(w, c);
-        (vector(magnitudes), sign_bytes(&w[34 + 4 * c..]))
+        (vector(magnitudes), sign_mask::<Self>(w, c))
     }
 }
 
@@ -103,12 +104,12 @@ impl Avx2Groups for cb::IQ3S {
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn groups(w: &[u8], c: usize) -> (__m256i, __m256i) {
-        (quads::<Self>(w, c), sign_bytes(&w[74 + 4 * c..]))
+        (quads::<Self>(w, c), sign_mask::<Self>(w, c))
     }
 }
 
-/// IQ1's `8 g + δ` computed in the vector, from the entries as stored: no value of the
-/// groups passes through the general registers.
+/// IQ1's `8 g + δ` computed in the vector from the entries as stored (not per group of 8 in
+/// the general registers).
 #[inline]
 #[target_feature(enable = "avx2")]
 fn iq1_groups<F: Iq1>(w: &[u8], c: usize) -> (__m256i, __m256i) {
