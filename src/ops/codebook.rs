@@ -16,8 +16,10 @@
 //! count even). IQ1's values are grid values (−1, 0, 1) plus δ = ±1/8, taken here as
 //! `8 g ± 1` with FACTOR 1/8, so that every format's block sum is an exact integer sum.
 //!
-//! Here: the formats' values as magnitudes and sign masks (`Signed`, which the x86 kernels
-//! read), decoding, and each format's `Format` for the portable products.
+//! Here: the formats' values as magnitudes and sign masks (`Signed`, which the SIMD kernels
+//! read), the parts from which the x86 kernels assemble some formats' values in vectors
+//! instead (`Quads`, `SignBytes`, `Iq1`), decoding, and each format's `Format` for the
+//! portable products.
 
 mod grids;
 

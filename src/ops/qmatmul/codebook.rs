@@ -2,10 +2,11 @@
 //! `ops::codebook`): each 32 values are 4 groups of 8 magnitudes with a sign mask each
 //! (`Signed::groups`), in runs of `RUN` values with a scale `2 ls + 1`. The row kernels
 //! multiply the magnitudes by the activations negated where the signs are (`maddubs`: no pair
-//! exceeds 2 · 62 · 127), then by the run scales (`madd`); the tiles read the blocks unpacked
-//! as values (unsigned `v + 128` for the AVX-512 tiles, whose sums start at `−128 Σ x` per run;
-//! signed for the AVX2 ones), scales as i32 and `d` with the format's factor. Every sum is
-//! exact and every float step `fma(S_b, d_w · d_x, acc)`, as in `portable`: the same bits.
+//! exceeds 2 · 62 · 127; IQ1's values, never 0, sign the activations themselves), then by the
+//! run scales (`madd`); the tiles read the blocks unpacked as values (unsigned `v + 128` for
+//! the AVX-512 tiles, whose sums start at `−128 Σ x` per run; signed for the AVX2 ones),
+//! scales as i32 and `d` with the format's factor. Every sum is exact and every float step
+//! `fma(S_b, d_w · d_x, acc)`, as in `portable`: the same bits.
 
 use core::arch::x86_64::*;
 use std::marker::PhantomData;
@@ -48,6 +49,29 @@ pub(crate) trait Avx2Groups: Signed {
     unsafe fn groups(w: &[u8], c: usize) -> (__m256i, __m256i) {
         let (magnitudes, masks) = <Self as Signed>::groups(w, c);
         (vector(magnitudes), vector(masks))
+    }
+
+    /// Values `32c..32c + 32` of the block `w`, signed.
+    ///
+    /// # Safety
+    /// AVX2.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn values(w: &[u8], c: usize) -> __m256i {
+        let (magnitudes, mask) = <Self as Avx2Groups>::groups(w, c);
+        negated(magnitudes, mask)
+    }
+
+    /// The operands of `maddubs` whose byte products are values `32c..32c + 32` of the block
+    /// `w` times `x`: their magnitudes, and `x` signed as they are.
+    ///
+    /// # Safety
+    /// AVX2.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn operands(w: &[u8], c: usize, x: __m256i) -> (__m256i, __m256i) {
+        let (magnitudes, mask) = <Self as Avx2Groups>::groups(w, c);
+        (magnitudes, negated(x, mask))
     }
 }
 
@@ -108,11 +132,11 @@ impl Avx2Groups for cb::IQ3S {
     }
 }
 
-/// IQ1's `8 g + δ` computed in the vector from the entries as stored (not per group of 8 in
-/// the general registers).
+/// IQ1's values `8 g + δ`, computed in the vector from the entries as stored (not per group
+/// of 8 in the general registers).
 #[inline]
 #[target_feature(enable = "avx2")]
-fn iq1_groups<F: Iq1>(w: &[u8], c: usize) -> (__m256i, __m256i) {
+fn iq1_values<F: Iq1>(w: &[u8], c: usize) -> __m256i {
     let (mut entries, mut deltas) = ([0; 4], [0; 4]);
     for l in 0..4 {
         (entries[l], deltas[l]) = F::entry(w, c, l);
@@ -122,28 +146,29 @@ fn iq1_groups<F: Iq1>(w: &[u8], c: usize) -> (__m256i, __m256i) {
         _mm256_slli_epi16::<3>(vector(entries)),
         _mm256_set1_epi8(0xf8u8 as i8),
     );
-    let v = _mm256_add_epi8(eight_g, vector(deltas));
-    (
-        _mm256_abs_epi8(v),
-        _mm256_cmpgt_epi8(_mm256_setzero_si256(), v),
-    )
+    _mm256_add_epi8(eight_g, vector(deltas))
 }
 
-impl Avx2Groups for cb::IQ1S {
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn groups(w: &[u8], c: usize) -> (__m256i, __m256i) {
-        iq1_groups::<Self>(w, c)
-    }
-}
+/// IQ1's operands: `|v|`, and the activations negated where `v` is (`sign`; `v` is never 0).
+macro_rules! iq1_groups {
+    ($($F:ty),*) => {$(
+        impl Avx2Groups for $F {
+            #[inline]
+            #[target_feature(enable = "avx2")]
+            unsafe fn values(w: &[u8], c: usize) -> __m256i {
+                iq1_values::<Self>(w, c)
+            }
 
-impl Avx2Groups for cb::IQ1M {
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn groups(w: &[u8], c: usize) -> (__m256i, __m256i) {
-        iq1_groups::<Self>(w, c)
-    }
+            #[inline]
+            #[target_feature(enable = "avx2")]
+            unsafe fn operands(w: &[u8], c: usize, x: __m256i) -> (__m256i, __m256i) {
+                let v = iq1_values::<Self>(w, c);
+                (_mm256_abs_epi8(v), _mm256_sign_epi8(x, v))
+            }
+        }
+    )*};
 }
+iq1_groups!(cb::IQ1S, cb::IQ1M);
 
 /// `v` negated in the bytes where `mask` is 0xff.
 #[inline]
@@ -162,9 +187,9 @@ unsafe fn block_sum<F: Avx2Groups>(w: &[u8], x: *const i8) -> __m256i {
     let scales = F::scales(w);
     let mut acc = _mm256_setzero_si256();
     for c in 0..QK_K / 32 {
-        let (magnitudes, mask) = <F as Avx2Groups>::groups(w, c);
         let x = _mm256_loadu_si256(x.add(32 * c).cast());
-        let pairs = _mm256_maddubs_epi16(magnitudes, negated(x, mask));
+        let (magnitudes, x) = F::operands(w, c, x);
+        let pairs = _mm256_maddubs_epi16(magnitudes, x);
         let scale = match F::RUN {
             32 => _mm256_set1_epi16(scales[c] as i16),
             _ => _mm256_setr_m128i(
@@ -220,8 +245,7 @@ unsafe fn unpack<F: Avx2Groups>(w: *const u8, nb: usize, out: *mut u8, offset: i
             out.add(b * U_BYTES),
         );
         for c in 0..QK_K / 32 {
-            let (magnitudes, mask) = <F as Avx2Groups>::groups(w, c);
-            let v = _mm256_add_epi8(negated(magnitudes, mask), _mm256_set1_epi8(offset));
+            let v = _mm256_add_epi8(<F as Avx2Groups>::values(w, c), _mm256_set1_epi8(offset));
             _mm256_storeu_si256(o.add(32 * c).cast(), v);
         }
         o.add(U_SC)
