@@ -14,7 +14,8 @@
 //!
 //! The 7 sign bits of IQ2_XXS, IQ2_XS and IQ3_XXS stand for 8 (`ksign`: the eighth makes the
 //! count even). IQ1's values are grid values (−1, 0, 1) plus δ = ±1/8, taken here as
-//! `8 g ± 1` with FACTOR 1/8, so that every format's block sum is an exact integer sum.
+//! `8 g ± 1` with FACTOR 1/8 (its grid holds `8 g`), so that every format's block sum is an
+//! exact integer sum.
 //!
 //! Here: the formats' values as magnitudes and sign masks (`Signed`, which the SIMD kernels
 //! read), the parts from which the x86 kernels assemble some formats' values in vectors
@@ -61,7 +62,8 @@ static IQ2XS_GRID: [u64; 512] = grids::IQ2XS.expand();
 static IQ2S_GRID: [u64; 1024] = grids::IQ2S.expand();
 static IQ3XXS_GRID: [u64; 256] = grids::IQ3XXS.expand();
 static IQ3S_GRID: [u64; 512] = grids::IQ3S.expand();
-static IQ1S_GRID: [u64; 2048] = grids::IQ1S.expand();
+/// IQ1's grid entries times 8 (bytes −8, 0, 8).
+pub(crate) static IQ1S_GRID: [u64; 2048] = grids::IQ1S.expand();
 
 /// Byte `j` of `SIGN_MASKS[s]` is 0xff where bit `j` of `s` is set.
 static SIGN_MASKS: [u64; 256] = {
@@ -311,8 +313,12 @@ signed_format!(IQ3S, bytes: 110, run: 32, d: scaled_d::<8>, scales: |w: &[u8]| n
 const HIGH: u64 = 0x8080_8080_8080_8080;
 const ONES: u64 = 0x0101_0101_0101_0101;
 
-/// IQ1's groups as stored: grid entries `g` (bytes −1, 0, 1) and their δ (bytes ±1).
+/// IQ1's groups as stored: grid entries `8 g` (bytes −8, 0, 8) and their δ (bytes ±1).
 pub(crate) trait Iq1 {
+    /// Where the block's 32 index bytes start, and its high index bits (`qh`).
+    const QS: usize;
+    const QH: usize;
+
     /// The grid entry and δ of group `l` of values `32c..32c + 32`.
     fn entry(w: &[u8], c: usize, l: usize) -> (u64, u64);
 }
@@ -327,11 +333,10 @@ fn delta(negative: bool) -> u64 {
     }
 }
 
-/// An IQ1 grid entry plus its δ, times 8 (`8 g ± 1`: −9, −7, −1, 1, 7 or 9 per byte), as
+/// An IQ1 grid entry `8 g` plus its δ (`8 g ± 1`: −9, −7, −1, 1, 7 or 9 per byte), as
 /// magnitudes and a sign mask.
 #[inline(always)]
-fn iq1_group((entry, delta): (u64, u64)) -> (u64, u64) {
-    let eight_g = (entry << 3) & 0xf8f8_f8f8_f8f8_f8f8;
+fn iq1_group((eight_g, delta): (u64, u64)) -> (u64, u64) {
     // Byte-wise `8g + δ`: the low 7 bits of each byte summed apart, the top ones xor'ed in.
     let v = ((eight_g & !HIGH) + (delta & !HIGH)) ^ ((eight_g ^ delta) & HIGH);
     let mask = ((v >> 7) & ONES) * 0xff;
@@ -339,10 +344,14 @@ fn iq1_group((entry, delta): (u64, u64)) -> (u64, u64) {
 }
 
 impl Iq1 for IQ1S {
+    const QS: usize = 2;
+    /// A u16 per 32 values: 4 × 3 high index bits, 3 bits `ls`, δ's sign.
+    const QH: usize = 34;
+
     #[inline(always)]
     fn entry(w: &[u8], c: usize, l: usize) -> (u64, u64) {
-        let qh = u16_at(w, 34 + 2 * c);
-        let index = w[2 + 4 * c + l] as usize | (((qh >> (3 * l)) & 7) as usize) << 8;
+        let qh = u16_at(w, Self::QH + 2 * c);
+        let index = w[Self::QS + 4 * c + l] as usize | (((qh >> (3 * l)) & 7) as usize) << 8;
         (IQ1S_GRID[index], delta(qh & 0x8000 != 0))
     }
 }
@@ -367,11 +376,18 @@ fn iq1m_d(w: &[u8]) -> f32 {
 }
 
 impl Iq1 for IQ1M {
+    const QS: usize = 0;
+    /// A nibble per 8 values, the first in the low one: 3 high index bits, δ's sign.
+    const QH: usize = 32;
+
     #[inline(always)]
     fn entry(w: &[u8], c: usize, l: usize) -> (u64, u64) {
         let g = 4 * c + l;
-        let qh = (w[32 + g / 2] >> (4 * (g % 2))) as usize;
-        (IQ1S_GRID[w[g] as usize | (qh & 7) << 8], delta(qh & 8 != 0))
+        let qh = (w[Self::QH + g / 2] >> (4 * (g % 2))) as usize;
+        (
+            IQ1S_GRID[w[Self::QS + g] as usize | (qh & 7) << 8],
+            delta(qh & 8 != 0),
+        )
     }
 }
 
@@ -489,7 +505,7 @@ mod tests {
     #[test]
     fn grids_hold_ggml_values() {
         assert_eq!(IQ2XXS_GRID[0], 0x0808_0808_0808_0808);
-        assert_eq!(IQ1S_GRID[0], u64::MAX);
+        assert_eq!(IQ1S_GRID[0], 0xf8f8_f8f8_f8f8_f8f8);
         for g in IQ2S_GRID.iter().chain(&IQ2XS_GRID) {
             assert!(g.to_le_bytes().iter().all(|b| [8, 25, 43].contains(b)));
         }

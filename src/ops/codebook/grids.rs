@@ -278,8 +278,9 @@ pub(super) const IQ3S: Packed<512> = Packed {
     ],
 };
 
+/// Held as `8 g` (see `Iq1`).
 pub(super) const IQ1S: Packed<2048> = Packed {
-    map: &[-1, 0, 1],
+    map: &[-8, 0, 8],
     slot: 2,
     width: 8,
     entries: [

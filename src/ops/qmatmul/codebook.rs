@@ -11,7 +11,7 @@
 use core::arch::x86_64::*;
 use std::marker::PhantomData;
 
-use super::act::{Groups, Rows, QK_K};
+use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
 use super::driver::{Avx2, Avx2Rows, Format, RowKernel};
 use super::simd::{hsum4_avx2, tile_avx2, tile_with_starts, NextRows, Pairs, Unpacked};
 use crate::ops::codebook::{self as cb, Iq1, Quads, SignBytes, Signed};
@@ -62,16 +62,32 @@ pub(crate) trait Avx2Groups: Signed {
         negated(magnitudes, mask)
     }
 
-    /// The operands of `maddubs` whose byte products are values `32c..32c + 32` of the block
-    /// `w` times `x`: their magnitudes, and `x` signed as they are.
+    /// `S_b` of the block `w` against the Q8_K values at `x` (their sums at `sums`), in 8 i32
+    /// lanes: the magnitudes times the activations signed as the values are (`maddubs`), then
+    /// times the run scales (`madd`).
     ///
     /// # Safety
-    /// AVX2.
+    /// AVX2; `x` is readable for 256 values, none −128 (Q8_K's lie in −127..=127), `sums` for
+    /// `Q8K_SUMS`.
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn operands(w: &[u8], c: usize, x: __m256i) -> (__m256i, __m256i) {
-        let (magnitudes, mask) = <Self as Avx2Groups>::groups(w, c);
-        (magnitudes, negated(x, mask))
+    unsafe fn block_sum(w: &[u8], x: *const i8, _sums: *const i16) -> __m256i {
+        let scales = Self::scales(w);
+        let mut acc = _mm256_setzero_si256();
+        for c in 0..QK_K / 32 {
+            let x = _mm256_loadu_si256(x.add(32 * c).cast());
+            let (magnitudes, mask) = <Self as Avx2Groups>::groups(w, c);
+            let pairs = _mm256_maddubs_epi16(magnitudes, negated(x, mask));
+            let scale = match Self::RUN {
+                32 => _mm256_set1_epi16(scales[c] as i16),
+                _ => _mm256_setr_m128i(
+                    _mm_set1_epi16(scales[2 * c] as i16),
+                    _mm_set1_epi16(scales[2 * c + 1] as i16),
+                ),
+            };
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, scale));
+        }
+        acc
     }
 }
 
@@ -132,8 +148,8 @@ impl Avx2Groups for cb::IQ3S {
     }
 }
 
-/// IQ1's values `8 g + δ`, computed in the vector from the entries as stored (not per group
-/// of 8 in the general registers).
+/// IQ1's values `8 g + δ` from the entries as stored (not per group of 8 in the general
+/// registers).
 #[inline]
 #[target_feature(enable = "avx2")]
 fn iq1_values<F: Iq1>(w: &[u8], c: usize) -> __m256i {
@@ -141,65 +157,193 @@ fn iq1_values<F: Iq1>(w: &[u8], c: usize) -> __m256i {
     for l in 0..4 {
         (entries[l], deltas[l]) = F::entry(w, c, l);
     }
-    // Bytes shifted within 16-bit lanes: the bits crossing into the next byte are masked off.
-    let eight_g = _mm256_and_si256(
-        _mm256_slli_epi16::<3>(vector(entries)),
-        _mm256_set1_epi8(0xf8u8 as i8),
+    _mm256_add_epi8(vector(entries), vector(deltas))
+}
+
+/// The 16 bytes of `w` at `at`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn bytes16(w: &[u8], at: usize) -> __m128i {
+    let b: &[u8; 16] = w[at..at + 16].try_into().unwrap();
+    // SAFETY: 16 readable bytes.
+    unsafe { _mm_loadu_si128(b.as_ptr().cast()) }
+}
+
+/// The byte offsets into `IQ1S_GRID` (8 × the index) of an IQ1 block's 32 groups: the index
+/// bytes widened, and the high index bits that `high` holds for each group at bits 11..14.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn iq1_offsets<F: Iq1>(w: &[u8], high: [__m256i; 2]) -> [u16; 32] {
+    let mut out = [0u16; 32];
+    for (h, high) in high.into_iter().enumerate() {
+        let low = _mm256_slli_epi16::<3>(_mm256_cvtepu8_epi16(bytes16(w, F::QS + 16 * h)));
+        let offsets = _mm256_or_si256(low, _mm256_and_si256(high, _mm256_set1_epi16(0x3800)));
+        // SAFETY: 16 u16 in `out`.
+        unsafe { _mm256_storeu_si256(out[16 * h..].as_mut_ptr().cast(), offsets) };
+    }
+    out
+}
+
+/// The grid entries of groups `4c..4c + 4` at `offsets`, as a vector.
+///
+/// # Safety
+/// Every offset is below `8 · 2048` and a multiple of 8.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn iq1_entries(offsets: &[u16; 32], c: usize) -> __m256i {
+    let grid = cb::IQ1S_GRID.as_ptr().cast::<u8>();
+    let e = |l: usize| grid.add(offsets[4 * c + l] as usize).cast::<i64>().read();
+    _mm256_setr_epi64x(e(0), e(1), e(2), e(3))
+}
+
+/// The `pshufb` controls that repeat u16 `c` four times, for `c` in `0..4` and in `4..8`
+/// (each lane holds all 8; the repeats of `c` land in lane `c / 2 % 2`).
+static REPEAT_U16: [[i8; 32]; 2] = {
+    let mut out = [[0i8; 32]; 2];
+    let mut i = 0;
+    while i < 64 {
+        out[i / 32][i % 32] = 2 * (i / 8) as i8 + (i % 2) as i8;
+        i += 1;
+    }
+    out
+};
+
+/// IQ1_S's block sum, `Σ_c s_c (Σ 8 g x + δ_c Σ x)`: the grid values sign the activations
+/// (`8 g` is 0 or ±8) and `madd` takes `8 s_c`; δ, one per 32 values, multiplies the
+/// activations' sums of 32.
+///
+/// # Safety
+/// As `Avx2Groups::block_sum`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn iq1s_block_sum(w: &[u8], x: *const i8, sums: *const i16) -> __m256i {
+    type F = cb::IQ1S;
+    let qh = bytes16(w, F::QH);
+    // Group 4c + l takes bits 3l..3l + 3 of qh[c] (u16): each qh[c] four times, shifted left
+    // by 11 − 3l.
+    let both = _mm256_broadcastsi128_si256(qh);
+    let shift = _mm256_setr_epi16(
+        2048, 256, 32, 4, 2048, 256, 32, 4, 2048, 256, 32, 4, 2048, 256, 32, 4,
     );
-    _mm256_add_epi8(eight_g, vector(deltas))
+    let high = REPEAT_U16.map(|repeat| {
+        let repeat = _mm256_loadu_si256(repeat.as_ptr().cast());
+        _mm256_mullo_epi16(_mm256_shuffle_epi8(both, repeat), shift)
+    });
+    let offsets = iq1_offsets::<F>(w, high);
+    let scales = _mm_or_si128(
+        _mm_slli_epi16::<1>(_mm_and_si128(_mm_srli_epi16::<12>(qh), _mm_set1_epi16(7))),
+        _mm_set1_epi16(1),
+    );
+    let negative = _mm_srai_epi16::<15>(qh);
+    let deltas = _mm_madd_epi16(
+        _mm_sub_epi16(_mm_xor_si128(scales, negative), negative),
+        _mm_loadu_si128(sums.cast()),
+    );
+    let mut eights = [0i16; 8];
+    _mm_storeu_si128(eights.as_mut_ptr().cast(), _mm_slli_epi16::<3>(scales));
+    let mut acc = _mm256_setr_m128i(deltas, _mm_setzero_si128());
+    for (c, &eight) in eights.iter().enumerate() {
+        let x = _mm256_loadu_si256(x.add(32 * c).cast());
+        let gx = _mm256_sign_epi8(x, iq1_entries(&offsets, c));
+        let pairs = _mm256_maddubs_epi16(_mm256_set1_epi8(1), gx);
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(eight)));
+    }
+    acc
 }
 
-/// IQ1's operands: `|v|`, and the activations negated where `v` is (`sign`; `v` is never 0).
-macro_rules! iq1_groups {
-    ($($F:ty),*) => {$(
-        impl Avx2Groups for $F {
-            #[inline]
-            #[target_feature(enable = "avx2")]
-            unsafe fn values(w: &[u8], c: usize) -> __m256i {
-                iq1_values::<Self>(w, c)
-            }
+/// The `pshufb` controls that pick, for values `32c..32c + 32`, the u16 of runs `2c` (low
+/// lane) and `2c + 1` (high lane) from the scales of `iq1m_block_sum`.
+const RUN_WORD: [i16; 8] = {
+    let (mut out, order) = ([0i16; 8], [0, 4, 1, 5, 2, 6, 3, 7]);
+    let mut c = 0;
+    while c < 8 {
+        out[c] = ((2 * order[c] + 1) << 8) | (2 * order[c]);
+        c += 1;
+    }
+    out
+};
 
-            #[inline]
-            #[target_feature(enable = "avx2")]
-            unsafe fn operands(w: &[u8], c: usize, x: __m256i) -> (__m256i, __m256i) {
-                let v = iq1_values::<Self>(w, c);
-                (_mm256_abs_epi8(v), _mm256_sign_epi8(x, v))
-            }
-        }
-    )*};
+/// IQ1_M's block sum, `Σ_r s_r Σ (8 g + δ) x` over its runs of 16 (δ per 8 values): the
+/// values' magnitudes times the activations signed as they are (`8 g + δ` is never 0).
+///
+/// # Safety
+/// As `Avx2Groups::block_sum`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn iq1m_block_sum(w: &[u8], x: *const i8) -> __m256i {
+    type F = cb::IQ1M;
+    // Group g takes the low 3 bits of nibble g of qh: each byte twice, shifted left by 11 and
+    // by 7.
+    let qh = bytes16(w, F::QH);
+    let shift = _mm256_setr_epi16(
+        2048, 128, 2048, 128, 2048, 128, 2048, 128, 2048, 128, 2048, 128, 2048, 128, 2048, 128,
+    );
+    let high = [_mm_unpacklo_epi8(qh, qh), _mm_unpackhi_epi8(qh, qh)]
+        .map(|twice| _mm256_mullo_epi16(_mm256_cvtepu8_epi16(twice), shift));
+    let offsets = iq1_offsets::<F>(w, high);
+    // u16 j of the 4 at 48 holds the 3-bit `ls` of runs 4j..4j + 4. Shifted by 0 and 6 (low
+    // lane) the u16 hold the even runs, by 3 and 9 (high lane) the odd ones, as `RUN_WORD`
+    // reads them.
+    let packed = _mm256_set1_epi64x(i64::from_le_bytes(w[48..56].try_into().unwrap()));
+    let ls = _mm256_and_si256(
+        _mm256_srlv_epi64(packed, _mm256_setr_epi64x(0, 6, 3, 9)),
+        _mm256_set1_epi16(7),
+    );
+    let scales = _mm256_or_si256(_mm256_slli_epi16::<1>(ls), _mm256_set1_epi16(1));
+    // δ's sign of group 4c + l: bit 4l + 3 of the u16 of qh at 2c.
+    let delta_bit = _mm256_setr_epi64x(
+        0x0008_0008_0008_0008,
+        0x0080_0080_0080_0080,
+        0x0800_0800_0800_0800,
+        0x8000_8000_8000_8000u64 as i64,
+    );
+    let mut acc = _mm256_setzero_si256();
+    for (c, word) in RUN_WORD.into_iter().enumerate() {
+        let bits = i16::from_le_bytes([w[F::QH + 2 * c], w[F::QH + 2 * c + 1]]);
+        let bits = _mm256_and_si256(_mm256_set1_epi16(bits), delta_bit);
+        let delta = _mm256_or_si256(_mm256_cmpeq_epi16(bits, delta_bit), _mm256_set1_epi8(1));
+        let v = _mm256_add_epi8(iq1_entries(&offsets, c), delta);
+        let x = _mm256_loadu_si256(x.add(32 * c).cast());
+        let pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(v), _mm256_sign_epi8(x, v));
+        let scale = _mm256_shuffle_epi8(scales, _mm256_set1_epi16(word));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, scale));
+    }
+    acc
 }
-iq1_groups!(cb::IQ1S, cb::IQ1M);
+
+impl Avx2Groups for cb::IQ1S {
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn values(w: &[u8], c: usize) -> __m256i {
+        iq1_values::<Self>(w, c)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn block_sum(w: &[u8], x: *const i8, sums: *const i16) -> __m256i {
+        iq1s_block_sum(w, x, sums)
+    }
+}
+
+impl Avx2Groups for cb::IQ1M {
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn values(w: &[u8], c: usize) -> __m256i {
+        iq1_values::<Self>(w, c)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn block_sum(w: &[u8], x: *const i8, _sums: *const i16) -> __m256i {
+        iq1m_block_sum(w, x)
+    }
+}
 
 /// `v` negated in the bytes where `mask` is 0xff.
 #[inline]
 #[target_feature(enable = "avx2")]
 fn negated(v: __m256i, mask: __m256i) -> __m256i {
     _mm256_sub_epi8(_mm256_xor_si256(v, mask), mask)
-}
-
-/// `S_b` of the block `w` against the Q8_K values at `x`, in 8 i32 lanes.
-///
-/// # Safety
-/// AVX2; `x` is readable for 256 values, none −128 (Q8_K's lie in −127..=127).
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn block_sum<F: Avx2Groups>(w: &[u8], x: *const i8) -> __m256i {
-    let scales = F::scales(w);
-    let mut acc = _mm256_setzero_si256();
-    for c in 0..QK_K / 32 {
-        let x = _mm256_loadu_si256(x.add(32 * c).cast());
-        let (magnitudes, x) = F::operands(w, c, x);
-        let pairs = _mm256_maddubs_epi16(magnitudes, x);
-        let scale = match F::RUN {
-            32 => _mm256_set1_epi16(scales[c] as i16),
-            _ => _mm256_setr_m128i(
-                _mm_set1_epi16(scales[2 * c] as i16),
-                _mm_set1_epi16(scales[2 * c + 1] as i16),
-            ),
-        };
-        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, scale));
-    }
-    acc
 }
 
 /// 4 rows times token `t`: each block's exact sums, then `fma(S_b, d_w · d_x, acc)`.
@@ -210,13 +354,14 @@ unsafe fn block_sum<F: Avx2Groups>(w: &[u8], x: *const i8) -> __m256i {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows4<F: Avx2Groups>(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
     let xq = act.qs[t * act.k..].as_ptr();
+    let sums = act.sums[t * nb * Q8K_SUMS..].as_ptr();
     let next = NextRows::new(nb * F::BYTES, 4, F::BYTES);
     let mut acc = _mm_setzero_ps();
     for b in 0..nb {
         let block = |r: usize| std::slice::from_raw_parts(w[r].add(b * F::BYTES), F::BYTES);
         let s: [__m256i; 4] = std::array::from_fn(|r| {
             next.fetch(w[0], r, b);
-            block_sum::<F>(block(r), xq.add(QK_K * b))
+            F::block_sum(block(r), xq.add(QK_K * b), sums.add(Q8K_SUMS * b))
         });
         let d_w = _mm_setr_ps(
             F::d(block(0)),
