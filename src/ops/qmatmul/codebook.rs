@@ -169,30 +169,37 @@ fn bytes16(w: &[u8], at: usize) -> __m128i {
     unsafe { _mm_loadu_si128(b.as_ptr().cast()) }
 }
 
-/// The byte offsets into `IQ1S_GRID` (8 × the index) of an IQ1 block's 32 groups: the index
-/// bytes widened, and the high index bits that `high` holds for each group at bits 11..14.
+/// The byte offsets into `IQ1S_GRID` (8 × the index) of an IQ1 block's 32 groups, as u16, 4
+/// to a u64 (each 32 values' taken from the vector at once, then apart by shifts, where a
+/// `pextrw` per offset measured slower): the index bytes widened, and the high index bits
+/// that `high` holds for each group at bits 11..14.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn iq1_offsets<F: Iq1>(w: &[u8], high: [__m256i; 2]) -> [u16; 32] {
-    let mut out = [0u16; 32];
+fn iq1_offsets<F: Iq1>(w: &[u8], high: [__m256i; 2]) -> [u64; 8] {
+    let mut out = [0u64; 8];
     for (h, high) in high.into_iter().enumerate() {
         let low = _mm256_slli_epi16::<3>(_mm256_cvtepu8_epi16(bytes16(w, F::QS + 16 * h)));
         let offsets = _mm256_or_si256(low, _mm256_and_si256(high, _mm256_set1_epi16(0x3800)));
-        // SAFETY: 16 u16 in `out`.
-        unsafe { _mm256_storeu_si256(out[16 * h..].as_mut_ptr().cast(), offsets) };
+        // SAFETY: 4 u64 in `out`.
+        unsafe { _mm256_storeu_si256(out[4 * h..].as_mut_ptr().cast(), offsets) };
     }
     out
 }
 
-/// The grid entries of groups `4c..4c + 4` at `offsets`, as a vector.
+/// The grid entries of groups `4c..4c + 4`, at the offsets in `offsets[c]`, as a vector.
 ///
 /// # Safety
 /// Every offset is below `8 · 2048` and a multiple of 8.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn iq1_entries(offsets: &[u16; 32], c: usize) -> __m256i {
+unsafe fn iq1_entries(offsets: &[u64; 8], c: usize) -> __m256i {
     let grid = cb::IQ1S_GRID.as_ptr().cast::<u8>();
-    let e = |l: usize| grid.add(offsets[4 * c + l] as usize).cast::<i64>().read();
+    let o = offsets[c];
+    let e = |l: usize| {
+        grid.add((o >> (16 * l)) as u16 as usize)
+            .cast::<i64>()
+            .read()
+    };
     _mm256_setr_epi64x(e(0), e(1), e(2), e(3))
 }
 
