@@ -277,7 +277,7 @@ const RUN_WORD: [i16; 8] = {
 /// As `Avx2Groups::block_sum`.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn iq1m_block_sum(w: &[u8], x: *const i8) -> __m256i {
+unsafe fn iq1m_block_sum(w: &[u8], x: *const i8, _sums: *const i16) -> __m256i {
     type F = cb::IQ1M;
     // Group g takes the low 3 bits of nibble g of qh: each byte twice, shifted left by 11 and
     // by 7.
@@ -318,33 +318,25 @@ unsafe fn iq1m_block_sum(w: &[u8], x: *const i8) -> __m256i {
     acc
 }
 
-impl Avx2Groups for cb::IQ1S {
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn values(w: &[u8], c: usize) -> __m256i {
-        iq1_values::<Self>(w, c)
-    }
+/// IQ1's values from the entries as stored, and its block sums.
+macro_rules! iq1_groups {
+    ($($F:ty => $block_sum:ident),*) => {$(
+        impl Avx2Groups for $F {
+            #[inline]
+            #[target_feature(enable = "avx2")]
+            unsafe fn values(w: &[u8], c: usize) -> __m256i {
+                iq1_values::<Self>(w, c)
+            }
 
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn block_sum(w: &[u8], x: *const i8, sums: *const i16) -> __m256i {
-        iq1s_block_sum(w, x, sums)
-    }
+            #[inline]
+            #[target_feature(enable = "avx2")]
+            unsafe fn block_sum(w: &[u8], x: *const i8, sums: *const i16) -> __m256i {
+                $block_sum(w, x, sums)
+            }
+        }
+    )*};
 }
-
-impl Avx2Groups for cb::IQ1M {
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn values(w: &[u8], c: usize) -> __m256i {
-        iq1_values::<Self>(w, c)
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn block_sum(w: &[u8], x: *const i8, _sums: *const i16) -> __m256i {
-        iq1m_block_sum(w, x)
-    }
-}
+iq1_groups!(cb::IQ1S => iq1s_block_sum, cb::IQ1M => iq1m_block_sum);
 
 /// `v` negated in the bytes where `mask` is 0xff.
 #[inline]
