@@ -12,14 +12,14 @@
 //! | IQ1_S | 50: `d`, 32 index bytes, per 32 values a u16 (4 × 3 high index bits, `ls`, δ's sign) | 2048 × 8 | `2 ls + 1` per 32 | 1/8 |
 //! | IQ1_M | 56: 32 index bytes, per 16 values a byte (per 8: 3 high index bits, δ's sign), 4 u16 of 3-bit `ls` whose top nibbles hold `d` | 2048 × 8 | `2 ls + 1` per 16 | 1/8 |
 //!
-//! The 7 sign bits of IQ2_XXS, IQ2_XS and IQ3_XXS stand for 8 (`ksign`: the eighth makes the
-//! count even). IQ1's values are grid values (−1, 0, 1) plus δ = ±1/8, taken here as
+//! The 7 sign bits of IQ2_XXS, IQ2_XS and IQ3_XXS stand for 8 (ggml's `ksign`: the eighth
+//! makes the count even). IQ1's values are grid values (−1, 0, 1) plus δ = ±1/8, taken here as
 //! `8 g ± 1` with FACTOR 1/8 (its grid holds `8 g`), so that every format's block sum is an
 //! exact integer sum.
 //!
 //! Here: the formats' values as magnitudes and sign masks (`Signed`, which the SIMD kernels
 //! read), the parts from which the x86 kernels assemble some formats' values in vectors
-//! instead (`Quads`, `SignBytes`, `Iq1`), decoding, and each format's `Format` for the
+//! instead (`Quads`, `SignBytes`, `SevenSigns`, `Iq1`), decoding, and each format's `Format` for the
 //! portable products.
 
 mod grids;
@@ -95,8 +95,24 @@ static KSIGN_MASKS: [u64; 128] = {
 
 /// The sign mask of the 7 bits at `shift` in `bits`.
 #[inline(always)]
-fn ksign(bits: u32, shift: usize) -> u64 {
+fn ksign(bits: u64, shift: u32) -> u64 {
     KSIGN_MASKS[((bits >> shift) & 127) as usize]
+}
+
+/// The formats that keep the 7 sign bits of a 32 values' groups together (IQ2_XXS, IQ3_XXS).
+pub(crate) trait SevenSigns {
+    /// Where group `l`'s 7 bits start in `sign_bits`.
+    const SHIFTS: [u32; 4];
+
+    /// The bits that hold the signs of values `32c..32c + 32`.
+    fn sign_bits(w: &[u8], c: usize) -> u64;
+}
+
+/// The sign masks of values `32c..32c + 32` of a `SevenSigns` format.
+#[inline(always)]
+fn seven_sign_masks<F: SevenSigns>(w: &[u8], c: usize) -> [u64; 4] {
+    let bits = F::sign_bits(w, c);
+    F::SHIFTS.map(|shift| ksign(bits, shift))
 }
 
 /// The 8 byte values of `magnitudes` (none 0, as no grid holds 0), negated where `mask` is
@@ -218,14 +234,22 @@ fn top_scales<const AT: usize, const STRIDE: usize>(w: &[u8]) -> [i32; 16] {
     })
 }
 
+impl SevenSigns for IQ2XXS {
+    const SHIFTS: [u32; 4] = [0, 7, 14, 21];
+
+    #[inline(always)]
+    fn sign_bits(w: &[u8], c: usize) -> u64 {
+        u32_at(w, 2 + 8 * c + 4) as u64
+    }
+}
+
 impl Signed for IQ2XXS {
     #[inline(always)]
     fn groups(w: &[u8], c: usize) -> ([u64; 4], [u64; 4]) {
-        let q = &w[2 + 8 * c..][..8];
-        let signs = u32_at(q, 4);
+        let q = &w[2 + 8 * c..][..4];
         (
             std::array::from_fn(|l| IQ2XXS_GRID[q[l] as usize]),
-            std::array::from_fn(|l| ksign(signs, 7 * l)),
+            seven_sign_masks::<Self>(w, c),
         )
     }
 }
@@ -237,7 +261,7 @@ impl Signed for IQ2XS {
         let q: [u32; 4] = std::array::from_fn(|l| u16_at(w, 2 + 2 * (4 * c + l)));
         (
             q.map(|q| IQ2XS_GRID[(q & 511) as usize]),
-            q.map(|q| ksign(q, 9)),
+            q.map(|q| ksign(q as u64, 9)),
         )
     }
 }
@@ -271,14 +295,19 @@ impl Quads for IQ3XXS {
     }
 }
 
+impl SevenSigns for IQ3XXS {
+    const SHIFTS: [u32; 4] = [0, 7, 14, 21];
+
+    #[inline(always)]
+    fn sign_bits(w: &[u8], c: usize) -> u64 {
+        u32_at(w, 66 + 4 * c) as u64
+    }
+}
+
 impl Signed for IQ3XXS {
     #[inline(always)]
     fn groups(w: &[u8], c: usize) -> ([u64; 4], [u64; 4]) {
-        let signs = u32_at(w, 66 + 4 * c);
-        (
-            paired(Self::quads(w, c)),
-            std::array::from_fn(|l| ksign(signs, 7 * l)),
-        )
+        (paired(Self::quads(w, c)), seven_sign_masks::<Self>(w, c))
     }
 }
 signed_format!(IQ3XXS, bytes: 98, run: 32, d: scaled_d::<2>, scales: top_scales::<66, 4>);

@@ -14,7 +14,7 @@ use std::marker::PhantomData;
 use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
 use super::driver::{Avx2, Avx2Rows, Format, RowKernel};
 use super::simd::{hsum4_avx2, tile_avx2, tile_with_starts, NextRows, Pairs, Unpacked};
-use crate::ops::codebook::{self as cb, Iq1, Quads, SignBytes, Signed};
+use crate::ops::codebook::{self as cb, Iq1, Quads, SevenSigns, SignBytes, Signed};
 use crate::ops::portable;
 
 /// The kernels of codebook format `F`.
@@ -39,8 +39,8 @@ fn vector(q: [u64; 4]) -> __m256i {
 
 /// A codebook format's values on AVX2.
 pub(crate) trait Avx2Groups: Signed {
-    /// Values `32c..32c + 32` of the block `w`: magnitudes and sign mask, as vectors (by
-    /// default `Signed::groups`, moved into them).
+    /// Values `32c..32c + 32` of the block `w`: magnitudes and signs, as vectors (by default
+    /// `Signed::groups`, moved into them: the signs as a mask).
     ///
     /// # Safety
     /// AVX2.
@@ -58,8 +58,19 @@ pub(crate) trait Avx2Groups: Signed {
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn values(w: &[u8], c: usize) -> __m256i {
-        let (magnitudes, mask) = <Self as Avx2Groups>::groups(w, c);
-        negated(magnitudes, mask)
+        let (magnitudes, signs) = <Self as Avx2Groups>::groups(w, c);
+        Self::signed(magnitudes, signs)
+    }
+
+    /// `v` negated where the values are negative, as the signs from `groups` say (by default
+    /// a mask: 0xff there).
+    ///
+    /// # Safety
+    /// AVX2.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn signed(v: __m256i, mask: __m256i) -> __m256i {
+        _mm256_sub_epi8(_mm256_xor_si256(v, mask), mask)
     }
 
     /// `S_b` of the block `w` against the Q8_K values at `x` (their sums at `sums`), in 8 i32
@@ -76,8 +87,8 @@ pub(crate) trait Avx2Groups: Signed {
         let mut acc = _mm256_setzero_si256();
         for c in 0..QK_K / 32 {
             let x = _mm256_loadu_si256(x.add(32 * c).cast());
-            let (magnitudes, mask) = <Self as Avx2Groups>::groups(w, c);
-            let pairs = _mm256_maddubs_epi16(magnitudes, negated(x, mask));
+            let (magnitudes, signs) = <Self as Avx2Groups>::groups(w, c);
+            let pairs = _mm256_maddubs_epi16(magnitudes, Self::signed(x, signs));
             let scale = match Self::RUN {
                 32 => _mm256_set1_epi16(scales[c] as i16),
                 _ => _mm256_setr_m128i(
@@ -91,7 +102,64 @@ pub(crate) trait Avx2Groups: Signed {
     }
 }
 
-impl Avx2Groups for cb::IQ2XXS {}
+/// The signs of a `SevenSigns` format's values `32c..32c + 32`, made in the vector, as bytes
+/// with the top bit set where the values are negative: each group's 7 bits spread over its
+/// bytes and tested, the eighth their parity (the sum of the 0xff bytes is odd where their
+/// count is).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn seven_signs<F: SevenSigns>(w: &[u8], c: usize) -> __m256i {
+    let shifts = F::SHIFTS.map(i64::from);
+    let bits = _mm256_srlv_epi64(
+        _mm256_set1_epi64x(F::sign_bits(w, c) as i64),
+        _mm256_setr_epi64x(shifts[0], shifts[1], shifts[2], shifts[3]),
+    );
+    // Byte 0 of each group's u64 to all 8 of its bytes.
+    let spread = _mm256_shuffle_epi8(
+        bits,
+        _mm256_setr_epi64x(0, 0x0808_0808_0808_0808, 0, 0x0808_0808_0808_0808),
+    );
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    let seven = _mm256_cmpeq_epi8(
+        _mm256_and_si256(spread, _mm256_set1_epi64x(0x0040_2010_0804_0201)),
+        bit,
+    );
+    let parity = _mm256_slli_epi64::<63>(_mm256_sad_epu8(seven, _mm256_setzero_si256()));
+    _mm256_or_si256(seven, parity)
+}
+
+/// `v` negated where the top bits of `signs` are set (`sign` by `signs` made odd, so never 0;
+/// a mask from them costs as much).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn odd_signed(v: __m256i, signs: __m256i) -> __m256i {
+    _mm256_sign_epi8(v, _mm256_or_si256(signs, _mm256_set1_epi8(1)))
+}
+
+/// The `SevenSigns` formats' groups: their entries (`magnitudes`), and `seven_signs`.
+macro_rules! seven_signs_groups {
+    ($($F:ty => $magnitudes:expr),*) => {$(
+        impl Avx2Groups for $F {
+            #[inline]
+            #[target_feature(enable = "avx2")]
+            unsafe fn groups(w: &[u8], c: usize) -> (__m256i, __m256i) {
+                ($magnitudes(w, c), seven_signs::<Self>(w, c))
+            }
+
+            #[inline]
+            #[target_feature(enable = "avx2")]
+            unsafe fn signed(v: __m256i, signs: __m256i) -> __m256i {
+                odd_signed(v, signs)
+            }
+        }
+    )*};
+}
+seven_signs_groups!(
+    cb::IQ2XXS => |w, c| vector(<cb::IQ2XXS as Signed>::groups(w, c).0),
+    cb::IQ3XXS => quads::<cb::IQ3XXS>
+);
+
+/// IQ2_XS's sign bits share each group's u16 with its index: its masks come from the table.
 impl Avx2Groups for cb::IQ2XS {}
 
 /// The 8 grid entries of an IQ3 format's 32 values, inserted into the vector as they are
@@ -101,15 +169,6 @@ impl Avx2Groups for cb::IQ2XS {}
 fn quads<F: Quads>(w: &[u8], c: usize) -> __m256i {
     let q = F::quads(w, c).map(|q| q as i32);
     _mm256_setr_epi32(q[0], q[1], q[2], q[3], q[4], q[5], q[6], q[7])
-}
-
-impl Avx2Groups for cb::IQ3XXS {
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn groups(w: &[u8], c: usize) -> (__m256i, __m256i) {
-        let (_, masks) = <Self as Signed>::groups(w, c);
-        (quads::<Self>(w, c), vector(masks))
-    }
 }
 
 /// The sign mask of the sign bytes of values `32c..32c + 32`, made in the vector: each byte
@@ -337,13 +396,6 @@ macro_rules! iq1_groups {
     )*};
 }
 iq1_groups!(cb::IQ1S => iq1s_block_sum, cb::IQ1M => iq1m_block_sum);
-
-/// `v` negated in the bytes where `mask` is 0xff.
-#[inline]
-#[target_feature(enable = "avx2")]
-fn negated(v: __m256i, mask: __m256i) -> __m256i {
-    _mm256_sub_epi8(_mm256_xor_si256(v, mask), mask)
-}
 
 /// 4 rows times token `t`: each block's exact sums, then `fma(S_b, d_w · d_x, acc)`.
 ///
