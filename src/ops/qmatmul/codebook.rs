@@ -129,7 +129,7 @@ fn seven_signs<F: SevenSigns>(w: &[u8], c: usize) -> __m256i {
 }
 
 /// `v` negated where the top bits of `signs` are set (`sign` by `signs` made odd, so never 0;
-/// a mask from them costs as much).
+/// measured faster than making them a mask).
 #[inline]
 #[target_feature(enable = "avx2")]
 fn odd_signed(v: __m256i, signs: __m256i) -> __m256i {
