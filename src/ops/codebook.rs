@@ -65,6 +65,24 @@ static IQ3S_GRID: [u64; 512] = grids::IQ3S.expand();
 /// IQ1's grid entries times 8 (bytes −8, 0, 8).
 pub(crate) static IQ1S_GRID: [u64; 2048] = grids::IQ1S.expand();
 
+/// IQ1's values `8 g + δ` by index and δ's sign: `8 g + 1` at `i`, `8 g − 1` at `2048 + i`.
+pub(crate) static IQ1_VALUES: [u64; 4096] = {
+    let grid = grids::IQ1S.expand();
+    let mut out = [0u64; 4096];
+    let mut i = 0;
+    while i < 4096 {
+        let bytes = grid[i % 2048].to_le_bytes();
+        let mut j = 0;
+        while j < 8 {
+            let v = bytes[j] as i8 + if i < 2048 { 1 } else { -1 };
+            out[i] |= (v as u8 as u64) << (8 * j);
+            j += 1;
+        }
+        i += 1;
+    }
+    out
+};
+
 /// Byte `j` of `SIGN_MASKS[s]` is 0xff where bit `j` of `s` is set.
 static SIGN_MASKS: [u64; 256] = {
     let mut masks = [0u64; 256];

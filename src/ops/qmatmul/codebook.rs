@@ -230,29 +230,30 @@ fn bytes16(w: &[u8], at: usize) -> __m128i {
 
 /// The byte offsets into `IQ1S_GRID` (8 × the index) of an IQ1 block's 32 groups, as u16, 4
 /// to a u64 (each 32 values' taken from the vector at once, then apart by shifts, where a
-/// `pextrw` per offset measured slower): the index bytes widened, and the high index bits
-/// that `high` holds for each group at bits 11..14.
+/// `pextrw` per offset measured slower): the index bytes widened, and the bits under `mask`
+/// that `high` holds for each group (the high index bits at 11..14, for IQ1_M δ's sign at 14
+/// too).
 #[inline]
 #[target_feature(enable = "avx2")]
-fn iq1_offsets<F: Iq1>(w: &[u8], high: [__m256i; 2]) -> [u64; 8] {
+fn iq1_offsets<F: Iq1>(w: &[u8], high: [__m256i; 2], mask: i16) -> [u64; 8] {
     let mut out = [0u64; 8];
     for (h, high) in high.into_iter().enumerate() {
         let low = _mm256_slli_epi16::<3>(_mm256_cvtepu8_epi16(bytes16(w, F::QS + 16 * h)));
-        let offsets = _mm256_or_si256(low, _mm256_and_si256(high, _mm256_set1_epi16(0x3800)));
+        let offsets = _mm256_or_si256(low, _mm256_and_si256(high, _mm256_set1_epi16(mask)));
         // SAFETY: 4 u64 in `out`.
         unsafe { _mm256_storeu_si256(out[4 * h..].as_mut_ptr().cast(), offsets) };
     }
     out
 }
 
-/// The grid entries of groups `4c..4c + 4`, at the offsets in `offsets[c]`, as a vector.
+/// The entries of `grid` of groups `4c..4c + 4`, at the offsets in `offsets[c]`, as a vector.
 ///
 /// # Safety
-/// Every offset is below `8 · 2048` and a multiple of 8.
+/// Every offset is a multiple of 8 below `8 · grid.len()`.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn iq1_entries(offsets: &[u64; 8], c: usize) -> __m256i {
-    let grid = cb::IQ1S_GRID.as_ptr().cast::<u8>();
+unsafe fn iq1_entries(grid: &[u64], offsets: &[u64; 8], c: usize) -> __m256i {
+    let grid = grid.as_ptr().cast::<u8>();
     let o = offsets[c];
     let e = |l: usize| {
         grid.add((o >> (16 * l)) as u16 as usize)
@@ -295,7 +296,7 @@ unsafe fn iq1s_block_sum(w: &[u8], x: *const i8, sums: *const i16) -> __m256i {
         let repeat = _mm256_loadu_si256(repeat.as_ptr().cast());
         _mm256_mullo_epi16(_mm256_shuffle_epi8(both, repeat), shift)
     });
-    let offsets = iq1_offsets::<F>(w, high);
+    let offsets = iq1_offsets::<F>(w, high, 0x3800);
     let scales = _mm_or_si128(
         _mm_slli_epi16::<1>(_mm_and_si128(_mm_srli_epi16::<12>(qh), _mm_set1_epi16(7))),
         _mm_set1_epi16(1),
@@ -310,7 +311,7 @@ unsafe fn iq1s_block_sum(w: &[u8], x: *const i8, sums: *const i16) -> __m256i {
     let mut acc = _mm256_setr_m128i(deltas, _mm_setzero_si128());
     for (c, &eight) in eights.iter().enumerate() {
         let x = _mm256_loadu_si256(x.add(32 * c).cast());
-        let gx = _mm256_sign_epi8(x, iq1_entries(&offsets, c));
+        let gx = _mm256_sign_epi8(x, iq1_entries(&cb::IQ1S_GRID, &offsets, c));
         let pairs = _mm256_maddubs_epi16(_mm256_set1_epi8(1), gx);
         acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(eight)));
     }
@@ -330,7 +331,9 @@ const RUN_WORD: [i16; 8] = {
 };
 
 /// IQ1_M's block sum, `Σ_r s_r Σ (8 g + δ) x` over its runs of 16 (δ per 8 values): the
-/// values' magnitudes times the activations signed as they are (`8 g + δ` is never 0).
+/// values, read whole from `IQ1_VALUES` (δ's sign picks the half: measured faster than
+/// adding δ made in the vector), as magnitudes times the activations signed as they are
+/// (`8 g + δ` is never 0).
 ///
 /// # Safety
 /// As `Avx2Groups::block_sum`.
@@ -338,15 +341,15 @@ const RUN_WORD: [i16; 8] = {
 #[target_feature(enable = "avx2")]
 unsafe fn iq1m_block_sum(w: &[u8], x: *const i8, _sums: *const i16) -> __m256i {
     type F = cb::IQ1M;
-    // Group g takes the low 3 bits of nibble g of qh: each byte twice, shifted left by 11 and
-    // by 7.
+    // Group g takes nibble g of qh (3 high index bits, then δ's sign): each byte twice,
+    // shifted left by 11 and by 7.
     let qh = bytes16(w, F::QH);
     let shift = _mm256_setr_epi16(
         2048, 128, 2048, 128, 2048, 128, 2048, 128, 2048, 128, 2048, 128, 2048, 128, 2048, 128,
     );
     let high = [_mm_unpacklo_epi8(qh, qh), _mm_unpackhi_epi8(qh, qh)]
         .map(|twice| _mm256_mullo_epi16(_mm256_cvtepu8_epi16(twice), shift));
-    let offsets = iq1_offsets::<F>(w, high);
+    let offsets = iq1_offsets::<F>(w, high, 0x7800);
     // u16 j of the 4 at 48 holds the 3-bit `ls` of runs 4j..4j + 4. Shifted by 0 and 6 (low
     // lane) the u16 hold the even runs, by 3 and 9 (high lane) the odd ones, as `RUN_WORD`
     // reads them.
@@ -356,19 +359,9 @@ unsafe fn iq1m_block_sum(w: &[u8], x: *const i8, _sums: *const i16) -> __m256i {
         _mm256_set1_epi16(7),
     );
     let scales = _mm256_or_si256(_mm256_slli_epi16::<1>(ls), _mm256_set1_epi16(1));
-    // δ's sign of group 4c + l: bit 4l + 3 of the u16 of qh at 2c.
-    let delta_bit = _mm256_setr_epi64x(
-        0x0008_0008_0008_0008,
-        0x0080_0080_0080_0080,
-        0x0800_0800_0800_0800,
-        0x8000_8000_8000_8000u64 as i64,
-    );
     let mut acc = _mm256_setzero_si256();
     for (c, word) in RUN_WORD.into_iter().enumerate() {
-        let bits = i16::from_le_bytes([w[F::QH + 2 * c], w[F::QH + 2 * c + 1]]);
-        let bits = _mm256_and_si256(_mm256_set1_epi16(bits), delta_bit);
-        let delta = _mm256_or_si256(_mm256_cmpeq_epi16(bits, delta_bit), _mm256_set1_epi8(1));
-        let v = _mm256_add_epi8(iq1_entries(&offsets, c), delta);
+        let v = iq1_entries(&cb::IQ1_VALUES, &offsets, c);
         let x = _mm256_loadu_si256(x.add(32 * c).cast());
         let pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(v), _mm256_sign_epi8(x, v));
         let scale = _mm256_shuffle_epi8(scales, _mm256_set1_epi16(word));
