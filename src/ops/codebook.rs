@@ -65,7 +65,9 @@ static IQ3S_GRID: [u64; 512] = grids::IQ3S.expand();
 /// IQ1's grid entries times 8 (bytes −8, 0, 8).
 pub(crate) static IQ1S_GRID: [u64; 2048] = grids::IQ1S.expand();
 
-/// IQ1's values `8 g + δ` by index and δ's sign: `8 g + 1` at `i`, `8 g − 1` at `2048 + i`.
+/// IQ1's values `8 g + δ` by index and δ's sign: `8 g + 1` at `i`, `8 g − 1` at `2048 + i`
+/// (the x86 IQ1_M rows read them whole).
+#[cfg(target_arch = "x86_64")]
 pub(crate) static IQ1_VALUES: [u64; 4096] = {
     let grid = grids::IQ1S.expand();
     let mut out = [0u64; 4096];
