@@ -2,8 +2,8 @@
 //! `ops::codebook`): each 32 values are 4 groups of 8 magnitudes with a sign mask each
 //! (`Signed::groups`), in runs of `RUN` values with a scale `2 ls + 1`. The row kernels
 //! multiply the magnitudes by the activations negated where the signs are (`maddubs`: no pair
-//! exceeds 2 · 62 · 127; IQ1's values, never 0, sign the activations themselves), then by the
-//! run scales (`madd`); the tiles read the blocks unpacked as values (unsigned `v + 128` for
+//! exceeds 2 · 62 · 127; IQ1_M's values, never 0, sign the activations themselves, and IQ1_S
+//! takes its δ from the activations' sums), then by the run scales (`madd`); the tiles read the blocks unpacked as values (unsigned `v + 128` for
 //! the AVX-512 tiles, whose sums start at `−128 Σ x` per run; signed for the AVX2 ones),
 //! scales as i32 and `d` with the format's factor. Every sum is exact and every float step
 //! `fma(S_b, d_w · d_x, acc)`, as in `portable`: the same bits.
