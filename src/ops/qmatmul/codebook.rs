@@ -228,7 +228,8 @@ fn bytes16(w: &[u8], at: usize) -> __m128i {
     unsafe { _mm_loadu_si128(b.as_ptr().cast()) }
 }
 
-/// The byte offsets into `IQ1S_GRID` (8 × the index) of an IQ1 block's 32 groups, as u16, 4
+/// The byte offsets into an IQ1 table of u64 (`IQ1S_GRID`, `IQ1_VALUES`; 8 × the index) of an
+/// IQ1 block's 32 groups, as u16, 4
 /// to a u64 (each 32 values' taken from the vector at once, then apart by shifts, where a
 /// `pextrw` per offset measured slower): the index bytes widened, and the bits under `mask`
 /// that `high` holds for each group (the high index bits at 11..14, for IQ1_M δ's sign at 14
