@@ -229,11 +229,10 @@ fn bytes16(w: &[u8], at: usize) -> __m128i {
 }
 
 /// The byte offsets into an IQ1 table of u64 (`IQ1S_GRID`, `IQ1_VALUES`; 8 × the index) of an
-/// IQ1 block's 32 groups, as u16, 4
-/// to a u64 (each 32 values' taken from the vector at once, then apart by shifts, where a
-/// `pextrw` per offset measured slower): the index bytes widened, and the bits under `mask`
-/// that `high` holds for each group (the high index bits at 11..14, for IQ1_M δ's sign at 14
-/// too).
+/// IQ1 block's 32 groups, as u16, 4 to a u64 (each 32 values' taken from the vector at once,
+/// then apart by shifts, where a `pextrw` per offset measured slower): the index bytes
+/// widened, and the bits under `mask` that `high` holds for each group (the high index bits
+/// at 11..14, for IQ1_M δ's sign at 14 too).
 #[inline]
 #[target_feature(enable = "avx2")]
 fn iq1_offsets<F: Iq1>(w: &[u8], high: [__m256i; 2], mask: i16) -> [u64; 8] {
