@@ -285,7 +285,17 @@ impl Signed for IQ2XS {
         )
     }
 }
-signed_format!(IQ2XS, bytes: 74, run: 16, d: scaled_d::<1>, scales: |w: &[u8]| nibble_scales(&w[66..74]));
+signed_format!(IQ2XS, bytes: 74, run: 16, d: scaled_d::<1>, scales: |w: &[u8]| nibble_scales(&w[IQ2XS::SCALES..IQ2XS::SCALES + 8]));
+
+/// The formats whose scales are 16 nibbles `ls`, two per byte, low first (IQ2_XS, IQ2_S).
+pub(crate) trait NibbleScales {
+    /// Where the 8 bytes start.
+    const SCALES: usize;
+}
+
+impl NibbleScales for IQ2XS {
+    const SCALES: usize = 66;
+}
 
 impl SignBytes for IQ2S {
     #[inline(always)]
@@ -305,7 +315,11 @@ impl Signed for IQ2S {
         )
     }
 }
-signed_format!(IQ2S, bytes: 82, run: 16, d: scaled_d::<1>, scales: |w: &[u8]| nibble_scales(&w[74..82]));
+signed_format!(IQ2S, bytes: 82, run: 16, d: scaled_d::<1>, scales: |w: &[u8]| nibble_scales(&w[IQ2S::SCALES..IQ2S::SCALES + 8]));
+
+impl NibbleScales for IQ2S {
+    const SCALES: usize = 74;
+}
 
 impl Quads for IQ3XXS {
     #[inline(always)]

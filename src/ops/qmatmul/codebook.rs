@@ -14,7 +14,7 @@ use std::marker::PhantomData;
 use super::act::{Groups, Rows, Q8K_SUMS, QK_K};
 use super::driver::{Avx2, Avx2Rows, Format, RowKernel};
 use super::simd::{hsum4_avx2, tile_avx2, tile_with_starts, NextRows, Pairs, Unpacked};
-use crate::ops::codebook::{self as cb, Iq1, Quads, SevenSigns, SignBytes, Signed};
+use crate::ops::codebook::{self as cb, Iq1, NibbleScales, Quads, SevenSigns, SignBytes, Signed};
 use crate::ops::portable;
 
 /// The kernels of codebook format `F`.
@@ -73,6 +73,22 @@ pub(crate) trait Avx2Groups: Signed {
         _mm256_sub_epi8(_mm256_xor_si256(v, mask), mask)
     }
 
+    /// The scales of the block's 16 runs of 16 as i16: the even runs in the low lane, the odd
+    /// ones in the high, runs `2c` and `2c + 1` at u16 `c` (picked for values `32c..32c + 32`
+    /// by one `pshufb`). By default from `scales`.
+    ///
+    /// # Safety
+    /// AVX2.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn run_pairs(w: &[u8]) -> __m256i {
+        let s = Self::scales(w).map(|s| s as i16);
+        _mm256_setr_epi16(
+            s[0], s[2], s[4], s[6], s[8], s[10], s[12], s[14], s[1], s[3], s[5], s[7], s[9], s[11],
+            s[13], s[15],
+        )
+    }
+
     /// `S_b` of the block `w` against the Q8_K values at `x` (their sums at `sums`), in 8 i32
     /// lanes: the magnitudes times the activations signed as the values are (`maddubs`), then
     /// times the run scales (`madd`).
@@ -83,7 +99,7 @@ pub(crate) trait Avx2Groups: Signed {
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn block_sum(w: &[u8], x: *const i8, _sums: *const i16) -> __m256i {
-        let scales = Self::scales(w);
+        let (scales, run_pairs) = (Self::scales(w), Self::run_pairs(w));
         let mut acc = _mm256_setzero_si256();
         for c in 0..QK_K / 32 {
             let x = _mm256_loadu_si256(x.add(32 * c).cast());
@@ -91,10 +107,7 @@ pub(crate) trait Avx2Groups: Signed {
             let pairs = _mm256_maddubs_epi16(magnitudes, Self::signed(x, signs));
             let scale = match Self::RUN {
                 32 => _mm256_set1_epi16(scales[c] as i16),
-                _ => _mm256_setr_m128i(
-                    _mm_set1_epi16(scales[2 * c] as i16),
-                    _mm_set1_epi16(scales[2 * c + 1] as i16),
-                ),
+                _ => _mm256_shuffle_epi8(run_pairs, _mm256_set1_epi16(0x0100 + 0x0202 * c as i16)),
             };
             acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, scale));
         }
@@ -159,8 +172,27 @@ seven_signs_groups!(
     cb::IQ3XXS => quads::<cb::IQ3XXS>
 );
 
+/// `Avx2Groups::run_pairs` of a `NibbleScales` format: the low nibbles (even runs) and the
+/// high ones (odd runs), widened.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn nibble_run_pairs<F: NibbleScales>(w: &[u8]) -> __m256i {
+    let bytes: &[u8; 8] = w[F::SCALES..F::SCALES + 8].try_into().unwrap();
+    let b = _mm_set1_epi64x(i64::from_le_bytes(*bytes));
+    let low = _mm_and_si128(b, _mm_set1_epi8(0xf));
+    let high = _mm_and_si128(_mm_srli_epi16::<4>(b), _mm_set1_epi8(0xf));
+    let ls = _mm256_setr_m128i(_mm_cvtepu8_epi16(low), _mm_cvtepu8_epi16(high));
+    _mm256_or_si256(_mm256_slli_epi16::<1>(ls), _mm256_set1_epi16(1))
+}
+
 /// IQ2_XS's sign bits share each group's u16 with its index: its masks come from the table.
-impl Avx2Groups for cb::IQ2XS {}
+impl Avx2Groups for cb::IQ2XS {
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn run_pairs(w: &[u8]) -> __m256i {
+        nibble_run_pairs::<Self>(w)
+    }
+}
 
 /// The 8 grid entries of an IQ3 format's 32 values, inserted into the vector as they are
 /// loaded (not paired in general registers first).
@@ -196,6 +228,12 @@ impl Avx2Groups for cb::IQ2S {
     unsafe fn groups(w: &[u8], c: usize) -> (__m256i, __m256i) {
         let (magnitudes, _) = <Self as Signed>::groups(w, c);
         (vector(magnitudes), sign_mask::<Self>(w, c))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn run_pairs(w: &[u8]) -> __m256i {
+        nibble_run_pairs::<Self>(w)
     }
 }
 
