@@ -101,12 +101,13 @@ pub(crate) trait Avx2Groups: Signed {
     unsafe fn block_sum(w: &[u8], x: *const i8, _sums: *const i16) -> __m256i {
         let (scales, run_pairs) = (Self::scales(w), Self::run_pairs(w));
         let mut acc = _mm256_setzero_si256();
-        for c in 0..QK_K / 32 {
+        // With runs of 32, `scales[c]` is values `32c..32c + 32`'s.
+        for (c, &scale) in scales[..QK_K / 32].iter().enumerate() {
             let x = _mm256_loadu_si256(x.add(32 * c).cast());
             let (magnitudes, signs) = <Self as Avx2Groups>::groups(w, c);
             let pairs = _mm256_maddubs_epi16(magnitudes, Self::signed(x, signs));
             let scale = match Self::RUN {
-                32 => _mm256_set1_epi16(scales[c] as i16),
+                32 => _mm256_set1_epi16(scale as i16),
                 _ => _mm256_shuffle_epi8(run_pairs, _mm256_set1_epi16(0x0100 + 0x0202 * c as i16)),
             };
             acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, scale));
