@@ -14,12 +14,13 @@ use core::arch::x86_64::*;
 
 use rayon::prelude::*;
 
-use super::{chunks, padded, rounded, row_products, with_prepared, Bf16, Half, RowKernel, F16};
+use super::{chunks, rounded, row_products, with_prepared, Bf16, Half, RowKernel, F16};
 use crate::ops::bf16;
 use crate::ops::disjoint::SyncPtr;
 use crate::ops::qmatmul::driver::{n_tasks, row_tasks, Weights, MIN_TILED};
 use crate::ops::qmatmul::simd::{self, NextRows};
 use crate::ops::qmatmul::{isa, Isa};
+use crate::ops::scratch;
 
 /// A half format's values widened to f32 as they are loaded.
 pub(crate) trait Widen {
@@ -154,16 +155,92 @@ const ROW_KERNEL_ROWS: usize = 4;
 /// `y = x Wᵀ` by the kernels `K`: the activations prepared for them, then rows or tiles.
 fn product<K: Kernels>(w: &Weights, x: &[f32], y: &mut [f32]) {
     let m = x.len() / w.nb;
-    let tiled = m >= MIN_TILED;
-    let tasks_bytes = if tiled {
-        n_tasks(w.n_rows) * task_bytes::<K>(m, w.nb)
-    } else {
-        0
-    };
-    with_prepared::<K, _>(w.nb, x, tasks_bytes, |xs, rest| match tiled {
-        true => tiles::<K>(w, xs, rest, m, y),
-        false => row_products::<K, ROW_KERNEL_ROWS, 1>(w, xs, y),
+    if m < MIN_TILED {
+        return with_prepared::<K, _>(w.nb, x, 0, |xs, _| {
+            row_products::<K, ROW_KERNEL_ROWS, 1>(w, xs, y)
+        });
+    }
+    let panel = Panel::new::<K>(m, w.nb);
+    let panel_bytes = (panel.len() * std::mem::size_of::<K::X>()).next_multiple_of(64);
+    let tasks_bytes = n_tasks(w.n_rows) * task_bytes::<K>(m, w.nb);
+    scratch::with_aligned_bytes(panel_bytes + tasks_bytes, |buf| {
+        let (xs, rest) = buf.split_at_mut(panel_bytes);
+        // SAFETY: the scratch is 64-byte aligned and `K::X` (a `Pod` number) is valid for any
+        // bits; `panel_bytes` holds `panel.len()` of them.
+        let xs =
+            unsafe { std::slice::from_raw_parts_mut(xs.as_mut_ptr().cast::<K::X>(), panel.len()) };
+        panel.fill::<K>(x, w.nb, xs);
+        tiles::<K>(w, &panel, xs, rest, y)
     })
+}
+
+/// The tokens laid out for the tiles: in blocks of `token_block` tokens, each block chunk by
+/// chunk of k, each chunk token by token (the last tile's missing tokens zeros), a token's
+/// chunk as `Kernels::lay_out` writes it in `K_CHUNK` values. So a tile's tokens lie next to
+/// each other and the tile after them next: the tiles stream through memory in order, where
+/// the tokens' own rows, a power of two apart, would put a tile's tokens in the same L1 sets.
+struct Panel {
+    /// Tokens.
+    m: usize,
+    /// Tokens per block, whole tiles.
+    block: usize,
+    /// Values per token and chunk (`Kernels::K_CHUNK`).
+    chunk: usize,
+    /// Chunks of k (rounded up to `Kernels::STEP`).
+    n_chunks: usize,
+}
+
+impl Panel {
+    fn new<K: Kernels>(m: usize, k: usize) -> Panel {
+        Panel {
+            m,
+            block: token_block(k),
+            chunk: K::K_CHUNK,
+            n_chunks: k.next_multiple_of(K::STEP).div_ceil(K::K_CHUNK),
+        }
+    }
+
+    /// Values, the last tile's missing tokens included.
+    fn len(&self) -> usize {
+        self.m.next_multiple_of(TOKENS) * self.n_chunks * self.chunk
+    }
+
+    /// Tokens of the block starting at token `b0`, whole tiles.
+    fn block_len(&self, b0: usize) -> usize {
+        (self.m - b0).min(self.block).next_multiple_of(TOKENS)
+    }
+
+    /// Where token `t`'s chunk `c` starts.
+    fn at(&self, t: usize, c: usize) -> usize {
+        let b0 = t / self.block * self.block;
+        (b0 * self.n_chunks + c * self.block_len(b0) + t - b0) * self.chunk
+    }
+
+    /// The token and chunk whose values start at `at`.
+    fn token_chunk(&self, at: usize) -> (usize, usize) {
+        let slot = at / self.chunk;
+        let b0 = slot / (self.block * self.n_chunks) * self.block;
+        let rest = slot - b0 * self.n_chunks;
+        let tokens = self.block_len(b0);
+        (b0 + rest % tokens, rest / tokens)
+    }
+
+    /// Lays out the tokens `x` (`[m, k]`) in `out` (`len` values) for `K`'s tiles.
+    fn fill<K: Kernels>(&self, x: &[f32], k: usize, out: &mut [K::X]) {
+        let k_steps = k.next_multiple_of(K::STEP);
+        out.par_chunks_mut(self.chunk)
+            .enumerate()
+            .for_each(|(slot, out)| {
+                let (t, c) = self.token_chunk(slot * self.chunk);
+                let ks = c * self.chunk..((c + 1) * self.chunk).min(k_steps);
+                // A missing token's values are all past the end: zeros.
+                let x = match t < self.m {
+                    true => &x[t * k..][ks.start.min(k)..ks.end.min(k)],
+                    false => &[],
+                };
+                K::lay_out(x, &mut out[..ks.len()]);
+            });
+    }
 }
 
 /// Scratch bytes of one tiled task: the partial sums of a block of token tiles, then the
@@ -180,13 +257,13 @@ fn token_block(k: usize) -> usize {
     ((1 << 20) / (4 * k.max(1)) / TOKENS).max(32) * TOKENS
 }
 
-fn tiles<K: Kernels>(w: &Weights, xs: &[K::X], scratch: &mut [u8], m: usize, y: &mut [f32]) {
-    let (row_bytes, n_rows, stride) = (2 * w.nb, w.n_rows, padded(w.nb));
+fn tiles<K: Kernels>(w: &Weights, panel: &Panel, xs: &[K::X], scratch: &mut [u8], y: &mut [f32]) {
+    let (row_bytes, n_rows, m) = (2 * w.nb, w.n_rows, panel.m);
     let k_steps = w.nb.next_multiple_of(K::STEP);
     let y_ptr = SyncPtr(y.as_mut_ptr());
     let chunk_row = K::PACKED * K::K_CHUNK;
     let scratch = scratch.par_chunks_mut(task_bytes::<K>(m, w.nb));
-    let token_block = token_block(w.nb);
+    let token_block = panel.block;
     row_tasks(n_rows).zip(scratch).for_each(|(rows, scratch)| {
         let (partial, chunk) = scratch.split_at_mut(scratch.len() - ROWS * chunk_row);
         // SAFETY: the scratch is 64-byte aligned (`Partial` is a multiple of 64 bytes long)
@@ -248,13 +325,14 @@ fn tiles<K: Kernels>(w: &Weights, xs: &[K::X], scratch: &mut [u8], m: usize, y: 
                                 simd::prefetch_l1(w.data[at..at + next_bytes].as_ptr(), next_bytes);
                             }
                         }
-                        let t: [usize; TOKENS] = std::array::from_fn(|i| (t0 + i).min(m - 1));
-                        assert!(t.iter().all(|&t| xs.len() >= (t + 1) * stride));
-                        assert!(ks.end <= stride && ks.start.is_multiple_of(K::STEP));
+                        let at = panel.at(t0, k0 / K::K_CHUNK);
+                        assert!(at + TOKENS * K::K_CHUNK <= xs.len());
+                        assert!(ks.end <= k_steps && ks.start.is_multiple_of(K::STEP));
+                        let x = std::array::from_fn(|i| xs[at + i * K::K_CHUNK..].as_ptr());
                         // SAFETY: `supports` checked the CPU; each `block` row holds the
-                        // columns `ks` within k; every t[i] < m and ks lies within the padded
-                        // rows (the asserts).
-                        unsafe { K::tile(block, w.nb, xs, t, ks.clone(), partial) };
+                        // columns `ks` within k; each x[i] points to a token's chunk of `ks`
+                        // in the panel (the asserts).
+                        unsafe { K::tile(block, w.nb, x, ks.clone(), partial) };
                         let len = prefetch_step.min(next.end as usize - next.start as usize);
                         simd::prefetch_l2(next.start, len);
                         next.start = next.start.wrapping_add(len);
@@ -301,6 +379,12 @@ trait Kernels: RowKernel {
     /// Bytes a value of the rows takes in the chunk `tile` reads (`pack` writes it).
     const PACKED: usize = 2;
 
+    /// Writes a token's values of a chunk (`x`, zeros past its end to `out`'s end) rounded
+    /// to the weights' format, as `tile` reads them: by default, in order.
+    fn lay_out(x: &[f32], out: &mut [Self::X]) {
+        Self::prepare(x, out)
+    }
+
     /// Writes the halves `row` (a chunk's columns within k) to `chunk` as `tile` reads them:
     /// by default, as they are.
     ///
@@ -311,18 +395,17 @@ trait Kernels: RowKernel {
     }
 
     /// Adds columns `ks` of `ROWS` rows of `k` halves (`w[r]`: row `r`'s columns `ks` as
-    /// `pack` wrote them) times tokens `t` of `xs` (`prepare`d, `padded(k)` values per token)
-    /// to `partial`, which the first chunk (`ks.start == 0`) sets.
+    /// `pack` wrote them) times `TOKENS` tokens (`x[i]`: token `i`'s columns `ks` as `lay_out`
+    /// wrote them, in a `Panel`) to `partial`, which the first chunk (`ks.start == 0`) sets.
     ///
     /// # Safety
-    /// The CPU has the instruction set; each `w[r]` points to a packed chunk of `ks`;
-    /// `xs` holds the tokens `t`; `ks` lies within `k` rounded up to `STEP`, its start a
-    /// multiple of `STEP`.
+    /// The CPU has the instruction set; each `w[r]` points to a packed chunk of `ks`, each
+    /// `x[i]` to a laid out one, the next tile's tokens after them; `ks` lies within `k`
+    /// rounded up to `STEP`, its start a multiple of `STEP`.
     unsafe fn tile(
         w: [*const u8; ROWS],
         k: usize,
-        xs: &[Self::X],
-        t: [usize; TOKENS],
+        x: [*const Self::X; TOKENS],
         ks: std::ops::Range<usize>,
         partial: &mut Partial,
     );
@@ -494,19 +577,15 @@ impl<H: Half> Kernels for Avx512<H> {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     unsafe fn tile(
         w: [*const u8; ROWS],
-        k: usize,
-        xs: &[Self::X],
-        t: [usize; TOKENS],
+        _: usize,
+        x: [*const f32; TOKENS],
         ks: std::ops::Range<usize>,
         partial: &mut Partial,
     ) {
-        let (stride, k0) = (padded(k), ks.start);
-        let mut acc = load_partial(partial, k0);
-        // j counts from the chunk's start, as the rows `w` do.
-        let xs = &xs[k0..];
+        let mut acc = load_partial(partial, ks.start);
+        // j counts from the chunk's start, as the rows `w` and tokens `x` do.
         for j in (0..ks.len()).step_by(16) {
-            let x: [__m512; TOKENS] =
-                std::array::from_fn(|i| _mm512_loadu_ps(xs.as_ptr().add(t[i] * stride + j)));
+            let x: [__m512; TOKENS] = std::array::from_fn(|i| _mm512_loadu_ps(x[i].add(j)));
             for r in 0..ROWS {
                 let w = _mm512_loadu_ps(w[r].add(4 * j).cast());
                 for i in 0..TOKENS {
@@ -630,6 +709,17 @@ impl<H: Half> Kernels for Avx2<H> {
     const K_CHUNK: usize = WIDENED_K_CHUNK;
     const PACKED: usize = 4;
 
+    /// The values of a chunk's lanes 0–7 (of every 16), then of lanes 8–15: each pass of
+    /// `tile_half` reads half the lines.
+    fn lay_out(x: &[f32], out: &mut [f32]) {
+        let half = out.len() / 2;
+        for (j, out) in out.iter_mut().enumerate() {
+            let (h, i) = (j / half, j % half);
+            let at = i / 8 * 16 + 8 * h + i % 8;
+            *out = x.get(at).map_or(0.0, |&v| H::round(v));
+        }
+    }
+
     unsafe fn pack(row: &[u8], chunk: &mut [u8]) {
         widen::<H>(row, chunk)
     }
@@ -637,27 +727,33 @@ impl<H: Half> Kernels for Avx2<H> {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn tile(
         w: [*const u8; ROWS],
-        k: usize,
-        xs: &[Self::X],
-        t: [usize; TOKENS],
+        _: usize,
+        x: [*const f32; TOKENS],
         ks: std::ops::Range<usize>,
         partial: &mut Partial,
     ) {
-        let x: [*const f32; TOKENS] = std::array::from_fn(|i| xs.as_ptr().add(t[i] * padded(k)));
         // Each half of the 16 lanes sums on its own: one half of 4 rows at a time, 12 chains
         // of fused multiply-adds that hide their latency, in registers with the 3 tokens'
-        // values (the rows, widened, are loaded from L1 as they are multiplied).
+        // values (the rows, widened, are loaded from L1 as they are multiplied). The first
+        // three passes bring the next tile's tokens into L1, a token each, a line per step:
+        // the first pass over a tile would otherwise wait on all of its lines.
+        let next = x[TOKENS - 1].wrapping_add(Self::K_CHUNK);
         for h in 0..2 {
-            tile_half::<4>(w, 0, h, x, ks.clone(), partial);
-            tile_half::<4>(w, 4, h, x, ks.clone(), partial);
+            for r0 in [0, 4] {
+                let pass = 2 * h + r0 / 4;
+                let fetch = next.wrapping_add(pass.min(TOKENS - 1) * Self::K_CHUNK);
+                let fetch = (pass < TOKENS).then_some(fetch);
+                tile_half::<4>(w, r0, h, x, ks.clone(), partial, fetch);
+            }
         }
     }
 }
 
-/// AVX2's `tile` for lanes `8 h ..= 8 h + 7` of rows `r0 .. r0 + R` (widened).
+/// AVX2's `tile` for lanes `8 h ..= 8 h + 7` of rows `r0 .. r0 + R` (widened), prefetching
+/// a line from `fetch` on at each step.
 ///
 /// # Safety
-/// As `Kernels::tile`; `x[i]` points to token `t[i]`'s values.
+/// As `Kernels::tile`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tile_half<const R: usize>(
@@ -667,6 +763,7 @@ unsafe fn tile_half<const R: usize>(
     x: [*const f32; TOKENS],
     ks: std::ops::Range<usize>,
     partial: &mut Partial,
+    fetch: Option<*const f32>,
 ) {
     let mut acc = [[_mm256_setzero_ps(); TOKENS]; R];
     if ks.start > 0 {
@@ -676,14 +773,18 @@ unsafe fn tile_half<const R: usize>(
             }
         }
     }
-    // j counts from the chunk's start, as the rows `w` do.
-    for j in (8 * h..ks.len()).step_by(16) {
+    // Step s: values 16 s + 8 h .. of the chunk; the tokens keep this half's values apart.
+    let x = x.map(|x| x.add(h * ks.len() / 2));
+    for s in 0..ks.len() / 16 {
+        if let Some(fetch) = fetch {
+            _mm_prefetch::<_MM_HINT_T0>(fetch.wrapping_add(16 * s).cast());
+        }
         let mut xv = [_mm256_setzero_ps(); TOKENS];
         for (xv, x) in xv.iter_mut().zip(x) {
-            *xv = _mm256_loadu_ps(x.add(ks.start + j));
+            *xv = _mm256_loadu_ps(x.add(8 * s));
         }
         for (acc, w) in acc.iter_mut().zip(&w[r0..r0 + R]) {
-            let w = _mm256_loadu_ps(w.cast::<f32>().add(j));
+            let w = _mm256_loadu_ps(w.cast::<f32>().add(16 * s + 8 * h));
             for (acc, x) in acc.iter_mut().zip(xv) {
                 *acc = _mm256_fmadd_ps(w, x, *acc);
             }
@@ -766,18 +867,15 @@ impl Kernels for Avx512Bf16 {
     unsafe fn tile(
         w: [*const u8; ROWS],
         k: usize,
-        xs: &[Self::X],
-        t: [usize; TOKENS],
+        x: [*const u16; TOKENS],
         ks: std::ops::Range<usize>,
         partial: &mut Partial,
     ) {
-        let (stride, k0) = (padded(k), ks.start);
+        let k0 = ks.start;
         let mut acc = load_partial(partial, k0);
-        // j counts from the chunk's start, as the rows `w` do.
-        let xs = &xs[k0..];
+        // j counts from the chunk's start, as the rows `w` and tokens `x` do.
         chunks::<32>(0..ks.len(), k - k0, |j, n| {
-            let x: [__m512bh; TOKENS] =
-                std::array::from_fn(|i| bf16x32(xs.as_ptr().add(t[i] * stride + j).cast(), 32));
+            let x: [__m512bh; TOKENS] = std::array::from_fn(|i| bf16x32(x[i].add(j).cast(), 32));
             for r in 0..ROWS {
                 let w = bf16x32(w[r].add(2 * j), n);
                 for i in 0..TOKENS {
