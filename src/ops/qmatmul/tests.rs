@@ -223,12 +223,13 @@ fn check_sum_order<H: halves::Half, T: GgmlType>(
     let mut dense = vec![0f32; n_rows * k];
     T::to_float(as_blocks::<T>(&data), &mut dense);
     let mut rng = Rng(9);
-    let x: Vec<f32> = (0..130 * k)
+    let x: Vec<f32> = (0..200 * k)
         .map(|i| 3.0 * rng.float() * if i % 7 == 0 { 1e-6 } else { 1.0 })
         .collect();
     let rounded: Vec<f32> = x.iter().map(|&v| H::round(v)).collect();
-    // 130 tokens: at k = 2056, past one block of tokens of the x86 tiles.
-    for m in [1, 17, 130] {
+    // 200 tokens: at k = 2056, two blocks of tokens of the x86 tiles, the second ending in
+    // a tile of two.
+    for m in [1, 17, 200] {
         let mut y = vec![0f32; m * n_rows];
         run(&data, &x[..m * k], &mut y);
         for (i, &v) in y.iter().enumerate() {

@@ -194,7 +194,7 @@ impl Panel {
     fn new<K: Kernels>(m: usize, k: usize) -> Panel {
         Panel {
             m,
-            block: token_block(k),
+            block: token_block(m, k),
             chunk: K::K_CHUNK,
             n_chunks: k.next_multiple_of(K::STEP).div_ceil(K::K_CHUNK),
         }
@@ -246,15 +246,18 @@ impl Panel {
 /// Scratch bytes of one tiled task: the partial sums of a block of token tiles, then the
 /// chunk of the rows.
 fn task_bytes<K: Kernels>(m: usize, k: usize) -> usize {
-    let tiles = m.min(token_block(k)).div_ceil(TOKENS);
+    let tiles = m.min(token_block(m, k)).div_ceil(TOKENS);
     std::mem::size_of::<Partial>() * tiles + ROWS * K::PACKED * K::K_CHUNK
 }
 
-/// Tokens whose activations (1 MiB of f32 at most, whole tiles, at least 32 of them) stay in
-/// the L2 cache while all of a task's rows pass over them: past them, every group of rows
-/// would read the batch's activations and partial sums from L3 again.
-fn token_block(k: usize) -> usize {
-    ((1 << 20) / (4 * k.max(1)) / TOKENS).max(32) * TOKENS
+/// Tokens per block of the panel: blocks of about 1 MiB of f32 (at least 32 tiles), their
+/// number rounded to the nearest and the tokens shared out evenly, whole tiles. Each block
+/// widens every chunk of the rows again, so a few tokens past a block's end join it rather
+/// than make a block of their own; within a block, the panel streams in order.
+fn token_block(m: usize, k: usize) -> usize {
+    let most = ((1 << 20) / (4 * k.max(1))).max(32 * TOKENS);
+    let blocks = ((m + most / 2) / most).max(1);
+    m.div_ceil(blocks).next_multiple_of(TOKENS)
 }
 
 fn tiles<K: Kernels>(w: &Weights, panel: &Panel, xs: &[K::X], scratch: &mut [u8], y: &mut [f32]) {
@@ -712,11 +715,12 @@ impl<H: Half> Kernels for Avx2<H> {
     /// The values of a chunk's lanes 0–7 (of every 16), then of lanes 8–15: each pass of
     /// `tile_half` reads half the lines.
     fn lay_out(x: &[f32], out: &mut [f32]) {
-        let half = out.len() / 2;
-        for (j, out) in out.iter_mut().enumerate() {
-            let (h, i) = (j / half, j % half);
-            let at = i / 8 * 16 + 8 * h + i % 8;
-            *out = x.get(at).map_or(0.0, |&v| H::round(v));
+        for (h, out) in out.chunks_exact_mut(out.len() / 2).enumerate() {
+            for (s, out) in out.chunks_exact_mut(8).enumerate() {
+                for (l, out) in out.iter_mut().enumerate() {
+                    *out = x.get(16 * s + 8 * h + l).map_or(0.0, |&v| H::round(v));
+                }
+            }
         }
     }
 
