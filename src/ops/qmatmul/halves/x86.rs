@@ -319,8 +319,12 @@ fn tiles<K: Kernels>(w: &Weights, panel: &Panel, xs: &[K::X], scratch: &mut [u8]
                     };
                     let next_bytes = 2 * ((next_k0 + K::K_CHUNK).min(w.nb) - next_k0.min(w.nb));
                     let last_tiles = n_tiles.min(ROWS);
-                    let tiles = tokens.clone().step_by(TOKENS).zip(partial.iter_mut());
-                    for (i, (t0, partial)) in tiles.enumerate() {
+                    // The block's tiles of tokens for this chunk, one after another.
+                    let tile_values = TOKENS * K::K_CHUNK;
+                    let at = panel.at(tokens.start, k0 / K::K_CHUNK);
+                    let panel_tiles = xs[at..][..n_tiles * tile_values].chunks_exact(tile_values);
+                    assert!(ks.end <= k_steps && ks.start.is_multiple_of(K::STEP));
+                    for (i, (partial, x)) in partial.iter_mut().zip(panel_tiles).enumerate() {
                         if let Some(j) = (i + last_tiles).checked_sub(n_tiles) {
                             let share = j * ROWS / last_tiles..(j + 1) * ROWS / last_tiles;
                             for r in share.map(|r| next_r0 + r).filter(|&r| r < rows.end) {
@@ -328,13 +332,10 @@ fn tiles<K: Kernels>(w: &Weights, panel: &Panel, xs: &[K::X], scratch: &mut [u8]
                                 simd::prefetch_l1(w.data[at..at + next_bytes].as_ptr(), next_bytes);
                             }
                         }
-                        let at = panel.at(t0, k0 / K::K_CHUNK);
-                        assert!(at + TOKENS * K::K_CHUNK <= xs.len());
-                        assert!(ks.end <= k_steps && ks.start.is_multiple_of(K::STEP));
-                        let x = std::array::from_fn(|i| xs[at + i * K::K_CHUNK..].as_ptr());
+                        let x = std::array::from_fn(|i| x[i * K::K_CHUNK..].as_ptr());
                         // SAFETY: `supports` checked the CPU; each `block` row holds the
-                        // columns `ks` within k; each x[i] points to a token's chunk of `ks`
-                        // in the panel (the asserts).
+                        // columns `ks` within k (the assert); each x[i] points to a token's
+                        // chunk in the panel, `K_CHUNK` values.
                         unsafe { K::tile(block, w.nb, x, ks.clone(), partial) };
                         let len = prefetch_step.min(next.end as usize - next.start as usize);
                         simd::prefetch_l2(next.start, len);
