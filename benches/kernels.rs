@@ -26,6 +26,10 @@ use lugh::ops::Weight;
 const REPS: usize = 7;
 const MIN_SECONDS: f64 = 0.02;
 
+/// A pause before each repetition: the other side's idle threads spin on after its calls
+/// (ggml's OpenMP workers, rayon's), and would take a core from the first calls of this one.
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(100);
+
 #[repr(C)]
 struct InitParams {
     mem_size: usize,
@@ -251,7 +255,9 @@ fn main() {
             let (lugh_calls, ggml_calls) = (lugh(None) as usize, calls(|| drop(ggml())));
             let (mut lugh_t, mut ggml_t) = (Timing { runs: vec![] }, Timing { runs: vec![] });
             for _ in 0..REPS {
+                std::thread::sleep(SETTLE);
                 lugh_t.runs.push(lugh(Some(lugh_calls)));
+                std::thread::sleep(SETTLE);
                 ggml_t.runs.push(time(ggml_calls, || drop(ggml())));
             }
             let reference = ggml();
