@@ -740,14 +740,18 @@ impl<H: Half> Kernels for Avx2<H> {
         // Each half of the 16 lanes sums on its own: one half of 4 rows at a time, 12 chains
         // of fused multiply-adds that hide their latency, in registers with the 3 tokens'
         // values (the rows, widened, are loaded from L1 as they are multiplied). The first
-        // three passes bring the next tile's tokens into L1, a token each, a line per step:
-        // the first pass over a tile would otherwise wait on all of its lines.
+        // three passes bring the next tile's tokens into L1, a token each, a line per step,
+        // and the last its partial sums (`tiles` keeps them one after another): the first
+        // pass over a tile would otherwise wait on all of its lines.
         let next = x[TOKENS - 1].wrapping_add(Self::K_CHUNK);
+        let next_partial = (partial as *const Partial).wrapping_add(1).cast::<f32>();
         for h in 0..2 {
             for r0 in [0, 4] {
                 let pass = 2 * h + r0 / 4;
-                let fetch = next.wrapping_add(pass.min(TOKENS - 1) * Self::K_CHUNK);
-                let fetch = (pass < TOKENS).then_some(fetch);
+                let fetch = match pass < TOKENS {
+                    true => next.wrapping_add(pass * Self::K_CHUNK),
+                    false => next_partial,
+                };
                 tile_half::<4>(w, r0, h, x, ks.clone(), partial, fetch);
             }
         }
@@ -768,7 +772,7 @@ unsafe fn tile_half<const R: usize>(
     x: [*const f32; TOKENS],
     ks: std::ops::Range<usize>,
     partial: &mut Partial,
-    fetch: Option<*const f32>,
+    fetch: *const f32,
 ) {
     let mut acc = [[_mm256_setzero_ps(); TOKENS]; R];
     if ks.start > 0 {
@@ -781,9 +785,7 @@ unsafe fn tile_half<const R: usize>(
     // Step s: values 16 s + 8 h .. of the chunk; the tokens keep this half's values apart.
     let x = x.map(|x| x.add(h * ks.len() / 2));
     for s in 0..ks.len() / 16 {
-        if let Some(fetch) = fetch {
-            _mm_prefetch::<_MM_HINT_T0>(fetch.wrapping_add(16 * s).cast());
-        }
+        _mm_prefetch::<_MM_HINT_T0>(fetch.wrapping_add(16 * s).cast());
         let mut xv = [_mm256_setzero_ps(); TOKENS];
         for (xv, x) in xv.iter_mut().zip(x) {
             *xv = _mm256_loadu_ps(x.add(8 * s));
