@@ -285,12 +285,17 @@ impl Signed for IQ2XS {
         )
     }
 }
-signed_format!(IQ2XS, bytes: 74, run: 16, d: scaled_d::<1>, scales: |w: &[u8]| nibble_scales(&w[IQ2XS::SCALES..IQ2XS::SCALES + 8]));
+signed_format!(IQ2XS, bytes: 74, run: 16, d: scaled_d::<1>, scales: |w: &[u8]| nibble_scales(IQ2XS::scale_bytes(w)));
 
 /// The formats whose scales are 16 nibbles `ls`, two per byte, low first (IQ2_XS, IQ2_S).
 pub(crate) trait NibbleScales {
     /// Where the 8 bytes start.
     const SCALES: usize;
+
+    /// The 8 bytes of the block `w`.
+    fn scale_bytes(w: &[u8]) -> &[u8; 8] {
+        w[Self::SCALES..Self::SCALES + 8].try_into().unwrap()
+    }
 }
 
 impl NibbleScales for IQ2XS {
@@ -315,7 +320,7 @@ impl Signed for IQ2S {
         )
     }
 }
-signed_format!(IQ2S, bytes: 82, run: 16, d: scaled_d::<1>, scales: |w: &[u8]| nibble_scales(&w[IQ2S::SCALES..IQ2S::SCALES + 8]));
+signed_format!(IQ2S, bytes: 82, run: 16, d: scaled_d::<1>, scales: |w: &[u8]| nibble_scales(IQ2S::scale_bytes(w)));
 
 impl NibbleScales for IQ2S {
     const SCALES: usize = 74;

@@ -178,8 +178,7 @@ seven_signs_groups!(
 #[inline]
 #[target_feature(enable = "avx2")]
 fn nibble_run_pairs<F: NibbleScales>(w: &[u8]) -> __m256i {
-    let bytes: &[u8; 8] = w[F::SCALES..F::SCALES + 8].try_into().unwrap();
-    let b = _mm_set1_epi64x(i64::from_le_bytes(*bytes));
+    let b = _mm_set1_epi64x(i64::from_le_bytes(*F::scale_bytes(w)));
     let low = _mm_and_si128(b, _mm_set1_epi8(0xf));
     let high = _mm_and_si128(_mm_srli_epi16::<4>(b), _mm_set1_epi8(0xf));
     let ls = _mm256_setr_m128i(_mm_cvtepu8_epi16(low), _mm_cvtepu8_epi16(high));
