@@ -111,11 +111,20 @@ impl<'a> GgmlFile<'a> {
         GgmlFile { ggml, ctx }
     }
 
-    /// `y = x Wᵀ` by ggml for `m` tokens `x` of the tensor `name`: a context of its own for
-    /// the product's graph, result and work buffer, in `arena`.
+    /// The tensor `name` in ggml's context.
+    fn tensor(&self, name: &str) -> *mut c_void {
+        let name = CString::new(name).unwrap();
+        // SAFETY: `name` is a C string and `ctx` ggml's context.
+        let w = unsafe { (self.ggml.get_tensor)(self.ctx, name.as_ptr()) };
+        assert!(!w.is_null(), "ggml has no tensor {name:?}");
+        w
+    }
+
+    /// `y = x Wᵀ` by ggml for `m` tokens `x` of its tensor `w` (`n` rows of `k`): a context of
+    /// its own for the product's graph, result and work buffer, in `arena`.
     fn matmul(
         &self,
-        name: &str,
+        w: *mut c_void,
         n: usize,
         k: usize,
         x: &[f32],
@@ -124,12 +133,9 @@ impl<'a> GgmlFile<'a> {
     ) -> Vec<f32> {
         let g = self.ggml;
         let m = x.len() / k;
-        let name = CString::new(name).unwrap();
-        // SAFETY: the pointers come from ggml for this context; `arena` outlives the context
+        // SAFETY: `w` and the other pointers come from ggml; `arena` outlives the context
         // (freed before returning) and is as large as `arena_bytes` says the product needs.
         unsafe {
-            let w = (g.get_tensor)(self.ctx, name.as_ptr());
-            assert!(!w.is_null());
             let ctx = (g.init)(InitParams {
                 mem_size: arena.len(),
                 mem_buffer: arena.as_mut_ptr().cast(),
@@ -237,6 +243,7 @@ fn main() {
             .unwrap_or_else(|| panic!("no tensor {name}"));
         let (n, k) = (info.shape[0], info.shape[1]);
         let w = Weight::new(name, info.dtype, n, k, file.tensor_data(info)).expect("the weight");
+        let ggml_w = ggml_file.tensor(name);
         for &m in &tokens {
             let x: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 7919 % 1999) as f32 / 1999.0 - 0.5) * 2.0)
@@ -251,7 +258,7 @@ fn main() {
                     None => self::calls(|| w.matmul(&x, &mut y)) as f64,
                 })
             };
-            let mut ggml = || ggml_file.matmul(name, n, k, &x, &mut arena, threads);
+            let mut ggml = || ggml_file.matmul(ggml_w, n, k, &x, &mut arena, threads);
             let (lugh_calls, ggml_calls) = (lugh(None) as usize, calls(|| drop(ggml())));
             let (mut lugh_t, mut ggml_t) = (Timing { runs: vec![] }, Timing { runs: vec![] });
             for _ in 0..REPS {
