@@ -300,11 +300,6 @@ impl GgufFile {
             len: info.n_bytes,
         }
     }
-
-    /// A tensor's values converted to f32 (adapters and small vectors: norms, biases).
-    pub fn tensor_f32(&self, info: &TensorInfo) -> Vec<f32> {
-        crate::ops::quant::dequantize(info.dtype, &self.tensor_data(info), info.n_elements())
-    }
 }
 
 fn map_file(path: &Path, use_mmap: bool) -> Result<Mmap> {

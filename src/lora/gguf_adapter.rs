@@ -9,6 +9,7 @@ use super::load::{assemble, Loaded, PairCollector};
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, GgufWriter, TensorType};
 use crate::model::Model;
+use crate::ops::quant::tensor_f32;
 
 const ALORA_KEY: &str = "adapter.alora.invocation_tokens";
 
@@ -94,7 +95,7 @@ pub fn from_gguf(file: &GgufFile, model: &Model, scale: f32) -> Result<Loaded> {
                         info.name, info.shape
                     ),
                 })?;
-        collector.add(base, half, file.tensor_f32(info), shape)?;
+        collector.add(base, half, tensor_f32(file, info), shape)?;
     }
     let raw = collector.finish(|_| None)?;
     let adapter = assemble(

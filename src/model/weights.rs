@@ -6,6 +6,7 @@ use std::ops::Range;
 use super::config::{Config, Fused};
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, TensorInfo};
+use crate::ops::quant::tensor_f32;
 use crate::ops::Weight;
 
 /// The seven projections of a block that carry adapters, in llama.cpp's naming.
@@ -336,7 +337,7 @@ impl Loader<'_> {
                 got: info.shape.clone(),
             });
         }
-        Ok(self.file.tensor_f32(info))
+        Ok(tensor_f32(&self.file, info))
     }
 
     fn optional_vector(&self, name: &str, n: usize) -> Result<Option<Vec<f32>>> {

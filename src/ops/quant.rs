@@ -7,7 +7,7 @@ use candle_core::quantized::k_quants::{
 use half::{bf16, f16};
 
 use super::{codebook, iq4};
-use crate::gguf::TensorType;
+use crate::gguf::{GgufFile, TensorInfo, TensorType};
 
 /// Runs `$body` with `$T` bound to the candle block type that stores `$dtype`, or `$other`
 /// for the types candle does not read (IQ4_NL, IQ4_XS, the codebook formats).
@@ -129,6 +129,11 @@ pub fn dequantize(dtype: TensorType, bytes: &[u8], n: usize) -> Vec<f32> {
     let mut out = vec![0f32; n];
     dequantize_into(dtype, bytes, &mut out);
     out
+}
+
+/// A tensor of `file` converted to f32 (adapters and small vectors: norms, biases).
+pub fn tensor_f32(file: &GgufFile, info: &TensorInfo) -> Vec<f32> {
+    dequantize(info.dtype, &file.tensor_data(info), info.n_elements())
 }
 
 /// Whether `quantize` can encode `dtype`: every type but the codebook formats, whose encoders
