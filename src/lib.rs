@@ -6,6 +6,7 @@
 
 pub mod atomic_write;
 pub mod backend;
+pub mod device;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -18,11 +19,12 @@ pub mod ops;
 pub mod serve;
 pub mod tokenizer;
 pub mod train;
+pub mod transformer;
 
 #[cfg(feature = "python")]
 mod python;
 
-pub use backend::{devices, Device};
+pub use device::{devices, Device};
 pub use error::{Error, Result};
 pub use gguf::GgufFile;
 pub use infer::Inference;

@@ -14,10 +14,10 @@ use crate::ops::activation::{softcap, softcap_backward};
 use crate::ops::attention::{
     attention_backward, attention_forward_batched, attention_forward_seqs, AttentionShape, SeqKv,
 };
+use crate::ops::loss::cross_entropy_in_place;
 use crate::ops::norm::{rms_norm_apply, rms_norm_backward, rms_norm_forward};
 use crate::ops::rope::{Rope, RopeTable};
 use crate::ops::scratch;
-use crate::train::loss::cross_entropy_in_place;
 
 /// A model's weights as they lie in the mapping, computed on by the host's cores.
 pub struct CpuBackend<'a> {

@@ -1,4 +1,4 @@
-//! The boundary between the model's recipe (`model::block`, `model::forward`) and the
+//! The boundary between the model's recipe (`transformer`) and the
 //! devices that compute it. The recipe — forward and hand-written backward — is written once
 //! against `Backend`; two implementations run it:
 //! - `cpu`: lugh's own kernels on host slices (`ops/`), chosen per instruction set;
@@ -9,12 +9,11 @@
 
 pub mod candle;
 pub mod cpu;
-mod device;
 
 use std::any::Any;
 use std::ops::Range;
 
-pub use device::{devices, Device};
+pub use crate::device::{devices, Device};
 
 use crate::error::Result;
 use crate::lora::{LoraGrads, LoraPlan, Numerics};

@@ -62,8 +62,13 @@ fn sample() -> GgufWriter {
     );
     w.add_f32("t.f32", &[2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
         .unwrap();
-    w.add_tensor("t.q8", TensorType::Q8_0, &[1, 64], TensorBytes::Owned(q8_bytes()))
-        .unwrap();
+    w.add_tensor(
+        "t.q8",
+        TensorType::Q8_0,
+        &[1, 64],
+        TensorBytes::Owned(q8_bytes()),
+    )
+    .unwrap();
     w
 }
 

@@ -15,8 +15,9 @@ use crate::backend::candle::CandleModel;
 use crate::backend::{AnyState, Backend, Device};
 use crate::error::{Error, Result};
 use crate::lora::{LoraAdapter, LoraPlan, Scaled};
-use crate::model::{forward_logits, Batch, BuffersOf, Config, KvCache, KvDtype, Model};
+use crate::model::{Config, KvCache, KvDtype, Model};
 use crate::ops::rope::Rope;
+use crate::transformer::{forward_logits, Batch, BuffersOf};
 
 /// Runs `$body` with `$b` bound to the backend of inference `$inf`: the body is compiled
 /// once per backend (call generic functions from it).

@@ -2,7 +2,8 @@
 
 use crate::backend::{AnyState, Device};
 use crate::error::Result;
-use crate::model::{Batch, Config, KvCache, KvDtype, SeqSpan};
+use crate::model::{Config, KvCache, KvDtype, SeqSpan};
+use crate::transformer::Batch;
 
 /// Everything a forward needs besides the model and caches: the batch laid out end to end,
 /// the rows whose logits are wanted, and the activation buffers.

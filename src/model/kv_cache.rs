@@ -1,13 +1,30 @@
 //! Keys and values of past positions, per layer, for one sequence, on the device that
 //! computes it.
 
+use std::ops::Range;
+
 use candle_core::Tensor;
 use half::f16;
 
 use super::config::Config;
-use crate::backend::Device;
+use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::ops::attention::{key_blocks_len, store_key_blocks, CachedKv, KvElem};
+
+/// One sequence of a batch: its rows in the batch and the position of its first row.
+#[derive(Debug, Clone)]
+pub struct SeqSpan {
+    pub rows: Range<usize>,
+    pub pos0: usize,
+}
+
+impl SeqSpan {
+    /// The position of every row of a batch of `seqs`, in row order.
+    pub fn positions(seqs: &[SeqSpan]) -> impl Iterator<Item = usize> + Clone + '_ {
+        seqs.iter()
+            .flat_map(|span| span.pos0..span.pos0 + span.rows.len())
+    }
+}
 
 /// What a host cache stores keys and values as (llama.cpp's `type_k`/`type_v`, vLLM's
 /// `kv_cache_dtype`). Device caches keep their tensors' dtype.

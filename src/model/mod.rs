@@ -1,8 +1,6 @@
 //! A GGUF model: its file, hyper-parameters and weights (views into the mapping).
 
-mod block;
 mod config;
-mod forward;
 mod kv_cache;
 mod weights;
 
@@ -11,12 +9,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::OnceLock;
 
-pub use block::{BlockActs, SeqSpan};
 pub use config::{Architecture, Config, Fused, Glu};
-pub use forward::{
-    backward, forward_logits, forward_train, logits_train, Batch, Buffers, BuffersOf, Saved,
-};
-pub use kv_cache::{KvCache, KvDtype};
+pub use kv_cache::{KvCache, KvDtype, SeqSpan};
 pub use weights::{Layer, Proj, Slot, Stored, Target, Weights};
 
 use crate::error::{Error, Result, ResultExt};

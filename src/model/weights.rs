@@ -337,7 +337,7 @@ impl Loader<'_> {
                 got: info.shape.clone(),
             });
         }
-        Ok(tensor_f32(&self.file, info))
+        Ok(tensor_f32(self.file, info))
     }
 
     fn optional_vector(&self, name: &str, n: usize) -> Result<Option<Vec<f32>>> {

@@ -10,6 +10,7 @@ pub(crate) mod exp;
 mod f16;
 pub mod gemm;
 mod iq4;
+pub mod loss;
 pub mod matmul;
 pub mod norm;
 mod portable;

@@ -13,7 +13,7 @@ use super::inference::PyInference;
 use super::lora::adapters;
 use crate::infer::Inference;
 use crate::lora::LoraAdapter;
-use crate::train::loss::{count_scored, cross_entropy_in_place};
+use crate::ops::loss::{count_scored, cross_entropy_in_place};
 use crate::train::optim::{self, Param};
 use crate::train::{Precision, TrainGraph};
 
@@ -261,7 +261,7 @@ fn step_targets(seqs: &[Vec<u32>], targets: Option<Vec<Vec<i64>>>) -> PyResult<V
                 s.iter()
                     .skip(1)
                     .map(|&t| t as i64)
-                    .chain([crate::train::loss::IGNORE_INDEX])
+                    .chain([crate::ops::loss::IGNORE_INDEX])
             })
             .collect()),
     }

@@ -4,13 +4,14 @@
 use std::ops::Range;
 use std::sync::{Arc, PoisonError};
 
-use super::loss::count_scored;
 use crate::backend::{AnyState, Backend};
 use crate::error::{Error, Result};
 use crate::infer::{with_backend, Inference, SpareActivations};
 use crate::lora::{LoraAdapter, LoraGrads, LoraPlan, Numerics, PairGrad};
-use crate::model::{self, Batch, KvCache, Saved, SeqSpan};
+use crate::model::{KvCache, SeqSpan};
 use crate::ops::activation::softcap_backward;
+use crate::ops::loss::count_scored;
+use crate::transformer::{self, Batch, Saved};
 
 /// Logits materialised at a time by the fused loss: 128 MiB (1024 rows of a 32k vocabulary),
 /// whatever the batch. Each block is one product with the whole output head, which runs at
@@ -144,7 +145,7 @@ impl TrainGraph {
             seqs: &self.spans,
         };
         let mut caches: Vec<&mut KvCache> = self.caches.iter_mut().collect();
-        model::forward_train(b, &batch, &mut caches, &plan, saved)
+        transformer::forward_train(b, &batch, &mut caches, &plan, saved)
     }
 
     pub fn n_tokens(&self) -> usize {
@@ -155,7 +156,7 @@ impl TrainGraph {
     pub fn logits(&self, inf: &Inference) -> Result<Vec<f32>> {
         inf.install(|| {
             with_backend!(inf, b => {
-                let logits = model::logits_train(b, saved_in(b, &self.saved)?, 0..self.n_tokens())?;
+                let logits = transformer::logits_train(b, saved_in(b, &self.saved)?, 0..self.n_tokens())?;
                 b.download(logits)
             })
         })
@@ -254,7 +255,7 @@ impl TrainGraph {
         let mut sum = 0.0;
         for start in (0..self.n_tokens()).step_by(block_rows) {
             let rows: Range<usize> = start..(start + block_rows).min(self.n_tokens());
-            let mut block = model::logits_train(b, saved, rows.clone())?;
+            let mut block = transformer::logits_train(b, saved, rows.clone())?;
             sum += b.cross_entropy(&mut block, &targets[rows.clone()], normalizer)?;
             if let Some(d_head_in) = d_head_in.as_deref_mut() {
                 b.logits_backward(&block, rows, saved.numerics, d_head_in)?;
@@ -272,7 +273,7 @@ impl TrainGraph {
         };
         let saved = saved_in(b, &self.saved)?;
         let mut caches: Vec<&mut KvCache> = self.caches.iter_mut().collect();
-        model::backward(b, &batch, &mut caches, &plan, saved, d_head_in, &mut grads)?;
+        transformer::backward(b, &batch, &mut caches, &plan, saved, d_head_in, &mut grads)?;
         b.grads_to_host(grads)
     }
 

@@ -1,7 +1,6 @@
 //! Training: a forward that keeps activations, the exact backward, loss and optimizers.
 
 mod graph;
-pub mod loss;
 pub mod optim;
 
 pub use graph::{Precision, TrainGraph};

@@ -2,8 +2,8 @@
 
 use rayon::prelude::*;
 
+use super::exp::exp;
 use crate::error::{Error, Result};
-use crate::ops::exp::exp;
 
 /// Positions whose target is this are not scored (PyTorch's default `ignore_index`).
 pub const IGNORE_INDEX: i64 = -100;

@@ -6,13 +6,11 @@ use std::ops::Range;
 
 use super::block::{
     block_attention, block_backward, block_forward, block_rest, BlockActs, BlockCtx, BlockScratch,
-    SeqSpan,
 };
-use super::kv_cache::KvCache;
-use super::weights::Proj;
 use crate::backend::{Backend, Norm};
 use crate::error::Result;
 use crate::lora::{LoraPlan, Numerics};
+use crate::model::{KvCache, Proj, SeqSpan};
 
 /// Activation buffers of a forward (tensors `T`, RoPE table `R`), reused across calls
 /// (kept warm in a `MemoryPool`).

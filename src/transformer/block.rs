@@ -9,28 +9,10 @@
 //! before its residual. Every projection goes through `Backend::linear`, which adds the
 //! adapters' `s B A` terms.
 
-use std::ops::Range;
-
-use super::kv_cache::KvCache;
-use super::weights::Proj;
 use crate::backend::{Backend, Norm};
 use crate::error::Result;
 use crate::lora::{LoraPlan, Numerics};
-
-/// One sequence of a batch: its rows in the batch and the position of its first row.
-#[derive(Debug, Clone)]
-pub struct SeqSpan {
-    pub rows: Range<usize>,
-    pub pos0: usize,
-}
-
-impl SeqSpan {
-    /// The position of every row of a batch of `seqs`, in row order.
-    pub fn positions(seqs: &[SeqSpan]) -> impl Iterator<Item = usize> + Clone + '_ {
-        seqs.iter()
-            .flat_map(|span| span.pos0..span.pos0 + span.rows.len())
-    }
-}
+use crate::model::{KvCache, Proj, SeqSpan};
 
 /// What a block computes that its backward needs. Inference reuses one set for every layer;
 /// training keeps one per layer (keys and values stay in each sequence's `KvCache`), without
