@@ -7,12 +7,14 @@ use pyo3::exceptions::{PyKeyError, PyTypeError, PyUserWarning, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyString, PyTuple};
 
+use super::autograd::PyTensor;
 use super::convert::type_name;
 use super::errors::IntoPyResult;
 use super::model::{one_of, PyModel};
 use crate::gguf::TensorType;
 use crate::lora::{self, LoraAdapter};
 use crate::model::{Model, Proj};
+use crate::train::optim::Param;
 
 /// A LoRA adapter: loaded from a llama.cpp GGUF file, a PEFT `adapter_model.safetensors` or
 /// PEFT directory, or created for training. Applied as
@@ -197,7 +199,7 @@ impl PyLoRA {
     /// A view of one adapter matrix (`which` "a"/"A" or "b"/"B") as a
     /// `lugh.autograd.Tensor`: `set_data` changes the adapter; optimizers update it in place.
     #[pyo3(signature = (name, which="a"))]
-    fn get_weight_tensor(&self, name: &str, which: &str) -> PyResult<super::train::PyTensor> {
+    fn get_weight_tensor(&self, name: &str, which: &str) -> PyResult<PyTensor> {
         let half = match which {
             "a" | "A" => lora::Half::A,
             "b" | "B" => lora::Half::B,
@@ -213,7 +215,7 @@ impl PyLoRA {
                 "the adapter has no pair on '{name}' (see weight_names())"
             ))
         })?;
-        Ok(super::train::PyTensor::param(crate::train::Param {
+        Ok(PyTensor::param(Param {
             adapter: Arc::clone(&self.inner),
             pair,
             half,
@@ -221,12 +223,9 @@ impl PyLoRA {
     }
 
     /// Every adapter matrix: A0, B0, A1, B1, ... (trainable adapters only).
-    fn trainable_parameters(&self) -> PyResult<Vec<super::train::PyTensor>> {
-        let params = crate::train::Param::all_of(&self.inner).py()?;
-        Ok(params
-            .into_iter()
-            .map(super::train::PyTensor::param)
-            .collect())
+    fn trainable_parameters(&self) -> PyResult<Vec<PyTensor>> {
+        let params = Param::all_of(&self.inner).py()?;
+        Ok(params.into_iter().map(PyTensor::param).collect())
     }
 
     /// Clears the accumulated gradients of every pair.
@@ -346,4 +345,26 @@ pub fn batch_adapters(
     }
     let shared = adapters(obj)?;
     Ok(vec![shared; n_sequences])
+}
+
+/// Adapter matrices from a list of `Tensor`s (or a trainable `LoRA`).
+pub fn params(obj: &Bound<'_, PyAny>) -> PyResult<Vec<Param>> {
+    if let Ok(lora) = obj.cast::<PyLoRA>() {
+        return Param::all_of(&lora.get().inner).py();
+    }
+    obj.try_iter()
+        .map_err(|_| PyTypeError::new_err("params must be a list of lugh.autograd.Tensor"))?
+        .map(|item| {
+            let item = item?;
+            item.cast::<PyTensor>()
+                .ok()
+                .and_then(|t| t.get().as_param().cloned())
+                .ok_or_else(|| {
+                    PyTypeError::new_err(format!(
+                        "params must be adapter tensors (lora.trainable_parameters()), got {}",
+                        type_name(&item)
+                    ))
+                })
+        })
+        .collect()
 }

@@ -1,6 +1,7 @@
 //! The Python module `lugh._lugh`: PyO3 classes only. Arguments in, GIL released, core call,
 //! results out; no math here.
 
+mod autograd;
 mod convert;
 mod errors;
 mod inference;
@@ -26,7 +27,7 @@ fn _lugh(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<serve::PyServer>()?;
     m.add_function(wrap_pyfunction!(lora::merge, m)?)?;
     m.add_function(wrap_pyfunction!(inference::devices, m)?)?;
-    m.add_class::<train::PyTensor>()?;
+    m.add_class::<autograd::PyTensor>()?;
     m.add_class::<optim::PyOptimizer>()?;
     m.add_class::<optim::PyAdamW>()?;
     m.add_class::<optim::PySgd>()?;

@@ -4,9 +4,10 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
+use super::autograd::PyTensor;
 use super::convert::array1;
 use super::errors::IntoPyResult;
-use super::train::{params, PyTensor};
+use super::lora::params;
 use crate::train::optim::{AdamState, Optimizer};
 use crate::train::{AdamW, Sgd};
 
