@@ -1,6 +1,6 @@
-//! The boundary between the model's recipe (`transformer`) and the
-//! devices that compute it. The recipe — forward and hand-written backward — is written once
-//! against `Backend`; two implementations run it:
+//! The boundary between the model's recipe (`transformer`) and the devices that compute it.
+//! The recipe — forward and hand-written backward — is written once against `Backend`; two
+//! implementations run it:
 //! - `cpu`: lugh's own kernels on host slices (`ops/`), chosen per instruction set;
 //! - `candle`: candle-core tensors on a `candle_core::Device` (CPU, CUDA, Metal).
 //!
@@ -12,8 +12,6 @@ pub mod cpu;
 
 use std::any::Any;
 use std::ops::Range;
-
-pub use crate::device::{devices, Device};
 
 use crate::error::Result;
 use crate::lora::{LoraGrads, LoraPlan, Numerics};

@@ -12,7 +12,8 @@ pub use pool::{MemoryPool, Workspace};
 pub use sample::Sampler;
 
 use crate::backend::candle::CandleModel;
-use crate::backend::{AnyState, Backend, Device};
+use crate::backend::{AnyState, Backend};
+use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::lora::{LoraAdapter, LoraPlan, Scaled};
 use crate::model::{Config, KvCache, KvDtype, Model};

@@ -1,6 +1,7 @@
 //! A memory pool: the buffers of `Inference::forward_pool`, kept warm between calls.
 
-use crate::backend::{AnyState, Device};
+use crate::backend::AnyState;
+use crate::device::Device;
 use crate::error::Result;
 use crate::model::{Config, KvCache, KvDtype, SeqSpan};
 use crate::transformer::Batch;

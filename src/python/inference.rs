@@ -9,7 +9,7 @@ use super::convert::{array1, array2, tokens, type_name};
 use super::errors::IntoPyResult;
 use super::lora::{adapters, batch_adapters};
 use super::model::PyModel;
-use crate::backend::Device;
+use crate::device::Device;
 use crate::infer::{Generator, Inference, MemoryPool, Sampler};
 use crate::lora::LoraAdapter;
 use crate::model::{KvCache, KvDtype};
@@ -500,7 +500,7 @@ impl PyInference {
 /// "metal:N" for each GPU that opens.
 #[pyfunction]
 pub fn devices(py: Python<'_>) -> Vec<String> {
-    py.detach(crate::backend::devices)
+    py.detach(crate::device::devices)
         .iter()
         .map(Device::to_string)
         .collect()

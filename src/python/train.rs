@@ -14,7 +14,7 @@ use super::errors::IntoPyResult;
 use super::inference::PyInference;
 use super::lora::{adapters, params};
 use crate::lora::LoraAdapter;
-use crate::ops::loss::{count_scored, cross_entropy_in_place};
+use crate::ops::loss::{count_scored, cross_entropy_in_place, IGNORE_INDEX};
 use crate::train::optim;
 use crate::train::{Precision, TrainGraph};
 
@@ -113,12 +113,7 @@ fn step_targets(seqs: &[Vec<u32>], targets: Option<Vec<Vec<i64>>>) -> PyResult<V
         Some(t) => Ok(t.concat()),
         None => Ok(seqs
             .iter()
-            .flat_map(|s| {
-                s.iter()
-                    .skip(1)
-                    .map(|&t| t as i64)
-                    .chain([crate::ops::loss::IGNORE_INDEX])
-            })
+            .flat_map(|s| s.iter().skip(1).map(|&t| t as i64).chain([IGNORE_INDEX]))
             .collect()),
     }
 }

@@ -11,7 +11,8 @@ use std::ops::Range;
 
 use candle_core::{DType, Tensor};
 
-use super::{Backend, Device, Norm, HEAD_NORMS, POST_NORMS};
+use super::{Backend, Norm, HEAD_NORMS, POST_NORMS};
+use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::lora::{LoraGrads, LoraPlan, Numerics};
 use crate::model::{Config, Glu, KvCache, Model, Proj, SeqSpan, Slot};
