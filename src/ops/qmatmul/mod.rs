@@ -21,7 +21,8 @@
 //! - `rows4`: 4 weight rows × 1 token, straight from the blocks; for decode and small batches.
 //!   Memory bound: its job is to stream the weights at full bandwidth. AVX-512, AVX2 and NEON
 //!   (`neon`: `sdot` where the CPU has `dotprod`, else widening multiplies; batches take it 4
-//!   tokens at a time, each block's values decoded once for the four).
+//!   tokens at a time, each block's values decoded once for the four, by `smmla` where the
+//!   CPU has `i8mm`).
 //! - `tile`: 4 weight rows × 16 or 32 tokens (AVX-512 and AVX2). Each task first unpacks its
 //!   next 4 rows into scratch (values as bytes, scales as i32: a few KiB that stay in L1,
 //!   never the whole matrix), the tokens are laid out 16 to a vector (`act::Groups`), and one

@@ -1,19 +1,21 @@
 //! The row kernels on aarch64 (NEON), for every format of `portable::Format`: a block's values
 //! as signed bytes, 32 at a time (`Vectors`), times the activations 16 at a time (`Dot`:
 //! `sdot` where the CPU has `dotprod`, else widening multiplies), each run's sum times its
-//! scale; then the format's float steps, `Format::steps`. The integer sums are exact and the
-//! float operations those of every other kernel, so a product has the same bits as on x86.
-//! Batches run 4 tokens at a time against each 4 rows (`tile`): a block's values are decoded
-//! once for the four tokens.
+//! scale; then the format's float steps, `Format::steps`, four rows side by side. The integer
+//! sums are exact and the float operations those of every other kernel, so a product has the
+//! same bits as on x86. Batches run 4 tokens at a time against each 4 rows (`tile`): a block's
+//! values are decoded once for the four tokens, and on a CPU with `i8mm` multiplied by
+//! `smmla`, two rows by two tokens an instruction.
 
 use core::arch::aarch64::*;
 use core::arch::asm;
 use std::marker::PhantomData;
 
-use super::act::{Rows, Q8K_SUMS, QK8_0, QK_K};
+use super::act::{Rows, Q8K_SUMS, QK_K};
 use super::driver::{run_rows, RowKernel};
 use crate::gguf::TensorType;
 use crate::ops::codebook::{self, with_codebook, Signed};
+use crate::ops::f16;
 use crate::ops::iq4::KVALUES;
 use crate::ops::portable::{
     Format, KQuant, Min, IQ4NL, IQ4XS, Q2K, Q3K, Q4K, Q4_0, Q4_1, Q5K, Q5_0, Q5_1, Q6K, Q8_0,
@@ -29,9 +31,11 @@ pub(super) fn matmul(
     x: &[f32],
     y: &mut [f32],
 ) {
-    match std::arch::is_aarch64_feature_detected!("dotprod") {
-        true => matmul_with::<Sdot>(dtype, data, n_rows, k, x, y),
-        false => matmul_with::<Widening>(dtype, data, n_rows, k, x, y),
+    use std::arch::is_aarch64_feature_detected as has;
+    match (has!("dotprod"), has!("i8mm")) {
+        (true, true) => matmul_with::<Smmla>(dtype, data, n_rows, k, x, y),
+        (true, false) => matmul_with::<Sdot>(dtype, data, n_rows, k, x, y),
+        _ => matmul_with::<Widening>(dtype, data, n_rows, k, x, y),
     }
 }
 
@@ -73,6 +77,19 @@ pub(crate) trait Dot: Sync {
     /// The CPU has the method's instructions; one of `a`, `b` lies within ±127.
     unsafe fn dot(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t;
 
+    /// `S_b` of the blocks at `p` (one per row) against the activations at each `x`: for each
+    /// token, the four rows' sums in the lanes of a vector.
+    ///
+    /// # Safety
+    /// As `dot`; each `p[r]` points to a whole block, each `x[j]` to its activations.
+    #[inline(always)]
+    unsafe fn sums<F: Vectors, const T: usize>(
+        p: [*const u8; 4],
+        x: [*const i8; T],
+    ) -> [int32x4_t; T] {
+        row_sums::<F, Self, T>(p, x)
+    }
+
     /// `tile` of format `F` with this dot product.
     ///
     /// # Safety
@@ -106,6 +123,120 @@ impl Dot for Sdot {
     }
 
     #[target_feature(enable = "dotprod")]
+    unsafe fn tile<F: Vectors, const T: usize>(
+        w: [*const u8; 4],
+        nb: usize,
+        act: &Rows,
+        t: [usize; T],
+    ) -> [[f32; 4]; T] {
+        tile::<F, Self, T>(w, nb, act, t)
+    }
+}
+
+/// `smmla` (the `i8mm` extension) for batches: each instruction multiplies 8 values of two
+/// rows by the same 8 of two tokens, twice the products of an `sdot`; a lone token takes
+/// `sdot`. Written as assembly, as `sdot` is.
+pub(crate) struct Smmla;
+
+/// `acc` plus the 2 × 2 products of `a`'s and `b`'s two 8-byte halves: lane `2i + j` adds
+/// `a`'s half `i` times `b`'s half `j`.
+///
+/// # Safety
+/// The CPU has `i8mm`.
+#[inline]
+#[target_feature(enable = "i8mm")]
+unsafe fn smmla(mut acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+    // SAFETY: `i8mm` is enabled; registers only.
+    unsafe {
+        asm!(
+            "smmla {acc:v}.4s, {a:v}.16b, {b:v}.16b",
+            acc = inout(vreg) acc,
+            a = in(vreg) a,
+            b = in(vreg) b,
+            options(pure, nomem, nostack, preserves_flags),
+        )
+    };
+    acc
+}
+
+/// 32 values of two rows (or tokens) `a` and `b` as `smmla` takes them: 8 of each, in order.
+#[inline(always)]
+unsafe fn interleaved(a: [int8x16_t; 2], b: [int8x16_t; 2]) -> [int8x16_t; 4] {
+    let pair = |h: usize| {
+        let (a, b) = (vreinterpretq_s64_s8(a[h]), vreinterpretq_s64_s8(b[h]));
+        [vzip1q_s64(a, b), vzip2q_s64(a, b)].map(|v| vreinterpretq_s8_s64(v))
+    };
+    let [p0, p1] = pair(0);
+    let [p2, p3] = pair(1);
+    [p0, p1, p2, p3]
+}
+
+/// `Dot::sums` of four rows and four tokens by `smmla`: rows and tokens in pairs, each pair of
+/// pairs a 2 × 2 block of sums; each run's sums times its rows' scales, as `row_sums` does.
+#[inline(always)]
+unsafe fn pair_sums<F: Vectors>(p: [*const u8; 4], x: [*const i8; 4]) -> [int32x4_t; 4] {
+    let zero = vdupq_n_s32(0);
+    // acc[rp][tp]: rows 2rp, 2rp + 1 times tokens 2tp, 2tp + 1, lane 2 (row) + (token).
+    let mut acc = [[zero; 2]; 2];
+    let scales = p.map(|p| F::scales(std::slice::from_raw_parts(p, F::BYTES)));
+    for c in 0..F::VALUES / 32 {
+        let v: [[int8x16_t; 2]; 4] = std::array::from_fn(|r| F::vectors(p[r], c));
+        let x: [[int8x16_t; 2]; 4] =
+            std::array::from_fn(|j| [vld1q_s8(x[j].add(32 * c)), vld1q_s8(x[j].add(32 * c + 16))]);
+        let rows = [interleaved(v[0], v[1]), interleaved(v[2], v[3])];
+        let tokens = [interleaved(x[0], x[1]), interleaved(x[2], x[3])];
+        // The runs of chunk c: one of 32 values (4 groups of 8), or two of 16.
+        let runs = 32 / F::RUN;
+        for run in 0..runs {
+            let groups = run * 4 / runs..(run + 1) * 4 / runs;
+            let scale = run + runs * c;
+            for (rp, rows) in rows.iter().enumerate() {
+                let scale = vcombine_s32(
+                    vdup_n_s32(scales[2 * rp][scale]),
+                    vdup_n_s32(scales[2 * rp + 1][scale]),
+                );
+                for (tp, tokens) in tokens.iter().enumerate() {
+                    let mut dot = zero;
+                    for g in groups.clone() {
+                        dot = smmla(dot, rows[g], tokens[g]);
+                    }
+                    acc[rp][tp] = vmlaq_s32(acc[rp][tp], dot, scale);
+                }
+            }
+        }
+    }
+    // Token 2tp + e: lane e (row 2rp) and 2 + e (row 2rp + 1) of both row pairs.
+    let [[a0, a1], [b0, b1]] = acc;
+    [
+        vuzp1q_s32(a0, b0),
+        vuzp2q_s32(a0, b0),
+        vuzp1q_s32(a1, b1),
+        vuzp2q_s32(a1, b1),
+    ]
+}
+
+impl Dot for Smmla {
+    #[inline]
+    #[target_feature(enable = "dotprod")]
+    unsafe fn dot(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+        Sdot::dot(acc, a, b)
+    }
+
+    #[inline(always)]
+    unsafe fn sums<F: Vectors, const T: usize>(
+        p: [*const u8; 4],
+        x: [*const i8; T],
+    ) -> [int32x4_t; T] {
+        match T {
+            4 => {
+                let s = pair_sums::<F>(p, std::array::from_fn(|j| x[j]));
+                std::array::from_fn(|j| s[j])
+            }
+            _ => row_sums::<F, Self, T>(p, x),
+        }
+    }
+
+    #[target_feature(enable = "dotprod,i8mm")]
     unsafe fn tile<F: Vectors, const T: usize>(
         w: [*const u8; 4],
         nb: usize,
@@ -167,11 +298,20 @@ pub(crate) trait Vectors: Format {
     /// # Safety
     /// `p` points to a whole block.
     unsafe fn vectors(p: *const u8, c: usize) -> [int8x16_t; 2];
+
+    /// `Format::d` of each row's block `w`, a lane each: by default the f16 at `D_AT`.
+    ///
+    /// # Safety
+    /// None beyond NEON's (baseline).
+    #[inline(always)]
+    unsafe fn d4(w: [&[u8]; 4]) -> float32x4_t {
+        f16_lanes(w, Self::D_AT)
+    }
 }
 
 /// Rows `w` times tokens `t`: per block, each row's values decoded once and their exact
-/// sums against every token, then each (row, token)'s float steps — for each pair the
-/// sequence a lone token takes.
+/// sums against every token (`Dot::sums`), then the float steps of the four rows side by
+/// side, a lane each — for each (row, token) the sequence a lone token takes.
 #[inline(always)]
 unsafe fn tile<F: Vectors, D: Dot, const T: usize>(
     w: [*const u8; 4],
@@ -179,63 +319,109 @@ unsafe fn tile<F: Vectors, D: Dot, const T: usize>(
     act: &Rows,
     t: [usize; T],
 ) -> [[f32; 4]; T] {
-    let mut acc = [[0f32; 4]; T];
+    let mut acc = [vdupq_n_f32(0.0); T];
     for b in 0..nb {
         let i: [usize; T] = std::array::from_fn(|j| t[j] * nb + b);
         let x: [*const i8; T] =
             std::array::from_fn(|j| act.qs[t[j] * act.k + b * F::VALUES..].as_ptr());
-        for r in 0..4 {
-            let p = w[r].add(b * F::BYTES);
-            let block = std::slice::from_raw_parts(p, F::BYTES);
-            let sums = block_sums::<F, D, T>(p, block, x);
-            let mins = match F::MIN {
-                Min::SubBlocks => F::mins(block),
-                _ => [0; 16],
-            };
-            for j in 0..T {
-                let m = match F::MIN {
-                    // The activations' sums over the runs: 8 of 32, or 16 of 16 (Q2_K).
-                    Min::SubBlocks => {
-                        let x_sums = match F::RUN {
-                            32 => &act.sums[i[j] * Q8K_SUMS..][..8],
-                            _ => &act.sums[i[j] * Q8K_SUMS + 8..][..16],
-                        };
-                        mins.iter().zip(x_sums).map(|(&m, &x)| m * x as i32).sum()
-                    }
-                    _ => 0,
-                };
-                let s_x = if F::VALUES == QK8_0 { act.s[i[j]] } else { 0.0 };
-                acc[j][r] = F::steps(acc[j][r], sums[j], m, block, act.d[i[j]], s_x);
-            }
-        }
+        let p = w.map(|w| w.add(b * F::BYTES));
+        let sums = D::sums::<F, T>(p, x);
+        let blocks = p.map(|p| std::slice::from_raw_parts(p, F::BYTES));
+        acc = steps::<F, T>(acc, sums, blocks, act, i);
     }
-    acc
+    acc.map(|acc| {
+        let mut out = [0f32; 4];
+        vst1q_f32(out.as_mut_ptr(), acc);
+        out
+    })
 }
 
-/// `S_b` of the block at `p` (`block`) against the activations at each `x`.
+/// `Format::steps` of four rows' blocks `w` (a lane each) for each token `j`, its exact sums
+/// `s[j]` in hand, against its activation block `i[j]`: lane by lane the same operations.
 #[inline(always)]
-unsafe fn block_sums<F: Vectors, D: Dot, const T: usize>(
-    p: *const u8,
-    block: &[u8],
+unsafe fn steps<F: Vectors, const T: usize>(
+    acc: [float32x4_t; T],
+    s: [int32x4_t; T],
+    w: [&[u8]; 4],
+    act: &Rows,
+    i: [usize; T],
+) -> [float32x4_t; T] {
+    let d = F::d4(w);
+    let dmin = match F::MIN {
+        Min::None => vdupq_n_f32(0.0),
+        _ => f16_lanes(w, F::DMIN_AT),
+    };
+    let mins = match F::MIN {
+        Min::SubBlocks => w.map(|w| F::mins(w)),
+        _ => [[0; 16]; 4],
+    };
+    std::array::from_fn(|j| {
+        let d_x = act.d[i[j]];
+        let acc = vfmaq_f32(acc[j], vcvtq_f32_s32(s[j]), vmulq_n_f32(d, d_x));
+        match F::MIN {
+            Min::None => acc,
+            Min::Block => vfmaq_f32(acc, dmin, vdupq_n_f32(act.s[i[j]])),
+            Min::SubBlocks => {
+                // The activations' sums over the runs: 8 of 32, or 16 of 16 (Q2_K).
+                let x_sums = match F::RUN {
+                    32 => &act.sums[i[j] * Q8K_SUMS..][..8],
+                    _ => &act.sums[i[j] * Q8K_SUMS + 8..][..16],
+                };
+                // Each row's Σ min · sum, 4 runs a step (exact in i32).
+                let sum = |mins: &[i32; 16]| {
+                    let mut acc = vdupq_n_s32(0);
+                    for (m, x) in mins.chunks_exact(4).zip(x_sums.chunks_exact(4)) {
+                        let x = vmovl_s16(vld1_s16(x.as_ptr()));
+                        acc = vmlaq_s32(acc, vld1q_s32(m.as_ptr()), x);
+                    }
+                    acc
+                };
+                let [m0, m1, m2, m3] = [sum(&mins[0]), sum(&mins[1]), sum(&mins[2]), sum(&mins[3])];
+                let m = vpaddq_s32(vpaddq_s32(m0, m1), vpaddq_s32(m2, m3));
+                let m = vcvtq_f32_s32(m);
+                vfmaq_f32(acc, vnegq_f32(m), vmulq_n_f32(dmin, d_x))
+            }
+        }
+    })
+}
+
+/// The f16 at byte `at` of each row's block `w`, a lane each, widened by `fcvtl`.
+#[inline(always)]
+unsafe fn f16_lanes(w: [&[u8]; 4], at: usize) -> float32x4_t {
+    let h = |r: usize| u16::from_le_bytes([w[r][at], w[r][at + 1]]);
+    let bits = vsetq_lane_u16::<0>(h(0), vdupq_n_u16(0));
+    let bits = vsetq_lane_u16::<1>(h(1), bits);
+    let bits = vsetq_lane_u16::<2>(h(2), bits);
+    let bits = vsetq_lane_u16::<3>(h(3), bits);
+    f16::widen8(bits)[0]
+}
+
+/// `Dot::sums` by `D::dot`, row by row.
+#[inline(always)]
+unsafe fn row_sums<F: Vectors, D: Dot + ?Sized, const T: usize>(
+    p: [*const u8; 4],
     x: [*const i8; T],
-) -> [i32; T] {
-    let scales = F::scales(block);
+) -> [int32x4_t; T] {
     let zero = vdupq_n_s32(0);
-    let mut s = [zero; T];
-    for c in 0..F::VALUES / 32 {
-        let v = F::vectors(p, c);
-        for (s, x) in s.iter_mut().zip(x) {
-            let x = [vld1q_s8(x.add(32 * c)), vld1q_s8(x.add(32 * c + 16))];
-            if F::RUN == 32 {
-                let dot = D::dot(D::dot(zero, v[0], x[0]), v[1], x[1]);
-                *s = vmlaq_n_s32(*s, dot, scales[c]);
-            } else {
-                *s = vmlaq_n_s32(*s, D::dot(zero, v[0], x[0]), scales[2 * c]);
-                *s = vmlaq_n_s32(*s, D::dot(zero, v[1], x[1]), scales[2 * c + 1]);
+    let mut s = [[zero; T]; 4];
+    for (s, p) in s.iter_mut().zip(p) {
+        let scales = F::scales(std::slice::from_raw_parts(p, F::BYTES));
+        for c in 0..F::VALUES / 32 {
+            let v = F::vectors(p, c);
+            for (s, x) in s.iter_mut().zip(x) {
+                let x = [vld1q_s8(x.add(32 * c)), vld1q_s8(x.add(32 * c + 16))];
+                if F::RUN == 32 {
+                    let dot = D::dot(D::dot(zero, v[0], x[0]), v[1], x[1]);
+                    *s = vmlaq_n_s32(*s, dot, scales[c]);
+                } else {
+                    *s = vmlaq_n_s32(*s, D::dot(zero, v[0], x[0]), scales[2 * c]);
+                    *s = vmlaq_n_s32(*s, D::dot(zero, v[1], x[1]), scales[2 * c + 1]);
+                }
             }
         }
     }
-    s.map(|s| vaddvq_s32(s))
+    // Each (row, token)'s lanes added up, rows side by side.
+    std::array::from_fn(|j| vpaddq_s32(vpaddq_s32(s[0][j], s[1][j]), vpaddq_s32(s[2][j], s[3][j])))
 }
 
 /// The 32 nibbles of 16 bytes at `qs`: low nibbles (values 0..16), high nibbles (16..32).
@@ -418,6 +604,13 @@ macro_rules! signed_vectors {
             #[inline(always)]
             unsafe fn vectors(p: *const u8, c: usize) -> [int8x16_t; 2] {
                 signed::<Self>(p, c)
+            }
+
+            /// Their `d` folds in a constant factor.
+            #[inline(always)]
+            unsafe fn d4(w: [&[u8]; 4]) -> float32x4_t {
+                let d = [Self::d(w[0]), Self::d(w[1]), Self::d(w[2]), Self::d(w[3])];
+                vld1q_f32(d.as_ptr())
             }
         }
     )*};

@@ -624,8 +624,8 @@ fn codebook_kernels_equal_the_portable_product_at_every_batch_size() {
     }
 }
 
-/// The NEON row kernel of format `F`, with and without `sdot`: bit for bit against the
-/// portable product (candle's `check`s test the one `matmul` takes against candle).
+/// The NEON row kernel of format `F`, with widening multiplies, `sdot` and `smmla` (where the
+/// CPU has them): bit for bit against the portable product (candle's `check`s test the one `matmul` takes against candle).
 #[cfg(target_arch = "aarch64")]
 fn check_neon<F: neon::Vectors>(dtype: TensorType, n_rows: usize, k: usize) {
     let data = weights(dtype, n_rows, k, k as u64);
@@ -642,6 +642,13 @@ fn check_neon<F: neon::Vectors>(dtype: TensorType, n_rows: usize, k: usize) {
         kernels.push(("sdot", sdot));
     } else {
         eprintln!("no dotprod: the sdot kernels are not tested on this CPU");
+    }
+    if std::arch::is_aarch64_feature_detected!("i8mm") {
+        let mut smmla = vec![0f32; 5 * n_rows];
+        driver::run_rows::<neon::Neon<F, neon::Smmla>>(&data, n_rows, k, &x, &mut smmla);
+        kernels.push(("smmla", smmla));
+    } else {
+        eprintln!("no i8mm: the smmla kernels are not tested on this CPU");
     }
     for (name, ours) in kernels {
         for (i, (a, b)) in ours.iter().zip(&portable).enumerate() {
