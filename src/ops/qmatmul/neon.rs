@@ -102,24 +102,52 @@ pub(crate) trait Dot: Sync {
     ) -> [[f32; 4]; T];
 }
 
-/// `sdot` (the `dotprod` extension), written as assembly: its intrinsic is not stable.
+/// An instruction that adds the products of two vectors of 16 bytes to 4 i32 lanes, as a
+/// function of the CPU feature it needs: written as assembly, as its intrinsic is not stable.
+macro_rules! accumulating {
+    ($(#[$doc:meta])* $name:ident, $feature:literal) => {
+        $(#[$doc])*
+        ///
+        /// # Safety
+        #[doc = concat!("The CPU has `", $feature, "`.")]
+        #[inline]
+        #[target_feature(enable = $feature)]
+        unsafe fn $name(mut acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+            // SAFETY: the feature is enabled; registers only.
+            unsafe {
+                asm!(
+                    concat!(stringify!($name), " {acc:v}.4s, {a:v}.16b, {b:v}.16b"),
+                    acc = inout(vreg) acc,
+                    a = in(vreg) a,
+                    b = in(vreg) b,
+                    options(pure, nomem, nostack, preserves_flags),
+                )
+            };
+            acc
+        }
+    };
+}
+
+accumulating!(
+    /// `acc` plus the products `a_i b_i`, lane `l` adding those of bytes `4l..4l + 4`.
+    sdot,
+    "dotprod"
+);
+accumulating!(
+    /// `acc` plus the 2 × 2 products of `a`'s and `b`'s two 8-byte halves: lane `2i + j` adds
+    /// `a`'s half `i` times `b`'s half `j`.
+    smmla,
+    "i8mm"
+);
+
+/// `sdot` (the `dotprod` extension).
 pub(crate) struct Sdot;
 
 impl Dot for Sdot {
     #[inline]
     #[target_feature(enable = "dotprod")]
-    unsafe fn dot(mut acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
-        // SAFETY: `dotprod` is enabled; registers only.
-        unsafe {
-            asm!(
-                "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
-                acc = inout(vreg) acc,
-                a = in(vreg) a,
-                b = in(vreg) b,
-                options(pure, nomem, nostack, preserves_flags),
-            )
-        };
-        acc
+    unsafe fn dot(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+        sdot(acc, a, b)
     }
 
     #[target_feature(enable = "dotprod")]
@@ -135,29 +163,8 @@ impl Dot for Sdot {
 
 /// `smmla` (the `i8mm` extension) for batches: each instruction multiplies 8 values of two
 /// rows by the same 8 of two tokens, twice the products of an `sdot`; a lone token takes
-/// `sdot`. Written as assembly, as `sdot` is.
+/// `sdot`.
 pub(crate) struct Smmla;
-
-/// `acc` plus the 2 × 2 products of `a`'s and `b`'s two 8-byte halves: lane `2i + j` adds
-/// `a`'s half `i` times `b`'s half `j`.
-///
-/// # Safety
-/// The CPU has `i8mm`.
-#[inline]
-#[target_feature(enable = "i8mm")]
-unsafe fn smmla(mut acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
-    // SAFETY: `i8mm` is enabled; registers only.
-    unsafe {
-        asm!(
-            "smmla {acc:v}.4s, {a:v}.16b, {b:v}.16b",
-            acc = inout(vreg) acc,
-            a = in(vreg) a,
-            b = in(vreg) b,
-            options(pure, nomem, nostack, preserves_flags),
-        )
-    };
-    acc
-}
 
 /// 32 values of two rows (or tokens) `a` and `b` as `smmla` takes them: 8 of each, in order.
 #[inline(always)]
@@ -219,7 +226,7 @@ impl Dot for Smmla {
     #[inline]
     #[target_feature(enable = "dotprod")]
     unsafe fn dot(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
-        Sdot::dot(acc, a, b)
+        sdot(acc, a, b)
     }
 
     #[inline(always)]
@@ -369,12 +376,12 @@ unsafe fn steps<F: Vectors, const T: usize>(
                 };
                 // Each row's Σ min · sum, 4 runs a step (exact in i32).
                 let sum = |mins: &[i32; 16]| {
-                    let mut acc = vdupq_n_s32(0);
+                    let mut total = vdupq_n_s32(0);
                     for (m, x) in mins.chunks_exact(4).zip(x_sums.chunks_exact(4)) {
                         let x = vmovl_s16(vld1_s16(x.as_ptr()));
-                        acc = vmlaq_s32(acc, vld1q_s32(m.as_ptr()), x);
+                        total = vmlaq_s32(total, vld1q_s32(m.as_ptr()), x);
                     }
-                    acc
+                    total
                 };
                 let [m0, m1, m2, m3] = [sum(&mins[0]), sum(&mins[1]), sum(&mins[2]), sum(&mins[3])];
                 let m = vpaddq_s32(vpaddq_s32(m0, m1), vpaddq_s32(m2, m3));
