@@ -6,8 +6,8 @@ use rayon::prelude::*;
 
 use super::{Backend, Norm, HEAD_NORMS, POST_NORMS};
 use crate::error::Result;
-use crate::lora::linear::{backward_input, linear, linear_backward, product};
-use crate::lora::{LoraGrads, LoraPlan, Numerics};
+use crate::lora::linear::{linear, linear_backward};
+use crate::lora::{LoraGrads, LoraPlan};
 use crate::model::{Config, Glu, KvCache, Layer, Model, Proj, SeqSpan, Slot, Weights};
 use crate::ops::activation::{geglu_backward, geglu_forward, swiglu_backward, swiglu_forward};
 use crate::ops::activation::{softcap, softcap_backward};
@@ -18,6 +18,7 @@ use crate::ops::loss::cross_entropy_in_place;
 use crate::ops::norm::{rms_norm_apply, rms_norm_backward, rms_norm_forward};
 use crate::ops::rope::{Rope, RopeTable};
 use crate::ops::scratch;
+use crate::ops::Numerics;
 
 /// A model's weights as they lie in the mapping, computed on by the host's cores.
 pub struct CpuBackend<'a> {
@@ -385,7 +386,7 @@ impl Backend for CpuBackend<'_> {
         let n_embd = self.config.n_embd;
         let x = &x[rows.start * n_embd..rows.end * n_embd];
         let mut logits = vec![0f32; rows.len() * self.config.n_vocab];
-        product(&self.weights.output, numerics, x, &mut logits);
+        self.weights.output.product(numerics, x, &mut logits);
         if let Some(cap) = self.config.final_softcap {
             softcap(&mut logits, cap);
         }
@@ -415,7 +416,9 @@ impl Backend for CpuBackend<'_> {
     ) -> Result<()> {
         let n_embd = self.config.n_embd;
         let dx_rows = &mut dx[rows.start * n_embd..rows.end * n_embd];
-        backward_input(&self.weights.output, numerics, d_logits, dx_rows);
+        self.weights
+            .output
+            .backward_input(numerics, d_logits, dx_rows);
         Ok(())
     }
 

@@ -14,8 +14,9 @@ use std::any::Any;
 use std::ops::Range;
 
 use crate::error::Result;
-use crate::lora::{LoraGrads, LoraPlan, Numerics};
+use crate::lora::{LoraGrads, LoraPlan};
 use crate::model::{Config, KvCache, Proj, SeqSpan};
+use crate::ops::Numerics;
 
 /// Which RMSNorm weight: a block's two, the two after its attention and FFN (Gemma), its
 /// per-head ones of q and k (over `head_dim`), or the one before the output head. A norm's

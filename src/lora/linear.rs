@@ -9,19 +9,7 @@ use std::sync::RwLockReadGuard;
 use super::adapter::{LoraAdapter, LoraPair};
 use crate::model::{Proj, Slot};
 use crate::ops::gemm::{add_row_dots, gemm, MatMut, MatRef};
-use crate::ops::Weight;
-
-/// How base weights multiply activations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Numerics {
-    /// As ggml: activations rounded to the weight's dot type (q8 blocks, f16). Inference.
-    Ggml,
-    /// f32 on the dequantized weights: the function the training backward differentiates.
-    Exact,
-    /// Training's mixed precision: as `Exact`, but the frozen weights' products (forward and
-    /// backward) on bf16-rounded operands with f32 sums, as PyTorch's bf16 autocast.
-    Bf16,
-}
+use crate::ops::{Numerics, Weight};
 
 /// An adapter as one call sees it: read-locked, with one snapshot of alpha.
 struct ActiveAdapter<'a> {
@@ -220,7 +208,7 @@ pub fn linear(
     y: &mut [f32],
     scratch: &mut Vec<f32>,
 ) {
-    product(weight, numerics, x, y);
+    weight.product(numerics, x, y);
     if let Some(bias) = bias {
         for row in y.chunks_mut(weight.n_rows) {
             row.iter_mut().zip(bias).for_each(|(y, b)| *y += b);
@@ -246,23 +234,6 @@ pub fn linear(
     }
 }
 
-/// `y = x Wᵀ` with `numerics`.
-pub fn product(weight: &Weight, numerics: Numerics, x: &[f32], y: &mut [f32]) {
-    match numerics {
-        Numerics::Ggml => weight.matmul(x, y),
-        Numerics::Exact => weight.matmul_exact(x, y),
-        Numerics::Bf16 => weight.matmul_bf16(x, y),
-    }
-}
-
-/// `dx += dy W` with the forward's `numerics` (f32 unless `Bf16`).
-pub fn backward_input(weight: &Weight, numerics: Numerics, dy: &[f32], dx: &mut [f32]) {
-    match numerics {
-        Numerics::Bf16 => weight.matmul_backward_input_bf16(dy, dx),
-        Numerics::Ggml | Numerics::Exact => weight.matmul_backward_input(dy, dx),
-    }
-}
-
 /// Gradients for the pairs of trainable adapters, keyed by (adapter in plan, pair index).
 #[derive(Default)]
 pub struct LoraGrads {
@@ -285,7 +256,7 @@ pub fn linear_backward(
     scratch: &mut Vec<f32>,
 ) {
     if let Some(dx) = dx.as_deref_mut() {
-        backward_input(weight, numerics, dy, dx);
+        weight.backward_input(numerics, dy, dx);
     }
     let mut g = Vec::new();
     for term in lora.terms(slot) {

@@ -11,7 +11,7 @@ mod peft;
 
 pub use adapter::{AdapterFormat, AtomicF32, Half, LoraAdapter, LoraPair, PairGrad, ScalingRule};
 pub use create::{create, target_names, MAX_RANK};
-pub use linear::{LoraGrads, LoraPlan, Numerics, Scaled};
+pub use linear::{LoraGrads, LoraPlan, Scaled};
 pub use load::{load, Loaded};
 pub use merge::merge;
 

@@ -46,6 +46,18 @@ fn task_size(len: usize, step: usize, min: usize, max: usize) -> usize {
         .clamp(min, max)
 }
 
+/// How a frozen weight multiplies activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Numerics {
+    /// As ggml: activations rounded to the weight's dot type (q8 blocks, f16). Inference.
+    Ggml,
+    /// f32 on the dequantized weights: the function the training backward differentiates.
+    Exact,
+    /// Training's mixed precision: as `Exact`, but the frozen weights' products (forward and
+    /// backward) on bf16-rounded operands with f32 sums, as PyTorch's bf16 autocast.
+    Bf16,
+}
+
 /// A frozen matrix `[n_rows, n_cols]` (a weight `[n_out, n_in]`) of any tensor type.
 #[derive(Clone, Debug)]
 pub struct Weight {
@@ -122,6 +134,23 @@ impl Weight {
         let mut out = vec![0f32; self.n_rows * self.n_cols];
         self.dequantize_rows(0..self.n_rows, &mut out);
         out
+    }
+
+    /// `y[m, n_rows] = x[m, n_cols] · Wᵀ` with `numerics`.
+    pub fn product(&self, numerics: Numerics, x: &[f32], y: &mut [f32]) {
+        match numerics {
+            Numerics::Ggml => self.matmul(x, y),
+            Numerics::Exact => self.matmul_exact(x, y),
+            Numerics::Bf16 => self.matmul_bf16(x, y),
+        }
+    }
+
+    /// `dx[m, n_cols] += dy[m, n_rows] · W` with the forward's `numerics` (f32 unless `Bf16`).
+    pub fn backward_input(&self, numerics: Numerics, dy: &[f32], dx: &mut [f32]) {
+        match numerics {
+            Numerics::Bf16 => self.matmul_backward_input_bf16(dy, dx),
+            Numerics::Ggml | Numerics::Exact => self.matmul_backward_input(dy, dx),
+        }
     }
 
     /// `y[m, n_rows] = x[m, n_cols] · Wᵀ` as ggml computes it: each row of `x` is first

@@ -19,4 +19,4 @@ pub mod quant;
 pub mod rope;
 pub mod scratch;
 
-pub use matmul::Weight;
+pub use matmul::{Numerics, Weight};

@@ -7,10 +7,11 @@ use std::sync::{Arc, PoisonError};
 use crate::backend::{AnyState, Backend};
 use crate::error::{Error, Result};
 use crate::infer::{with_backend, Inference, SpareActivations};
-use crate::lora::{LoraAdapter, LoraGrads, LoraPlan, Numerics, PairGrad};
+use crate::lora::{LoraAdapter, LoraGrads, LoraPlan, PairGrad};
 use crate::model::{KvCache, SeqSpan};
 use crate::ops::activation::softcap_backward;
 use crate::ops::loss::count_scored;
+use crate::ops::Numerics;
 use crate::transformer::{self, Batch, Saved};
 
 /// Logits materialised at a time by the fused loss: 128 MiB (1024 rows of a 32k vocabulary),

@@ -11,8 +11,9 @@
 
 use crate::backend::{Backend, Norm};
 use crate::error::Result;
-use crate::lora::{LoraPlan, Numerics};
+use crate::lora::LoraPlan;
 use crate::model::{KvCache, Proj, SeqSpan};
+use crate::ops::Numerics;
 
 /// What a block computes that its backward needs. Inference reuses one set for every layer;
 /// training keeps one per layer (keys and values stay in each sequence's `KvCache`), without

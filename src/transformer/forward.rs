@@ -9,8 +9,9 @@ use super::block::{
 };
 use crate::backend::{Backend, Norm};
 use crate::error::Result;
-use crate::lora::{LoraPlan, Numerics};
+use crate::lora::LoraPlan;
 use crate::model::{KvCache, Proj, SeqSpan};
+use crate::ops::Numerics;
 
 /// Activation buffers of a forward (tensors `T`, RoPE table `R`), reused across calls
 /// (kept warm in a `MemoryPool`).

@@ -14,10 +14,10 @@ use candle_core::{DType, Tensor};
 use super::{Backend, Norm, HEAD_NORMS, POST_NORMS};
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::lora::{LoraGrads, LoraPlan, Numerics};
+use crate::lora::{LoraGrads, LoraPlan};
 use crate::model::{Config, Glu, KvCache, Model, Proj, SeqSpan, Slot};
 use crate::ops::rope::{Rope, RopeStyle, RopeTable};
-use crate::ops::Weight;
+use crate::ops::{Numerics, Weight};
 use weights::DeviceWeights;
 
 /// An activation on the device (`None`: empty).

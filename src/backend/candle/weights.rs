@@ -9,9 +9,9 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::Result;
 use crate::gguf::TensorType;
-use crate::lora::Numerics;
+
 use crate::model::{Proj, Weights};
-use crate::ops::Weight;
+use crate::ops::{Numerics, Weight};
 
 /// A frozen matrix `[n_out, n_in]` on the device.
 pub enum DeviceWeight {
@@ -104,11 +104,7 @@ impl DeviceWeight {
             (DeviceWeight::Host(w), numerics) => {
                 let (rows, x) = (x.dim(0)?, x.flatten_all()?.to_vec1::<f32>()?);
                 let mut y = vec![0f32; rows * w.n_rows];
-                match numerics {
-                    Numerics::Ggml => w.matmul(&x, &mut y),
-                    Numerics::Exact => w.matmul_exact(&x, &mut y),
-                    Numerics::Bf16 => w.matmul_bf16(&x, &mut y),
-                }
+                w.product(numerics, &x, &mut y);
                 Tensor::from_vec(y, (rows, w.n_rows), &Device::Cpu)?
             }
             (DeviceWeight::Quantized { qmatmul, .. }, Numerics::Ggml) => qmatmul.forward(x)?,
