@@ -10,25 +10,57 @@ use pyo3::prelude::*;
 use super::convert::{array1, array2};
 use super::errors::IntoPyResult;
 use crate::infer::Inference;
+use crate::ops::loss::{count_scored, cross_entropy_in_place};
 use crate::train::optim::Param;
 use crate::train::TrainGraph;
 
 /// The logits of a training forward and the graph that can back-propagate through them.
 pub(super) struct LogitsNode {
-    pub(super) inf: Arc<Inference>,
-    pub(super) graph: Mutex<Option<TrainGraph>>,
-    pub(super) logits: Vec<f32>,
-    pub(super) n_vocab: usize,
+    inf: Arc<Inference>,
+    graph: Mutex<Option<TrainGraph>>,
+    logits: Vec<f32>,
+    n_vocab: usize,
+}
+
+impl LogitsNode {
+    /// Rows of logits (tokens).
+    pub(super) fn n_rows(&self) -> usize {
+        self.logits.len() / self.n_vocab
+    }
+
+    /// The mean cross-entropy against `targets` (one per row, `IGNORE_INDEX` to mask): a loss
+    /// whose `backward()` runs through these logits.
+    pub(super) fn cross_entropy(
+        self: &Arc<Self>,
+        py: Python<'_>,
+        targets: &[i64],
+    ) -> PyResult<PyTensor> {
+        let n_scored = count_scored(targets, self.n_vocab).py()?;
+        let (value, d_logits) = py.detach(|| {
+            let mut d = self.logits.clone();
+            let sum = self
+                .inf
+                .install(|| cross_entropy_in_place(&mut d, self.n_vocab, targets, n_scored));
+            (sum / n_scored as f64, d)
+        });
+        Ok(PyTensor {
+            kind: TensorKind::Loss(Arc::new(LossNode {
+                logits: Arc::clone(self),
+                value,
+                d_logits: Mutex::new(Some(d_logits)),
+            })),
+        })
+    }
 }
 
 /// A loss and dL/dlogits, waiting for `backward()`.
-pub(super) struct LossNode {
-    pub(super) logits: Arc<LogitsNode>,
-    pub(super) value: f64,
-    pub(super) d_logits: Mutex<Option<Vec<f32>>>,
+struct LossNode {
+    logits: Arc<LogitsNode>,
+    value: f64,
+    d_logits: Mutex<Option<Vec<f32>>>,
 }
 
-pub(super) enum TensorKind {
+enum TensorKind {
     Param(Param),
     Logits(Arc<LogitsNode>),
     Loss(Arc<LossNode>),
@@ -38,13 +70,34 @@ pub(super) enum TensorKind {
 /// optimizers update in place), the logits of `lugh.train.forward`, or a loss.
 #[pyclass(name = "Tensor", module = "lugh.autograd", frozen)]
 pub struct PyTensor {
-    pub(super) kind: TensorKind,
+    kind: TensorKind,
 }
 
 impl PyTensor {
     pub fn param(param: Param) -> PyTensor {
         PyTensor {
             kind: TensorKind::Param(param),
+        }
+    }
+
+    /// The logits of a training forward by `inf`, with the graph `backward()` will run.
+    pub(super) fn logits(inf: Arc<Inference>, graph: TrainGraph, logits: Vec<f32>) -> PyTensor {
+        let n_vocab = inf.config().n_vocab;
+        PyTensor {
+            kind: TensorKind::Logits(Arc::new(LogitsNode {
+                inf,
+                graph: Mutex::new(Some(graph)),
+                logits,
+                n_vocab,
+            })),
+        }
+    }
+
+    /// The logits node, where this tensor is the logits of a training forward.
+    pub(super) fn as_logits(&self) -> Option<&Arc<LogitsNode>> {
+        match &self.kind {
+            TensorKind::Logits(l) => Some(l),
+            _ => None,
         }
     }
 

@@ -1,20 +1,20 @@
 //! `lugh.train.forward` / `cross_entropy_loss` / `train_step` / `eval_loss`, and gradient
 //! clipping.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use numpy::PyReadonlyArrayDyn;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
 
-use super::autograd::{LogitsNode, LossNode, PyTensor, TensorKind};
+use super::autograd::PyTensor;
 use super::convert::{tokens, type_name};
 use super::errors::IntoPyResult;
 use super::inference::PyInference;
 use super::lora::{adapters, params};
 use crate::lora::LoraAdapter;
-use crate::ops::loss::{count_scored, cross_entropy_in_place, IGNORE_INDEX};
+use crate::ops::loss::IGNORE_INDEX;
 use crate::train::optim;
 use crate::train::{Precision, TrainGraph};
 
@@ -58,15 +58,7 @@ pub fn forward(
             Ok((graph, logits))
         })
         .py()?;
-    let n_vocab = inf.config().n_vocab;
-    Ok(PyTensor {
-        kind: TensorKind::Logits(Arc::new(LogitsNode {
-            inf,
-            graph: Mutex::new(Some(graph)),
-            logits,
-            n_vocab,
-        })),
-    })
+    Ok(PyTensor::logits(inf, graph, logits))
 }
 
 /// One fused training step over a batch of sequences: forward, mean cross-entropy (logits
@@ -148,7 +140,7 @@ pub fn cross_entropy_loss(
     logits: &Bound<'_, PyTensor>,
     targets: &Bound<'_, PyAny>,
 ) -> PyResult<PyTensor> {
-    let TensorKind::Logits(node) = &logits.get().kind else {
+    let Some(node) = logits.get().as_logits() else {
         return Err(PyTypeError::new_err(
             "logits must come from lugh.train.forward",
         ));
@@ -162,28 +154,14 @@ pub fn cross_entropy_loss(
             ))
         })?,
     };
-    let n_rows = node.logits.len() / node.n_vocab;
+    let n_rows = node.n_rows();
     if targets.len() != n_rows {
         return Err(PyValueError::new_err(format!(
             "{} targets for {n_rows} logits rows: give one target (or -100) per row",
             targets.len()
         )));
     }
-    let n_scored = count_scored(&targets, node.n_vocab).py()?;
-    let (value, d_logits) = py.detach(|| {
-        let mut d = node.logits.clone();
-        let sum = node
-            .inf
-            .install(|| cross_entropy_in_place(&mut d, node.n_vocab, &targets, n_scored));
-        (sum / n_scored as f64, d)
-    });
-    Ok(PyTensor {
-        kind: TensorKind::Loss(Arc::new(LossNode {
-            logits: Arc::clone(node),
-            value,
-            d_logits: Mutex::new(Some(d_logits)),
-        })),
-    })
+    node.cross_entropy(py, &targets)
 }
 
 /// Scales gradients to a joint L2 norm of at most `max_norm`; returns the norm before.
