@@ -102,6 +102,21 @@ pub(crate) trait Dot: Sync {
     ) -> [[f32; 4]; T];
 }
 
+/// `Dot::tile`: the generic `tile` compiled with the dot product's CPU features.
+macro_rules! tile_with {
+    ($($features:literal)?) => {
+        $(#[target_feature(enable = $features)])?
+        unsafe fn tile<F: Vectors, const T: usize>(
+            w: [*const u8; 4],
+            nb: usize,
+            act: &Rows,
+            t: [usize; T],
+        ) -> [[f32; 4]; T] {
+            tile::<F, Self, T>(w, nb, act, t)
+        }
+    };
+}
+
 /// An instruction that adds the products of two vectors of 16 bytes to 4 i32 lanes, as a
 /// function of the CPU feature it needs: written as assembly, as its intrinsic is not stable.
 macro_rules! accumulating {
@@ -150,15 +165,7 @@ impl Dot for Sdot {
         sdot(acc, a, b)
     }
 
-    #[target_feature(enable = "dotprod")]
-    unsafe fn tile<F: Vectors, const T: usize>(
-        w: [*const u8; 4],
-        nb: usize,
-        act: &Rows,
-        t: [usize; T],
-    ) -> [[f32; 4]; T] {
-        tile::<F, Self, T>(w, nb, act, t)
-    }
+    tile_with!("dotprod");
 }
 
 /// `smmla` (the `i8mm` extension) for batches: each instruction multiplies 8 values of two
@@ -243,15 +250,7 @@ impl Dot for Smmla {
         }
     }
 
-    #[target_feature(enable = "dotprod,i8mm")]
-    unsafe fn tile<F: Vectors, const T: usize>(
-        w: [*const u8; 4],
-        nb: usize,
-        act: &Rows,
-        t: [usize; T],
-    ) -> [[f32; 4]; T] {
-        tile::<F, Self, T>(w, nb, act, t)
-    }
+    tile_with!("dotprod,i8mm");
 }
 
 /// Baseline NEON: products widened to i16, pairs of them added (within i16, as one operand is
@@ -265,14 +264,7 @@ impl Dot for Widening {
         vpadalq_s16(acc, vmlal_high_s8(low, a, b))
     }
 
-    unsafe fn tile<F: Vectors, const T: usize>(
-        w: [*const u8; 4],
-        nb: usize,
-        act: &Rows,
-        t: [usize; T],
-    ) -> [[f32; 4]; T] {
-        tile::<F, Self, T>(w, nb, act, t)
-    }
+    tile_with!();
 }
 
 /// The row kernel of format `F` with the dot product `D`.

@@ -625,7 +625,8 @@ fn codebook_kernels_equal_the_portable_product_at_every_batch_size() {
 }
 
 /// The NEON row kernel of format `F`, with widening multiplies, `sdot` and `smmla` (where the
-/// CPU has them): bit for bit against the portable product (candle's `check`s test the one `matmul` takes against candle).
+/// CPU has them): bit for bit against the portable product (candle's `check`s test the one
+/// `matmul` takes against candle).
 #[cfg(target_arch = "aarch64")]
 fn check_neon<F: neon::Vectors>(dtype: TensorType, n_rows: usize, k: usize) {
     let data = weights(dtype, n_rows, k, k as u64);
@@ -633,24 +634,31 @@ fn check_neon<F: neon::Vectors>(dtype: TensorType, n_rows: usize, k: usize) {
     let x: Vec<f32> = (0..5 * k).map(|_| 3.0 * rng.float()).collect();
     let mut portable = vec![0f32; 5 * n_rows];
     crate::ops::portable::matmul(dtype, &data, n_rows, k, &x, &mut portable);
-    let mut widening = vec![0f32; 5 * n_rows];
-    driver::run_rows::<neon::Neon<F, neon::Widening>>(&data, n_rows, k, &x, &mut widening);
-    let mut kernels = vec![("widening", widening)];
-    if std::arch::is_aarch64_feature_detected!("dotprod") {
-        let mut sdot = vec![0f32; 5 * n_rows];
-        driver::run_rows::<neon::Neon<F, neon::Sdot>>(&data, n_rows, k, &x, &mut sdot);
-        kernels.push(("sdot", sdot));
-    } else {
-        eprintln!("no dotprod: the sdot kernels are not tested on this CPU");
-    }
-    if std::arch::is_aarch64_feature_detected!("i8mm") {
-        let mut smmla = vec![0f32; 5 * n_rows];
-        driver::run_rows::<neon::Neon<F, neon::Smmla>>(&data, n_rows, k, &x, &mut smmla);
-        kernels.push(("smmla", smmla));
-    } else {
-        eprintln!("no i8mm: the smmla kernels are not tested on this CPU");
-    }
-    for (name, ours) in kernels {
+    type Product = fn(&[u8], usize, usize, &[f32], &mut [f32]);
+    let kernels: [(&str, bool, Product); 3] = [
+        (
+            "widening",
+            true,
+            driver::run_rows::<neon::Neon<F, neon::Widening>>,
+        ),
+        (
+            "sdot",
+            std::arch::is_aarch64_feature_detected!("dotprod"),
+            driver::run_rows::<neon::Neon<F, neon::Sdot>>,
+        ),
+        (
+            "smmla",
+            std::arch::is_aarch64_feature_detected!("i8mm"),
+            driver::run_rows::<neon::Neon<F, neon::Smmla>>,
+        ),
+    ];
+    for (name, has, product) in kernels {
+        if !has {
+            eprintln!("this CPU lacks {name}: those kernels are not tested here");
+            continue;
+        }
+        let mut ours = vec![0f32; 5 * n_rows];
+        product(&data, n_rows, k, &x, &mut ours);
         for (i, (a, b)) in ours.iter().zip(&portable).enumerate() {
             assert_eq!(
                 a.to_bits(),
