@@ -21,8 +21,8 @@ rustup target add aarch64-apple-darwin
 cargo check --lib --features metal --target aarch64-apple-darwin
 
 # --- ARM Linux: the NEON kernels' tests (and the rest of `ops`), emulated ---
-# qemu's default CPU has `dotprod` (the `sdot` kernels); the NEON tests also run the baseline
-# ones directly. A Cortex-A53 has no `dotprod`: there only the tests of NEON's own kernels
+# qemu's default CPU has `dotprod` and `i8mm` (the `sdot` and `smmla` kernels); the NEON tests
+# also run the baseline ones directly. A Cortex-A53 has no `dotprod`: there only the tests of NEON's own kernels
 # (`neon_`: the baseline integer ones, and F16/BF16, which need no extension), as candle's NEON
 # dot products, which the other tests compare with, use `sdot` unconditionally.
 rustup target add aarch64-unknown-linux-gnu
