@@ -119,7 +119,7 @@ impl PyTensor {
     fn shape(&self) -> Vec<usize> {
         match &self.kind {
             TensorKind::Param(p) => p.shape().to_vec(),
-            TensorKind::Logits(l) => vec![l.logits.len() / l.n_vocab, l.n_vocab],
+            TensorKind::Logits(l) => vec![l.n_rows(), l.n_vocab],
             TensorKind::Loss(_) => vec![],
         }
     }

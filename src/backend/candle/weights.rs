@@ -9,7 +9,6 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::Result;
 use crate::gguf::TensorType;
-
 use crate::model::{Proj, Weights};
 use crate::ops::{Numerics, Weight};
 

@@ -375,8 +375,7 @@ unsafe fn steps<F: Vectors, const T: usize>(
                     }
                     total
                 };
-                let [m0, m1, m2, m3] = [sum(&mins[0]), sum(&mins[1]), sum(&mins[2]), sum(&mins[3])];
-                let m = vpaddq_s32(vpaddq_s32(m0, m1), vpaddq_s32(m2, m3));
+                let m = rows_side_by_side(std::array::from_fn(|r| sum(&mins[r])));
                 let m = vcvtq_f32_s32(m);
                 vfmaq_f32(acc, vnegq_f32(m), vmulq_n_f32(dmin, d_x))
             }
@@ -419,8 +418,13 @@ unsafe fn row_sums<F: Vectors, D: Dot + ?Sized, const T: usize>(
             }
         }
     }
-    // Each (row, token)'s lanes added up, rows side by side.
-    std::array::from_fn(|j| vpaddq_s32(vpaddq_s32(s[0][j], s[1][j]), vpaddq_s32(s[2][j], s[3][j])))
+    std::array::from_fn(|j| rows_side_by_side(std::array::from_fn(|r| s[r][j])))
+}
+
+/// Each of four rows' vectors of partial sums added up, the rows' totals side by side.
+#[inline(always)]
+unsafe fn rows_side_by_side(rows: [int32x4_t; 4]) -> int32x4_t {
+    vpaddq_s32(vpaddq_s32(rows[0], rows[1]), vpaddq_s32(rows[2], rows[3]))
 }
 
 /// The 32 nibbles of 16 bytes at `qs`: low nibbles (values 0..16), high nibbles (16..32).
