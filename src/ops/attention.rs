@@ -237,15 +237,14 @@ fn weighted_rows<'o, 'p, 'v, T: KvElem, const AVX: bool, const H: usize, const C
 /// Asks for `data`'s cache lines (into L2) ahead of their use.
 #[inline(always)]
 fn prefetch<T>(data: &[T]) {
-    // From the start of the line holding the first value: a head's row in the cache need not
-    // start on a line, and then spans one line more than its size.
-    #[cfg(target_arch = "x86_64")]
+    // Every line the values touch: a head's row in the cache need not start on a line, and
+    // then spans one line more than its size.
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     {
-        let skew = data.as_ptr() as usize % 64;
-        let first_line = data.as_ptr().cast::<u8>().wrapping_sub(skew);
-        super::qmatmul::prefetch_l2(first_line, skew + std::mem::size_of_val(data));
+        use super::qmatmul::prefetch::{self, Cache};
+        prefetch::lines(data.as_ptr().cast(), std::mem::size_of_val(data), Cache::L2);
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     let _ = data;
 }
 

@@ -3,15 +3,18 @@
 
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use super::act::Groups;
 use super::act::{self, Arena, Rows};
 #[cfg(target_arch = "x86_64")]
-use super::{act::Groups, simd};
+use super::prefetch::{self, Cache};
+#[cfg(target_arch = "x86_64")]
+use super::simd;
 use crate::ops::disjoint::SyncPtr;
 use crate::ops::scratch;
 
-/// Batches from this many tokens up run the 16-token tiles; smaller ones the row kernel
-/// once per token.
-#[cfg(target_arch = "x86_64")]
+/// Batches from this many tokens up run the tiles; smaller ones the row kernel once per token
+/// (or a few tokens at a time).
 pub(super) const MIN_TILED: usize = 6;
 
 /// The row kernel of one weight format on one instruction set.
@@ -235,7 +238,8 @@ fn tiles<F: Format>(w: &Weights, act: &Groups, scratch: &mut [u8], m: usize, y: 
             }
             // The next 4 rows arrive while these are multiplied.
             if r0 + 4 < rows.end {
-                simd::prefetch_l2(quad[0].wrapping_add(4 * row_bytes), 4 * row_bytes);
+                let next = quad[0].wrapping_add(4 * row_bytes);
+                prefetch::bytes(next, 4 * row_bytes, Cache::L2);
             }
             let u: [*const u8; 4] = std::array::from_fn(|i| scratch[i * unpacked..].as_ptr());
             let n = (n_rows - r0).min(4);

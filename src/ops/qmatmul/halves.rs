@@ -10,7 +10,9 @@
 //!
 //! - `x86`: AVX-512 (one 16-lane vector) and AVX2 (two 8-lane halves of it), as a row kernel
 //!   (decode) and tiles (prefill, k in chunks);
-//! - `neon`: four `float32x4_t`, the row kernel for every batch size.
+//! - `neon`: four `float32x4_t`, as a row kernel and tiles (one pass per quarter of the lanes);
+//!
+//! the tiles share one driver, `tiled`.
 //!
 //! So a token's outputs have the same bits alone or in a batch, on AVX-512, AVX2 and NEON
 //! alike (a test holds each to a scalar model of the sequence). All widen the halves as they
@@ -21,6 +23,7 @@
 
 #[cfg(target_arch = "aarch64")]
 mod neon;
+mod tiled;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 

@@ -38,12 +38,12 @@
 //! kernels of one format (`q23k` for Q2_K and Q3_K, `q4k` for Q4_K and Q5_K, `q6k`, `iq4xs`,
 //! `q8_0` for Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and IQ4_NL, `codebook` for IQ2_XXS, IQ2_XS, IQ2_S,
 //! IQ3_XXS, IQ3_S, IQ1_S and IQ1_M), `simd` holds what they share; those eight files are
-//! x86-64's. `neon` has aarch64's kernels for the twelve integer formats and the codebook ones,
+//! x86-64's. `prefetch` asks for cache lines on both architectures. `neon` has aarch64's kernels for the twelve integer formats and the codebook ones,
 //! reading the blocks' values as `portable::Format` (and `codebook::Signed`) describes them.
 //! `halves`, for F16 and BF16, has ggml's numerics for them (activations rounded to the weights' format, one fixed
-//! sum order), its own simpler driver, and the kernels of both architectures: `halves::x86`
-//! (rows and tiles, AVX-512 and AVX2) and `halves::neon` (rows, every batch size), the same
-//! bits on all three.
+//! sum order), its own driver (`halves::tiled` for prefill), and the kernels of both
+//! architectures: `halves::x86` (rows and tiles, AVX-512 and AVX2) and `halves::neon` (rows
+//! and tiles), the same bits on all three.
 
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod act;
@@ -57,6 +57,8 @@ mod halves;
 mod iq4xs;
 #[cfg(target_arch = "aarch64")]
 mod neon;
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+pub(crate) mod prefetch;
 #[cfg(target_arch = "x86_64")]
 mod q23k;
 #[cfg(target_arch = "x86_64")]
@@ -71,9 +73,6 @@ mod simd;
 mod tests;
 
 use std::sync::OnceLock;
-
-#[cfg(target_arch = "x86_64")]
-pub(crate) use simd::prefetch_l2;
 
 use crate::gguf::TensorType;
 

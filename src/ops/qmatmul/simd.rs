@@ -3,6 +3,7 @@
 use core::arch::x86_64::*;
 
 use super::act::Groups;
+use super::prefetch::{self, Cache};
 
 /// Horizontal sums of 4 vectors of 16 i32: `[Σ s[0], Σ s[1], Σ s[2], Σ s[3]]`.
 #[inline]
@@ -95,41 +96,11 @@ impl NextRows {
         }
     }
 
-    /// Prefetches the share of step `i` of row `r` in the group from `rows`, into L1 (faster
-    /// than into L2 on Zen 5).
+    /// Prefetches the share of step `i` of row `r` in the group from `rows`, into L1.
     #[inline(always)]
     pub(crate) fn fetch(self, rows: *const u8, r: usize, i: usize) {
         let p = rows.wrapping_add(self.distance + (i * self.group + r) * self.step);
-        prefetch::<_MM_HINT_T0>(p, self.step);
-    }
-}
-
-/// Prefetches `len` bytes from `p` into the L2 cache (as `prefetch`): the tiles' next rows,
-/// the attention's keys.
-#[inline(always)]
-pub(crate) fn prefetch_l2(p: *const u8, len: usize) {
-    prefetch::<_MM_HINT_T1>(p, len)
-}
-
-/// Prefetches `len` bytes from `p` with the hint `HINT`, one prefetch per 64 bytes from `p`:
-/// where `p` does not start a line, the line the range ends in is left to the stream's next
-/// call (counting lines from the one holding `p` cost the 4-bit decode rows about 10 %); a
-/// one-off range, as the attention's, widens itself.
-#[inline(always)]
-fn prefetch<const HINT: i32>(p: *const u8, len: usize) {
-    for off in (0..len).step_by(64) {
-        // SAFETY: prefetching never faults, whatever the address.
-        unsafe { _mm_prefetch::<HINT>(p.wrapping_add(off).cast()) };
-    }
-}
-
-/// Prefetches the lines of `p..p + len` into the L1 cache.
-#[inline(always)]
-pub(crate) fn prefetch_l1(p: *const u8, len: usize) {
-    let first = p as usize & !63;
-    for line in (first..p as usize + len).step_by(64) {
-        // SAFETY: prefetching never faults, whatever the address.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(line as *const i8) };
+        prefetch::bytes(p, self.step, Cache::L1);
     }
 }
 

@@ -296,7 +296,6 @@ fn widened_half_kernels_follow_the_sum_order() {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
 #[test]
 fn half_tiles_span_several_row_blocks_per_task() {
     // 77 rows on 2 threads: 8 tasks of 8 or 12 rows, so whole 8-row blocks and a remainder.
