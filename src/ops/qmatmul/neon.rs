@@ -394,6 +394,23 @@ unsafe fn f16_lanes(w: [&[u8]; 4], at: usize) -> float32x4_t {
     f16::widen8(bits)[0]
 }
 
+/// `f(c)` for each chunk `c` of 32 values of a block of `F`; where `written_out`, one call
+/// per chunk, so that each, inlined, decodes its chunk with `c` a constant (`vectors`'
+/// shifts and halves by chunk), where a loop kept `c` in a register and computed them. For
+/// one token only (`written_out` a constant where inlined): with several, the chunks written
+/// out keep too many vectors live and spill (benches/README, twenty-fourth session).
+#[inline(always)]
+unsafe fn each_chunk<F: Vectors>(written_out: bool, mut f: impl FnMut(usize)) {
+    const { assert!(F::VALUES <= 256) };
+    if !written_out {
+        return (0..F::VALUES / 32).for_each(f);
+    }
+    macro_rules! chunks {
+        ($($c:literal)*) => { $(if $c < F::VALUES / 32 { f($c) })* };
+    }
+    chunks!(0 1 2 3 4 5 6 7);
+}
+
 /// `Dot::sums` by `D::dot`, row by row.
 #[inline(always)]
 unsafe fn row_sums<F: Vectors, D: Dot + ?Sized, const T: usize>(
@@ -404,7 +421,7 @@ unsafe fn row_sums<F: Vectors, D: Dot + ?Sized, const T: usize>(
     let mut s = [[zero; T]; 4];
     for (s, p) in s.iter_mut().zip(p) {
         let scales = F::scales(std::slice::from_raw_parts(p, F::BYTES));
-        for c in 0..F::VALUES / 32 {
+        each_chunk::<F>(T == 1, |c| {
             let v = F::vectors(p, c);
             for (s, x) in s.iter_mut().zip(x) {
                 let x = [vld1q_s8(x.add(32 * c)), vld1q_s8(x.add(32 * c + 16))];
@@ -416,7 +433,7 @@ unsafe fn row_sums<F: Vectors, D: Dot + ?Sized, const T: usize>(
                     *s = vmlaq_n_s32(*s, D::dot(zero, v[1], x[1]), scales[2 * c + 1]);
                 }
             }
-        }
+        });
     }
     std::array::from_fn(|j| rows_side_by_side(std::array::from_fn(|r| s[r][j])))
 }
