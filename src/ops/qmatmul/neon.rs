@@ -400,7 +400,7 @@ unsafe fn f16_lanes(w: [&[u8]; 4], at: usize) -> float32x4_t {
 /// one token only (`written_out` a constant where inlined): with several, the chunks written
 /// out keep too many vectors live and spill (benches/README, twenty-fourth session).
 #[inline(always)]
-unsafe fn each_chunk<F: Vectors>(written_out: bool, mut f: impl FnMut(usize)) {
+fn each_chunk<F: Vectors>(written_out: bool, mut f: impl FnMut(usize)) {
     const { assert!(F::VALUES <= 256) };
     if !written_out {
         return (0..F::VALUES / 32).for_each(f);

@@ -65,9 +65,9 @@ pub(super) trait Kernels: RowKernel + Sized {
     }
 
     /// Adds columns `ks` of `ROWS` rows of `k` halves (`w`: each row's columns `ks` as `pack`
-    /// wrote them, `rows_at` apart) times `TOKENS` tokens (`x`: each token's columns `ks` as
-    /// `lay_out` wrote them, `tokens_at` apart in a `Panel`) to `partial`, which the first
-    /// chunk (`ks.start == 0`) sets.
+    /// wrote them, `PACKED * K_CHUNK` bytes apart) times `TOKENS` tokens (`x`: each token's
+    /// columns `ks` as `lay_out` wrote them, `K_CHUNK` values apart in a `Panel`) to
+    /// `partial`, which the first chunk (`ks.start == 0`) sets.
     ///
     /// # Safety
     /// The CPU has the instruction set; `w` points to `ROWS` packed chunks of `ks`, `x` to
