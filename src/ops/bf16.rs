@@ -180,7 +180,8 @@ impl Panel<'_> {
 }
 
 /// `c[t, ..cols] (+)= Σ_p a[t, p] · panel[p, ..cols]` for the `m` rows of `a` (`pairs` words
-/// each, `a_stride` apart) into `c` (rows `c_stride` apart). Needs `available()`.
+/// each, `a_stride` apart) into `c` (rows `c_stride` apart). Needs `available()`; takes the
+/// tile unit where there is one (`amx`).
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 pub(crate) fn multiply(
     a: &[u32],
@@ -191,29 +192,72 @@ pub(crate) fn multiply(
     c_stride: usize,
     accumulate: bool,
 ) {
-    assert!(available());
+    #[cfg(target_arch = "x86_64")]
+    multiply_on(
+        amx::available(),
+        a,
+        a_stride,
+        m,
+        panel,
+        c,
+        c_stride,
+        accumulate,
+    );
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("bf16::available() is false off x86-64");
+}
+
+/// `multiply` by the tile unit (`amx`) or by `vdpbf16ps`.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn multiply_on(
+    tile_unit: bool,
+    a: &[u32],
+    a_stride: usize,
+    m: usize,
+    panel: &Panel,
+    c: &mut [f32],
+    c_stride: usize,
+    accumulate: bool,
+) {
+    assert!(available() && (!tile_unit || amx::available()));
     assert!(m == 0 || (m - 1) * a_stride + panel.pairs <= a.len());
     assert!(m == 0 || (m - 1) * c_stride + panel.cols <= c.len());
     assert!(panel.words.len() >= panel.pairs * COLS);
-    #[cfg(target_arch = "x86_64")]
+    let words = (panel.words.as_ptr(), panel.pairs, panel.cols);
+    if tile_unit {
+        // SAFETY: `amx::available()`; the asserts bound the reads and writes.
+        unsafe {
+            amx::multiply(
+                (a.as_ptr(), a_stride),
+                m,
+                words,
+                (c.as_mut_ptr(), c_stride),
+                accumulate,
+            )
+        };
+        return;
+    }
     for t0 in (0..m).step_by(avx512::ROWS) {
         let a = (a[t0 * a_stride..].as_ptr(), a_stride);
         let c = (c[t0 * c_stride..].as_mut_ptr(), c_stride);
-        let panel = (panel.words.as_ptr(), panel.pairs, panel.cols);
         // SAFETY: `available()` found AVX512_BF16; each call takes min(m - t0, ROWS) rows,
         // all below `m`, and the asserts bound their reads and writes.
         unsafe {
             match m - t0 {
-                1 => avx512::tile::<1>(a, panel, c, accumulate),
-                2 => avx512::tile::<2>(a, panel, c, accumulate),
-                3 => avx512::tile::<3>(a, panel, c, accumulate),
-                4 => avx512::tile::<4>(a, panel, c, accumulate),
-                5 => avx512::tile::<5>(a, panel, c, accumulate),
-                _ => avx512::tile::<{ avx512::ROWS }>(a, panel, c, accumulate),
+                1 => avx512::tile::<1>(a, words, c, accumulate),
+                2 => avx512::tile::<2>(a, words, c, accumulate),
+                3 => avx512::tile::<3>(a, words, c, accumulate),
+                4 => avx512::tile::<4>(a, words, c, accumulate),
+                5 => avx512::tile::<5>(a, words, c, accumulate),
+                _ => avx512::tile::<{ avx512::ROWS }>(a, words, c, accumulate),
             }
         }
     }
 }
+
+#[cfg(target_arch = "x86_64")]
+mod amx;
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
@@ -363,6 +407,70 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Both units of an AVX512_BF16 CPU with AMX (the tile unit and `vdpbf16ps`) against
+    /// f64 sums of the rounded operands; `bf16_products_are_the_rounded_operands_products`
+    /// (ops::matmul) covers the unit each CPU takes.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn tile_unit_and_vdpbf16ps_products_are_the_rounded_operands_products() {
+        if !available() {
+            return;
+        }
+        let value = |i: usize, seed: usize| {
+            ((i.wrapping_mul(2654435761).wrapping_add(seed) >> 7) % 2001) as f32 / 1000.0 - 1.0
+        };
+        // Whole tiles, a tail of rows, of pairs and of panel columns, an odd last value.
+        for (m, n, cols) in [
+            (16, 32, 64),
+            (1, 64, 64),
+            (17, 75, 5),
+            (40, 200, 64),
+            (33, 16, 20),
+        ] {
+            let (rows, x): (Vec<f32>, Vec<f32>) = (
+                (0..cols * n).map(|i| value(i, 1)).collect(),
+                (0..m * n).map(|i| value(i, 2)).collect(),
+            );
+            let np = pairs(n);
+            let mut words = vec![0; np * COLS];
+            let mut panel = Panel {
+                words: &mut words,
+                pairs: np,
+                cols,
+            };
+            panel.fill_from_rows(&rows, n);
+            let mut a = vec![0; m * np];
+            pack_rows(&x, n, &mut a);
+            let r = |v: f32| round(v) as f64;
+            let want = |t: usize, c: usize| -> f64 {
+                (0..n).map(|i| r(x[t * n + i]) * r(rows[c * n + i])).sum()
+            };
+            let tol = 4.0 * n as f64 * f32::EPSILON as f64;
+            let units = [false, true];
+            for &tile_unit in units.iter().filter(|&&u| !u || amx::available()) {
+                for accumulate in [false, true] {
+                    // Rows of `c` wider than the panel: the columns past it stay as they were.
+                    let stride = cols + 3;
+                    let mut c = vec![0.5f32; m * stride];
+                    multiply_on(tile_unit, &a, np, m, &panel, &mut c, stride, accumulate);
+                    for t in 0..m {
+                        for j in 0..stride {
+                            let got = c[t * stride + j] as f64;
+                            let expect = match j < cols {
+                                true => want(t, j) + if accumulate { 0.5 } else { 0.0 },
+                                false => 0.5,
+                            };
+                            assert!(
+                                (got - expect).abs() < tol,
+                                "amx {tile_unit} m {m} n {n} cols {cols} [{t}, {j}]: {got} vs {expect}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn packed_rows_and_panels_hold_each_pair_rounded_as_bits_rounds() {
