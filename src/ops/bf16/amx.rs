@@ -127,7 +127,6 @@ unsafe fn step(a: *const u32, a_bytes: usize, b: *const u32, tiles: usize) {
 /// `available()`; the rows of `a` (`m`, `pairs` words each, `a_stride` apart), the panel's
 /// `pairs * COLS` words and the rows of `c` (`m`, `cols ≤ COLS` values each, `c_stride`
 /// apart) are in bounds.
-#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn multiply(
     (a, a_stride): (*const u32, usize),
     m: usize,
@@ -150,7 +149,6 @@ pub(super) unsafe fn multiply(
         let rows = (m - t0).min(TILE);
         let a = a.add(t0 * a_stride);
         let run = |a: *const u32, a_stride: usize| {
-            let mut a_tail = Aligned([0u32; TILE * TILE]);
             // SAFETY (for the closure's body): `a` holds 16 rows of `pairs` words, `a_stride`
             // apart, and the panel `pairs` rows; the tiles are configured.
             unsafe {
@@ -165,6 +163,7 @@ pub(super) unsafe fn multiply(
                     step(a.add(p0), 4 * a_stride, words.add(p0 * COLS), tiles);
                 }
                 if tail > 0 {
+                    let mut a_tail = Aligned([0u32; TILE * TILE]);
                     for r in 0..TILE {
                         let src = a.add(r * a_stride + full);
                         let dst = a_tail.0.as_mut_ptr().add(r * TILE);
