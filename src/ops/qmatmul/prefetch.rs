@@ -8,9 +8,28 @@ use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
 /// The cache a prefetch fills.
 #[derive(Clone, Copy)]
 pub(crate) enum Cache {
-    /// The core's first level (faster than L2 for the row kernels' streams on Zen 5).
     L1,
     L2,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Cache {
+    /// Where the row kernels' weight streams are prefetched: L2 on Intel cores, L1 elsewhere,
+    /// the faster of the two on each vendor's cores measured (benches/README, sixteenth and
+    /// twenty-sixth sessions).
+    pub(crate) fn row_streams() -> Cache {
+        use std::sync::OnceLock;
+        static INTEL: OnceLock<bool> = OnceLock::new();
+        // CPUID leaf 0 names the vendor in EBX, EDX, ECX: "Genu", "ineI", "ntel".
+        let intel = *INTEL.get_or_init(|| {
+            let id = std::arch::x86_64::__cpuid(0);
+            (id.ebx, id.edx, id.ecx) == (0x756e_6547, 0x4965_6e69, 0x6c65_746e)
+        });
+        match intel {
+            true => Cache::L2,
+            false => Cache::L1,
+        }
+    }
 }
 
 /// Asks for the line holding `p` into `cache`.

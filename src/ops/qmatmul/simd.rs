@@ -83,6 +83,7 @@ pub(crate) struct NextRows {
     group: usize,
     /// Bytes read from a row per step.
     step: usize,
+    cache: Cache,
 }
 
 impl NextRows {
@@ -93,14 +94,15 @@ impl NextRows {
             distance: PREFETCH_DISTANCE.div_ceil(group_bytes) * group_bytes,
             group,
             step,
+            cache: Cache::row_streams(),
         }
     }
 
-    /// Prefetches the share of step `i` of row `r` in the group from `rows`, into L1.
+    /// Prefetches the share of step `i` of row `r` in the group from `rows`.
     #[inline(always)]
     pub(crate) fn fetch(self, rows: *const u8, r: usize, i: usize) {
         let p = rows.wrapping_add(self.distance + (i * self.group + r) * self.step);
-        prefetch::bytes(p, self.step, Cache::L1);
+        prefetch::bytes(p, self.step, self.cache);
     }
 }
 
