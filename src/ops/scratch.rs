@@ -48,15 +48,13 @@ pub fn with_zeroed<T: Pod, R>(len: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
 
 /// Runs `f` with `len` values of `T` in this thread's scratch, contents unspecified (`Pod`
 /// values are valid for any bits): for buffers that are written whole before being read.
+/// 64-byte aligned, so that rows of whole lines start on one (a line-sized load of a row that
+/// straddles two reads both).
 pub fn with_pod<T: Pod, R>(len: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
-    lend(&WORDS, |words| {
-        let n_words = (len * std::mem::size_of::<T>()).div_ceil(8);
-        if words.len() < n_words {
-            words.resize(n_words, 0);
-        }
-        // SAFETY: the buffer holds at least `len` T-sized, 8-aligned, initialised slots; `Pod`
-        // types are valid for any bit pattern and need alignment <= 8.
-        let typed = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<T>(), len) };
+    with_aligned_bytes(len * std::mem::size_of::<T>(), |bytes| {
+        // SAFETY: `bytes` holds `len` T-sized, 64-aligned, initialised slots; `Pod` types are
+        // valid for any bit pattern and need alignment <= 8.
+        let typed = unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast::<T>(), len) };
         f(typed)
     })
 }
