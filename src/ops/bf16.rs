@@ -93,6 +93,35 @@ fn row_pairs(row: &[f32]) -> impl Iterator<Item = u32> + '_ {
     values.map(|v| pair(v[0], v[1])).chain(last)
 }
 
+/// Values a panel is filled from: f32, or a weight's halves as they are stored (F16 widened
+/// exactly; BF16 values are bf16 already), without an f32 copy.
+#[derive(Clone, Copy)]
+pub(crate) enum Values<'a> {
+    F32(&'a [f32]),
+    /// Little-endian F16 values, 2 bytes each.
+    F16(&'a [u8]),
+    /// Little-endian BF16 values, 2 bytes each.
+    Bf16(&'a [u8]),
+}
+
+impl Values<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Values::F32(v) => v.len(),
+            Values::F16(b) | Values::Bf16(b) => b.len() / 2,
+        }
+    }
+
+    fn get(&self, i: usize) -> f32 {
+        let bits16 = |b: &[u8]| u16::from_le_bytes([b[2 * i], b[2 * i + 1]]);
+        match self {
+            Values::F32(v) => v[i],
+            Values::F16(b) => half::f16::from_bits(bits16(b)).to_f32(),
+            Values::Bf16(b) => f32::from_bits(u32::from(bits16(b)) << 16),
+        }
+    }
+}
+
 /// A panel of `cols ≤ COLS` output columns and `pairs` reduction pairs, `[pairs][COLS]`
 /// words, columns past `cols` zero.
 pub(crate) struct Panel<'a> {
@@ -104,16 +133,19 @@ pub(crate) struct Panel<'a> {
 impl Panel<'_> {
     /// The panel of `cols` rows of `n` values (`rows[c * n + i]`, the forward's weight rows),
     /// paired along each row.
-    pub fn fill_from_rows(&mut self, rows: &[f32], n: usize) {
+    pub fn fill_from_rows(&mut self, rows: Values, n: usize) {
         assert!(self.pairs == pairs(n) && rows.len() >= self.cols * n);
         // A block of pairs at a time, so that the words written down each column stay in L1.
         const BLOCK: usize = 16;
         let done = self.fill_from_rows_simd(rows, n);
         for p0 in (done..self.pairs).step_by(BLOCK) {
-            let values = 2 * p0..(2 * (p0 + BLOCK)).min(n);
-            for (c, row) in rows.chunks_exact(n).take(self.cols).enumerate() {
-                for (p, w) in row_pairs(&row[values.clone()]).enumerate() {
-                    self.words[(p0 + p) * COLS + c] = w;
+            for c in 0..self.cols {
+                for p in p0..(p0 + BLOCK).min(self.pairs) {
+                    let at = |i: usize| match i < n {
+                        true => rows.get(c * n + i),
+                        false => 0.0,
+                    };
+                    self.words[p * COLS + c] = pair(at(2 * p), at(2 * p + 1));
                 }
             }
         }
@@ -123,7 +155,7 @@ impl Panel<'_> {
     /// The panel's first pairs from `rows` by a vector path, 16 at a time: how many (0
     /// without one).
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
-    fn fill_from_rows_simd(&mut self, rows: &[f32], n: usize) -> usize {
+    fn fill_from_rows_simd(&mut self, rows: Values, n: usize) -> usize {
         #[cfg(target_arch = "x86_64")]
         if available() {
             let done = n / 32 * 16;
@@ -263,7 +295,7 @@ mod amx;
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::COLS;
+    use super::{Values, COLS};
 
     /// Rows of the left operand one call multiplies (6 × 4 accumulators in registers).
     pub(super) const ROWS: usize = 6;
@@ -278,7 +310,7 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn fill_from_rows(
         words: &mut [u32],
-        rows: &[f32],
+        rows: Values,
         n: usize,
         cols: usize,
         pairs: usize,
@@ -288,7 +320,7 @@ mod avx512 {
         for c0 in (0..cols).step_by(16) {
             for p0 in (0..pairs).step_by(16) {
                 let mut v: [__m512i; 16] = std::array::from_fn(|r| match c0 + r < cols {
-                    true => round_pairs(rows.as_ptr().add((c0 + r) * n + 2 * p0)),
+                    true => pairs_at(rows, (c0 + r) * n + 2 * p0),
                     false => _mm512_setzero_si512(),
                 });
                 transpose16(&mut v);
@@ -311,10 +343,38 @@ mod avx512 {
         }
     }
 
+    /// Values `i..i + 32` of `values` as 16 words of bf16 pairs, rounded as `super::bits`
+    /// does.
+    ///
+    /// # Safety
+    /// AVX-512 F; `values` holds them.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn pairs_at(values: Values, i: usize) -> __m512i {
+        match values {
+            Values::F32(v) => round_pairs(v.as_ptr().add(i)),
+            Values::F16(b) => {
+                let p = b.as_ptr().add(2 * i);
+                let widen = |p: *const u8| _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()));
+                round_pairs_of(widen(p), widen(p.add(32)))
+            }
+            // bf16 already: the pairs are the stored words (a NaN stays as it is stored).
+            Values::Bf16(b) => _mm512_loadu_si512(b.as_ptr().add(2 * i).cast()),
+        }
+    }
+
     /// The 32 values at `src` as 16 words of bf16 pairs, rounded as `super::bits` does.
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn round_pairs(src: *const f32) -> __m512i {
+        round_pairs_of(_mm512_loadu_ps(src), _mm512_loadu_ps(src.add(16)))
+    }
+
+    /// Values `lo` (0–15) and `hi` (16–31) as 16 words of bf16 pairs, rounded as
+    /// `super::bits` does.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn round_pairs_of(lo: __m512, hi: __m512) -> __m512i {
         let half = |v: __m512| {
             let b = _mm512_castps_si512(v);
             let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
@@ -324,9 +384,7 @@ mod avx512 {
             let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
             _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet))
         };
-        let lo = half(_mm512_loadu_ps(src));
-        let hi = half(_mm512_loadu_ps(src.add(16)));
-        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(half(lo)), half(hi))
     }
 
     /// `v[r]` lane `c` becomes `v[c]` lane `r`.
@@ -439,7 +497,7 @@ mod tests {
                 pairs: np,
                 cols,
             };
-            panel.fill_from_rows(&rows, n);
+            panel.fill_from_rows(Values::F32(&rows), n);
             let mut a = vec![0; m * np];
             pack_rows(&x, n, &mut a);
             let r = |v: f32| round(v) as f64;
@@ -492,7 +550,7 @@ mod tests {
                 pairs: pairs(n),
                 cols,
             };
-            panel.fill_from_rows(&rows, n);
+            panel.fill_from_rows(Values::F32(&rows), n);
             let mut packed = vec![u32::MAX; cols * pairs(n)];
             pack_rows(&rows, n, &mut packed);
             for p in 0..pairs(n) {
@@ -512,6 +570,46 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn panels_from_stored_halves_equal_panels_from_their_f32_values() {
+        // Every kind of half but NaN (whose payload the stored BF16 words keep): subnormals,
+        // infinities, values that round to even; whole blocks of 16 pairs, a tail, an odd
+        // last value.
+        let bits = |i: usize| (i as u32).wrapping_mul(2654435761).rotate_left(7) as u16;
+        let fill = |values: Values, n: usize, cols: usize| {
+            let mut words = vec![u32::MAX; pairs(n) * COLS];
+            let mut panel = Panel {
+                words: &mut words,
+                pairs: pairs(n),
+                cols,
+            };
+            panel.fill_from_rows(values, n);
+            words
+        };
+        for (n, cols) in [(64, 64), (96, 37), (75, 16), (33, 1)] {
+            let f16: Vec<half::f16> = (0..cols * n)
+                .map(|i| half::f16::from_bits(bits(i)))
+                .map(|v| if v.is_nan() { half::f16::ZERO } else { v })
+                .collect();
+            let bf16: Vec<half::bf16> = (0..cols * n)
+                .map(|i| half::bf16::from_bits(bits(i)))
+                .map(|v| if v.is_nan() { half::bf16::ZERO } else { v })
+                .collect();
+            let f16_bytes: Vec<u8> = f16.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let bf16_bytes: Vec<u8> = bf16.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let f16_f32: Vec<f32> = f16.iter().map(|v| v.to_f32()).collect();
+            let bf16_f32: Vec<f32> = bf16.iter().map(|v| v.to_f32()).collect();
+            assert!(
+                fill(Values::F16(&f16_bytes), n, cols) == fill(Values::F32(&f16_f32), n, cols),
+                "F16, n {n} cols {cols}"
+            );
+            assert!(
+                fill(Values::Bf16(&bf16_bytes), n, cols) == fill(Values::F32(&bf16_f32), n, cols),
+                "BF16, n {n} cols {cols}"
+            );
         }
     }
 }

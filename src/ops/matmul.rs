@@ -7,7 +7,7 @@ use std::ops::Range;
 use candle_core::quantized::k_quants::GgmlType;
 use rayon::prelude::*;
 
-use super::bf16::{self, Panel};
+use super::bf16::{self, Panel, Values};
 use super::disjoint::SyncPtr;
 use super::gemm::{gemm, MatMut, MatRef};
 use super::portable;
@@ -190,18 +190,35 @@ impl Weight {
         let (n_rows, k, np) = (self.n_rows, self.n_cols, bf16::pairs(self.n_cols));
         scratch::with_pod::<u32, _>(m * np, |xb| {
             bf16::pack_rows(x, k, xb);
-            self.for_dequantized_blocks(bf16::COLS, y, |rows, w, y| {
+            self.for_row_blocks(bf16::COLS, y, |rows, y| {
                 scratch::with_pod::<u32, _>(np * bf16::COLS, |words| {
                     let mut panel = Panel {
                         words,
                         pairs: np,
                         cols: rows.len(),
                     };
-                    panel.fill_from_rows(w, k);
+                    match self.halves(rows.clone()) {
+                        Some(halves) => panel.fill_from_rows(halves, k),
+                        None => scratch::with_f32(|w| {
+                            w.resize(rows.len() * k, 0.0);
+                            self.dequantize_rows(rows, w);
+                            panel.fill_from_rows(Values::F32(w), k)
+                        }),
+                    }
                     bf16::multiply(xb, np, m, &panel, y, n_rows, false);
                 })
             })
         })
+    }
+
+    /// Rows `rows` as they are stored, where they are halves (F16 or BF16).
+    fn halves(&self, rows: Range<usize>) -> Option<Values<'_>> {
+        let bytes = &self.data[rows.start * self.row_bytes()..rows.end * self.row_bytes()];
+        match self.dtype {
+            TensorType::F16 => Some(Values::F16(bytes)),
+            TensorType::BF16 => Some(Values::Bf16(bytes)),
+            _ => None,
+        }
     }
 
     /// `matmul_exact`, or with `W` rounded to bf16 as it is dequantized (`x` already is).
@@ -239,6 +256,23 @@ impl Weight {
         y: &mut [f32],
         f: impl Fn(Range<usize>, &mut [f32], &mut [f32]) + Sync,
     ) {
+        self.for_row_blocks(block_rows, y, |rows, y| {
+            scratch::with_f32(|w| {
+                w.resize(rows.len() * self.n_cols, 0.0);
+                self.dequantize_rows(rows.clone(), w);
+                f(rows, w, y)
+            })
+        })
+    }
+
+    /// Runs `f(rows, y)` on blocks of `block_rows` weight rows in parallel, `y` as in
+    /// `for_dequantized_blocks`.
+    fn for_row_blocks(
+        &self,
+        block_rows: usize,
+        y: &mut [f32],
+        f: impl Fn(Range<usize>, &mut [f32]) + Sync,
+    ) {
         let m = y.len() / self.n_rows.max(1);
         if m == 0 {
             return;
@@ -248,13 +282,9 @@ impl Weight {
             .into_par_iter()
             .for_each(|block| {
                 let rows = block * block_rows..((block + 1) * block_rows).min(self.n_rows);
-                scratch::with_f32(|w| {
-                    w.resize(rows.len() * self.n_cols, 0.0);
-                    self.dequantize_rows(rows.clone(), w);
-                    // SAFETY: each task writes only columns `rows` of y, disjoint across tasks.
-                    let y = unsafe { y_ptr.slice(rows.start, (m - 1) * self.n_rows + rows.len()) };
-                    f(rows, w, y)
-                })
+                // SAFETY: each task writes only columns `rows` of y, disjoint across tasks.
+                let y = unsafe { y_ptr.slice(rows.start, (m - 1) * self.n_rows + rows.len()) };
+                f(rows, y)
             });
     }
 
