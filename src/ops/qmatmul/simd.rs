@@ -83,7 +83,6 @@ pub(crate) struct NextRows {
     group: usize,
     /// Bytes read from a row per step.
     step: usize,
-    cache: Cache,
 }
 
 impl NextRows {
@@ -94,7 +93,6 @@ impl NextRows {
             distance: PREFETCH_DISTANCE.div_ceil(group_bytes) * group_bytes,
             group,
             step,
-            cache: Cache::row_streams(),
         }
     }
 
@@ -102,7 +100,10 @@ impl NextRows {
     #[inline(always)]
     pub(crate) fn fetch(self, rows: *const u8, r: usize, i: usize) {
         let p = rows.wrapping_add(self.distance + (i * self.group + r) * self.step);
-        prefetch::bytes(p, self.step, self.cache);
+        // Asked at each prefetch, not kept in the struct: kept, the AVX2 F16 rows issued their
+        // prefetches back to back and decoded a quarter slower on an Intel Xeon (benches/README,
+        // twenty-sixth session).
+        prefetch::bytes(p, self.step, Cache::row_streams());
     }
 }
 
