@@ -199,9 +199,7 @@ impl Weight {
                     };
                     match self.halves(rows.clone()) {
                         Some(halves) => panel.fill_from_rows(halves, k),
-                        None => scratch::with_f32(|w| {
-                            w.resize(rows.len() * k, 0.0);
-                            self.dequantize_rows(rows, w);
+                        None => self.with_dequantized_rows(rows, |w| {
                             panel.fill_from_rows(Values::F32(w), k)
                         }),
                     }
@@ -219,6 +217,15 @@ impl Weight {
             TensorType::BF16 => Some(Values::Bf16(bytes)),
             _ => None,
         }
+    }
+
+    /// Runs `f` on rows `rows` dequantized to f32 in this thread's scratch.
+    fn with_dequantized_rows<R>(&self, rows: Range<usize>, f: impl FnOnce(&mut [f32]) -> R) -> R {
+        scratch::with_f32(|w| {
+            w.resize(rows.len() * self.n_cols, 0.0);
+            self.dequantize_rows(rows, w);
+            f(w)
+        })
     }
 
     /// `matmul_exact`, or with `W` rounded to bf16 as it is dequantized (`x` already is).
@@ -257,11 +264,7 @@ impl Weight {
         f: impl Fn(Range<usize>, &mut [f32], &mut [f32]) + Sync,
     ) {
         self.for_row_blocks(block_rows, y, |rows, y| {
-            scratch::with_f32(|w| {
-                w.resize(rows.len() * self.n_cols, 0.0);
-                self.dequantize_rows(rows.clone(), w);
-                f(rows, w, y)
-            })
+            self.with_dequantized_rows(rows.clone(), |w| f(rows, w, y))
         })
     }
 
