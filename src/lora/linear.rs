@@ -347,11 +347,114 @@ pub fn linear_backward(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gguf::{ByteView, TensorType};
     use crate::lora::{AdapterFormat, ScalingRule};
+    use crate::model::{Stored, Target};
 
     fn adapter() -> LoraAdapter {
         let (format, rule) = (AdapterFormat::Trainable, ScalingRule::AlphaOverRank);
         LoraAdapter::new("llama".into(), format, rule, 1.0, 1.0, Vec::new())
+    }
+
+    /// Values in [-1, 1) from a multiplicative hash of `seed` and the index.
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n as u32)
+            .map(|i| {
+                (i.wrapping_add(seed).wrapping_mul(2_654_435_761) >> 8) as f32 / 8_388_608.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn tokens_alone_and_in_runs_get_every_adapter_term() {
+        // Widths that take the 8-row dot kernel and its tail; rank 8 takes it for B as well.
+        let (n_in, n_out, rank) = (24, 20, 8);
+        let slot = Slot {
+            layer: 0,
+            proj: Proj::AttnQ,
+        };
+        let w = values(n_out * n_in, 1);
+        let bytes = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let weight =
+            Weight::new("w", TensorType::F32, n_out, n_in, ByteView::from_vec(bytes)).unwrap();
+        let make = |seed: u32, alpha: f32| {
+            let pair = LoraPair {
+                target: Target {
+                    layer: 0,
+                    stored: Stored::Proj(Proj::AttnQ),
+                },
+                parts: vec![(Proj::AttnQ, 0..n_out)],
+                rank,
+                n_in,
+                n_out,
+                lora_a: values(rank * n_in, seed),
+                lora_b: values(n_out * rank, seed + 1),
+                alpha: None,
+                grad: None,
+            };
+            let (format, rule) = (AdapterFormat::Trainable, ScalingRule::AlphaOverRank);
+            LoraAdapter::new("llama".into(), format, rule, alpha, 1.0, vec![pair])
+        };
+        let (a, b) = (make(2, 16.0), make(4, 4.0));
+        // Token 0 alone with both adapters, tokens 1-3 a run with one, token 4 alone with the
+        // other at half scale, token 5 without.
+        let segments = vec![
+            (0..1, vec![(&a, 1.0), (&b, 1.0)]),
+            (1..4, vec![(&a, 1.0)]),
+            (4..5, vec![(&b, 0.5)]),
+        ];
+        let applied: Vec<Vec<(&LoraAdapter, f64)>> = vec![
+            vec![(&a, 2.0), (&b, 0.5)],
+            vec![(&a, 2.0)],
+            vec![(&a, 2.0)],
+            vec![(&a, 2.0)],
+            vec![(&b, 0.25)],
+            vec![],
+        ];
+        let x = values(applied.len() * n_in, 9);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let mut y = vec![0f32; applied.len() * n_out];
+        pool.install(|| {
+            let plan = LoraPlan::scaled(segments);
+            linear(
+                &x,
+                &weight,
+                None,
+                slot,
+                &plan,
+                Numerics::Exact,
+                &mut y,
+                &mut Vec::new(),
+            );
+        });
+        for (t, applied) in applied.iter().enumerate() {
+            let x = &x[t * n_in..(t + 1) * n_in];
+            let dot = |row: &[f32], v: &[f64]| -> f64 {
+                row.iter().zip(v).map(|(&r, &v)| r as f64 * v).sum()
+            };
+            let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+            let mut expected: Vec<f64> = w.chunks(n_in).map(|row| dot(row, &x64)).collect();
+            for &(adapter, scaling) in applied {
+                let pair = &adapter.pairs()[0];
+                let u: Vec<f64> = pair.lora_a.chunks(n_in).map(|row| dot(row, &x64)).collect();
+                for (e, row) in expected.iter_mut().zip(pair.lora_b.chunks(rank)) {
+                    *e += scaling * dot(row, &u);
+                }
+            }
+            for (o, (&got, want)) in y[t * n_out..(t + 1) * n_out]
+                .iter()
+                .zip(expected)
+                .enumerate()
+            {
+                assert!(
+                    (got as f64 - want).abs() < 1e-5 * (1.0 + want.abs()),
+                    "token {t} output {o}: {got} vs {want}"
+                );
+            }
+        }
     }
 
     #[test]
