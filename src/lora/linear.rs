@@ -9,7 +9,7 @@ use std::sync::RwLockReadGuard;
 use super::adapter::{LoraAdapter, LoraPair};
 use crate::model::{Proj, Slot};
 use crate::ops::gemm::{add_row_dots, gemm, MatMut, MatRef};
-use crate::ops::{Numerics, Weight};
+use crate::ops::{scratch, Numerics, Weight};
 
 /// An adapter as one call sees it: read-locked, with one snapshot of alpha.
 struct ActiveAdapter<'a> {
@@ -187,42 +187,42 @@ fn lora_hidden<'s>(x: &[f32], term: &Term, scratch: &'s mut Vec<f32>) -> &'s mut
 
 /// `y += s B (A x)` for one token `x`, by dot products: for one token, a gemm's packing and
 /// dispatch cost more than the work.
-fn add_term_of_one_token(x: &[f32], term: &Term, u: &mut [f32], y: &mut [f32]) {
-    let u = &mut u[..term.pair.rank];
-    u.fill(0.0);
-    add_row_dots(&term.pair.lora_a, x, u);
+fn add_term_of_one_token(x: &[f32], term: &Term, u: &mut Vec<f32>, y: &mut [f32]) {
+    let pair = term.pair;
+    u.clear();
+    u.resize(pair.rank, 0.0);
+    add_row_dots(&pair.lora_a, x, u);
     u.iter_mut().for_each(|u| *u *= term.scaling);
     add_row_dots(term.b(), u, y);
 }
 
-/// The terms of `slot` on rows that are one token alone (a decode step's sequences), summed
-/// into `delta` (`[n_tokens, n_out]`, zero elsewhere); `u` holds the largest rank.
-fn one_token_terms(x: &[f32], lora: &LoraPlan, slot: Slot, delta: &mut [f32], u: &mut [f32]) {
+/// `Σ s B (A x)` of every term on `slot`, each on its rows of `x`, into `delta`
+/// (`[n_tokens, n_out]`, zero where no term applies).
+fn adapter_terms(x: &[f32], lora: &LoraPlan, slot: Slot, delta: &mut [f32]) {
     delta.fill(0.0);
-    for term in lora.terms(slot).filter(|term| term.rows.len() == 1) {
-        let (t, n_in, n_out) = (term.rows.start, term.pair.n_in, term.n_out());
-        let y = &mut delta[t * n_out..(t + 1) * n_out];
-        add_term_of_one_token(&x[t * n_in..(t + 1) * n_in], &term, u, y);
-    }
-}
-
-/// `y = x Wᵀ + b` for the rows of `x`.
-fn base_product(
-    x: &[f32],
-    weight: &Weight,
-    bias: Option<&[f32]>,
-    numerics: Numerics,
-    y: &mut [f32],
-) {
-    weight.product(numerics, x, y);
-    if let Some(bias) = bias {
-        for row in y.chunks_mut(weight.n_rows) {
-            row.iter_mut().zip(bias).for_each(|(y, b)| *y += b);
+    scratch::with_f32(|u| {
+        for term in lora.terms(slot) {
+            let (rows, pair, n_out) = (term.rows.clone(), term.pair, term.n_out());
+            let delta = &mut delta[rows.start * n_out..rows.end * n_out];
+            if rows.len() == 1 {
+                let x = &x[rows.start * pair.n_in..rows.end * pair.n_in];
+                add_term_of_one_token(x, &term, u, delta);
+                continue;
+            }
+            let u = lora_hidden(x, &term, u);
+            gemm(
+                MatRef::new(u, rows.len(), pair.rank),
+                MatRef::new(term.b(), n_out, pair.rank).t(),
+                MatMut::new(delta, rows.len(), n_out),
+                true,
+                true,
+            );
         }
-    }
+    })
 }
 
-/// `y = x Wᵀ + b + Σ s B (A x)` for the rows of `x` (`[n_tokens, n_in]`), `y` `[n_tokens, n_out]`.
+/// `y = x Wᵀ + b + Σ s B (A x)` for the rows of `x` (`[n_tokens, n_in]`), `y` `[n_tokens, n_out]`;
+/// the adapter terms are summed in `delta` first.
 #[allow(clippy::too_many_arguments)]
 pub fn linear(
     x: &[f32],
@@ -232,34 +232,24 @@ pub fn linear(
     lora: &LoraPlan,
     numerics: Numerics,
     y: &mut [f32],
-    scratch: &mut Vec<f32>,
+    delta: &mut Vec<f32>,
 ) {
-    let one_token = lora.terms(slot).filter(|term| term.rows.len() == 1);
-    if let Some(rank) = one_token.map(|term| term.pair.rank).max() {
-        // A token's terms are a few short dot products, each thread's share of the weight's
-        // product not much more: another thread takes them while the product runs.
-        scratch.resize(y.len() + rank, 0.0);
-        let (delta, u) = scratch.split_at_mut(y.len());
-        rayon::join(
-            || base_product(x, weight, bias, numerics, y),
-            || one_token_terms(x, lora, slot, delta, u),
-        );
-        y.iter_mut().zip(&*delta).for_each(|(y, d)| *y += d);
-    } else {
-        base_product(x, weight, bias, numerics, y);
+    let base = |y: &mut [f32]| {
+        weight.product(numerics, x, y);
+        if let Some(bias) = bias {
+            for row in y.chunks_mut(weight.n_rows) {
+                row.iter_mut().zip(bias).for_each(|(y, b)| *y += b);
+            }
+        }
+    };
+    if lora.terms(slot).next().is_none() {
+        return base(y);
     }
-    for term in lora.terms(slot).filter(|term| term.rows.len() > 1) {
-        let (rows, pair, n_out) = (term.rows.clone(), term.pair, term.n_out());
-        let u = lora_hidden(x, &term, scratch);
-        let y_rows = &mut y[rows.start * n_out..rows.end * n_out];
-        gemm(
-            MatRef::new(u, rows.len(), pair.rank),
-            MatRef::new(term.b(), n_out, pair.rank).t(),
-            MatMut::new(y_rows, rows.len(), n_out),
-            true,
-            true,
-        );
-    }
+    // A decode step's terms are a few short products, each thread's share of the weight's
+    // product not much more: another thread takes them while the product runs.
+    delta.resize(y.len(), 0.0);
+    rayon::join(|| base(y), || adapter_terms(x, lora, slot, delta));
+    y.iter_mut().zip(&*delta).for_each(|(y, d)| *y += d);
 }
 
 /// Gradients for the pairs of trainable adapters, keyed by (adapter in plan, pair index).
