@@ -8,13 +8,18 @@
 //!   is 4 weights broadcast. Scales `d[g, b, t % 16]` and per-format extra terms
 //!   `extra[g, b, j, t % 16]` are laid out the same way. Missing tokens of the last group are
 //!   zeros.
-
-#[cfg(target_arch = "x86_64")]
-use core::arch::x86_64::*;
+//!
+//! Each block is quantized by `x86` (AVX2) or `neon` with the scalar code's bits
+//! (`portable::quantize_q8k_block`, `quantize_q8_0_block`), NaN and infinities included.
 
 use half::f16;
 
 use crate::ops::portable;
+
+#[cfg(target_arch = "aarch64")]
+mod neon;
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 /// Bytes a 64-byte aligned array of `n` values of `T` takes in an `Arena`.
 pub(crate) fn arena_bytes<T>(n: usize) -> usize {
@@ -159,40 +164,35 @@ pub(crate) fn quantize_q8_0<'a>(x: &[f32], m: usize, k: usize, arena: &mut Arena
     }
 }
 
-/// One Q8_K block (`quantize_q8k_block`'s bits on any instruction set): the values and the
-/// sums of `qs`, and `d`.
+/// One Q8_K block (`portable::quantize_q8k_block`'s bits on any instruction set): the values
+/// and the sums of `qs`, and `d`.
 fn q8k_block(x: &[f32], qs: &mut [i8], sums: &mut [i16]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if super::isa() == super::Isa::Avx512 {
-        // SAFETY: `isa()` found AVX-512 (F, BW, VL).
-        return unsafe { quantize_q8k_block(x, qs, sums) };
+    match super::isa() {
+        super::Isa::Portable => {
+            let d = portable::quantize_q8k_block(x, qs);
+            q8k_sums(qs, sums);
+            d
+        }
+        // SAFETY: every level above portable has AVX2.
+        #[cfg(target_arch = "x86_64")]
+        _ => unsafe { x86::q8k_block(x, qs, sums) },
+        // SAFETY: NEON is aarch64's baseline.
+        #[cfg(target_arch = "aarch64")]
+        _ => unsafe { neon::q8k_block(x, qs, sums) },
     }
-    let d = portable::quantize_q8k_block(x, qs);
-    q8k_sums(qs, sums);
-    d
 }
 
 /// One Q8_0 block (`portable::quantize_q8_0_block`'s bits on any instruction set).
 fn q8_0_block(x: &[f32], qs: &mut [i8]) -> (f32, i32) {
-    #[cfg(target_arch = "x86_64")]
-    if super::isa() == super::Isa::Avx512 {
-        // SAFETY: `isa()` found AVX-512 (F, BW, VL).
-        return unsafe { quantize_q8_0_block(x, qs) };
+    match super::isa() {
+        super::Isa::Portable => portable::quantize_q8_0_block(x, qs),
+        // SAFETY: as in `q8k_block`.
+        #[cfg(target_arch = "x86_64")]
+        _ => unsafe { x86::q8_0_block(x, qs) },
+        // SAFETY: as in `q8k_block`.
+        #[cfg(target_arch = "aarch64")]
+        _ => unsafe { neon::q8_0_block(x, qs) },
     }
-    portable::quantize_q8_0_block(x, qs)
-}
-
-/// `f32::round` (half away from zero) on 16 lanes, exactly: `t = trunc(v)` and `v - t` are
-/// exact, so comparing the fraction with 1/2 decides as the scalar rounding does.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn round_half_away(v: __m512) -> __m512 {
-    let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(v);
-    let frac = _mm512_abs_ps(_mm512_sub_ps(v, t));
-    let up = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(frac, _mm512_set1_ps(0.5));
-    let sign = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(i32::MIN));
-    let one = _mm512_castsi512_ps(_mm512_or_si512(sign, _mm512_set1_epi32(0x3f80_0000)));
-    _mm512_mask_add_ps(t, up, t, one)
 }
 
 /// The sums of a Q8_K block's values: 8 of 32, then 16 of 16.
@@ -203,68 +203,6 @@ fn q8k_sums(qs: &[i8], sums: &mut [i16]) {
     for j in 0..8 {
         sums[j] = sums[8 + 2 * j] + sums[9 + 2 * j];
     }
-}
-
-/// One Q8_K block as candle's `BlockQ8K::from_float`: `d = max / -127` of the value of largest
-/// magnitude (the first such), `q = round(x / d)` clamped to i8. Writes the values and the
-/// sums (8 of 32, then 16 of 16) and returns `d`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-fn quantize_q8k_block(x: &[f32], qs: &mut [i8], sums: &mut [i16]) -> f32 {
-    assert!(x.len() == QK_K && qs.len() == QK_K && sums.len() == Q8K_SUMS);
-    // SAFETY: 16 loads of 16 lanes inside `x` (256 values, checked above).
-    let v: [__m512; 16] =
-        std::array::from_fn(|i| unsafe { _mm512_loadu_ps(x.as_ptr().add(16 * i)) });
-    let amax = _mm512_reduce_max_ps(v.iter().fold(_mm512_setzero_ps(), |a, &v| {
-        _mm512_max_ps(a, _mm512_abs_ps(v))
-    }));
-    if amax == 0.0 {
-        qs.fill(0);
-        sums.fill(0);
-        return 0.0;
-    }
-    let max = x.iter().copied().find(|v| v.abs() == amax).unwrap_or(amax);
-    let iscale = -127.0 / max;
-    let mut s16 = [0i16; 16];
-    for (i, &v) in v.iter().enumerate() {
-        let r = round_half_away(_mm512_mul_ps(v, _mm512_set1_ps(iscale)));
-        let r = _mm512_min_ps(
-            _mm512_max_ps(r, _mm512_set1_ps(-128.0)),
-            _mm512_set1_ps(127.0),
-        );
-        let q = _mm512_cvttps_epi32(r);
-        // SAFETY: 16 bytes at offset 16 i < 256 of `qs`.
-        unsafe { _mm_storeu_si128(qs.as_mut_ptr().add(16 * i).cast(), _mm512_cvtsepi32_epi8(q)) };
-        s16[i] = _mm512_reduce_add_epi32(q) as i16;
-    }
-    for j in 0..8 {
-        sums[j] = s16[2 * j] + s16[2 * j + 1];
-    }
-    sums[8..].copy_from_slice(&s16);
-    1.0 / iscale
-}
-
-/// One Q8_0 block as candle's `BlockQ8_0::from_float`: `d = amax / 127` stored as f16,
-/// `q = round(x / d)` with the unrounded `d`. Returns the unrounded scale and the values' sum
-/// (as `portable::quantize_q8_0_block`, 16 lanes at a time).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-fn quantize_q8_0_block(x: &[f32], qs: &mut [i8]) -> (f32, i32) {
-    assert!(x.len() == QK8_0 && qs.len() == QK8_0);
-    // SAFETY: two loads of 16 lanes inside `x` (32 values, checked above).
-    let v: [__m512; 2] =
-        std::array::from_fn(|i| unsafe { _mm512_loadu_ps(x.as_ptr().add(16 * i)) });
-    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
-    let d = amax / 127.0;
-    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    let mut sum = 0;
-    for (i, &v) in v.iter().enumerate() {
-        let q = _mm512_cvttps_epi32(round_half_away(_mm512_mul_ps(v, _mm512_set1_ps(id))));
-        // SAFETY: 16 bytes at offset 16 i < 32 of `qs`.
-        unsafe { _mm_storeu_si128(qs.as_mut_ptr().add(16 * i).cast(), _mm512_cvtsepi32_epi8(q)) };
-        sum += _mm512_reduce_add_epi32(q);
-    }
-    (d, sum)
 }
 
 /// Activations of `m` tokens in groups of 16 (see the module comment).
@@ -373,9 +311,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn rounding_is_f32_round() {
-        if super::super::isa() != super::super::Isa::Avx512 {
-            return;
-        }
+        assert!(is_x86_feature_detected!("avx2"), "x86-64 tests need AVX2");
         let mut xs: Vec<f32> = vec![0.0, -0.0, 0.5, -0.5, 0.49999997, -0.49999997, 1.5, 2.5];
         for k in 0..140 {
             let h = k as f32 + 0.5;
@@ -388,14 +324,15 @@ mod tests {
             }
         }
         xs.extend(values(4096, 7).iter().map(|v| v * 40.0));
-        xs.resize(xs.len().next_multiple_of(16), 0.0);
-        for chunk in xs.chunks(16) {
-            let mut out = [0f32; 16];
-            // SAFETY: AVX-512 checked above; 16 lanes in and out.
+        xs.resize(xs.len().next_multiple_of(8), 0.0);
+        for chunk in xs.chunks(8) {
+            use core::arch::x86_64::*;
+            let mut out = [0f32; 8];
+            // SAFETY: AVX2 checked above; 8 lanes in and out.
             unsafe {
-                _mm512_storeu_ps(
+                _mm256_storeu_ps(
                     out.as_mut_ptr(),
-                    round_half_away(_mm512_loadu_ps(chunk.as_ptr())),
+                    x86::round_half_away(_mm256_loadu_ps(chunk.as_ptr())),
                 )
             };
             for (x, r) in chunk.iter().zip(out) {
@@ -450,30 +387,58 @@ mod tests {
         })
     }
 
-    /// The scalar block quantizers (every instruction set below AVX-512) give the AVX-512
-    /// ones' bits.
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn scalar_blocks_equal_the_avx512_ones() {
-        if super::super::isa() != super::super::Isa::Avx512 {
-            return;
+    /// This architecture's vector block quantizers (Q8_K, Q8_0).
+    #[allow(clippy::type_complexity)]
+    fn vector_quantizers() -> (
+        impl Fn(&[f32], &mut [i8], &mut [i16]) -> f32,
+        impl Fn(&[f32], &mut [i8]) -> (f32, i32),
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            assert!(is_x86_feature_detected!("avx2"), "x86-64 tests need AVX2");
+            // SAFETY: AVX2 checked above.
+            let q8k = |x: &[f32], qs: &mut [i8], s: &mut [i16]| unsafe { x86::q8k_block(x, qs, s) };
+            // SAFETY: as above.
+            let q8_0 = |x: &[f32], qs: &mut [i8]| unsafe { x86::q8_0_block(x, qs) };
+            (q8k, q8_0)
         }
-        let mut x = values(4 * QK_K, 3);
+        #[cfg(target_arch = "aarch64")]
+        {
+            // SAFETY: NEON is aarch64's baseline.
+            let q8k =
+                |x: &[f32], qs: &mut [i8], s: &mut [i16]| unsafe { neon::q8k_block(x, qs, s) };
+            // SAFETY: as above.
+            let q8_0 = |x: &[f32], qs: &mut [i8]| unsafe { neon::q8_0_block(x, qs) };
+            (q8k, q8_0)
+        }
+    }
+
+    /// The vector block quantizers give the scalar ones' bits, on ordinary blocks and on the
+    /// edges: zeros, a tie of the largest magnitudes, NaN and infinities, values so small that
+    /// `1 / d` overflows, values near `f32::MAX`.
+    #[test]
+    fn vector_blocks_equal_the_scalar_ones() {
+        let (q8k, q8_0) = vector_quantizers();
+        let mut x = values(9 * QK_K, 3);
         x[..QK_K].fill(0.0);
         x[QK_K + 7] = -9.0;
         x[QK_K + 9] = 9.0;
+        x[2 * QK_K + 40] = f32::NAN;
+        x[3 * QK_K + 3] = f32::INFINITY;
+        x[3 * QK_K + 70] = f32::NEG_INFINITY;
+        x[4 * QK_K..5 * QK_K].iter_mut().for_each(|v| *v *= 1e-40);
+        x[5 * QK_K..6 * QK_K].iter_mut().for_each(|v| *v *= 1e37);
+        x[6 * QK_K..6 * QK_K + 32].fill(f32::NAN);
         for x in x.chunks(QK_K) {
             let (mut a, mut b) = ([0i8; QK_K], [0i8; QK_K]);
             let (mut sa, mut sb) = ([0i16; Q8K_SUMS], [0i16; Q8K_SUMS]);
-            // SAFETY: AVX-512 checked above.
-            let da = unsafe { quantize_q8k_block(x, &mut a, &mut sa) };
+            let da = q8k(x, &mut a, &mut sa);
             let db = portable::quantize_q8k_block(x, &mut b);
             q8k_sums(&b, &mut sb);
             assert_eq!((da.to_bits(), a, sa), (db.to_bits(), b, sb));
             for x in x.chunks(QK8_0) {
                 let (mut a, mut b) = ([0i8; QK8_0], [0i8; QK8_0]);
-                // SAFETY: as above.
-                let (da, sa) = unsafe { quantize_q8_0_block(x, &mut a) };
+                let (da, sa) = q8_0(x, &mut a);
                 let (db, sb) = portable::quantize_q8_0_block(x, &mut b);
                 assert_eq!((da.to_bits(), a, sa), (db.to_bits(), b, sb));
             }
