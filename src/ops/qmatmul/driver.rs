@@ -255,10 +255,9 @@ fn tiles<F: Format>(w: &Weights, act: &Groups, scratch: &mut [u8], m: usize, y: 
                 };
                 for (i, g) in (g..g + 1 + pair as usize).enumerate() {
                     let tokens = (m - 16 * g).min(16);
-                    let tile = [out[0][i], out[1][i], out[2][i], out[3][i]];
                     // SAFETY: this task alone writes columns `rows` of y; the tokens
                     // 16 g + lane < m and the rows r0 + i < n_rows.
-                    unsafe { store_tile(y_ptr, n_rows, 16 * g, tokens, r0, n, &tile) };
+                    unsafe { store_tile(y_ptr, n_rows, 16 * g, tokens, r0, n, &out, i) };
                 }
                 g += 1 + pair as usize;
             }
@@ -266,27 +265,31 @@ fn tiles<F: Format>(w: &Weights, act: &Groups, scratch: &mut [u8], m: usize, y: 
     });
 }
 
-/// Writes `tile[r][lane]` to `y[t0 + lane, r0 + r]` for `lane < tokens`, `r < n`.
+/// Writes `tiles[r][i][lane]` to `y[t0 + lane, r0 + r]` for `lane < tokens`, `r < n`. Reads
+/// the tile kernel's output where it lies: a copy, made in smaller stores than the 64-byte
+/// loads of `store_4x16`, would stall them.
 ///
 /// # Safety
 /// Those elements of `y` (`[_, n_rows]` at `y.0`) exist and no other thread writes them.
 #[cfg(target_arch = "x86_64")]
-unsafe fn store_tile(
+#[allow(clippy::too_many_arguments)]
+unsafe fn store_tile<const T: usize>(
     y: SyncPtr,
     n_rows: usize,
     t0: usize,
     tokens: usize,
     r0: usize,
     n: usize,
-    tile: &[[f32; 16]; 4],
+    tiles: &[[[f32; 16]; T]; 4],
+    i: usize,
 ) {
     if n == 4 && tokens == 16 && super::isa() == super::Isa::Avx512 {
         // SAFETY: the check above found AVX-512; the caller's contract
         // covers the stores.
-        return unsafe { simd::store_4x16(y.0.add(t0 * n_rows + r0), n_rows, tile) };
+        return unsafe { simd::store_4x16(y.0.add(t0 * n_rows + r0), n_rows, tiles, i) };
     }
-    for (r, lanes) in tile.iter().enumerate().take(n) {
-        for (lane, &v) in lanes.iter().enumerate().take(tokens) {
+    for (r, row) in tiles.iter().enumerate().take(n) {
+        for (lane, &v) in row[i].iter().enumerate().take(tokens) {
             // SAFETY: the caller's contract.
             unsafe { y.0.add((t0 + lane) * n_rows + r0 + r).write(v) };
         }

@@ -107,13 +107,18 @@ impl NextRows {
     }
 }
 
-/// Stores `tile[r][t]` at `y[t · stride + r]`: 4 rows of 16 tokens, transposed.
+/// Stores `tiles[r][i][t]` at `y[t · stride + r]`: 4 rows of 16 tokens, transposed.
 ///
 /// # Safety
-/// `y[t · stride .. t · stride + 4]` is writable for every t < 16.
+/// `y[t · stride .. t · stride + 4]` is writable for every t < 16; `i < T`.
 #[target_feature(enable = "avx512f")]
-pub(crate) unsafe fn store_4x16(y: *mut f32, stride: usize, tile: &[[f32; 16]; 4]) {
-    let r: [__m512; 4] = std::array::from_fn(|i| _mm512_loadu_ps(tile[i].as_ptr()));
+pub(crate) unsafe fn store_4x16<const T: usize>(
+    y: *mut f32,
+    stride: usize,
+    tiles: &[[[f32; 16]; T]; 4],
+    i: usize,
+) {
+    let r: [__m512; 4] = std::array::from_fn(|r| _mm512_loadu_ps(tiles[r][i].as_ptr()));
     let (t0, t1) = (
         _mm512_unpacklo_ps(r[0], r[1]),
         _mm512_unpackhi_ps(r[0], r[1]),
