@@ -8,6 +8,8 @@
 //! Inference's cached keys and values are f32 or f16 (`KvElem`); f16 ones are widened as
 //! they are loaded, so every sum runs in f32, in the same order as on f32 rows.
 
+use std::ops::Range;
+
 use half::f16;
 use rayon::prelude::*;
 
@@ -543,17 +545,18 @@ fn attend_group<T: KvElem, const AVX: bool, const AVX512: bool>(
     // The cache's blocks that hold visible keys, the first and the last cut to them.
     for b in visible.start / BLOCK..visible.end.div_ceil(BLOCK) {
         let keys = visible.start.max(b * BLOCK)..visible.end.min((b + 1) * BLOCK);
-        let keys_t = &task.key_block(b, hd)[keys.start - b * BLOCK..];
+        let keys_t = task.key_block(b, hd);
+        let in_block = keys.start - b * BLOCK..keys.end - b * BLOCK;
         let at = keys.start - visible.start..keys.end - visible.start;
         for (q, scores) in task.q.chunks_exact(hd).zip(scores.chunks_exact_mut(n)) {
             let scores = &mut scores[at.clone()];
             #[cfg(target_arch = "x86_64")]
             if AVX {
                 // SAFETY: `AVX` says the CPU has AVX and F16C.
-                unsafe { block_scores_avx(q, keys_t, scores) };
+                unsafe { block_scores_avx(q, keys_t, in_block.clone(), scores) };
                 continue;
             }
-            block_scores(q, keys_t, scores);
+            block_scores(q, keys_t, in_block.clone(), scores);
         }
     }
     for (scores, lse) in scores.chunks_exact_mut(n).zip(lse.iter_mut()) {
@@ -596,12 +599,12 @@ fn attend_group<T: KvElem, const AVX: bool, const AVX512: bool>(
     }
 }
 
-/// `scores[k] = q · key k` for keys stored transposed (`keys_t[d * BLOCK + k]`, widened as
-/// they are read): a vector of keys at a time, each one's products summed in order of `d`.
+/// `scores[k] = q · key keys.start + k` for the keys `keys` of a block stored transposed
+/// (`keys_t[d * BLOCK + k]`, widened as they are read): a vector of keys at a time, each
+/// one's products summed in order of `d`.
 #[inline(always)]
-fn block_scores<T: KvElem>(q: &[f32], keys_t: &[T], scores: &mut [f32]) {
-    let n = scores.len();
-    if n == BLOCK {
+fn block_scores<T: KvElem>(q: &[f32], keys_t: &[T], keys: Range<usize>, scores: &mut [f32]) {
+    if keys.len() == BLOCK {
         let mut acc = [0f32; BLOCK];
         for (d, &x) in q.iter().enumerate() {
             let keys = T::widen_n::<false, BLOCK>(&keys_t[d * BLOCK..]);
@@ -613,27 +616,30 @@ fn block_scores<T: KvElem>(q: &[f32], keys_t: &[T], scores: &mut [f32]) {
     } else {
         scores.fill(0.0);
         for (d, &x) in q.iter().enumerate() {
-            for (s, y) in scores.iter_mut().zip(&keys_t[d * BLOCK..][..n]) {
+            for (s, y) in scores.iter_mut().zip(&keys_t[d * BLOCK..][keys.clone()]) {
                 *s += x * y.widen();
             }
         }
     }
 }
 
-/// `block_scores` of a whole block with AVX, its sums in registers (the compiler keeps the
-/// plain one's array in memory, each step waiting for the last one's store); the same
-/// products and additions, so the same bits.
+/// `block_scores` with AVX, the sums in registers (the compiler keeps the plain one's array
+/// in memory, each step waiting for the last one's store): the whole block, whichever of its
+/// keys are asked for, as the lanes past them cost nothing more. The same products and
+/// additions, so the same bits.
 ///
 /// # Safety
 /// The CPU has AVX and F16C.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx,f16c")]
-unsafe fn block_scores_avx<T: KvElem>(q: &[f32], keys_t: &[T], scores: &mut [f32]) {
+unsafe fn block_scores_avx<T: KvElem>(
+    q: &[f32],
+    keys_t: &[T],
+    keys: Range<usize>,
+    scores: &mut [f32],
+) {
     use core::arch::x86_64::*;
-    if scores.len() != BLOCK {
-        return block_scores(q, keys_t, scores);
-    }
     let mut acc = [_mm256_setzero_ps(); BLOCK / 8];
     for (d, &x) in q.iter().enumerate() {
         let x = _mm256_set1_ps(x);
@@ -642,9 +648,11 @@ unsafe fn block_scores_avx<T: KvElem>(q: &[f32], keys_t: &[T], scores: &mut [f32
             *acc = _mm256_add_ps(*acc, _mm256_mul_ps(x, T::load8(&keys[8 * k..])));
         }
     }
+    let mut all = [0f32; BLOCK];
     for (k, acc) in acc.iter().enumerate() {
-        _mm256_storeu_ps(scores[8 * k..].as_mut_ptr(), *acc);
+        _mm256_storeu_ps(all[8 * k..].as_mut_ptr(), *acc);
     }
+    scores.copy_from_slice(&all[keys]);
 }
 
 /// `attention_forward` for a whole batch, with GEMMs: per query head, the `[n_tokens, n_keys]`
