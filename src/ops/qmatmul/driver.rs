@@ -283,8 +283,8 @@ unsafe fn store_tile<const T: usize>(
     tiles: &[[[f32; 16]; T]; 4],
     i: usize,
 ) {
-    if n == 4 && tokens == 16 && super::isa() == super::Isa::Avx512 {
-        // SAFETY: the check above found AVX-512; the caller's contract
+    if n == 4 && tokens == 16 {
+        // SAFETY: the tiles run on AVX2 or AVX-512 (both have AVX2); the caller's contract
         // covers the stores.
         return unsafe { simd::store_4x16(y.0.add(t0 * n_rows + r0), n_rows, tiles, i) };
     }

@@ -107,38 +107,41 @@ impl NextRows {
     }
 }
 
-/// Stores `tiles[r][i][t]` at `y[t · stride + r]`: 4 rows of 16 tokens, transposed.
+/// Stores `tiles[r][i][t]` at `y[t · stride + r]`: 4 rows of 16 tokens, transposed, 8
+/// tokens at a time (as fast as 16 with AVX-512 registers, and every level has AVX2).
 ///
 /// # Safety
-/// `y[t · stride .. t · stride + 4]` is writable for every t < 16; `i < T`.
-#[target_feature(enable = "avx512f")]
+/// AVX2; `y[t · stride .. t · stride + 4]` is writable for every t < 16; `i < T`.
+#[target_feature(enable = "avx2")]
 pub(crate) unsafe fn store_4x16<const T: usize>(
     y: *mut f32,
     stride: usize,
     tiles: &[[[f32; 16]; T]; 4],
     i: usize,
 ) {
-    let r: [__m512; 4] = std::array::from_fn(|r| _mm512_loadu_ps(tiles[r][i].as_ptr()));
-    let (t0, t1) = (
-        _mm512_unpacklo_ps(r[0], r[1]),
-        _mm512_unpackhi_ps(r[0], r[1]),
-    );
-    let (t2, t3) = (
-        _mm512_unpacklo_ps(r[2], r[3]),
-        _mm512_unpackhi_ps(r[2], r[3]),
-    );
-    // u[j], 128-bit lane l: the 4 rows of token 4 l + j.
-    let u = [
-        _mm512_shuffle_ps::<0x44>(t0, t2),
-        _mm512_shuffle_ps::<0xee>(t0, t2),
-        _mm512_shuffle_ps::<0x44>(t1, t3),
-        _mm512_shuffle_ps::<0xee>(t1, t3),
-    ];
-    for (j, &u) in u.iter().enumerate() {
-        _mm_storeu_ps(y.add(j * stride), _mm512_castps512_ps128(u));
-        _mm_storeu_ps(y.add((4 + j) * stride), _mm512_extractf32x4_ps::<1>(u));
-        _mm_storeu_ps(y.add((8 + j) * stride), _mm512_extractf32x4_ps::<2>(u));
-        _mm_storeu_ps(y.add((12 + j) * stride), _mm512_extractf32x4_ps::<3>(u));
+    for half in 0..2 {
+        let r: [__m256; 4] =
+            std::array::from_fn(|r| _mm256_loadu_ps(tiles[r][i][8 * half..].as_ptr()));
+        let (t0, t1) = (
+            _mm256_unpacklo_ps(r[0], r[1]),
+            _mm256_unpackhi_ps(r[0], r[1]),
+        );
+        let (t2, t3) = (
+            _mm256_unpacklo_ps(r[2], r[3]),
+            _mm256_unpackhi_ps(r[2], r[3]),
+        );
+        // u[j], 128-bit lane l: the 4 rows of token 4 l + j.
+        let u = [
+            _mm256_shuffle_ps::<0x44>(t0, t2),
+            _mm256_shuffle_ps::<0xee>(t0, t2),
+            _mm256_shuffle_ps::<0x44>(t1, t3),
+            _mm256_shuffle_ps::<0xee>(t1, t3),
+        ];
+        let y = y.add(8 * half * stride);
+        for (j, &u) in u.iter().enumerate() {
+            _mm_storeu_ps(y.add(j * stride), _mm256_castps256_ps128(u));
+            _mm_storeu_ps(y.add((4 + j) * stride), _mm256_extractf128_ps::<1>(u));
+        }
     }
 }
 
