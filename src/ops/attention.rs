@@ -101,6 +101,13 @@ pub trait KvElem: Copy + Default + Send + Sync + 'static {
     /// AVX and F16C; `src.len() >= 8`.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(src: &[Self]) -> core::arch::x86_64::__m256;
+
+    /// The first 16 values of `src`, widened into a register.
+    ///
+    /// # Safety
+    /// AVX-512 F; `src.len() >= 16`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(src: &[Self]) -> core::arch::x86_64::__m512;
 }
 
 impl KvElem for f32 {
@@ -129,6 +136,14 @@ impl KvElem for f32 {
     unsafe fn load8(src: &[f32]) -> core::arch::x86_64::__m256 {
         assert!(src.len() >= 8);
         core::arch::x86_64::_mm256_loadu_ps(src.as_ptr())
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16(src: &[f32]) -> core::arch::x86_64::__m512 {
+        assert!(src.len() >= 16);
+        core::arch::x86_64::_mm512_loadu_ps(src.as_ptr())
     }
 }
 
@@ -188,6 +203,15 @@ impl KvElem for f16 {
         use core::arch::x86_64::*;
         assert!(src.len() >= 8);
         _mm256_cvtph_ps(_mm_loadu_si128(src.as_ptr().cast()))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16(src: &[f16]) -> core::arch::x86_64::__m512 {
+        use core::arch::x86_64::*;
+        assert!(src.len() >= 16);
+        _mm512_cvtph_ps(_mm256_loadu_si256(src.as_ptr().cast()))
     }
 }
 
@@ -528,7 +552,7 @@ const HEADS: usize = 4;
 /// The task's scores, softmax and weighted values, head `h` into `out[h * head_dim..]` and
 /// `lse[h]`. `AVX`: the CPU has AVX2 and F16C (the caller's target features), for the scores
 /// and the widening of f16 keys and values; `AVX512`: it has AVX-512 F too, twice the
-/// registers and their width for the weighted sums.
+/// registers and their width for the scores and the weighted sums.
 #[inline(always)]
 fn attend_group<T: KvElem, const AVX: bool, const AVX512: bool>(
     shape: &AttentionShape,
@@ -550,6 +574,12 @@ fn attend_group<T: KvElem, const AVX: bool, const AVX512: bool>(
         let at = keys.start - visible.start..keys.end - visible.start;
         for (q, scores) in task.q.chunks_exact(hd).zip(scores.chunks_exact_mut(n)) {
             let scores = &mut scores[at.clone()];
+            #[cfg(target_arch = "x86_64")]
+            if AVX512 {
+                // SAFETY: `AVX512` says the CPU has AVX-512 F.
+                unsafe { block_scores_avx512(q, keys_t, in_block.clone(), scores) };
+                continue;
+            }
             #[cfg(target_arch = "x86_64")]
             if AVX {
                 // SAFETY: `AVX` says the CPU has AVX and F16C.
@@ -651,6 +681,35 @@ unsafe fn block_scores_avx<T: KvElem>(
     let mut all = [0f32; BLOCK];
     for (k, acc) in acc.iter().enumerate() {
         _mm256_storeu_ps(all[8 * k..].as_mut_ptr(), *acc);
+    }
+    scores.copy_from_slice(&all[keys]);
+}
+
+/// `block_scores_avx` 16 keys a register.
+///
+/// # Safety
+/// The CPU has AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn block_scores_avx512<T: KvElem>(
+    q: &[f32],
+    keys_t: &[T],
+    keys: Range<usize>,
+    scores: &mut [f32],
+) {
+    use core::arch::x86_64::*;
+    let mut acc = [_mm512_setzero_ps(); BLOCK / 16];
+    for (d, &x) in q.iter().enumerate() {
+        let x = _mm512_set1_ps(x);
+        let keys = &keys_t[d * BLOCK..][..BLOCK];
+        for (k, acc) in acc.iter_mut().enumerate() {
+            *acc = _mm512_add_ps(*acc, _mm512_mul_ps(x, T::load16(&keys[16 * k..])));
+        }
+    }
+    let mut all = [0f32; BLOCK];
+    for (k, acc) in acc.iter().enumerate() {
+        _mm512_storeu_ps(all[16 * k..].as_mut_ptr(), *acc);
     }
     scores.copy_from_slice(&all[keys]);
 }
