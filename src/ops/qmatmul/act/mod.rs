@@ -182,6 +182,18 @@ fn q8k_block(x: &[f32], qs: &mut [i8], sums: &mut [i16]) -> f32 {
     }
 }
 
+/// What the vector Q8_K quantizers share, given the block's largest magnitude `amax`: `None`
+/// for a block of zeros (`qs` and `sums` zeroed), else `−127 / max` of the first value of that
+/// magnitude.
+fn q8k_inverse_scale(x: &[f32], amax: f32, qs: &mut [i8], sums: &mut [i16]) -> Option<f32> {
+    if amax == 0.0 {
+        qs.fill(0);
+        sums.fill(0);
+        return None;
+    }
+    Some(-127.0 / x.iter().copied().find(|v| v.abs() == amax).unwrap_or(amax))
+}
+
 /// One Q8_0 block (`portable::quantize_q8_0_block`'s bits on any instruction set).
 fn q8_0_block(x: &[f32], qs: &mut [i8]) -> (f32, i32) {
     match super::isa() {

@@ -54,14 +54,9 @@ pub(super) fn q8_0_block(x: &[f32], qs: &mut [i8]) -> (f32, i32) {
 #[target_feature(enable = "neon")]
 pub(super) fn q8k_block(x: &[f32], qs: &mut [i8], sums: &mut [i16]) -> f32 {
     assert!(x.len() == QK_K && qs.len() == QK_K && sums.len() == super::Q8K_SUMS);
-    let amax = abs_max(x);
-    if amax == 0.0 {
-        qs.fill(0);
-        sums.fill(0);
+    let Some(iscale) = super::q8k_inverse_scale(x, abs_max(x), qs, sums) else {
         return 0.0;
-    }
-    let max = x.iter().copied().find(|v| v.abs() == amax).unwrap_or(amax);
-    let iscale = -127.0 / max;
+    };
     let scale = vdupq_n_f32(iscale);
     for j in 0..QK_K / 16 {
         // SAFETY: 16 values at 16 j < 256 of `x` and `qs` (checked above).

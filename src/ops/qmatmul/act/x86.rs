@@ -97,14 +97,9 @@ pub(super) fn q8_0_block(x: &[f32], qs: &mut [i8]) -> (f32, i32) {
 #[target_feature(enable = "avx2")]
 pub(super) fn q8k_block(x: &[f32], qs: &mut [i8], sums: &mut [i16]) -> f32 {
     assert!(x.len() == QK_K && qs.len() == QK_K && sums.len() == super::Q8K_SUMS);
-    let amax = abs_max(x);
-    if amax == 0.0 {
-        qs.fill(0);
-        sums.fill(0);
+    let Some(iscale) = super::q8k_inverse_scale(x, abs_max(x), qs, sums) else {
         return 0.0;
-    }
-    let max = x.iter().copied().find(|v| v.abs() == amax).unwrap_or(amax);
-    let iscale = -127.0 / max;
+    };
     for (j, x) in x.chunks_exact(32).enumerate() {
         let q: [__m256i; 4] = std::array::from_fn(|i| {
             // SAFETY: 8 values at 8 i < 32 of `x`'s chunk.
