@@ -58,13 +58,15 @@ fn sum(v: __m256i) -> i32 {
     _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32::<0b01>(s)))
 }
 
-/// 32 values `q` (each within i8) to bytes at `out`, in order.
+/// 32 values of `x` times `scale`, rounded to i8 at `out` (in order); returns them as i32,
+/// 8 to a register.
 ///
 /// # Safety
-/// `out` is writable for 32 bytes.
+/// `x` is readable for 32 values and `out` writable for 32 bytes.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn store_bytes(q: [__m256i; 4], out: *mut i8) {
+unsafe fn quantize32(x: *const f32, scale: __m256, out: *mut i8) -> [__m256i; 4] {
+    let q = [0, 8, 16, 24].map(|i| round_to_i8(_mm256_mul_ps(_mm256_loadu_ps(x.add(i)), scale)));
     // Packing works within 128-bit lanes: bytes come out as 4-byte runs of
     // q0 q1 q2 q3 (low lanes), q0 q1 q2 q3 (high lanes); the permute puts them in order.
     let w = _mm256_packs_epi16(
@@ -73,6 +75,7 @@ unsafe fn store_bytes(q: [__m256i; 4], out: *mut i8) {
     );
     let w = _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
     _mm256_storeu_si256(out.cast(), w);
+    q
 }
 
 /// `portable::quantize_q8_0_block`'s bits: `d = amax / 127` (unrounded), `q = round(x / d)`;
@@ -80,13 +83,10 @@ unsafe fn store_bytes(q: [__m256i; 4], out: *mut i8) {
 #[target_feature(enable = "avx2")]
 pub(super) fn q8_0_block(x: &[f32], qs: &mut [i8]) -> (f32, i32) {
     assert!(x.len() == QK8_0 && qs.len() == QK8_0);
-    // SAFETY: four loads of 8 lanes inside `x` (32 values, checked above).
-    let v: [__m256; 4] = std::array::from_fn(|i| unsafe { _mm256_loadu_ps(x.as_ptr().add(8 * i)) });
     let d = abs_max(x) / 127.0;
     let id = _mm256_set1_ps(inverse(d));
-    let q = v.map(|v| round_to_i8(_mm256_mul_ps(v, id)));
-    // SAFETY: `qs` holds 32 bytes (checked above).
-    unsafe { store_bytes(q, qs.as_mut_ptr()) };
+    // SAFETY: `x` and `qs` hold 32 each (checked above).
+    let q = unsafe { quantize32(x.as_ptr(), id, qs.as_mut_ptr()) };
     let total = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
     (d, sum(total))
 }
@@ -100,14 +100,10 @@ pub(super) fn q8k_block(x: &[f32], qs: &mut [i8], sums: &mut [i16]) -> f32 {
     let Some(iscale) = super::q8k_inverse_scale(x, abs_max(x), qs, sums) else {
         return 0.0;
     };
-    for (j, x) in x.chunks_exact(32).enumerate() {
-        let q: [__m256i; 4] = std::array::from_fn(|i| {
-            // SAFETY: 8 values at 8 i < 32 of `x`'s chunk.
-            let v = unsafe { _mm256_loadu_ps(x.as_ptr().add(8 * i)) };
-            round_to_i8(_mm256_mul_ps(v, _mm256_set1_ps(iscale)))
-        });
-        // SAFETY: 32 bytes at 32 j < 256 of `qs` (checked above).
-        unsafe { store_bytes(q, qs.as_mut_ptr().add(32 * j)) };
+    let scale = _mm256_set1_ps(iscale);
+    for j in 0..QK_K / 32 {
+        // SAFETY: 32 values at 32 j < 256 of `x` and `qs` (checked above).
+        let q = unsafe { quantize32(x.as_ptr().add(32 * j), scale, qs.as_mut_ptr().add(32 * j)) };
         let halves = [_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])];
         sums[8 + 2 * j] = sum(halves[0]) as i16;
         sums[9 + 2 * j] = sum(halves[1]) as i16;
