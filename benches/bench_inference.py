@@ -210,7 +210,8 @@ def run_engine(args: argparse.Namespace) -> dict:
 
 
 def make_adapter(args: argparse.Namespace) -> dict:
-    """The rank-16 attn_q/attn_v adapter both engines load, B non-zero, saved as GGUF."""
+    """The rank-16 attn_q/attn_v adapter both engines load, B non-zero, saved as GGUF with
+    its factors in `--lora-type`."""
     import lugh
 
     model = lugh.Model(str(args.model))
@@ -218,7 +219,7 @@ def make_adapter(args: argparse.Namespace) -> dict:
         model, rank=LORA_RANK, alpha=LORA_ALPHA, targets=LORA_TARGETS, seed=args.seed
     )
     bl.fill_lora_b(lora, seed=args.seed)
-    lora.save(str(args.lora_path))
+    lora.save(str(args.lora_path), out_type=args.lora_type)
     return {"path": str(args.lora_path), "n_weights": lora.n_weights}
 
 
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             "llama_cpp": f"n_batch=n_ubatch={N_BATCH}, logits_all=False, flash_attn=False, "
             f"KV {args.kv_cache_dtype}",
             "lora": f"rank {LORA_RANK}, alpha {LORA_ALPHA:g}, {'+'.join(LORA_TARGETS)}, "
-            "B ~ N(0, 0.05)",
+            f"B ~ N(0, 0.05), {args.lora_type} factors",
         },
         "cases": [],
         "checks": {},
@@ -324,10 +325,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"versions: {result['versions']}")
     bandwidths = [] if args.no_bandwidth else [measure_bandwidth(args, "before")]
 
-    lora_path = bl.model_dir(args.layers, args.shape) / f"lora-r{LORA_RANK}-qv.gguf"
+    name = f"lora-r{LORA_RANK}-qv{'' if args.lora_type == 'f32' else '-' + args.lora_type}.gguf"
+    lora_path = bl.model_dir(args.layers, args.shape) / name
     if True in variants and (args.remake_lora or not lora_path.exists()):
         model = bl.gguf_path(args.layers, quants[0], args.shape)
-        make = bl.flags(child="make-lora", model=model, lora_file=lora_path, seed=args.seed)
+        make = bl.flags(
+            child="make-lora",
+            model=model,
+            lora_file=lora_path,
+            lora_type=args.lora_type,
+            seed=args.seed,
+        )
         bl.run_child(script, make)
 
     cases: dict[tuple, dict] = {}
@@ -538,6 +546,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quants", default="f16,q8_0,q4_k_m", help="comma list of weight types")
     p.add_argument("--engines", default="lugh,llama.cpp", help="comma list among lugh,llama.cpp")
     p.add_argument("--lora", choices=("off", "on", "both"), default="both")
+    p.add_argument(
+        "--lora-type",
+        choices=("f32", "f16", "bf16"),
+        default="f32",
+        help="the adapter's factors, as convert_lora_to_gguf.py --outtype",
+    )
     p.add_argument("--threads", type=int, default=bl.default_threads())
     p.add_argument("--prefill", type=int, default=128, help="prompt tokens")
     p.add_argument("--decode", type=int, default=64, help="tokens decoded one at a time")

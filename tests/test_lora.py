@@ -225,6 +225,54 @@ def test_save_round_trips(tmp_path, f32_inference, ref, fixture_dir):
         lora.save(tmp_path / "a.bin")
 
 
+def rounded(values: np.ndarray, out_type: str) -> np.ndarray:
+    """f32 `values` rounded to nearest (ties to even) in `out_type`, as f32."""
+    if out_type == "f16":
+        return values.astype(np.float16).astype(np.float32)
+    bits = values.astype(np.float32).view(np.uint32)
+    top = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return (top << 16).astype(np.uint32).view(np.float32)
+
+
+@pytest.mark.parametrize(("out_type", "tol"), [("f16", 3e-3), ("bf16", 2e-2)])
+def test_half_precision_saves_round_each_factor_and_decode_reads_them_exactly(
+    tmp_path, f32_inference, ref, fixture_dir, out_type, tol
+):
+    """`save(out_type=...)` writes each factor rounded to nearest, as gguf-py reads it back;
+    one token at a time (`forward_cache`, which reads such an adapter in its 16-bit format)
+    gives the logits of the whole-sequence forward over the same values."""
+    m = f32_inference.model
+    source = fixture_dir / "lora-all.gguf"
+    path = tmp_path / f"{out_type}.gguf"
+    lugh.LoRA(source, m).save(path, out_type=out_type)
+    saved = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    for t in gguf.GGUFReader(source).tensors:
+        values = np.array(t.data)
+        written = saved[t.name]
+        assert written.tensor_type == gguf.GGMLQuantizationType[out_type.upper()]
+        got = gguf.quants.dequantize(written.data, written.tensor_type).reshape(values.shape)
+        assert np.array_equal(got, rounded(values, out_type)), t.name
+    half = lugh.LoRA(path, m)
+    tokens = ref["tokens"].tolist()
+    full = f32_inference.forward_all(tokens, lora=half)
+    cache = f32_inference.create_kv_cache()
+    steps = np.stack([f32_inference.forward_cache(cache, [t], lora=half) for t in tokens])
+    assert_close(steps, full, 1e-5, f"{out_type} adapter, token by token")
+    assert_close(full, ref["all_scale1.0"], tol, f"{out_type} adapter against PEFT's f64")
+
+
+def test_half_precision_saves_refuse_what_they_cannot_hold(tmp_path, f32_inference):
+    t = lugh.LoRA.create(f32_inference.model, rank=2, seed=0)
+    b = t.trainable_parameters()[1]
+    b.set_data(np.full(b.shape, 1e5, dtype=np.float32))
+    with pytest.raises(ValueError, match="range"):
+        t.save(tmp_path / "big.gguf", out_type="f16")
+    t.save(tmp_path / "big.gguf", out_type="bf16")
+    with pytest.raises(ValueError, match="out_type"):
+        t.save(tmp_path / "q.gguf", out_type="q8_0")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.gguf"]
+
+
 def test_save_peft_of_the_gguf_adapter_equals_the_original_peft_tensors(
     tmp_path, f32_inference, fixture_dir
 ):

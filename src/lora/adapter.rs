@@ -8,6 +8,7 @@ use std::sync::{Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use candle_core::Tensor;
 
+use super::{Narrow, NarrowCopy};
 use crate::error::{Error, Result};
 use crate::model::{Config, Proj, Slot, Target};
 
@@ -45,6 +46,8 @@ pub struct LoraPair {
     pub alpha: Option<f32>,
     /// Accumulated dL/dA and dL/dB, once a backward has run.
     pub grad: Option<PairGrad>,
+    /// `lora_a` and `lora_b` in f16 or bf16 where that holds them exactly.
+    pub narrow: NarrowCopy,
 }
 
 /// Which matrix of a pair: `A [rank, n_in]` or `B [n_out, rank]`.
@@ -101,6 +104,11 @@ impl LoraPair {
             Half::A => &mut self.lora_a,
             Half::B => &mut self.lora_b,
         }
+    }
+
+    /// A and B in the 16-bit format that holds all their values, if one does.
+    pub fn narrow(&self) -> Option<&Narrow> {
+        self.narrow.of(&self.lora_a, &self.lora_b)
     }
 
     pub fn grad(&self, half: Half) -> Option<&[f32]> {
@@ -243,9 +251,11 @@ impl LoraAdapter {
         self.pairs.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Write access; device copies are dropped (the next forward uploads the new values).
+    /// Write access; device and narrow copies are dropped (the next forward makes them
+    /// again from the new values).
     pub fn pairs_mut(&self) -> RwLockWriteGuard<'_, Vec<LoraPair>> {
-        let guard = self.pairs.write().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.pairs.write().unwrap_or_else(|e| e.into_inner());
+        guard.iter_mut().for_each(|pair| pair.narrow.forget());
         self.device_copies
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

@@ -5,6 +5,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use super::adapter::{AdapterFormat, LoraAdapter, LoraPair, ScalingRule};
+use super::NarrowCopy;
 use crate::error::{Error, Result};
 use crate::model::{Model, Proj, Slot, Stored, Target};
 
@@ -93,6 +94,7 @@ pub fn create(
                 lora_b: vec![0.0; n_out * rank],
                 alpha: None,
                 grad: None,
+                narrow: NarrowCopy::default(),
             });
         }
     }

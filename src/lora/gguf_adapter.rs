@@ -2,12 +2,13 @@
 //! `general.type = "adapter"`, `adapter.type = "lora"`, `adapter.lora.alpha`, and per adapted
 //! weight `<name>.lora_a` (numpy `[rank, n_in]`) and `<name>.lora_b` (numpy `[n_out, rank]`).
 
+use std::borrow::Cow;
 use std::path::Path;
 
 use super::adapter::{AdapterFormat, Half, LoraAdapter, ScalingRule};
 use super::load::{assemble, Loaded, PairCollector};
 use crate::error::{Error, Result};
-use crate::gguf::{GgufFile, GgufWriter, TensorType};
+use crate::gguf::{GgufFile, GgufWriter, TensorBytes, TensorType};
 use crate::model::Model;
 use crate::ops::quant::tensor_f32;
 
@@ -113,10 +114,11 @@ pub fn from_gguf(file: &GgufFile, model: &Model, scale: f32) -> Result<Loaded> {
     })
 }
 
-/// Writes `adapter` as llama.cpp reads it. llama.cpp weighs every pair by `alpha / rank`;
-/// where this adapter's factor differs (rsLoRA, per-module alpha), the difference is folded
-/// into B so that llama.cpp computes the same update.
-pub fn save(adapter: &LoraAdapter, path: &Path) -> Result<()> {
+/// Writes `adapter` as llama.cpp reads it, its factors in `dtype` (F32, F16 or BF16, rounded
+/// to nearest as llama.cpp's `convert_lora_to_gguf.py --outtype` does). llama.cpp weighs every
+/// pair by `alpha / rank`; where this adapter's factor differs (rsLoRA, per-module alpha), the
+/// difference is folded into B so that llama.cpp computes the same update.
+pub fn save(adapter: &LoraAdapter, path: &Path, dtype: TensorType) -> Result<()> {
     if path.extension().and_then(|e| e.to_str()) != Some("gguf") {
         return Err(Error::invalid(
             "path",
@@ -147,23 +149,66 @@ pub fn save(adapter: &LoraAdapter, path: &Path) -> Result<()> {
     }
     for pair in pairs.iter() {
         let name = pair.name();
-        writer.add_f32(
-            &format!("{name}.lora_a"),
+        let a_name = format!("{name}.lora_a");
+        writer.add_tensor(
+            &a_name,
+            dtype,
             &[pair.rank, pair.n_in],
-            &pair.lora_a,
+            encode(&a_name, &pair.lora_a, dtype)?,
         )?;
         let llama_factor = gguf_alpha / pair.rank as f32;
-        if uses_alpha && factor(pair) != llama_factor {
-            let fold = factor(pair) / llama_factor;
-            let b: Vec<f32> = pair.lora_b.iter().map(|v| v * fold).collect();
-            writer.add_f32(&format!("{name}.lora_b"), &[pair.n_out, pair.rank], &b)?;
-        } else {
-            writer.add_f32(
-                &format!("{name}.lora_b"),
-                &[pair.n_out, pair.rank],
-                &pair.lora_b,
-            )?;
-        }
+        let b: Cow<[f32]> = match uses_alpha && factor(pair) != llama_factor {
+            true => {
+                let fold = factor(pair) / llama_factor;
+                pair.lora_b.iter().map(|v| v * fold).collect()
+            }
+            false => Cow::Borrowed(&pair.lora_b),
+        };
+        let b_name = format!("{name}.lora_b");
+        let b = encode(&b_name, &b, dtype)?;
+        writer.add_tensor(&b_name, dtype, &[pair.n_out, pair.rank], b)?;
     }
     writer.write(path)
+}
+
+/// `values` of tensor `name` as little-endian `dtype`; a finite value that `dtype` cannot
+/// hold (beyond f16's ±65504) is an error, not an infinity in the file.
+fn encode(name: &str, values: &[f32], dtype: TensorType) -> Result<TensorBytes> {
+    let narrow = |bits: fn(f32) -> (u16, bool)| -> Result<TensorBytes> {
+        let mut bytes = Vec::with_capacity(2 * values.len());
+        for &v in values {
+            let (b, finite) = bits(v);
+            if v.is_finite() && !finite {
+                return Err(Error::invalid(
+                    "dtype",
+                    format!(
+                        "{name} holds {v}, beyond {}'s range: save as bf16 or f32",
+                        dtype.name()
+                    ),
+                ));
+            }
+            bytes.extend_from_slice(&b.to_le_bytes());
+        }
+        Ok(TensorBytes::Owned(bytes))
+    };
+    match dtype {
+        TensorType::F32 => Ok(TensorBytes::Owned(
+            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        )),
+        TensorType::F16 => narrow(|v| {
+            let h = half::f16::from_f32(v);
+            (h.to_bits(), h.is_finite())
+        }),
+        TensorType::BF16 => narrow(|v| {
+            let h = half::bf16::from_f32(v);
+            (h.to_bits(), h.is_finite())
+        }),
+        other => Err(Error::invalid(
+            "dtype",
+            format!(
+                "adapters are saved as f32, f16 or bf16, not {}",
+                other.name()
+            ),
+        )),
+    }
 }

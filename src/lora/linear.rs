@@ -7,8 +7,9 @@ use std::ops::Range;
 use std::sync::RwLockReadGuard;
 
 use super::adapter::{LoraAdapter, LoraPair};
+use super::Narrow;
 use crate::model::{Proj, Slot};
-use crate::ops::gemm::{add_row_dots, gemm, MatMut, MatRef};
+use crate::ops::gemm::{add_row_dots, gemm, MatMut, MatRef, RowValue};
 use crate::ops::{scratch, Numerics, Weight};
 
 /// An adapter as one call sees it: read-locked, with one snapshot of alpha.
@@ -186,14 +187,31 @@ fn lora_hidden<'s>(x: &[f32], term: &Term, scratch: &'s mut Vec<f32>) -> &'s mut
 }
 
 /// `y += s B (A x)` for one token `x`, by dot products: for one token, a gemm's packing and
-/// dispatch cost more than the work.
+/// dispatch cost more than the work. The factors are read as narrow as they are held exactly.
 fn add_term_of_one_token(x: &[f32], term: &Term, u: &mut Vec<f32>, y: &mut [f32]) {
-    let pair = term.pair;
+    let (pair, scaling) = (term.pair, term.scaling);
+    let b_values = term.b_rows.start * pair.rank..term.b_rows.end * pair.rank;
+    match pair.narrow() {
+        Some(Narrow::F16 { a, b }) => add_low_rank(a, &b[b_values], x, scaling, u, y),
+        Some(Narrow::Bf16 { a, b }) => add_low_rank(a, &b[b_values], x, scaling, u, y),
+        None => add_low_rank(&pair.lora_a, term.b(), x, scaling, u, y),
+    }
+}
+
+/// `y += s B (A x)` for `A [u.len(), x.len()]` and `B [y.len(), u.len()]`, `u` sized here.
+fn add_low_rank<V: RowValue>(
+    a: &[V],
+    b: &[V],
+    x: &[f32],
+    scaling: f32,
+    u: &mut Vec<f32>,
+    y: &mut [f32],
+) {
     u.clear();
-    u.resize(pair.rank, 0.0);
-    add_row_dots(&pair.lora_a, x, u);
-    u.iter_mut().for_each(|u| *u *= term.scaling);
-    add_row_dots(term.b(), u, y);
+    u.resize(a.len() / x.len(), 0.0);
+    add_row_dots(a, x, u);
+    u.iter_mut().for_each(|u| *u *= scaling);
+    add_row_dots(b, u, y);
 }
 
 /// `Σ s B (A x)` of every term on `slot`, each on its rows of `x`, into `delta`
@@ -338,7 +356,7 @@ pub fn linear_backward(
 mod tests {
     use super::*;
     use crate::gguf::{ByteView, TensorType};
-    use crate::lora::{AdapterFormat, ScalingRule};
+    use crate::lora::{AdapterFormat, NarrowCopy, ScalingRule};
     use crate::model::{Stored, Target};
 
     fn adapter() -> LoraAdapter {
@@ -381,6 +399,7 @@ mod tests {
                 lora_b: values(n_out * rank, seed + 1),
                 alpha: None,
                 grad: None,
+                narrow: NarrowCopy::default(),
             };
             let (format, rule) = (AdapterFormat::Trainable, ScalingRule::AlphaOverRank);
             LoraAdapter::new("llama".into(), format, rule, alpha, 1.0, vec![pair])
@@ -445,6 +464,80 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// One token's terms read an f16-exact adapter in f16, and the values written after
+    /// that, not the stale copy.
+    #[test]
+    fn a_token_reads_the_narrow_copy_until_the_values_change() {
+        let (n_in, n_out, rank) = (16, 8, 8);
+        let slot = Slot {
+            layer: 0,
+            proj: Proj::AttnV,
+        };
+        let bytes = vec![0u8; 4 * n_out * n_in];
+        let weight =
+            Weight::new("w", TensorType::F32, n_out, n_in, ByteView::from_vec(bytes)).unwrap();
+        let to_f16 = |v: Vec<f32>| -> Vec<f32> {
+            v.into_iter()
+                .map(|v| half::f16::from_f32(v).to_f32())
+                .collect()
+        };
+        let pair = LoraPair {
+            target: Target {
+                layer: 0,
+                stored: Stored::Proj(Proj::AttnV),
+            },
+            parts: vec![(Proj::AttnV, 0..n_out)],
+            rank,
+            n_in,
+            n_out,
+            lora_a: to_f16(values(rank * n_in, 3)),
+            lora_b: to_f16(values(n_out * rank, 5)),
+            alpha: None,
+            grad: None,
+            narrow: NarrowCopy::default(),
+        };
+        let (format, rule) = (AdapterFormat::Gguf, ScalingRule::AlphaOverRank);
+        let adapter = LoraAdapter::new("llama".into(), format, rule, 8.0, 1.0, vec![pair]);
+        let x = values(n_in, 7);
+        let run = || {
+            let mut y = vec![0f32; n_out];
+            let plan = LoraPlan::new(vec![(0..1, vec![&adapter])]);
+            let (w, numerics) = (&weight, Numerics::Exact);
+            linear(&x, w, None, slot, &plan, numerics, &mut y, &mut Vec::new());
+            y
+        };
+        let expected = |adapter: &LoraAdapter| -> Vec<f64> {
+            let pair = &adapter.pairs()[0];
+            let dot = |row: &[f32], v: &[f32]| -> f64 {
+                row.iter().zip(v).map(|(&r, &v)| r as f64 * v as f64).sum()
+            };
+            let u: Vec<f32> = pair
+                .lora_a
+                .chunks(n_in)
+                .map(|r| dot(r, &x) as f32)
+                .collect();
+            pair.lora_b.chunks(rank).map(|r| dot(r, &u)).collect()
+        };
+        let close = |y: &[f32], e: &[f64]| {
+            y.iter()
+                .zip(e)
+                .all(|(&y, &e)| (y as f64 - e).abs() < 1e-5 * (1.0 + e.abs()))
+        };
+        let before = run();
+        assert!(matches!(
+            adapter.pairs()[0].narrow(),
+            Some(Narrow::F16 { .. })
+        ));
+        assert!(close(&before, &expected(&adapter)), "{before:?}");
+        adapter.pairs_mut()[0]
+            .lora_b
+            .iter_mut()
+            .for_each(|b| *b += 0.1);
+        let after = run();
+        assert!(adapter.pairs()[0].narrow().is_none());
+        assert!(close(&after, &expected(&adapter)), "{after:?}");
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::adapter::{AdapterFormat, Half, LoraAdapter, LoraPair, ScalingRule};
-use super::{gguf_adapter, peft};
+use super::{gguf_adapter, peft, NarrowCopy};
 use crate::error::{Error, Result, ResultExt};
 use crate::gguf::not_a_regular_file;
 use crate::model::{Model, Target};
@@ -152,6 +152,7 @@ pub fn assemble(
             lora_b: raw.lora_b,
             alpha: raw.alpha,
             grad: None,
+            narrow: NarrowCopy::default(),
         });
     }
     if pairs.is_empty() {

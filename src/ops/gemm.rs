@@ -1,5 +1,6 @@
 //! f32 matrix products: through the `gemm` crate (candle's CPU GEMM), behind one safe
-//! function, and the dot product for shapes too small to pay for its packing.
+//! function, and the dot products for shapes too small to pay for its packing (whose matrix
+//! may also hold f16 or bf16 values, widened exactly as they are loaded).
 
 use gemm::Parallelism;
 
@@ -140,21 +141,106 @@ pub fn gemm(a: MatRef, b: MatRef, c: MatMut, accumulate: bool, parallel: bool) {
     }
 }
 
+/// A matrix value the dot products widen to f32 as they load it: f32 itself, or the f16 and
+/// bf16 of a frozen adapter kept in its file's precision. Widening is exact, so a product
+/// has the same bits whichever of them holds the values.
+pub trait RowValue: Copy + Sync {
+    fn to_f32(self) -> f32;
+
+    /// The 8 values at `p` as f32.
+    ///
+    /// # Safety
+    /// AVX2 and F16C; `p` points to 8 values.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> core::arch::x86_64::__m256;
+
+    /// The 4 values at `p` as f32.
+    ///
+    /// # Safety
+    /// `p` points to 4 values.
+    #[cfg(target_arch = "aarch64")]
+    unsafe fn load4(p: *const Self) -> core::arch::aarch64::float32x4_t;
+}
+
+impl RowValue for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> core::arch::x86_64::__m256 {
+        core::arch::x86_64::_mm256_loadu_ps(p)
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    #[inline(always)]
+    unsafe fn load4(p: *const f32) -> core::arch::aarch64::float32x4_t {
+        core::arch::aarch64::vld1q_f32(p)
+    }
+}
+
+impl RowValue for half::f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        super::f16::to_f32(self.to_bits())
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const half::f16) -> core::arch::x86_64::__m256 {
+        use core::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    #[inline(always)]
+    unsafe fn load4(p: *const half::f16) -> core::arch::aarch64::float32x4_t {
+        use core::arch::aarch64::*;
+        super::f16::widen8(vcombine_u16(vld1_u16(p.cast()), vdup_n_u16(0)))[0]
+    }
+}
+
+/// A bf16 is the top half of an f32: widening shifts it into place.
+impl RowValue for half::bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f32::from_bits(u32::from(self.to_bits()) << 16)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const half::bf16) -> core::arch::x86_64::__m256 {
+        use core::arch::x86_64::*;
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
+            _mm_loadu_si128(p.cast()),
+        )))
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    #[inline(always)]
+    unsafe fn load4(p: *const half::bf16) -> core::arch::aarch64::float32x4_t {
+        use core::arch::aarch64::*;
+        vreinterpretq_f32_u32(vshll_n_u16::<16>(vld1_u16(p.cast())))
+    }
+}
+
 /// `a · b` with eight independent sums, which the compiler turns into SIMD lanes (a single
 /// running f32 sum cannot be reordered, so it would stay scalar).
 #[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub fn dot<V: RowValue>(a: &[V], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = a8
         .remainder()
         .iter()
         .zip(b8.remainder())
-        .map(|(x, y)| x * y)
+        .map(|(x, y)| x.to_f32() * y)
         .sum();
     for (x, y) in a8.zip(b8) {
         for l in 0..8 {
-            lanes[l] += x[l] * y[l];
+            lanes[l] += x[l].to_f32() * y[l];
         }
     }
     lanes.iter().sum::<f32>() + tail
@@ -163,7 +249,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// `y[i] += m[i] · x` for the rows `m[i]` of `m` (`[y.len(), x.len()]`): one token's LoRA
 /// terms, short rows whose sums a `dot` each would spend most of its time reducing. With
 /// AVX2 or NEON, 8 rows' sums are reduced together.
-pub fn add_row_dots(m: &[f32], x: &[f32], y: &mut [f32]) {
+pub fn add_row_dots<V: RowValue>(m: &[V], x: &[f32], y: &mut [f32]) {
     let k = x.len();
     assert_eq!(m.len(), y.len() * k);
     let done = match super::qmatmul::isa() {
@@ -181,11 +267,11 @@ pub fn add_row_dots(m: &[f32], x: &[f32], y: &mut [f32]) {
 /// `add_row_dots` on whole groups of 8 rows, where the width suits the vectors; returns how
 /// many rows it did.
 #[cfg(target_arch = "x86_64")]
-fn add_row_dots_simd(m: &[f32], x: &[f32], y: &mut [f32]) -> usize {
+fn add_row_dots_simd<V: RowValue>(m: &[V], x: &[f32], y: &mut [f32]) -> usize {
     if !x.len().is_multiple_of(8) {
         return 0;
     }
-    // SAFETY: every level above portable has AVX2 and FMA.
+    // SAFETY: every level above portable has AVX2, FMA and F16C.
     unsafe { add_row_dots_avx2(m, x, y) }
 }
 
@@ -193,10 +279,10 @@ fn add_row_dots_simd(m: &[f32], x: &[f32], y: &mut [f32]) -> usize {
 /// rows it did.
 ///
 /// # Safety
-/// The CPU has AVX2 and FMA.
+/// The CPU has AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn add_row_dots_avx2(m: &[f32], x: &[f32], y: &mut [f32]) -> usize {
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn add_row_dots_avx2<V: RowValue>(m: &[V], x: &[f32], y: &mut [f32]) -> usize {
     use core::arch::x86_64::*;
     let k = x.len();
     let groups = y.len() / 8;
@@ -206,7 +292,7 @@ unsafe fn add_row_dots_avx2(m: &[f32], x: &[f32], y: &mut [f32]) -> usize {
         for c in (0..k).step_by(8) {
             let x = _mm256_loadu_ps(x[c..].as_ptr());
             for (r, acc) in acc.iter_mut().enumerate() {
-                *acc = _mm256_fmadd_ps(_mm256_loadu_ps(rows[r * k + c..].as_ptr()), x, *acc);
+                *acc = _mm256_fmadd_ps(V::load8(rows[r * k + c..].as_ptr()), x, *acc);
             }
         }
         // Lanes 0..4 of `quads[q]` sum to row 4q's..4q + 4's low halves, lanes 4..8 to their
@@ -229,7 +315,7 @@ unsafe fn add_row_dots_avx2(m: &[f32], x: &[f32], y: &mut [f32]) -> usize {
 /// `add_row_dots` on whole groups of 8 rows, where the width is a multiple of 4; returns
 /// how many rows it did.
 #[cfg(target_arch = "aarch64")]
-fn add_row_dots_simd(m: &[f32], x: &[f32], y: &mut [f32]) -> usize {
+fn add_row_dots_simd<V: RowValue>(m: &[V], x: &[f32], y: &mut [f32]) -> usize {
     use core::arch::aarch64::*;
     let k = x.len();
     if !k.is_multiple_of(4) {
@@ -237,14 +323,14 @@ fn add_row_dots_simd(m: &[f32], x: &[f32], y: &mut [f32]) -> usize {
     }
     for (g, y) in y.chunks_exact_mut(8).enumerate() {
         let rows = &m[g * 8 * k..][..8 * k];
-        // SAFETY: NEON is part of every aarch64 CPU; each load reads 4 floats inside `x`,
+        // SAFETY: NEON is part of every aarch64 CPU; each load reads 4 values inside `x`,
         // `rows` or `y` (`k` a multiple of 4, `y` 8 long).
         unsafe {
             let mut acc = [vdupq_n_f32(0.0); 8];
             for c in (0..k).step_by(4) {
                 let x = vld1q_f32(x.as_ptr().add(c));
                 for (r, acc) in acc.iter_mut().enumerate() {
-                    *acc = vfmaq_f32(*acc, vld1q_f32(rows.as_ptr().add(r * k + c)), x);
+                    *acc = vfmaq_f32(*acc, V::load4(rows.as_ptr().add(r * k + c)), x);
                 }
             }
             // Pairwise adds: lane i of `quad(r)` is row r + i's sum.
@@ -263,7 +349,7 @@ fn add_row_dots_simd(m: &[f32], x: &[f32], y: &mut [f32]) -> usize {
 }
 
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-fn add_row_dots_simd(_: &[f32], _: &[f32], _: &mut [f32]) -> usize {
+fn add_row_dots_simd<V: RowValue>(_: &[V], _: &[f32], _: &mut [f32]) -> usize {
     0
 }
 
@@ -338,5 +424,33 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Row dots over f16 or bf16 values give the bits of the same dots over the values
+    /// widened to f32 (the vector groups of 8 rows and the scalar rest alike), for values
+    /// spread over each format's finite range, subnormals and signed zeros included.
+    #[test]
+    fn halves_dot_as_their_widened_values() {
+        fn check<V: RowValue>(from_bits: impl Fn(u16) -> V) {
+            for (n, k) in [(8, 16), (13, 24), (17, 8), (11, 12), (9, 5)] {
+                let m: Vec<V> = (0..n * k)
+                    .map(|i| (i as u32).wrapping_mul(2_654_435_761) >> 16)
+                    .map(|bits| from_bits(bits as u16 & 0xbfff))
+                    .filter(|v| v.to_f32().is_finite())
+                    .chain(std::iter::repeat(from_bits(0x8000)))
+                    .take(n * k)
+                    .collect();
+                let x: Vec<f32> = (0..k).map(|i| (i as f32 - 3.5) / 3.0).collect();
+                let widened: Vec<f32> = m.iter().map(|v| v.to_f32()).collect();
+                let (mut y, mut expected) = (vec![0.5f32; n], vec![0.5f32; n]);
+                add_row_dots(&m, &x, &mut y);
+                add_row_dots(&widened, &x, &mut expected);
+                for (i, (y, e)) in y.iter().zip(&expected).enumerate() {
+                    assert_eq!(y.to_bits(), e.to_bits(), "{n}×{k} row {i}: {y} vs {e}");
+                }
+            }
+        }
+        check(half::f16::from_bits);
+        check(half::bf16::from_bits);
     }
 }

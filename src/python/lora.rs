@@ -177,9 +177,20 @@ impl PyLoRA {
         }
     }
 
-    /// Saves in llama.cpp's GGUF layout (the path must end with .gguf), atomically.
-    fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
-        py.detach(|| self.inner.save_gguf(&path)).py()
+    /// Saves in llama.cpp's GGUF layout (the path must end with .gguf), atomically, the
+    /// factors as `out_type` ("f32", "f16" or "bf16": rounded to nearest, as llama.cpp's
+    /// `convert_lora_to_gguf.py --outtype`).
+    #[pyo3(signature = (path, out_type="f32"))]
+    fn save(&self, py: Python<'_>, path: PathBuf, out_type: &str) -> PyResult<()> {
+        let out_type = match TensorType::from_name(out_type) {
+            Some(t @ (TensorType::F32 | TensorType::F16 | TensorType::BF16)) => t,
+            _ => {
+                return Err(PyValueError::new_err(format!(
+                    "invalid out_type '{out_type}' (\"f32\", \"f16\" or \"bf16\")"
+                )))
+            }
+        };
+        py.detach(|| self.inner.save_gguf(&path, out_type)).py()
     }
 
     /// Saves `adapter_model.safetensors` + `adapter_config.json` into `directory`.
