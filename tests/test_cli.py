@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+import gguf
 import lugh
 from conftest import DEMO_F16, FIXTURES, assert_close
 from lugh.cli import main
@@ -137,6 +138,24 @@ def test_finetune_convert_and_merge(tmp_path, capsys):
     assert sorted(back) == sorted(original)
     for name, tensor in original.items():
         assert np.array_equal(back[name], tensor), name
+    # --out-type f16 writes the factors as f16, each rounded to nearest
+    half = tmp_path / "h.gguf"
+    code, _, err = run(
+        capsys,
+        "convert",
+        tmp_path / "c.gguf",
+        "-m",
+        LLAMA / "base-f32.gguf",
+        "--out",
+        half,
+        "--out-type",
+        "f16",
+    )
+    assert code == 0, err
+    f32_tensors = {t.name: np.array(t.data) for t in gguf.GGUFReader(tmp_path / "c.gguf").tensors}
+    for t in gguf.GGUFReader(half).tensors:
+        assert t.tensor_type == gguf.GGMLQuantizationType.F16, t.name
+        assert np.array_equal(np.array(t.data), f32_tensors[t.name].astype(np.float16)), t.name
 
     merged = tmp_path / "merged.gguf"
     code, _, err = run(

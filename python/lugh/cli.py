@@ -333,12 +333,22 @@ def cmd_finetune(args) -> int:
         f"final loss {last.loss:.4f} after {last.step} steps ({last.elapsed_s:.1f} s)",
         file=sys.stderr,
     )
-    lora.save(args.out)
+    lora.save(args.out, out_type=args.out_type)
     print(f"saved {args.out}", file=sys.stderr)
     if args.peft_out:
         lora.save_peft(args.peft_out)
         print(f"saved {args.peft_out}/", file=sys.stderr)
     return 0
+
+
+def add_out_type(p: argparse.ArgumentParser) -> None:
+    """The `--out-type` of a command that writes a GGUF adapter."""
+    p.add_argument(
+        "--out-type",
+        default="f32",
+        choices=("f32", "f16", "bf16"),
+        help="the GGUF adapter's factors (f16/bf16: rounded, half the bytes)",
+    )
 
 
 # --- convert and merge ----------------------------------------------------------------------
@@ -350,7 +360,7 @@ def cmd_convert(args) -> int:
     m = lugh.Model(args.model)
     lora = lugh.LoRA(args.adapter, m)
     if args.out:
-        lora.save(args.out)
+        lora.save(args.out, out_type=args.out_type)
         print(f"wrote {args.out} ({lora.n_weights} pairs, alpha {lora.alpha:g})", file=sys.stderr)
     else:
         lora.save_peft(args.peft_out)
@@ -477,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", "-m", required=True)
     p.add_argument("--data", required=True, help="text file (paragraphs) or JSONL with 'text'")
     p.add_argument("--out", required=True, help="adapter to write (.gguf)")
+    add_out_type(p)
     p.add_argument("--peft-out", help="also write a PEFT directory")
     p.add_argument("--lora", help="continue training this adapter instead of creating one")
     p.add_argument("--rank", type=int, default=16)
@@ -522,6 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", "-m", required=True, help="the base model (for shapes and q/k layout)"
     )
     p.add_argument("--out", help="GGUF adapter to write")
+    add_out_type(p)
     p.add_argument("--peft-out", help="PEFT directory to write")
     p.set_defaults(run=cmd_convert)
 
