@@ -123,15 +123,11 @@ def test_finetune_convert_and_merge(tmp_path, capsys):
         capsys, "convert", peft, "-m", LLAMA / "base-f32.gguf", "--out", tmp_path / "c.gguf"
     )
     assert code == 0, err
-    code, _, err = run(
-        capsys,
-        "convert",
-        tmp_path / "c.gguf",
-        "-m",
-        LLAMA / "base-f32.gguf",
-        "--peft-out",
-        tmp_path / "back",
-    )
+
+    def convert_c(*options):
+        return run(capsys, "convert", tmp_path / "c.gguf", "-m", LLAMA / "base-f32.gguf", *options)
+
+    code, _, err = convert_c("--peft-out", tmp_path / "back")
     assert code == 0, err
     original = st.load_file(peft / "adapter_model.safetensors")
     back = st.load_file(tmp_path / "back" / "adapter_model.safetensors")
@@ -140,17 +136,7 @@ def test_finetune_convert_and_merge(tmp_path, capsys):
         assert np.array_equal(back[name], tensor), name
     # --out-type f16 writes the factors as f16, each rounded to nearest
     half = tmp_path / "h.gguf"
-    code, _, err = run(
-        capsys,
-        "convert",
-        tmp_path / "c.gguf",
-        "-m",
-        LLAMA / "base-f32.gguf",
-        "--out",
-        half,
-        "--out-type",
-        "f16",
-    )
+    code, _, err = convert_c("--out", half, "--out-type", "f16")
     assert code == 0, err
     f32_tensors = {t.name: np.array(t.data) for t in gguf.GGUFReader(tmp_path / "c.gguf").tensors}
     for t in gguf.GGUFReader(half).tensors:

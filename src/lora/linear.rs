@@ -373,6 +373,32 @@ mod tests {
             .collect()
     }
 
+    /// An f32 weight `[n_out, n_in]` holding `w`.
+    fn f32_weight(w: &[f32], n_out: usize, n_in: usize) -> Weight {
+        let bytes = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Weight::new("w", TensorType::F32, n_out, n_in, ByteView::from_vec(bytes)).unwrap()
+    }
+
+    /// A pair on `proj` of layer 0 with factors `a [rank, n_in]` and `b [n_out, rank]`.
+    fn pair(proj: Proj, rank: usize, a: Vec<f32>, b: Vec<f32>) -> LoraPair {
+        let (n_in, n_out) = (a.len() / rank, b.len() / rank);
+        LoraPair {
+            target: Target {
+                layer: 0,
+                stored: Stored::Proj(proj),
+            },
+            parts: vec![(proj, 0..n_out)],
+            rank,
+            n_in,
+            n_out,
+            lora_a: a,
+            lora_b: b,
+            alpha: None,
+            grad: None,
+            narrow: NarrowCopy::default(),
+        }
+    }
+
     #[test]
     fn tokens_alone_and_in_runs_get_every_adapter_term() {
         // Widths that take the 8-row dot kernel and its tail; rank 8 takes it for B as well.
@@ -382,25 +408,10 @@ mod tests {
             proj: Proj::AttnQ,
         };
         let w = values(n_out * n_in, 1);
-        let bytes = w.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let weight =
-            Weight::new("w", TensorType::F32, n_out, n_in, ByteView::from_vec(bytes)).unwrap();
+        let weight = f32_weight(&w, n_out, n_in);
         let make = |seed: u32, alpha: f32| {
-            let pair = LoraPair {
-                target: Target {
-                    layer: 0,
-                    stored: Stored::Proj(Proj::AttnQ),
-                },
-                parts: vec![(Proj::AttnQ, 0..n_out)],
-                rank,
-                n_in,
-                n_out,
-                lora_a: values(rank * n_in, seed),
-                lora_b: values(n_out * rank, seed + 1),
-                alpha: None,
-                grad: None,
-                narrow: NarrowCopy::default(),
-            };
+            let (a, b) = (values(rank * n_in, seed), values(n_out * rank, seed + 1));
+            let pair = pair(Proj::AttnQ, rank, a, b);
             let (format, rule) = (AdapterFormat::Trainable, ScalingRule::AlphaOverRank);
             LoraAdapter::new("llama".into(), format, rule, alpha, 1.0, vec![pair])
         };
@@ -475,29 +486,14 @@ mod tests {
             layer: 0,
             proj: Proj::AttnV,
         };
-        let bytes = vec![0u8; 4 * n_out * n_in];
-        let weight =
-            Weight::new("w", TensorType::F32, n_out, n_in, ByteView::from_vec(bytes)).unwrap();
+        let weight = f32_weight(&vec![0.0; n_out * n_in], n_out, n_in);
         let to_f16 = |v: Vec<f32>| -> Vec<f32> {
             v.into_iter()
                 .map(|v| half::f16::from_f32(v).to_f32())
                 .collect()
         };
-        let pair = LoraPair {
-            target: Target {
-                layer: 0,
-                stored: Stored::Proj(Proj::AttnV),
-            },
-            parts: vec![(Proj::AttnV, 0..n_out)],
-            rank,
-            n_in,
-            n_out,
-            lora_a: to_f16(values(rank * n_in, 3)),
-            lora_b: to_f16(values(n_out * rank, 5)),
-            alpha: None,
-            grad: None,
-            narrow: NarrowCopy::default(),
-        };
+        let (a, b) = (values(rank * n_in, 3), values(n_out * rank, 5));
+        let pair = pair(Proj::AttnV, rank, to_f16(a), to_f16(b));
         let (format, rule) = (AdapterFormat::Gguf, ScalingRule::AlphaOverRank);
         let adapter = LoraAdapter::new("llama".into(), format, rule, 8.0, 1.0, vec![pair]);
         let x = values(n_in, 7);
