@@ -10,7 +10,7 @@ use super::load::{assemble, Loaded, PairCollector};
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, GgufWriter, TensorBytes, TensorType};
 use crate::model::Model;
-use crate::ops::quant::tensor_f32;
+use crate::ops::quant::{quantize, tensor_f32};
 
 const ALORA_KEY: &str = "adapter.alora.invocation_tokens";
 
@@ -171,44 +171,31 @@ pub fn save(adapter: &LoraAdapter, path: &Path, dtype: TensorType) -> Result<()>
     writer.write(path)
 }
 
-/// `values` of tensor `name` as little-endian `dtype`; a finite value that `dtype` cannot
-/// hold (beyond f16's ±65504) is an error, not an infinity in the file.
+/// `values` of tensor `name` encoded as `dtype` (F32, F16 or BF16); a finite value that
+/// `dtype` cannot hold (beyond f16's ±65504) is an error, not an infinity in the file.
 fn encode(name: &str, values: &[f32], dtype: TensorType) -> Result<TensorBytes> {
-    let narrow = |bits: fn(f32) -> (u16, bool)| -> Result<TensorBytes> {
-        let mut bytes = Vec::with_capacity(2 * values.len());
-        for &v in values {
-            let (b, finite) = bits(v);
-            if v.is_finite() && !finite {
-                return Err(Error::invalid(
-                    "dtype",
-                    format!(
-                        "{name} holds {v}, beyond {}'s range: save as bf16 or f32",
-                        dtype.name()
-                    ),
-                ));
-            }
-            bytes.extend_from_slice(&b.to_le_bytes());
+    let holds: fn(f32) -> bool = match dtype {
+        TensorType::F32 => |_| true,
+        TensorType::F16 => |v| half::f16::from_f32(v).is_finite(),
+        TensorType::BF16 => |v| half::bf16::from_f32(v).is_finite(),
+        other => {
+            return Err(Error::invalid(
+                "dtype",
+                format!(
+                    "adapters are saved as f32, f16 or bf16, not {}",
+                    other.name()
+                ),
+            ))
         }
-        Ok(TensorBytes::Owned(bytes))
     };
-    match dtype {
-        TensorType::F32 => Ok(TensorBytes::Owned(
-            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        )),
-        TensorType::F16 => narrow(|v| {
-            let h = half::f16::from_f32(v);
-            (h.to_bits(), h.is_finite())
-        }),
-        TensorType::BF16 => narrow(|v| {
-            let h = half::bf16::from_f32(v);
-            (h.to_bits(), h.is_finite())
-        }),
-        other => Err(Error::invalid(
+    if let Some(v) = values.iter().find(|v| v.is_finite() && !holds(**v)) {
+        return Err(Error::invalid(
             "dtype",
             format!(
-                "adapters are saved as f32, f16 or bf16, not {}",
-                other.name()
+                "{name} holds {v}, beyond {}'s range: save as bf16 or f32",
+                dtype.name()
             ),
-        )),
+        ));
     }
+    Ok(TensorBytes::Owned(quantize(dtype, values)))
 }

@@ -4,6 +4,9 @@
 
 use gemm::Parallelism;
 
+#[cfg(target_arch = "x86_64")]
+use super::qmatmul::halves::{self, Widen};
+
 /// A strided f32 matrix view: element `(i, j)` is `data[i * row_stride + j * col_stride]`.
 #[derive(Clone, Copy)]
 pub struct MatRef<'a> {
@@ -190,8 +193,7 @@ impl RowValue for half::f16 {
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn load8(p: *const half::f16) -> core::arch::x86_64::__m256 {
-        use core::arch::x86_64::*;
-        _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+        <halves::F16 as Widen>::load8(p.cast(), 8)
     }
 
     #[cfg(target_arch = "aarch64")]
@@ -202,22 +204,19 @@ impl RowValue for half::f16 {
     }
 }
 
-/// A bf16 is the top half of an f32: widening shifts it into place.
 impl RowValue for half::bf16 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
-        f32::from_bits(u32::from(self.to_bits()) << 16)
+        half::bf16::to_f32(self)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn load8(p: *const half::bf16) -> core::arch::x86_64::__m256 {
-        use core::arch::x86_64::*;
-        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
-            _mm_loadu_si128(p.cast()),
-        )))
+        <halves::Bf16 as Widen>::load8(p.cast(), 8)
     }
 
+    /// A bf16 is the top half of an f32: widening shifts it into place.
     #[cfg(target_arch = "aarch64")]
     #[inline(always)]
     unsafe fn load4(p: *const half::bf16) -> core::arch::aarch64::float32x4_t {

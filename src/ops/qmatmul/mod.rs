@@ -52,7 +52,7 @@ mod codebook;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod driver;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-mod halves;
+pub(crate) mod halves;
 #[cfg(target_arch = "x86_64")]
 mod iq4xs;
 #[cfg(target_arch = "aarch64")]
