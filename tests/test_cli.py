@@ -72,6 +72,28 @@ def test_generate_with_adapters(capsys):
     assert silent == base
 
 
+def test_generate_with_adapters_rounded_to_a_dtype(tmp_path, capsys):
+    """`--lora-dtype` loads each adapter rounded: the text of the adapter saved in that
+    format; a factor the format cannot hold is a one-line error."""
+    m = lugh.Model(LLAMA / "base-f32.gguf")
+    lugh.LoRA(LLAMA / "lora-all.gguf", m).save(tmp_path / "bf16.gguf", out_type="bf16")
+    args = ["generate", "-m", LLAMA / "base-f32.gguf", "-p", "x y", "-n", "6", "--temperature", "0"]
+    code, rounded, _ = run(capsys, *args, "--lora", LLAMA / "lora-all.gguf", "--lora-dtype", "bf16")
+    assert code == 0
+    assert rounded == run(capsys, *args, "--lora", tmp_path / "bf16.gguf")[1]
+    big = lugh.LoRA.create(m, rank=2, seed=0)
+    b = big.trainable_parameters()[1]
+    b.set_data(np.full(b.shape, 1e5, dtype=np.float32))
+    big.save(tmp_path / "big.gguf")
+    code, _, err = run(capsys, *args, "--lora", tmp_path / "big.gguf", "--lora-dtype", "f16")
+    assert code == 1 and "beyond f16's range" in err and err.count("\n") == 1, err
+    serve = ["serve", "-m", LLAMA / "base-f32.gguf", "--port", "0"]
+    code, _, err = run(
+        capsys, *serve, "--lora", f"big={tmp_path / 'big.gguf'}", "--lora-dtype", "f16"
+    )
+    assert code == 1 and "beyond f16's range" in err, err
+
+
 def test_finetune_convert_and_merge(tmp_path, capsys):
     data = tmp_path / "data.jsonl"
     data.write_text(

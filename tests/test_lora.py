@@ -261,6 +261,46 @@ def test_half_precision_saves_round_each_factor_and_decode_reads_them_exactly(
     assert_close(full, ref["all_scale1.0"], tol, f"{out_type} adapter against PEFT's f64")
 
 
+@pytest.mark.parametrize(("dtype", "tol"), [("f16", 3e-3), ("bf16", 2e-2)])
+def test_a_dtype_rounds_the_factors_on_load_as_a_save_in_it_would(
+    tmp_path, f32_inference, ref, fixture_dir, dtype, tol
+):
+    """`LoRA(..., dtype=...)` (the opt-in inexact mode) holds each factor rounded to
+    nearest: the logits, whole-sequence and token by token, are those of the adapter saved
+    in that format and loaded back, within `tol` of PEFT's f64 ones."""
+    m = f32_inference.model
+    source = fixture_dir / "lora-all.gguf"
+    lugh.LoRA(source, m).save(tmp_path / "saved.gguf", out_type=dtype)
+    saved = lugh.LoRA(tmp_path / "saved.gguf", m)
+    rounded_on_load = lugh.LoRA(source, m, dtype=dtype)
+    tokens = ref["tokens"].tolist()
+    full = f32_inference.forward_all(tokens, lora=rounded_on_load)
+    assert np.array_equal(full, f32_inference.forward_all(tokens, lora=saved))
+    cache = f32_inference.create_kv_cache()
+    steps = [f32_inference.forward_cache(cache, [t], lora=rounded_on_load) for t in tokens]
+    cache = f32_inference.create_kv_cache()
+    expected = [f32_inference.forward_cache(cache, [t], lora=saved) for t in tokens]
+    assert np.array_equal(np.stack(steps), np.stack(expected))
+    assert_close(full, ref["all_scale1.0"], tol, f"adapter rounded to {dtype} against PEFT's f64")
+    exact = f32_inference.forward_all(tokens, lora=lugh.LoRA(source, m, dtype="f32"))
+    assert np.array_equal(exact, f32_inference.forward_all(tokens, lora=lugh.LoRA(source, m)))
+    assert not np.array_equal(full, exact)
+
+
+def test_a_dtype_is_a_float_format_the_factors_fit(tmp_path, f32_inference, fixture_dir):
+    m = f32_inference.model
+    with pytest.raises(ValueError, match="dtype"):
+        lugh.LoRA(fixture_dir / "lora-all.gguf", m, dtype="q8_0")
+    t = lugh.LoRA.create(m, rank=2, seed=0)
+    b = t.trainable_parameters()[1]
+    b.set_data(np.full(b.shape, 1e5, dtype=np.float32))
+    t.save(tmp_path / "big.gguf")
+    with pytest.raises(ValueError, match="beyond f16's range"):
+        lugh.LoRA(tmp_path / "big.gguf", m, dtype="f16")
+    big = lugh.LoRA(tmp_path / "big.gguf", m, dtype="bf16")
+    assert big.n_weights == t.n_weights
+
+
 def test_half_precision_saves_refuse_what_they_cannot_hold(tmp_path, f32_inference):
     t = lugh.LoRA.create(f32_inference.model, rank=2, seed=0)
     b = t.trainable_parameters()[1]

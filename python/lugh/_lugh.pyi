@@ -180,6 +180,7 @@ class LoRA:
         *,
         file: PathLike | None = None,
         path: PathLike | None = None,
+        dtype: str | None = None,
     ) -> None: ...
     @staticmethod
     def create(

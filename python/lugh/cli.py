@@ -121,11 +121,13 @@ def cmd_info(args) -> int:
 # --- generate -------------------------------------------------------------------------------
 
 
-def load_loras(model, paths: Sequence[str], scales: Sequence[float]) -> list:
+def load_loras(
+    model, paths: Sequence[str], scales: Sequence[float], dtype: str | None = None
+) -> list:
     if len(scales) > len(paths):
         raise ValueError(f"{len(scales)} --lora-scale values for {len(paths)} --lora adapters")
     scales = list(scales) + [1.0] * (len(paths) - len(scales))
-    return [lugh.LoRA(path, model, scale=scale) for path, scale in zip(paths, scales)]
+    return [lugh.LoRA(path, model, scale=scale, dtype=dtype) for path, scale in zip(paths, scales)]
 
 
 def stream_text(tokenizer, prompt: list, tokens) -> None:
@@ -149,7 +151,7 @@ def open_inference(args) -> tuple:
     """The model, its inference and the adapters `generate` and `chat` run with."""
     m = lugh.Model(args.model)
     inf = lugh.Inference(m, n_ctx=args.ctx, n_threads=args.threads, device=args.device)
-    return m, inf, load_loras(m, args.lora or [], args.lora_scale or [])
+    return m, inf, load_loras(m, args.lora or [], args.lora_scale or [], args.lora_dtype)
 
 
 def chat_session(args) -> tuple:
@@ -341,6 +343,16 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def add_lora_dtype(p: argparse.ArgumentParser) -> None:
+    """The `--lora-dtype` of a command that runs adapters (vLLM's flag)."""
+    p.add_argument(
+        "--lora-dtype",
+        choices=("f32", "f16", "bf16"),
+        help="round the adapters' factors to f16/bf16 (inexact; a decoded token reads half"
+        " the bytes); default: as the files store them",
+    )
+
+
 def add_out_type(p: argparse.ArgumentParser) -> None:
     """The `--out-type` of a command that writes a GGUF adapter."""
     p.add_argument(
@@ -403,7 +415,7 @@ def cmd_serve(args) -> int:
         raise ValueError(f"--lora names must differ: {names}")
     server = lugh.Server(
         inf,
-        dict(args.lora),
+        {name: lugh.LoRA(path, m, dtype=args.lora_dtype) for name, path in args.lora},
         host=args.host,
         port=args.port,
         max_batch=args.max_batch,
@@ -448,6 +460,7 @@ def model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--lora-scale", action="append", type=float, help="scale of each --lora, in order"
     )
+    add_lora_dtype(p)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int)
     p.add_argument("--ctx", type=int, help="context size (default: the model's)")
@@ -557,6 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=PATH",
         help="an adapter (.gguf or PEFT dir) requests choose by NAME; repeatable",
     )
+    add_lora_dtype(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="0 picks a free port (default 8080)")
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")

@@ -396,6 +396,29 @@ impl std::fmt::Debug for LoraAdapter {
 }
 
 #[cfg(test)]
+impl LoraPair {
+    /// A pair on `proj` of layer 0 with factors `a [rank, n_in]` and `b [n_out, rank]`.
+    pub(crate) fn of_layer_0(proj: Proj, rank: usize, a: Vec<f32>, b: Vec<f32>) -> LoraPair {
+        let (n_in, n_out) = (a.len() / rank, b.len() / rank);
+        LoraPair {
+            target: Target {
+                layer: 0,
+                stored: crate::model::Stored::Proj(proj),
+            },
+            parts: vec![(proj, 0..n_out)],
+            rank,
+            n_in,
+            n_out,
+            lora_a: a,
+            lora_b: b,
+            alpha: None,
+            grad: None,
+            narrow: NarrowCopy::default(),
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use super::adapter::{AdapterFormat, Half, LoraAdapter, ScalingRule};
 use super::load::{assemble, Loaded, PairCollector};
+use super::narrow::check_range;
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, GgufWriter, TensorBytes, TensorType};
 use crate::model::Model;
@@ -174,28 +175,6 @@ pub fn save(adapter: &LoraAdapter, path: &Path, dtype: TensorType) -> Result<()>
 /// `values` of tensor `name` encoded as `dtype` (F32, F16 or BF16); a finite value that
 /// `dtype` cannot hold (beyond f16's ±65504) is an error, not an infinity in the file.
 fn encode(name: &str, values: &[f32], dtype: TensorType) -> Result<TensorBytes> {
-    let holds: fn(f32) -> bool = match dtype {
-        TensorType::F32 => |_| true,
-        TensorType::F16 => |v| half::f16::from_f32(v).is_finite(),
-        TensorType::BF16 => |v| half::bf16::from_f32(v).is_finite(),
-        other => {
-            return Err(Error::invalid(
-                "dtype",
-                format!(
-                    "adapters are saved as f32, f16 or bf16, not {}",
-                    other.name()
-                ),
-            ))
-        }
-    };
-    if let Some(v) = values.iter().find(|v| v.is_finite() && !holds(**v)) {
-        return Err(Error::invalid(
-            "dtype",
-            format!(
-                "{name} holds {v}, beyond {}'s range: save as bf16 or f32",
-                dtype.name()
-            ),
-        ));
-    }
+    check_range(name, values, dtype)?;
     Ok(TensorBytes::Owned(quantize(dtype, values)))
 }

@@ -356,8 +356,7 @@ pub fn linear_backward(
 mod tests {
     use super::*;
     use crate::gguf::{ByteView, TensorType};
-    use crate::lora::{AdapterFormat, NarrowCopy, ScalingRule};
-    use crate::model::{Stored, Target};
+    use crate::lora::{AdapterFormat, ScalingRule};
 
     fn adapter() -> LoraAdapter {
         let (format, rule) = (AdapterFormat::Trainable, ScalingRule::AlphaOverRank);
@@ -379,26 +378,6 @@ mod tests {
         Weight::new("w", TensorType::F32, n_out, n_in, ByteView::from_vec(bytes)).unwrap()
     }
 
-    /// A pair on `proj` of layer 0 with factors `a [rank, n_in]` and `b [n_out, rank]`.
-    fn pair(proj: Proj, rank: usize, a: Vec<f32>, b: Vec<f32>) -> LoraPair {
-        let (n_in, n_out) = (a.len() / rank, b.len() / rank);
-        LoraPair {
-            target: Target {
-                layer: 0,
-                stored: Stored::Proj(proj),
-            },
-            parts: vec![(proj, 0..n_out)],
-            rank,
-            n_in,
-            n_out,
-            lora_a: a,
-            lora_b: b,
-            alpha: None,
-            grad: None,
-            narrow: NarrowCopy::default(),
-        }
-    }
-
     #[test]
     fn tokens_alone_and_in_runs_get_every_adapter_term() {
         // Widths that take the 8-row dot kernel and its tail; rank 8 takes it for B as well.
@@ -411,7 +390,7 @@ mod tests {
         let weight = f32_weight(&w, n_out, n_in);
         let make = |seed: u32, alpha: f32| {
             let (a, b) = (values(rank * n_in, seed), values(n_out * rank, seed + 1));
-            let pair = pair(Proj::AttnQ, rank, a, b);
+            let pair = LoraPair::of_layer_0(Proj::AttnQ, rank, a, b);
             let (format, rule) = (AdapterFormat::Trainable, ScalingRule::AlphaOverRank);
             LoraAdapter::new("llama".into(), format, rule, alpha, 1.0, vec![pair])
         };
@@ -493,7 +472,7 @@ mod tests {
                 .collect()
         };
         let (a, b) = (values(rank * n_in, 3), values(n_out * rank, 5));
-        let pair = pair(Proj::AttnV, rank, to_f16(a), to_f16(b));
+        let pair = LoraPair::of_layer_0(Proj::AttnV, rank, to_f16(a), to_f16(b));
         let (format, rule) = (AdapterFormat::Gguf, ScalingRule::AlphaOverRank);
         let adapter = LoraAdapter::new("llama".into(), format, rule, 8.0, 1.0, vec![pair]);
         let x = values(n_in, 7);

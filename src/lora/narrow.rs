@@ -2,11 +2,17 @@
 //! an adapter stored in f16 or bf16 (llama.cpp's `--outtype f16`, PEFT checkpoints of
 //! half-precision runs) keeps its file's bytes for the single-token products. Decode reads
 //! each factor once per token, so half the bytes is half the adapter's cost there; the
-//! kernels widen the values as they load them, so every product keeps its bits.
+//! kernels widen the values as they load them, so every product keeps its bits. An adapter
+//! stored in f32 may be rounded to one of them on request (vLLM's `lora_dtype`): inexact,
+//! opt-in, and then read at half the bytes.
 
 use std::sync::OnceLock;
 
 use half::{bf16, f16};
+
+use super::adapter::{Half, LoraAdapter};
+use crate::error::{Error, Result};
+use crate::gguf::TensorType;
 
 /// `A` and `B` in one 16-bit format.
 #[derive(Debug, Clone)]
@@ -36,6 +42,60 @@ impl Narrow {
     }
 }
 
+/// An error naming the first finite value of `values` (of tensor `name`) beyond `dtype`'s
+/// range (F32, F16 or BF16): where rounding would make it an infinity.
+pub fn check_range(name: &str, values: &[f32], dtype: TensorType) -> Result<()> {
+    let holds: fn(f32) -> bool = match dtype {
+        TensorType::F32 => |_| true,
+        TensorType::F16 => |v| f16::from_f32(v).is_finite(),
+        TensorType::BF16 => |v| bf16::from_f32(v).is_finite(),
+        other => {
+            return Err(Error::invalid(
+                "dtype",
+                format!("adapter factors are f32, f16 or bf16, not {}", other.name()),
+            ))
+        }
+    };
+    match values.iter().find(|v| v.is_finite() && !holds(**v)) {
+        Some(v) => Err(Error::invalid(
+            "dtype",
+            format!(
+                "{name} holds {v}, beyond {}'s range: use bf16 or f32",
+                dtype.name()
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+impl LoraAdapter {
+    /// Rounds every factor to the nearest `dtype` value (ties to even, as the GGUF and
+    /// safetensors writers round): F16 or BF16, or F32 (no change). Nothing changes if a
+    /// value is beyond the format's range.
+    pub fn round_factors(&self, dtype: TensorType) -> Result<()> {
+        let round: fn(f32) -> f32 = match dtype {
+            TensorType::F16 => |v| f16::from_f32(v).to_f32(),
+            TensorType::BF16 => |v| bf16::from_f32(v).to_f32(),
+            _ => return check_range("", &[], dtype),
+        };
+        let mut pairs = self.pairs_mut();
+        for pair in pairs.iter() {
+            for (half, suffix) in [(Half::A, "lora_a"), (Half::B, "lora_b")] {
+                let name = format!("{}.{suffix}", pair.name());
+                check_range(&name, pair.values(half), dtype)?;
+            }
+        }
+        for pair in pairs.iter_mut() {
+            for half in [Half::A, Half::B] {
+                pair.values_mut(half)
+                    .iter_mut()
+                    .for_each(|v| *v = round(*v));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A pair's `Narrow` copy, made on first use from its f32 values; whoever changes the values
 /// must `forget` it.
 #[derive(Debug, Clone, Default)]
@@ -55,6 +115,8 @@ impl NarrowCopy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lora::{AdapterFormat, LoraPair, ScalingRule};
+    use crate::model::Proj;
 
     #[test]
     fn the_format_that_holds_every_value() {
@@ -86,5 +148,62 @@ mod tests {
         assert!(matches!(copy.of(&[1.0], &[2.0]), Some(Narrow::F16 { .. })));
         copy.forget();
         assert!(copy.of(&[0.1], &[2.0]).is_none());
+    }
+
+    #[test]
+    fn rounded_factors_are_the_nearest_values_and_read_narrow() {
+        let a = vec![1.0 / 3.0, -0.1, 1e-8, 2.0, 70000.0, -1e30];
+        let b = vec![0.7, 1.0 + f32::EPSILON];
+        let pair = LoraPair::of_layer_0(Proj::AttnQ, 2, a.clone(), b.clone());
+        let (format, rule) = (AdapterFormat::SafeTensors, ScalingRule::AlphaOverRank);
+        let adapter = LoraAdapter::new("llama".into(), format, rule, 2.0, 1.0, vec![pair]);
+        assert!(adapter.pairs()[0].narrow().is_none());
+
+        // 70000 and -1e30 are beyond f16: an error naming the first, and nothing rounded.
+        let error = adapter
+            .round_factors(TensorType::F16)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("blk.0.attn_q.weight.lora_a holds 70000"),
+            "{error}"
+        );
+        assert_eq!(adapter.pairs()[0].lora_a, a);
+
+        adapter.round_factors(TensorType::F32).unwrap();
+        assert_eq!(adapter.pairs()[0].lora_a, a);
+
+        adapter.round_factors(TensorType::BF16).unwrap();
+        let pairs = adapter.pairs();
+        // bf16 keeps f32's exponent and the top 7 bits of its fraction, ties to even.
+        let nearest = |v: f32| {
+            let bits = v.to_bits();
+            let lower = f32::from_bits(bits & 0xffff_0000);
+            let upper = f32::from_bits((bits & 0xffff_0000) + 0x1_0000);
+            let (dl, du) = ((v - lower).abs(), (upper - v).abs());
+            match dl.partial_cmp(&du).unwrap() {
+                std::cmp::Ordering::Less => lower,
+                std::cmp::Ordering::Greater => upper,
+                std::cmp::Ordering::Equal if bits & 0x1_0000 == 0 => lower,
+                std::cmp::Ordering::Equal => upper,
+            }
+        };
+        for (rounded, v) in pairs[0]
+            .lora_a
+            .iter()
+            .chain(&pairs[0].lora_b)
+            .zip(a.iter().chain(&b))
+        {
+            assert_eq!(rounded.to_bits(), nearest(*v).to_bits(), "{v}");
+        }
+        assert!(matches!(pairs[0].narrow(), Some(Narrow::Bf16 { .. })));
+    }
+
+    #[test]
+    fn only_16_and_32_bit_floats_hold_factors() {
+        assert!(check_range("t", &[1.0], TensorType::Q8_0).is_err());
+        assert!(check_range("t", &[f32::INFINITY, f32::NAN, 65504.0], TensorType::F16).is_ok());
+        assert!(check_range("t", &[65520.0], TensorType::F16).is_err());
+        assert!(check_range("t", &[f32::MAX], TensorType::BF16).is_err());
     }
 }

@@ -35,12 +35,25 @@ fn finite(name: &str, v: f32) -> PyResult<f32> {
     }
 }
 
+/// The format an adapter's factors are held or saved in: "f32", "f16" or "bf16".
+fn factor_type(argument: &str, name: &str) -> PyResult<TensorType> {
+    match TensorType::from_name(name) {
+        Some(t @ (TensorType::F32 | TensorType::F16 | TensorType::BF16)) => Ok(t),
+        _ => Err(PyValueError::new_err(format!(
+            "invalid {argument} '{name}' (\"f32\", \"f16\" or \"bf16\")"
+        ))),
+    }
+}
+
 #[pymethods]
 impl PyLoRA {
     /// Loads `adapter` (aliases `file=`, `path=`) for `model`. The format comes from the path:
     /// `.gguf`, `.safetensors` (with `adapter_config.json` beside it) or a PEFT directory.
+    /// `dtype` `"f16"` or `"bf16"` rounds the factors to that format (inexact, as vLLM's
+    /// `lora_dtype`; a decoded token then reads half the bytes); `None` or `"f32"` keeps the
+    /// file's values (an f16 or bf16 file is read in its own format either way).
     #[new]
-    #[pyo3(signature = (adapter=None, model=None, scale=1.0, *, file=None, path=None))]
+    #[pyo3(signature = (adapter=None, model=None, scale=1.0, *, file=None, path=None, dtype=None))]
     fn new(
         py: Python<'_>,
         adapter: Option<PathBuf>,
@@ -48,13 +61,23 @@ impl PyLoRA {
         scale: f32,
         file: Option<PathBuf>,
         path: Option<PathBuf>,
+        dtype: Option<&str>,
     ) -> PyResult<PyLoRA> {
         let path = one_of(&["adapter", "file", "path"], vec![adapter, file, path])?;
         let model = model
             .ok_or_else(|| PyTypeError::new_err("missing argument: model (the base lugh.Model)"))?;
         let model = Arc::clone(&model.get().inner);
         let scale = finite("scale", scale)?;
-        let loaded = py.detach(|| lora::load(&path, &model, scale)).py()?;
+        let dtype = dtype.map(|d| factor_type("dtype", d)).transpose()?;
+        let loaded = py
+            .detach(|| {
+                let loaded = lora::load(&path, &model, scale)?;
+                if let Some(dtype) = dtype {
+                    loaded.adapter.round_factors(dtype)?;
+                }
+                Ok::<_, crate::error::Error>(loaded)
+            })
+            .py()?;
         for warning in &loaded.warnings {
             PyErr::warn(
                 py,
@@ -182,14 +205,7 @@ impl PyLoRA {
     /// `convert_lora_to_gguf.py --outtype`).
     #[pyo3(signature = (path, out_type="f32"))]
     fn save(&self, py: Python<'_>, path: PathBuf, out_type: &str) -> PyResult<()> {
-        let out_type = match TensorType::from_name(out_type) {
-            Some(t @ (TensorType::F32 | TensorType::F16 | TensorType::BF16)) => t,
-            _ => {
-                return Err(PyValueError::new_err(format!(
-                    "invalid out_type '{out_type}' (\"f32\", \"f16\" or \"bf16\")"
-                )))
-            }
-        };
+        let out_type = factor_type("out_type", out_type)?;
         py.detach(|| self.inner.save_gguf(&path, out_type)).py()
     }
 
