@@ -76,6 +76,7 @@ impl LoraAdapter {
         let round: fn(f32) -> f32 = match dtype {
             TensorType::F16 => |v| f16::from_f32(v).to_f32(),
             TensorType::BF16 => |v| bf16::from_f32(v).to_f32(),
+            // F32 holds the values as they are; other types are check_range's error.
             _ => return check_range("", &[], dtype),
         };
         let mut pairs = self.pairs_mut();
