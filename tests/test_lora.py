@@ -282,8 +282,13 @@ def test_a_dtype_rounds_the_factors_on_load_as_a_save_in_it_would(
     expected = [f32_inference.forward_cache(cache, [t], lora=saved) for t in tokens]
     assert np.array_equal(np.stack(steps), np.stack(expected))
     assert_close(full, ref["all_scale1.0"], tol, f"adapter rounded to {dtype} against PEFT's f64")
-    exact = f32_inference.forward_all(tokens, lora=lugh.LoRA(source, m, dtype="f32"))
-    assert np.array_equal(exact, f32_inference.forward_all(tokens, lora=lugh.LoRA(source, m)))
+    torch_name = {"f16": "float16", "bf16": "bfloat16"}[dtype]
+    same = lugh.LoRA(source, m, dtype=torch_name)
+    assert np.array_equal(full, f32_inference.forward_all(tokens, lora=same))
+    exact = f32_inference.forward_all(tokens, lora=lugh.LoRA(source, m))
+    for kept in ("f32", "float32", "auto", None):
+        again = lugh.LoRA(source, m, dtype=kept)
+        assert np.array_equal(exact, f32_inference.forward_all(tokens, lora=again)), kept
     assert not np.array_equal(full, exact)
 
 

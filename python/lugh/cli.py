@@ -347,9 +347,9 @@ def add_lora_dtype(p: argparse.ArgumentParser) -> None:
     """The `--lora-dtype` of a command that runs adapters (vLLM's flag)."""
     p.add_argument(
         "--lora-dtype",
-        choices=("f32", "f16", "bf16"),
+        choices=("auto", "f32", "f16", "bf16", "float32", "float16", "bfloat16"),
         help="round the adapters' factors to f16/bf16 (inexact; a decoded token reads half"
-        " the bytes); default: as the files store them",
+        " the bytes); default auto: as the files store them",
     )
 
 

@@ -35,10 +35,13 @@ fn finite(name: &str, v: f32) -> PyResult<f32> {
     }
 }
 
-/// The format an adapter's factors are held or saved in: "f32", "f16" or "bf16".
+/// The format an adapter's factors are held or saved in: "f32", "f16" or "bf16", or as
+/// PyTorch and vLLM name them, "float32", "float16" or "bfloat16"; in any case.
 fn factor_type(argument: &str, name: &str) -> PyResult<TensorType> {
-    match TensorType::from_name(name) {
-        Some(t @ (TensorType::F32 | TensorType::F16 | TensorType::BF16)) => Ok(t),
+    match name.to_ascii_lowercase().as_str() {
+        "f32" | "float32" => Ok(TensorType::F32),
+        "f16" | "float16" => Ok(TensorType::F16),
+        "bf16" | "bfloat16" => Ok(TensorType::BF16),
         _ => Err(PyValueError::new_err(format!(
             "invalid {argument} '{name}' (\"f32\", \"f16\" or \"bf16\")"
         ))),
@@ -49,9 +52,10 @@ fn factor_type(argument: &str, name: &str) -> PyResult<TensorType> {
 impl PyLoRA {
     /// Loads `adapter` (aliases `file=`, `path=`) for `model`. The format comes from the path:
     /// `.gguf`, `.safetensors` (with `adapter_config.json` beside it) or a PEFT directory.
-    /// `dtype` `"f16"` or `"bf16"` rounds the factors to that format (inexact, as vLLM's
-    /// `lora_dtype`; a decoded token then reads half the bytes); `None` or `"f32"` keeps the
-    /// file's values (an f16 or bf16 file is read in its own format either way).
+    /// `dtype` `"f16"` or `"bf16"` (`"float16"`, `"bfloat16"`) rounds the factors to that
+    /// format (inexact, as vLLM's `lora_dtype`; a decoded token then reads half the bytes);
+    /// `None`, `"auto"` or `"f32"` keeps the file's values (an f16 or bf16 file is read in its
+    /// own format either way).
     #[new]
     #[pyo3(signature = (adapter=None, model=None, scale=1.0, *, file=None, path=None, dtype=None))]
     fn new(
@@ -68,7 +72,10 @@ impl PyLoRA {
             .ok_or_else(|| PyTypeError::new_err("missing argument: model (the base lugh.Model)"))?;
         let model = Arc::clone(&model.get().inner);
         let scale = finite("scale", scale)?;
-        let dtype = dtype.map(|d| factor_type("dtype", d)).transpose()?;
+        let dtype = dtype
+            .filter(|&d| d != "auto")
+            .map(|d| factor_type("dtype", d))
+            .transpose()?;
         let loaded = py
             .detach(|| {
                 let loaded = lora::load(&path, &model, scale)?;
