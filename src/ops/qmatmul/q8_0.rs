@@ -483,9 +483,13 @@ unsafe fn rows4<B: Block32>(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) 
         let offs = _mm_mullo_epi32(sums, _mm_set1_epi32(-B::OFF));
         let start = _mm512_maskz_permutexvar_epi32(0x0101, to_starts, _mm512_castsi128_si512(offs));
         let p: [*const u8; 4] = std::array::from_fn(|r| w[r].add(b * B::BYTES));
-        let raw: [__m512i; 4] = std::array::from_fn(|r| match pair_loads::<B>() {
-            true => _mm512_maskz_loadu_epi8(pair_mask, p[r].cast()),
-            false => _mm512_setzero_si512(),
+        // Whole 64-byte loads while they stay inside the rows (masked ones cost more), masked
+        // ones for a row's last pairs.
+        let inside = (b * B::BYTES + 64) <= nb * B::BYTES;
+        let raw: [__m512i; 4] = std::array::from_fn(|r| match (pair_loads::<B>(), inside) {
+            (true, true) => _mm512_loadu_si512(p[r].cast()),
+            (true, false) => _mm512_maskz_loadu_epi8(pair_mask, p[r].cast()),
+            (false, _) => _mm512_setzero_si512(),
         });
         let z: [__m512i; 4] = std::array::from_fn(|r| {
             next.fetch(w[0], r, b / 2);
