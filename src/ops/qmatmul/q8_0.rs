@@ -39,6 +39,11 @@ pub(crate) trait Block32 {
     const OFF: i32;
     /// Whether the block stores a min `m` (f16, after `d`).
     const MIN: bool = false;
+    /// Whether the AVX-512 row kernel multiplies a row's two blocks in one 512-bit register
+    /// (values that take a load, or a load and Q5's masked add of fifth bits) rather than in
+    /// two 256-bit ones (4-bit nibbles: unpacked by `vpermw` across 512 bits they took longer,
+    /// benches/README, thirty-first session).
+    const WIDE_ROWS: bool = false;
     /// The block's 32 values as unsigned bytes `q + OFF`, in order (AVX2: both instruction
     /// sets' kernels read them).
     ///
@@ -142,6 +147,7 @@ unsafe fn with_fifth_bits(nibbles: __m512i, p: *const u8, qh: usize, bytes: usiz
 impl Block32 for Q8_0 {
     const BYTES: usize = 34;
     const OFF: i32 = 128;
+    const WIDE_ROWS: bool = true;
 
     #[inline]
     #[target_feature(enable = "avx2")]
@@ -216,6 +222,7 @@ impl Block32 for Q4_0 {
 impl Block32 for Q5_0 {
     const BYTES: usize = 22;
     const OFF: i32 = 16;
+    const WIDE_ROWS: bool = true;
 
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
@@ -292,6 +299,7 @@ impl Block32 for Q5_1 {
     const BYTES: usize = 24;
     const OFF: i32 = 0;
     const MIN: bool = true;
+    const WIDE_ROWS: bool = true;
 
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
@@ -349,44 +357,40 @@ unsafe fn steps<B: Block32>(
     }
 }
 
-/// The f16 at byte `at` of blocks `b` and `b + 1` of 4 rows, widened: block `b`'s rows, then
-/// block `b + 1`'s. From the two blocks' bytes `raw[r]` when `pair_loads`.
+/// The scales `d` (and with a min, the mins `m`) of blocks `b` and `b + 1` of 4 rows, widened:
+/// block `b`'s rows, then block `b + 1`'s. Permuted out of `first`, the first 32 bytes of
+/// each row's two blocks, where both blocks' headers lie in them; else read from memory.
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn halves4x2<B: Block32>(
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
+unsafe fn scales4x2<B: Block32>(
     w: [*const u8; 4],
     b: usize,
-    raw: [__m512i; 4],
-    at: usize,
-) -> __m256 {
-    if !pair_loads::<B>() {
-        return halves4x2_avx2::<B>(w, b, at);
+    first: [__m256i; 4],
+) -> (__m256, Option<__m256>) {
+    if B::BYTES + 4 > 32 {
+        let m = B::MIN.then(|| halves4x2::<B>(w, b, 2));
+        return (halves4x2::<B>(w, b, 0), m);
     }
-    // Words `at` and `at + BYTES` of two rows each, in the lanes of the result.
-    let (w0, w1) = ((at / 2) as i16, ((at + B::BYTES) / 2) as i16);
-    let idx = _mm512_castsi128_si512(_mm_setr_epi16(
-        w0,
-        w0 + 32,
-        w0,
-        w0 + 32,
-        w1,
-        w1 + 32,
-        w1,
-        w1 + 32,
-    ));
-    let r01 = _mm512_permutex2var_epi16(raw[0], idx, raw[1]);
-    let r23 = _mm512_permutex2var_epi16(raw[2], idx, raw[3]);
-    _mm256_cvtph_ps(_mm_mask_blend_epi16(
-        0b1100_1100,
-        _mm512_castsi512_si128(r01),
-        _mm512_castsi512_si128(r23),
-    ))
+    // Word j: group j / 4 (d of b, d of b + 1, m of b, m of b + 1) of row 0 (even j) or row 1;
+    // rows 2 and 3 blended in the same way.
+    let words: [i16; 16] = std::array::from_fn(|j| {
+        let group = j / 4;
+        let word = (group % 2) * B::BYTES / 2 + group / 2;
+        (word + 16 * (j % 2)) as i16
+    });
+    let idx = _mm256_loadu_si256(words.as_ptr().cast());
+    let r01 = _mm256_permutex2var_epi16(first[0], idx, first[1]);
+    let r23 = _mm256_permutex2var_epi16(first[2], idx, first[3]);
+    let both = _mm256_mask_blend_epi16(0b1100_1100_1100_1100, r01, r23);
+    let m = B::MIN.then(|| _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(both)));
+    (_mm256_cvtph_ps(_mm256_castsi256_si128(both)), m)
 }
 
-/// `halves4x2` read from memory.
+/// The f16 at byte `at` of blocks `b` and `b + 1` of 4 rows, widened: block `b`'s rows, then
+/// block `b + 1`'s.
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn halves4x2_avx2<B: Block32>(w: [*const u8; 4], b: usize, at: usize) -> __m256 {
+unsafe fn halves4x2<B: Block32>(w: [*const u8; 4], b: usize, at: usize) -> __m256 {
     let h = |r: usize, b: usize| w[r].add(b * B::BYTES + at).cast::<i16>().read_unaligned();
     _mm256_cvtph_ps(_mm_setr_epi16(
         h(0, b),
@@ -457,11 +461,11 @@ unsafe fn bcast4x2(v: *const f32) -> __m256 {
     )
 }
 
-/// `rows4` of a 32-value format: two blocks per 512-bit product, one at the end if odd. The
-/// products start from `−OFF X_b`, so that they end exact.
+/// `rows4` of a 32-value format in 512-bit registers (`WIDE_ROWS`): two blocks per product, one
+/// at the end if odd. The products start from `−OFF X_b`, so that they end exact.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn rows4<B: Block32>(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
+unsafe fn rows4_wide<B: Block32>(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
     let xq = act.qs[t * act.k..].as_ptr();
     let i0 = t * act.k / QK8_0;
     let (xsums, xd, xs) = (
@@ -495,11 +499,7 @@ unsafe fn rows4<B: Block32>(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) 
             next.fetch(w[0], r, b / 2);
             _mm512_dpbusd_epi32(start, B::pair(p[r], raw[r]), x)
         });
-        let m = match B::MIN {
-            true => Some(halves4x2::<B>(w, b, raw, 2)),
-            false => None,
-        };
-        let d = halves4x2::<B>(w, b, raw, 0);
+        let (d, m) = scales4x2::<B>(w, b, raw.map(|r| _mm512_castsi512_si256(r)));
         acc = steps2::<B>(acc, hsum4x2(z), d, m, xd, xs, b);
         b += 2;
     }
@@ -694,16 +694,19 @@ macro_rules! format_32 {
             const BLOCK_BYTES: usize = <$t as Block32>::BYTES;
             const Q8K: bool = false;
 
-            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
             unsafe fn rows4(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
-                rows4::<$t>(w, nb, act, t)
+                match <$t as Block32>::WIDE_ROWS {
+                    true => rows4_wide::<$t>(w, nb, act, t),
+                    false => rows4_256::<$t, true>(w, nb, act, t),
+                }
             }
         }
 
         impl Avx2Rows for $t {
             #[target_feature(enable = "avx2,fma,f16c")]
             unsafe fn rows4_avx2(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
-                rows4_avx2::<$t>(w, nb, act, t)
+                rows4_256::<$t, false>(w, nb, act, t)
             }
         }
 
@@ -743,15 +746,25 @@ format_32!(IQ4NL);
 format_32!(Q4_1);
 format_32!(Q5_1);
 
-/// `rows4` of a 32-value format on AVX2, two blocks at a time. Without `vpdpbusd`, small
+/// `rows4` of a 32-value format in 256-bit registers, two blocks at a time: on AVX2, or (`VL`)
+/// with AVX-512's `vpdpbusd`, byte masks and word permutes on 256-bit registers. `vpdpbusd`
+/// multiplies the unsigned values by the activations, less `OFF X_b` after. Without it, small
 /// unsigned values (up to 31) multiply the activations with `vpmaddubsw` directly, less `OFF
 /// X_b` after; Q8_0's and IQ4_NL's are made signed (`q = u − OFF`) and multiplied as ggml's
 /// AVX2 code does, `|q|` times `x` with `q`'s sign. Either way pairs of products stay within
 /// i16 (2 · 128 · 127; two small ones' pairs added: 4 · 31 · 127), the sums are exact, and the
-/// float steps, shared with AVX-512, give the same bits.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn rows4_avx2<B: Block32>(w: [*const u8; 4], nb: usize, act: &Rows, t: usize) -> [f32; 4] {
+/// float steps, shared with every level, give the same bits.
+///
+/// # Safety
+/// As `RowKernel::rows4`, the caller (into which this is inlined) having AVX2, FMA and F16C,
+/// and with `VL` AVX-512 F, BW, VL and VNNI.
+#[inline(always)]
+unsafe fn rows4_256<B: Block32, const VL: bool>(
+    w: [*const u8; 4],
+    nb: usize,
+    act: &Rows,
+    t: usize,
+) -> [f32; 4] {
     let xq = act.qs[t * act.k..].as_ptr();
     let i0 = t * act.k / QK8_0;
     let (xsums, xd, xs) = (
@@ -759,8 +772,14 @@ unsafe fn rows4_avx2<B: Block32>(w: [*const u8; 4], nb: usize, act: &Rows, t: us
         act.d[i0..].as_ptr(),
         act.s[i0..].as_ptr(),
     );
-    let (off, ones) = (_mm256_set1_epi8(B::OFF as i8), _mm256_set1_epi16(1));
+    let (off, ones, zero) = (
+        _mm256_set1_epi8(B::OFF as i8),
+        _mm256_set1_epi16(1),
+        _mm256_setzero_si256(),
+    );
     let small = B::OFF < 128;
+    // Whether the sums hold `OFF X_b`, to take away.
+    let less_off = VL || small;
     // `q · x` for signed `q`, summed in i32 pairs, exact.
     let signed_dot = |q: __m256i, x: __m256i| {
         _mm256_madd_epi16(
@@ -768,10 +787,11 @@ unsafe fn rows4_avx2<B: Block32>(w: [*const u8; 4], nb: usize, act: &Rows, t: us
             ones,
         )
     };
-    // `u · x`: in i16 pairs for small `u`, else in i32 pairs; exact.
-    let dot = |u: __m256i, x: __m256i| match small {
-        true => _mm256_maddubs_epi16(u, x),
-        false => signed_dot(_mm256_sub_epi8(u, off), x),
+    // One block's values `u` times `x`, in i32 partial sums.
+    let block_dot = |u: __m256i, x: __m256i| match (VL, small) {
+        (true, _) => _mm256_dpbusd_epi32(zero, u, x),
+        (false, true) => _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), ones),
+        (false, false) => signed_dot(_mm256_sub_epi8(u, off), x),
     };
     let next = NextRows::new(nb * B::BYTES, 4, 2 * B::BYTES);
     let mut acc = _mm_setzero_ps();
@@ -783,16 +803,24 @@ unsafe fn rows4_avx2<B: Block32>(w: [*const u8; 4], nb: usize, act: &Rows, t: us
             _mm256_permute2x128_si256::<0x20>(x[0], x[1]),
             _mm256_permute2x128_si256::<0x31>(x[0], x[1]),
         ];
+        // Block b's partial sums in the low lane, block b + 1's in the high one.
         let z: [__m256i; 4] = std::array::from_fn(|r| {
             next.fetch(w[0], r, b / 2);
             let p = w[r].add(b * B::BYTES);
-            match small {
-                true => {
+            match (VL, small) {
+                (true, _) => {
                     let u = B::pair_avx2(p);
-                    let (lo, hi) = (dot(u[0], x[0]), dot(u[1], x[1]));
+                    _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(zero, u[0], x[0]), u[1], x[1])
+                }
+                (false, true) => {
+                    let u = B::pair_avx2(p);
+                    let (lo, hi) = (
+                        _mm256_maddubs_epi16(u[0], x[0]),
+                        _mm256_maddubs_epi16(u[1], x[1]),
+                    );
                     _mm256_madd_epi16(_mm256_add_epi16(lo, hi), ones)
                 }
-                false => {
+                (false, false) => {
                     let q = B::signed_pair_avx2(p);
                     _mm256_add_epi32(signed_dot(q[0], x[0]), signed_dot(q[1], x[1]))
                 }
@@ -800,7 +828,7 @@ unsafe fn rows4_avx2<B: Block32>(w: [*const u8; 4], nb: usize, act: &Rows, t: us
         });
         // Block b's 4 rows, then block b + 1's.
         let s = _mm256_hadd_epi32(_mm256_hadd_epi32(z[0], z[1]), _mm256_hadd_epi32(z[2], z[3]));
-        let s = match small {
+        let s = match less_off {
             true => {
                 let sums = _mm_cvtepi16_epi32(_mm_cvtsi32_si128(
                     xsums.add(b).cast::<i32>().read_unaligned(),
@@ -813,24 +841,24 @@ unsafe fn rows4_avx2<B: Block32>(w: [*const u8; 4], nb: usize, act: &Rows, t: us
             }
             false => s,
         };
-        let m = match B::MIN {
-            true => Some(halves4x2_avx2::<B>(w, b, 2)),
-            false => None,
+        let (d, m) = match VL {
+            true => {
+                let first = w.map(|r| _mm256_loadu_si256(r.add(b * B::BYTES).cast()));
+                scales4x2::<B>(w, b, first)
+            }
+            false => (
+                halves4x2::<B>(w, b, 0),
+                B::MIN.then(|| halves4x2::<B>(w, b, 2)),
+            ),
         };
-        let d = halves4x2_avx2::<B>(w, b, 0);
         acc = steps2::<B>(acc, s, d, m, xd, xs, b);
         b += 2;
     }
     if b < nb {
         let x = _mm256_loadu_si256(xq.add(QK8_0 * b).cast());
-        let z: [__m256i; 4] = std::array::from_fn(|r| {
-            let pairs = dot(B::values(w[r].add(b * B::BYTES)), x);
-            match small {
-                true => _mm256_madd_epi16(pairs, ones),
-                false => pairs,
-            }
-        });
-        let s = match small {
+        let z: [__m256i; 4] =
+            std::array::from_fn(|r| block_dot(B::values(w[r].add(b * B::BYTES)), x));
+        let s = match less_off {
             true => _mm_sub_epi32(
                 hsum4_avx2(z),
                 _mm_set1_epi32(B::OFF * xsums.add(b).read() as i32),
