@@ -207,12 +207,6 @@ impl Block32 for Q4_0 {
     }
 
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn pair(_: *const u8, raw: __m512i) -> __m512i {
-        nibble_pair(raw, 2, Self::BYTES)
-    }
-
-    #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn pair_avx2(p: *const u8) -> [__m256i; 2] {
         nibble_pair_avx2(p, 2, Self::BYTES)
@@ -248,15 +242,6 @@ impl Block32 for IQ4NL {
     }
 
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn pair(_: *const u8, raw: __m512i) -> __m512i {
-        _mm512_shuffle_epi8(
-            _mm512_broadcast_i32x4(iq4_table()),
-            nibble_pair(raw, 2, Self::BYTES),
-        )
-    }
-
-    #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn pair_avx2(p: *const u8) -> [__m256i; 2] {
         let table = _mm256_broadcastsi128_si256(iq4_table());
@@ -280,12 +265,6 @@ impl Block32 for Q4_1 {
     #[target_feature(enable = "avx2")]
     unsafe fn values(p: *const u8) -> __m256i {
         nibbles(p.add(4))
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn pair(_: *const u8, raw: __m512i) -> __m512i {
-        nibble_pair(raw, 4, Self::BYTES)
     }
 
     #[inline]
